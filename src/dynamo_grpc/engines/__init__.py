@@ -1,0 +1,1 @@
+"""Engines a worker can host: ``mocker`` (timing model), ``torch`` (a real model), ``trtllm``."""

@@ -1,0 +1,1 @@
+"""Token-level helpers shared by every component: block hashing, tokenizers, chat templates."""
