@@ -1,0 +1,55 @@
+"""Open channels to peers, with retries of UNAVAILABLE for idempotent calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import grpc
+
+from dynamo_grpc.transport.options import DEFAULT_MAX_MESSAGE_BYTES, common_channel_args
+from dynamo_grpc.transport.tls import TlsConfig
+
+
+@dataclass
+class ChannelOptions:
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    tls: TlsConfig | None = None
+    #: full method names ("/pkg.Service/Method") or services ("pkg.Service") safe to retry
+    idempotent: tuple[str, ...] = ()
+    max_attempts: int = 4
+
+
+def _service_config(idempotent: tuple[str, ...], max_attempts: int) -> str:
+    names = []
+    for item in idempotent:
+        item = item.lstrip("/")
+        if "/" in item:
+            service, method = item.split("/", 1)
+            names.append({"service": service, "method": method})
+        else:
+            names.append({"service": item})
+    if not names:
+        return json.dumps({})
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def open_channel(address: str, options: ChannelOptions | None = None) -> grpc.aio.Channel:
+    """An aio channel to ``host:port``; idempotent methods retry on UNAVAILABLE."""
+    o = options or ChannelOptions()
+    args = common_channel_args(o.max_message_bytes, o.keepalive_time_s, o.keepalive_timeout_s) + [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _service_config(o.idempotent, o.max_attempts)),  # type: ignore[list-item]
+    ]
+    if o.tls is not None:
+        return grpc.aio.secure_channel(address, o.tls.channel_credentials(), options=args)
+    return grpc.aio.insecure_channel(address, options=args)
