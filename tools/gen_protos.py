@@ -27,10 +27,13 @@ def generate(out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     include = Path(protoc.__file__).parent / "_proto"
+    bindir = Path(sys.executable).parent
     args = [
         "grpc_tools.protoc",
         f"-I{PROTOS}",
         f"-I{include}",
+        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",

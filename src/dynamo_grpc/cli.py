@@ -1,0 +1,70 @@
+"""`dynamo-grpc <role>`: one binary, many roles (DESIGN.md, "Processes").
+
+Each role lives in its own module with ``main(argv) -> int`` and its own argparse, so
+``dynamo-grpc <role> --help`` is the role's help. Modules are imported only when their
+role runs, so ``dynamo-grpc worker --engine mocker`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+#: role -> (module with main(argv), one-line description)
+ROLES: dict[str, tuple[str, str]] = {
+    "frontend": ("dynamo_grpc.frontend.main", "KServe v2 gRPC (and OpenAI HTTP) frontend: tokenise, route, stream"),
+    "router": ("dynamo_grpc.router.main", "KV-aware router: indexes KV events, picks a worker per request"),
+    "worker": ("dynamo_grpc.worker.main", "worker hosting an engine (mocker | torch) behind Prefill/Decode"),
+    "consul-dev": ("dynamo_grpc.consul_dev.main", "embedded Consul-compatible dev agent (HTTP API subset)"),
+    "run-local": ("dynamo_grpc.launch.run_local", "start a whole mesh on this machine and print how to call it"),
+    "bench": ("dynamo_grpc.bench.main", "benchmarks: replay, router, frontend, engine, discovery"),
+}
+
+PLANNED = ("global-router", "planner")
+
+
+def _usage() -> str:
+    width = max(len(r) for r in ROLES)
+    lines = [
+        "usage: dynamo-grpc <role> [--help] [args...]",
+        "",
+        "A distributed LLM inference server: a typed gRPC service mesh.",
+        "",
+        "roles:",
+        *[f"  {role.ljust(width)}  {desc}" for role, (_, desc) in ROLES.items()],
+        "",
+        f"planned roles (DESIGN.md), not in this release: {', '.join(PLANNED)}",
+        "Run `dynamo-grpc <role> --help` for a role's options.",
+    ]
+    return "\n".join(lines)
+
+
+def _entry(role: str) -> Callable[[list[str]], int]:
+    module = importlib.import_module(ROLES[role][0])
+    fn: Callable[[list[str]], int] = module.main
+    return fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        from dynamo_grpc import __version__
+
+        print(f"dynamo-grpc {__version__}")
+        return 0
+    role, rest = args[0], args[1:]
+    if role in PLANNED:
+        print(f"dynamo-grpc: role '{role}' is planned but not in this release", file=sys.stderr)
+        return 2
+    if role not in ROLES:
+        print(f"dynamo-grpc: unknown role '{role}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return int(_entry(role)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
