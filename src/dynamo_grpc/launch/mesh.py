@@ -1,0 +1,199 @@
+"""Launch consul-dev, a router, N workers and a frontend as subprocesses and wait until ready.
+
+Readiness is what a client would observe: every process has registered in Consul with a
+passing check, and the frontend answers ServerReady. Processes are stopped with SIGTERM
+(so workers drain and deregister) and killed if they do not exit in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from dynamo_grpc.launch.consul_http import passing_instances, service_meta
+
+
+class MeshError(RuntimeError):
+    """The mesh did not come up; the message names the process and its log file."""
+
+
+@dataclass
+class MeshConfig:
+    workers: int = 2
+    engine: str = "mocker"
+    model: str | None = None  # path to a GGUF / HF dir; None: the default model
+    router_mode: str = "kv"  # kv | round-robin | random | approx
+    speedup_ratio: float | None = None  # mocker only
+    grpc_port: int = 0
+    http_port: int = -1
+    consul: str | None = None  # an existing agent (CONSUL_HTTP_ADDR); None: start consul-dev
+    namespace: str = "dynamo"
+    worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    frontend_args: list[str] = field(default_factory=list)
+    start_router: bool = True  # round-robin/random are decided in the frontend, but a router does no harm
+    log_dir: Path | None = None
+    ready_timeout_s: float = 120.0
+    stop_timeout_s: float = 15.0
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+class Mesh:
+    """A running mesh. Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, config: MeshConfig | None = None) -> None:
+        self.config = config or MeshConfig()
+        self.procs: list[_Proc] = []
+        self.consul: str = ""
+        self.frontend_grpc: str = ""
+        self.frontend_http: str = ""
+        self.router_grpc: str = ""
+        self.log_dir = self.config.log_dir or Path(tempfile.mkdtemp(prefix="dynamo-mesh-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- process handling ---------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> _Proc:
+        log = self.log_dir / f"{name}.log"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log, "wb") as fh:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "dynamo_grpc.cli", *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which stops children in order
+            )
+        proc = _Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is not None:
+                tail = p.log.read_text(errors="replace")[-2000:] if p.log.exists() else ""
+                raise MeshError(f"{p.name} exited with code {p.popen.returncode}; log {p.log}:\n{tail}")
+
+    def _wait(self, what: str, predicate: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if predicate():
+                return
+            time.sleep(0.1)
+        limit = self.config.ready_timeout_s
+        raise MeshError(f"timed out after {limit:.0f}s waiting for {what}; logs in {self.log_dir}")
+
+    def _wait_service(self, service: str, count: int) -> list[dict[str, str]]:
+        metas: list[dict[str, str]] = []
+
+        def ready() -> bool:
+            nonlocal metas
+            metas = [service_meta(e) for e in passing_instances(self.consul, service)]
+            return len(metas) >= count
+
+        self._wait(f"{count} passing {service}", ready)
+        return metas
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Mesh:
+        c = self.config
+        try:
+            if c.consul:
+                self.consul = c.consul
+            else:
+                addr_file = self.log_dir / "consul.addr"
+                self._spawn("consul-dev", ["consul-dev", "--port", "0", "--addr-file", str(addr_file)])
+                self._wait("consul-dev", lambda: addr_file.exists() and bool(addr_file.read_text().strip()))
+                self.consul = addr_file.read_text().strip()
+                if not self.consul.startswith("http"):
+                    self.consul = f"http://{self.consul}"
+            common = ["--consul", self.consul, "--namespace", c.namespace]
+            for i in range(c.workers):
+                args = ["worker", *common, "--engine", c.engine, "--port", "0"]
+                if c.model:
+                    args += ["--model", c.model]
+                if c.speedup_ratio is not None and c.engine == "mocker":
+                    args += ["--speedup-ratio", str(c.speedup_ratio)]
+                self._spawn(f"worker-{i}", [*args, *c.worker_args])
+            if c.start_router:
+                mode = c.router_mode if c.router_mode in ("kv", "approx", "round-robin", "random") else "kv"
+                self._spawn("router", ["router", *common, "--mode", mode, "--port", "0", *c.router_args])
+            fe_mode = c.router_mode if c.router_mode in ("round-robin", "random") else "kv"
+            self._spawn(
+                "frontend",
+                [
+                    "frontend", *common, "--router-mode", fe_mode,
+                    "--grpc-port", str(c.grpc_port), "--http-port", str(c.http_port), *c.frontend_args,
+                ],
+            )
+            self._wait_service("dynamo-worker", c.workers)
+            if c.start_router:
+                self.router_grpc = self._wait_service("dynamo-router", 1)[0].get("grpc_address", "")
+            fe = self._wait_service("dynamo-frontend", 1)[0]
+            self.frontend_grpc = fe.get("grpc_address", "")
+            self.frontend_http = fe.get("http_address", "")
+            self._wait("the frontend to report ready", self._frontend_ready)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _frontend_ready(self) -> bool:
+        import grpc
+
+        from dynamo_grpc.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+
+        with grpc.insecure_channel(self.frontend_grpc) as ch:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            try:
+                return bool(stub.ServerReady(grpc_service_pb2.ServerReadyRequest(), timeout=2).ready)
+            except grpc.RpcError:
+                return False
+
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        for p in self.procs:
+            if p.name == name:
+                return p.popen
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        """SIGTERM the mesh (frontend first) so workers drain and deregister, then consul-dev."""
+        services = [p for p in reversed(self.procs) if p.name != "consul-dev"]
+        agents = [p for p in self.procs if p.name == "consul-dev"]
+        for group in (services, agents):
+            for p in group:
+                if p.popen.poll() is None:
+                    p.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.config.stop_timeout_s
+            for p in group:
+                try:
+                    p.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> Mesh:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+

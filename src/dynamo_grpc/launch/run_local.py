@@ -1,0 +1,126 @@
+"""`make run-local`: a whole mesh on this machine, with the addresses and a call to paste.
+
+Discovery: CONSUL_HTTP_ADDR when set, else a `consul` binary on PATH (`consul agent -dev`),
+else the embedded consul-dev. Stops cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
+
+DEFAULT_ENGINE = "mocker"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynamo-grpc run-local", description=__doc__)
+    p.add_argument("--engine", choices=["mocker", "torch"], default=DEFAULT_ENGINE, help="worker engine")
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--router-mode", choices=["kv", "round-robin", "random", "approx"], default="kv")
+    p.add_argument("--grpc-port", type=int, default=8001, help="frontend KServe gRPC port (Triton's default)")
+    p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
+    p.add_argument("--log-dir", type=Path, default=None, help="where process logs go (default: a temp dir)")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    return p
+
+
+def _consul_binary_agent() -> tuple[str, subprocess.Popen[bytes]] | None:
+    """Start `consul agent -dev` when a real Consul binary is installed."""
+    binary = shutil.which("consul")
+    if binary is None:
+        return None
+    proc = subprocess.Popen(
+        [binary, "agent", "-dev", "-client", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(2.0)
+    return "http://127.0.0.1:8500", proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    consul = os.environ.get("CONSUL_HTTP_ADDR")
+    real_agent = None
+    if consul and not consul.startswith("http"):
+        consul = f"http://{consul}"
+    if not consul:
+        real_agent = _consul_binary_agent()
+        if real_agent:
+            consul = real_agent[0]
+    cfg = MeshConfig(
+        workers=args.workers,
+        engine=args.engine,
+        model=args.model,
+        router_mode=args.router_mode,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        consul=consul,
+        log_dir=args.log_dir,
+        ready_timeout_s=args.ready_timeout,
+    )
+    mesh = Mesh(cfg)
+    print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({args.router_mode}), frontend")
+    print(f"logs: {mesh.log_dir}", flush=True)
+    try:
+        mesh.start()
+    except MeshError as e:
+        print(f"run-local: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        mesh.stop()
+        return 130
+    fe = mesh.frontend_grpc
+    print(
+        f"""
+dynamo-grpc is up.
+  KServe v2 gRPC : {fe}
+  OpenAI HTTP    : {"http://" + mesh.frontend_http if mesh.frontend_http else "off"}
+  router         : {mesh.router_grpc or "-"}
+  consul         : {mesh.consul}
+
+Try it (grpcurl, server reflection):
+  grpcurl -plaintext {fe} list
+  grpcurl -plaintext -d '{{"model_name":"SmolLM2-135M-Instruct","inputs":[{{"name":"text_input","datatype":"BYTES",\
+"shape":[1],"contents":{{"bytes_contents":["V2hhdCBpcyB0aGUgY2FwaXRhbCBvZiBGcmFuY2U/"]}}}}]}}' \\
+    {fe} inference.GRPCInferenceService/ModelInfer
+
+Or with tritonclient:  .venv/bin/python examples/tritonclient_infer.py --url {fe} "What is the capital of France?"
+
+Ctrl-C stops everything.""",
+        flush=True,
+    )
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(0.5)
+            for p in mesh.procs:
+                if p.popen.poll() is not None:
+                    print(f"run-local: {p.name} exited with code {p.popen.returncode} (log: {p.log})", file=sys.stderr)
+                    stop = True
+    except KeyboardInterrupt:
+        pass
+    print("\nstopping...", flush=True)
+    mesh.stop()
+    if real_agent:
+        real_agent[1].terminate()
+        real_agent[1].wait(10)
+    print("stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
