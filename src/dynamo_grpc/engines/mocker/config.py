@@ -1,0 +1,48 @@
+"""The mocker's knobs, with vLLM's names and Dynamo's mocker defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MockerConfig:
+    """One typed config object; defaults match docs/worker.md."""
+
+    block_size: int = 64
+    num_gpu_blocks: int = 16384
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    #: divides every simulated step time (1000 makes a 20 ms decode step take 20 µs)
+    speedup_ratio: float = 1.0
+    #: mixed into every generated token; same seed + same request -> same tokens
+    seed: int = 0
+    vocab_size: int = 49152
+    eos_token_ids: list[int] = field(default_factory=list)
+    #: chance per generated token to draw EOS (unless ignore_eos); 0 runs every request to max_tokens
+    eos_probability: float = 0.0
+    context_length: int = 8192
+    enable_prefix_caching: bool = True
+    #: fraction of blocks kept free when admitting new requests (vLLM's watermark)
+    watermark: float = 0.01
+    #: waiting requests beyond this raise EngineOverloaded; 0 = unbounded
+    max_waiting: int = 0
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+        for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "vocab_size"):
+            positive(name)
+        positive("speedup_ratio")
+        positive("context_length")
+        if not 0.0 <= self.eos_probability <= 1.0:
+            raise ValueError(f"eos_probability must be in [0, 1], got {self.eos_probability}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        bad = [t for t in self.eos_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_ids {bad} outside the vocabulary of {self.vocab_size}")
