@@ -1,0 +1,304 @@
+"""The discovery plane's client: register with a TTL check, watch passing instances, publish model cards.
+
+Everything goes through py-consul's asyncio client, so the same code runs against consul-dev and a real
+agent. Watches are blocking queries that keep the last complete view while the agent is unreachable and
+start over with a full read when it is back; a registered instance re-registers itself (service, card
+session, cards) when a heartbeat finds that the agent has forgotten it, e.g. after an agent restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import consul
+import consul.aio
+
+from dynamo_grpc.discovery.config import ConsulSettings
+
+log = logging.getLogger(__name__)
+
+CARD_PREFIX = "dynamo/models/"
+KV_MAX_VALUE_SIZE = 512 * 1024
+_TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, OSError, consul.ConsulException)
+T = TypeVar("T")
+
+
+@dataclass
+class Instance:
+    """One registered process: its Consul service name (``dynamo-<role>``), ID, endpoint, tags and Meta."""
+
+    service: str
+    instance_id: str
+    address: str
+    port: int
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def check_id(self) -> str:
+        """The ID Consul gives the single check registered with the service."""
+        return f"service:{self.instance_id}"
+
+
+@dataclass
+class _Registration:
+    instance: Instance
+    ttl: float
+    deregister_after: str
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    session_id: str | None = None
+    task: asyncio.Task[None] | None = None
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{round(seconds, 3):g}s"
+
+
+def card_key(model: str, instance_id: str) -> str:
+    if not model or model.startswith("/") or model.endswith("/"):
+        raise ValueError(f"invalid model name {model!r}")
+    if not instance_id or "/" in instance_id:
+        raise ValueError(f"invalid instance id {instance_id!r}")
+    return f"{CARD_PREFIX}{model}/{instance_id}"
+
+
+def _parse_cards(entries: list[dict[str, Any]] | None, model: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for entry in entries or []:
+        rest = str(entry.get("Key", ""))[len(CARD_PREFIX):]
+        name, _, inst = rest.rpartition("/")
+        if not name or not inst or (model is not None and name != model):
+            continue
+        try:
+            card = json.loads(entry.get("Value") or b"")
+        except ValueError:
+            log.warning("ignoring model card %s: not JSON", entry.get("Key"))
+            continue
+        if isinstance(card, dict):
+            out.setdefault(name, {})[inst] = card
+    return out
+
+
+def _instance_from_entry(entry: dict[str, Any]) -> Instance:
+    svc, node = entry["Service"], entry.get("Node") or {}
+    return Instance(service=svc["Service"], instance_id=svc["ID"], address=svc.get("Address") or node.get("Address", ""),
+                    port=int(svc.get("Port") or 0), tags=list(svc.get("Tags") or []),
+                    meta=dict(svc.get("Meta") or {}))
+
+
+class Discovery:
+    """A process's handle on the discovery plane. One per process; ``close()`` (or ``async with``) at exit."""
+
+    def __init__(self, settings: ConsulSettings | None = None, *, watch_wait: float = 30.0,
+                 request_timeout: float = 10.0, backoff: tuple[float, float] = (0.05, 5.0)) -> None:
+        self.settings = settings or ConsulSettings()
+        self.watch_wait = watch_wait
+        self.backoff = backoff
+        self._ctl = self._client(request_timeout)
+        # Blocking queries hang for up to wait + wait/16 (Consul's jitter); give them room beyond that.
+        self._watch = self._client(watch_wait * 17 / 16 + request_timeout)
+        self._regs: dict[str, _Registration] = {}
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Discovery:
+        return cls(ConsulSettings.from_env(), **kwargs)
+
+    def _client(self, timeout: float) -> consul.aio.Consul:
+        s = self.settings
+        client = consul.aio.Consul(host=s.host, port=s.port, scheme=s.scheme, verify=s.verify, cert=s.cert,
+                                   connections_timeout=timeout)
+        client.token = s.token  # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we do not
+        return client
+
+    async def __aenter__(self) -> Discovery:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- registration ------------------------------------------------------------------------------------
+
+    async def register(self, instance: Instance, ttl: float = 10.0, deregister_after: str = "1m") -> None:
+        """Register ``instance`` with a passing TTL check and keep it passing every ``ttl/3`` seconds."""
+        if ttl <= 0:
+            raise ValueError("ttl must be > 0")
+        if instance.instance_id in self._regs:
+            raise ValueError(f"instance {instance.instance_id!r} is already registered")
+        reg = _Registration(instance=instance, ttl=ttl, deregister_after=deregister_after)
+        await self._register_service(reg)
+        self._regs[instance.instance_id] = reg
+        reg.task = asyncio.get_running_loop().create_task(self._heartbeat(reg), name=f"heartbeat:{instance.instance_id}")
+
+    async def _register_service(self, reg: _Registration) -> None:
+        inst = reg.instance
+        check = {"TTL": _fmt_seconds(reg.ttl), "DeregisterCriticalServiceAfter": reg.deregister_after,
+                 "Status": "passing", "Output": "registered"}
+        ok = await self._ctl.agent.service.register(
+            inst.service, service_id=inst.instance_id, address=inst.address or None, port=inst.port or None,
+            tags=list(inst.tags) or None, meta=dict(inst.meta) or None, check=check)
+        if not ok:
+            raise consul.ConsulException(f"registering {inst.instance_id} failed")
+
+    async def _restore(self, reg: _Registration) -> None:
+        """The agent forgot us (restart, reap): register again, then re-publish our cards."""
+        log.warning("consul agent lost %s; registering again", reg.instance.instance_id)
+        await self._register_service(reg)
+        reg.session_id = None
+        for model, card in list(reg.cards.items()):
+            await self._put_card(reg, model, card)
+
+    async def _heartbeat(self, reg: _Registration) -> None:
+        period = reg.ttl / 3
+        delay = period
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                if not await self._ctl.agent.check.ttl_pass(reg.instance.check_id):
+                    await self._restore(reg)
+                elif reg.session_id is not None:
+                    try:
+                        await self._ctl.session.renew(reg.session_id)
+                    except consul.NotFound:
+                        log.warning("card session of %s was invalidated; publishing again", reg.instance.instance_id)
+                        reg.session_id = None
+                        for model, card in list(reg.cards.items()):
+                            await self._put_card(reg, model, card)
+                delay = period
+            except asyncio.CancelledError:
+                raise
+            except _TRANSIENT as exc:
+                delay = min(period, self.backoff[0] * 4 + random.random() * self.backoff[0])
+                log.debug("heartbeat for %s failed (%s); retrying in %.2fs", reg.instance.instance_id, exc, delay)
+            except Exception:  # keep heartbeating whatever one round hit; the TTL is ticking
+                delay = min(period, 1.0)
+                log.exception("heartbeat for %s failed", reg.instance.instance_id)
+
+    async def deregister(self, instance_id: str | None = None) -> None:
+        """Remove our instance(s) now: stop heartbeats, drop card sessions (deleting the cards), deregister."""
+        ids = [instance_id] if instance_id is not None else list(self._regs)
+        for iid in ids:
+            reg = self._regs.pop(iid, None)
+            if reg is None:
+                continue
+            if reg.task is not None:
+                reg.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reg.task
+            try:
+                if reg.session_id is not None:
+                    await self._ctl.session.destroy(reg.session_id)
+                await self._ctl.agent.service.deregister(iid)
+            except _TRANSIENT as exc:
+                log.warning("deregistering %s failed (%s); Consul reaps it after its TTL", iid, exc)
+
+    # -- model cards -------------------------------------------------------------------------------------
+
+    async def put_model_card(self, model: str, instance_id: str, card: dict[str, Any]) -> None:
+        """Publish ``card`` at ``dynamo/models/<model>/<instance_id>``, held by a session bound to the
+        instance's TTL check, so Consul deletes it when the instance stops heartbeating."""
+        reg = self._regs.get(instance_id)
+        if reg is None:
+            raise ValueError(f"instance {instance_id!r} is not registered by this process")
+        card_key(model, instance_id)
+        if len(json.dumps(card).encode()) > KV_MAX_VALUE_SIZE:
+            raise ValueError(f"model card for {model!r} exceeds Consul's {KV_MAX_VALUE_SIZE} byte value limit")
+        await self._put_card(reg, model, card)
+        reg.cards[model] = card
+
+    async def _ensure_session(self, reg: _Registration) -> str:
+        if reg.session_id is not None:
+            return reg.session_id
+        delay = self.backoff[0]
+        for attempt in range(8):
+            try:
+                reg.session_id = await self._ctl.session.create(
+                    name=f"dynamo-card:{reg.instance.instance_id}", checks=["serfHealth", reg.instance.check_id],
+                    behavior="delete", lock_delay=0)
+                return reg.session_id
+            except consul.ConsulException as exc:
+                # A real agent syncs the check to the catalog asynchronously: "Missing check" for a moment.
+                if attempt == 7 or not ("Missing check" in str(exc) or "critical state" in str(exc)):
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    async def _put_card(self, reg: _Registration, model: str, card: dict[str, Any]) -> None:
+        sid = await self._ensure_session(reg)
+        key = card_key(model, reg.instance.instance_id)
+        if not await self._ctl.kv.put(key, json.dumps(card, sort_keys=True), acquire=sid):
+            raise RuntimeError(f"model card {key} is held by another live session (duplicate instance id?)")
+
+    async def delete_model_card(self, model: str, instance_id: str) -> None:
+        reg = self._regs.get(instance_id)
+        if reg is not None:
+            reg.cards.pop(model, None)
+        await self._ctl.kv.delete(card_key(model, instance_id))
+
+    async def get_model_cards(self, model: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """model -> instance -> card, for every live card (or one model's)."""
+        prefix = CARD_PREFIX + (f"{model}/" if model else "")
+        _, entries = await self._ctl.kv.get(prefix, recurse=True)
+        return _parse_cards(entries, model)
+
+    def watch_model_cards(self, model: str | None = None) -> AsyncIterator[dict[str, dict[str, dict[str, Any]]]]:
+        """Snapshots of ``get_model_cards(model)``, one per change, via blocking queries."""
+        prefix = CARD_PREFIX + (f"{model}/" if model else "")
+
+        async def fetch(index: int, wait: str) -> tuple[int, dict[str, dict[str, dict[str, Any]]]]:
+            idx, entries = await self._watch.kv.get(prefix, recurse=True, index=index or None, wait=wait)
+            return int(idx), _parse_cards(entries, model)
+
+        return self._blocking_loop(fetch, f"cards:{model or '*'}")
+
+    # -- watching ----------------------------------------------------------------------------------------
+
+    def watch(self, service: str, tags: list[str] | None = None) -> AsyncIterator[list[Instance]]:
+        """Snapshots of the passing instances of ``service`` (having all ``tags``), sorted by ID. Each
+        snapshot is one complete answer from the agent; nothing is yielded while it is unreachable."""
+
+        async def fetch(index: int, wait: str) -> tuple[int, list[Instance]]:
+            idx, entries = await self._watch.health.service(
+                service, index=index or None, wait=wait, passing=True, tag=list(tags) if tags else None)
+            return int(idx), sorted((_instance_from_entry(e) for e in entries or []), key=lambda i: i.instance_id)
+
+        return self._blocking_loop(fetch, service)
+
+    async def _blocking_loop(self, fetch: Callable[[int, str], Awaitable[tuple[int, T]]],
+                             what: str) -> AsyncIterator[T]:
+        index = 0
+        last: T | None = None
+        first = True
+        delay = self.backoff[0]
+        wait = _fmt_seconds(self.watch_wait)
+        while True:
+            try:
+                new_index, view = await fetch(index, wait)
+            except _TRANSIENT as exc:
+                # Agent down or restarting: keep the last view, back off, then start over with a full read.
+                log.debug("watch %s: %s; retrying in %.2fs", what, exc, delay)
+                index = 0
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            delay = self.backoff[0]
+            # Consul's rules: an index that went backwards means start over; never send an index below 1.
+            index = 0 if new_index < index else max(new_index, 1)
+            if first or view != last:
+                first = False
+                last = view
+                yield view
+
+    async def close(self) -> None:
+        await self.deregister()
+        for client in (self._ctl, self._watch):
+            with contextlib.suppress(Exception):
+                await client.close()
