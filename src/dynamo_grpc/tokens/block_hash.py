@@ -9,6 +9,9 @@ that an adapter's blocks never collide with the base model's.
 
 from __future__ import annotations
 
+import array
+import struct
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +19,7 @@ import xxhash
 
 BASE_SEED = 1337
 
-_U64 = np.dtype("<u8")
+_PAIR = struct.Struct("<QQ")  # le64(prev) || le64(local)
 
 
 def seed_for(lora: str | None = None) -> int:
@@ -27,59 +30,70 @@ def seed_for(lora: str | None = None) -> int:
 
 
 def _token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
-    arr = np.asarray(token_ids)
-    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
-        raise ValueError("token ids must fit in u32")
-    return arr.astype("<u4", copy=False).tobytes()
+    """Token ids as u32 little-endian bytes; ValueError when one does not fit in u32.
+
+    Lists go through ``array('I')`` (C-speed conversion and range check), which is ~4x
+    faster than building a numpy array from a list of Python ints.
+    """
+    if isinstance(token_ids, np.ndarray):
+        arr = token_ids
+        if arr.dtype != np.uint32 and arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+            raise ValueError("token ids must fit in u32")
+        return arr.astype("<u4", copy=False).tobytes()
+    try:
+        packed = array.array("I", token_ids)
+    except OverflowError as exc:
+        raise ValueError("token ids must fit in u32") from exc
+    except TypeError:
+        return _token_bytes(np.asarray(token_ids))
+    if packed.itemsize != 4:  # pragma: no cover - exotic ABI
+        return _token_bytes(np.asarray(token_ids))
+    if sys.byteorder != "little":  # pragma: no cover
+        packed.byteswap()
+    return packed.tobytes()
 
 
-def local_block_hashes(
-    token_ids: Sequence[int] | np.ndarray, block_size: int, lora: str | None = None
-) -> np.ndarray:
+def _local_list(token_ids: Sequence[int] | np.ndarray, block_size: int, seed: int) -> list[int]:
+    n_full = len(token_ids) // block_size
+    if n_full == 0:
+        return []
+    raw = _token_bytes(token_ids[: n_full * block_size])
+    step = block_size * 4
+    h = xxhash.xxh3_64_intdigest
+    return [h(raw[i : i + step], seed=seed) for i in range(0, n_full * step, step)]
+
+
+def _chain_list(local: list[int], seed: int, parent: int | None) -> list[int]:
+    out = [0] * len(local)
+    h = xxhash.xxh3_64_intdigest
+    pack = _PAIR.pack
+    prev = parent
+    for i, loc in enumerate(local):
+        prev = loc if prev is None else h(pack(prev, loc), seed=seed)
+        out[i] = prev
+    return out
+
+
+def local_block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, lora: str | None = None) -> np.ndarray:
     """Per-block content hashes (``tokens_hash``) of the full blocks of ``token_ids``."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    n_full = len(token_ids) // block_size
-    out = np.empty(n_full, dtype=np.uint64)
-    if n_full == 0:
-        return out
-    seed = seed_for(lora)
-    raw = memoryview(_token_bytes(token_ids[: n_full * block_size]))
-    step = block_size * 4
-    h = xxhash.xxh3_64_intdigest
-    for i in range(n_full):
-        out[i] = h(raw[i * step : (i + 1) * step], seed=seed)
-    return out
+    return np.array(_local_list(token_ids, block_size, seed_for(lora)), dtype=np.uint64)
 
 
 def chain_hashes(local: np.ndarray, lora: str | None = None, parent: int | None = None) -> np.ndarray:
     """Sequence hashes from local hashes; ``parent`` continues an existing chain."""
-    out = np.empty(len(local), dtype=np.uint64)
-    if len(local) == 0:
-        return out
-    seed = seed_for(lora)
-    h = xxhash.xxh3_64_intdigest
-    pair = np.empty(2, dtype=_U64)
-    prev = parent
-    for i, loc in enumerate(local.tolist()):
-        if prev is None:
-            cur = int(loc)
-        else:
-            pair[0] = prev
-            pair[1] = loc
-            cur = h(pair.tobytes(), seed=seed)
-        out[i] = cur
-        prev = cur
-    return out
+    return np.array(_chain_list([int(x) for x in np.asarray(local).tolist()], seed_for(lora), parent), dtype=np.uint64)
 
 
-def block_hashes(
-    token_ids: Sequence[int] | np.ndarray, block_size: int, lora: str | None = None
-) -> np.ndarray:
+def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, lora: str | None = None) -> np.ndarray:
     """Sequence hashes (the routing key) of every full block of ``token_ids``."""
-    return chain_hashes(local_block_hashes(token_ids, block_size, lora), lora)
+    return np.array(block_hash_list(token_ids, block_size, lora), dtype=np.uint64)
 
 
 def block_hash_list(token_ids: Sequence[int] | np.ndarray, block_size: int, lora: str | None = None) -> list[int]:
     """Like :func:`block_hashes` but as Python ints (handy for dict keys and protobuf)."""
-    return [int(x) for x in block_hashes(token_ids, block_size, lora).tolist()]
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    seed = seed_for(lora)
+    return _chain_list(_local_list(token_ids, block_size, seed), seed, None)
