@@ -138,6 +138,8 @@ def _plain(value: Any) -> Any:
 def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatTemplateError("messages must be a list of {role, content} objects")
+    if not messages:
+        raise ChatTemplateError("messages is empty: a chat needs at least one message")
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
@@ -175,8 +177,6 @@ def render_chat(
     chat = _normalize_messages(messages)
     final_text: str | None = None
     if continue_final_message:
-        if not chat:
-            raise ChatTemplateError("continue_final_message needs at least one message")
         content = chat[-1].get("content")
         if isinstance(content, str):
             final_text = content
