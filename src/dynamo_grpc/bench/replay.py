@@ -1,0 +1,287 @@
+"""`dynamo-grpc bench replay`: replay a public trace against a real mesh and measure routing quality.
+
+For each router (``kv``, ``round-robin``, ``random``; ``--compare`` runs all three back to back on the
+same slice) it starts a mesh (consul-dev, router, N mocker workers, frontend) as processes, sends the
+trace's requests at their arrival times divided by ``speedup × rate_scale`` as KServe gRPC streams, and
+writes one JSON report (and a PNG with ``--plot``). The mocker's step times are divided by the same
+speedup, so the workers see the trace's load (times ``rate_scale``) compressed in time; latencies are
+reported back in trace seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynamo_grpc.bench.replay_bound import infinite_cache_bound
+from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
+from dynamo_grpc.bench.replay_metrics import RequestRecord, summarize
+from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
+from dynamo_grpc.bench.replay_trace import Trace, TraceRequest, load_trace
+
+ROUTERS = ("kv", "round-robin", "random")
+
+
+@dataclass
+class ReplayConfig:
+    trace: str
+    routers: list[str]
+    workers: int = 4
+    speedup: float = 10.0
+    rate_scale: float = 1.0
+    limit: int | None = None
+    engine_block_size: int = 64
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    salt: int = 0
+    max_output_tokens: int | None = None
+    model: str | None = None
+    frontend: str | None = None  # an existing frontend: no mesh is started
+    worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    frontend_args: list[str] = field(default_factory=list)
+    request_timeout_s: float = 600.0
+    log_dir: str | None = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynamo-grpc bench replay",
+        description="Replay a Mooncake JSONL or Azure CSV trace against a mesh of mocker workers and compare "
+        "KV-aware routing with round-robin and random (TTFT, ITL, E2E, prefix hit rate, load balance).",
+    )
+    p.add_argument("--trace", required=True, help="trace file (Mooncake JSONL or Azure CSV)")
+    p.add_argument("--format", default="auto", choices=["auto", "mooncake", "azure"], help="trace schema")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--router", choices=ROUTERS, default="kv", help="routing policy to measure (default kv)")
+    g.add_argument("--compare", action="store_true", help="run kv, round-robin and random back to back")
+    p.add_argument("--workers", type=int, default=4, help="mocker workers (default 4)")
+    p.add_argument(
+        "--speedup", type=float, default=10.0, help="divide trace time and the mocker's step times by this (default 10)"
+    )
+    p.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="multiply the request rate (arrival gaps divided by this); default 1",
+    )
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument(
+        "--max-output-tokens", type=int, default=None, help="cap each request's output length (default: the trace's)"
+    )
+    p.add_argument("--block-size", type=int, default=64, help="engine KV block size, for the hit-rate bound")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="synthetic token ids < this")
+    p.add_argument("--seed", type=int, default=0, help="salt of the synthetic token ids")
+    p.add_argument("--model", default=None, help="model name at the frontend (default: the one it serves)")
+    p.add_argument("--frontend", default=None, help="use this running frontend host:port instead of a new mesh")
+    p.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every worker (repeat; e.g. --worker-arg=--num-gpu-blocks=8192)",
+    )
+    p.add_argument("--router-arg", action="append", default=[], metavar="ARG", help="extra router argument")
+    p.add_argument("--frontend-arg", action="append", default=[], metavar="ARG", help="extra frontend argument")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline, wall seconds")
+    p.add_argument("--log-dir", default=None, help="keep the mesh's process logs here")
+    p.add_argument("--json", required=True, help="write the report here")
+    p.add_argument("--plot", default=None, help="write a PNG here (TTFT CDF, p50/p99 bars, hit rate)")
+    return p
+
+
+def _tokens_fn(trace: Trace, cfg: ReplayConfig) -> Any:
+    def tokens_for(r: TraceRequest) -> np.ndarray:
+        return prompt_tokens(r, trace.hash_block_size, cfg.vocab_size, DEFAULT_LOW_ID, cfg.salt)
+
+    return tokens_for
+
+
+def _capped(trace: Trace, cap: int | None) -> Trace:
+    if cap is None:
+        return trace
+    reqs = tuple(
+        TraceRequest(r.index, r.arrival_s, r.input_length, min(r.output_length, cap), r.hash_ids)
+        for r in trace.requests
+    )
+    return Trace(trace.path, trace.fmt, reqs, trace.hash_block_size)
+
+
+async def _drive(address: str, model: str | None, trace: Trace, cfg: ReplayConfig) -> tuple[str, list[RequestRecord]]:
+    probe = Driver(DriverConfig(address, model or "", channels=1))
+    try:
+        name = model or await probe.served_model()
+    finally:
+        await probe.close()
+    driver = Driver(
+        DriverConfig(address, name, time_scale=cfg.speedup * cfg.rate_scale, request_timeout_s=cfg.request_timeout_s)
+    )
+    try:
+        await driver.wait_ready()
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] > 10 or done == total:
+                last[0] = now
+                print(f"  {done}/{total} requests done", file=sys.stderr, flush=True)
+
+        records = await driver.run(trace.requests, _tokens_fn(trace, cfg), progress)
+    finally:
+        await driver.close()
+    return name, records
+
+
+def _worker_ids(consul: str) -> list[str]:
+    from dynamo_grpc.launch.consul_http import passing_instances
+
+    return sorted(str(e.get("Service", {}).get("ID", "")) for e in passing_instances(consul, "dynamo-worker"))
+
+
+def run_one(router: str, trace: Trace, cfg: ReplayConfig, bound: float) -> tuple[list[RequestRecord], dict[str, Any]]:
+    """Start a mesh with ``router``, replay, stop the mesh; return the records and the summary."""
+    t_start = time.monotonic()
+    if cfg.frontend:
+        model, records = asyncio.run(_drive(cfg.frontend, cfg.model, trace, cfg))
+        workers = sorted({r.worker_id for r in records if r.worker_id})
+    else:
+        from dynamo_grpc.launch.mesh import Mesh, MeshConfig
+
+        log_dir = Path(cfg.log_dir) / router if cfg.log_dir else None
+        mc = MeshConfig(
+            workers=cfg.workers,
+            engine="mocker",
+            router_mode=router,
+            speedup_ratio=cfg.speedup,
+            worker_args=list(cfg.worker_args),
+            router_args=list(cfg.router_args),
+            frontend_args=list(cfg.frontend_args),
+            log_dir=log_dir,
+        )
+        with Mesh(mc) as mesh:
+            workers = _worker_ids(mesh.consul)
+            model, records = asyncio.run(_drive(mesh.frontend_grpc, cfg.model, trace, cfg))
+    summary = summarize(records, cfg.speedup, workers, bound)
+    summary["router"] = router
+    summary["model"] = model
+    summary["workers"] = workers
+    summary["wall_total_s"] = time.monotonic() - t_start
+    return records, summary
+
+
+def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list[Any]]:
+    def num(x: float) -> float | None:
+        return round(x * speedup, 6) if math.isfinite(x) else None
+
+    return {
+        "ttft_s": [num(r.ttft) if r.ok else None for r in records],
+        "itl_s": [num(r.itl) if r.ok else None for r in records],
+        "e2e_s": [num(r.e2e) if r.ok else None for r in records],
+        "prompt_tokens": [r.prompt_tokens for r in records],
+        "cached_tokens": [r.cached_tokens for r in records],
+        "output_tokens": [r.output_tokens for r in records],
+        "worker": [r.worker_id for r in records],
+        "error": [r.error for r in records],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("workers", "limit", "max_output_tokens", "block_size", "vocab_size"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            _parser().error(f"--{name.replace('_', '-')} must be positive")
+    if args.speedup <= 0 or args.rate_scale <= 0:
+        _parser().error("--speedup and --rate-scale must be positive")
+    routers = list(ROUTERS) if args.compare else [args.router]
+    cfg = ReplayConfig(
+        trace=args.trace,
+        routers=routers,
+        workers=args.workers,
+        speedup=args.speedup,
+        rate_scale=args.rate_scale,
+        limit=args.limit,
+        engine_block_size=args.block_size,
+        vocab_size=args.vocab_size,
+        salt=args.seed,
+        max_output_tokens=args.max_output_tokens,
+        model=args.model,
+        frontend=args.frontend,
+        worker_args=args.worker_arg,
+        router_args=args.router_arg,
+        frontend_args=args.frontend_arg,
+        request_timeout_s=args.request_timeout,
+        log_dir=args.log_dir,
+    )
+    trace = _capped(load_trace(args.trace, args.format, args.limit), cfg.max_output_tokens)
+    bound = infinite_cache_bound(trace, cfg.engine_block_size)
+    reqs = trace.requests
+    trace_info = {
+        "path": trace.path,
+        "format": trace.fmt,
+        "requests": len(reqs),
+        "duration_s": trace.duration_s,
+        "replay_wall_s": trace.duration_s / (cfg.speedup * cfg.rate_scale),
+        "mean_rate_req_s": (len(reqs) - 1) / trace.duration_s if trace.duration_s > 0 else None,
+        "input_tokens_mean": float(np.mean([r.input_length for r in reqs])),
+        "output_tokens_mean": float(np.mean([r.output_length for r in reqs])),
+        "infinite_cache_bound": bound.to_dict(),
+    }
+    print(
+        f"replay {trace.path}: {len(reqs)} requests over {trace.duration_s:.0f} trace s "
+        f"(~{trace_info['replay_wall_s']:.0f} wall s per router); infinite-cache hit bound "
+        f"{100 * bound.engine_token_weighted:.1f}% (block-weighted {100 * bound.block_weighted:.2f}%)",
+        file=sys.stderr,
+        flush=True,
+    )
+    runs: dict[str, Any] = {}
+    ttfts: dict[str, list[float]] = {}
+    for router in routers:
+        print(f"== router {router}", file=sys.stderr, flush=True)
+        records, summary = run_one(router, trace, cfg, bound.engine_token_weighted)
+        runs[router] = {**summary, "per_request": _per_request(records, cfg.speedup)}
+        ttfts[router] = [r.ttft * cfg.speedup for r in records if r.ok]
+        t = summary["ttft_s"]
+        hit = summary["prefix_cache"]["hit_rate"]
+        print(
+            f"   {router}: completed {summary['completed']}/{summary['requests']}, TTFT p50 {t['p50']} p99 {t['p99']} "
+            f"trace-s, hit rate {hit}, requests CV {summary['load_balance']['requests_cv']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    report: dict[str, Any] = {
+        "benchmark": "replay",
+        "config": {**asdict(cfg), "engine": "mocker", "host": platform.node(), "python": platform.python_version()},
+        "trace": trace_info,
+        "runs": runs,
+    }
+    if "kv" in runs and "round-robin" in runs:
+        kv, rr = runs["kv"]["ttft_s"]["p50"], runs["round-robin"]["ttft_s"]["p50"]
+        report["kv_vs_round_robin_p50_ttft"] = (rr / kv) if kv and rr else None
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        from dynamo_grpc.bench.replay_plot import plot_replay
+
+        title = (
+            f"{Path(trace.path).name}: {len(reqs)} requests, {cfg.workers} mocker workers, "
+            f"speedup {cfg.speedup:g}, rate x{cfg.rate_scale:g}"
+        )
+        print(f"wrote {plot_replay(ttfts, {k: v for k, v in runs.items()}, args.plot, title)}", file=sys.stderr)
+    failed = sum(r["failed"] for r in runs.values())
+    return 1 if failed == sum(r["requests"] for r in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
