@@ -160,7 +160,9 @@ class BlockPool:
             while len(kids := children.get(chain[-1].block_hash, [])) == 1:
                 chain.append(kids[0])
             out.append(
-                KvStored(chain[0].parent_hash, [StoredBlock(c.block_hash or 0, c.tokens_hash or 0) for c in chain])
+                KvStored(
+                    chain[0].parent_hash, [StoredBlock(c.block_hash or 0, c.tokens_hash or 0) for c in chain]
+                )
             )
             stack.extend(reversed(children.get(chain[-1].block_hash, [])))
         return out

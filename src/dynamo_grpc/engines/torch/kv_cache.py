@@ -18,11 +18,10 @@ def bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype) -> in
 
 
 def num_blocks_for_bytes(cfg: LlamaConfig, block_size: int, dtype: torch.dtype, kv_cache_bytes: int) -> int:
-    n = kv_cache_bytes // bytes_per_block(cfg, block_size, dtype)
+    per_block = bytes_per_block(cfg, block_size, dtype)
+    n = kv_cache_bytes // per_block
     if n <= 0:
-        raise ValueError(
-            f"kv_cache_bytes={kv_cache_bytes} holds no block of {bytes_per_block(cfg, block_size, dtype)} bytes"
-        )
+        raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no block of {per_block} bytes")
     return int(n)
 
 

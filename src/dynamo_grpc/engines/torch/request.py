@@ -67,7 +67,9 @@ class Request:
         full = len(self.all_token_ids) // block_size
         if full <= done:
             return
-        local = local_block_hashes(self.all_token_ids[done * block_size : full * block_size], block_size, self.lora)
+        local = local_block_hashes(
+            self.all_token_ids[done * block_size : full * block_size], block_size, self.lora
+        )
         parent = self.block_hashes[-1] if self.block_hashes else None
         seq = chain_hashes(local, self.lora, parent)
         self.tokens_hashes.extend(int(x) for x in local.tolist())

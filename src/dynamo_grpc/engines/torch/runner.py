@@ -66,7 +66,12 @@ class ModelRunner:
             decode_mask=dec_mask,
             prefills=segs,
         )
-        return torch.tensor(ids, dtype=torch.long), batch, sampling, torch.tensor(logit_rows, dtype=torch.long)
+        return (
+            torch.tensor(ids, dtype=torch.long),
+            batch,
+            sampling,
+            torch.tensor(logit_rows, dtype=torch.long),
+        )
 
     def execute(self, out: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Run the step; returns the sequences that sample and their logits (same order)."""

@@ -1,0 +1,318 @@
+"""TorchEngine through the Engine ABC, on a tiny random Llama written to a safetensors directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynamo_grpc.engines.base import (
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    PromptTooLong,
+    SamplingParams,
+)
+from dynamo_grpc.engines.torch import TorchEngine
+from dynamo_grpc.tokens.block_hash import block_hash_list
+
+VOCAB = 96
+EOS = 1
+CTX = 256
+TINY = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": CTX,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": EOS,
+}
+
+
+def make_tiny_model(root: Path, seed: int = 0) -> Path:
+    """A random Llama (config.json + model.safetensors + tokenizer.json), built offline."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    c = TINY
+    g = torch.Generator().manual_seed(seed)
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
+
+    def w(*shape: int, std: float = 0.3) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    t = {
+        "model.embed_tokens.weight": w(VOCAB, h, std=1.0),
+        "model.norm.weight": 1 + w(h, std=0.1),
+        "lm_head.weight": w(VOCAB, h),
+    }
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        t |= {
+            p + "input_layernorm.weight": 1 + w(h, std=0.1),
+            p + "post_attention_layernorm.weight": 1 + w(h, std=0.1),
+            p + "self_attn.q_proj.weight": w(nh * hd, h),
+            p + "self_attn.k_proj.weight": w(nkv * hd, h),
+            p + "self_attn.v_proj.weight": w(nkv * hd, h),
+            p + "self_attn.o_proj.weight": w(h, nh * hd),
+            p + "mlp.gate_proj.weight": w(i, h),
+            p + "mlp.up_proj.weight": w(i, h),
+            p + "mlp.down_proj.weight": w(h, i),
+        }
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps(c))
+    vocab = {f"t{k}": k for k in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t1", "bos_token": "t0"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+async def engine(tiny_dir: Path) -> Iterator[TorchEngine]:
+    eng = TorchEngine(
+        tiny_dir, block_size=4, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, num_threads=1
+    )
+    await eng.start()
+    try:
+        yield eng  # type: ignore[misc]
+    finally:
+        await eng.stop()
+
+
+def _prompt(n: int, base: int = 2) -> list[int]:
+    return [2 + (base + 7 * k) % (VOCAB - 2) for k in range(n)]
+
+
+async def _run(
+    eng: TorchEngine, ids: list[int], rid: str = "r", **sp: object
+) -> tuple[list[int], list[EngineOutput]]:
+    outs = [o async for o in eng.generate(EngineRequest(rid, ids, SamplingParams(**sp)))]  # type: ignore[arg-type]
+    return [t for o in outs for t in o.token_ids], outs
+
+
+async def _idle(eng: TorchEngine) -> None:
+    for _ in range(200):
+        m = eng.load_metrics()
+        if m.running == 0 and m.waiting == 0 and m.active_blocks == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine did not go idle: {eng.load_metrics()}")
+
+
+def test_card_and_geometry(tiny_dir: Path) -> None:
+    eng = TorchEngine(tiny_dir, block_size=4, kv_cache_bytes=1 << 20)
+    per_block = 2 * 2 * 4 * 2 * 8 * 4  # k+v, layers, block, kv heads, head dim, fp32
+    assert eng.num_blocks == (1 << 20) // per_block
+    assert eng.card.block_size == 4 and eng.card.kv_blocks == eng.num_blocks
+    assert eng.context_length == CTX and eng.eos_token_ids == frozenset({EOS})
+    assert eng.stats()["kv_cache_bytes"] <= 1 << 20
+    with pytest.raises(ValueError):
+        TorchEngine(tiny_dir, num_blocks=4, kv_cache_bytes=1 << 20)
+    with pytest.raises(ValueError):
+        TorchEngine(tiny_dir, dtype="int8")
+
+
+async def test_streams_tokens_until_max_tokens(engine: TorchEngine) -> None:
+    toks, outs = await _run(engine, _prompt(10), temperature=0, max_tokens=7, ignore_eos=True)
+    assert len(toks) == 7
+    assert outs[-1].finish_reason == "length"
+    assert all(o.finish_reason is None for o in outs[:-1])
+    assert all(o.prompt_tokens == 10 for o in outs)
+    await _idle(engine)
+
+
+async def test_bad_requests_fail_before_any_output(engine: TorchEngine) -> None:
+    with pytest.raises(PromptTooLong):
+        engine.generate(EngineRequest("a", _prompt(CTX)))
+    with pytest.raises(ValueError):
+        engine.generate(EngineRequest("b", []))
+    with pytest.raises(ValueError):
+        engine.generate(EngineRequest("c", [VOCAB]))
+    with pytest.raises(ValueError):
+        engine.generate(EngineRequest("d", [3], SamplingParams(max_tokens=0)))
+    with pytest.raises(EngineError):
+        engine.generate(EngineRequest("e", [3], lora="adapter"))
+
+
+async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
+    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=8)
+    await eng.start()
+    try:
+        with pytest.raises(PromptTooLong):
+            eng.generate(EngineRequest("a", _prompt(32)))
+        # one that fits stops at the cache's capacity with "length"
+        toks, outs = await _run(eng, _prompt(20), temperature=0, max_tokens=100, ignore_eos=True)
+        assert outs[-1].finish_reason == "length" and 20 + len(toks) == 32
+    finally:
+        await eng.stop()
+
+
+async def test_closing_the_iterator_aborts_and_frees_blocks(engine: TorchEngine) -> None:
+    it = engine.generate(EngineRequest("long", _prompt(30), SamplingParams(max_tokens=200, ignore_eos=True)))
+    got = 0
+    async for out in it:  # type: ignore[attr-defined]
+        got += len(out.token_ids)
+        if got >= 3:
+            break
+    await it.aclose()  # type: ignore[attr-defined]
+    await _idle(engine)
+
+
+async def test_cancelling_the_consumer_task_frees_blocks(engine: TorchEngine) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        req = EngineRequest("x", _prompt(30), SamplingParams(max_tokens=200, ignore_eos=True))
+        async for _ in engine.generate(req):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _idle(engine)
+
+
+async def test_stop_ends_in_flight_requests_cancelled(tiny_dir: Path) -> None:
+    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=64)
+    await eng.start()
+    it = eng.generate(EngineRequest("a", _prompt(8), SamplingParams(max_tokens=10_000, ignore_eos=True)))
+    first = await it.__anext__()  # type: ignore[attr-defined]
+    assert first.finish_reason is None
+    await eng.stop()
+    rest = [o async for o in it]  # type: ignore[attr-defined]
+    assert rest and rest[-1].finish_reason == "cancelled"
+    assert eng.load_metrics().active_blocks == 0
+
+
+async def test_seed_makes_sampling_reproducible(engine: TorchEngine) -> None:
+    kw = {"temperature": 1.0, "max_tokens": 16, "ignore_eos": True}
+    a, _ = await _run(engine, _prompt(6), seed=7, **kw)
+    b, _ = await _run(engine, _prompt(6), seed=7, **kw)
+    c, _ = await _run(engine, _prompt(6), seed=8, **kw)
+    assert a == b
+    assert a != c
+
+
+async def test_prefix_hit_gives_the_same_greedy_output(engine: TorchEngine) -> None:
+    ids = _prompt(23, base=11)
+    cold, outs_cold = await _run(engine, ids, temperature=0, max_tokens=12, ignore_eos=True)
+    warm, outs_warm = await _run(engine, ids, temperature=0, max_tokens=12, ignore_eos=True)
+    assert outs_cold[0].cached_tokens == 0
+    assert outs_warm[0].cached_tokens == 20
+    assert warm == cold
+    assert engine.stats()["prefix_hit_tokens"] >= 20
+
+
+async def test_batched_and_preempted_outputs_match_solo_runs(tiny_dir: Path) -> None:
+    prompts = [_prompt(n, base=n) for n in (3, 9, 17, 26, 40)]
+    solo_eng = TorchEngine(tiny_dir, block_size=4, num_blocks=128, enable_prefix_caching=False)
+    await solo_eng.start()
+    try:
+        solo = [(await _run(solo_eng, p, temperature=0, max_tokens=24, ignore_eos=True))[0] for p in prompts]
+    finally:
+        await solo_eng.stop()
+    # 5 requests growing to 27..64 tokens need ~58 blocks; 24 blocks force preemption
+    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=24, max_num_batched_tokens=16)
+    await eng.start()
+    try:
+        res = await asyncio.gather(
+            *[
+                _run(eng, p, f"r{i}", temperature=0, max_tokens=24, ignore_eos=True)
+                for i, p in enumerate(prompts)
+            ]
+        )
+        assert eng.stats()["preemptions"] > 0
+        assert [r[0] for r in res] == solo
+        await _idle(eng)
+    finally:
+        await eng.stop()
+
+
+async def test_events_describe_exactly_the_cached_blocks(engine: TorchEngine) -> None:
+    events: list[KvEvent] = []
+    engine.set_event_sink(events.extend)
+    ids = _prompt(18, base=5)
+    toks, _ = await _run(engine, ids, temperature=0, max_tokens=6, ignore_eos=True)
+    await _idle(engine)
+    stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
+    # 18 prompt + 5 fed outputs = 23 computed tokens: 5 full blocks, hashed over the token stream
+    assert stored == block_hash_list((ids + toks)[:20], 4)
+    view: set[int] = set()
+    for e in events:
+        if isinstance(e, KvStored):
+            view |= {b.block_hash for b in e.blocks}
+        elif isinstance(e, KvRemoved):
+            view -= set(e.block_hashes)
+    assert view == {b.block_hash for st in engine.cached_blocks() for b in st.blocks}
+
+
+async def test_logprobs_min_tokens_and_stop_ids(engine: TorchEngine) -> None:
+    ids = _prompt(9, base=3)
+    toks, outs = await _run(engine, ids, temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)
+    lps = [lp for o in outs for lp in (o.logprobs or [])]
+    assert [lp.token_id for lp in lps] == toks
+    assert all(lp.logprob <= 0 and len(lp.top) == 3 and lp.top[0][0] == lp.token_id for lp in lps)
+    first = toks[0]
+    stopped, outs = await _run(
+        engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], ignore_eos=True
+    )
+    assert stopped == [first] and outs[-1].finish_reason == "stop"
+    held, _ = await _run(engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], min_tokens=3)
+    assert len(held) >= 3 and first not in held[:2]
+
+
+async def test_safetensors_logits_match_transformers(tiny_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from dynamo_grpc.engines.torch.kv_cache import KvCache
+    from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
+    from dynamo_grpc.engines.torch.model import LlamaModel
+    from dynamo_grpc.engines.torch.request import Request
+    from dynamo_grpc.engines.torch.runner import ModelRunner
+    from dynamo_grpc.engines.torch.scheduler import Scheduler, SchedulerConfig
+    from dynamo_grpc.engines.torch.weights import load_checkpoint
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    model = LlamaModel(load_checkpoint(tiny_dir))
+    mgr = KvCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(4, 16), mgr)
+    runner = ModelRunner(model, KvCache(model.cfg, 64, 4, torch.float32), mgr)
+    ids = _prompt(37)
+    req = Request("p", ids, SamplingParams(max_tokens=1))
+    sched.add(req)
+    logits = None
+    while logits is None:
+        out = sched.schedule()
+        seqs, lg = runner.execute(out)
+        if seqs:
+            logits = lg[0]
+        sched.update(out, {s.request.request_id: 0 for s in seqs})
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1]
+    assert (logits - ref).abs().max().item() < 1e-4
