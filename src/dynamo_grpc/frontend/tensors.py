@@ -1,0 +1,247 @@
+"""KServe v2 tensor codec: request tensors to numpy and back, in both wire forms.
+
+A tensor travels either in `raw_input_contents` / `raw_output_contents` (little-endian bytes; BYTES
+elements each carry a 4-byte little-endian length prefix) or in the typed `contents` fields. Triton's
+clients send raw and read raw, so a response uses raw when its request did (`encode_outputs(raw=True)`).
+This module knows the wire rules only; which tensors an LLM request has is `frontend/request.py`'s job.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
+
+#: Fixed-width datatypes and their little-endian numpy dtype. BF16 is carried as uint16 bits.
+FIXED_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
+}
+DATATYPES = frozenset([*FIXED_DTYPES, "BYTES"])
+
+# Which InferTensorContents field carries each datatype (FP16/BF16 have none: raw only, as in Triton).
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_LEN = struct.Struct("<I")
+
+
+class TensorError(ValueError):
+    """A tensor that does not decode: bad datatype, shape, size or contents. Names the tensor."""
+
+    def __init__(self, tensor: str, message: str) -> None:
+        super().__init__(f"tensor '{tensor}': {message}")
+        self.tensor = tensor
+
+
+@dataclass
+class Tensor:
+    """A decoded tensor. BYTES data is a numpy object array of `bytes`; BF16 is uint16 bit patterns."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray[Any, Any]
+    parameters: dict[str, bool | int | float | str]
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+
+def element_count(name: str, shape: Sequence[int]) -> int:
+    """Number of elements; every dimension must be >= 0 (no wildcards in a request)."""
+    n = 1
+    for d in shape:
+        if d < 0:
+            raise TensorError(name, f"shape {list(shape)} has a negative dimension")
+        n *= d
+    return n
+
+
+def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
+    """BYTES elements to raw form: each element as u32 little-endian length + bytes."""
+    parts: list[bytes] = []
+    for e in elements:
+        b = e.encode("utf-8") if isinstance(e, str) else bytes(e)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def deserialize_bytes(name: str, raw: bytes, count: int | None = None) -> list[bytes]:
+    """Raw BYTES to elements; refuses truncated prefixes, overruns and (when given) a wrong count."""
+    out: list[bytes] = []
+    pos, end = 0, len(raw)
+    mv = memoryview(raw)
+    while pos < end:
+        if end - pos < 4:
+            raise TensorError(name, f"truncated BYTES length prefix at offset {pos}")
+        (n,) = _LEN.unpack_from(raw, pos)
+        pos += 4
+        if n > end - pos:
+            raise TensorError(name, f"BYTES element at offset {pos - 4} claims {n} bytes, {end - pos} remain")
+        out.append(bytes(mv[pos : pos + n]))
+        pos += n
+    if count is not None and len(out) != count:
+        raise TensorError(name, f"raw BYTES holds {len(out)} elements, shape needs {count}")
+    return out
+
+
+def parameter_value(p: pb.InferParameter) -> bool | int | float | str:
+    """The Python value of an InferParameter (whichever oneof field is set)."""
+    which = p.WhichOneof("parameter_choice")
+    if which is None:
+        return ""
+    value: bool | int | float | str = getattr(p, which)
+    return value
+
+
+def parameters_dict(params: Any) -> dict[str, bool | int | float | str]:
+    return {k: parameter_value(v) for k, v in params.items()}
+
+
+def set_parameter(target: pb.InferParameter, value: bool | int | float | str) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = str(value)
+
+
+def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray[Any, Any]:
+    count = element_count(name, shape)
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = deserialize_bytes(name, raw, count)
+        return arr.reshape(shape)
+    dt = FIXED_DTYPES[datatype]
+    want = count * dt.itemsize
+    if len(raw) != want:
+        raise TensorError(name, f"raw {datatype} data is {len(raw)} bytes, shape {list(shape)} needs {want}")
+    if datatype == "BOOL":
+        u = np.frombuffer(raw, dtype=np.uint8)
+        if np.any(u > 1):
+            raise TensorError(name, "raw BOOL data has bytes other than 0 and 1")
+    return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+
+
+def _decode_contents(
+    name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray[Any, Any]:
+    count = element_count(name, shape)
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(name, f"{datatype} data must be sent in raw_input_contents")
+    # Data in another dtype's field is a client bug worth naming rather than ignoring.
+    for other in set(_CONTENTS_FIELD.values()) - {field}:
+        if len(getattr(contents, other)):
+            raise TensorError(name, f"{datatype} tensor carries data in contents.{other}, expected {field}")
+    values = list(getattr(contents, field))
+    if len(values) != count:
+        raise TensorError(name, f"contents.{field} holds {len(values)} elements, shape {list(shape)} needs {count}")
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = [bytes(v) for v in values]
+        return arr.reshape(shape)
+    dt = FIXED_DTYPES[datatype]
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        for v in values:
+            if not info.min <= v <= info.max:
+                raise TensorError(name, f"value {v} does not fit {datatype}")
+    return np.array(values, dtype=dt).reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
+    """All input tensors of a request by name; raises TensorError naming the first bad one."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError(
+            "raw_input_contents",
+            f"{len(raw)} raw entries for {len(request.inputs)} inputs (raw inputs must be all or none)",
+        )
+    out: dict[str, Tensor] = {}
+    for i, t in enumerate(request.inputs):
+        name = t.name
+        if not name:
+            raise TensorError(f"#{i}", "input has no name")
+        if name in out:
+            raise TensorError(name, "input appears twice")
+        if t.datatype not in DATATYPES:
+            raise TensorError(name, f"unknown datatype {t.datatype!r}")
+        shape = tuple(int(d) for d in t.shape)
+        if raw:
+            if t.HasField("contents") and t.contents.ByteSize():
+                raise TensorError(name, "has both contents and raw_input_contents")
+            data = _decode_raw(name, t.datatype, shape, raw[i])
+        else:
+            data = _decode_contents(name, t.datatype, shape, t.contents)
+        out[name] = Tensor(name, t.datatype, shape, data, parameters_dict(t.parameters))
+    return out
+
+
+def encode_outputs(response: pb.ModelInferResponse, tensors: Sequence[Tensor], *, raw: bool) -> None:
+    """Append output tensors to a response, as raw_output_contents when `raw` else typed contents."""
+    for t in tensors:
+        out = response.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        for k, v in t.parameters.items():
+            set_parameter(out.parameters[k], v)
+        flat = t.data.reshape(-1)
+        if t.datatype == "BYTES":
+            elements = [e if isinstance(e, bytes) else str(e).encode("utf-8") for e in flat]
+            if raw:
+                response.raw_output_contents.append(serialize_bytes(elements))
+            else:
+                out.contents.bytes_contents.extend(elements)
+            continue
+        dt = FIXED_DTYPES[t.datatype]
+        if raw:
+            response.raw_output_contents.append(np.ascontiguousarray(flat, dtype=dt).tobytes())
+        else:
+            field = _CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise TensorError(t.name, f"{t.datatype} outputs can only be sent raw")
+            getattr(out.contents, field).extend(flat.astype(dt).tolist())
+
+
+def bytes_tensor(name: str, values: Sequence[bytes | str], shape: Sequence[int] | None = None) -> Tensor:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+    shp = tuple(shape) if shape is not None else (len(values),)
+    return Tensor(name, "BYTES", shp, arr.reshape(shp), {})
+
+
+def fixed_tensor(name: str, datatype: str, values: Sequence[Any], shape: Sequence[int] | None = None) -> Tensor:
+    shp = tuple(shape) if shape is not None else (len(values),)
+    return Tensor(name, datatype, shp, np.array(values, dtype=FIXED_DTYPES[datatype]).reshape(shp), {})
