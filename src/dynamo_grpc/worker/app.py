@@ -1,0 +1,273 @@
+"""The worker's lifecycle: build the engine, serve, register, publish load, drain on SIGTERM.
+
+Start-up order makes every advertised thing reachable before it is advertised: engine, event
+publisher, gRPC server, then Consul registration with the model card, then the ready file.
+Drain reverses it: NOT_SERVING and refuse new streams, let in-flight ones finish within the grace
+period (then hand the rest back with UNAVAILABLE), deregister, stop the server, close the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+from dynamo_grpc.engines.base import Engine, KvEvent, LoadMetrics
+from dynamo_grpc.events import KvEventPublisher
+from dynamo_grpc.events.service import KvEventsServicer
+from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
+from dynamo_grpc.transport import GrpcServer, ServerOptions
+from dynamo_grpc.v1 import events_pb2_grpc, worker_pb2_grpc
+from dynamo_grpc.worker.drain import DrainGate
+from dynamo_grpc.worker.metrics import WorkerMetrics
+from dynamo_grpc.worker.service import DecodeServicer, ModelFilesServicer, PrefillServicer, WorkerContext
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "dynamo-worker"
+LOAD_PERIOD_S = 0.1
+LOAD_POLL_S = 0.02
+
+
+def _add(server: GrpcServer, add_fn: Callable[[Any, Any], None], servicer: object, name: str) -> None:
+    server.add(add_fn, servicer, name)
+
+
+def new_instance_id() -> str:
+    return f"worker-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class WorkerSettings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    namespace: str = "dynamo"
+    consul: str | None = None  # None: CONSUL_HTTP_ADDR; "" with register=False: no Consul at all
+    register: bool = True
+    ttl_s: float = 10.0
+    drain_grace_s: float = 10.0
+    metrics_port: int | None = None
+    ready_file: Path | None = None
+    engine_name: str = "mocker"
+    instance_id: str = field(default_factory=new_instance_id)
+
+
+class WorkerApp:
+    """One worker process's moving parts; ``await start()``, then ``await drain()`` to leave."""
+
+    def __init__(self, engine: Engine, card: ModelCard, tokenizer_json: bytes, settings: WorkerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.card = dataclasses.replace(card, block_size=engine.block_size, kv_blocks=engine.num_blocks)
+        self.instance_id = settings.instance_id
+        self.metrics = WorkerMetrics(self.card.name)
+        self.gate = DrainGate()
+        self.ctx = WorkerContext(
+            engine=engine,
+            card=self.card,
+            files={TOKENIZER_FILE: tokenizer_json},
+            gate=self.gate,
+            metrics=self.metrics,
+            instance_id=self.instance_id,
+        )
+        self.publisher: KvEventPublisher | None = None
+        self.server: GrpcServer | None = None
+        self.discovery: Discovery | None = None
+        self.metrics_address: str | None = None
+        self._metrics_server: Any = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+
+    @property
+    def grpc_address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    @property
+    def zmq_endpoint(self) -> str:
+        assert self.publisher is not None
+        return self.publisher.endpoint
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        s = self.settings
+        self.publisher = KvEventPublisher(self.instance_id, self.card.name, self.engine.block_size, bind_host=s.host)
+        publisher = self.publisher
+
+        def sink(events: list[KvEvent]) -> None:
+            publisher.publish_kv(events)
+
+        self.engine.set_event_sink(sink)
+        await self.engine.start()
+
+        self.server = GrpcServer(ServerOptions(host=s.host, port=s.port, grace_s=1.0))
+        _add(
+            self.server,
+            worker_pb2_grpc.add_DecodeServiceServicer_to_server,
+            DecodeServicer(self.ctx),
+            "dynamo_grpc.v1.DecodeService",
+        )
+        _add(
+            self.server,
+            worker_pb2_grpc.add_PrefillServiceServicer_to_server,
+            PrefillServicer(self.ctx),
+            "dynamo_grpc.v1.PrefillService",
+        )
+        _add(
+            self.server,
+            worker_pb2_grpc.add_ModelFilesServiceServicer_to_server,
+            ModelFilesServicer(self.ctx),
+            "dynamo_grpc.v1.ModelFilesService",
+        )
+        _add(
+            self.server,
+            events_pb2_grpc.add_KvEventsServiceServicer_to_server,
+            KvEventsServicer(self.publisher, self.engine.cached_blocks),
+            "dynamo_grpc.v1.KvEventsService",
+        )
+        await self.server.start()
+        self.ctx.grpc_address = self.grpc_address
+
+        if s.metrics_port is not None:
+            self._start_metrics(s.host, s.metrics_port)
+        self._load_task = asyncio.create_task(self._load_loop(), name="worker-load")
+
+        if s.register:
+            settings = ConsulSettings.from_addr(s.consul) if s.consul else ConsulSettings.from_env()
+            self.discovery = Discovery(settings)
+            await self.discovery.register(self._instance(), ttl=s.ttl_s)
+            await self.discovery.put_model_card(self.card.name, self.instance_id, self.model_card_dict())
+        if s.ready_file is not None:
+            self._write_ready(s.ready_file)
+        log.info(
+            "worker %s serving %s on %s (events %s)",
+            self.instance_id,
+            self.card.name,
+            self.grpc_address,
+            self.zmq_endpoint,
+        )
+
+    def _instance(self) -> Instance:
+        s = self.settings
+        meta = {
+            "grpc_address": self.grpc_address,
+            "zmq_endpoint": self.zmq_endpoint,
+            "model": self.card.name,
+            "block_size": str(self.engine.block_size),
+            "kv_blocks": str(self.engine.num_blocks),
+            "engine": s.engine_name,
+            "dp_size": "1",
+        }
+        if self.metrics_address:
+            meta["metrics_address"] = self.metrics_address
+        assert self.server is not None and self.server.port is not None
+        return Instance(
+            service=SERVICE_NAME,
+            instance_id=self.instance_id,
+            address=s.host,
+            port=self.server.port,
+            tags=[f"namespace={s.namespace}", f"model={self.card.name}", "role=worker"],
+            meta=meta,
+        )
+
+    def model_card_dict(self) -> dict[str, Any]:
+        d = self.card.to_dict()
+        d["files"] = dict(self.ctx.file_sha256)
+        d["grpc_address"] = self.grpc_address
+        return d
+
+    def _write_ready(self, path: Path) -> None:
+        info = {
+            "grpc_address": self.grpc_address,
+            "instance_id": self.instance_id,
+            "zmq_endpoint": self.zmq_endpoint,
+            "model": self.card.name,
+            "metrics_address": self.metrics_address,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+    def _start_metrics(self, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        self._metrics_server = server
+        self.metrics_address = f"{host}:{server.server_port}"
+
+    # ------------------------------------------------------------------ load
+
+    async def _load_loop(self) -> None:
+        """LoadMetrics on ``load.<model>`` when they change (polled every 20 ms) and at least every 100 ms."""
+        loop = asyncio.get_running_loop()
+        last: LoadMetrics | None = None
+        last_t = 0.0
+        hit_rate = getattr(self.engine, "hit_rate", None)
+        while True:
+            load = self.engine.load_metrics()
+            now = loop.time()
+            if load != last or now - last_t >= LOAD_PERIOD_S:
+                assert self.publisher is not None
+                self.publisher.publish_load(load)
+                self.metrics.observe_load(load, hit_rate() if callable(hit_rate) else None)
+                last, last_t = load, now
+            await asyncio.sleep(LOAD_POLL_S)
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self) -> None:
+        """Stop taking work, finish or hand back in-flight streams, deregister, close everything."""
+        if self.gate.draining:
+            await self._drained.wait()
+            return
+        grace = self.settings.drain_grace_s
+        log.info("draining %s: %d streams in flight, grace %.1fs", self.instance_id, self.gate.inflight, grace)
+        self.gate.start_drain()
+        self.metrics.draining.labels(self.card.name).set(1)
+        if self.server is not None:
+            await self.server.set_serving(False)
+        if not await self.gate.wait_idle(grace):
+            log.warning("%d streams still running after %.1fs; handing them back", self.gate.inflight, grace)
+            self.gate.handing_back = True
+            await self.engine.stop()
+            await self.gate.wait_idle(2.0)
+        if self.discovery is not None:
+            await self.discovery.deregister()
+        await self._close()
+        self._drained.set()
+        log.info("worker %s drained", self.instance_id)
+
+    async def _close(self) -> None:
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        if self.server is not None:
+            await self.server.stop(1.0)
+        await self.engine.stop()
+        if self.publisher is not None:
+            # a last load report so subscribers see the worker empty before it goes
+            self.publisher.publish_load(self.engine.load_metrics())
+            await self.publisher.close()
+        if self.discovery is not None:
+            await self.discovery.close()
+        if self._metrics_server is not None:
+            server = self._metrics_server
+
+            def shut() -> None:
+                server.shutdown()
+                server.server_close()
+
+            threading.Thread(target=shut, daemon=True).start()

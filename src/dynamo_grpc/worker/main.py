@@ -1,0 +1,139 @@
+"""`dynamo-grpc worker`: host an engine (mocker | torch) behind the worker services.
+
+python -m dynamo_grpc.worker.main --engine mocker --speedup-ratio 10 --ready-file /tmp/w.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
+from dynamo_grpc.transport import run_until_signal
+from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
+
+log = logging.getLogger("dynamo_grpc.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynamo-grpc worker",
+        description="Serve an engine over Prefill/Decode/ModelFiles/KvEvents, registered in Consul.",
+    )
+    p.add_argument("--engine", choices=["mocker", "torch"], default="mocker")
+    p.add_argument("--model", type=Path, default=None, help="GGUF file or HF directory (default: SmolLM2-135M GGUF)")
+    p.add_argument("--model-name", default=None, help="served model name (default: from the model card)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind gRPC, ZMQ and metrics to")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--consul", default=None, help="Consul address (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    p.add_argument("--no-consul", action="store_true", help="do not register (standalone use)")
+    p.add_argument("--namespace", default="dynamo")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks (mocker default 16384)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences per step (mocker 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (mocker 8192)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated step times by this")
+    p.add_argument("--seed", type=int, default=0, help="mocker: seed of the generated tokens")
+    p.add_argument("--eos-probability", type=float, default=0.0, help="mocker: chance per token to draw EOS")
+    p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
+    p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any port)")
+    p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
+    p.add_argument("--log-level", default=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"))
+    return p
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
+    path = args.model or default_model_path()
+    if args.engine == "torch":
+        from dynamo_grpc.engines.torch import TorchEngine  # imports torch: only for this engine
+
+        torch_engine = TorchEngine(
+            path,
+            block_size=args.block_size,
+            num_blocks=args.num_gpu_blocks,
+            max_num_seqs=args.max_num_seqs or 32,
+            max_num_batched_tokens=args.max_num_batched_tokens or 2048,
+            served_name=args.model_name,
+            enable_prefix_caching=not args.no_prefix_caching,
+        )
+        return torch_engine, torch_engine.card, torch_engine.tokenizer_json
+
+    from dynamo_grpc.engines.mocker import MockerConfig, MockerEngine
+
+    card, tokenizer_json = load_model_source(path, args.model_name)
+    vocab = card.vocab_size
+    if vocab <= 0:
+        from dynamo_grpc.tokens.tokenizer import Tokenizer
+
+        vocab = Tokenizer.from_card(card, tokenizer_json).vocab_size
+    cfg = MockerConfig(
+        block_size=args.block_size,
+        speedup_ratio=args.speedup_ratio,
+        seed=args.seed,
+        vocab_size=vocab,
+        eos_token_ids=list(card.eos_token_ids),
+        eos_probability=args.eos_probability,
+        context_length=card.context_length,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    if args.num_gpu_blocks is not None:
+        cfg.num_gpu_blocks = args.num_gpu_blocks
+    if args.max_num_seqs is not None:
+        cfg.max_num_seqs = args.max_num_seqs
+    if args.max_num_batched_tokens is not None:
+        cfg.max_num_batched_tokens = args.max_num_batched_tokens
+    cfg.validate()
+    return MockerEngine(cfg), card, tokenizer_json
+
+
+async def serve(args: argparse.Namespace) -> int:
+    engine, card, tokenizer_json = build_engine(args)
+    settings = WorkerSettings(
+        host=args.host,
+        port=args.port,
+        namespace=args.namespace,
+        consul=args.consul,
+        register=not args.no_consul,
+        ttl_s=args.ttl,
+        drain_grace_s=args.drain_grace,
+        metrics_port=args.metrics_port,
+        ready_file=args.ready_file,
+        engine_name=args.engine,
+    )
+    app = WorkerApp(engine, card, tokenizer_json, settings)
+    try:
+        await app.start()
+    except BaseException:
+        await app.drain()
+        raise
+    print(f"worker {app.instance_id} serving {app.card.name} on {app.grpc_address}", flush=True)
+    await run_until_signal(app.drain)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for name in ("drain_grace", "ttl", "speedup_ratio"):
+        if getattr(args, name) <= 0 and name != "drain_grace":
+            build_parser().error(f"--{name.replace('_', '-')} must be positive")
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:
+        log.error("worker failed to start: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""The worker's gRPC servicers: thin adapters from protobuf to the Engine API and back.
+
+Errors map to statuses: bad fields → INVALID_ARGUMENT, a prompt that can never fit →
+RESOURCE_EXHAUSTED (naming the lengths), an overloaded or draining engine → UNAVAILABLE, the
+wrong model or file → NOT_FOUND, a tokenizer checksum mismatch → FAILED_PRECONDITION. Every exit
+from a stream (finish, client cancel, deadline, drain) closes the engine iterator, which frees the
+request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+
+from dynamo_grpc.engines.base import Engine, EngineOverloaded, EngineRequest, PromptTooLong
+from dynamo_grpc.models.card import ModelCard, sha256_hex
+from dynamo_grpc.tokens.block_hash import block_hash_list
+from dynamo_grpc.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from dynamo_grpc.worker.convert import (
+    FINISH_REASONS,
+    BadRequest,
+    check_tokens,
+    logprobs_pb,
+    sampling_from_pb,
+    usage_pb,
+)
+from dynamo_grpc.worker.drain import DrainGate, Draining
+from dynamo_grpc.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+FILE_CHUNK_BYTES = 1 << 20
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """What the servicers share: the engine, the served model, the drain gate and metrics."""
+
+    engine: Engine
+    card: ModelCard
+    files: dict[str, bytes]
+    gate: DrainGate
+    metrics: WorkerMetrics
+    instance_id: str = ""
+    grpc_address: str = ""
+    file_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.file_sha256 = {name: sha256_hex(data) for name, data in self.files.items()}
+
+    @property
+    def model(self) -> str:
+        return self.card.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.card.vocab_size
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class _Requests:
+    """Shared request checks and engine streaming for Decode and Prefill."""
+
+    def __init__(self, ctx: WorkerContext, rpc: str) -> None:
+        self.ctx = ctx
+        self.rpc = rpc
+
+    def _count(self, outcome: str) -> None:
+        self.ctx.metrics.requests.labels(self.ctx.model, self.rpc, outcome).inc()
+
+    async def _build(
+        self,
+        request: worker_pb2.DecodeRequest | worker_pb2.PrefillRequest,
+        context: grpc.aio.ServicerContext,
+        max_tokens: int | None = None,
+    ) -> EngineRequest:
+        ctx = self.ctx
+        if request.model and request.model != ctx.model:
+            self._count("not_found")
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here ({ctx.model!r})"
+            )
+        try:
+            token_ids = list(request.token_ids)
+            check_tokens(token_ids, ctx.vocab_size)
+            stop = request.stop
+            if max_tokens is not None:
+                stop = type(stop)()
+                stop.CopyFrom(request.stop)
+                stop.max_tokens = max_tokens
+            sampling = sampling_from_pb(request.sampling, stop, ctx.vocab_size or (1 << 32))
+        except BadRequest as e:
+            self._count("invalid_argument")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return EngineRequest(
+            request_id=request.request_id or uuid.uuid4().hex,
+            token_ids=token_ids,
+            sampling=sampling,
+            lora=request.lora or None,
+        )
+
+    async def _stream(
+        self, req: EngineRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """Engine outputs as DecodeResponses, with deadline, drain and error handling."""
+        ctx = self.ctx
+        m, model = ctx.metrics, ctx.model
+        try:
+            ctx.gate.enter()
+        except Draining:
+            self._count("draining")
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"draining: worker {ctx.instance_id} takes no new work")
+        m.inflight.labels(model).inc()
+        task = asyncio.current_task()
+        remaining = context.time_remaining()
+        timer = None
+        timed_out = False
+        if remaining is not None and task is not None:
+
+            def expire() -> None:
+                nonlocal timed_out
+                timed_out = True
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_later(max(remaining, 0.0), expire)
+        start = time.monotonic()
+        last = start
+        completion = 0
+        outcome = "error"
+        agen = ctx.engine.generate(req)
+        try:
+            async for out in agen:
+                now = time.monotonic()
+                if out.token_ids:
+                    if completion == 0:
+                        m.ttft.labels(model).observe(now - start)
+                        m.prompt_tokens.labels(model).inc(out.prompt_tokens)
+                        m.cached_tokens.labels(model).inc(out.cached_tokens)
+                    else:
+                        m.itl.labels(model).observe((now - last) / len(out.token_ids))
+                    last = now
+                    completion += len(out.token_ids)
+                    m.generated_tokens.labels(model).inc(len(out.token_ids))
+                if out.finish_reason == "cancelled":
+                    if ctx.gate.handing_back:
+                        outcome = "handed_back"
+                        await _abort(
+                            context,
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"draining: worker {ctx.instance_id} handed the request back after {completion} tokens",
+                        )
+                    outcome = "cancelled"
+                    await _abort(context, grpc.StatusCode.CANCELLED, "the engine stopped the request")
+                yield worker_pb2.DecodeResponse(
+                    token_ids=out.token_ids,
+                    finish_reason=FINISH_REASONS.get(out.finish_reason, FINISH_REASONS["error"]),
+                    usage=usage_pb(out, completion),
+                    logprobs=logprobs_pb(out),
+                )
+                if out.finish_reason is not None:
+                    outcome = out.finish_reason
+        except PromptTooLong as e:
+            outcome = "resource_exhausted"
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineOverloaded as e:
+            outcome = "unavailable"
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"overloaded: {e}")
+        except ValueError as e:
+            outcome = "invalid_argument"
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except asyncio.CancelledError:
+            outcome = "deadline_exceeded" if timed_out else "client_cancelled"
+            if timed_out:
+                log.info("request %s passed its deadline; aborted", req.request_id)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()  # frees the request's blocks if it is still running
+            m.inflight.labels(model).dec()
+            ctx.gate.leave()
+            self._count(outcome)
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
+    def __init__(self, ctx: WorkerContext) -> None:
+        _Requests.__init__(self, ctx, "decode")
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        if request.HasField("kv_handle"):
+            self._count("unimplemented")
+            await _abort(
+                context,
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"worker {self.ctx.instance_id} does not pull KV over KvTransfer; send Decode without kv_handle",
+            )
+        req = await self._build(request, context)
+        async for resp in self._stream(req, context):
+            yield resp
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):
+    """Prefill = run the prompt and sample one token; the blocks stay in this worker's prefix cache."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        _Requests.__init__(self, ctx, "prefill")
+
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        req = await self._build(request, context, max_tokens=1)
+        first: worker_pb2.DecodeResponse | None = None
+        async for resp in self._stream(req, context):
+            if first is None:
+                first = resp
+            else:
+                first.token_ids.extend(resp.token_ids)
+                first.usage.CopyFrom(resp.usage)
+        if first is None or not first.token_ids:
+            await _abort(context, grpc.StatusCode.INTERNAL, "the engine produced no token")
+        hashes = block_hash_list(req.token_ids, self.ctx.engine.block_size, req.lora)
+        handle = kv_transfer_pb2.KvHandle(
+            instance_id=self.ctx.instance_id,
+            address=self.ctx.grpc_address,
+            handle_id=req.request_id,
+            block_hashes=hashes,
+            num_tokens=len(req.token_ids),
+        )
+        return worker_pb2.PrefillResponse(first_token=first.token_ids[0], kv_handle=handle, usage=first.usage)
+
+
+class ModelFilesServicer(worker_pb2_grpc.ModelFilesServiceServicer):
+    """The files a model card names by checksum (tokenizer.json), streamed in 1 MiB chunks."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    async def GetModelFile(
+        self, request: worker_pb2.GetModelFileRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GetModelFileResponse]:
+        ctx = self.ctx
+        if request.model and request.model != ctx.model:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
+        data = ctx.files.get(request.name)
+        if data is None:
+            names = ", ".join(sorted(ctx.files))
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no file {request.name!r} (have: {names})")
+        have = ctx.file_sha256[request.name]
+        if request.sha256 and request.sha256.lower() != have:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{request.name} of {ctx.model!r} here has sha256 {have}, not {request.sha256}",
+            )
+        total = len(data)
+        for off in range(0, max(total, 1), FILE_CHUNK_BYTES):
+            yield worker_pb2.GetModelFileResponse(data=data[off : off + FILE_CHUNK_BYTES], offset=off, total_size=total)
