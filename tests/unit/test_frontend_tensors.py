@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ from dynamo_grpc.frontend.tensors import (
     fixed_tensor,
     serialize_bytes,
 )
-from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 
 CONTENT_DTYPES = [d for d in FIXED_DTYPES if d not in ("FP16", "BF16")]
 
@@ -150,9 +150,7 @@ def test_raw_bool_rejects_non_binary_bytes() -> None:
         decode_inputs(_raw_request("b", "BOOL", [1], b"\x02"))
 
 
-@pytest.mark.parametrize(
-    ("shape", "msg"), [([-1], "negative dimension"), ([2, -3], "negative dimension")]
-)
+@pytest.mark.parametrize(("shape", "msg"), [([-1], "negative dimension"), ([2, -3], "negative dimension")])
 def test_negative_shape(shape: list[int], msg: str) -> None:
     req = pb.ModelInferRequest()
     req.inputs.add(name="x", datatype="INT32", shape=shape)
