@@ -169,3 +169,15 @@ def test_conversation_trace_reproduces_readme_bound() -> None:
     assert (b.block_refs, b.unique_blocks) == (288_500, 182_790)
     assert round(100 * b.block_weighted, 2) == 36.64
     assert round(100 * b.token_weighted, 1) == 37.4
+
+
+def test_capped_truncates_prompts_and_keeps_prefix_ids() -> None:
+    from dynamo_grpc.bench.replay import capped
+
+    reqs = (TraceRequest(0, 0.0, 1500, 900, (0, 1, 2)), TraceRequest(1, 1.0, 300, 5, (0,)))
+    tr = capped(Trace("t", "mooncake", reqs, 512), max_input=1024, max_output=100)
+    assert [(r.input_length, r.output_length, r.hash_ids) for r in tr.requests] == [
+        (1024, 100, (0, 1)),
+        (300, 5, (0,)),
+    ]
+    assert capped(tr, None, None) is tr

@@ -44,6 +44,7 @@ class ReplayConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE
     salt: int = 0
     max_output_tokens: int | None = None
+    max_input_tokens: int | None = None
     model: str | None = None
     frontend: str | None = None  # an existing frontend: no mesh is started
     worker_args: list[str] = field(default_factory=list)
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-output-tokens", type=int, default=None, help="cap each request's output length (default: the trace's)"
     )
+    p.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=None,
+        help="truncate prompts to this many tokens (the workers' context length), keeping prefixes",
+    )
     p.add_argument("--block-size", type=int, default=64, help="engine KV block size, for the hit-rate bound")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="synthetic token ids < this")
     p.add_argument("--seed", type=int, default=0, help="salt of the synthetic token ids")
@@ -106,14 +113,20 @@ def _tokens_fn(trace: Trace, cfg: ReplayConfig) -> Any:
     return tokens_for
 
 
-def _capped(trace: Trace, cap: int | None) -> Trace:
-    if cap is None:
+def capped(trace: Trace, max_input: int | None, max_output: int | None) -> Trace:
+    """Truncate prompts (keeping their prefix, so sharing survives) and outputs to the given lengths."""
+    if max_input is None and max_output is None:
         return trace
-    reqs = tuple(
-        TraceRequest(r.index, r.arrival_s, r.input_length, min(r.output_length, cap), r.hash_ids)
-        for r in trace.requests
-    )
-    return Trace(trace.path, trace.fmt, reqs, trace.hash_block_size)
+    bs = trace.hash_block_size
+    reqs = []
+    for r in trace.requests:
+        inp = r.input_length if max_input is None else min(r.input_length, max_input)
+        out = r.output_length if max_output is None else min(r.output_length, max_output)
+        hids = r.hash_ids
+        if hids is not None and bs is not None:
+            hids = hids[: -(-inp // bs)]
+        reqs.append(TraceRequest(r.index, r.arrival_s, inp, out, hids))
+    return Trace(trace.path, trace.fmt, tuple(reqs), bs)
 
 
 async def _drive(address: str, model: str | None, trace: Trace, cfg: ReplayConfig) -> tuple[str, list[RequestRecord]]:
@@ -196,7 +209,7 @@ def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("workers", "limit", "max_output_tokens", "block_size", "vocab_size"):
+    for name in ("workers", "limit", "max_output_tokens", "max_input_tokens", "block_size", "vocab_size"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             _parser().error(f"--{name.replace('_', '-')} must be positive")
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_s=args.request_timeout,
         log_dir=args.log_dir,
     )
-    trace = _capped(load_trace(args.trace, args.format, args.limit), cfg.max_output_tokens)
+    trace = capped(load_trace(args.trace, args.format, args.limit), cfg.max_input_tokens, cfg.max_output_tokens)
     bound = infinite_cache_bound(trace, cfg.engine_block_size)
     reqs = trace.requests
     trace_info = {
