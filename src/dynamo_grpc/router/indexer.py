@@ -160,7 +160,7 @@ class KvIndexer:
             return depth
         key_of = self._key_of
         i = 0
-        for i, h in enumerate(block_hashes):  # noqa: B007 (i used after the loop)
+        for i, h in enumerate(block_hashes):
             m = d.get(h, 0) & mask
             if m != mask:
                 gone = mask & ~m

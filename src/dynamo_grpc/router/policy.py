@@ -1,0 +1,108 @@
+"""Choosing a worker: the cost of DESIGN.md, temperature, the busy threshold, and baselines.
+
+cost(w) = prefill_load_scale * max(prefill_blocks_if_routed(w) - overlap(w), 0) + decode_blocks(w)
+
+where prefill_blocks_if_routed is the worker's pending prefill plus this prompt's blocks and
+decode_blocks is what it is decoding plus this request. The load term is what stops herding:
+a shared system prompt cached on one worker stops winning once that worker's decode load
+exceeds the prefill it saves.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+WorkerKey = Hashable
+
+
+class NoWorkers(Exception):
+    """No live worker can take the request (UNAVAILABLE)."""
+
+
+class AllBusy(Exception):
+    """Every worker is over the busy threshold (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class Candidate:
+    """What the policy knows about one worker rank for one request."""
+
+    key: WorkerKey
+    overlap: int = 0
+    pending_prefill: int = 0
+    decode_blocks: int = 0
+    #: fraction of KV in use from the worker's LoadMetrics (None: unknown)
+    kv_usage: float | None = None
+
+
+@dataclass
+class Choice:
+    key: WorkerKey
+    overlap: int
+    prefill_cost: float
+    decode_cost: float
+
+    @property
+    def total(self) -> float:
+        return self.prefill_cost + self.decode_cost
+
+
+def not_busy(cands: Sequence[Candidate], busy_threshold: float) -> list[Candidate]:
+    """Candidates under the threshold; AllBusy if there were some and none is."""
+    if not cands:
+        raise NoWorkers("no live worker")
+    if busy_threshold >= 1.0:
+        return list(cands)
+    free = [c for c in cands if c.kv_usage is None or c.kv_usage <= busy_threshold]
+    if not free:
+        raise AllBusy(f"all {len(cands)} workers are over the busy threshold {busy_threshold:.2f}")
+    return free
+
+
+def costs(cands: Sequence[Candidate], prompt_blocks: int, decode_new: int, scale: float) -> list[Choice]:
+    return [
+        Choice(
+            c.key,
+            c.overlap,
+            scale * max(c.pending_prefill + prompt_blocks - c.overlap, 0),
+            float(c.decode_blocks + decode_new),
+        )
+        for c in cands
+    ]
+
+
+def pick(choices: Sequence[Choice], temperature: float, rng: random.Random) -> Choice:
+    """Temperature 0: lowest cost, ties broken at random. Otherwise softmax over normalised costs."""
+    if not choices:
+        raise NoWorkers("no live worker")
+    totals = [c.total for c in choices]
+    if temperature <= 0 or len(choices) == 1:
+        best = min(totals)
+        ties = [c for c, t in zip(choices, totals, strict=True) if t == best]
+        return ties[0] if len(ties) == 1 else rng.choice(ties)
+    lo, hi = min(totals), max(totals)
+    span = hi - lo
+    if span == 0:
+        return rng.choice(list(choices))
+    logits = [-(t - lo) / span / temperature for t in totals]
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    return rng.choices(list(choices), weights=weights, k=1)[0]
+
+
+class RoundRobin:
+    """Baseline: the next worker in a stable order."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def pick(self, cands: Sequence[Candidate]) -> Candidate:
+        if not cands:
+            raise NoWorkers("no live worker")
+        ordered = sorted(cands, key=lambda c: str(c.key))
+        c = ordered[self._n % len(ordered)]
+        self._n += 1
+        return c

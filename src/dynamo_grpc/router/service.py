@@ -1,0 +1,75 @@
+"""RouterService: protobuf <-> the plain Router, and router errors -> gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput, Router
+from dynamo_grpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    """Thin adapter: no routing logic here."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Route(
+        self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteResponse:
+        r = self.router
+        if r.config.model and request.model and request.model != r.config.model:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"this router serves model {r.config.model!r}, not {request.model!r}"
+            )
+        if not request.token_ids and not request.block_hashes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids or block_hashes is required")
+        inp = RouteInput(
+            request_id=request.request_id,
+            model=request.model,
+            token_ids=request.token_ids,
+            block_hashes=list(request.block_hashes) or None,
+            lora=request.lora,
+            exclude=list(request.exclude_instance_ids),
+            expected_output_tokens=request.expected_output_tokens,
+            dry_run=request.dry_run,
+        )
+        try:
+            res = r.route(inp)
+        except NotReady as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except NoWorkers as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except AllBusy as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return router_pb2.RouteResponse(
+            worker=common_pb2.WorkerId(instance_id=res.instance_id, dp_rank=res.dp_rank),
+            address=res.address,
+            overlap_blocks=res.overlap_blocks,
+            prompt_blocks=res.prompt_blocks,
+            cost=router_pb2.CostBreakdown(
+                prefill_cost=res.prefill_cost, decode_cost=res.decode_cost, total=res.total_cost
+            ),
+            mode=res.mode,
+        )
+
+    async def Update(
+        self, request_iterator: AsyncIterator[router_pb2.UpdateRequest], context: grpc.aio.ServicerContext
+    ) -> router_pb2.UpdateResponse:
+        applied = 0
+        async for ev in request_iterator:
+            if ev.kind == router_pb2.SEQUENCE_EVENT_KIND_PREFILL_DONE:
+                ok = self.router.prefill_done(ev.request_id, ev.output_tokens)
+            elif ev.kind == router_pb2.SEQUENCE_EVENT_KIND_FREE:
+                ok = self.router.free(ev.request_id)
+            else:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown sequence event kind {ev.kind}")
+            applied += int(ok)
+        return router_pb2.UpdateResponse(applied=applied)
