@@ -47,6 +47,8 @@ class EngineStats:
     decode_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
+    #: sum of the timing model's step times (what the steps "cost"; wall time tracks it)
+    simulated_s: float = 0.0
 
 
 class _Stream:
@@ -219,9 +221,10 @@ class MockerEngine(Engine):
                 clock = time.monotonic()
                 continue
             active = sched.kv.pool.num_active / self.num_blocks
-            clock = max(clock, time.monotonic() - 0.05) + self.timing.step_seconds(
-                out.prefill_tokens, out.num_decodes, active
-            )
+            step_s = self.timing.step_seconds(out.prefill_tokens, out.num_decodes, active)
+            self.stats.simulated_s += step_s
+            # Lag behind the wall clock (a busy event loop) is forgiven up to 50 ms, never more.
+            clock = max(clock, time.monotonic() - 0.05) + step_s
             ahead = clock - time.monotonic()
             await asyncio.sleep(ahead if ahead >= _MIN_SLEEP_S else 0)
             results = sched.update(out)
