@@ -127,6 +127,7 @@ class LlmRequest:
     skip_special_tokens: bool = True
     requested_outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     lora: str = ""
+    token_ids: list[int] | None = None  # pre-tokenised prompt (`input_ids`): no template, no tokeniser
 
 
 def _one(t: Tensor) -> Any:
@@ -323,7 +324,19 @@ def parse_request(
 
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
-    if "messages" in inputs:
+    token_ids: list[int] | None = None
+    if "input_ids" in inputs:
+        t = inputs["input_ids"]
+        _check_dtype(t, _INT_TYPES)
+        if "text_input" in inputs or "messages" in inputs:
+            raise RequestError("tensor 'input_ids': give either input_ids or text_input/messages, not both")
+        if t.size == 0:
+            raise RequestError("tensor 'input_ids': prompt is empty")
+        flat = t.data.reshape(-1)
+        if int(flat.min()) < 0:
+            raise RequestError("tensor 'input_ids': token ids must be >= 0")
+        token_ids = [int(x) for x in flat]
+    elif "messages" in inputs:
         messages = _parse_messages("tensor 'messages'", _text(inputs["messages"]))
     elif "text_input" not in inputs:
         raise RequestError("missing required input tensor 'text_input'")
@@ -365,6 +378,7 @@ def parse_request(
         skip_special_tokens=b.skip_special_tokens,
         requested_outputs=outs,
         lora=lora,
+        token_ids=token_ids,
     )
 
 

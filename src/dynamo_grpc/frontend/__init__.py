@@ -1,0 +1,1 @@
+"""The KServe v2 (Triton-compatible) frontend: tensors in, routed generation, text out."""

@@ -1,0 +1,170 @@
+"""`dynamo-grpc frontend`: the KServe v2 gRPC endpoint of the mesh.
+
+Watches Consul for workers (`dynamo-worker` + model cards) and routers (`dynamo-router`), serves
+`inference.GRPCInferenceService`, and registers itself as `dynamo-frontend`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+from dynamo_grpc.frontend.engine_client import WorkerClient
+from dynamo_grpc.frontend.models import ModelRegistry
+from dynamo_grpc.frontend.pipeline import Pipeline
+from dynamo_grpc.frontend.routing import KvRouterClient, RandomRouter, RoundRobinRouter, Router
+from dynamo_grpc.frontend.service import InferenceServicer
+from dynamo_grpc.frontend.stats import StatsBook
+from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
+from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
+
+log = logging.getLogger("dynamo_grpc.frontend")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynamo-grpc frontend", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe gRPC port; 0 picks a free one")
+    p.add_argument("--http-port", type=int, default=-1, help="OpenAI HTTP port; -1 disables (default)")
+    p.add_argument("--consul", default=None, help="Consul address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    p.add_argument("--namespace", default="dynamo", help="serve workers tagged namespace=NS (default dynamo)")
+    p.add_argument("--router-mode", choices=["kv", "round-robin", "random"], default="kv")
+    p.add_argument("--router", default=None, help="RouterService address; default: a dynamo-router from Consul")
+    p.add_argument("--migration-limit", type=int, default=3, help="re-routes after a worker dies mid-request")
+    p.add_argument("--ready-file", default=None, help="write {grpc_address, http_address} JSON here when serving")
+    p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port; -1 disables")
+    p.add_argument(
+        "--with-simple-model",
+        action="store_true",
+        help="also serve Triton's `simple` example model (for client example scripts)",
+    )
+    p.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    return p
+
+
+class _RouterAddresses:
+    """The current router address: fixed by --router, or the first passing `dynamo-router` in Consul."""
+
+    def __init__(self, fixed: str | None, namespace: str) -> None:
+        self.fixed = fixed
+        self.namespace = namespace
+        self.current: str | None = fixed
+
+    def __call__(self) -> str | None:
+        return self.current
+
+    async def watch(self, discovery: Any) -> None:
+        async for snapshot in discovery.watch("dynamo-router"):
+            ours = [
+                i
+                for i in snapshot
+                if not any(t.startswith("namespace=") for t in i.tags) or f"namespace={self.namespace}" in i.tags
+            ]
+            addrs = [i.meta.get("grpc_address") or f"{i.address}:{i.port}" for i in ours]
+            if self.current not in addrs:
+                self.current = addrs[0] if addrs else None
+                log.info("router: %s", self.current)
+
+
+def _write_ready(path: str, data: dict[str, Any]) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+
+    settings = ConsulSettings.from_addr(args.consul) if args.consul else ConsulSettings.from_env()
+    discovery = Discovery(settings)
+    workers = WorkerClient()
+
+    async def load_cards(model: str) -> Any:
+        return (await discovery.get_model_cards(model)).get(model, {})
+
+    registry = ModelRegistry(workers.get_file, load_cards, namespace=args.namespace)
+    router_addr = _RouterAddresses(args.router, args.namespace)
+    router: Router
+    if args.router_mode == "kv":
+        router = KvRouterClient(router_addr)
+    elif args.router_mode == "round-robin":
+        router = RoundRobinRouter()
+    else:
+        router = RandomRouter()
+    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit)
+    stats = StatsBook()
+    servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
+
+    server = GrpcServer(ServerOptions(args.host, args.grpc_port))
+    server.add(
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
+    )
+    grpc_address = await server.start()
+    tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
+    if args.router_mode == "kv" and not args.router:
+        tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
+    http_address = ""
+    http_runner = None
+    if args.http_port >= 0:
+        from dynamo_grpc.frontend.openai_http import start_http
+
+        http_runner, http_address = await start_http(args.host, args.http_port, pipeline, stats)
+    if args.metrics_port >= 0:
+        import prometheus_client
+
+        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+    instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    host, port = grpc_address.rsplit(":", 1)
+    inst = Instance(
+        "dynamo-frontend",
+        instance_id,
+        host,
+        int(port),
+        tags=[f"namespace={args.namespace}", "role=frontend"],
+        meta={"grpc_address": grpc_address, "http_address": http_address},
+    )
+    try:
+        await discovery.register(inst, ttl=10.0)
+    except Exception as e:  # serving without registration is still useful (and Consul may come back)
+        log.warning("could not register in Consul at %s: %s", settings.address, e)
+    if args.ready_file:
+        _write_ready(
+            args.ready_file, {"grpc_address": grpc_address, "http_address": http_address, "instance_id": instance_id}
+        )
+    log.info("frontend serving KServe v2 gRPC on %s (router mode %s)", grpc_address, args.router_mode)
+
+    async def stop() -> None:
+        with contextlib.suppress(Exception):
+            await discovery.deregister()
+        await server.stop(5.0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if http_runner is not None:
+            await http_runner.cleanup()
+        await router.close()
+        await workers.pool.close()
+        await discovery.close()
+
+    await run_until_signal(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.migration_limit < 0:
+        raise SystemExit("--migration-limit must be >= 0")
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

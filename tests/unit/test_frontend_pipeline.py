@@ -1,0 +1,250 @@
+"""The request pipeline against a scripted worker stream: detokenisation, stop strings, migration, cleanup.
+
+A fake worker is used where a real process adds nothing: it lets a test decide exactly which tokens arrive
+in which chunks and where a worker dies. The conformance suite covers the same paths with real processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from dynamo_grpc.v1 import common_pb2, worker_pb2
+
+from dynamo_grpc.engines.base import SamplingParams
+from dynamo_grpc.frontend.errors import Code, FrontendError, WorkerLost
+from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
+from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
+from dynamo_grpc.frontend.request import LlmRequest
+from dynamo_grpc.frontend.routing import Pick, RoundRobinRouter, WorkerEndpoint
+from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
+from dynamo_grpc.tokens.tokenizer import Tokenizer
+
+MODEL = "m"
+
+
+@pytest.fixture(scope="module")
+def source() -> tuple[ModelCard, Tokenizer]:
+    card, data = load_model_source(default_model_path(), MODEL)
+    return card, Tokenizer.from_card(card, data)
+
+
+Step = list[int] | Exception | str  # token ids | raise | "end" (stream ends without finish) / "finish"
+
+
+@dataclass
+class FakeWorkers:
+    """Per address, a script of steps; records every request and whether its stream was closed."""
+
+    scripts: dict[str, list[Step]]
+    requests: list[tuple[str, worker_pb2.DecodeRequest]] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+
+    async def decode(
+        self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        self.requests.append((address, request))
+        try:
+            for step in self.scripts[address]:
+                if isinstance(step, Exception):
+                    raise step
+                if step == "end":
+                    return
+                if step == "finish":
+                    yield worker_pb2.DecodeResponse(
+                        finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                        usage=common_pb2.Usage(prompt_tokens=len(request.token_ids), cached_tokens=64),
+                    )
+                    return
+                assert isinstance(step, list)
+                yield worker_pb2.DecodeResponse(token_ids=step)
+        finally:
+            self.closed.append(address)
+
+
+class RecordingRouter(RoundRobinRouter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    async def route(
+        self,
+        request_id: str,
+        model: str,
+        token_ids: Sequence[int],
+        workers: Sequence[WorkerEndpoint],
+        exclude: set[str],
+        expected_output_tokens: int,
+        lora: str,
+    ) -> Pick:
+        pick = await super().route(request_id, model, token_ids, workers, exclude, expected_output_tokens, lora)
+        self.events.append(("route", f"{request_id}->{pick.instance_id}"))
+        return pick
+
+    def prefill_done(self, request_id: str, output_tokens: int) -> None:
+        self.events.append(("prefill_done", request_id))
+
+    def free(self, request_id: str, output_tokens: int) -> None:
+        self.events.append(("free", request_id))
+
+
+def make(source: tuple[ModelCard, Tokenizer], scripts: dict[str, list[Step]], limit: int = 3):
+    card, tok = source
+
+    async def no_fetch(*a: str) -> bytes:
+        raise AssertionError("no fetch in unit tests")
+
+    async def no_cards(model: str) -> dict:
+        return {}
+
+    reg = ModelRegistry(no_fetch, no_cards)
+    reg.add(ServedModel(MODEL, card, tok, [WorkerEndpoint(f"w{i}", a) for i, a in enumerate(sorted(scripts))]))
+    workers = FakeWorkers(scripts)
+    router = RecordingRouter()
+    return Pipeline(reg, router, workers, migration_limit=limit), workers, router
+
+
+def req(prompt: str = "Hello there", max_tokens: int = 16, stop: list[str] | None = None) -> LlmRequest:
+    return LlmRequest(
+        prompt=prompt,
+        messages=None,
+        stream=True,
+        sampling=SamplingParams(max_tokens=max_tokens, seed=1),
+        stop=stop or [],
+    )
+
+
+async def run(p: Pipeline, r: LlmRequest) -> list[Chunk]:
+    prepared = p.prepare(MODEL, r)
+    return [c async for c in p.generate(prepared, r, "r1")]
+
+
+async def test_multi_token_character_never_split(source) -> None:
+    _, tok = source
+    ids = tok.encode(" snowman ☃ and 🤖 robot")
+    steps: list[Step] = [[i] for i in ids] + ["finish"]
+    p, workers, router = make(source, {"a:1": steps})
+    chunks = await run(p, req(max_tokens=len(ids)))
+    assert "".join(c.text for c in chunks) == tok.decode(ids)
+    assert all("\ufffd" not in c.text for c in chunks)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == len(ids)
+    assert chunks[-1].cached_tokens == 64 and chunks[-1].worker_id == "w0"
+    assert router.events[-1] == ("free", "r1") and ("prefill_done", "r1") in router.events
+
+
+async def test_stop_string_cancels_worker_stream(source) -> None:
+    _, tok = source
+    ids = tok.encode(" one two STOP three four")
+    steps: list[Step] = [[i] for i in ids] + [[1] * 50, "finish"]
+    p, workers, router = make(source, {"a:1": steps})
+    chunks = await run(p, req(stop=["STOP"], max_tokens=100))
+    assert "".join(c.text for c in chunks) == " one two "
+    assert chunks[-1].finish_reason == "stop"
+    assert workers.closed == ["a:1"]
+    # The worker was told about the stop strings too; the frontend cut the stream at the first sight.
+    assert list(workers.requests[0][1].stop.stop) == ["STOP"]
+    assert router.events[-1] == ("free", "r1")
+
+
+async def test_migration_resends_prompt_plus_generated(source) -> None:
+    _, tok = source
+    ids = tok.encode(" alpha beta gamma delta epsilon zeta")
+    first, rest = ids[:3], ids[3:]
+    scripts: dict[str, list[Step]] = {
+        "a:1": [[first[0]], first[1:3], WorkerLost("connection reset")],
+        "b:2": [[i] for i in rest] + ["finish"],
+    }
+    p, workers, router = make(source, scripts)
+    r = req(max_tokens=len(ids))
+    prepared = p.prepare(MODEL, r)
+    chunks = [c async for c in p.generate(prepared, r, "r1")]
+    assert "".join(c.text for c in chunks) == tok.decode(ids)
+    assert chunks[-1].completion_tokens == len(ids) and chunks[-1].worker_id == "w1"
+    (_, a_req), (_, b_req) = workers.requests
+    assert list(b_req.token_ids) == [*prepared.prompt_ids, *first]
+    assert b_req.stop.max_tokens == a_req.stop.max_tokens - 3
+    assert b_req.sampling.seed == 1
+    assert ("route", "r1.m1->w1") in router.events
+    assert ("free", "r1") in router.events and router.events[-1] == ("free", "r1.m1")
+
+
+async def test_stream_ending_without_finish_migrates(source) -> None:
+    scripts: dict[str, list[Step]] = {"a:1": [[10, 11], "end"], "b:2": [[12], "finish"]}
+    p, workers, _ = make(source, scripts)
+    chunks = await run(p, req(max_tokens=3))
+    assert chunks[-1].completion_tokens == 3 and [a for a, _ in workers.requests] == ["a:1", "b:2"]
+
+
+async def test_migration_limit(source) -> None:
+    scripts: dict[str, list[Step]] = {"a:1": [WorkerLost("gone")], "b:2": [WorkerLost("gone")]}
+    p, _, router = make(source, scripts, limit=1)
+    with pytest.raises(FrontendError) as ei:
+        await run(p, req())
+    assert ei.value.code == Code.UNAVAILABLE and "migration limit 1" in ei.value.message
+    assert [e for e in router.events if e[0] == "free"] == [("free", "r1"), ("free", "r1.m1")]
+
+
+async def test_no_worker_left_after_loss(source) -> None:
+    p, _, _ = make(source, {"a:1": [WorkerLost("gone")]})
+    with pytest.raises(FrontendError) as ei:
+        await run(p, req())
+    assert ei.value.code == Code.UNAVAILABLE
+
+
+async def test_worker_refusal_is_not_migrated(source) -> None:
+    err = FrontendError(Code.RESOURCE_EXHAUSTED, "KV cache full")
+    p, workers, _ = make(source, {"a:1": [err], "b:2": [[1], "finish"]})
+    with pytest.raises(FrontendError) as ei:
+        await run(p, req())
+    assert ei.value.code == Code.RESOURCE_EXHAUSTED and len(workers.requests) == 1
+
+
+async def test_client_cancel_closes_worker_stream_and_frees(source) -> None:
+    p, workers, router = make(source, {"a:1": [[5]] * 100 + ["finish"]})
+    r = req(max_tokens=100)
+    gen = p.generate(p.prepare(MODEL, r), r, "r1")
+    async with contextlib.aclosing(gen):
+        async for _ in gen:
+            break
+    assert workers.closed == ["a:1"] and router.events[-1] == ("free", "r1")
+
+
+async def test_prompt_over_context_and_unknown_model(source) -> None:
+    card, _ = source
+    p, _, _ = make(source, {"a:1": ["finish"]})
+    with pytest.raises(FrontendError) as ei:
+        p.prepare(MODEL, req(prompt=" hello" * (card.context_length + 10)))
+    assert ei.value.code == Code.RESOURCE_EXHAUSTED and "context length" in ei.value.message
+    with pytest.raises(FrontendError) as ei:
+        p.prepare("nope", req())
+    assert ei.value.code == Code.NOT_FOUND and "nope" in ei.value.message
+
+
+async def test_max_tokens_clamped_to_context(source) -> None:
+    card, tok = source
+    p, _, _ = make(source, {"a:1": ["finish"]})
+    prompt = " hello" * (card.context_length - 20)
+    prepared = p.prepare(MODEL, req(prompt=prompt, max_tokens=1000))
+    assert prepared.max_tokens == card.context_length - len(prepared.prompt_ids)
+
+
+async def test_chat_messages_rendered_with_card_template(source) -> None:
+    card, tok = source
+    p, workers, _ = make(source, {"a:1": [[5], "finish"]})
+    r = LlmRequest(
+        prompt=None, messages=[{"role": "user", "content": "hi"}], stream=False, sampling=SamplingParams(max_tokens=2)
+    )
+    prepared = p.prepare(MODEL, r)
+    assert "<|im_start|>user\nhi<|im_end|>" in prepared.prompt_text
+    assert prepared.prompt_ids == tok.encode(prepared.prompt_text)
+
+
+async def test_input_ids_bypass_tokenizer(source) -> None:
+    p, _, _ = make(source, {"a:1": ["finish"]})
+    r = LlmRequest(prompt=None, messages=None, stream=True, sampling=SamplingParams(), token_ids=[1, 2, 3])
+    assert p.prepare(MODEL, r).prompt_ids == [1, 2, 3]
+    r.token_ids = [10**9]
+    with pytest.raises(FrontendError, match="outside vocabulary"):
+        p.prepare(MODEL, r)
