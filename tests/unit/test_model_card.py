@@ -201,3 +201,26 @@ def test_hf_directory_errors(source: tuple[ModelCard, bytes], tmp_path: Path) ->
     (d / "config.json").write_text("{}")
     with pytest.raises(ModelSourceError, match="context length"):
         load_model_source(d)
+
+
+def test_fast_metadata_reader_equals_gguf_reader() -> None:
+    from dynamo_grpc.models.gguf_meta import _read_fast, read_with_gguf_reader
+
+    path = str(default_model_path())
+    assert _read_fast(path) == read_with_gguf_reader(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40])
+def test_truncated_gguf(tmp_path: Path, content: bytes) -> None:
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(content)
+    with pytest.raises(ModelSourceError):
+        load_model_source(f)
+
+
+def test_gguf_cut_inside_metadata(tmp_path: Path) -> None:
+    f = tmp_path / "cut.gguf"
+    with default_model_path().open("rb") as src:
+        f.write_bytes(src.read(300_000))  # ends inside the tokenizer.ggml.tokens array
+    with pytest.raises(ModelSourceError, match="GGUF"):
+        load_model_source(f)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +51,101 @@ class GgufError(ValueError):
     """The file is not a GGUF we can describe (missing keys, unsupported tokenizer)."""
 
 
-@functools.lru_cache(maxsize=8)
-def _read_cached(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+def read_with_gguf_reader(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Metadata via `gguf.GGUFReader` (the reference; slow: it builds a numpy view per array element)."""
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # the gguf package raises bare ValueError/struct errors on junk input
         raise GgufError(f"{path}: not a readable GGUF file ({e})") from e
-    meta: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        meta[name] = field.contents()
-    return meta
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+_SCALARS: dict[int, str] = {
+    gguf.GGUFValueType.UINT8: "<B",
+    gguf.GGUFValueType.INT8: "<b",
+    gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h",
+    gguf.GGUFValueType.UINT32: "<I",
+    gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f",
+    gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q",
+    gguf.GGUFValueType.FLOAT64: "<d",
+}
+
+
+class _KvParser:
+    """A little-endian GGUF v2/v3 key/value section parser; stops before the tensor table."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def unpack(self, fmt: str) -> Any:
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past end of file")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == gguf.GGUFValueType.BOOL:
+            return bool(self.unpack("<B"))
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            itype, count = self.unpack("<I"), self.unpack("<Q")
+            if itype in _SCALARS:
+                dt = np.dtype(_SCALARS[itype])
+                end = self.pos + dt.itemsize * count
+                if end > len(self.buf):
+                    raise ValueError("array runs past end of file")
+                arr = np.frombuffer(self.buf[self.pos : end], dtype=dt)
+                self.pos = end
+                return arr.tolist()
+            return [self.value(itype) for _ in range(count)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _read_fast(path: str) -> dict[str, Any] | None:
+    """Parse only the header and key/values (tens of ms); None when the file needs the reference reader."""
+    if os.path.getsize(path) < 24:
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            if struct.unpack_from("<I", buf, 0)[0] != gguf.GGUF_MAGIC:
+                return None
+            p = _KvParser(buf)
+            p.pos = 4
+            version = p.unpack("<I")
+            if version not in (2, 3):
+                return None  # v1 or a big-endian file: leave it to GGUFReader
+            p.unpack("<Q")  # tensor count
+            kv_count = p.unpack("<Q")
+            meta: dict[str, Any] = {}
+            for _ in range(kv_count):
+                key = p.string()
+                meta[key] = p.value(p.unpack("<I"))
+            return meta
+        except (ValueError, struct.error, UnicodeDecodeError):
+            return None
+        finally:
+            buf.release()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cached(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    meta = _read_fast(path)
+    return meta if meta is not None else read_with_gguf_reader(path)
 
 
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
