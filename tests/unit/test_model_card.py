@@ -89,6 +89,8 @@ def test_card_worker_overrides(source: tuple[ModelCard, bytes]) -> None:
         ({"chat_template": 5}, "chat_template"),
         ({"name": ""}, "name"),
         ({"bos_token_id": 1.5}, "bos_token_id"),
+        ({"add_bos_token": 1}, "add_bos_token"),
+        ({"source_format": "onnx"}, "source_format"),
     ],
 )
 def test_card_validation(source: tuple[ModelCard, bytes], patch: dict[str, Any], match: str) -> None:

@@ -191,3 +191,76 @@ def test_known_divergence_from_transformers(tok: Tokenizer, hf_tok) -> None:  # 
         ours, theirs = tok.encode(text), hf_tok.encode(text, add_special_tokens=False)
         assert ours != theirs, text
         assert tok.decode(ours) == hf_tok.decode(theirs) == text
+
+
+def _tiny_meta(pre: str, **extra: object) -> dict[str, object]:
+    """A byte-level vocabulary: 256 byte symbols, a few merges, and added tokens of each kind."""
+    from dynamo_grpc.models.gguf_meta import bytes_to_unicode
+
+    byte_syms = list(bytes_to_unicode().values())
+    merged = ["12", "123", "ab", "Ġab", "'s", "'S"]
+    added = ["<ctl>", "<user tok>"]
+    tokens = byte_syms + merged + added
+    types = [1] * (len(byte_syms) + len(merged)) + [3, 4]
+    meta: dict[str, object] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": ["1 2", "12 3", "a b", "Ġ ab", "' s", "' S"],
+        "tokenizer.ggml.bos_token_id": len(tokens) - 2,
+    }
+    meta.update(extra)
+    return meta
+
+
+def _tiny(pre: str, **extra: object) -> Tokenizer:
+    from dynamo_grpc.models.gguf_meta import tokenizer_json_bytes_from_gguf
+
+    return Tokenizer.from_json_bytes(tokenizer_json_bytes_from_gguf(_tiny_meta(pre, **extra)))
+
+
+def _pieces(t: Tokenizer, text: str) -> list[str]:
+    return [t.id_to_token(i) or "?" for i in t.encode(text)]
+
+
+def test_gguf_pre_tokenizer_families() -> None:
+    # gpt2: digits run together, so "123" merges; contractions are case-sensitive.
+    assert _pieces(_tiny("gpt2"), "123 ab") == ["123", "Ġab"]
+    assert _pieces(_tiny("gpt2"), "x'S") == ["x", "'", "S"]
+    # smollm/starcoder: every digit isolated before the GPT-2 split.
+    assert _pieces(_tiny("smollm"), "123") == ["1", "2", "3"]
+    # llama3: digits in groups of up to three, case-insensitive contractions.
+    assert _pieces(_tiny("llama-bpe"), "12345") == ["123", "4", "5"]
+    assert _pieces(_tiny("llama-bpe"), "x'S") == ["x", "'S"]
+    # qwen2: single digits.
+    assert _pieces(_tiny("qwen2"), "123") == ["1", "2", "3"]
+    # unknown names fall back to the GPT-2 split
+    assert _pieces(_tiny("some-future-pre"), "123 ab") == ["123", "Ġab"]
+
+
+def test_gguf_added_tokens_and_bos() -> None:
+    t = _tiny("gpt2", **{"tokenizer.ggml.add_bos_token": True})
+    ctl, user = t.token_to_id("<ctl>"), t.token_to_id("<user tok>")
+    assert t.encode("ab<ctl>ab<user tok>") == [t.token_to_id("ab"), ctl, t.token_to_id("ab"), user]
+    assert t.is_special(ctl) and not t.is_special(user)
+    assert t.decode(t.encode("x<ctl>y<user tok>")) == "xy<user tok>"
+    # add_bos_token: the post-processor prepends BOS only when special tokens are requested.
+    assert t.encode("ab", add_special_tokens=True) == [ctl, t.token_to_id("ab")]
+    assert t.encode("ab") == [t.token_to_id("ab")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"tokenizer.ggml.model": "llama"}, "unsupported GGUF tokenizer model"),
+        ({"tokenizer.ggml.merges": ["nospace"]}, "malformed merge"),
+        ({"tokenizer.ggml.token_type": [1]}, "length"),
+        ({"tokenizer.ggml.tokens": []}, "lacks"),
+    ],
+)
+def test_gguf_tokenizer_errors(extra: dict[str, object], match: str) -> None:
+    from dynamo_grpc.models.gguf_meta import GgufError, tokenizer_json_from_gguf
+
+    with pytest.raises(GgufError, match=match):
+        tokenizer_json_from_gguf(_tiny_meta("gpt2", **extra))

@@ -132,7 +132,10 @@ class ModelCard:
         for name in ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token"):
             v = getattr(self, name)
             check(name, v is None or isinstance(v, str), "a string or null")
-        for name in ("architecture", "source", "source_format"):
+        for name in ("add_bos_token", "add_eos_token"):
+            check(name, isinstance(getattr(self, name), bool), "a bool")
+        check("source_format", self.source_format in ("gguf", "hf"), "'gguf' or 'hf'")
+        for name in ("architecture", "source"):
             check(name, isinstance(getattr(self, name), str), "a string")
 
 
