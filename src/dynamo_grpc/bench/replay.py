@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=args.vocab_size,
         salt=args.seed,
         max_output_tokens=args.max_output_tokens,
+        max_input_tokens=args.max_input_tokens,
         model=args.model,
         frontend=args.frontend,
         worker_args=args.worker_arg,
