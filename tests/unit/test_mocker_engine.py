@@ -91,7 +91,7 @@ async def test_evictions_are_announced_with_the_evicted_hashes() -> None:
     await e.start()
     try:
         a = list(range(0, 33))
-        toks_a, _ = await _collect(e, "a", a, max_tokens=1)  # 2 full blocks cached, 3 blocks used
+        await _collect(e, "a", a, max_tokens=1)  # 2 full blocks cached, 3 blocks used
         await _collect(e, "b", list(range(5000, 5049)), max_tokens=1)  # 4 blocks: evicts a's
     finally:
         await e.stop()
