@@ -129,14 +129,17 @@ class Router:
     def set_workers(self, workers: Sequence[WorkerInfo], card_block_size: int = 0) -> list[WorkerInfo]:
         """Adopt discovery's snapshot; returns the accepted workers (block size checked).
 
-        The expected block size is the flag, else the model card's, else the first worker's
-        (by instance id, so every replica agrees). A worker that differs is refused with an
+        The expected block size is the flag, else the model card's, else the most common among
+        the workers (ties: the first by instance id, so every replica agrees). A worker that differs is refused with an
         error log line and never routed to.
         """
         expected = self.config.block_size or card_block_size
         if not expected:
             sizes = [w.block_size for w in sorted(workers, key=lambda w: w.instance_id) if w.block_size]
-            expected = self.block_size or (sizes[0] if sizes else 0)
+            if self.block_size:
+                expected = self.block_size
+            elif sizes:  # the most common size; ties go to the first worker by id
+                expected = max(sizes, key=lambda b: (sizes.count(b), -sizes.index(b)))
         if expected and expected != self.block_size:
             self.set_block_size(expected)
         accepted: list[WorkerInfo] = []
