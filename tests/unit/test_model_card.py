@@ -205,6 +205,7 @@ def test_hf_directory_errors(source: tuple[ModelCard, bytes], tmp_path: Path) ->
         load_model_source(d)
 
 
+@pytest.mark.slow  # GGUFReader takes 4-10 s on the default model
 def test_fast_metadata_reader_equals_gguf_reader() -> None:
     from dynamo_grpc.models.gguf_meta import _read_fast, read_with_gguf_reader
 

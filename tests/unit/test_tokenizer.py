@@ -176,6 +176,7 @@ def hf_tok():  # type: ignore[no-untyped-def]
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+@pytest.mark.slow  # transformers builds its GGUF tokenizer in Python: 6-25 s on a shared machine
 def test_matches_transformers(tok: Tokenizer, hf_tok) -> None:  # type: ignore[no-untyped-def]
     assert len(AGREED) >= 30
     for text in AGREED:
@@ -185,6 +186,7 @@ def test_matches_transformers(tok: Tokenizer, hf_tok) -> None:  # type: ignore[n
         assert tok.decode(want) == hf_tok.decode(want, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_known_divergence_from_transformers(tok: Tokenizer, hf_tok) -> None:  # type: ignore[no-untyped-def]
     """Documents where transformers' GGUF loader is not faithful (so a fix upstream shows up here)."""
     for text in DIVERGENT:
