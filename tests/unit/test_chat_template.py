@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
-from dynamo_grpc.tokens.chat_template import ChatTemplateError, compile_template, render_chat
+from dynamo_grpc.tokens.chat_template import ChatTemplateError, compile_template, flatten_text_content, render_chat
 
 Messages = list[dict[str, Any]]
 
@@ -189,3 +189,17 @@ def test_template_runtime_type_error() -> None:
 
 def test_compile_is_cached() -> None:
     assert compile_template("{{ 1 }}") is compile_template("{{ 1 }}")
+
+
+def test_flatten_text_content(card: ModelCard) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    flat = flatten_text_content(parts)
+    assert flat == [{"role": "user", "content": "a\nb"}]
+    assert parts[0]["content"][0] == {"type": "text", "text": "a"}  # input untouched
+    assert card.chat_template is not None
+    assert "<|im_start|>user\na\nb<|im_end|>" in render_chat(card.chat_template, flat)
+    with pytest.raises(ChatTemplateError, match="only text parts"):
+        flatten_text_content([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(ChatTemplateError):
+        # a list content reaching a string-concatenating template is a clear error, not a crash
+        render_chat(card.chat_template, parts)

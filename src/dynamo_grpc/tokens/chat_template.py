@@ -155,6 +155,30 @@ def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
     return out
 
 
+def flatten_text_content(messages: Sequence[Mapping[str, Any]], sep: str = "\n") -> list[dict[str, Any]]:
+    """OpenAI content parts (`[{"type": "text", "text": ...}]`) joined into one string per message.
+
+    Most templates (SmolLM2's included) concatenate `message['content']` as a string; this is what vLLM
+    does for them. Parts other than text are refused rather than silently dropped.
+    """
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(f"messages[{i}] must be an object, got {type(m).__name__}")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts: list[str] = []
+            for j, part in enumerate(content):
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    raise ChatTemplateError(f"messages[{i}].content[{j}]: only text parts are supported, got {kind!r}")
+                texts.append(part["text"])
+            out.append({**m, "content": sep.join(texts)})
+        else:
+            out.append(dict(m))
+    return out
+
+
 def render_chat(
     template: str,
     messages: Sequence[Mapping[str, Any]],
