@@ -293,9 +293,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         encode_outputs(resp, tensors, raw=_used_raw(request))
         if final is not None:
             resp.parameters[FINAL].bool_param = final
+        if last is not None:
+            resp.parameters["worker_id"].string_param = last.worker_id  # changes when a request migrates
         if last is not None and last.finish_reason is not None:
-            # Per-request routing facts on the last response (benchmarks read them).
-            resp.parameters["worker_id"].string_param = last.worker_id
+            # Per-request token accounting on the last response (benchmarks read them).
             resp.parameters["prompt_tokens"].int64_param = last.prompt_tokens
             resp.parameters["completion_tokens"].int64_param = last.completion_tokens
             resp.parameters["cached_tokens"].int64_param = last.cached_tokens
@@ -322,6 +323,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if req is None:  # the `simple` example model
             tensors = simple_model.run(inputs, [o.name for o in request.outputs])
             yield self._response(request, tensors, True if stream_rpc else None)
+            total = time.perf_counter_ns() - t0
+            self.stats.record_success(model, total, 0, total, 0, 0, 1)
             return
         p = self.pipeline.prepare(model, req)
         m = p.model
