@@ -52,6 +52,8 @@ class KvManager:
         Returns False and changes nothing when the free queue cannot cover it; prefix blocks
         sitting in the free queue count against it, since taking them removes them.
         """
+        if not prefix and req.num_computed + num_new_tokens <= len(req.blocks) * self.block_size:
+            return True  # fits in the blocks it holds (most decode steps)
         prefix = prefix or []
         if not self.can_allocate(req, num_new_tokens, prefix):
             return False
