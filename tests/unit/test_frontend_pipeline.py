@@ -131,7 +131,8 @@ async def test_multi_token_character_never_split(source) -> None:
     assert all("\ufffd" not in c.text for c in chunks)
     assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == len(ids)
     assert chunks[-1].cached_tokens == 64 and chunks[-1].worker_id == "w0"
-    assert router.events[-1] == ("free", "r1") and ("prefill_done", "r1") in router.events
+    assert router.events[-1][0] == "free" and router.events[-1][1].endswith(":r1")
+    assert [e for e in router.events if e[0] == "prefill_done"] == [("prefill_done", router.events[-1][1])]
 
 
 async def test_stop_string_cancels_worker_stream(source) -> None:
@@ -145,7 +146,7 @@ async def test_stop_string_cancels_worker_stream(source) -> None:
     assert workers.closed == ["a:1"]
     # The worker was told about the stop strings too; the frontend cut the stream at the first sight.
     assert list(workers.requests[0][1].stop.stop) == ["STOP"]
-    assert router.events[-1] == ("free", "r1")
+    assert router.events[-1][0] == "free" and router.events[-1][1].endswith(":r1")
 
 
 async def test_migration_resends_prompt_plus_generated(source) -> None:
@@ -166,8 +167,9 @@ async def test_migration_resends_prompt_plus_generated(source) -> None:
     assert list(b_req.token_ids) == [*prepared.prompt_ids, *first]
     assert b_req.stop.max_tokens == a_req.stop.max_tokens - 3
     assert b_req.sampling.seed == 1
-    assert ("route", "r1.m1->w1") in router.events
-    assert ("free", "r1") in router.events and router.events[-1] == ("free", "r1.m1")
+    rid = router.events[0][1].split("->")[0]
+    assert rid.endswith(":r1") and ("route", f"{rid}.m1->w1") in router.events
+    assert ("free", rid) in router.events and router.events[-1] == ("free", f"{rid}.m1")
 
 
 async def test_stream_ending_without_finish_migrates(source) -> None:
@@ -183,7 +185,8 @@ async def test_migration_limit(source) -> None:
     with pytest.raises(FrontendError) as ei:
         await run(p, req())
     assert ei.value.code == Code.UNAVAILABLE and "migration limit 1" in ei.value.message
-    assert [e for e in router.events if e[0] == "free"] == [("free", "r1"), ("free", "r1.m1")]
+    rid = router.events[0][1].split("->")[0]
+    assert [e for e in router.events if e[0] == "free"] == [("free", rid), ("free", f"{rid}.m1")]
 
 
 async def test_no_worker_left_after_loss(source) -> None:
@@ -208,7 +211,7 @@ async def test_client_cancel_closes_worker_stream_and_frees(source) -> None:
     async with contextlib.aclosing(gen):
         async for _ in gen:
             break
-    assert workers.closed == ["a:1"] and router.events[-1] == ("free", "r1")
+    assert workers.closed == ["a:1"] and router.events[-1][0] == "free"
 
 
 async def test_prompt_over_context_and_unknown_model(source) -> None:

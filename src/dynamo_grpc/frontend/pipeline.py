@@ -175,7 +175,8 @@ class Pipeline:
         self, p: Prepared, req: LlmRequest, request_id: str | None = None, timeout: float | None = None
     ) -> AsyncIterator[Chunk]:
         """Stream the request's text. Closing the iterator cancels the worker stream and frees the route."""
-        rid = request_id or new_request_id()
+        # Client ids are not unique across clients; ours are (the client's is kept for logs and traces).
+        rid = new_request_id() + (f":{request_id[:64]}" if request_id else "")
         m = p.model
         detok = IncrementalDetokenizer(
             m.tokenizer,
