@@ -55,7 +55,7 @@ def not_busy(cands: Sequence[Candidate], busy_threshold: float) -> list[Candidat
     if not cands:
         raise NoWorkers("no live worker")
     if busy_threshold >= 1.0:
-        return list(cands)
+        return cands if isinstance(cands, list) else list(cands)
     free = [c for c in cands if c.kv_usage is None or c.kv_usage <= busy_threshold]
     if not free:
         raise AllBusy(f"all {len(cands)} workers are over the busy threshold {busy_threshold:.2f}")
@@ -63,15 +63,11 @@ def not_busy(cands: Sequence[Candidate], busy_threshold: float) -> list[Candidat
 
 
 def costs(cands: Sequence[Candidate], prompt_blocks: int, decode_new: int, scale: float) -> list[Choice]:
-    return [
-        Choice(
-            c.key,
-            c.overlap,
-            scale * max(c.pending_prefill + prompt_blocks - c.overlap, 0),
-            float(c.decode_blocks + decode_new),
-        )
-        for c in cands
-    ]
+    out = []
+    for c in cands:
+        pf = c.pending_prefill + prompt_blocks - c.overlap
+        out.append(Choice(c.key, c.overlap, scale * pf if pf > 0 else 0.0, float(c.decode_blocks + decode_new)))
+    return out
 
 
 def pick(choices: Sequence[Choice], temperature: float, rng: random.Random) -> Choice:

@@ -117,6 +117,7 @@ class Router:
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
         self._rr = RoundRobin()
+        self._ranks_cache: tuple[dict[str, WorkerInfo], list[RankKey]] | None = None
         self.on_decision: Callable[[RouteResult], None] | None = None
 
     # ---- membership ----------------------------------------------------------------------
@@ -162,11 +163,13 @@ class Router:
             if iid not in new:
                 self.remove_worker(iid)
         self.workers = new
+        self._ranks_cache = None
         return accepted
 
     def remove_worker(self, instance_id: str) -> None:
         """A worker is gone: forget its blocks, load and active sequences."""
         w = self.workers.pop(instance_id, None)
+        self._ranks_cache = None
         ranks = w.ranks() if w else [k for k in self.indexer.workers if isinstance(k, tuple) and k[0] == instance_id]
         for key in ranks:
             self.indexer.remove_worker(key)
@@ -186,6 +189,13 @@ class Router:
         self.remove_worker(iid)
 
     # ---- routing ---------------------------------------------------------------------------
+    def _rank_list(self) -> list[RankKey]:
+        cached = self._ranks_cache
+        if cached is None or cached[0] is not self.workers or len(cached[0]) != len(self.workers):
+            cached = (self.workers, [k for w in self.workers.values() for k in w.ranks()])
+            self._ranks_cache = cached
+        return cached[1]
+
     def hashes_for(self, inp: RouteInput) -> list[int]:
         if inp.block_hashes:
             return [int(h) for h in inp.block_hashes]
@@ -199,8 +209,10 @@ class Router:
             raise ValueError("request_id is required")
         if not self.ready:
             raise NotReady("router is rebuilding its index from the workers' Replay")
-        excluded = set(inp.exclude)
-        ranks = [k for w in self.workers.values() if w.instance_id not in excluded for k in w.ranks()]
+        ranks = self._rank_list()
+        if inp.exclude:
+            excluded = set(inp.exclude)
+            ranks = [k for k in ranks if k[0] not in excluded]
         if not ranks:
             raise NoWorkers(f"no live worker for model {inp.model or self.config.model or '?'}")
         hashes = self.hashes_for(inp)
@@ -211,15 +223,22 @@ class Router:
             overlaps = self.approx.overlaps(hashes)
         else:
             overlaps = {}
+        # Only workers with overlap, load or usage differ from the default candidate: build
+        # the rest cheaply (this loop is the decision's hot path at 64+ workers).
+        per_worker = self.active._per_worker
+        usage_of = self.kv_usage
         cands = []
         for key in ranks:
-            a = self.active.load(key)
-            usage = self.kv_usage.get(key)
-            if usage is None:
+            a = per_worker.get(key)
+            usage = usage_of.get(key)
+            if usage is None and a is not None:
                 kv_blocks = self.workers[key[0]].kv_blocks
                 if kv_blocks:
                     usage = (a.prefill_blocks + a.decode_blocks) / kv_blocks
-            cands.append(Candidate(key, overlaps.get(key, 0), a.prefill_blocks, a.decode_blocks, usage))
+            if a is None:
+                cands.append(Candidate(key, overlaps.get(key, 0), 0, 0, usage))
+            else:
+                cands.append(Candidate(key, overlaps.get(key, 0), a.prefill_blocks, a.decode_blocks, usage))
         cands = not_busy(cands, self.config.busy_threshold)
         prompt_blocks = len(hashes)
         out_blocks = -(-inp.expected_output_tokens // self.block_size) if self.block_size else 0
