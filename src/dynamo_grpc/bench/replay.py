@@ -15,7 +15,9 @@ import asyncio
 import json
 import math
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ class ReplayConfig:
     salt: int = 0
     max_output_tokens: int | None = None
     max_input_tokens: int | None = None
+    context_length: int | None = None  # None: the default model's unless the trace needs more
     model: str | None = None
     frontend: str | None = None  # an existing frontend: no mesh is started
     worker_args: list[str] = field(default_factory=list)
@@ -84,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="truncate prompts to this many tokens (the workers' context length), keeping prefixes",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="the mocker's context length (default: the default model's 8192, raised to fit the "
+        "longest request of the trace through a long-context copy of its card)",
     )
     p.add_argument("--block-size", type=int, default=64, help="engine KV block size, for the hit-rate bound")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="synthetic token ids < this")
@@ -160,7 +170,28 @@ def _worker_ids(consul: str) -> list[str]:
     return sorted(str(e.get("Service", {}).get("ID", "")) for e in passing_instances(consul, "dynamo-worker"))
 
 
-def run_one(router: str, trace: Trace, cfg: ReplayConfig, bound: float) -> tuple[list[RequestRecord], dict[str, Any]]:
+DEFAULT_CONTEXT = 8192
+
+
+def needed_context(trace: Trace) -> int:
+    """Context length that fits every request of ``trace`` (prompt + output + 1), in 1024-token steps."""
+    longest = max((r.input_length + r.output_length + 1 for r in trace.requests), default=1)
+    return -(-longest // 1024) * 1024
+
+
+def model_dir(cfg: ReplayConfig, trace: Trace, work: Path) -> Path | None:
+    """A long-context model directory for the workers when the trace needs one (None: the default model)."""
+    ctx = cfg.context_length or needed_context(trace)
+    if ctx <= DEFAULT_CONTEXT and cfg.context_length is None:
+        return None
+    from dynamo_grpc.bench.replay_model import write_long_context_model
+
+    return write_long_context_model(work / f"SmolLM2-135M-Instruct-ctx{ctx}", ctx)
+
+
+def run_one(
+    router: str, trace: Trace, cfg: ReplayConfig, bound: float, model_path: Path | None = None
+) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Start a mesh with ``router``, replay, stop the mesh; return the records and the summary."""
     t_start = time.monotonic()
     if cfg.frontend:
@@ -173,6 +204,7 @@ def run_one(router: str, trace: Trace, cfg: ReplayConfig, bound: float) -> tuple
         mc = MeshConfig(
             workers=cfg.workers,
             engine="mocker",
+            model=str(model_path) if model_path else None,
             router_mode=router,
             speedup_ratio=cfg.speedup,
             worker_args=list(cfg.worker_args),
@@ -207,9 +239,21 @@ def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list
     }
 
 
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("workers", "limit", "max_output_tokens", "max_input_tokens", "block_size", "vocab_size"):
+    for name in (
+        "workers",
+        "limit",
+        "max_output_tokens",
+        "max_input_tokens",
+        "context_length",
+        "block_size",
+        "vocab_size",
+    ):
         v = getattr(args, name)
         if v is not None and v <= 0:
             _parser().error(f"--{name.replace('_', '-')} must be positive")
@@ -228,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         salt=args.seed,
         max_output_tokens=args.max_output_tokens,
         max_input_tokens=args.max_input_tokens,
+        context_length=args.context_length,
         model=args.model,
         frontend=args.frontend,
         worker_args=args.worker_arg,
@@ -259,19 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: dict[str, Any] = {}
     ttfts: dict[str, list[float]] = {}
-    for router in routers:
-        print(f"== router {router}", file=sys.stderr, flush=True)
-        records, summary = run_one(router, trace, cfg, bound.engine_token_weighted)
-        runs[router] = {**summary, "per_request": _per_request(records, cfg.speedup)}
-        ttfts[router] = [r.ttft * cfg.speedup for r in records if r.ok]
-        t = summary["ttft_s"]
-        hit = summary["prefix_cache"]["hit_rate"]
-        print(
-            f"   {router}: completed {summary['completed']}/{summary['requests']}, TTFT p50 {t['p50']} p99 {t['p99']} "
-            f"trace-s, hit rate {hit}, requests CV {summary['load_balance']['requests_cv']}",
-            file=sys.stderr,
-            flush=True,
-        )
+    work = Path(tempfile.mkdtemp(prefix="dynamo-replay-"))
+    mpath = None if cfg.frontend else model_dir(cfg, trace, work)
+    trace_info["context_length"] = needed_context(trace)
+    try:
+        for router in routers:
+            print(f"== router {router}", file=sys.stderr, flush=True)
+            records, summary = run_one(router, trace, cfg, bound.engine_token_weighted, mpath)
+            runs[router] = {**summary, "per_request": _per_request(records, cfg.speedup)}
+            ttfts[router] = [r.ttft * cfg.speedup for r in records if r.ok]
+            t = summary["ttft_s"]
+            hit = summary["prefix_cache"]["hit_rate"]
+            print(
+                f"   {router}: completed {summary['completed']}/{summary['requests']}, "
+                f"TTFT p50 {_f(t['p50'])} p99 {_f(t['p99'])} trace-s, hit rate {_f(hit)}, "
+                f"requests CV {summary['load_balance']['requests_cv']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     report: dict[str, Any] = {
         "benchmark": "replay",
         "config": {**asdict(cfg), "engine": "mocker", "host": platform.node(), "python": platform.python_version()},

@@ -134,6 +134,7 @@ def summarize(
             "itl_s": percentiles(r.itl for r in ok),
             "e2e_s": percentiles(r.e2e for r in ok),
             "duration_s": span_wall,
+            "send_lag_s": percentiles(r.sent_s - r.scheduled_s for r in records if math.isfinite(r.sent_s)),
             "max_send_lag_s": max((r.sent_s - r.scheduled_s for r in records if math.isfinite(r.sent_s)), default=0.0),
         },
         "throughput": {
