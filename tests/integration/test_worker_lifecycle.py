@@ -97,7 +97,6 @@ async def test_sigterm_hands_back_streams_that_outlive_the_grace(consul: ConsulD
         w.stop()
 
 
-@pytest.mark.slow
 async def test_sigkill_drops_out_of_the_passing_set_after_the_ttl(consul: ConsulDevProcess, tmp_path: Path) -> None:
     w: WorkerProcess = start_worker(consul.address, tmp_path, "--ttl", "1")
     try:
