@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,7 +62,7 @@ class GrpcServer:
         self.port: int | None = None
         self._stopping: asyncio.Event | None = None
 
-    def add(self, add_fn: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
+    def add(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
         """Register a servicer under its full service name (for reflection and health)."""
         add_fn(servicer, self.server)
         self._services.append(service_name)
