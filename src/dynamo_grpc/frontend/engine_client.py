@@ -7,7 +7,7 @@ can tell a dead worker (`WorkerLost`: migrate) from a refused request (`Frontend
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -71,7 +71,7 @@ class WorkerClient:
 
     async def decode(
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         """Stream a worker's Decode responses; closing the iterator cancels the call (the worker frees KV)."""
         stub = worker_pb2_grpc.DecodeServiceStub(self.pool.get(address))
         call = stub.Decode(request, timeout=timeout, wait_for_ready=False)

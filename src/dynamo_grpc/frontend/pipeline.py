@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,7 +39,7 @@ _FINISH = {
 class DecodeClient(Protocol):
     def decode(
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]: ...
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]: ...
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Pipeline:
 
     async def generate(
         self, p: Prepared, req: LlmRequest, request_id: str | None = None, timeout: float | None = None
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream the request's text. Closing the iterator cancels the worker stream and frees the route."""
         # Client ids are not unique across clients; ours are (the client's is kept for logs and traces).
         rid = new_request_id() + (f":{request_id[:64]}" if request_id else "")

@@ -309,9 +309,9 @@ def parse_request(
         elif name in ("stop", "stop_words"):
             _check_dtype(t, frozenset(["BYTES"]))
             words: list[str] = []
-            for e in t.data.reshape(-1):
+            for elem in t.data.reshape(-1):
                 try:
-                    words.append(bytes(e).decode("utf-8"))
+                    words.append(bytes(elem).decode("utf-8"))
                 except UnicodeDecodeError:
                     raise RequestError(f"tensor '{name}': not valid UTF-8") from None
             b.stop = [w for w in words if w]

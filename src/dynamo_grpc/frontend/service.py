@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -269,6 +269,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> pb.CudaSharedMemoryStatusResponse:
         return pb.CudaSharedMemoryStatusResponse()
 
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared-memory tensors are not supported")
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared-memory tensors are not supported")
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared-memory tensors are not supported")
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared-memory tensors are not supported")
+
     async def TraceSetting(self, request: Any, context: Any) -> pb.TraceSettingResponse:
         return pb.TraceSettingResponse()
 
@@ -313,7 +325,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer_stream(
         self, request: pb.ModelInferRequest, timeout: float | None, stream_rpc: bool
-    ) -> AsyncIterator[pb.ModelInferResponse]:
+    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """Responses for one request: one (ModelInfer or stream=false) or one per chunk (decoupled)."""
         t0 = time.perf_counter_ns()
         model = request.model_name
