@@ -2,8 +2,9 @@
 
 Start-up order makes every advertised thing reachable before it is advertised: engine, event
 publisher, gRPC server, then Consul registration with the model card, then the ready file.
-Drain reverses it: NOT_SERVING and refuse new streams, let in-flight ones finish within the grace
-period (then hand the rest back with UNAVAILABLE), deregister, stop the server, close the rest.
+Drain reverses it: NOT_SERVING, deregister (no new work is routed here) and refuse new streams, let
+in-flight ones finish within the grace period (then hand the rest back with UNAVAILABLE), stop the
+server, close the rest.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class WorkerApp:
     # ------------------------------------------------------------------ drain
 
     async def drain(self) -> None:
-        """Stop taking work, finish or hand back in-flight streams, deregister, close everything."""
+        """Stop taking work (deregister first), finish or hand back in-flight streams, close everything."""
         if self.gate.draining:
             await self._drained.wait()
             return
@@ -238,13 +239,14 @@ class WorkerApp:
         self.metrics.draining.labels(self.card.name).set(1)
         if self.server is not None:
             await self.server.set_serving(False)
+        if self.discovery is not None:
+            # leave the passing set first, so routers and frontends stop sending new work here
+            await self.discovery.deregister()
         if not await self.gate.wait_idle(grace):
             log.warning("%d streams still running after %.1fs; handing them back", self.gate.inflight, grace)
             self.gate.handing_back = True
             await self.engine.stop()
             await self.gate.wait_idle(2.0)
-        if self.discovery is not None:
-            await self.discovery.deregister()
         await self._close()
         self._drained.set()
         log.info("worker %s drained", self.instance_id)
