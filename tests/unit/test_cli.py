@@ -1,0 +1,51 @@
+"""`dynamo-grpc --help` lists the roles, and every role answers --help without starting anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dynamo_grpc.cli import PLANNED, ROLES
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynamo_grpc.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_top_level_help_lists_every_role() -> None:
+    res = _run("--help")
+    assert res.returncode == 0
+    for role in ROLES:
+        assert role in res.stdout
+    for role in PLANNED:
+        assert role in res.stdout
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_role_help(role: str) -> None:
+    res = _run(role, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "usage:" in res.stdout.lower()
+
+
+def test_base_roles_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from dynamo_grpc.cli import _entry\n"
+        "for role in ('worker', 'frontend', 'router', 'consul-dev', 'run-local'):\n"
+        "    _entry(role)\n"
+        "assert 'torch' not in sys.modules, 'base roles must not import torch'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def test_unknown_and_planned_roles_fail_clearly() -> None:
+    res = _run("nope")
+    assert res.returncode == 2 and "unknown role 'nope'" in res.stderr
+    res = _run("planner")
+    assert res.returncode == 2 and "planned" in res.stderr
