@@ -395,3 +395,88 @@ def _parse_messages(where: str, text: str) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"{where}: messages[{i}] must be an object with a string 'role'")
     return obj
+
+
+_OPENAI_DROP = frozenset(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "stream",
+        "stream_options",
+        "echo",
+        "user",
+        "suffix",
+        "max_completion_tokens",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "logit_bias",
+        "top_logprobs",
+        "service_tier",
+        "metadata",
+        "store",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+    ]
+)
+
+
+def parse_openai(body: Any, chat: bool) -> tuple[str, LlmRequest, bool]:
+    """An OpenAI /v1/completions or /v1/chat/completions body as (model, LlmRequest, include_usage).
+
+    vLLM's extra sampling keys (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens) are
+    accepted as vLLM's server accepts them. `logprobs` is accepted and ignored (not returned yet).
+    """
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' must be a non-empty string")
+    b = _Builder()
+    for key, value in body.items():
+        if key in _OPENAI_DROP or value is None:
+            continue
+        if key == "logprobs":
+            continue
+        b.apply("body", key, value)
+    mct = body.get("max_completion_tokens")
+    if mct is not None:
+        b.apply("body", "max_tokens", mct)
+    b.validate()
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean")
+    opts = body.get("stream_options") or {}
+    include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    token_ids: list[int] | None = None
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise RequestError("'messages' must be a non-empty list of {role, content} objects")
+        messages = msgs
+    else:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str) and p:
+            prompt = p
+        elif isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p):
+            token_ids = list(p)
+        else:
+            raise RequestError("'prompt' must be a non-empty string or list of token ids (one prompt per request)")
+    req = LlmRequest(
+        prompt=prompt,
+        messages=messages,
+        stream=stream,
+        sampling=b.sampling,
+        stop=b.stop,
+        exclude_input_in_output=not bool(body.get("echo", False)),
+        include_stop_str_in_output=b.include_stop_str_in_output,
+        skip_special_tokens=b.skip_special_tokens,
+        token_ids=token_ids,
+    )
+    return model, req, include_usage
