@@ -35,6 +35,9 @@ def test_tritonclient_grpc_sync_async_and_stream(mesh: Mesh) -> None:
     assert infer["id"] == "u1" and infer["finish_reason"] == "length"
     assert infer["num_output_tokens"] == 12 and infer["num_input_tokens"] > 0 and infer["text"]
     assert obs["requested_outputs"] == ["finish_reason"]
+    # The chat template wraps the prompt in role markup: more prompt tokens than the plain prompt.
+    assert obs["chat"]["num_input_tokens"] > infer["num_input_tokens"] + 4
+    assert obs["chat"]["num_output_tokens"] == 12 and obs["chat"]["text"]
     # Same seed, same prompt: every path yields the same text.
     assert obs["async_infer"] == {"error": None, "text": infer["text"]}
     stream = obs["stream"]

@@ -178,13 +178,29 @@ class ModelRegistry:
         return ServedModel(model, card, tok)
 
     async def watch(self, discovery: Any) -> None:
-        """Follow `dynamo-worker` in Consul until cancelled; retries card loads while a model is pending."""
-        async for snapshot in discovery.watch("dynamo-worker"):
-            await self.apply_workers(snapshot)
-            pending = {(i.meta or {}).get("model") for i in snapshot if (i.meta or {}).get("model") not in self._models}
-            retries = 0
-            while pending - {None} and retries < 20:  # card published a moment after registration
-                await asyncio.sleep(0.25)
+        """Follow `dynamo-worker` in Consul until cancelled.
+
+        A worker's card may land in KV a moment after its service entry, so while a model is pending the
+        latest snapshot is re-applied in the background; the watch itself never waits for it.
+        """
+        retry: asyncio.Task[None] | None = None
+        try:
+            async for snapshot in discovery.watch("dynamo-worker"):
+                if retry is not None:
+                    retry.cancel()
                 await self.apply_workers(snapshot)
-                pending = {p for p in pending if p not in self._models}
-                retries += 1
+                if self._pending(snapshot):
+                    retry = asyncio.get_running_loop().create_task(self._retry(snapshot))
+        finally:
+            if retry is not None:
+                retry.cancel()
+
+    def _pending(self, snapshot: list[Any]) -> bool:
+        return any((i.meta or {}).get("model") not in self._models for i in snapshot if (i.meta or {}).get("model"))
+
+    async def _retry(self, snapshot: list[Any]) -> None:
+        delay = 0.1
+        while self._pending(snapshot):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            await self.apply_workers(snapshot)

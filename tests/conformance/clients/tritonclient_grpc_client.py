@@ -66,6 +66,15 @@ def main() -> None:
     r = c.infer(MODEL, llm_inputs(), outputs=[grpcclient.InferRequestedOutput("finish_reason")])
     obs["requested_outputs"] = [o.name for o in r.get_response().outputs]
 
+    # Chat form: text_input holds JSON messages, request parameter chat_template=true.
+    msgs = json.dumps([{"role": "user", "content": PROMPT}])
+    r = c.infer(MODEL, llm_inputs(msgs), parameters={"chat_template": True})
+    obs["chat"] = {
+        "text": text(r),
+        "num_input_tokens": int(r.as_numpy("num_input_tokens")[0]),
+        "num_output_tokens": int(r.as_numpy("num_output_tokens")[0]),
+    }
+
     # async_infer (callback in another thread).
     done: queue.Queue = queue.Queue()
     c.async_infer(MODEL, llm_inputs(), callback=lambda result, error: done.put((result, error)), request_id="a1")
