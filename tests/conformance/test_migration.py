@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-
 from dynamo_grpc.launch.mesh import Mesh
 from tests.conformance.conftest import MODEL, start_mesh
 

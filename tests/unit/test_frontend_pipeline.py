@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from dynamo_grpc.v1 import common_pb2, worker_pb2
 
 from dynamo_grpc.engines.base import SamplingParams
 from dynamo_grpc.frontend.errors import Code, FrontendError, WorkerLost
@@ -21,6 +20,7 @@ from dynamo_grpc.frontend.request import LlmRequest
 from dynamo_grpc.frontend.routing import Pick, RoundRobinRouter, WorkerEndpoint
 from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.tokens.tokenizer import Tokenizer
+from dynamo_grpc.v1 import common_pb2, worker_pb2
 
 MODEL = "m"
 
@@ -125,7 +125,7 @@ async def test_multi_token_character_never_split(source) -> None:
     _, tok = source
     ids = tok.encode(" snowman ☃ and 🤖 robot")
     steps: list[Step] = [[i] for i in ids] + ["finish"]
-    p, workers, router = make(source, {"a:1": steps})
+    p, _workers, router = make(source, {"a:1": steps})
     chunks = await run(p, req(max_tokens=len(ids)))
     assert "".join(c.text for c in chunks) == tok.decode(ids)
     assert all("\ufffd" not in c.text for c in chunks)
@@ -226,7 +226,7 @@ async def test_prompt_over_context_and_unknown_model(source) -> None:
 
 
 async def test_max_tokens_clamped_to_context(source) -> None:
-    card, tok = source
+    card, _tok = source
     p, _, _ = make(source, {"a:1": ["finish"]})
     prompt = " hello" * (card.context_length - 20)
     prepared = p.prepare(MODEL, req(prompt=prompt, max_tokens=1000))
@@ -234,8 +234,8 @@ async def test_max_tokens_clamped_to_context(source) -> None:
 
 
 async def test_chat_messages_rendered_with_card_template(source) -> None:
-    card, tok = source
-    p, workers, _ = make(source, {"a:1": [[5], "finish"]})
+    _card, tok = source
+    p, _workers, _ = make(source, {"a:1": [[5], "finish"]})
     r = LlmRequest(
         prompt=None, messages=[{"role": "user", "content": "hi"}], stream=False, sampling=SamplingParams(max_tokens=2)
     )

@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from dynamo_grpc.frontend.tensors import (
     fixed_tensor,
     serialize_bytes,
 )
+from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 
 CONTENT_DTYPES = [d for d in FIXED_DTYPES if d not in ("FP16", "BF16")]
 
