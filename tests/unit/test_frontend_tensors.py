@@ -213,3 +213,22 @@ def test_parameters_survive() -> None:
     t.parameters["n"].int64_param = 3
     got: Tensor = decode_inputs(req)["x"]
     assert got.parameters == {"flag": True, "n": 3}
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_encode_scalars_matches_encode_outputs(raw: bool) -> None:
+    from dynamo_grpc.frontend.tensors import encode_scalars
+
+    items = [
+        ("t", "BYTES", "héllo"),
+        ("n", "INT32", -7),
+        ("u", "UINT64", 2**63),
+        ("f", "FP32", 0.5),
+        ("b", "BYTES", b""),
+    ]
+    fast = pb.ModelInferResponse()
+    encode_scalars(fast, items, raw=raw)
+    slow = pb.ModelInferResponse()
+    tensors = [bytes_tensor(n, [v]) if d == "BYTES" else fixed_tensor(n, d, [v]) for n, d, v in items]  # type: ignore[list-item]
+    encode_outputs(slow, tensors, raw=raw)
+    assert fast == slow

@@ -9,6 +9,7 @@ so far and max_tokens reduced by them, so the client sees every token exactly on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -72,6 +73,65 @@ class Prepared:
     prompt_ids: list[int]
     max_tokens: int
     timings: Timings = field(default_factory=Timings)
+
+
+_END = object()
+
+
+async def coalesced(
+    stream: AsyncGenerator[worker_pb2.DecodeResponse, None],
+) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+    """The worker's responses, with those that arrived while we were busy merged into one.
+
+    Under load this turns many one-token messages into fewer client responses (each costs a gRPC write),
+    and at low load it changes nothing. Errors surface in order; closing this closes the worker stream.
+    """
+    q: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for r in stream:
+                q.put_nowait(r)
+            q.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, in order
+            q.put_nowait(e)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            batch = [await q.get()]
+            while not q.empty():
+                batch.append(q.get_nowait())
+            merged: worker_pb2.DecodeResponse | None = None
+            for item in batch:
+                if item is _END or isinstance(item, BaseException):
+                    if merged is not None:
+                        yield merged
+                    if isinstance(item, BaseException):
+                        raise item
+                    return
+                assert isinstance(item, worker_pb2.DecodeResponse)
+                if merged is None:
+                    merged = item
+                else:
+                    merged.token_ids.extend(item.token_ids)
+                    merged.logprobs.extend(item.logprobs)
+                    merged.finish_reason = item.finish_reason
+                    if item.HasField("usage"):
+                        merged.usage.CopyFrom(item.usage)
+                if merged.finish_reason:
+                    break
+            assert merged is not None
+            yield merged
+            if merged.finish_reason:
+                return
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await stream.aclose()
 
 
 _ids = itertools.count()
@@ -212,7 +272,9 @@ class Pipeline:
             finish: str | None = None
             first = True
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            stream = self.workers.decode(pick.address, self._decode_request(route_id, p, req, generated), remaining)
+            stream = coalesced(
+                self.workers.decode(pick.address, self._decode_request(route_id, p, req, generated), remaining)
+            )
             try:
                 async with contextlib.aclosing(stream):
                     async for resp in stream:

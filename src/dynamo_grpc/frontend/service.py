@@ -26,10 +26,9 @@ from dynamo_grpc.frontend.stats import Duration, StatsBook
 from dynamo_grpc.frontend.tensors import (
     Tensor,
     TensorError,
-    bytes_tensor,
     decode_inputs,
     encode_outputs,
-    fixed_tensor,
+    encode_scalars,
     parameters_dict,
 )
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
@@ -288,21 +287,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.LogSettingsResponse()
 
     # -- inference ----------------------------------------------------------------------------------
-    def _outputs(self, req: LlmRequest, text: str, finish: str, chunk: Chunk | None, new_tokens: int) -> list[Tensor]:
-        values: dict[str, Tensor] = {
-            "text_output": bytes_tensor("text_output", [text]),
-            "finish_reason": bytes_tensor("finish_reason", [finish]),
-            "num_input_tokens": fixed_tensor("num_input_tokens", "INT32", [chunk.prompt_tokens if chunk else 0]),
-            "num_output_tokens": fixed_tensor("num_output_tokens", "INT32", [new_tokens]),
-            "cached_tokens": fixed_tensor("cached_tokens", "INT32", [chunk.cached_tokens if chunk else 0]),
+    def _outputs(
+        self, req: LlmRequest, text: str, finish: str, chunk: Chunk | None, new_tokens: int
+    ) -> list[tuple[str, str, bytes | str | int | float]]:
+        values: dict[str, bytes | str | int | float] = {
+            "text_output": text,
+            "finish_reason": finish,
+            "num_input_tokens": chunk.prompt_tokens if chunk else 0,
+            "num_output_tokens": new_tokens,
+            "cached_tokens": chunk.cached_tokens if chunk else 0,
         }
-        return [values[n] for n in req.requested_outputs]
+        return [(n, OUTPUTS[n], values[n]) for n in req.requested_outputs]
 
     def _response(
-        self, request: pb.ModelInferRequest, tensors: list[Tensor], final: bool | None, last: Chunk | None = None
+        self,
+        request: pb.ModelInferRequest,
+        tensors: list[Tensor] | list[tuple[str, str, bytes | str | int | float]],
+        final: bool | None,
+        last: Chunk | None = None,
     ) -> pb.ModelInferResponse:
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-        encode_outputs(resp, tensors, raw=_used_raw(request))
+        if tensors and isinstance(tensors[0], Tensor):
+            encode_outputs(resp, tensors, raw=_used_raw(request))  # type: ignore[arg-type]
+        else:
+            encode_scalars(resp, tensors, raw=_used_raw(request))  # type: ignore[arg-type]
         if final is not None:
             resp.parameters[FINAL].bool_param = final
         if last is not None:
@@ -344,6 +352,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         prefix = req.prompt if (req.prompt is not None and not req.exclude_input_in_output) else ""
         responses = 0
         out_ns = 0
+        pending_tokens = 0
         try:
             if req.stream:
                 if not stream_rpc:
@@ -351,15 +360,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async for chunk in self.pipeline.generate(p, req, request.id or None, timeout):
                     t1 = time.perf_counter_ns()
                     text = prefix + chunk.text
-                    prefix = ""
                     final = chunk.finish_reason is not None
-                    if text or chunk.num_new_tokens or final:
+                    pending_tokens += chunk.num_new_tokens
+                    if text or final:  # tokens still held back (a partial character) ride on the next one
+                        prefix = ""
                         yield self._response(
                             request,
-                            self._outputs(req, text, chunk.finish_reason or "", chunk, chunk.num_new_tokens),
+                            self._outputs(req, text, chunk.finish_reason or "", chunk, pending_tokens),
                             final,
                             chunk,
                         )
+                        pending_tokens = 0
                         responses += 1
                     out_ns += time.perf_counter_ns() - t1
             else:

@@ -245,3 +245,34 @@ def bytes_tensor(name: str, values: Sequence[bytes | str], shape: Sequence[int] 
 def fixed_tensor(name: str, datatype: str, values: Sequence[Any], shape: Sequence[int] | None = None) -> Tensor:
     shp = tuple(shape) if shape is not None else (len(values),)
     return Tensor(name, datatype, shp, np.array(values, dtype=FIXED_DTYPES[datatype]).reshape(shp), {})
+
+
+_SCALAR_PACK = {
+    "INT32": struct.Struct("<i"),
+    "INT64": struct.Struct("<q"),
+    "UINT32": struct.Struct("<I"),
+    "UINT64": struct.Struct("<Q"),
+    "FP32": struct.Struct("<f"),
+    "FP64": struct.Struct("<d"),
+}
+
+
+def encode_scalars(
+    response: pb.ModelInferResponse, items: Sequence[tuple[str, str, bytes | str | int | float]], *, raw: bool
+) -> None:
+    """Append one-element ([1]) outputs without numpy: the per-token hot path of a streamed response.
+
+    Produces exactly what `encode_outputs` produces for the same single-element tensors.
+    """
+    for name, datatype, value in items:
+        out = response.outputs.add(name=name, datatype=datatype, shape=[1])
+        if datatype == "BYTES":
+            b = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+            if raw:
+                response.raw_output_contents.append(_LEN.pack(len(b)) + b)
+            else:
+                out.contents.bytes_contents.append(b)
+        elif raw:
+            response.raw_output_contents.append(_SCALAR_PACK[datatype].pack(value))
+        else:
+            getattr(out.contents, _CONTENTS_FIELD[datatype]).append(value)
