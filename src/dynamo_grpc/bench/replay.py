@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -189,11 +191,28 @@ def model_dir(cfg: ReplayConfig, trace: Trace, work: Path) -> Path | None:
     return write_long_context_model(work / f"SmolLM2-135M-Instruct-ctx{ctx}", ctx)
 
 
+def _process_cpu(mesh: Any) -> dict[str, float]:
+    """CPU seconds (user + system) each mesh process has used so far, from /proc (Linux; {} elsewhere)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for p in getattr(mesh, "procs", []):
+        try:
+            fields = Path(f"/proc/{p.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[p.name] = (int(fields[11]) + int(fields[12])) / tick
+    with contextlib.suppress(OSError):
+        self_cpu = os.times()
+        out["replay-driver"] = self_cpu.user + self_cpu.system
+    return out
+
+
 def run_one(
     router: str, trace: Trace, cfg: ReplayConfig, bound: float, model_path: Path | None = None
 ) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Start a mesh with ``router``, replay, stop the mesh; return the records and the summary."""
     t_start = time.monotonic()
+    cpu: dict[str, float] = {}
     if cfg.frontend:
         model, records = asyncio.run(_drive(cfg.frontend, cfg.model, trace, cfg))
         workers = sorted({r.worker_id for r in records if r.worker_id})
@@ -214,8 +233,11 @@ def run_one(
         )
         with Mesh(mc) as mesh:
             workers = _worker_ids(mesh.consul)
+            cpu0 = _process_cpu(mesh)
             model, records = asyncio.run(_drive(mesh.frontend_grpc, cfg.model, trace, cfg))
+            cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in _process_cpu(mesh).items()}
     summary = summarize(records, cfg.speedup, workers, bound)
+    summary["process_cpu_s"] = cpu
     summary["router"] = router
     summary["model"] = model
     summary["workers"] = workers
@@ -236,6 +258,7 @@ def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list
         "output_tokens": [r.output_tokens for r in records],
         "worker": [r.worker_id for r in records],
         "error": [r.error for r in records],
+        "error_after_s": [num(r.end_s - r.sent_s) if r.error else None for r in records],
     }
 
 

@@ -205,6 +205,7 @@ class Driver:
                 now = time.perf_counter()
                 if sresp.error_message:
                     rec.error = f"stream_error: {sresp.error_message}"
+                    rec.end_s = now
                     break
                 if absorb_response(rec, sresp.infer_response, now):
                     rec.end_s = now
@@ -216,6 +217,7 @@ class Driver:
                     rec.error = "no_response: stream closed without output"
         except grpc.aio.AioRpcError as e:
             rec.error = f"{e.code().name}: {e.details()}"
+            rec.end_s = time.perf_counter()
         finally:
             call.cancel()
         finish_tokens(rec)
