@@ -194,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-mode", default="kv", choices=["kv", "round-robin", "random"])
     args = p.parse_args(argv)
     cfg = MeshConfig(workers=2, speedup_ratio=args.speedup_ratio, router_mode=args.router_mode)
+    load_before = os.getloadavg()
     with Mesh(cfg) as mesh:
         result = asyncio.run(run(args, mesh))
+    # The machine is shared: record how busy it was, since every number here depends on it.
+    result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     result["cpu_count"] = os.cpu_count()
     result["router_mode"] = args.router_mode
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -112,15 +112,17 @@ async def serve(args: argparse.Namespace) -> int:
     if args.router_mode == "kv" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
     http_address = ""
-    http_runner = None
-    if args.http_port >= 0:
+    runners = []
+    if args.http_port >= 0 or args.metrics_port >= 0:
         from dynamo_grpc.frontend.openai_http import start_http
 
-        http_runner, http_address = await start_http(args.host, args.http_port, pipeline, stats)
-    if args.metrics_port >= 0:
-        import prometheus_client
-
-        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+        if args.http_port >= 0:
+            runner, http_address = await start_http(args.host, args.http_port, pipeline, stats)
+            runners.append(runner)
+        if args.metrics_port >= 0:
+            runner, metrics_address = await start_http(args.host, args.metrics_port, pipeline, stats, admin_only=True)
+            runners.append(runner)
+            log.info("metrics on http://%s/metrics", metrics_address)
     instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     host, port = grpc_address.rsplit(":", 1)
     inst = Instance(
@@ -148,8 +150,8 @@ async def serve(args: argparse.Namespace) -> int:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if http_runner is not None:
-            await http_runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         await router.close()
         await workers.pool.close()
         await discovery.close()

@@ -74,11 +74,12 @@ class OpenAiApp:
         self.registry = prometheus_client.CollectorRegistry()
         self.registry.register(_StatsCollector(stats, pipeline))
 
-    def app(self) -> web.Application:
+    def app(self, admin_only: bool = False) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
+        if not admin_only:
+            app.router.add_post("/v1/completions", self.completions)
+            app.router.add_post("/v1/chat/completions", self.chat)
+            app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -216,9 +217,11 @@ class OpenAiApp:
         )
 
 
-async def start_http(host: str, port: int, pipeline: Pipeline, stats: StatsBook) -> tuple[web.AppRunner, str]:
-    """Serve the OpenAI app; returns the runner (cleanup() to stop) and host:port."""
-    runner = web.AppRunner(OpenAiApp(pipeline, stats).app(), access_log=None)
+async def start_http(
+    host: str, port: int, pipeline: Pipeline, stats: StatsBook, admin_only: bool = False
+) -> tuple[web.AppRunner, str]:
+    """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port."""
+    runner = web.AppRunner(OpenAiApp(pipeline, stats).app(admin_only), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
