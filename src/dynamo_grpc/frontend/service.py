@@ -393,6 +393,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except BaseException as e:
             cancelled = isinstance(e, (asyncio.CancelledError, GeneratorExit))
             self.stats.record_failure(m.name, time.perf_counter_ns() - t0, cancelled=cancelled)
+            if isinstance(e, Exception):
+                e._counted = True  # type: ignore[attr-defined]
             raise
         self.stats.record_success(
             m.name,
@@ -419,11 +421,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return last
         except Exception as e:
             a = _classify(e)
-            if not isinstance(e, FrontendError) or e.code != Code.NOT_FOUND:
-                if isinstance(e, (TensorError, RequestError)) and request.model_name:
-                    self.stats.record_failure(request.model_name, time.perf_counter_ns() - t0)
+            self._count_failure(request, e, t0)
             await context.abort(a.code, a.message)
             raise AssertionError("unreachable") from None
+
+    def _count_failure(self, request: pb.ModelInferRequest, e: BaseException, t0: int) -> None:
+        """Failures before generation started (bad tensors, too long, ...) count against a known model.
+
+        Failures during generation are counted in `_infer_stream` itself.
+        """
+        if getattr(e, "_counted", False):
+            return
+        name = request.model_name
+        if self.pipeline.registry.get(name) is not None or (self.simple and name == simple_model.NAME):
+            self.stats.record_failure(name, time.perf_counter_ns() - t0)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -434,6 +445,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout = _timeout(context)
 
         async def one(request: pb.ModelInferRequest) -> None:
+            t0 = time.perf_counter_ns()
             try:
                 gen = self._infer_stream(request, timeout, stream_rpc=True)
                 async with contextlib.aclosing(gen):
@@ -443,6 +455,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             except Exception as e:
                 a = _classify(e)
+                self._count_failure(request, e, t0)
                 err = pb.ModelStreamInferResponse(
                     error_message=f"[{a.code.name}] {a.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
