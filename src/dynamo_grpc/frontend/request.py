@@ -343,7 +343,12 @@ def parse_request(
     if "text_input" in inputs:
         text = _text(inputs["text_input"])
         if chat_param and messages is None:
-            messages = _parse_messages("tensor 'text_input'", text)
+            # a JSON list of messages, or plain text taken as one user turn
+            stripped = text.lstrip()
+            if stripped.startswith(("[", "{")):
+                messages = _parse_messages("tensor 'text_input'", text)
+            else:
+                messages = [{"role": "user", "content": text}]
         elif messages is None:
             prompt = text
     if prompt is not None and not prompt:
