@@ -1,9 +1,20 @@
-"""Router indexer and decision benchmark: ours vs a naive per-worker-set baseline, same run.
+"""Router indexer and decision benchmark: ours vs baselines, same run, same workload.
 
-At 64 workers and ~1M indexed blocks: KV block events applied per second, Route decisions
-per second and p50/p99 decision latency (full Router.route with precomputed block hashes,
+At 64 workers and ~1M stored block events: KV block events applied per second, Route decisions
+per second and p50/p99 decision latency (full ``Router.route`` with precomputed block hashes,
 policy over 64 workers), and bytes of memory per indexed block (tracemalloc).
-Writes JSON (``--json``) and a PNG under bench/results/.
+
+Three decision paths over the same queries:
+  * ``ours``: bitmask index + dense per-rank numpy arrays (the router as shipped);
+  * ``candidates``: the same index, but the earlier policy path that builds one ``Candidate``
+    object per rank in Python per decision (what ``ours`` replaced);
+  * ``naive``: a set of hashes per worker, scanned per query, with the candidate path.
+
+Latency is measured per decision after a warm-up, both as wall time (perf_counter: includes
+preemption by other processes) and as this thread's CPU time (thread_time: what one core
+spends), once with the garbage collector enabled and once with ``gc.disable()`` around the
+timed loop. Throughput is decisions / wall time of the timed loop, and decisions / CPU time.
+Writes JSON (``--json``) and a PNG next to it.
 
     PYTHONPATH=src:gen python bench/bench_router.py --json bench/results/router.json
 """
@@ -13,16 +24,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import time
 import tracemalloc
 from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.indexer import KvIndexer
-from dynamo_grpc.router.router import RouteInput, Router, WorkerInfo
+from dynamo_grpc.router.policy import Candidate, costs, not_busy, pick
+from dynamo_grpc.router.router import NoWorkers, RouteInput, Router, RouteResult, WorkerInfo
 
 
 class NaiveIndexer:
@@ -88,34 +102,126 @@ def bench_apply(index: KvIndexer | NaiveIndexer, events: list[tuple[tuple[str, i
     return sum(len(c) for _, c in events) / dt
 
 
+class CandidateRouter(Router):
+    """Baseline decision path: one ``Candidate`` per rank built in Python per decision (the pre-numpy policy)."""
+
+    def route(self, inp: RouteInput) -> RouteResult:
+        ranks = [k for w in self.workers.values() for k in w.ranks()]
+        if inp.exclude:
+            ranks = [k for k in ranks if k[0] not in set(inp.exclude)]
+        if not ranks:
+            raise NoWorkers("no live worker")
+        hashes = self.hashes_for(inp)
+        overlaps = self.indexer.overlaps(hashes)
+        per_worker = self.active._per_worker
+        cands = []
+        for key in ranks:
+            a = per_worker.get(key)
+            usage = self.kv_usage.get(key)
+            if usage is None and a is not None and self.workers[key[0]].kv_blocks:
+                usage = (a.prefill_blocks + a.decode_blocks) / self.workers[key[0]].kv_blocks
+            if a is None:
+                cands.append(Candidate(key, overlaps.get(key, 0), 0, 0, usage))
+            else:
+                cands.append(Candidate(key, overlaps.get(key, 0), a.prefill_blocks, a.decode_blocks, usage))
+        cands = not_busy(cands, self.config.busy_threshold)
+        prompt_blocks = len(hashes)
+        decode_new = prompt_blocks + -(-inp.expected_output_tokens // self.block_size)
+        choice = pick(
+            costs(cands, prompt_blocks, decode_new, self.config.prefill_load_scale), self.config.temperature, self.rng
+        )
+        iid, rank = choice.key  # type: ignore[misc]
+        return RouteResult(
+            iid, rank, self.workers[iid].grpc_address, choice.overlap, prompt_blocks,
+            choice.prefill_cost, choice.decode_cost, "kv",
+        )  # fmt: skip
+
+
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
+    return {
+        "p50_ms": lat[len(lat) // 2] * 1e3,
+        "p99_ms": lat[int(len(lat) * 0.99)] * 1e3,
+        "p999_ms": lat[int(len(lat) * 0.999)] * 1e3,
+        "max_ms": lat[-1] * 1e3,
+        "mean_ms": statistics.fmean(lat) * 1e3,
+    }
+
+
 def bench_decisions(
-    index: KvIndexer | NaiveIndexer, events: list[tuple[tuple[str, int], list[int]]], workers: int, n: int, seed: int
-) -> dict[str, float]:
-    router = Router(RouterConfig(block_size=64, max_indexed_blocks=0, seed=seed))
+    index: KvIndexer | NaiveIndexer,
+    events: list[tuple[tuple[str, int], list[int]]],
+    workers: int,
+    n: int,
+    seed: int,
+    router_cls: type[Router] = Router,
+    warmup: int = 1000,
+) -> dict[str, object]:
+    """Route ``n`` queries (a random stored chain cut at a random depth, plus one unseen block).
+
+    Every query has a 50 % chance to be committed (load added to the chosen rank) and a
+    committed request is freed 256 decisions later, so per-rank load changes all the time and
+    the decision's load arrays are really exercised; frees are outside the timed call but
+    inside the throughput loop.
+    """
+    router = router_cls(RouterConfig(block_size=64, max_indexed_blocks=0, seed=seed))
     router.set_workers([WorkerInfo(f"w{i}", f"127.0.0.1:{9000 + i}", "m", 64, 1, 16384) for i in range(workers)])
     router.indexer = index  # type: ignore[assignment]
     router.ready = True
     rng = random.Random(seed)
-    queries = []
-    for i in range(n):
-        _, chain = events[rng.randrange(len(events))]
-        cut = rng.randrange(1, len(chain) + 1)
-        queries.append(RouteInput(f"q{i}", block_hashes=[*chain[:cut], rng.getrandbits(64)], dry_run=True))
-    lat = []
-    gc.collect()
-    t_all = time.perf_counter()
-    for q in queries:
-        t0 = time.perf_counter()
-        router.route(q)
-        lat.append(time.perf_counter() - t0)
-    total = time.perf_counter() - t_all
-    lat.sort()
-    return {
-        "decisions_per_s": n / total,
-        "p50_ms": lat[len(lat) // 2] * 1e3,
-        "p99_ms": lat[int(len(lat) * 0.99)] * 1e3,
-        "mean_ms": statistics.fmean(lat) * 1e3,
-    }
+
+    def queries(tag: str, count: int) -> list[RouteInput]:
+        out = []
+        for i in range(count):
+            _, chain = events[rng.randrange(len(events))]
+            cut = rng.randrange(1, len(chain) + 1)
+            hashes = [*chain[:cut], rng.getrandbits(64)]
+            out.append(
+                RouteInput(f"{tag}{i}", block_hashes=hashes, expected_output_tokens=256, dry_run=rng.random() < 0.5)
+            )
+        return out
+
+    def run(qs: list[RouteInput]) -> tuple[list[float], list[float], float, float]:
+        wall: list[float] = []
+        cpu: list[float] = []
+        live: list[str] = []
+        perf, thread = time.perf_counter, time.thread_time
+        t_all, c_all = perf(), thread()
+        for q in qs:
+            c0 = thread()
+            t0 = perf()
+            router.route(q)
+            t1 = perf()
+            c1 = thread()
+            wall.append(t1 - t0)
+            cpu.append(c1 - c0)
+            if not q.dry_run:
+                live.append(q.request_id)
+                if len(live) > 256:
+                    router.free(live.pop(0))
+        total_wall, total_cpu = perf() - t_all, thread() - c_all
+        for rid in live:
+            router.free(rid)
+        return wall, cpu, total_wall, total_cpu
+
+    run(queries("warm", warmup))
+    out: dict[str, object] = {}
+    for label, disable_gc in (("gc_on", False), ("gc_off", True)):
+        qs = queries(label, n)
+        gc.collect()
+        if disable_gc:
+            gc.disable()
+        try:
+            wall, cpu, total_wall, total_cpu = run(qs)
+        finally:
+            gc.enable()
+        out[label] = {
+            "decisions_per_s": n / total_wall,
+            "decisions_per_cpu_s": n / total_cpu,
+            "wall": _percentiles(wall),
+            "cpu": _percentiles(cpu),
+        }
+    return out
 
 
 def bench_memory(make: type, events: list[tuple[tuple[str, int], list[int]]]) -> float:
@@ -138,38 +244,48 @@ def bench_remove(index: KvIndexer | NaiveIndexer, events: list[tuple[tuple[str, 
     return sum(len(c) for _, c in sample) / (time.perf_counter() - t0)
 
 
-def plot(result: dict[str, object], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours, naive = result["ours"], result["naive"]
-    assert isinstance(ours, dict) and isinstance(naive, dict)
-    metrics = [
-        ("store events/s", "store_events_per_s"),
-        ("remove events/s", "remove_events_per_s"),
-        ("decisions/s", "decisions_per_s"),
-        ("p99 decision ms", "p99_ms"),
-        ("bytes/block", "bytes_per_block"),
-    ]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(16, 3.6))
-    for ax, (title, key) in zip(axes, metrics, strict=True):
-        ax.bar(["ours", "naive"], [ours[key], naive[key]], color=["tab:green", "tab:gray"])
-        ax.set_title(title)
-    fig.suptitle(f"router indexer: {result['workers']} workers, {result['indexed_blocks']:,} blocks")
+    paths = ["ours", "candidates", "naive"]
+    colors = ["tab:green", "tab:orange", "tab:gray"]
+    dec = {p: result["decisions"][p] for p in paths}
+    index = result["index"]
+    idx_paths = ["ours", "naive"]
+    panels: list[tuple[str, list[str], list[float], float | None]] = [
+        ("store events/s (M)", idx_paths, [index[p]["store_events_per_s"] / 1e6 for p in idx_paths], 1.0),
+        ("decisions/s, wall (k)", paths, [dec[p]["gc_on"]["decisions_per_s"] / 1e3 for p in paths], 20.0),
+        ("decisions per CPU-s (k)", paths, [dec[p]["gc_on"]["decisions_per_cpu_s"] / 1e3 for p in paths], 20.0),
+        ("p99 decision, wall ms (gc off)", paths, [dec[p]["gc_off"]["wall"]["p99_ms"] for p in paths], 1.0),
+        ("p99 decision, CPU ms (gc on)", paths, [dec[p]["gc_on"]["cpu"]["p99_ms"] for p in paths], 1.0),
+        ("bytes/block", idx_paths, [index[p]["bytes_per_block"] for p in idx_paths], None),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(20, 3.8))
+    for ax, (title, names, values, target) in zip(axes, panels, strict=True):
+        ax.bar(names, values, color=[colors[paths.index(n)] for n in names])
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label="target")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(
+        f"router: {result['workers']} workers, {result['indexed_blocks']:,} indexed blocks "
+        f"({result['machine']}); red = target"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--blocks", type=int, default=1_000_000)
     p.add_argument("--chain-len", type=int, default=32)
     p.add_argument("--decisions", type=int, default=20_000)
-    p.add_argument("--naive-decisions", type=int, default=2_000)
+    p.add_argument("--baseline-decisions", type=int, default=3_000)
     p.add_argument("--memory-blocks", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench/results/router.json")
@@ -177,22 +293,31 @@ def main(argv: list[str] | None = None) -> int:
 
     events = make_workload(args.workers, args.blocks, args.chain_len, args.seed)
     ours_idx, naive_idx = KvIndexer(), NaiveIndexer()
-    ours: dict[str, float] = {"store_events_per_s": bench_apply(ours_idx, events)}
-    naive: dict[str, float] = {"store_events_per_s": bench_apply(naive_idx, events)}
+    index: dict[str, dict[str, float]] = {
+        "ours": {"store_events_per_s": bench_apply(ours_idx, events)},
+        "naive": {"store_events_per_s": bench_apply(naive_idx, events)},
+    }
     indexed = len(ours_idx)
-    ours.update(bench_decisions(ours_idx, events, args.workers, args.decisions, args.seed))
-    naive.update(bench_decisions(naive_idx, events, args.workers, args.naive_decisions, args.seed))
-    ours["remove_events_per_s"] = bench_remove(ours_idx, events)
-    naive["remove_events_per_s"] = bench_remove(naive_idx, events)
+    decisions = {
+        "ours": bench_decisions(ours_idx, events, args.workers, args.decisions, args.seed),
+        "candidates": bench_decisions(
+            ours_idx, events, args.workers, args.baseline_decisions, args.seed, CandidateRouter
+        ),
+        "naive": bench_decisions(naive_idx, events, args.workers, args.baseline_decisions, args.seed, CandidateRouter),
+    }
+    index["ours"]["remove_events_per_s"] = bench_remove(ours_idx, events)
+    index["naive"]["remove_events_per_s"] = bench_remove(naive_idx, events)
     mem_events = make_workload(args.workers, args.memory_blocks, args.chain_len, args.seed + 1)
-    ours["bytes_per_block"] = bench_memory(KvIndexer, mem_events)
-    naive["bytes_per_block"] = bench_memory(NaiveIndexer, mem_events)
-    result: dict[str, object] = {
+    index["ours"]["bytes_per_block"] = bench_memory(KvIndexer, mem_events)
+    index["naive"]["bytes_per_block"] = bench_memory(NaiveIndexer, mem_events)
+    result: dict[str, Any] = {
         "workers": args.workers,
         "indexed_blocks": indexed,
+        "stored_block_events": sum(len(c) for _, c in events),
         "chain_len": args.chain_len,
-        "ours": ours,
-        "naive": naive,
+        "machine": f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at the end",
+        "index": index,
+        "decisions": decisions,
         "targets": {"store_events_per_s": 1e6, "decisions_per_s": 2e4, "p99_ms": 1.0},
         "dynamo_rust_reference_events_per_s": 1e7,
     }

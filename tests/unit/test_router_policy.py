@@ -10,7 +10,7 @@ import pytest
 from dynamo_grpc.router.active import ActiveSequences
 from dynamo_grpc.router.approx import ApproxIndexer
 from dynamo_grpc.router.config import RouterConfig
-from dynamo_grpc.router.policy import Choice, pick
+from dynamo_grpc.router.policy import Candidate, Choice, costs, not_busy, pick
 from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput, Router, WorkerInfo
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
@@ -180,3 +180,78 @@ def test_active_sequences_ttl_and_remote() -> None:
     r1.free("q")
     r2.apply_remote(changes[-1], "r1")
     assert r2.active.load(key).decode_blocks == 0
+
+
+def _reference_choices(r: Router, hashes: list[int], exclude: set[str], out_tokens: int) -> list[Choice]:
+    """The per-candidate reference policy (policy.costs + not_busy) over the router's current state."""
+    cands = []
+    for w in r.workers.values():
+        if w.instance_id in exclude:
+            continue
+        for key in w.ranks():
+            a = r.active.load(key)
+            usage = r.kv_usage.get(key)
+            if usage is None and w.kv_blocks:
+                usage = (a.prefill_blocks + a.decode_blocks) / w.kv_blocks
+            cands.append(Candidate(key, 0, a.prefill_blocks, a.decode_blocks, usage))
+    overlaps = r.indexer.overlaps(hashes, touch=False)
+    for c in cands:
+        c.overlap = overlaps.get(c.key, 0)
+    free = not_busy(cands, r.config.busy_threshold)
+    prompt = len(hashes)
+    return costs(free, prompt, prompt + -(-out_tokens // BS), r.config.prefill_load_scale)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_decision_matches_reference_policy(seed: int) -> None:
+    """Random loads, usage, cached prefixes, dp ranks, exclusions: the chosen rank is a reference argmin."""
+    rng = random.Random(seed)
+    r = Router(RouterConfig(block_size=BS, seed=seed, busy_threshold=0.8, prefill_load_scale=rng.choice([1.0, 0.7])))
+    r.set_workers([WorkerInfo(f"w{i}", f"h:{i}", "m", BS, rng.choice([1, 2]), rng.choice([0, 400])) for i in range(7)])
+    r.ready = True
+    ranks = [k for w in r.workers.values() for k in w.ranks()]
+    prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 12) * BS)] for _ in range(6)]
+    for step in range(150):
+        tokens = rng.choice(prompts)[: rng.randrange(1, 12) * BS] + [rng.randrange(1000) for _ in range(BS)]
+        op = rng.random()
+        if op < 0.2:  # a worker caches a prefix
+            key = rng.choice(ranks)
+            r.indexer.store(key, block_hash_list(tokens, BS)[: rng.randrange(1, len(tokens) // BS + 1)])
+        elif op < 0.3:
+            r.set_load(rng.choice(ranks), rng.randrange(1000), 1000)
+        elif op < 0.4 and r.active._seqs:
+            rid = rng.choice(list(r.active._seqs))
+            r.free(rid) if rng.random() < 0.5 else r.prefill_done(rid, rng.randrange(500))
+        exclude = {f"w{rng.randrange(7)}"} if rng.random() < 0.3 else set()
+        out_tokens = rng.randrange(300)
+        hashes = block_hash_list(tokens, BS)
+        inp = RouteInput(f"q{step}", token_ids=tokens, exclude=list(exclude), expected_output_tokens=out_tokens)
+        try:
+            ref = _reference_choices(r, hashes, exclude, out_tokens)
+        except AllBusy:
+            with pytest.raises(AllBusy):
+                r.route(inp)
+            continue
+        res = r.route(inp)
+        best = min(c.total for c in ref)
+        by_key = {c.key: c for c in ref}
+        got = by_key[(res.instance_id, res.dp_rank)]
+        assert got.total == pytest.approx(best) and res.total_cost == pytest.approx(best)
+        assert (res.overlap_blocks, res.prefill_cost, res.decode_cost) == (
+            got.overlap,
+            pytest.approx(got.prefill_cost),
+            got.decode_cost,
+        )
+        assert res.address == f"h:{res.instance_id[1:]}"
+
+
+def test_vectorised_softmax_samples_every_allowed_rank_and_prefers_cheap() -> None:
+    r = make_router(3, temperature=0.5)
+    tokens = list(range(8 * BS))
+    r.indexer.store(("w1", 0), block_hash_list(tokens, BS))
+    got = Counter(r.route(RouteInput(f"q{i}", token_ids=tokens, dry_run=True)).instance_id for i in range(600))
+    assert set(got) == {"w0", "w1", "w2"} and got["w1"] > got["w0"] and got["w1"] > got["w2"]
+    got = Counter(
+        r.route(RouteInput(f"x{i}", token_ids=tokens, exclude=["w1"], dry_run=True)).instance_id for i in range(200)
+    )
+    assert set(got) == {"w0", "w2"}

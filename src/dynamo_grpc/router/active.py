@@ -3,6 +3,8 @@
 Route adds a sequence (pending prefill blocks + the blocks it will occupy while decoding);
 Update(PREFILL_DONE) clears its prefill part; Update(FREE) removes it. Sequences nobody
 frees expire after a TTL, so a lost FREE cannot pin load on a worker forever.
+Every change to a worker's sums is also reported to ``on_delta`` (the router's dense
+:class:`~dynamo_grpc.router.ranks.RankTable`), so a decision never walks this dict.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ActiveSequences:
         self.clock = clock
         self._seqs: dict[str, ActiveSequence] = {}
         self._per_worker: dict[WorkerKey, WorkerActive] = {}
+        #: called with (worker, d_prefill_blocks, d_decode_blocks) on every change of a worker's sums
+        self.on_delta: Callable[[WorkerKey, int, int], None] | None = None
 
     def load(self, worker: WorkerKey) -> WorkerActive:
         return self._per_worker.get(worker) or WorkerActive()
@@ -70,6 +74,8 @@ class ActiveSequences:
         w.prefill_blocks += prefill_blocks
         w.decode_blocks += decode_blocks
         w.sequences += 1
+        if self.on_delta is not None:
+            self.on_delta(worker, prefill_blocks, decode_blocks)
 
     def prefill_done(self, request_id: str) -> bool:
         seq = self._seqs.get(request_id)
@@ -77,6 +83,8 @@ class ActiveSequences:
             return False
         w = self._per_worker[seq.worker]
         w.prefill_blocks -= seq.prefill_blocks
+        if self.on_delta is not None and seq.prefill_blocks:
+            self.on_delta(seq.worker, -seq.prefill_blocks, 0)
         seq.prefill_blocks = 0
         seq.updated = self.clock()
         return True
@@ -89,6 +97,8 @@ class ActiveSequences:
         blocks = -(-(seq.prompt_tokens + output_tokens) // self.block_size) if self.block_size else 0
         if blocks > seq.decode_blocks:
             self._per_worker[seq.worker].decode_blocks += blocks - seq.decode_blocks
+            if self.on_delta is not None:
+                self.on_delta(seq.worker, 0, blocks - seq.decode_blocks)
             seq.decode_blocks = blocks
         seq.updated = self.clock()
         return True
@@ -103,6 +113,8 @@ class ActiveSequences:
         w.sequences -= 1
         if w.sequences == 0:
             del self._per_worker[seq.worker]
+        if self.on_delta is not None:
+            self.on_delta(seq.worker, -seq.prefill_blocks, -seq.decode_blocks)
         return True
 
     def remove_worker(self, worker: WorkerKey) -> int:

@@ -152,35 +152,44 @@ class KvIndexer:
 
     # ---- queries -----------------------------------------------------------------------
     def overlaps(self, block_hashes: Sequence[int], touch: bool = True) -> dict[WorkerKey, int]:
-        """Per worker rank, how many leading blocks of the chain it holds (workers with 0 omitted)."""
+        """Per worker rank, how many leading blocks of the chain it holds (workers with 0 omitted).
+
+        One dict operation or two per block; the walk stops at the first block no live worker
+        holds, and a worker's bits are only visited when it drops out of the match.
+        """
         d = self._owners
-        mask = self._alive
         depth: dict[WorkerKey, int] = {}
-        if not mask:
+        n = len(block_hashes)
+        if not n or not self._alive:
             return depth
         key_of = self._key_of
+        pop = d.pop
+        mask = self._alive
         i = 0
-        for i, h in enumerate(block_hashes):
-            m = d.get(h, 0) & mask
+        while i < n:
+            h = block_hashes[i]
+            if touch:
+                m = pop(h, 0)  # re-insert below: a hit refreshes recency
+                if m:
+                    d[h] = m
+            else:
+                m = d.get(h, 0)
+            m &= mask
             if m != mask:
-                gone = mask & ~m
-                while gone:
-                    low = gone & -gone
-                    if i:
+                if i:  # workers that held blocks 0..i-1 but not i
+                    gone = mask ^ m
+                    while gone:
+                        low = gone & -gone
                         depth[key_of[low.bit_length() - 1]] = i
-                    gone ^= low
+                        gone ^= low
                 mask = m
                 if not mask:
-                    break
-            if touch:
-                d[h] = d.pop(h)
-        else:
-            i = len(block_hashes)
-        if mask and i:
-            while mask:
-                low = mask & -mask
-                depth[key_of[low.bit_length() - 1]] = i
-                mask ^= low
+                    return depth
+            i += 1
+        while mask:
+            low = mask & -mask
+            depth[key_of[low.bit_length() - 1]] = n
+            mask ^= low
         return depth
 
     def __len__(self) -> int:

@@ -15,6 +15,9 @@ import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 WorkerKey = Hashable
 
 
@@ -87,6 +90,79 @@ def pick(choices: Sequence[Choice], temperature: float, rng: random.Random) -> C
     top = max(logits)
     weights = [math.exp(x - top) for x in logits]
     return rng.choices(list(choices), weights=weights, k=1)[0]
+
+
+# ---- vectorised (the router's hot path): one float64 entry per rank slot ------------------------
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+def cost_scores(
+    prefill: FloatArray,
+    decode: FloatArray,
+    overlap_slots: list[int],
+    overlap_depths: list[int],
+    scale: float,
+) -> FloatArray:
+    """Per rank, the cost of :func:`costs` minus ``scale * prompt_blocks + decode_new`` (the same for all).
+
+    ``scale * (prefill + prompt - overlap) + decode + decode_new``: the clamp at 0 of :func:`costs`
+    never applies here, since a rank's overlap is at most the prompt's blocks and its pending
+    prefill is never negative. Dropping the common constant changes neither the argmin nor the
+    min-max-normalised softmax, and saves an array op per decision. Overlap is sparse (only the
+    ranks that hold the first block), so it comes as (slot, depth) lists.
+    """
+    if scale == 1.0:
+        score = prefill + decode
+    else:
+        score = prefill * scale
+        score += decode
+    if len(overlap_slots) <= 8:  # element updates beat building index arrays for a few ranks
+        for slot, depth in zip(overlap_slots, overlap_depths, strict=True):
+            score[slot] -= scale * depth
+    else:
+        score[np.array(overlap_slots)] -= np.array(overlap_depths, dtype=np.float64) * scale
+    return score
+
+
+def busy_filter(ok: BoolArray | None, usage: FloatArray, busy_threshold: float) -> BoolArray | None:
+    """``ok`` (None: every rank) minus ranks over the threshold (NaN usage: unknown, never busy).
+
+    AllBusy if none is left.
+    """
+    if busy_threshold >= 1.0:
+        return ok
+    free = ~(usage > busy_threshold)
+    if ok is not None:
+        free &= ok
+    if not free.any():
+        n = len(usage) if ok is None else int(ok.sum())
+        raise AllBusy(f"all {n} workers are over the busy threshold {busy_threshold:.2f}")
+    return free
+
+
+def pick_slot(score: FloatArray, ok: BoolArray | None, temperature: float, rng: random.Random) -> int:
+    """:func:`pick` over the slots where ``ok`` (None: all): argmin with a random tie-break, or softmax.
+
+    ``score`` may be modified (masked slots are set to +inf).
+    """
+    if ok is not None:
+        score[~ok] = np.inf
+    best = score[score.argmin()]  # argmin is a direct C call; ndarray.min() goes through Python
+    if best == np.inf or best != best:
+        raise NoWorkers("no live worker")
+    if temperature <= 0:
+        ties = (score == best).nonzero()[0]
+        return int(ties[0]) if len(ties) == 1 else int(ties[rng.randrange(len(ties))])
+    slots = (score != np.inf).nonzero()[0]
+    t = score[slots]
+    span = t.max() - best
+    if span == 0:
+        return int(slots[rng.randrange(len(slots))])
+    weights = np.exp((best - t) / (span * temperature))  # the cheapest has weight 1
+    cum = np.cumsum(weights)
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(slots[min(i, len(slots) - 1)])
 
 
 class RoundRobin:

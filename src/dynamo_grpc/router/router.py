@@ -15,7 +15,17 @@ from dynamo_grpc.router.active import ActiveSequences
 from dynamo_grpc.router.approx import ApproxIndexer
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.indexer import KvIndexer
-from dynamo_grpc.router.policy import AllBusy, Candidate, Choice, NoWorkers, RoundRobin, costs, not_busy, pick
+from dynamo_grpc.router.policy import (
+    AllBusy,
+    Candidate,
+    Choice,
+    NoWorkers,
+    RoundRobin,
+    busy_filter,
+    cost_scores,
+    pick_slot,
+)
+from dynamo_grpc.router.ranks import RankTable
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
 log = logging.getLogger(__name__)
@@ -117,7 +127,10 @@ class Router:
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
         self._rr = RoundRobin()
-        self._ranks_cache: tuple[dict[str, WorkerInfo], list[RankKey]] | None = None
+        self._rank_table: RankTable | None = None
+        self._table_of: dict[str, WorkerInfo] | None = None
+        self._table_size = 0
+        self.active.on_delta = self._on_active_delta
         self.on_decision: Callable[[RouteResult], None] | None = None
 
     # ---- membership ----------------------------------------------------------------------
@@ -163,13 +176,13 @@ class Router:
             if iid not in new:
                 self.remove_worker(iid)
         self.workers = new
-        self._ranks_cache = None
+        self._rank_table = None
         return accepted
 
     def remove_worker(self, instance_id: str) -> None:
         """A worker is gone: forget its blocks, load and active sequences."""
         w = self.workers.pop(instance_id, None)
-        self._ranks_cache = None
+        self._rank_table = None
         ranks = w.ranks() if w else [k for k in self.indexer.workers if isinstance(k, tuple) and k[0] == instance_id]
         for key in ranks:
             self.indexer.remove_worker(key)
@@ -189,73 +202,90 @@ class Router:
         self.remove_worker(iid)
 
     # ---- routing ---------------------------------------------------------------------------
-    def _rank_list(self) -> list[RankKey]:
-        cached = self._ranks_cache
-        if cached is None or cached[0] is not self.workers or len(cached[0]) != len(self.workers):
-            cached = (self.workers, [k for w in self.workers.values() for k in w.ranks()])
-            self._ranks_cache = cached
-        return cached[1]
+    def _table(self) -> RankTable:
+        """The dense per-rank table, rebuilt when the worker set changed (identity or size of the dict)."""
+        t = self._rank_table
+        if t is None or self._table_of is not self.workers or self._table_size != len(self.workers):
+            t = RankTable(
+                ((k, w.grpc_address, w.kv_blocks) for w in self.workers.values() for k in w.ranks()),
+                self._active_load,
+                self.kv_usage,
+            )
+            self._rank_table, self._table_of, self._table_size = t, self.workers, len(self.workers)
+        return t
+
+    def _active_load(self, key: RankKey) -> tuple[int, int]:
+        a = self.active.load(key)
+        return a.prefill_blocks, a.decode_blocks
+
+    def _on_active_delta(self, key: object, d_prefill: int, d_decode: int) -> None:
+        if self._rank_table is not None:
+            self._rank_table.add_load(key, d_prefill, d_decode)  # type: ignore[arg-type]
 
     def hashes_for(self, inp: RouteInput) -> list[int]:
         if inp.block_hashes:
-            return [int(h) for h in inp.block_hashes]
+            return list(map(int, inp.block_hashes))
         if not self.block_size:
             raise NoWorkers("block size unknown: no worker has announced one yet")
         return block_hash_list(inp.token_ids, self.block_size, inp.lora or None)
 
     def route(self, inp: RouteInput) -> RouteResult:
-        """Pick a worker rank. Raises NotReady, NoWorkers, AllBusy, or ValueError (bad input)."""
+        """Pick a worker rank. Raises NotReady, NoWorkers, AllBusy, or ValueError (bad input).
+
+        The hot path: one walk of the hash chain in the indexer (stops at the first block no
+        live worker holds), then cost, busy mask and argmin as numpy ops over the rank slots.
+        """
         if not inp.request_id:
             raise ValueError("request_id is required")
         if not self.ready:
             raise NotReady("router is rebuilding its index from the workers' Replay")
-        ranks = self._rank_list()
-        if inp.exclude:
-            excluded = set(inp.exclude)
-            ranks = [k for k in ranks if k[0] not in excluded]
-        if not ranks:
+        t = self._table()
+        ok = t.allowed(inp.exclude) if inp.exclude else None
+        if not t.n or (ok is not None and not ok.any()):
             raise NoWorkers(f"no live worker for model {inp.model or self.config.model or '?'}")
         hashes = self.hashes_for(inp)
-        mode = self.config.mode
-        if mode == "kv":
-            overlaps = self.indexer.overlaps(hashes)
-        elif mode == "approx":
-            overlaps = self.approx.overlaps(hashes)
-        else:
-            overlaps = {}
-        # Only workers with overlap, load or usage differ from the default candidate: build
-        # the rest cheaply (this loop is the decision's hot path at 64+ workers).
-        per_worker = self.active._per_worker
-        usage_of = self.kv_usage
-        cands = []
-        for key in ranks:
-            a = per_worker.get(key)
-            usage = usage_of.get(key)
-            if usage is None and a is not None:
-                kv_blocks = self.workers[key[0]].kv_blocks
-                if kv_blocks:
-                    usage = (a.prefill_blocks + a.decode_blocks) / kv_blocks
-            if a is None:
-                cands.append(Candidate(key, overlaps.get(key, 0), 0, 0, usage))
-            else:
-                cands.append(Candidate(key, overlaps.get(key, 0), a.prefill_blocks, a.decode_blocks, usage))
-        cands = not_busy(cands, self.config.busy_threshold)
+        cfg = self.config
+        mode = cfg.mode
+        if cfg.busy_threshold < 1.0:
+            ok = busy_filter(ok, t.estimated_usage(), cfg.busy_threshold)
         prompt_blocks = len(hashes)
         out_blocks = -(-inp.expected_output_tokens // self.block_size) if self.block_size else 0
         decode_new = prompt_blocks + out_blocks
-        if mode in ("kv", "approx"):
-            choice = pick(
-                costs(cands, prompt_blocks, decode_new, self.config.prefill_load_scale),
-                self.config.temperature,
-                self.rng,
-            )
+        scale = cfg.prefill_load_scale
+        overlap = 0
+        if mode == "kv" or mode == "approx":
+            overlaps = self.indexer.overlaps(hashes) if mode == "kv" else self.approx.overlaps(hashes)
+            slots: list[int] = []
+            depths: list[int] = []
+            if overlaps:
+                slot_of = t.slot_of
+                for key, depth in overlaps.items():
+                    s = slot_of.get(key)  # type: ignore[call-overload]
+                    if s is not None:
+                        slots.append(s)
+                        depths.append(depth)
+            score = cost_scores(t.prefill, t.decode, slots, depths, scale)
+            slot = pick_slot(score, ok, cfg.temperature, self.rng)
+            if overlaps:
+                overlap = overlaps.get(t.keys[slot], 0)
         else:
-            c = self._rr.pick(cands) if mode == "round-robin" else self.rng.choice(cands)
-            choice = costs([c], prompt_blocks, decode_new, self.config.prefill_load_scale)[0]
-        return self._commit(inp, choice, hashes, prompt_blocks, decode_new)
+            allowed: list[int] = list(range(t.n)) if ok is None else ok.nonzero()[0].tolist()
+            if mode == "round-robin":
+                slot = t.slot_of[self._rr.pick([Candidate(t.keys[i]) for i in allowed]).key]  # type: ignore[index]
+            else:
+                slot = self.rng.choice(allowed)
+        pf = float(t.prefill[slot]) + prompt_blocks - overlap
+        choice = Choice(t.keys[slot], overlap, scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + decode_new)
+        return self._commit(inp, choice, hashes, prompt_blocks, decode_new, t.addresses[slot])
 
     def _commit(
-        self, inp: RouteInput, choice: Choice, hashes: list[int], prompt_blocks: int, decode_new: int
+        self,
+        inp: RouteInput,
+        choice: Choice,
+        hashes: list[int],
+        prompt_blocks: int,
+        decode_new: int,
+        address: str,
     ) -> RouteResult:
         key = choice.key
         assert isinstance(key, tuple)
@@ -268,17 +298,12 @@ class Router:
                 self.approx.record(key, hashes)
             if self.on_active_change is not None:
                 self.on_active_change(ActiveChange("added", inp.request_id, iid, rank, new_prefill, decode_new))
+        mode = self.config.mode
         res = RouteResult(
-            iid,
-            rank,
-            self.workers[iid].grpc_address,
-            choice.overlap,
-            prompt_blocks,
-            choice.prefill_cost,
-            choice.decode_cost,
-            self.config.mode,
+            iid, rank, address, choice.overlap, prompt_blocks, choice.prefill_cost, choice.decode_cost, mode
         )
-        self.counters.decisions[res.mode] = self.counters.decisions.get(res.mode, 0) + 1
+        decisions = self.counters.decisions
+        decisions[mode] = decisions.get(mode, 0) + 1
         if self.on_decision is not None:
             self.on_decision(res)
         return res
@@ -319,6 +344,8 @@ class Router:
     def set_load(self, key: RankKey, active_blocks: int, total_blocks: int) -> None:
         if key[0] in self.workers and total_blocks > 0:
             self.kv_usage[key] = active_blocks / total_blocks
+            if self._rank_table is not None:
+                self._rank_table.set_usage(key, active_blocks / total_blocks)
 
     def housekeeping(self) -> None:
         """Periodic: sweep retired index slots, expire lost sequences and approx entries."""
