@@ -32,15 +32,19 @@ def main() -> int:
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--unary", action="store_true", help="one ModelInfer call instead of a stream")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     args = p.parse_args()
     client = grpcclient.InferenceServerClient(args.url)
+    params = {} if args.raw else {"chat_template": True}
     if args.unary:
-        result = client.infer(args.model, _inputs(args.prompt, args.max_tokens, False))
+        result = client.infer(args.model, _inputs(args.prompt, args.max_tokens, False), parameters=params)
         print(result.as_numpy("text_output")[0].decode())
         return 0
     responses: queue.Queue[object] = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put(error or result))
-    client.async_stream_infer(args.model, _inputs(args.prompt, args.max_tokens, True), enable_empty_final_response=True)
+    client.async_stream_infer(
+        args.model, _inputs(args.prompt, args.max_tokens, True), parameters=params, enable_empty_final_response=True
+    )
     while True:
         item = responses.get(timeout=120)
         if isinstance(item, Exception):

@@ -62,6 +62,7 @@ class Mesh:
         self.frontend_grpc: str = ""
         self.frontend_http: str = ""
         self.router_grpc: str = ""
+        self.models: list[str] = []
         self.log_dir = self.config.log_dir or Path(tempfile.mkdtemp(prefix="dynamo-mesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,7 +162,11 @@ class Mesh:
         with grpc.insecure_channel(self.frontend_grpc) as ch:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
             try:
-                return bool(stub.ServerReady(grpc_service_pb2.ServerReadyRequest(), timeout=2).ready)
+                if not stub.ServerReady(grpc_service_pb2.ServerReadyRequest(), timeout=2).ready:
+                    return False
+                index = stub.RepositoryIndex(grpc_service_pb2.RepositoryIndexRequest(ready=True), timeout=2)
+                self.models = [m.name for m in index.models if m.state == "READY"]
+                return True
             except grpc.RpcError:
                 return False
 

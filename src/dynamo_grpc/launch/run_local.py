@@ -7,6 +7,7 @@ else the embedded consul-dev. Stops cleanly on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -78,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         mesh.stop()
         return 130
     fe = mesh.frontend_grpc
+    model = mesh.models[0] if mesh.models else "SmolLM2-135M-Instruct"
+    http_hint = ""
+    if mesh.frontend_http:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        http_hint = (
+            f"\nOr OpenAI HTTP:\n  curl -s http://{mesh.frontend_http}/v1/chat/completions "
+            f"-H 'Content-Type: application/json' -d '{body}'\n"
+        )
     print(
         f"""
 dynamo-grpc is up.
@@ -86,14 +95,16 @@ dynamo-grpc is up.
   router         : {mesh.router_grpc or "-"}
   consul         : {mesh.consul}
 
-Try it (grpcurl, server reflection):
+Try it (grpcurl, server reflection; text_input is base64 of "What is the capital of France?"):
   grpcurl -plaintext {fe} list
-  grpcurl -plaintext -d '{{"model_name":"SmolLM2-135M-Instruct","inputs":[{{"name":"text_input","datatype":"BYTES",\
-"shape":[1],"contents":{{"bytes_contents":["V2hhdCBpcyB0aGUgY2FwaXRhbCBvZiBGcmFuY2U/"]}}}}]}}' \\
+  grpcurl -plaintext -d '{{"model_name":"{model}","parameters":{{"chat_template":{{"bool_param":true}}}},\
+"inputs":[{{"name":"text_input","datatype":"BYTES","shape":[1],\
+"contents":{{"bytes_contents":["V2hhdCBpcyB0aGUgY2FwaXRhbCBvZiBGcmFuY2U/"]}}}}]}}' \\
     {fe} inference.GRPCInferenceService/ModelInfer
 
-Or with tritonclient:  .venv/bin/python examples/tritonclient_infer.py --url {fe} "What is the capital of France?"
-
+Or with tritonclient (streams tokens):
+  .venv/bin/python examples/tritonclient_infer.py --url {fe} --model {model} "What is the capital of France?"
+{http_hint}
 Ctrl-C stops everything.""",
         flush=True,
     )
