@@ -87,7 +87,7 @@ def test_build_request_shapes() -> None:
     assert np.frombuffer(req.raw_input_contents[0], "<i4").tolist() == [5, 6, 7]
     sp = json.loads(req.raw_input_contents[1][4:])
     assert sp == {"max_tokens": 9, "ignore_eos": True, "temperature": 0.0}
-    assert "cached_tokens" in [o.name for o in req.outputs]
+    assert [o.name for o in req.outputs] == ["num_output_tokens"]
 
 
 def test_finish_tokens_delta_and_cumulative() -> None:

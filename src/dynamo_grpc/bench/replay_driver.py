@@ -28,8 +28,9 @@ from dynamo_grpc.bench.replay_trace import TraceRequest
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 
-#: the outputs the replay asks for (no text: the synthetic ids decode to junk anyway)
-REQUESTED_OUTPUTS = ("num_output_tokens", "num_input_tokens", "cached_tokens", "finish_reason")
+#: the outputs the replay asks for: no text (the synthetic ids decode to junk anyway); prompt and cached token
+#: counts and the worker id come as parameters of the final response, so each streamed response stays small
+REQUESTED_OUTPUTS = ("num_output_tokens",)
 _MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -112,8 +113,10 @@ def _has_text(resp: pb.ModelInferResponse) -> bool:
 
 
 def absorb_response(rec: RequestRecord, resp: pb.ModelInferResponse, now: float) -> bool:
-    """Fold one streamed response into ``rec``; True when it is the final one."""
-    params = {k: _param(v) for k, v in resp.parameters.items()}
+    """Fold one streamed response into ``rec``; True when it is the final one.
+
+    Hot path (one call per streamed response): only the token count is read until the final response.
+    """
     n = _int_output(resp, "num_output_tokens")
     if n is None:
         n = 1 if _has_text(resp) else 0
@@ -121,20 +124,25 @@ def absorb_response(rec: RequestRecord, resp: pb.ModelInferResponse, now: float)
         if not rec.chunks:
             rec.first_token_s = now
         rec.chunks.append((now, n))
+    params = resp.parameters
+    final = "triton_final_response" in params and bool(params["triton_final_response"].bool_param)
+    if not final:
+        return False
+    values = {k: _param(v) for k, v in params.items()}
     cached = _int_output(resp, "cached_tokens")
-    if cached is None and isinstance(params.get("cached_tokens"), int):
-        cached = int(params["cached_tokens"])  # type: ignore[arg-type]
+    if cached is None and isinstance(values.get("cached_tokens"), int):
+        cached = int(values["cached_tokens"])  # type: ignore[arg-type]
     if cached is not None:
         rec.cached_tokens = cached
     prompt = _int_output(resp, "num_input_tokens")
-    if prompt is None and isinstance(params.get("prompt_tokens"), int):
-        prompt = int(params["prompt_tokens"])  # type: ignore[arg-type]
+    if prompt is None and isinstance(values.get("prompt_tokens"), int):
+        prompt = int(values["prompt_tokens"])  # type: ignore[arg-type]
     if prompt:
         rec.prompt_tokens = prompt
-    wid = params.get("worker_id")
+    wid = values.get("worker_id")
     if isinstance(wid, str) and wid:
         rec.worker_id = wid
-    return bool(params.get("triton_final_response", False))
+    return True
 
 
 def finish_tokens(rec: RequestRecord) -> None:
