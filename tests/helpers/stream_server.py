@@ -12,9 +12,9 @@ import json
 from collections.abc import AsyncIterator
 
 import grpc
-from dynamo_grpc.v1 import events_pb2, events_pb2_grpc
 
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
+from dynamo_grpc.v1 import events_pb2, events_pb2_grpc
 
 
 class SlowReplay(events_pb2_grpc.KvEventsServiceServicer):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 from dynamo_grpc.transport import open_channel
+from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 from tests.helpers.consul_dev import consul_dev, consul_dev_process  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dynamo_grpc.v1 import common_pb2, events_pb2, events_pb2_grpc, router_pb2, router_pb2_grpc
 
 from dynamo_grpc.transport import ChannelOptions, GrpcServer, open_channel
+from dynamo_grpc.v1 import common_pb2, events_pb2, events_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.helpers.grpcurl import grpcurl
 
 ROOT = Path(__file__).resolve().parents[2]

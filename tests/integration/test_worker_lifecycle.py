@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dynamo_grpc.v1 import common_pb2, worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery
+from dynamo_grpc.v1 import common_pb2, worker_pb2_grpc
 from tests.helpers.consul_dev import ConsulDevProcess, run_consul_dev
 from tests.integration.test_worker_serving import MODEL, WorkerProcess, collect, decode_request, start_worker
 

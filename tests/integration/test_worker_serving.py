@@ -19,10 +19,10 @@ import grpc
 import pytest
 import zmq
 import zmq.asyncio
-from dynamo_grpc.v1 import common_pb2, events_pb2, events_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery
 from dynamo_grpc.tokens.block_hash import block_hash_list
+from dynamo_grpc.v1 import common_pb2, events_pb2, events_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers.consul_dev import ConsulDevProcess, run_consul_dev
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ import time
 import grpc
 import pytest
 import zmq
-from dynamo_grpc.v1 import events_pb2, events_pb2_grpc
 
 from dynamo_grpc.engines.base import KvCleared, KvRemoved, KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
@@ -17,6 +16,7 @@ from dynamo_grpc.events.codec import event_from_pb, event_to_pb
 from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.events.topics import unpack_seq
 from dynamo_grpc.transport import GrpcServer, ServerOptions, open_channel
+from dynamo_grpc.v1 import events_pb2, events_pb2_grpc
 
 
 def stored(*hashes: int, parent: int | None = None) -> KvStored:
