@@ -2,8 +2,8 @@
 
 One forward pass runs a flattened batch: every scheduled token of every sequence in
 one ``[T, hidden]`` matrix for the projections and MLP (the big matmuls), and
-attention per group: all single-token decodes together (keys gathered from their
-block tables, padded, masked), each prefill chunk on its own (causal, offset by the
+attention per group: single-token decodes batched in groups of similar length (whole
+blocks gathered from their block tables, padded, masked), each prefill chunk on its own (causal, offset by the
 tokens already cached). The arithmetic mirrors transformers' LlamaForCausalLM so
 logits agree to fp32 rounding.
 """
@@ -24,19 +24,27 @@ class PrefillSegment:
     q_start: int  # first row in the flattened batch
     q_len: int
     start: int  # tokens of this sequence already in the cache
-    #: slots of positions [0, start + q_len) (None when start == 0: keys come from this chunk)
-    ctx_slots: torch.Tensor | None
+    #: the sequence's block table (None when start == 0: keys come from this chunk itself)
+    blocks: torch.Tensor | None
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token decodes of similar length, attended together over their padded block tables."""
+
+    q_start: int
+    n: int
+    tables: torch.Tensor  # [n, max_blocks] block ids (padding: block 0, masked)
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where attended
 
 
 @dataclass
 class AttnBatch:
-    """How the flattened batch maps to sequences and cache slots (built by ``runner.py``)."""
+    """How the flattened batch maps to sequences and cache blocks (built by ``runner.py``)."""
 
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each token's K/V is written
-    num_decodes: int = 0  # rows [0, num_decodes) are single-token decodes
-    decode_slots: torch.Tensor | None = None  # [B, L] padded key slots
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSegment] = field(default_factory=list)
 
 
@@ -130,7 +138,6 @@ class LlamaModel:
         cos = self._cos[batch.positions].unsqueeze(1)
         sin = self._sin[batch.positions].unsqueeze(1)
         x = self.embed[input_ids]
-        nd = batch.num_decodes
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["in_norm"])
             qkv = F.linear(h, w["qkv"])
@@ -143,24 +150,29 @@ class LlamaModel:
             kc.index_copy_(0, batch.slot_mapping, k)
             vc.index_copy_(0, batch.slot_mapping, v)
             out = torch.empty(T, nh, hd, dtype=x.dtype)
-            if nd:
-                assert batch.decode_slots is not None and batch.decode_mask is not None
+            # block-granular views: gathering whole blocks is a few memcpys, not one per token
+            kb, vb = kc.view(kv.num_blocks, -1), vc.view(kv.num_blocks, -1)
+            for dg in batch.decodes:
+                rows = slice(dg.q_start, dg.q_start + dg.n)
                 # grouped-query trick: the g query heads sharing a KV head attend as one [g, L] block
-                qd = q[:nd].view(nd, nkv, g, hd)
-                kd = kc[batch.decode_slots].transpose(1, 2)
-                vd = vc[batch.decode_slots].transpose(1, 2)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale)
-                out[:nd] = od.reshape(nd, nh, hd)
+                qd = q[rows].view(dg.n, nkv, g, hd)
+                idx = dg.tables.view(-1)
+                kd = kb.index_select(0, idx).view(dg.n, -1, nkv, hd).transpose(1, 2)
+                vd = vb.index_select(0, idx).view(dg.n, -1, nkv, hd).transpose(1, 2)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dg.mask, scale=self.scale)
+                out[rows] = od.reshape(dg.n, nh, hd)
             for seg in batch.prefills:
                 rows = slice(seg.q_start, seg.q_start + seg.q_len)
                 qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, nh, q, hd]
-                if seg.ctx_slots is None:
+                if seg.blocks is None:
                     ks, vs = k[rows], v[rows]
                     mask = None
                 else:
-                    ks, vs = kc[seg.ctx_slots], vc[seg.ctx_slots]
-                    qpos = torch.arange(seg.start, seg.start + seg.q_len).unsqueeze(1)
-                    mask = torch.arange(seg.start + seg.q_len).unsqueeze(0) <= qpos
+                    ctx = seg.start + seg.q_len
+                    ks = kb.index_select(0, seg.blocks).view(-1, nkv, hd)[:ctx]
+                    vs = vb.index_select(0, seg.blocks).view(-1, nkv, hd)[:ctx]
+                    qpos = torch.arange(seg.start, ctx).unsqueeze(1)
+                    mask = torch.arange(ctx).unsqueeze(0) <= qpos
                 ks = ks.transpose(0, 1).unsqueeze(0)
                 vs = vs.transpose(0, 1).unsqueeze(0)
                 os_ = F.scaled_dot_product_attention(

@@ -1,4 +1,4 @@
-"""Turn a SchedulerOutput into model inputs (token ids, positions, slots) and run one step."""
+"""Turn a SchedulerOutput into model inputs (token ids, positions, slots, block tables) and run one step."""
 
 from __future__ import annotations
 
@@ -6,8 +6,43 @@ import torch
 
 from .kv_cache import KvCache
 from .kv_manager import KvCacheManager
-from .model import AttnBatch, LlamaModel, PrefillSegment
+from .model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
 from .scheduler import ScheduledSeq, SchedulerOutput
+
+#: most decode groups per step; each costs a gather + attention call per layer
+MAX_DECODE_GROUPS = 4
+#: a group's fixed cost, in padded blocks of one sequence, when choosing the split
+GROUP_COST_BLOCKS = 8
+
+
+def split_by_length(nblocks: list[int], max_groups: int = MAX_DECODE_GROUPS) -> list[int]:
+    """Cut points over ascending ``nblocks`` that minimise padded blocks plus a per-group cost.
+
+    Padding every decode to the longest one wastes the gap; a few groups of similar length
+    recover most of it. Returns group end indices (exclusive). Small DP: O(groups * n^2).
+    """
+    n = len(nblocks)
+    if n == 0:
+        return []
+    inf = float("inf")
+    # best[k][i]: cost of the first i items in k groups; items j..i-1 in one group cost (i-j)*nblocks[i-1]
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    back = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for k in range(1, max_groups + 1):
+        for i in range(1, n + 1):
+            for j in range(k - 1, i):
+                c = best[k - 1][j] + (i - j) * nblocks[i - 1] + GROUP_COST_BLOCKS
+                if c < best[k][i]:
+                    best[k][i], back[k][i] = c, j
+    k = min(range(1, max_groups + 1), key=lambda kk: best[kk][n])
+    cuts = []
+    i = n
+    while k > 0:
+        cuts.append(i)
+        i = back[k][i]
+        k -= 1
+    return sorted(cuts)
 
 
 class ModelRunner:
@@ -17,61 +52,63 @@ class ModelRunner:
         self.manager = manager
 
     def build(self, out: SchedulerOutput) -> tuple[torch.Tensor, AttnBatch, list[ScheduledSeq], torch.Tensor]:
-        """Flatten the step: decodes first (one row each), then prefill chunks."""
+        """Flatten the step: decodes first (ascending length, in groups), then prefill chunks."""
         bs = self.kv.block_size
         decodes = [s for s in out.seqs if s.num_new_tokens == 1 and s.start > 0]
         prefills = [s for s in out.seqs if not (s.num_new_tokens == 1 and s.start > 0)]
-        prefill_ids = {id(s) for s in prefills}
-        ordered = decodes + prefills
+        decodes.sort(key=lambda s: s.start)
+        tables = {id(s): self.manager.block_ids(s.request.request_id) for s in out.seqs}
         ids: list[int] = []
-        pos: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        pos: list[int] = []
+        slots: list[int] = []
         logit_rows: list[int] = []
         sampling: list[ScheduledSeq] = []
-        segs: list[PrefillSegment] = []
         row = 0
-        dec_slots: torch.Tensor | None = None
-        dec_mask: torch.Tensor | None = None
-        if decodes:
-            lens = [s.start + 1 for s in decodes]
-            L = max(lens)
-            tables = torch.zeros(len(decodes), -(-L // bs), dtype=torch.long)
-            for i, s in enumerate(decodes):
-                bids = self.manager.block_ids(s.request.request_id)
-                tables[i, : len(bids)] = torch.tensor(bids[: tables.shape[1]], dtype=torch.long)
-            p = torch.arange(L)
-            dec_slots = tables[:, p // bs] * bs + p % bs
-            lens_t = torch.tensor(lens)
-            dec_mask = (p.unsqueeze(0) < lens_t.unsqueeze(1)).view(len(decodes), 1, 1, L)
-            dec_slots = dec_slots.masked_fill(~dec_mask.view(len(decodes), L), 0)
-        for s in ordered:
-            req = s.request
+        for s in decodes + prefills:
             end = s.start + s.num_new_tokens
-            ids.extend(req.all_token_ids[s.start : end])
-            bids = self.manager.block_ids(req.request_id)
-            all_slots = self.kv.slots_for(bids, 0, end)
-            pos.append(torch.arange(s.start, end))
-            slots.append(all_slots[s.start :])
-            if id(s) in prefill_ids:
-                segs.append(PrefillSegment(row, s.num_new_tokens, s.start, all_slots if s.start else None))
+            ids.extend(s.request.all_token_ids[s.start : end])
+            table = tables[id(s)]
+            for p in range(s.start, end):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
             row += s.num_new_tokens
             if s.samples:
                 logit_rows.append(row - 1)
                 sampling.append(s)
+
+        groups: list[DecodeGroup] = []
+        nblk = [s.start // bs + 1 for s in decodes]
+        lo = 0
+        for hi in split_by_length(nblk):
+            width = nblk[hi - 1]
+            t = torch.zeros(hi - lo, width, dtype=torch.long)
+            lens = torch.empty(hi - lo, dtype=torch.long)
+            for i, s in enumerate(decodes[lo:hi]):
+                table = tables[id(s)][:width]
+                t[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+                lens[i] = s.start + 1
+            mask = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
+            groups.append(DecodeGroup(lo, hi - lo, t, mask.view(hi - lo, 1, 1, width * bs)))
+            lo = hi
+
+        segs: list[PrefillSegment] = []
+        row = len(decodes)
+        for s in prefills:
+            blocks = None
+            if s.start:
+                need = -(-(s.start + s.num_new_tokens) // bs)
+                blocks = torch.tensor(tables[id(s)][:need], dtype=torch.long)
+            segs.append(PrefillSegment(row, s.num_new_tokens, s.start, blocks))
+            row += s.num_new_tokens
+
         batch = AttnBatch(
-            positions=torch.cat(pos),
-            slot_mapping=torch.cat(slots),
-            num_decodes=len(decodes),
-            decode_slots=dec_slots,
-            decode_mask=dec_mask,
+            positions=torch.tensor(pos, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            decodes=groups,
             prefills=segs,
         )
-        return (
-            torch.tensor(ids, dtype=torch.long),
-            batch,
-            sampling,
-            torch.tensor(logit_rows, dtype=torch.long),
-        )
+        rows = torch.tensor(logit_rows, dtype=torch.long)
+        return torch.tensor(ids, dtype=torch.long), batch, sampling, rows
 
     def execute(self, out: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Run the step; returns the sequences that sample and their logits (same order)."""
