@@ -94,8 +94,15 @@ class ConsulHTTP:
         import aiohttp
 
         self.address = address.rstrip("/")
-        self.token = token if token is not None else (os.environ.get("CONSUL_HTTP_TOKEN") if address == REAL_AGENT
-                                                       or f"http://{REAL_AGENT}" == address else None)
+        self.token = (
+            token
+            if token is not None
+            else (
+                os.environ.get("CONSUL_HTTP_TOKEN")
+                if address == REAL_AGENT or f"http://{REAL_AGENT}" == address
+                else None
+            )
+        )
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
 
     async def __aenter__(self) -> ConsulHTTP:
@@ -104,17 +111,25 @@ class ConsulHTTP:
     async def __aexit__(self, *exc: object) -> None:
         await self._session.close()
 
-    async def call(self, method: str, path: str, *, params: dict[str, str] | list[tuple[str, str]] | None = None,
-                   body: object = None, data: bytes | str | None = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], object]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | list[tuple[str, str]] | None = None,
+        body: object = None,
+        data: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], object]:
         import json as _json
 
         hdrs = dict(headers or {})
         if self.token and "X-Consul-Token" not in hdrs:
             hdrs["X-Consul-Token"] = self.token
         payload = _json.dumps(body) if body is not None else data
-        async with self._session.request(method, self.address + path, params=params, data=payload,
-                                         headers=hdrs) as resp:
+        async with self._session.request(
+            method, self.address + path, params=params, data=payload, headers=hdrs
+        ) as resp:
             raw = await resp.read()
             parsed: object = raw.decode(errors="replace")
             if resp.content_type == "application/json" and raw:

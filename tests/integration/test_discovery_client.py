@@ -1,5 +1,7 @@
 """The discovery client against a live agent: register/watch/deregister, model cards, settings from env."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.helpers.consul_dev)
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +39,10 @@ async def _until(it: AsyncIterator[list[Instance]], ids: list[str], timeout: flo
 
 async def test_register_watch_deregister(consul_agent: str) -> None:
     svc = f"dynamo-test-{uuid.uuid4().hex[:8]}"
-    async with Discovery(_settings(consul_agent), watch_wait=5) as watcher, \
-            Discovery(_settings(consul_agent)) as worker:
+    async with (
+        Discovery(_settings(consul_agent), watch_wait=5) as watcher,
+        Discovery(_settings(consul_agent)) as worker,
+    ):
         snaps = watcher.watch(svc)
         assert await _next(snaps) == []
         inst = Instance(svc, f"{svc}-w1", "127.0.0.1", 7001, ["m1", "decode"], {"grpc": "127.0.0.1:7001"})
@@ -70,16 +74,24 @@ async def watcher_snapshot(d: Discovery, svc: str) -> list[Instance]:
 async def test_model_cards_follow_the_instance(consul_agent: str) -> None:
     svc = f"dynamo-test-{uuid.uuid4().hex[:8]}"
     model = f"org/model-{uuid.uuid4().hex[:6]}"  # model names may contain '/'
-    async with Discovery(_settings(consul_agent), watch_wait=5) as reader, \
-            Discovery(_settings(consul_agent)) as worker:
+    async with (
+        Discovery(_settings(consul_agent), watch_wait=5) as reader,
+        Discovery(_settings(consul_agent)) as worker,
+    ):
         inst = Instance(svc, f"{svc}-w1", "127.0.0.1", 7001)
         with pytest.raises(ValueError, match="not registered"):
             await worker.put_model_card(model, inst.instance_id, {})
         await worker.register(inst, ttl=3.0)
         cards = reader.watch_model_cards(model)
         assert await asyncio.wait_for(cards.__anext__(), 10) == {}
-        card = {"model": model, "tokenizer": "gguf", "chat_template": "{{ messages }}", "context_length": 2048,
-                "block_size": 16, "kv_blocks": 512}
+        card = {
+            "model": model,
+            "tokenizer": "gguf",
+            "chat_template": "{{ messages }}",
+            "context_length": 2048,
+            "block_size": 16,
+            "kv_blocks": 512,
+        }
         await worker.put_model_card(model, inst.instance_id, card)
         assert await asyncio.wait_for(cards.__anext__(), 10) == {model: {inst.instance_id: card}}
         assert await reader.get_model_cards(model) == {model: {inst.instance_id: card}}
@@ -103,13 +115,25 @@ async def test_card_key_rejects_ambiguous_names(consul_agent: str) -> None:
 def test_settings_from_env() -> None:
     s = ConsulSettings.from_env({})
     assert (s.scheme, s.host, s.port, s.token, s.verify) == ("http", "127.0.0.1", 8500, None, True)
-    s = ConsulSettings.from_env({"CONSUL_HTTP_ADDR": "consul.local:8501", "CONSUL_HTTP_SSL": "true",
-                                 "CONSUL_CACERT": "/ca.pem", "CONSUL_CLIENT_CERT": "/c.pem",
-                                 "CONSUL_CLIENT_KEY": "/k.pem", "CONSUL_HTTP_TOKEN": "tok"})
+    s = ConsulSettings.from_env(
+        {
+            "CONSUL_HTTP_ADDR": "consul.local:8501",
+            "CONSUL_HTTP_SSL": "true",
+            "CONSUL_CACERT": "/ca.pem",
+            "CONSUL_CLIENT_CERT": "/c.pem",
+            "CONSUL_CLIENT_KEY": "/k.pem",
+            "CONSUL_HTTP_TOKEN": "tok",
+        }
+    )
     assert (s.scheme, s.host, s.port, s.token) == ("https", "consul.local", 8501, "tok")
     assert s.verify == "/ca.pem" and s.cert == ("/c.pem", "/k.pem")
-    s = ConsulSettings.from_env({"CONSUL_HTTP_ADDR": "https://10.0.0.1:8501", "CONSUL_HTTP_SSL_VERIFY": "false",
-                                 "CONSUL_CACERT": "/ca.pem"})
+    s = ConsulSettings.from_env(
+        {
+            "CONSUL_HTTP_ADDR": "https://10.0.0.1:8501",
+            "CONSUL_HTTP_SSL_VERIFY": "false",
+            "CONSUL_CACERT": "/ca.pem",
+        }
+    )
     assert (s.scheme, s.verify) == ("https", False)
     with pytest.raises(ValueError):
         ConsulSettings.from_env({"CONSUL_HTTP_ADDR": "unix:///tmp/consul.sock"})

@@ -1,6 +1,8 @@
 """consul-dev's agent and health endpoints follow Consul's rules (run against a real agent too when
 CONSUL_HTTP_ADDR is set)."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.helpers.consul_dev)
+
 from __future__ import annotations
 
 import asyncio
@@ -53,8 +55,9 @@ async def test_initial_status_and_warning_is_not_passing(consul_agent: str) -> N
         assert await _passing_ids(c, name) == [f"{name}-1"]
         await c.put(f"/v1/agent/check/warn/service:{name}-1", params={"note": "slow"})
         assert await _passing_ids(c, name) == []
-        status, _, _ = await c.put(f"/v1/agent/check/update/service:{name}-1",
-                                   body={"Status": "passing", "Output": "fine again"})
+        status, _, _ = await c.put(
+            f"/v1/agent/check/update/service:{name}-1", body={"Status": "passing", "Output": "fine again"}
+        )
         assert status == 200
         assert await _passing_ids(c, name) == [f"{name}-1"]
         await c.put(f"/v1/agent/check/fail/service:{name}-1")
@@ -85,18 +88,23 @@ async def test_unknown_check_and_service_are_404(consul_agent: str) -> None:
         assert status == 404 and "Unknown service ID" in str(text)
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"Port": 1}, "Missing service name"),
-    ({"Name": "x", "Meta": {f"k{i}": "v" for i in range(65)}}, "cannot contain more than 64"),
-    ({"Name": "x", "Meta": {"k" * 129: "v"}}, "Key is too long"),
-    ({"Name": "x", "Meta": {"k": "v" * 513}}, "Value is too long"),
-    ({"Name": "x", "Meta": {"bad key": "v"}}, "invalid characters"),
-    ({"Name": "x", "Meta": {"consul-x": "v"}}, "reserved"),
-    ({"Name": "x", "Check": {"TTL": "0s"}}, "TTL must be > 0"),
-    ({"Name": "x", "Check": {"TTL": "10s", "Interval": "10s"}}, "cannot both be specified"),
-    ({"Name": "x", "Check": {"TTL": "10s", "Status": "great"}}, "Status for checks must"),
-])
-async def test_register_validation_errors_are_400(consul_agent: str, body: dict[str, object], message: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"Port": 1}, "Missing service name"),
+        ({"Name": "x", "Meta": {f"k{i}": "v" for i in range(65)}}, "cannot contain more than 64"),
+        ({"Name": "x", "Meta": {"k" * 129: "v"}}, "Key is too long"),
+        ({"Name": "x", "Meta": {"k": "v" * 513}}, "Value is too long"),
+        ({"Name": "x", "Meta": {"bad key": "v"}}, "invalid characters"),
+        ({"Name": "x", "Meta": {"consul-x": "v"}}, "reserved"),
+        ({"Name": "x", "Check": {"TTL": "0s"}}, "TTL must be > 0"),
+        ({"Name": "x", "Check": {"TTL": "10s", "Interval": "10s"}}, "cannot both be specified"),
+        ({"Name": "x", "Check": {"TTL": "10s", "Status": "great"}}, "Status for checks must"),
+    ],
+)
+async def test_register_validation_errors_are_400(
+    consul_agent: str, body: dict[str, object], message: str
+) -> None:
     async with ConsulHTTP(consul_agent) as c:
         status, _, text = await c.put("/v1/agent/service/register", body=body)
         assert status == 400, text
@@ -123,8 +131,14 @@ async def test_check_ids_for_several_checks_and_lowercase_fields(consul_agent: s
     name = _name()
     async with ConsulHTTP(consul_agent) as c:
         # py-consul sends lower-case field names; Consul matches them case-insensitively.
-        status, _, text = await c.put("/v1/agent/service/register", body={
-            "name": name, "id": f"{name}-1", "checks": [{"ttl": "30s"}, {"TTL": "30s", "status": "passing"}]})
+        status, _, text = await c.put(
+            "/v1/agent/service/register",
+            body={
+                "name": name,
+                "id": f"{name}-1",
+                "checks": [{"ttl": "30s"}, {"TTL": "30s", "status": "passing"}],
+            },
+        )
         assert status == 200, text
         _, _, checks = await c.get("/v1/agent/checks")
         mine = {k: v["Status"] for k, v in checks.items() if v["ServiceID"] == f"{name}-1"}  # type: ignore[union-attr]
@@ -148,8 +162,12 @@ async def test_reregistration_keeps_check_status(consul_agent: str) -> None:
 async def test_tag_filter_requires_every_tag(consul_agent: str) -> None:
     name = _name()
     async with ConsulHTTP(consul_agent) as c:
-        await _register(c, name, f"{name}-a", Tags=["prefill", "m1"], Check={"TTL": "30s", "Status": "passing"})
-        await _register(c, name, f"{name}-b", Tags=["decode", "m1"], Check={"TTL": "30s", "Status": "passing"})
+        await _register(
+            c, name, f"{name}-a", Tags=["prefill", "m1"], Check={"TTL": "30s", "Status": "passing"}
+        )
+        await _register(
+            c, name, f"{name}-b", Tags=["decode", "m1"], Check={"TTL": "30s", "Status": "passing"}
+        )
         assert await _passing_ids(c, name, ["m1"]) == [f"{name}-a", f"{name}-b"]
         assert await _passing_ids(c, name, ["m1", "decode"]) == [f"{name}-b"]
         assert await _passing_ids(c, name, ["prefill", "decode"]) == []
@@ -173,8 +191,12 @@ async def test_critical_service_is_reaped_after_deregister_critical_service_afte
     with run_consul_dev(time_scale=0.02) as agent:  # 1m minimum -> 1.2 s, reaper every 0.6 s
         async with ConsulHTTP(agent.address) as c:
             await _register(c, "svc", "dies", Check={"TTL": "30s", "DeregisterCriticalServiceAfter": "1s"})
-            await _register(c, "svc", "lives", Check={"TTL": "30s", "Status": "passing",
-                                                      "DeregisterCriticalServiceAfter": "1s"})
+            await _register(
+                c,
+                "svc",
+                "lives",
+                Check={"TTL": "30s", "Status": "passing", "DeregisterCriticalServiceAfter": "1s"},
+            )
             for _ in range(60):
                 _, _, services = await c.get("/v1/agent/services")
                 if "dies" not in services:  # type: ignore[operator]
@@ -206,7 +228,9 @@ async def test_acl_token_required() -> None:
             status, _, text = await anon.get("/v1/kv/x", headers={"X-Consul-Token": "wrong"})
             assert status == 403 and "ACL not found" in str(text)
         async with ConsulHTTP(agent.address, token="s3cret") as ok:
-            status, _, _ = await ok.put("/v1/agent/service/register", body={"Name": "a", "Check": {"TTL": "9s"}})
+            status, _, _ = await ok.put(
+                "/v1/agent/service/register", body={"Name": "a", "Check": {"TTL": "9s"}}
+            )
             assert status == 200
             status, _, _ = await ok.put("/v1/kv/x", data=b"1", headers={})
             assert status == 200

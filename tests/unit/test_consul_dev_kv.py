@@ -1,5 +1,7 @@
 """consul-dev's KV store: get/recurse/keys/raw, put with flags/cas/acquire/release, delete, limits."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.helpers.consul_dev)
+
 from __future__ import annotations
 
 import base64
@@ -27,7 +29,11 @@ async def test_put_get_roundtrip_and_404(consul_agent: str) -> None:
         status, headers, body = await c.get(f"/v1/kv/{k}")
         entry = body[0]  # type: ignore[index]
         assert status == 200 and base64.b64decode(entry["Value"]) == b"hello" and entry["Flags"] == 42
-        assert entry["CreateIndex"] == entry["ModifyIndex"] and entry["LockIndex"] == 0 and "Session" not in entry
+        assert (
+            entry["CreateIndex"] == entry["ModifyIndex"]
+            and entry["LockIndex"] == 0
+            and "Session" not in entry
+        )
         status, _, raw = await c.get(f"/v1/kv/{k}", params={"raw": "1"})
         assert raw == "hello"
         await c.delete(f"/v1/kv/{k}")

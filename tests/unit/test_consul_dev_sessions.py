@@ -1,5 +1,7 @@
 """Sessions: create/info/renew/destroy, TTL, check-bound invalidation with release and delete behaviours."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.helpers.consul_dev)
+
 from __future__ import annotations
 
 import asyncio

@@ -8,6 +8,7 @@ every read answers ``X-Consul-Index`` and honours blocking queries (``index``/``
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -44,11 +45,13 @@ from dynamo_grpc.consul_dev.state import (
 DEFAULT_WAIT, MAX_WAIT = 300.0, 600.0
 STORE_KEY: web.AppKey[Store] = web.AppKey("store", Store)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("acl_token", str)
+GZIP_MIN = 8192
 _FILTERED_READS = ("/v1/health/service/", "/v1/catalog/services")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # -- decoding helpers ------------------------------------------------------------------------------------
+
 
 def _canon(obj: Any) -> Any:
     """Consul matches JSON field names case-insensitively and accepts snake_case aliases."""
@@ -77,7 +80,9 @@ def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defaul
     if value is None:
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConsulError(400, f"Request decode failed: field {key!r} has the wrong type ({type(value).__name__})")
+        raise ConsulError(
+            400, f"Request decode failed: field {key!r} has the wrong type ({type(value).__name__})"
+        )
     return value
 
 
@@ -136,58 +141,135 @@ def _blocking(request: web.Request) -> tuple[int, float]:
     return index, wait
 
 
+class _Encoded:
+    """One encoded answer, gzipped at most once however many watchers fetch it (Consul, too, gzips
+    its HTTP API answers for clients that accept it)."""
+
+    def __init__(self, index: int, body: bytes) -> None:
+        self.index, self.body = index, body
+        self._gz: bytes | None = None
+
+    def response(self, request: web.Request) -> web.Response:
+        headers = {
+            "X-Consul-Index": str(max(1, self.index)),
+            "X-Consul-KnownLeader": "true",
+            "X-Consul-LastContact": "0",
+        }
+        body = self.body
+        if len(body) >= GZIP_MIN and "gzip" in request.headers.get("Accept-Encoding", ""):
+            if self._gz is None:
+                self._gz = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+            body = self._gz
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+HEALTH_CACHE_KEY: web.AppKey[dict[tuple[str, bool, tuple[str, ...], bool], _Encoded]] = web.AppKey(
+    "health_cache", dict
+)
+
+
 def _json(data: Any, index: int | None = None, status: int = 200) -> web.Response:
     headers = {}
     if index is not None:
-        headers = {"X-Consul-Index": str(max(1, index)), "X-Consul-KnownLeader": "true",
-                   "X-Consul-LastContact": "0"}
-    return web.Response(text=json.dumps(data), status=status, content_type="application/json", headers=headers)
+        headers = {
+            "X-Consul-Index": str(max(1, index)),
+            "X-Consul-KnownLeader": "true",
+            "X-Consul-LastContact": "0",
+        }
+    return web.Response(
+        text=json.dumps(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 # -- JSON shapes -----------------------------------------------------------------------------------------
 
+
 def _node_json(store: Store) -> dict[str, Any]:
-    return {"ID": store.node_id, "Node": store.node, "Address": store.address, "Datacenter": store.datacenter,
-            "TaggedAddresses": {"lan": store.address, "lan_ipv4": store.address, "wan": store.address,
-                                "wan_ipv4": store.address},
-            "Meta": {"consul-network-segment": ""}, "CreateIndex": store.node_index,
-            "ModifyIndex": store.node_index}
+    return {
+        "ID": store.node_id,
+        "Node": store.node,
+        "Address": store.address,
+        "Datacenter": store.datacenter,
+        "TaggedAddresses": {
+            "lan": store.address,
+            "lan_ipv4": store.address,
+            "wan": store.address,
+            "wan_ipv4": store.address,
+        },
+        "Meta": {"consul-network-segment": ""},
+        "CreateIndex": store.node_index,
+        "ModifyIndex": store.node_index,
+    }
 
 
 def _service_json(svc: Service, store: Store) -> dict[str, Any]:
-    return {"ID": svc.id, "Service": svc.name, "Tags": list(svc.tags), "Address": svc.address,
-            "Meta": dict(svc.meta), "Port": svc.port, "Weights": dict(svc.weights),
-            "EnableTagOverride": svc.enable_tag_override, "Datacenter": store.datacenter,
-            "CreateIndex": svc.create_index, "ModifyIndex": svc.modify_index}
+    return {
+        "ID": svc.id,
+        "Service": svc.name,
+        "Tags": list(svc.tags),
+        "Address": svc.address,
+        "Meta": dict(svc.meta),
+        "Port": svc.port,
+        "Weights": dict(svc.weights),
+        "EnableTagOverride": svc.enable_tag_override,
+        "Datacenter": store.datacenter,
+        "CreateIndex": svc.create_index,
+        "ModifyIndex": svc.modify_index,
+    }
 
 
 def _check_json(chk: Check, store: Store, *, local: bool = False) -> dict[str, Any]:
     svc = store.services.get(chk.service_id)
-    return {"Node": store.node, "CheckID": chk.id, "Name": chk.name, "Status": chk.status, "Notes": chk.notes,
-            "Output": chk.local_output if local else chk.output, "ServiceID": chk.service_id,
-            "ServiceName": chk.service_name, "ServiceTags": list(svc.tags) if svc else [],
-            "Type": "ttl" if chk.ttl is not None else "", "Definition": chk.definition,
-            "CreateIndex": chk.create_index, "ModifyIndex": chk.modify_index}
+    return {
+        "Node": store.node,
+        "CheckID": chk.id,
+        "Name": chk.name,
+        "Status": chk.status,
+        "Notes": chk.notes,
+        "Output": chk.local_output if local else chk.output,
+        "ServiceID": chk.service_id,
+        "ServiceName": chk.service_name,
+        "ServiceTags": list(svc.tags) if svc else [],
+        "Type": "ttl" if chk.ttl is not None else "",
+        "Definition": chk.definition,
+        "CreateIndex": chk.create_index,
+        "ModifyIndex": chk.modify_index,
+    }
 
 
 def _kv_json(entry: KVEntry) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "LockIndex": entry.lock_index, "Key": entry.key, "Flags": entry.flags,
+        "LockIndex": entry.lock_index,
+        "Key": entry.key,
+        "Flags": entry.flags,
         "Value": base64.b64encode(entry.value).decode() if entry.value else None,
-        "CreateIndex": entry.create_index, "ModifyIndex": entry.modify_index}
+        "CreateIndex": entry.create_index,
+        "ModifyIndex": entry.modify_index,
+    }
     if entry.session:
         out["Session"] = entry.session
     return out
 
 
 def _session_json(sess: Session) -> dict[str, Any]:
-    return {"ID": sess.id, "Name": sess.name, "Node": sess.node, "LockDelay": int(sess.lock_delay * 1e9),
-            "Behavior": sess.behavior, "TTL": sess.ttl, "Checks": sess.checks, "NodeChecks": sess.node_checks,
-            "ServiceChecks": [{"ID": c, "Namespace": ""} for c in sess.service_checks] or None,
-            "CreateIndex": sess.create_index, "ModifyIndex": sess.modify_index}
+    return {
+        "ID": sess.id,
+        "Name": sess.name,
+        "Node": sess.node,
+        "LockDelay": int(sess.lock_delay * 1e9),
+        "Behavior": sess.behavior,
+        "TTL": sess.ttl,
+        "Checks": sess.checks,
+        "NodeChecks": sess.node_checks,
+        "ServiceChecks": [{"ID": c, "Namespace": ""} for c in sess.service_checks] or None,
+        "CreateIndex": sess.create_index,
+        "ModifyIndex": sess.modify_index,
+    }
 
 
 # -- middleware ------------------------------------------------------------------------------------------
+
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -221,23 +303,30 @@ async def _acl(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # -- agent -----------------------------------------------------------------------------------------------
 
+
 def _parse_check(raw: Any, svc: Service, position: int, count: int) -> Check:
     body = _canon(raw)
     if not isinstance(body, dict):
         raise ConsulError(400, "Request decode failed: a check must be a JSON object")
     ttl = _duration(body, "ttl", "TTL")
     interval = _duration(body, "interval", "Interval")
-    interval_kind = any(body.get(k) for k in ("args", "script", "http", "tcp", "udp", "grpc", "h2ping",
-                                              "dockercontainerid", "osservice"))
+    interval_kind = any(
+        body.get(k)
+        for k in ("args", "script", "http", "tcp", "udp", "grpc", "h2ping", "dockercontainerid", "osservice")
+    )
     alias = bool(body.get("aliasservice") or body.get("aliasnode"))
     if interval and ttl:
         raise ConsulError(400, "Invalid check: Interval and TTL cannot both be specified")
     if interval_kind and not interval:
-        raise ConsulError(400, "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or GRPC checks")
+        raise ConsulError(
+            400, "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or GRPC checks"
+        )
     if not interval_kind and not alias and not (ttl and ttl > 0):
         raise ConsulError(400, "Invalid check: TTL must be > 0 for TTL checks")
     if interval_kind or alias:
-        raise ConsulError(400, "Invalid check: consul-dev runs TTL checks only (no script, HTTP, TCP, gRPC or alias)")
+        raise ConsulError(
+            400, "Invalid check: consul-dev runs TTL checks only (no script, HTTP, TCP, gRPC or alias)"
+        )
     status = _typed(body, "status", str, "") or CRITICAL
     if status not in STATUSES:
         raise ConsulError(400, "Status for checks must 'passing', 'warning', 'critical'")
@@ -249,9 +338,19 @@ def _parse_check(raw: Any, svc: Service, position: int, count: int) -> Check:
     definition: dict[str, Any] = {"TTL": format_go_duration(ttl or 0.0)}
     if dereg:
         definition["DeregisterCriticalServiceAfter"] = format_go_duration(dereg)
-    return Check(id=check_id, name=name, service_id=svc.id, service_name=svc.name, status=status,
-                 output=_typed(body, "output", str, ""), notes=_typed(body, "notes", str, ""), ttl=ttl,
-                 deregister_after=None, definition=definition, local_output=_typed(body, "output", str, ""))
+    return Check(
+        id=check_id,
+        name=name,
+        service_id=svc.id,
+        service_name=svc.name,
+        status=status,
+        output=_typed(body, "output", str, ""),
+        notes=_typed(body, "notes", str, ""),
+        ttl=ttl,
+        deregister_after=None,
+        definition=definition,
+        local_output=_typed(body, "output", str, ""),
+    )
 
 
 async def service_register(request: web.Request) -> web.Response:
@@ -275,9 +374,16 @@ async def service_register(request: web.Request) -> web.Response:
         validate_meta(meta)
     except ValueError as exc:
         raise ConsulError(400, f"Invalid Service Meta: {exc}") from None
-    svc = Service(id=_typed(body, "id", str, "") or name, name=name, tags=_str_list(body, "tags") or [],
-                  address=address, port=port, meta=dict(meta), weights={"Passing": passing_w, "Warning": warning_w},
-                  enable_tag_override=bool(body.get("enabletagoverride", False)))
+    svc = Service(
+        id=_typed(body, "id", str, "") or name,
+        name=name,
+        tags=_str_list(body, "tags") or [],
+        address=address,
+        port=port,
+        meta=dict(meta),
+        weights={"Passing": passing_w, "Warning": warning_w},
+        enable_tag_override=bool(body.get("enabletagoverride", False)),
+    )
     raw_checks: list[Any] = []
     if body.get("check"):
         raw_checks.append(body["check"])
@@ -300,7 +406,9 @@ async def service_deregister(request: web.Request) -> web.Response:
 
 async def check_ttl(request: web.Request) -> web.Response:
     status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}[request.match_info["verb"]]
-    request.app[STORE_KEY].update_ttl_check(request.match_info["check_id"], status, request.query.get("note", ""))
+    request.app[STORE_KEY].update_ttl_check(
+        request.match_info["check_id"], status, request.query.get("note", "")
+    )
     return web.Response(status=200)
 
 
@@ -326,15 +434,38 @@ async def agent_checks(request: web.Request) -> web.Response:
 
 async def agent_self(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
-    return _json({
-        "Config": {"Datacenter": store.datacenter, "NodeName": store.node, "NodeID": store.node_id,
-                   "Server": True, "Version": "1.20.0", "VersionMetadata": "consul-dev", "Revision": "consul-dev"},
-        "Member": {"Name": store.node, "Addr": store.address, "Port": 8301, "Status": 1,
-                   "Tags": {"role": "consul", "dc": store.datacenter, "build": "consul-dev"}},
-        "Meta": {"consul-network-segment": ""}, "Stats": {"consul-dev": {"index": str(store.index)}}})
+    return _json(
+        {
+            "Config": {
+                "Datacenter": store.datacenter,
+                "NodeName": store.node,
+                "NodeID": store.node_id,
+                "Server": True,
+                "Version": "1.20.0",
+                "VersionMetadata": "consul-dev",
+                "Revision": "consul-dev",
+            },
+            "Member": {
+                "Name": store.node,
+                "Addr": store.address,
+                "Port": 8301,
+                "Status": 1,
+                "Tags": {"role": "consul", "dc": store.datacenter, "build": "consul-dev"},
+            },
+            "Meta": {"consul-network-segment": ""},
+            "Stats": {
+                "consul-dev": {
+                    "index": str(store.index),
+                    "writes": str(store.writes),
+                    "ttl_updates": str(store.ttl_updates),
+                }
+            },
+        }
+    )
 
 
 # -- health and catalog ----------------------------------------------------------------------------------
+
 
 async def health_service(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
@@ -343,16 +474,32 @@ async def health_service(request: web.Request) -> web.Response:
     tags = [t.lower() for t in request.query.getall("tag", [])]
     index, wait = _blocking(request)
     await store.block(lambda: store.service_index(name), index, wait)
+    idx = store.service_index(name)
+    # Many watchers of one service wake together at the same index: encode that answer once.
+    cache = request.app[HEALTH_CACHE_KEY]
+    key = (name, passing, tuple(tags), bool(request["anonymous"]))
+    hit = cache.get(key)
+    if hit is not None and hit.index == idx:
+        return hit.response(request)
     out = []
     if not request["anonymous"]:
+        node = _node_json(store)
         for svc, checks in store.service_entries(name):
             if tags and not all(t in {x.lower() for x in svc.tags} for t in tags):
                 continue
             if passing and any(c.status != PASSING for c in checks):
                 continue
-            out.append({"Node": _node_json(store), "Service": _service_json(svc, store),
-                        "Checks": [_check_json(c, store) for c in checks]})
-    return _json(out, store.service_index(name))
+            out.append(
+                {
+                    "Node": node,
+                    "Service": _service_json(svc, store),
+                    "Checks": [_check_json(c, store) for c in checks],
+                }
+            )
+    if len(cache) > 1024:
+        cache.clear()
+    cache[key] = encoded = _Encoded(idx, json.dumps(out).encode())
+    return encoded.response(request)
 
 
 async def catalog_services(request: web.Request) -> web.Response:
@@ -368,6 +515,7 @@ async def catalog_services(request: web.Request) -> web.Response:
 
 
 # -- KV --------------------------------------------------------------------------------------------------
+
 
 async def kv_get(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE_KEY]
@@ -385,8 +533,8 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
     if keys_mode:
         sep = request.query.get("separator", "")
         found: list[str] = []
-        for entry in store.kv_list(key):
-            k = entry.key
+        for listed in store.kv_list(key):
+            k = listed.key
             if sep:
                 cut = k.find(sep, len(key))
                 if cut >= 0:
@@ -401,8 +549,9 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
     if entry is None:
         return _json(None, idx, status=404)
     if "raw" in request.query:
-        return web.Response(body=entry.value or b"", headers={"X-Consul-Index": str(idx)},
-                            content_type="text/plain")
+        return web.Response(
+            body=entry.value or b"", headers={"X-Consul-Index": str(idx)}, content_type="text/plain"
+        )
     return _json([_kv_json(entry)], idx)
 
 
@@ -412,12 +561,17 @@ async def kv_put(request: web.Request) -> web.Response:
     if not key:
         raise ConsulError(400, "Missing key name")
     if request.content_length is not None and request.content_length > KV_MAX_VALUE_SIZE:
-        raise ConsulError(413, f"Request body({request.content_length} bytes) too large, max size: "
-                               f"{KV_MAX_VALUE_SIZE} bytes. See https://developer.hashicorp.com/consul/docs/"
-                               "agent/config/config-files#kv_max_value_size.")
+        raise ConsulError(
+            413,
+            f"Request body({request.content_length} bytes) too large, max size: "
+            f"{KV_MAX_VALUE_SIZE} bytes. See https://developer.hashicorp.com/consul/docs/"
+            "agent/config/config-files#kv_max_value_size.",
+        )
     value = await request.read()
     if len(value) > KV_MAX_VALUE_SIZE:
-        raise ConsulError(413, f"Request body({len(value)} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes.")
+        raise ConsulError(
+            413, f"Request body({len(value)} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes."
+        )
     flags = _uint_param(request, "flags", "Invalid flags") or 0
     cas = _uint_param(request, "cas", "Invalid cas index")
     acquire = request.query.get("acquire")
@@ -438,6 +592,7 @@ async def kv_delete(request: web.Request) -> web.Response:
 
 # -- sessions --------------------------------------------------------------------------------------------
 
+
 async def session_create(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     body = await _body_json(request, allow_empty=True)
@@ -452,8 +607,11 @@ async def session_create(request: web.Request) -> web.Response:
         except DurationError as exc:
             raise ConsulError(500, f"Session TTL '{ttl}' invalid: {exc}") from None
         if ttl_seconds != 0 and not SESSION_TTL_MIN <= ttl_seconds <= SESSION_TTL_MAX:
-            raise ConsulError(500, f"Invalid Session TTL '{int(ttl_seconds * 1e9)}', must be between "
-                                   f"[{format_go_duration(SESSION_TTL_MIN)}={format_go_duration(SESSION_TTL_MAX)}]")
+            raise ConsulError(
+                500,
+                f"Invalid Session TTL '{int(ttl_seconds * 1e9)}', must be between "
+                f"[{format_go_duration(SESSION_TTL_MIN)}={format_go_duration(SESSION_TTL_MAX)}]",
+            )
     lock_delay = 15.0
     raw_delay = body.get("lockdelay")
     if raw_delay is not None:
@@ -464,19 +622,30 @@ async def session_create(request: web.Request) -> web.Response:
         if isinstance(raw_delay, (int, float)) and raw_delay < 1000:
             lock_delay = float(raw_delay)  # Consul's fixup: small numbers are seconds, not nanoseconds
     if not 0 <= lock_delay <= MAX_LOCK_DELAY:
-        raise ConsulError(400, f"Invalid LockDelay: must be between 0s and {format_go_duration(MAX_LOCK_DELAY)}")
+        raise ConsulError(
+            400, f"Invalid LockDelay: must be between 0s and {format_go_duration(MAX_LOCK_DELAY)}"
+        )
     checks = _str_list(body, "checks")
     node_checks = _str_list(body, "nodechecks")
     service_checks_raw = _typed(body, "servicechecks", list, None)
-    service_checks = [str(_canon(sc).get("id", "")) for sc in service_checks_raw or [] if isinstance(sc, dict)]
+    service_checks = [
+        str(_canon(sc).get("id", "")) for sc in service_checks_raw or [] if isinstance(sc, dict)
+    ]
     if checks is None and node_checks is None and service_checks_raw is None:
         node_checks = [SERF_CHECK]
     all_checks = list(dict.fromkeys((checks or []) + (node_checks or []) + service_checks))
     node_level = [c for c in all_checks if c in store.checks and not store.checks[c].service_id]
     svc_level = [c for c in all_checks if c not in node_level]
-    sess = store.create_session(name=_typed(body, "name", str, ""), node=_typed(body, "node", str, "") or store.node,
-                                node_checks=node_level, service_checks=svc_level, behavior=behavior, ttl=ttl,
-                                ttl_seconds=ttl_seconds, lock_delay=lock_delay)
+    sess = store.create_session(
+        name=_typed(body, "name", str, ""),
+        node=_typed(body, "node", str, "") or store.node,
+        node_checks=node_level,
+        service_checks=svc_level,
+        behavior=behavior,
+        ttl=ttl,
+        ttl_seconds=ttl_seconds,
+        lock_delay=lock_delay,
+    )
     return _json({"ID": sess.id})
 
 
@@ -512,6 +681,7 @@ async def session_list(request: web.Request) -> web.Response:
 
 # -- status ----------------------------------------------------------------------------------------------
 
+
 async def status_leader(request: web.Request) -> web.Response:
     return _json(f"{request.app[STORE_KEY].address}:8300")
 
@@ -525,6 +695,7 @@ def build_app(store: Store, acl_token: str = "") -> web.Application:
     app = web.Application(middlewares=[_errors, _acl], client_max_size=KV_MAX_VALUE_SIZE + 64 * 1024)
     app[STORE_KEY] = store
     app[TOKEN_KEY] = acl_token
+    app[HEALTH_CACHE_KEY] = {}
     r = app.router
     r.add_put("/v1/agent/service/register", service_register)
     r.add_put("/v1/agent/service/deregister/{service_id}", service_deregister)

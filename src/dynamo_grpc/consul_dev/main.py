@@ -18,15 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynamo-grpc consul-dev",
         description="Embedded agent speaking the subset of Consul's HTTP API that dynamo-grpc uses "
-                    "(services with TTL checks, health, KV, sessions). State is in memory, like `consul agent -dev`.")
+        "(services with TTL checks, health, KV, sessions). State is in memory, like `consul agent -dev`.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8500, help="port to bind; 0 picks a free one (default 8500)")
     p.add_argument("--addr-file", default=None, help="write the bound http://host:port here once listening")
-    p.add_argument("--acl-token", default=os.environ.get("CONSUL_DEV_ACL_TOKEN", ""),
-                   help="require this token (X-Consul-Token) for writes and reads; default: ACLs off")
-    p.add_argument("--time-scale", type=float, default=float(os.environ.get("CONSUL_DEV_TIME_SCALE", "1")),
-                   help="TEST ONLY: multiply the agent's own timers (DeregisterCriticalServiceAfter and its 1m "
-                        "minimum, the 30s reaper, session TTLs, lock delays) by this factor")
+    p.add_argument(
+        "--acl-token",
+        default=os.environ.get("CONSUL_DEV_ACL_TOKEN", ""),
+        help="require this token (X-Consul-Token) for writes and reads; default: ACLs off",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=float(os.environ.get("CONSUL_DEV_TIME_SCALE", "1")),
+        help="TEST ONLY: multiply the agent's own timers (DeregisterCriticalServiceAfter and its 1m "
+        "minimum, the 30s reaper, session TTLs, lock delays) by this factor",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -35,7 +43,9 @@ async def _serve(args: argparse.Namespace) -> int:
     server = ConsulDevServer(args.host, args.port, acl_token=args.acl_token, time_scale=args.time_scale)
     address = await server.start()
     print(f"consul-dev listening on {address}", flush=True)
-    log.info("consul-dev listening on %s (acl=%s, time_scale=%g)", address, bool(args.acl_token), args.time_scale)
+    log.info(
+        "consul-dev listening on %s (acl=%s, time_scale=%g)", address, bool(args.acl_token), args.time_scale
+    )
     if args.addr_file:
         write_addr_file(args.addr_file, address)
     stop = asyncio.Event()

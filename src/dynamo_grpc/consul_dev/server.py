@@ -14,8 +14,15 @@ from dynamo_grpc.consul_dev.state import Store
 class ConsulDevServer:
     """One agent: a ``Store`` served by aiohttp. ``start()`` binds (port 0 picks a free port)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8500, *, acl_token: str = "",
-                 time_scale: float = 1.0, node: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8500,
+        *,
+        acl_token: str = "",
+        time_scale: float = 1.0,
+        node: str | None = None,
+    ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.host, self.port = host, port

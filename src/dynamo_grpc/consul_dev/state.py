@@ -42,7 +42,8 @@ class ConsulError(Exception):
 
 
 def validate_meta(meta: dict[str, str]) -> None:
-    """Consul's metadata limits: 64 pairs, keys [a-zA-Z0-9_-]{1,128} not starting with consul-, values <= 512."""
+    """Consul's metadata limits: 64 pairs, keys [a-zA-Z0-9_-]{1,128} not starting with consul-,
+    values of at most 512 characters."""
     if len(meta) > META_MAX_PAIRS:
         raise ValueError(f"Node metadata cannot contain more than {META_MAX_PAIRS} key/value pairs")
     for key, value in meta.items():
@@ -87,9 +88,23 @@ class Service:
     agent_owned: bool = True
 
     def same_as(self, other: Service) -> bool:
-        return (self.name, self.tags, self.address, self.port, self.meta, self.weights,
-                self.enable_tag_override) == (other.name, other.tags, other.address, other.port,
-                                              other.meta, other.weights, other.enable_tag_override)
+        return (
+            self.name,
+            self.tags,
+            self.address,
+            self.port,
+            self.meta,
+            self.weights,
+            self.enable_tag_override,
+        ) == (
+            other.name,
+            other.tags,
+            other.address,
+            other.port,
+            other.meta,
+            other.weights,
+            other.enable_tag_override,
+        )
 
 
 @dataclass
@@ -163,6 +178,7 @@ class Store:
     sessions: dict[str, Session] = field(default_factory=dict)
     lock_delays: dict[str, float] = field(default_factory=dict)
     writes: int = 0
+    ttl_updates: int = 0
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
@@ -171,12 +187,32 @@ class Store:
         idx = self._commit()
         self.node_index = idx
         self.checks[SERF_CHECK] = Check(
-            id=SERF_CHECK, name="Serf Health Status", service_id="", service_name="", status=PASSING,
-            output="Agent alive and reachable", notes="", ttl=None, deregister_after=None, definition={},
-            create_index=idx, modify_index=idx)
+            id=SERF_CHECK,
+            name="Serf Health Status",
+            service_id="",
+            service_name="",
+            status=PASSING,
+            output="Agent alive and reachable",
+            notes="",
+            ttl=None,
+            deregister_after=None,
+            definition={},
+            create_index=idx,
+            modify_index=idx,
+        )
         self.services["consul"] = Service(
-            id="consul", name="consul", tags=[], address="", port=8300, meta={}, weights={"Passing": 1,
-            "Warning": 1}, enable_tag_override=False, create_index=idx, modify_index=idx, agent_owned=False)
+            id="consul",
+            name="consul",
+            tags=[],
+            address="",
+            port=8300,
+            meta={},
+            weights={"Passing": 1, "Warning": 1},
+            enable_tag_override=False,
+            create_index=idx,
+            modify_index=idx,
+            agent_owned=False,
+        )
         self.catalog_index = self.svc_index["consul"] = idx
 
     # -- index bookkeeping -------------------------------------------------------------------------------
@@ -247,12 +283,16 @@ class Store:
             self.reap()
 
     def reap(self) -> list[str]:
-        """Deregister services whose check has been critical longer than its DeregisterCriticalServiceAfter."""
+        """Deregister services whose check has been critical for its DeregisterCriticalServiceAfter."""
         now = time.monotonic()
         doomed = []
         for chk in self.checks.values():
-            if (chk.deregister_after is not None and chk.critical_since is not None
-                    and now - chk.critical_since >= chk.deregister_after and chk.service_id in self.services):
+            if (
+                chk.deregister_after is not None
+                and chk.critical_since is not None
+                and now - chk.critical_since >= chk.deregister_after
+                and chk.service_id in self.services
+            ):
                 doomed.append(chk.service_id)
         for sid in dict.fromkeys(doomed):
             self.deregister_service(sid)
@@ -285,7 +325,11 @@ class Store:
                 if prev.timer:
                     prev.timer.cancel()
                 if (prev.name, prev.ttl, prev.deregister_after, prev.notes) != (
-                        chk.name, chk.ttl, chk.deregister_after, chk.notes):
+                    chk.name,
+                    chk.ttl,
+                    chk.deregister_after,
+                    chk.notes,
+                ):
                     changed = True
             else:
                 chk.critical_since = now if chk.status == CRITICAL else None
@@ -319,7 +363,10 @@ class Store:
         svc = self.services.get(service_id)
         if svc is None or not svc.agent_owned:
             raise ConsulError(
-                404, f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
+                404,
+                f'Unknown service ID "{service_id}". '
+                "Ensure that the service ID is passed, not the service name.",
+            )
         idx = self._commit()
         del self.services[service_id]
         for cid in [c.id for c in self.checks.values() if c.service_id == service_id]:
@@ -353,17 +400,20 @@ class Store:
         chk = self.checks.get(check_id)
         if chk is None:
             raise ConsulError(
-                404, f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
+                404, f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
+            )
         if chk.ttl is None:
             raise ConsulError(500, f'CheckID "{check_id}" does not have associated TTL')
+        self.ttl_updates += 1
         self._arm_ttl(chk)
         self._set_status(chk, status, truncate_output(output))
 
     def _set_status(self, chk: Check, status: str, output: str) -> None:
         now = time.monotonic()
         chk.local_output = output
-        if status == chk.status and (output == chk.output or now - chk.synced_at < CHECK_UPDATE_INTERVAL
-                                      * self.time_scale):
+        if status == chk.status and (
+            output == chk.output or now - chk.synced_at < CHECK_UPDATE_INTERVAL * self.time_scale
+        ):
             return  # nothing a reader can see changed: no write, no index, no wake-ups
         if status != chk.status:
             chk.critical_since = now if status == CRITICAL else None
@@ -387,8 +437,18 @@ class Store:
 
     # -- sessions ----------------------------------------------------------------------------------------
 
-    def create_session(self, *, name: str, node: str, node_checks: list[str], service_checks: list[str],
-                       behavior: str, ttl: str, ttl_seconds: float, lock_delay: float) -> Session:
+    def create_session(
+        self,
+        *,
+        name: str,
+        node: str,
+        node_checks: list[str],
+        service_checks: list[str],
+        behavior: str,
+        ttl: str,
+        ttl_seconds: float,
+        lock_delay: float,
+    ) -> Session:
         if node != self.node:
             raise ConsulError(500, f"Missing node registration: {node}")
         for cid in node_checks + service_checks:
@@ -398,9 +458,18 @@ class Store:
             if chk.status == CRITICAL:
                 raise ConsulError(500, f"Check '{cid}' is in critical state")
         idx = self._commit()
-        sess = Session(id=str(uuid.uuid4()), name=name, node=node, node_checks=node_checks,
-                       service_checks=service_checks, behavior=behavior, ttl=ttl, lock_delay=lock_delay,
-                       create_index=idx, modify_index=idx)
+        sess = Session(
+            id=str(uuid.uuid4()),
+            name=name,
+            node=node,
+            node_checks=node_checks,
+            service_checks=service_checks,
+            behavior=behavior,
+            ttl=ttl,
+            lock_delay=lock_delay,
+            create_index=idx,
+            modify_index=idx,
+        )
         self.sessions[sess.id] = sess
         self.sessions_index = idx
         self._arm_session(sess, ttl_seconds)
@@ -454,8 +523,9 @@ class Store:
 
     # -- KV ----------------------------------------------------------------------------------------------
 
-    def kv_put(self, key: str, value: bytes, *, flags: int, cas: int | None, acquire: str | None,
-               release: str | None) -> bool:
+    def kv_put(
+        self, key: str, value: bytes, *, flags: int, cas: int | None, acquire: str | None, release: str | None
+    ) -> bool:
         """Consul's KVS.Apply for set/cas/lock/unlock; the last of cas, acquire, release given wins."""
         existing = self.kv.get(key)
         if release is not None:
@@ -480,7 +550,9 @@ class Store:
             elif existing.session == acquire:
                 self._kv_write(key, value, flags, existing.lock_index, acquire, existing.create_index, idx)
             else:
-                self._kv_write(key, value, flags, existing.lock_index + 1, acquire, existing.create_index, idx)
+                self._kv_write(
+                    key, value, flags, existing.lock_index + 1, acquire, existing.create_index, idx
+                )
             return True
         if cas is not None:
             if cas == 0 and existing is not None:
@@ -491,11 +563,14 @@ class Store:
         if existing is None:
             self._kv_write(key, value, flags, 0, "", idx, idx)
         else:
-            self._kv_write(key, value, flags, existing.lock_index, existing.session, existing.create_index, idx)
+            self._kv_write(
+                key, value, flags, existing.lock_index, existing.session, existing.create_index, idx
+            )
         return True
 
-    def _kv_write(self, key: str, value: bytes, flags: int, lock_index: int, session: str, create: int,
-                  modify: int) -> None:
+    def _kv_write(
+        self, key: str, value: bytes, flags: int, lock_index: int, session: str, create: int, modify: int
+    ) -> None:
         self.kv[key] = KVEntry(key, value, flags, lock_index, session, create, modify)
         self.tombstones.pop(key, None)
         self.kvs_index = modify

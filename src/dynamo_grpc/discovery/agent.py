@@ -1,4 +1,5 @@
-"""Find or start a Consul agent for run-local: CONSUL_HTTP_ADDR, else ``consul agent -dev``, else consul-dev."""
+"""Find or start a Consul agent for run-local: CONSUL_HTTP_ADDR, else ``consul agent -dev``, else
+consul-dev."""
 
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(address: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
-               token: str | None = None) -> None:
+def wait_ready(
+    address: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, token: str | None = None
+) -> None:
     """Poll /v1/status/leader until the agent has a leader (a dev agent elects itself in a moment)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -68,8 +70,9 @@ def wait_ready(address: str, timeout: float, proc: subprocess.Popen[bytes] | Non
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"agent exited with code {proc.returncode} before it was ready")
         try:
-            req = urllib.request.Request(f"{address}/v1/status/leader",
-                                         headers={"X-Consul-Token": token} if token else {})
+            req = urllib.request.Request(
+                f"{address}/v1/status/leader", headers={"X-Consul-Token": token} if token else {}
+            )
             with urllib.request.urlopen(req, timeout=1.0) as resp:
                 if resp.read().strip() not in (b"", b'""'):
                     return
@@ -79,14 +82,31 @@ def wait_ready(address: str, timeout: float, proc: subprocess.Popen[bytes] | Non
     raise TimeoutError(f"agent at {address} not ready after {timeout}s ({last})")
 
 
-def start_consul_dev(port: int = 0, *, acl_token: str = "", time_scale: float | None = None,
-                     env: Mapping[str, str] | None = None, timeout: float = 15.0) -> AgentHandle:
+def start_consul_dev(
+    port: int = 0,
+    *,
+    acl_token: str = "",
+    time_scale: float | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 15.0,
+) -> AgentHandle:
     """Start ``python -m dynamo_grpc.consul_dev.main`` on 127.0.0.1 and wait until it answers."""
     fd, addr_file = tempfile.mkstemp(prefix="consul-dev-", suffix=".addr")
     os.close(fd)
     os.unlink(addr_file)
-    argv = [sys.executable, "-m", "dynamo_grpc.consul_dev.main", "--host", "127.0.0.1", "--port", str(port),
-            "--addr-file", addr_file, "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-m",
+        "dynamo_grpc.consul_dev.main",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--addr-file",
+        addr_file,
+        "--log-level",
+        "WARNING",
+    ]
     if acl_token:
         argv += ["--acl-token", acl_token]
     if time_scale is not None:
@@ -116,9 +136,20 @@ def start_consul_dev(port: int = 0, *, acl_token: str = "", time_scale: float | 
 def start_consul_binary(binary: str, *, timeout: float = 30.0) -> AgentHandle:
     """``consul agent -dev`` on a free HTTP port, DNS off, bound to loopback."""
     port = free_port()
-    argv = [binary, "agent", "-dev", "-client", "127.0.0.1", "-bind", "127.0.0.1", f"-http-port={port}",
-            "-dns-port=-1"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        binary,
+        "agent",
+        "-dev",
+        "-client",
+        "127.0.0.1",
+        "-bind",
+        "127.0.0.1",
+        f"-http-port={port}",
+        "-dns-port=-1",
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     address = f"http://127.0.0.1:{port}"
     try:
         wait_ready(address, timeout, proc)

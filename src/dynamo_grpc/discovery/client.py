@@ -70,10 +70,12 @@ def card_key(model: str, instance_id: str) -> str:
     return f"{CARD_PREFIX}{model}/{instance_id}"
 
 
-def _parse_cards(entries: list[dict[str, Any]] | None, model: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+def _parse_cards(
+    entries: list[dict[str, Any]] | None, model: str | None
+) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for entry in entries or []:
-        rest = str(entry.get("Key", ""))[len(CARD_PREFIX):]
+        rest = str(entry.get("Key", ""))[len(CARD_PREFIX) :]
         name, _, inst = rest.rpartition("/")
         if not name or not inst or (model is not None and name != model):
             continue
@@ -89,16 +91,27 @@ def _parse_cards(entries: list[dict[str, Any]] | None, model: str | None) -> dic
 
 def _instance_from_entry(entry: dict[str, Any]) -> Instance:
     svc, node = entry["Service"], entry.get("Node") or {}
-    return Instance(service=svc["Service"], instance_id=svc["ID"], address=svc.get("Address") or node.get("Address", ""),
-                    port=int(svc.get("Port") or 0), tags=list(svc.get("Tags") or []),
-                    meta=dict(svc.get("Meta") or {}))
+    return Instance(
+        service=svc["Service"],
+        instance_id=svc["ID"],
+        address=svc.get("Address") or node.get("Address", ""),
+        port=int(svc.get("Port") or 0),
+        tags=list(svc.get("Tags") or []),
+        meta=dict(svc.get("Meta") or {}),
+    )
 
 
 class Discovery:
     """A process's handle on the discovery plane. One per process; ``close()`` (or ``async with``) at exit."""
 
-    def __init__(self, settings: ConsulSettings | None = None, *, watch_wait: float = 30.0,
-                 request_timeout: float = 10.0, backoff: tuple[float, float] = (0.05, 5.0)) -> None:
+    def __init__(
+        self,
+        settings: ConsulSettings | None = None,
+        *,
+        watch_wait: float = 30.0,
+        request_timeout: float = 10.0,
+        backoff: tuple[float, float] = (0.05, 5.0),
+    ) -> None:
         self.settings = settings or ConsulSettings()
         self.watch_wait = watch_wait
         self.backoff = backoff
@@ -106,6 +119,7 @@ class Discovery:
         # Blocking queries hang for up to wait + wait/16 (Consul's jitter); give them room beyond that.
         self._watch = self._client(watch_wait * 17 / 16 + request_timeout)
         self._regs: dict[str, _Registration] = {}
+        self.heartbeats = 0  # TTL passes sent, for metrics and benches
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Discovery:
@@ -113,8 +127,14 @@ class Discovery:
 
     def _client(self, timeout: float) -> consul.aio.Consul:
         s = self.settings
-        client = consul.aio.Consul(host=s.host, port=s.port, scheme=s.scheme, verify=s.verify, cert=s.cert,
-                                   connections_timeout=timeout)
+        client = consul.aio.Consul(
+            host=s.host,
+            port=s.port,
+            scheme=s.scheme,
+            verify=s.verify,
+            cert=s.cert,
+            connections_timeout=timeout,
+        )
         client.token = s.token  # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we do not
         return client
 
@@ -135,15 +155,27 @@ class Discovery:
         reg = _Registration(instance=instance, ttl=ttl, deregister_after=deregister_after)
         await self._register_service(reg)
         self._regs[instance.instance_id] = reg
-        reg.task = asyncio.get_running_loop().create_task(self._heartbeat(reg), name=f"heartbeat:{instance.instance_id}")
+        reg.task = asyncio.get_running_loop().create_task(
+            self._heartbeat(reg), name=f"heartbeat:{instance.instance_id}"
+        )
 
     async def _register_service(self, reg: _Registration) -> None:
         inst = reg.instance
-        check = {"TTL": _fmt_seconds(reg.ttl), "DeregisterCriticalServiceAfter": reg.deregister_after,
-                 "Status": "passing", "Output": "registered"}
+        check = {
+            "TTL": _fmt_seconds(reg.ttl),
+            "DeregisterCriticalServiceAfter": reg.deregister_after,
+            "Status": "passing",
+            "Output": "registered",
+        }
         ok = await self._ctl.agent.service.register(
-            inst.service, service_id=inst.instance_id, address=inst.address or None, port=inst.port or None,
-            tags=list(inst.tags) or None, meta=dict(inst.meta) or None, check=check)
+            inst.service,
+            service_id=inst.instance_id,
+            address=inst.address or None,
+            port=inst.port or None,
+            tags=list(inst.tags) or None,
+            meta=dict(inst.meta) or None,
+            check=check,
+        )
         if not ok:
             raise consul.ConsulException(f"registering {inst.instance_id} failed")
 
@@ -157,17 +189,20 @@ class Discovery:
 
     async def _heartbeat(self, reg: _Registration) -> None:
         period = reg.ttl / 3
-        delay = period
+        delay = period * random.uniform(0.5, 1.0)  # spread many instances' heartbeats over the period
         while True:
             await asyncio.sleep(delay)
             try:
+                self.heartbeats += 1
                 if not await self._ctl.agent.check.ttl_pass(reg.instance.check_id):
                     await self._restore(reg)
                 elif reg.session_id is not None:
                     try:
                         await self._ctl.session.renew(reg.session_id)
                     except consul.NotFound:
-                        log.warning("card session of %s was invalidated; publishing again", reg.instance.instance_id)
+                        log.warning(
+                            "card session of %s was invalidated; publishing again", reg.instance.instance_id
+                        )
                         reg.session_id = None
                         for model, card in list(reg.cards.items()):
                             await self._put_card(reg, model, card)
@@ -176,13 +211,16 @@ class Discovery:
                 raise
             except _TRANSIENT as exc:
                 delay = min(period, self.backoff[0] * 4 + random.random() * self.backoff[0])
-                log.debug("heartbeat for %s failed (%s); retrying in %.2fs", reg.instance.instance_id, exc, delay)
+                log.debug(
+                    "heartbeat for %s failed (%s); retrying in %.2fs", reg.instance.instance_id, exc, delay
+                )
             except Exception:  # keep heartbeating whatever one round hit; the TTL is ticking
                 delay = min(period, 1.0)
                 log.exception("heartbeat for %s failed", reg.instance.instance_id)
 
     async def deregister(self, instance_id: str | None = None) -> None:
-        """Remove our instance(s) now: stop heartbeats, drop card sessions (deleting the cards), deregister."""
+        """Remove our instance(s) now: stop heartbeats, drop card sessions (deleting the cards),
+        deregister the services."""
         ids = [instance_id] if instance_id is not None else list(self._regs)
         for iid in ids:
             reg = self._regs.pop(iid, None)
@@ -209,7 +247,9 @@ class Discovery:
             raise ValueError(f"instance {instance_id!r} is not registered by this process")
         card_key(model, instance_id)
         if len(json.dumps(card).encode()) > KV_MAX_VALUE_SIZE:
-            raise ValueError(f"model card for {model!r} exceeds Consul's {KV_MAX_VALUE_SIZE} byte value limit")
+            raise ValueError(
+                f"model card for {model!r} exceeds Consul's {KV_MAX_VALUE_SIZE} byte value limit"
+            )
         await self._put_card(reg, model, card)
         reg.cards[model] = card
 
@@ -220,8 +260,11 @@ class Discovery:
         for attempt in range(8):
             try:
                 reg.session_id = await self._ctl.session.create(
-                    name=f"dynamo-card:{reg.instance.instance_id}", checks=["serfHealth", reg.instance.check_id],
-                    behavior="delete", lock_delay=0)
+                    name=f"dynamo-card:{reg.instance.instance_id}",
+                    checks=["serfHealth", reg.instance.check_id],
+                    behavior="delete",
+                    lock_delay=0,
+                )
                 return reg.session_id
             except consul.ConsulException as exc:
                 # A real agent syncs the check to the catalog asynchronously: "Missing check" for a moment.
@@ -249,7 +292,9 @@ class Discovery:
         _, entries = await self._ctl.kv.get(prefix, recurse=True)
         return _parse_cards(entries, model)
 
-    def watch_model_cards(self, model: str | None = None) -> AsyncIterator[dict[str, dict[str, dict[str, Any]]]]:
+    def watch_model_cards(
+        self, model: str | None = None
+    ) -> AsyncIterator[dict[str, dict[str, dict[str, Any]]]]:
         """Snapshots of ``get_model_cards(model)``, one per change, via blocking queries."""
         prefix = CARD_PREFIX + (f"{model}/" if model else "")
 
@@ -267,13 +312,17 @@ class Discovery:
 
         async def fetch(index: int, wait: str) -> tuple[int, list[Instance]]:
             idx, entries = await self._watch.health.service(
-                service, index=index or None, wait=wait, passing=True, tag=list(tags) if tags else None)
-            return int(idx), sorted((_instance_from_entry(e) for e in entries or []), key=lambda i: i.instance_id)
+                service, index=index or None, wait=wait, passing=True, tag=list(tags) if tags else None
+            )
+            return int(idx), sorted(
+                (_instance_from_entry(e) for e in entries or []), key=lambda i: i.instance_id
+            )
 
         return self._blocking_loop(fetch, service)
 
-    async def _blocking_loop(self, fetch: Callable[[int, str], Awaitable[tuple[int, T]]],
-                             what: str) -> AsyncIterator[T]:
+    async def _blocking_loop(
+        self, fetch: Callable[[int, str], Awaitable[tuple[int, T]]], what: str
+    ) -> AsyncIterator[T]:
         index = 0
         last: T | None = None
         first = True

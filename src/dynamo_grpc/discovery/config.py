@@ -30,8 +30,15 @@ class ConsulSettings:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     @classmethod
-    def from_addr(cls, addr: str, *, token: str | None = None, ssl: bool | None = None,
-                  verify: bool | str = True, cert: tuple[str, str] | str | None = None) -> ConsulSettings:
+    def from_addr(
+        cls,
+        addr: str,
+        *,
+        token: str | None = None,
+        ssl: bool | None = None,
+        verify: bool | str = True,
+        cert: tuple[str, str] | str | None = None,
+    ) -> ConsulSettings:
         """Parse ``host:port``, ``http://host:port`` or ``https://host:port`` (CONSUL_HTTP_ADDR's forms)."""
         text = addr.strip()
         if text.startswith("unix://"):
@@ -48,7 +55,9 @@ class ConsulSettings:
             raise ValueError(f"CONSUL_HTTP_ADDR {addr!r}: {exc}") from None
         if not parsed.hostname:
             raise ValueError(f"CONSUL_HTTP_ADDR {addr!r}: missing host")
-        return cls(host=parsed.hostname, port=port, scheme=scheme, token=token or None, verify=verify, cert=cert)
+        return cls(
+            host=parsed.hostname, port=port, scheme=scheme, token=token or None, verify=verify, cert=cert
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulSettings:
@@ -73,5 +82,6 @@ class ConsulSettings:
             cert = client_cert
         elif client_key:
             raise ValueError("CONSUL_CLIENT_KEY is set without CONSUL_CLIENT_CERT")
-        return cls.from_addr(env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR, token=token, ssl=ssl,
-                             verify=verify, cert=cert)
+        return cls.from_addr(
+            env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR, token=token, ssl=ssl, verify=verify, cert=cert
+        )

@@ -1,0 +1,358 @@
+"""Discovery plane at scale: 1,000 instances heartbeating into consul-dev, 50 watchers.
+
+Measures (1) the time for a change (an instance joining or leaving) to reach every watcher, with
+blocking queries (ours, ``Discovery.watch``) against 1 s polling (the baseline), and (2) consul-dev's
+CPU per heartbeat and per second in each phase. The agent, the heartbeating fleet (one
+``Discovery`` holding all instances) and the watchers (spread over a few processes, as they would be
+over routers and frontends) are separate processes; arrival times use the system-wide monotonic clock.
+Latencies include each watcher parsing a 1,000-entry health answer, so on a loaded machine they
+measure the machine as much as the agent: compare the two phases of one run.
+
+    python bench/bench_discovery.py --json bench/results/discovery.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+# Child processes (the agent, the fleet, the watchers) import the package the same way.
+os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(ROOT / "src"), str(ROOT / "gen"),
+                                                                       os.environ.get("PYTHONPATH")])))
+
+from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance  # noqa: E402
+from dynamo_grpc.discovery.agent import start_consul_dev  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SERVICE = "dynamo-worker"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_discovery {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+# -- child roles -------------------------------------------------------------------------------------------
+
+async def _fleet(addr: str, n: int, ttl: float) -> None:
+    """Register n instances through one Discovery and heartbeat them until stdin closes."""
+    async with Discovery(ConsulSettings.from_addr(addr)) as d:
+        gate = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await d.register(Instance(SERVICE, f"w{i:04d}", "127.0.0.1", 10000 + i, ["m"],
+                                          {"grpc": f"127.0.0.1:{10000 + i}"}), ttl=ttl)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def _watchers(addr: str, first: int, count: int, mode: str, poll_interval: float) -> None:
+    """Watch the service with ``count`` independent clients; print a line whenever a view changes."""
+    import aiohttp
+
+    def report(w: int, ids: set[str]) -> None:
+        probes = sorted(i for i in ids if i.startswith("probe-"))
+        print(json.dumps({"w": w, "t": time.monotonic(), "n": len(ids), "probes": probes}), flush=True)
+
+    async def blocking(w: int) -> None:
+        async with Discovery(ConsulSettings.from_addr(addr), watch_wait=60) as d:
+            async for snap in d.watch(SERVICE):
+                report(w, {x.instance_id for x in snap})
+
+    async def polling(w: int) -> None:
+        await asyncio.sleep(poll_interval * (w % 50) / 50)  # independent processes poll out of phase
+        async with aiohttp.ClientSession() as s:
+            while True:
+                async with s.get(f"{addr}/v1/health/service/{SERVICE}", params={"passing": "1"}) as resp:
+                    body = await resp.json()
+                report(w, {e["Service"]["ID"] for e in body})
+                await asyncio.sleep(poll_interval)
+
+    run = blocking if mode == "blocking" else polling
+    tasks = [asyncio.create_task(run(first + i)) for i in range(count)]
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- the driver --------------------------------------------------------------------------------------------
+
+class WatcherGroup:
+    """Watcher processes; keeps, per watcher, the history of (time, instance count, probes present)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.history: list[list[tuple[float, int, frozenset[str]]]] = [[] for _ in range(n)]
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.changed = asyncio.Event()
+
+    async def start(self, addr: str, procs: int, mode: str, poll_interval: float) -> None:
+        per = -(-self.n // procs)
+        for first in range(0, self.n, per):
+            count = min(per, self.n - first)
+            p = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--role", "watchers", "--addr", addr, "--first", str(first),
+                "--count", str(count), "--mode", mode, "--poll-interval", str(poll_interval),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            self.procs.append(p)
+            self.readers.append(asyncio.create_task(self._read(p)))
+
+    async def _read(self, p: asyncio.subprocess.Process) -> None:
+        assert p.stdout is not None
+        async for line in p.stdout:
+            rec = json.loads(line)
+            self.history[rec["w"]].append((rec["t"], rec["n"], frozenset(rec["probes"])))
+            self.changed.set()
+
+    async def until(self, pred: Any, since: float, timeout: float) -> list[float]:
+        """For every watcher, the first report at or after ``since`` whose (n, probes) satisfies pred."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.changed.clear()
+            found = []
+            for hist in self.history:
+                hit = next((t for t, n, probes in hist if t >= since and pred(n, probes)), None)
+                if hit is None:
+                    break
+                found.append(hit)
+            if len(found) == self.n:
+                return found
+            if time.monotonic() > deadline:
+                last = [(round(t - since, 2), n, sorted(ps)) for t, n, ps in self.history[len(found)][-3:]]
+                raise TimeoutError(f"only {len(found)} of {self.n} watchers converged; watcher {len(found)} "
+                                   f"last reported {last}")
+            try:
+                await asyncio.wait_for(self.changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(p.pid) for p in self.procs)
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in self.procs:
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+        for r in self.readers:
+            r.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+async def _agent_stat(addr: str, key: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"{addr}/v1/agent/self") as resp:
+        return int((await resp.json())["Stats"]["consul-dev"][key])
+
+
+async def _measure_changes(group: WatcherGroup, prober: Discovery, changes: int, gap: float,
+                           instances: int) -> list[float]:
+    """Alternately add and remove a probe instance; for each change, every watcher's delay."""
+    lat: list[float] = []
+    for k in range(changes):
+        probe = f"probe-{k // 2}"
+        t0 = time.monotonic()
+        if k % 2 == 0:
+            await prober.register(Instance(SERVICE, probe, "127.0.0.1", 9999), ttl=30.0)
+            arrivals = await group.until(lambda n, ps, p=probe: p in ps, t0, 60)
+        else:
+            await prober.deregister(probe)
+            arrivals = await group.until(lambda n, ps, p=probe: p not in ps and n >= instances, t0, 60)
+        lat.extend(a - t0 for a in arrivals)
+        await asyncio.sleep(gap)
+    return lat
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    agent = start_consul_dev(0)
+    assert agent.process is not None
+    pid, addr = agent.process.pid, agent.address
+    # 50 watchers stand for 50 routers/frontends: give them several processes, not one event loop.
+    procs = args.watcher_procs or max(1, min(10, args.watchers))
+    result: dict[str, Any] = {"instances": args.instances, "watchers": args.watchers, "watcher_procs": procs,
+                              "ttl_s": args.ttl, "changes": args.changes, "poll_interval_s": args.poll_interval,
+                              "host": platform.node(), "cpus": os.cpu_count(),
+                              "loadavg_start": os.getloadavg()[0]}
+    fleet: asyncio.subprocess.Process | None = None
+    try:
+        c0, t0 = _cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(2.0)
+        result["agent_idle_cpu_pct"] = 100 * (_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+        t = time.monotonic()
+        fleet = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--role", "fleet", "--addr", addr, "--count", str(args.instances),
+            "--ttl", str(args.ttl), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert fleet.stdout is not None
+        if (await fleet.stdout.readline()).strip() != b"ready":
+            raise RuntimeError("fleet failed to start")
+        result["register_s"] = time.monotonic() - t
+        _log(f"registered {args.instances} instances in {result['register_s']:.1f}s")
+
+        # Heartbeats only: agent CPU per heartbeat, counted by the agent itself.
+        await asyncio.sleep(args.ttl / 3)
+        h0, c0, t0 = await _agent_stat(addr, "ttl_updates"), _cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(args.heartbeat_window)
+        beats, cpu = await _agent_stat(addr, "ttl_updates") - h0, _cpu_seconds(pid) - c0
+        dt = time.monotonic() - t0
+        result["heartbeats_per_s"] = beats / dt
+        result["agent_cpu_us_per_heartbeat"] = 1e6 * cpu / max(1, beats)
+        result["agent_heartbeat_cpu_pct"] = 100 * cpu / dt
+        _log(f"heartbeats: {beats / dt:.0f}/s, agent {100 * cpu / dt:.1f}% CPU")
+
+        phases: dict[str, dict[str, Any]] = {}
+        # A generous request timeout: on a loaded machine a timed-out deregistration would leave the
+        # probe to its TTL and measure that instead of propagation.
+        async with Discovery(ConsulSettings.from_addr(addr), request_timeout=60) as prober:
+            for mode in ("blocking", "polling"):
+                group = WatcherGroup(args.watchers)
+                t0 = time.monotonic()
+                await group.start(addr, procs, mode, args.poll_interval)
+                await group.until(lambda n, ps: n >= args.instances, t0, 120)
+                _log(f"{mode}: {args.watchers} watchers in {procs} processes see all instances")
+                # Quiet period: what watching costs when nothing changes.
+                c0, g0, t0 = _cpu_seconds(pid), group.cpu_seconds(), time.monotonic()
+                await asyncio.sleep(args.quiet_window)
+                dt = time.monotonic() - t0
+                quiet_agent, quiet_watchers = (_cpu_seconds(pid) - c0) / dt, (group.cpu_seconds() - g0) / dt
+                c0, g0, t0 = _cpu_seconds(pid), group.cpu_seconds(), time.monotonic()
+                lat = await _measure_changes(group, prober, args.changes, args.gap, args.instances)
+                cpu, gcpu, dt = _cpu_seconds(pid) - c0, group.cpu_seconds() - g0, time.monotonic() - t0
+                await group.stop()
+                phases[mode] = {"p50_ms": 1e3 * _pct(lat, 50), "p99_ms": 1e3 * _pct(lat, 99),
+                                "max_ms": 1e3 * max(lat), "mean_ms": 1e3 * statistics.fmean(lat),
+                                "samples": len(lat), "agent_cpu_pct": 100 * cpu / dt,
+                                "watchers_cpu_pct": 100 * gcpu / dt, "quiet_agent_cpu_pct": 100 * quiet_agent,
+                                "quiet_watchers_cpu_pct": 100 * quiet_watchers,
+                                "latencies_ms": [round(1e3 * x, 2) for x in lat]}
+                _log(f"{mode}: p50 {phases[mode]['p50_ms']:.0f} ms, p99 {phases[mode]['p99_ms']:.0f} ms, "
+                     f"agent {phases[mode]['agent_cpu_pct']:.1f}% CPU; quiet: agent {100 * quiet_agent:.1f}%, "
+                     f"watchers {100 * quiet_watchers:.1f}% CPU")
+        result["phases"] = phases
+        result["loadavg_end"] = os.getloadavg()[0]
+    finally:
+        if fleet is not None:
+            if fleet.stdin is not None:
+                fleet.stdin.close()
+            try:
+                await asyncio.wait_for(fleet.wait(), 20)
+            except TimeoutError:
+                fleet.kill()
+                await fleet.wait()
+        agent.stop()
+    return result
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, ph in result["phases"].items():
+        xs = sorted(ph["latencies_ms"])
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        label = "blocking queries (ours)" if name == "blocking" else f"polling every {result['poll_interval_s']:g} s"
+        ax1.plot(xs, ys, label=f"{label}: p50 {ph['p50_ms']:.0f} ms, p99 {ph['p99_ms']:.0f} ms")
+    ax1.set_xlabel("change -> watcher latency (ms)")
+    ax1.set_ylabel("fraction of (change, watcher) pairs")
+    ax1.set_title(f"{result['instances']} instances, {result['watchers']} watchers")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    b, pl = result["phases"]["blocking"], result["phases"]["polling"]
+    labels = ["heartbeats\nonly", "blocking\nquiet", "polling\nquiet", "blocking\nchanges", "polling\nchanges"]
+    agent = [result["agent_heartbeat_cpu_pct"], b["quiet_agent_cpu_pct"], pl["quiet_agent_cpu_pct"],
+             b["agent_cpu_pct"], pl["agent_cpu_pct"]]
+    watchers = [0.0, b["quiet_watchers_cpu_pct"], pl["quiet_watchers_cpu_pct"], b["watchers_cpu_pct"],
+                pl["watchers_cpu_pct"]]
+    xs = range(len(labels))
+    ax2.bar([x - 0.2 for x in xs], agent, width=0.4, label="consul-dev", color="#48c")
+    ax2.bar([x + 0.2 for x in xs], watchers, width=0.4, label="50 watchers (all processes)", color="#c84")
+    ax2.set_xticks(list(xs), labels, fontsize=8)
+    ax2.legend(fontsize=8)
+    ax2.set_ylabel("CPU (% of one core)")
+    ax2.set_title(f"{result['heartbeats_per_s']:.0f} heartbeats/s, "
+                  f"{result['agent_cpu_us_per_heartbeat']:.0f} us agent CPU each")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_discovery", description="consul-dev + discovery client at scale")
+    p.add_argument("--instances", type=int, default=1000)
+    p.add_argument("--watchers", type=int, default=50)
+    p.add_argument("--watcher-procs", type=int, default=0, help="processes to spread watchers over (0: auto)")
+    p.add_argument("--ttl", type=float, default=10.0, help="TTL of each instance's check (heartbeat at TTL/3)")
+    p.add_argument("--changes", type=int, default=8, help="changes per phase (joins and leaves alternate)")
+    p.add_argument("--gap", type=float, default=0.3, help="seconds between changes")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="baseline watchers' polling period")
+    p.add_argument("--heartbeat-window", type=float, default=6.0)
+    p.add_argument("--quiet-window", type=float, default=4.0, help="seconds watched with no changes")
+    p.add_argument("--json", default=str(RESULTS / "discovery.json"))
+    p.add_argument("--png", default=None, help="default: the --json path with .png")
+    # internal: the child processes
+    p.add_argument("--role", choices=["driver", "fleet", "watchers"], default="driver", help=argparse.SUPPRESS)
+    p.add_argument("--addr", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="blocking", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.role == "fleet":
+        asyncio.run(_fleet(args.addr, args.count, args.ttl))
+        return 0
+    if args.role == "watchers":
+        asyncio.run(_watchers(args.addr, args.first, args.count, args.mode, args.poll_interval))
+        return 0
+    t = time.monotonic()
+    result = asyncio.run(run(args))
+    result["wall_s"] = time.monotonic() - t
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    plot(result, png)
+    summary = {k: v for k, v in result.items() if k != "phases"}
+    summary["phases"] = {k: {m: round(x, 2) for m, x in v.items() if m != "latencies_ms"}
+                         for k, v in result["phases"].items()}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
