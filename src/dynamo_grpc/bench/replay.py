@@ -262,6 +262,21 @@ def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list
     }
 
 
+def _write_report(out: Path, cfg: ReplayConfig, trace_info: dict[str, Any], runs: dict[str, Any]) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "benchmark": "replay",
+        "config": {**asdict(cfg), "engine": "mocker", "host": platform.node(), "python": platform.python_version()},
+        "trace": trace_info,
+        "runs": runs,
+    }
+    if "kv" in runs and "round-robin" in runs:
+        kv, rr = runs["kv"]["ttft_s"]["p50"], runs["round-robin"]["ttft_s"]["p50"]
+        report["kv_vs_round_robin_p50_ttft"] = (rr / kv) if kv and rr else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -336,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             records, summary = run_one(router, trace, cfg, bound.engine_token_weighted, mpath)
             runs[router] = {**summary, "per_request": _per_request(records, cfg.speedup)}
             ttfts[router] = [r.ttft * cfg.speedup for r in records if r.ok]
+            _write_report(Path(args.json), cfg, trace_info, runs)  # partial results survive an interrupted run
             t = summary["ttft_s"]
             hit = summary["prefix_cache"]["hit_rate"]
             print(
@@ -347,19 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report: dict[str, Any] = {
-        "benchmark": "replay",
-        "config": {**asdict(cfg), "engine": "mocker", "host": platform.node(), "python": platform.python_version()},
-        "trace": trace_info,
-        "runs": runs,
-    }
-    if "kv" in runs and "round-robin" in runs:
-        kv, rr = runs["kv"]["ttft_s"]["p50"], runs["round-robin"]["ttft_s"]["p50"]
-        report["kv_vs_round_robin_p50_ttft"] = (rr / kv) if kv and rr else None
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    _write_report(Path(args.json), cfg, trace_info, runs)
+    print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         from dynamo_grpc.bench.replay_plot import plot_replay
 
