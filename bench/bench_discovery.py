@@ -2,9 +2,10 @@
 
 Measures (1) the time for a change (an instance joining or leaving) to reach every watcher, with
 blocking queries (ours, ``Discovery.watch``) against 1 s polling (the baseline), and (2) consul-dev's
-CPU per heartbeat and per second in each phase. The agent, the heartbeating fleet (one
-``Discovery`` holding all instances) and the watchers (spread over a few processes, as they would be
-over routers and frontends) are separate processes; arrival times use the system-wide monotonic clock.
+CPU per heartbeat and per second in each phase. The agent, the heartbeating fleet (a few processes,
+each one ``Discovery`` holding its share of the instances) and the watchers (spread over a few
+processes, as they would be over routers and frontends) are separate processes; arrival times use the
+system-wide monotonic clock.
 Latencies include each watcher parsing a 1,000-entry health answer, so on a loaded machine they
 measure the machine as much as the agent: compare the two phases of one run.
 
@@ -55,7 +56,7 @@ def _pct(values: list[float], q: float) -> float:
 
 # -- child roles -------------------------------------------------------------------------------------------
 
-async def _fleet(addr: str, n: int, ttl: float) -> None:
+async def _fleet(addr: str, first: int, n: int, ttl: float) -> None:
     """Register n instances through one Discovery and heartbeat them until stdin closes."""
     async with Discovery(ConsulSettings.from_addr(addr)) as d:
         gate = asyncio.Semaphore(32)
@@ -65,7 +66,7 @@ async def _fleet(addr: str, n: int, ttl: float) -> None:
                 await d.register(Instance(SERVICE, f"w{i:04d}", "127.0.0.1", 10000 + i, ["m"],
                                           {"grpc": f"127.0.0.1:{10000 + i}"}), ttl=ttl)
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(one(i) for i in range(first, first + n)))
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
@@ -205,19 +206,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                               "ttl_s": args.ttl, "changes": args.changes, "poll_interval_s": args.poll_interval,
                               "host": platform.node(), "cpus": os.cpu_count(),
                               "loadavg_start": os.getloadavg()[0]}
-    fleet: asyncio.subprocess.Process | None = None
+    fleet: list[asyncio.subprocess.Process] = []
     try:
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         await asyncio.sleep(2.0)
         result["agent_idle_cpu_pct"] = 100 * (_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
         t = time.monotonic()
-        fleet = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--role", "fleet", "--addr", addr, "--count", str(args.instances),
-            "--ttl", str(args.ttl), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert fleet.stdout is not None
-        if (await fleet.stdout.readline()).strip() != b"ready":
-            raise RuntimeError("fleet failed to start")
+        # The instances stand for 1,000 worker processes: spread their heartbeats over a few processes
+        # so one starved event loop does not let TTLs lapse on a loaded machine.
+        per = -(-args.instances // args.fleet_procs)
+        for first in range(0, args.instances, per):
+            fleet.append(await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--role", "fleet", "--addr", addr, "--first", str(first),
+                "--count", str(min(per, args.instances - first)), "--ttl", str(args.ttl),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE))
+        for proc in fleet:
+            assert proc.stdout is not None
+            if (await proc.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("fleet failed to start")
         result["register_s"] = time.monotonic() - t
         _log(f"registered {args.instances} instances in {result['register_s']:.1f}s")
 
@@ -263,14 +270,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["phases"] = phases
         result["loadavg_end"] = os.getloadavg()[0]
     finally:
-        if fleet is not None:
-            if fleet.stdin is not None:
-                fleet.stdin.close()
+        for proc in fleet:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in fleet:
             try:
-                await asyncio.wait_for(fleet.wait(), 20)
+                await asyncio.wait_for(proc.wait(), 20)
             except TimeoutError:
-                fleet.kill()
-                await fleet.wait()
+                proc.kill()
+                await proc.wait()
         agent.stop()
     return result
 
@@ -316,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_discovery", description="consul-dev + discovery client at scale")
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--watchers", type=int, default=50)
+    p.add_argument("--fleet-procs", type=int, default=4, help="processes the instances heartbeat from")
     p.add_argument("--watcher-procs", type=int, default=0, help="processes to spread watchers over (0: auto)")
     p.add_argument("--ttl", type=float, default=10.0, help="TTL of each instance's check (heartbeat at TTL/3)")
-    p.add_argument("--changes", type=int, default=8, help="changes per phase (joins and leaves alternate)")
+    p.add_argument("--changes", type=int, default=6, help="changes per phase (joins and leaves alternate)")
     p.add_argument("--gap", type=float, default=0.3, help="seconds between changes")
     p.add_argument("--poll-interval", type=float, default=1.0, help="baseline watchers' polling period")
     p.add_argument("--heartbeat-window", type=float, default=6.0)
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="blocking", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.role == "fleet":
-        asyncio.run(_fleet(args.addr, args.count, args.ttl))
+        asyncio.run(_fleet(args.addr, args.first, args.count, args.ttl))
         return 0
     if args.role == "watchers":
         asyncio.run(_watchers(args.addr, args.first, args.count, args.mode, args.poll_interval))

@@ -169,3 +169,8 @@ def test_ensure_agent_prefers_consul_http_addr(tmp_path: object) -> None:
     finally:
         handle.stop()
     assert handle.process.poll() is not None
+
+
+def test_settings_from_env_with_an_explicit_address() -> None:
+    s = ConsulSettings.from_env({"CONSUL_HTTP_TOKEN": "tok", "CONSUL_CACERT": "/ca.pem"}, addr="https://h:1")
+    assert (s.scheme, s.host, s.port, s.token, s.verify) == ("https", "h", 1, "tok", "/ca.pem")

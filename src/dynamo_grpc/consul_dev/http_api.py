@@ -164,6 +164,9 @@ class _Encoded:
         return web.Response(body=body, content_type="application/json", headers=headers)
 
 
+ENTRY_CACHE_KEY: web.AppKey[dict[str, tuple[tuple[int, tuple[tuple[str, int], ...]], bytes]]] = web.AppKey(
+    "entry_cache", dict
+)
 HEALTH_CACHE_KEY: web.AppKey[dict[tuple[str, bool, tuple[str, ...], bool], _Encoded]] = web.AppKey(
     "health_cache", dict
 )
@@ -481,24 +484,31 @@ async def health_service(request: web.Request) -> web.Response:
     hit = cache.get(key)
     if hit is not None and hit.index == idx:
         return hit.response(request)
-    out = []
+    parts: list[bytes] = []
     if not request["anonymous"]:
-        node = _node_json(store)
+        fragments = request.app[ENTRY_CACHE_KEY]
         for svc, checks in store.service_entries(name):
             if tags and not all(t in {x.lower() for x in svc.tags} for t in tags):
                 continue
             if passing and any(c.status != PASSING for c in checks):
                 continue
-            out.append(
-                {
-                    "Node": node,
+            # An entry's JSON changes only with its service's or checks' modify indexes: re-encode
+            # just the entries that changed (a 1,000-instance answer is ~1 MB of JSON).
+            stamp = (svc.modify_index, tuple((c.id, c.modify_index) for c in checks))
+            cached = fragments.get(svc.id)
+            if cached is None or cached[0] != stamp:
+                entry = {
+                    "Node": _node_json(store),
                     "Service": _service_json(svc, store),
                     "Checks": [_check_json(c, store) for c in checks],
                 }
-            )
+                cached = fragments[svc.id] = (stamp, json.dumps(entry).encode())
+            parts.append(cached[1])
+        if len(fragments) > 4 * len(store.services) + 1024:
+            fragments.clear()
     if len(cache) > 1024:
         cache.clear()
-    cache[key] = encoded = _Encoded(idx, json.dumps(out).encode())
+    cache[key] = encoded = _Encoded(idx, b"[" + b", ".join(parts) + b"]")
     return encoded.response(request)
 
 
@@ -696,6 +706,7 @@ def build_app(store: Store, acl_token: str = "") -> web.Application:
     app[STORE_KEY] = store
     app[TOKEN_KEY] = acl_token
     app[HEALTH_CACHE_KEY] = {}
+    app[ENTRY_CACHE_KEY] = {}
     r = app.router
     r.add_put("/v1/agent/service/register", service_register)
     r.add_put("/v1/agent/service/deregister/{service_id}", service_deregister)

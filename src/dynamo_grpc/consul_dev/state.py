@@ -315,6 +315,7 @@ class Store:
         removed = [cid for cid in prev_checks if cid not in new_ids] if replace_existing_checks else []
         now = time.monotonic()
         added: set[str] = set()
+        redefined: set[str] = set()
         for chk in checks:
             prev = prev_checks.get(chk.id)
             if prev is not None:
@@ -331,6 +332,7 @@ class Store:
                     chk.notes,
                 ):
                     changed = True
+                    redefined.add(chk.id)
             else:
                 chk.critical_since = now if chk.status == CRITICAL else None
                 chk.synced_at = now
@@ -353,6 +355,8 @@ class Store:
             chk.service_name = svc.name
             if chk.id in added:
                 chk.create_index = chk.modify_index = idx
+            elif chk.id in redefined:
+                chk.modify_index = idx
             self.checks[chk.id] = chk
             self._arm_ttl(chk)
         for cid in removed:
@@ -427,12 +431,15 @@ class Store:
     # -- reads -------------------------------------------------------------------------------------------
 
     def service_entries(self, name: str) -> list[tuple[Service, list[Check]]]:
-        node_checks = [c for c in self.checks.values() if not c.service_id]
+        """Each instance of ``name`` with the node's checks and its own; one pass over the checks."""
+        by_service: dict[str, list[Check]] = {}
+        for chk in self.checks.values():
+            by_service.setdefault(chk.service_id, []).append(chk)
+        node_checks = by_service.get("", [])
         out = []
-        for svc in sorted(self.services.values(), key=lambda s: s.id):
-            if svc.name == name:
-                own = [c for c in self.checks.values() if c.service_id == svc.id]
-                out.append((svc, node_checks + sorted(own, key=lambda c: c.id)))
+        for svc in sorted((s for s in self.services.values() if s.name == name), key=lambda s: s.id):
+            own = sorted(by_service.get(svc.id, []), key=lambda c: c.id)
+            out.append((svc, node_checks + own))
         return out
 
     # -- sessions ----------------------------------------------------------------------------------------

@@ -60,9 +60,10 @@ class ConsulSettings:
         )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ConsulSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None, *, addr: str | None = None) -> ConsulSettings:
         """CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN(_FILE), CONSUL_HTTP_SSL(_VERIFY), CONSUL_CACERT,
-        CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, with the defaults of Consul's own CLI."""
+        CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, with the defaults of Consul's own CLI. ``addr`` (e.g.
+        a ``--consul`` flag) replaces CONSUL_HTTP_ADDR; token and TLS still come from the environment."""
         env = os.environ if env is None else env
         token = env.get("CONSUL_HTTP_TOKEN") or None
         if token is None and env.get("CONSUL_HTTP_TOKEN_FILE"):
@@ -83,5 +84,9 @@ class ConsulSettings:
         elif client_key:
             raise ValueError("CONSUL_CLIENT_KEY is set without CONSUL_CLIENT_CERT")
         return cls.from_addr(
-            env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR, token=token, ssl=ssl, verify=verify, cert=cert
+            addr or env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR,
+            token=token,
+            ssl=ssl,
+            verify=verify,
+            cert=cert,
         )
