@@ -66,3 +66,13 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     sums = {k: summarize(v, 1.0, ["a", "b"], 0.5) for k, v in recs.items()}
     out = plot_replay({k: [r.ttft for r in v] for k, v in recs.items()}, sums, tmp_path / "p.png", "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_markdown_table_row_per_router() -> None:
+    from dynamo_grpc.bench.replay_metrics import markdown_table
+
+    s = summarize([_rec(0, 0.1, 11, 1000, 250, "a")], 10.0, ["a"], 0.5)
+    table = markdown_table({"kv": s, "random": s})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| kv | 1.00 / 1.00 / 1.00 |")
+    assert "25.0 %" in lines[2] and "50.0 %" in lines[2] and "1/1" in lines[2]

@@ -29,7 +29,7 @@ import numpy as np
 
 from dynamo_grpc.bench.replay_bound import infinite_cache_bound
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
-from dynamo_grpc.bench.replay_metrics import RequestRecord, summarize
+from dynamo_grpc.bench.replay_metrics import RequestRecord, markdown_table, summarize
 from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest, load_trace
 
@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _write_report(Path(args.json), cfg, trace_info, runs)
+    print(markdown_table(runs), file=sys.stderr)
     print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         from dynamo_grpc.bench.replay_plot import plot_replay

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -154,3 +155,25 @@ def summarize(
         },
         "load_balance": load_balance(ok, workers),
     }
+
+
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    """The side-by-side table docs/benchmarks.md shows, from a report's ``runs``."""
+
+    def f(x: float | None, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+        return "–" if x is None else fmt.format(x * scale)
+
+    head = (
+        "| router | TTFT p50 / p90 / p99 (s) | ITL p50 (ms) | E2E p50 / p99 (s) | prefix hit | bound "
+        "| CV requests / prefill tokens | done |\n|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for name, r in runs.items():
+        t, i, e, pc, lb = r["ttft_s"], r["itl_s"], r["e2e_s"], r["prefix_cache"], r["load_balance"]
+        rows.append(
+            f"| {name} | {f(t['p50'])} / {f(t['p90'])} / {f(t['p99'])} | {f(i['p50'], 1000, '{:.0f}')} "
+            f"| {f(e['p50'])} / {f(e['p99'])} | {f(pc['hit_rate'], 100, '{:.1f} %')} "
+            f"| {f(pc['infinite_cache_bound'], 100, '{:.1f} %')} "
+            f"| {f(lb['requests_cv'])} / {f(lb['prefill_tokens_cv'])} | {r['completed']}/{r['requests']} |"
+        )
+    return "\n".join(rows)

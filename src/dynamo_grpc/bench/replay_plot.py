@@ -61,7 +61,7 @@ def plot_replay(
         ax_hit.axhline(
             100.0 * bound, color="k", linestyle="--", linewidth=1, label=f"infinite cache {100 * bound:.1f}%"
         )
-        ax_hit.legend(loc="lower right", fontsize=8)
+        ax_hit.legend(loc="upper right", fontsize=8)
     cvs = [summaries[n]["load_balance"]["requests_cv"] for n in names]
     ax_hit.set_xticks(x, [f"{n}\nCV {cv:.2f}" if cv is not None else n for n, cv in zip(names, cvs, strict=True)])
     ax_hit.set_ylabel("prefix cache hit rate (%)")
