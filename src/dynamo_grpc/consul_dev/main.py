@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from dynamo_grpc.consul_dev.server import ConsulDevServer, write_addr_file
+from dynamo_grpc.consul_dev.server import ConsulDevServer, server_tls, write_addr_file
 
 log = logging.getLogger("dynamo_grpc.consul_dev")
 
@@ -35,12 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="TEST ONLY: multiply the agent's own timers (DeregisterCriticalServiceAfter and its 1m "
         "minimum, the 30s reaper, session TTLs, lock delays) by this factor",
     )
+    p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server = ConsulDevServer(args.host, args.port, acl_token=args.acl_token, time_scale=args.time_scale)
+    tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    server = ConsulDevServer(
+        args.host, args.port, acl_token=args.acl_token, time_scale=args.time_scale, ssl_context=tls
+    )
     address = await server.start()
     print(f"consul-dev listening on {address}", flush=True)
     log.info(
@@ -61,6 +67,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("--tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     if args.time_scale <= 0:
         print("--time-scale must be > 0", file=sys.stderr)
         return 2

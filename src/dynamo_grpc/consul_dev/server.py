@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 
 from aiohttp import web
 
@@ -22,6 +23,7 @@ class ConsulDevServer:
         acl_token: str = "",
         time_scale: float = 1.0,
         node: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
@@ -31,11 +33,13 @@ class ConsulDevServer:
         self.node = node or f"consul-dev-{socket.gethostname()}"
         self.store: Store | None = None
         self._runner: web.AppRunner | None = None
+        self.ssl_context = ssl_context
 
     @property
     def address(self) -> str:
         """The bound address as ``http://host:port`` (what CONSUL_HTTP_ADDR takes)."""
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> str:
         self.store = Store(node=self.node, address="127.0.0.1", time_scale=self.time_scale)
@@ -44,7 +48,9 @@ class ConsulDevServer:
         # handler_cancellation: a watcher that hangs up must not leave its blocking query parked here.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context
+        )
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []
@@ -58,6 +64,17 @@ class ConsulDevServer:
             self._runner = None
         if self.store is not None:
             await self.store.close()
+
+
+def server_tls(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """TLS for the HTTP API, like Consul's ``tls.https``; with ``client_ca`` clients must present a
+    certificate signed by it (Consul's ``verify_incoming``)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def write_addr_file(path: str, address: str) -> None:

@@ -63,8 +63,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 def wait_ready(
     address: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, token: str | None = None
 ) -> None:
-    """Poll /v1/status/leader until the agent has a leader (a dev agent elects itself in a moment)."""
+    """Poll /v1/status/leader until the agent has a leader (a dev agent elects itself in a moment).
+    For an https address only the TCP port is awaited (we may hold no client certificate)."""
     deadline = time.monotonic() + timeout
+    if address.startswith("https://"):
+        host, _, port = address[len("https://") :].rpartition(":")
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"agent exited with code {proc.returncode} before it was ready")
+            try:
+                socket.create_connection((host, int(port)), timeout=1.0).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"agent at {address} not ready after {timeout}s")
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -89,6 +101,7 @@ def start_consul_dev(
     time_scale: float | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 15.0,
+    extra_args: list[str] | None = None,
 ) -> AgentHandle:
     """Start ``python -m dynamo_grpc.consul_dev.main`` on 127.0.0.1 and wait until it answers."""
     fd, addr_file = tempfile.mkstemp(prefix="consul-dev-", suffix=".addr")
@@ -111,6 +124,7 @@ def start_consul_dev(
         argv += ["--acl-token", acl_token]
     if time_scale is not None:
         argv += ["--time-scale", repr(time_scale)]
+    argv += extra_args or []
     child_env = dict(os.environ if env is None else env)
     child_env.pop("CONSUL_DEV_ACL_TOKEN", None)
     proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
