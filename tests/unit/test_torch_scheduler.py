@@ -149,3 +149,14 @@ def test_abort_frees_blocks_everywhere() -> None:
     s.add(_req("c", 60, base=1000))
     _step(s)
     assert any(isinstance(e, KvRemoved) for e in s.kv.take_events())
+
+
+def test_decode_groups_split_by_length() -> None:
+    from dynamo_grpc.engines.torch.runner import split_by_length
+
+    assert split_by_length([]) == []
+    assert split_by_length([3, 3, 3]) == [3]  # one length: one group
+    assert split_by_length([1, 1, 1, 1, 40, 40]) == [4, 6]  # short ones are not padded to 40
+    lens = sorted((i * 37) % 300 + 1 for i in range(200))  # many distinct lengths: quantile groups
+    cuts = split_by_length(lens)
+    assert cuts[-1] == 200 and len(cuts) <= 4 and cuts == sorted(set(cuts))

@@ -19,28 +19,38 @@ def split_by_length(nblocks: list[int], max_groups: int = MAX_DECODE_GROUPS) -> 
     """Cut points over ascending ``nblocks`` that minimise padded blocks plus a per-group cost.
 
     Padding every decode to the longest one wastes the gap; a few groups of similar length
-    recover most of it. Returns group end indices (exclusive). Small DP: O(groups * n^2).
+    recover most of it. Returns group end indices (exclusive). The DP runs over distinct
+    lengths (cuts inside a run of equal lengths never help), O(groups * distinct^2).
     """
     n = len(nblocks)
     if n == 0:
         return []
+    ends: list[int] = []  # end index of each run of equal lengths
+    for i in range(1, n + 1):
+        if i == n or nblocks[i] != nblocks[i - 1]:
+            ends.append(i)
+    m = len(ends)
+    if m > 64:  # many distinct lengths: equal-count groups are close enough and O(n)
+        return sorted({min(n, -(-n * (k + 1) // max_groups)) for k in range(max_groups)})
     inf = float("inf")
-    # best[k][i]: cost of the first i items in k groups; items j..i-1 in one group cost (i-j)*nblocks[i-1]
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    back = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    # best[k][r]: cost of the first r runs in k groups; runs j..r-1 in one group cost items * width
+    best = [[inf] * (m + 1) for _ in range(max_groups + 1)]
+    back = [[0] * (m + 1) for _ in range(max_groups + 1)]
     best[0][0] = 0.0
     for k in range(1, max_groups + 1):
-        for i in range(1, n + 1):
-            for j in range(k - 1, i):
-                c = best[k - 1][j] + (i - j) * nblocks[i - 1] + GROUP_COST_BLOCKS
-                if c < best[k][i]:
-                    best[k][i], back[k][i] = c, j
-    k = min(range(1, max_groups + 1), key=lambda kk: best[kk][n])
+        for r in range(1, m + 1):
+            width = nblocks[ends[r - 1] - 1]
+            for j in range(k - 1, r):
+                start = ends[j - 1] if j else 0
+                c = best[k - 1][j] + (ends[r - 1] - start) * width + GROUP_COST_BLOCKS
+                if c < best[k][r]:
+                    best[k][r], back[k][r] = c, j
+    k = min(range(1, max_groups + 1), key=lambda kk: best[kk][m])
     cuts = []
-    i = n
+    r = m
     while k > 0:
-        cuts.append(i)
-        i = back[k][i]
+        cuts.append(ends[r - 1])
+        r = back[k][r]
         k -= 1
     return sorted(cuts)
 
