@@ -74,7 +74,9 @@ def chat_ids(model_path: Path) -> list[list[int]]:
     tok = Tokenizer.from_card(card, tok_json)
     assert card.chat_template
     texts = [
-        render_chat(card.chat_template, [{"role": "user", "content": c}], special_tokens=card.special_tokens_map())
+        render_chat(
+            card.chat_template, [{"role": "user", "content": c}], special_tokens=card.special_tokens_map()
+        )
         for c in CHATS
     ]
     return [tok.encode(t) for t in texts]
