@@ -174,3 +174,28 @@ def test_ensure_agent_prefers_consul_http_addr(tmp_path: object) -> None:
 def test_settings_from_env_with_an_explicit_address() -> None:
     s = ConsulSettings.from_env({"CONSUL_HTTP_TOKEN": "tok", "CONSUL_CACERT": "/ca.pem"}, addr="https://h:1")
     assert (s.scheme, s.host, s.port, s.token, s.verify) == ("https", "h", 1, "tok", "/ca.pem")
+
+
+async def test_duplicate_instance_cannot_steal_a_live_card_and_sessions_do_not_leak(
+    consul_agent: str,
+) -> None:
+    import aiohttp
+
+    svc = f"dynamo-test-{uuid.uuid4().hex[:8]}"
+    model = f"m-{uuid.uuid4().hex[:6]}"
+    settings = _settings(consul_agent)
+    headers = {"X-Consul-Token": settings.token} if settings.token else {}
+    async with Discovery(settings) as first, Discovery(settings) as second:
+        inst = Instance(svc, f"{svc}-dup", "127.0.0.1", 7001)
+        await first.register(inst, ttl=5.0)
+        await first.put_model_card(model, inst.instance_id, {"owner": "first"})
+        await second.register(inst, ttl=5.0)  # same ID: replaces the service, keeps the check passing
+        with pytest.raises(RuntimeError, match="held by another live session"):
+            await second.put_model_card(model, inst.instance_id, {"owner": "second"})
+        assert (await second.get_model_cards(model))[model][inst.instance_id] == {"owner": "first"}
+        await first.deregister()
+        await second.deregister()
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{consul_agent}/v1/session/list") as resp:
+            sessions = await resp.json()
+    assert not [s for s in sessions if s["Name"] == f"dynamo-card:{svc}-dup"]
