@@ -333,7 +333,9 @@ class Discovery:
                 new_index, view = await fetch(index, wait)
             except _TRANSIENT as exc:
                 # Agent down or restarting: keep the last view, back off, then start over with a full read.
-                log.debug("watch %s: %s; retrying in %.2fs", what, exc, delay)
+                # The first failure of a streak is a warning (a 403 or 5xx would otherwise go unseen).
+                level = logging.WARNING if delay == self.backoff[0] else logging.DEBUG
+                log.log(level, "watch %s: %s: %s; retrying", what, type(exc).__name__, exc)
                 index = 0
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.backoff[1])
