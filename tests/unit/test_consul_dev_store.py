@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 from dynamo_grpc.consul_dev.state import CRITICAL, PASSING, Check, ConsulError, Service, Store
 
@@ -97,3 +99,38 @@ async def test_reaper_uses_the_clamped_deadline() -> None:
     assert st.reap() == ["dead"]
     assert "dead" not in st.services and "ok" in st.services
     await st.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st_.lists(
+        st_.tuples(
+            st_.sampled_from(["put", "delete", "delete_tree", "cas0"]),
+            st_.sampled_from(["a/x", "a/y", "a/b/z", "b/x", "a"]),
+        ),
+        max_size=40,
+    )
+)
+def test_kv_indexes_never_go_backwards(ops: list[tuple[str, str]]) -> None:
+    async def run() -> None:
+        store = Store()
+        seen = {p: store.prefix_index(p) for p in ("", "a/", "a/b/", "b/")}
+        table = store.kvs_index
+        for op, key in ops:
+            if op == "put":
+                store.kv_put(key, b"v", flags=0, cas=None, acquire=None, release=None)
+            elif op == "cas0":
+                store.kv_put(key, b"w", flags=0, cas=0, acquire=None, release=None)
+            elif op == "delete":
+                store.kv_delete(key, recurse=False, cas=None)
+            else:
+                store.kv_delete(key.rsplit("/", 1)[0], recurse=True, cas=None)
+            for prefix, before in seen.items():
+                now = store.prefix_index(prefix)
+                assert now >= before >= 1
+                seen[prefix] = now
+            assert store.kvs_index >= table
+            table = store.kvs_index
+        await store.close()
+
+    asyncio.run(run())
