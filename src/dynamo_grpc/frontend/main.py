@@ -83,7 +83,7 @@ def _write_ready(path: str, data: dict[str, Any]) -> None:
 async def serve(args: argparse.Namespace) -> int:
     from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 
-    settings = ConsulSettings.from_addr(args.consul) if args.consul else ConsulSettings.from_env()
+    settings = ConsulSettings.from_env(addr=args.consul or None)
     discovery = Discovery(settings)
     workers = WorkerClient()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from dynamo_grpc.discovery.agent import AgentHandle, start_consul_dev
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 
 
@@ -63,6 +64,7 @@ class Mesh:
         self.frontend_http: str = ""
         self.router_grpc: str = ""
         self.models: list[str] = []
+        self._agent: AgentHandle | None = None
         self.log_dir = self.config.log_dir or Path(tempfile.mkdtemp(prefix="dynamo-mesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,12 +119,8 @@ class Mesh:
             if c.consul:
                 self.consul = c.consul
             else:
-                addr_file = self.log_dir / "consul.addr"
-                self._spawn("consul-dev", ["consul-dev", "--port", "0", "--addr-file", str(addr_file)])
-                self._wait("consul-dev", lambda: addr_file.exists() and bool(addr_file.read_text().strip()))
-                self.consul = addr_file.read_text().strip()
-                if not self.consul.startswith("http"):
-                    self.consul = f"http://{self.consul}"
+                self._agent = start_consul_dev()
+                self.consul = self._agent.address
             common = ["--consul", self.consul, "--namespace", c.namespace]
             for i in range(c.workers):
                 args = ["worker", *common, "--engine", c.engine, "--port", "0"]
@@ -177,21 +175,21 @@ class Mesh:
         raise KeyError(name)
 
     def stop(self) -> None:
-        """SIGTERM the mesh (frontend first) so workers drain and deregister, then consul-dev."""
-        services = [p for p in reversed(self.procs) if p.name != "consul-dev"]
-        agents = [p for p in self.procs if p.name == "consul-dev"]
-        for group in (services, agents):
-            for p in group:
-                if p.popen.poll() is None:
-                    p.popen.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.config.stop_timeout_s
-            for p in group:
-                try:
-                    p.popen.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.popen.kill()
-                    p.popen.wait()
+        """SIGTERM the mesh (frontend first) so workers drain and deregister, then the agent we started."""
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        for p in reversed(self.procs):
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
         self.procs.clear()
+        if self._agent is not None:
+            self._agent.stop()
+            self._agent = None
 
     def __enter__(self) -> Mesh:
         return self.start()

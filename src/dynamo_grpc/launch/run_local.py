@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dynamo_grpc.discovery.agent import ensure_agent
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
 
 DEFAULT_ENGINE = "mocker"
@@ -34,28 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _consul_binary_agent() -> tuple[str, subprocess.Popen[bytes]] | None:
-    """Start `consul agent -dev` when a real Consul binary is installed."""
-    binary = shutil.which("consul")
-    if binary is None:
-        return None
-    proc = subprocess.Popen(
-        [binary, "agent", "-dev", "-client", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    time.sleep(2.0)
-    return "http://127.0.0.1:8500", proc
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    consul = os.environ.get("CONSUL_HTTP_ADDR")
-    real_agent = None
-    if consul and not consul.startswith("http"):
-        consul = f"http://{consul}"
-    if not consul:
-        real_agent = _consul_binary_agent()
-        if real_agent:
-            consul = real_agent[0]
+    try:
+        agent = ensure_agent()
+    except (OSError, RuntimeError, TimeoutError) as e:
+        print(f"run-local: could not start a Consul agent: {e}", file=sys.stderr)
+        return 1
+    consul = agent.address
     cfg = MeshConfig(
         workers=args.workers,
         engine=args.engine,
@@ -69,14 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     mesh = Mesh(cfg)
     print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({args.router_mode}), frontend")
+    print(f"discovery: {agent.kind} at {consul}")
     print(f"logs: {mesh.log_dir}", flush=True)
     try:
         mesh.start()
     except MeshError as e:
         print(f"run-local: {e}", file=sys.stderr)
+        agent.stop()
         return 1
     except KeyboardInterrupt:
         mesh.stop()
+        agent.stop()
         return 130
     fe = mesh.frontend_grpc
     model = mesh.models[0] if mesh.models else "SmolLM2-135M-Instruct"
@@ -126,9 +113,7 @@ Ctrl-C stops everything.""",
         pass
     print("\nstopping...", flush=True)
     mesh.stop()
-    if real_agent:
-        real_agent[1].terminate()
-        real_agent[1].wait(10)
+    agent.stop()
     print("stopped.")
     return 0
 

@@ -108,7 +108,7 @@ class RouterProcess:
         self.router = Router(self.config, self.router_id)
         self.metrics = RouterMetrics()
         self.router.on_decision = self.metrics.on_decision
-        self.discovery = Discovery(ConsulSettings.from_addr(args.consul))
+        self.discovery = Discovery(ConsulSettings.from_env(addr=args.consul or None))
         self.replay = GrpcReplayClient()
         self.sub: KvEventSubscriber | None = None
         self.active_sync: ActiveSync | None = None

@@ -146,7 +146,7 @@ class WorkerApp:
         self._load_task = asyncio.create_task(self._load_loop(), name="worker-load")
 
         if s.register:
-            settings = ConsulSettings.from_addr(s.consul) if s.consul else ConsulSettings.from_env()
+            settings = ConsulSettings.from_env(addr=s.consul or None)
             self.discovery = Discovery(settings)
             await self.discovery.register(self._instance(), ttl=s.ttl_s)
             await self.discovery.put_model_card(self.card.name, self.instance_id, self.model_card_dict())
