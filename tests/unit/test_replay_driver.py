@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
-from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
-from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig, build_request, finish_tokens
 from dynamo_grpc.bench.replay_metrics import RequestRecord
 from dynamo_grpc.bench.replay_trace import TraceRequest
+from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
+from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 
 
 def _int_out(resp: pb.ModelInferResponse, name: str, v: int) -> None:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -247,7 +248,7 @@ def run_one(
 
 def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list[Any]]:
     def num(x: float) -> float | None:
-        return round(x * speedup, 6) if math.isfinite(x) else None
+        return round(x * speedup, 4) if math.isfinite(x) else None
 
     return {
         "ttft_s": [num(r.ttft) if r.ok else None for r in records],
@@ -273,8 +274,15 @@ def _write_report(out: Path, cfg: ReplayConfig, trace_info: dict[str, Any], runs
         kv, rr = runs["kv"]["ttft_s"]["p50"], runs["round-robin"]["ttft_s"]["p50"]
         report["kv_vs_round_robin_p50_ttft"] = (rr / kv) if kv and rr else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(compact_json(report))
     return report
+
+
+def compact_json(obj: Any) -> str:
+    """Indented JSON with every list of scalars on one line (per-request arrays stay small and readable)."""
+    text = json.dumps(obj, indent=1)
+    # JSON strings never hold raw newlines, so a newline inside a bracket pair is layout only.
+    return re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\n\s*", " ", m.group(0)), text) + "\n"
 
 
 def _f(x: float | None) -> str:
