@@ -181,3 +181,21 @@ def test_capped_truncates_prompts_and_keeps_prefix_ids() -> None:
         (300, 5, (0,)),
     ]
     assert capped(tr, None, None) is tr
+
+
+def test_needed_context_and_long_context_model_dir(tmp_path: Path) -> None:
+    from dynamo_grpc.bench.replay import ReplayConfig, model_dir, needed_context
+    from dynamo_grpc.models.card import ModelSourceError, load_model_source
+
+    short = Trace("t", "mooncake", (TraceRequest(0, 0.0, 1000, 10, (0, 1)),), 512)
+    long = Trace("t", "mooncake", (TraceRequest(0, 0.0, 20_000, 500, tuple(range(40))),), 512)
+    assert needed_context(short) == 1024 and needed_context(long) == 21504
+    assert model_dir(ReplayConfig("t", ["kv"]), short, tmp_path) is None
+    try:
+        d = model_dir(ReplayConfig("t", ["kv"]), long, tmp_path)
+    except ModelSourceError as e:  # the default model wheel is not installed here
+        pytest.skip(str(e))
+    assert d is not None
+    card, tok = load_model_source(d)
+    assert card.context_length == 21504 and card.vocab_size == 49152 and tok
+    assert card.name == "SmolLM2-135M-Instruct-ctx21504" and card.chat_template

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tokens_fn(trace: Trace, cfg: ReplayConfig) -> Any:
+def _tokens_fn(trace: Trace, cfg: ReplayConfig) -> Callable[[TraceRequest], np.ndarray]:
     def tokens_for(r: TraceRequest) -> np.ndarray:
         return prompt_tokens(r, trace.hash_block_size, cfg.vocab_size, DEFAULT_LOW_ID, cfg.salt)
 
