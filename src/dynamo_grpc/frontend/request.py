@@ -335,7 +335,7 @@ def parse_request(
         flat = t.data.reshape(-1)
         if int(flat.min()) < 0:
             raise RequestError("tensor 'input_ids': token ids must be >= 0")
-        token_ids = [int(x) for x in flat]
+        token_ids = flat.astype(np.int64, copy=False).tolist()  # C speed: prompts can be 100k+ ids
     elif "messages" in inputs:
         messages = _parse_messages("tensor 'messages'", _text(inputs["messages"]))
     elif "text_input" not in inputs:

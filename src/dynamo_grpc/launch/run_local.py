@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from dynamo_grpc.discovery.agent import ensure_agent
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
 
-DEFAULT_ENGINE = "mocker"
+DEFAULT_ENGINE = "torch"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run-local: could not start a Consul agent: {e}", file=sys.stderr)
         return 1
     consul = agent.address
+    worker_args: list[str] = []
+    if args.engine == "torch":
+        # the workers share this machine's cores; torch would otherwise give each all of them
+        worker_args = ["--num-threads", str(max(1, (os.cpu_count() or 1) // max(1, args.workers)))]
     cfg = MeshConfig(
+        worker_args=worker_args,
         workers=args.workers,
         engine=args.engine,
         model=args.model,
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     model = mesh.models[0] if mesh.models else "SmolLM2-135M-Instruct"
     http_hint = ""
     if mesh.frontend_http:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        body = json.dumps({"model": model, "messages": question, "temperature": 0})
         http_hint = (
             f"\nOr OpenAI HTTP:\n  curl -s http://{mesh.frontend_http}/v1/chat/completions "
             f"-H 'Content-Type: application/json' -d '{body}'\n"
@@ -111,7 +118,9 @@ Ctrl-C stops everything.""",
                     stop = True
     except KeyboardInterrupt:
         pass
-    print("\nstopping...", flush=True)
+    print("\nstopping (workers drain first)...", flush=True)
+    # a second Ctrl-C must not abandon half-stopped processes
+    signal.signal(signal.SIGINT, lambda *_: print("still stopping...", flush=True))
     mesh.stop()
     agent.stop()
     print("stopped.")

@@ -14,8 +14,8 @@ from dynamo_grpc.transport.tls import TlsConfig
 @dataclass
 class ChannelOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    keepalive_time_s: float = 30.0
-    keepalive_timeout_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
     tls: TlsConfig | None = None
     #: full method names ("/pkg.Service/Method") or services ("pkg.Service") safe to retry
     idempotent: tuple[str, ...] = ()

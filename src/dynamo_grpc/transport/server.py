@@ -35,8 +35,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    keepalive_time_s: float = 30.0
-    keepalive_timeout_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
     grace_s: float = 10.0
     tls: TlsConfig | None = None
     extra_args: list[tuple[str, int]] = field(default_factory=list)
@@ -54,7 +54,14 @@ class GrpcServer:
         o = self.options
         self.server = grpc.aio.server(
             options=common_channel_args(o.max_message_bytes, o.keepalive_time_s, o.keepalive_timeout_s)
-            + [("grpc.http2.min_ping_interval_without_data_ms", 5000), ("grpc.so_reuseport", 0)]
+            + [
+                # accept the keepalive pings our own channels send (every keepalive_time_s) even while a
+                # stream waits for its first token; gRPC's default (5 min) answers them with GOAWAY
+                # "too_many_pings", which cancels in-flight calls on busy machines
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_ping_strikes", 0),
+                ("grpc.so_reuseport", 0),
+            ]
             + o.extra_args
         )
         self.health = health.aio.HealthServicer()

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences per step (mocker 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (mocker 8192)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--num-threads", type=int, default=None, help="torch: intra-op threads (default: torch's choice)")
+    p.add_argument("--kv-cache-mib", type=int, default=None, help="torch: KV cache size in MiB (default 512)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="torch: dtype")
     p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated step times by this")
     p.add_argument("--seed", type=int, default=0, help="mocker: seed of the generated tokens")
     p.add_argument("--eos-probability", type=float, default=0.0, help="mocker: chance per token to draw EOS")
@@ -62,6 +65,9 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             max_num_batched_tokens=args.max_num_batched_tokens or 2048,
             served_name=args.model_name,
             enable_prefix_caching=not args.no_prefix_caching,
+            num_threads=args.num_threads,
+            kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 1024 * 1024,
+            dtype=args.dtype,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 

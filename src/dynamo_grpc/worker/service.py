@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import grpc
 
-from dynamo_grpc.engines.base import Engine, EngineOverloaded, EngineRequest, PromptTooLong
+from dynamo_grpc.engines.base import Engine, EngineError, EngineOverloaded, EngineRequest, PromptTooLong
 from dynamo_grpc.models.card import ModelCard, sha256_hex
 from dynamo_grpc.tokens.block_hash import block_hash_list
 from dynamo_grpc.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
@@ -179,6 +179,10 @@ class _Requests:
         except ValueError as e:
             outcome = "invalid_argument"
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineError as e:
+            # the engine cannot serve this request as asked (e.g. a LoRA adapter it does not have)
+            outcome = "failed_precondition"
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except asyncio.CancelledError:
             outcome = "deadline_exceeded" if timed_out else "client_cancelled"
             if timed_out:
