@@ -13,7 +13,8 @@ from dynamo_grpc.bench.replay_tokens import hash_block_tokens, prompt_tokens
 from dynamo_grpc.bench.replay_trace import Trace, TraceError, TraceRequest, detect_format, load_trace
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
-TRACES = Path("/work/shared/traces")
+# the public traces live in shared/ beside the repository (DESIGN.md, "Testing and benchmarks")
+TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
 CONV = TRACES / "mooncake_fast25_conversation_trace.jsonl"
 
 
