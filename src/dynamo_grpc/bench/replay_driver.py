@@ -1,7 +1,7 @@
 """Drive a frontend with a trace: KServe v2 ``ModelStreamInfer`` calls at the trace's (scaled) arrival times.
 
 Prompts go as token ids in an ``input_ids`` INT32 [N] tensor, so prefix sharing in the trace reaches the
-router's block hashes intact (see /work/notes/frontend-input-ids.md). Each request is one stream call:
+router's block hashes intact (docs/frontend.md, "input_ids"). Each request is one stream call:
 write, half-close, read until the final response. The reader takes token counts and cache facts from
 output tensors (``num_output_tokens``, ``cached_tokens``, ``num_input_tokens``) or, equally, from
 response parameters (``cached_tokens``, ``prompt_tokens``, ``worker_id``).
