@@ -6,9 +6,8 @@ import enum
 from dataclasses import dataclass, field
 
 from dynamo_grpc.engines.base import SamplingParams
-from dynamo_grpc.tokens.block_hash import chain_hashes, local_block_hashes
-
-from .block_pool import Block
+from dynamo_grpc.engines.kvcache.block_pool import KvBlock
+from dynamo_grpc.engines.kvcache.request import extend_block_hashes, stop_reason
 
 
 class Status(enum.Enum):
@@ -40,7 +39,7 @@ class MockRequest:
     cached_tokens: int = -1
     num_preemptions: int = 0
     finish_reason: str | None = None
-    blocks: list[Block] = field(default_factory=list)
+    blocks: list[KvBlock] = field(default_factory=list)
     #: leading blocks of ``blocks`` registered in the prefix cache
     num_registered: int = 0
     #: sequence and tokens hashes of every full block of all_tokens
@@ -60,26 +59,11 @@ class MockRequest:
 
     def hash_full_blocks(self, block_size: int) -> None:
         """Hash newly full blocks, continuing the chain from the last known hash."""
-        done = len(self.tokens_hashes)
-        full = len(self.all_tokens) // block_size
-        if full <= done:
-            return
-        local = local_block_hashes(self.all_tokens[done * block_size : full * block_size], block_size, self.lora)
-        parent = self.block_hashes[-1] if self.block_hashes else None
-        seq = chain_hashes(local, self.lora, parent)
-        self.tokens_hashes.extend(int(x) for x in local.tolist())
-        self.block_hashes.extend(int(x) for x in seq.tolist())
+        extend_block_hashes(self.all_tokens, block_size, self.lora, self.block_hashes, self.tokens_hashes)
 
     def append_token(self, token_id: int, eos_token_ids: frozenset[int]) -> str | None:
         """Record a sampled token; returns the finish reason if it ends the request."""
         self.all_tokens.append(token_id)
-        n_out = self.num_output
-        sp = self.sampling
-        if n_out >= sp.min_tokens:
-            if not sp.ignore_eos and token_id in eos_token_ids:
-                return "stop"
-            if token_id in sp.stop_token_ids:
-                return "stop"
-        if n_out >= sp.max_tokens or len(self.all_tokens) >= self.max_total_tokens:
-            return "length"
-        return None
+        return stop_reason(
+            self.sampling, token_id, self.num_output, len(self.all_tokens), self.max_total_tokens, eos_token_ids
+        )

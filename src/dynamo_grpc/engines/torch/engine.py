@@ -169,8 +169,8 @@ class TorchEngine(Engine):
             m = self.manager
             return {
                 "prefix_hit_tokens": m.hit_tokens,
-                "prefix_query_tokens": m.query_tokens,
-                "prefix_hit_rate": m.hit_tokens / m.query_tokens if m.query_tokens else 0.0,
+                "prefix_query_tokens": m.queried_tokens,
+                "prefix_hit_rate": m.hit_tokens / m.queried_tokens if m.queried_tokens else 0.0,
                 "cached_blocks": m.pool.num_cached,
                 "preemptions": self.scheduler.num_preemptions,
                 "steps": self.steps,

@@ -1,34 +1,28 @@
-"""What KV blocks a request holds: prefix lookup, slot allocation, caching of full blocks."""
+"""What KV blocks a torch-engine request holds: block tables keyed by request id.
+
+The runner reads a request's table (``block_ids``) to build slot mappings, so the tables live
+here rather than on the request; everything else is the shared :class:`KvManagerBase`.
+"""
 
 from __future__ import annotations
 
-from dynamo_grpc.engines.base import KvEvent, KvStored
+from dynamo_grpc.engines.kvcache.block_pool import KvBlock
+from dynamo_grpc.engines.kvcache.kv_manager import KvManagerBase
 
-from .block_pool import BlockPool, KvBlock
 from .request import Request
 
 
-class KvCacheManager:
-    """Per-request block tables on top of a :class:`BlockPool`.
+class KvCacheManager(KvManagerBase):
+    """Per-request block tables on top of the shared block pool.
 
     A request's table covers ``ceil(tokens / block_size)`` blocks; its first
-    ``cached[id]`` blocks are registered in the prefix cache.
+    ``_num_cached[id]`` blocks are registered in the prefix cache.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
-        if block_size <= 0:
-            raise ValueError("block_size must be positive")
-        self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
-        self.enable_prefix_caching = enable_prefix_caching
+        super().__init__(num_blocks, block_size, enable_prefix_caching)
         self.tables: dict[str, list[KvBlock]] = {}
         self._num_cached: dict[str, int] = {}
-        self.hit_tokens = 0
-        self.query_tokens = 0
-
-    @property
-    def num_blocks(self) -> int:
-        return self.pool.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.tables.get(request_id, [])]
@@ -36,20 +30,7 @@ class KvCacheManager:
     def find_prefix(self, req: Request) -> list[KvBlock]:
         """Longest cached prefix of ``req``; always leaves >= 1 token to compute for logits."""
         req.update_block_hashes(self.block_size)
-        if not self.enable_prefix_caching:
-            return []
-        limit = (req.num_tokens - 1) // self.block_size
-        hit: list[KvBlock] = []
-        for h in req.block_hashes[:limit]:
-            b = self.pool.lookup(h)
-            if b is None:
-                break
-            hit.append(b)
-        return hit
-
-    def record_query(self, req: Request, hit_blocks: int) -> None:
-        self.query_tokens += req.num_tokens
-        self.hit_tokens += hit_blocks * self.block_size
+        return self._cached_prefix(req)
 
     def allocate(self, req: Request, num_new_tokens: int, prefix: list[KvBlock] | None = None) -> bool:
         """Make room for ``num_new_tokens`` more tokens of ``req`` (after ``prefix`` if given).
@@ -59,11 +40,8 @@ class KvCacheManager:
         """
         prefix = prefix or []
         table = self.tables.get(req.request_id, [])
-        have = len(table) + len(prefix)
         computed = req.num_computed_tokens if table else len(prefix) * self.block_size
-        need_total = -(-(computed + num_new_tokens) // self.block_size)
-        need_new = max(need_total - have, 0)
-        reclaim = sum(1 for b in prefix if b.ref_cnt == 0)
+        need_new, reclaim = self._needs(len(table), computed, num_new_tokens, prefix)
         if need_new + reclaim > self.pool.num_free:
             return False
         if prefix:
@@ -83,15 +61,9 @@ class KvCacheManager:
         table = self.tables.get(rid)
         if table is None:
             return
-        full = min(req.num_computed_tokens // self.block_size, len(table))
-        done = self._num_cached[rid]
-        if full <= done:
-            return
-        req.update_block_hashes(self.block_size)
-        parent = req.block_hashes[done - 1] if done else None
-        hashes = list(zip(req.block_hashes[done:full], req.tokens_hashes[done:full], strict=True))
-        self.pool.cache_blocks(table[done:full], hashes, parent)
-        self._num_cached[rid] = full
+        self._num_cached[rid] = self._register(
+            req, req.update_block_hashes, table, req.num_computed_tokens, self._num_cached[rid]
+        )
 
     def free(self, req: Request) -> None:
         """Release every block of ``req`` (tail first, so tails are evicted before prefixes)."""
@@ -99,9 +71,3 @@ class KvCacheManager:
         self._num_cached.pop(req.request_id, None)
         if table:
             self.pool.free(reversed(table))
-
-    def take_events(self) -> list[KvEvent]:
-        return self.pool.take_events()
-
-    def dump(self) -> list[KvStored]:
-        return self.pool.dump()

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from dynamo_grpc.engines.base import SamplingParams
-from dynamo_grpc.tokens.block_hash import chain_hashes, local_block_hashes
+from dynamo_grpc.engines.kvcache.request import extend_block_hashes, stop_reason
 
 
 class Status(enum.Enum):
@@ -61,31 +61,17 @@ class Request:
 
     def update_block_hashes(self, block_size: int) -> None:
         """Hash any newly full blocks (the chain continues from the last known hash)."""
-        if block_size <= 0:
-            return
-        done = len(self.tokens_hashes)
-        full = len(self.all_token_ids) // block_size
-        if full <= done:
-            return
-        local = local_block_hashes(
-            self.all_token_ids[done * block_size : full * block_size], block_size, self.lora
-        )
-        parent = self.block_hashes[-1] if self.block_hashes else None
-        seq = chain_hashes(local, self.lora, parent)
-        self.tokens_hashes.extend(int(x) for x in local.tolist())
-        self.block_hashes.extend(int(x) for x in seq.tolist())
+        extend_block_hashes(self.all_token_ids, block_size, self.lora, self.block_hashes, self.tokens_hashes)
 
     def append_output(self, token_id: int) -> str | None:
         """Record a sampled token; returns the finish reason if it ends the request."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-        n_out = len(self.output_token_ids)
-        sp = self.sampling
-        if n_out >= sp.min_tokens:
-            if not sp.ignore_eos and token_id in self.eos_token_ids:
-                return "stop"
-            if token_id in sp.stop_token_ids:
-                return "stop"
-        if n_out >= sp.max_tokens or len(self.all_token_ids) >= self.max_total_tokens:
-            return "length"
-        return None
+        return stop_reason(
+            self.sampling,
+            token_id,
+            len(self.output_token_ids),
+            len(self.all_token_ids),
+            self.max_total_tokens,
+            self.eos_token_ids,
+        )

@@ -149,7 +149,7 @@ class Scheduler:
             self.waiting.popleft()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = cached
-                self.kv.record_query(req, len(prefix))
+                self.kv.record_lookup(req, len(prefix) * self.kv.block_size)
             req.num_computed_tokens = cached
             req.status = Status.RUNNING
             self.running.append(req)
