@@ -169,7 +169,7 @@ def _torch_compute(mgr: KvCacheManager, req: Request) -> list[int]:
 def test_pool_allocate_and_free_count_blocks() -> None:
     pool = BlockPool(4)
     a = pool.allocate(3)
-    assert pool.num_free == 1 and pool.num_used == 3
+    assert pool.num_free == 1 and pool.num_active == 3
     with pytest.raises(NoFreeBlocks):
         pool.allocate(2)
     pool.free(reversed(a))
@@ -206,7 +206,7 @@ def test_torch_prefix_hit_reuses_blocks_and_leaves_one_token() -> None:
     _torch_compute(mgr, a)
     a_blocks = mgr.block_ids("a")
     mgr.free(a)
-    assert mgr.pool.num_used == 0 and mgr.pool.num_cached == 3
+    assert mgr.pool.num_active == 0 and mgr.pool.num_cached == 3
     # same 12 tokens: the last block is not reused (a token must be computed for logits)
     b = _torch_req("b", list(range(12)))
     assert [x.block_id for x in mgr.find_prefix(b)] == a_blocks[:2]

@@ -73,7 +73,7 @@ def test_finish_on_max_tokens_stop_and_eos() -> None:
         finished += s.update(out, {x.request.request_id: 7 for x in out.seqs if x.samples})
     reasons = {f.request.request_id: (f.reason, len(f.request.output_token_ids)) for f in finished}
     assert reasons == {"a": ("length", 2), "b": ("stop", 1), "c": ("stop", 1), "d": ("stop", 2)}
-    assert s.kv.pool.num_used == 0 and not s.has_work()
+    assert s.kv.pool.num_active == 0 and not s.has_work()
 
 
 def test_prefix_hit_skips_prefill() -> None:
@@ -103,12 +103,12 @@ def test_preemption_by_recompute_when_blocks_run_out() -> None:
             break
         out = _step(s, token=3)
         preempted += out.preempted
-        assert s.kv.pool.num_used <= 6
+        assert s.kv.pool.num_active <= 6
     assert preempted and preempted[0] == "b"  # the newest running request goes first
     assert a.is_finished and b.is_finished
     assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 8
     assert b.num_preemptions >= 1
-    assert s.kv.pool.num_used == 0
+    assert s.kv.pool.num_active == 0
 
 
 def test_preempted_request_recomputes_from_its_cached_prefix() -> None:
@@ -136,11 +136,11 @@ def test_abort_frees_blocks_everywhere() -> None:
     s.add(a)
     s.add(b)
     _step(s)
-    used = s.kv.pool.num_used
+    used = s.kv.pool.num_active
     assert used == 3 and a.status is Status.RUNNING
     s.abort("a")
     s.abort("b")  # still waiting
-    assert s.kv.pool.num_used == 0 and not s.has_work()
+    assert s.kv.pool.num_active == 0 and not s.has_work()
     assert a.finish_reason == "cancelled"
     assert s.abort("nope") is None
     # the aborted prompt's full blocks stayed cached and evictable

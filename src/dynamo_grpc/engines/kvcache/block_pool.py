@@ -58,11 +58,6 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     @property
-    def num_used(self) -> int:
-        """Same as :attr:`num_active` (the torch engine's tests call it this)."""
-        return self.num_active
-
-    @property
     def num_cached(self) -> int:
         return len(self._cached)
 

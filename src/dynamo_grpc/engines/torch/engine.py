@@ -153,7 +153,7 @@ class TorchEngine(Engine):
             with self._cv:
                 inbox = len(self._inbox)
             return LoadMetrics(
-                active_blocks=self.manager.pool.num_used,
+                active_blocks=self.manager.pool.num_active,
                 total_blocks=self.num_blocks,
                 waiting=len(self.scheduler.waiting) + inbox,
                 running=len(self.scheduler.running),
