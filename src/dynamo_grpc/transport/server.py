@@ -55,9 +55,8 @@ class GrpcServer:
         self.server = grpc.aio.server(
             options=common_channel_args(o.max_message_bytes, o.keepalive_time_s, o.keepalive_timeout_s)
             + [
-                # accept the keepalive pings our own channels send (every keepalive_time_s) even while a
-                # stream waits for its first token; gRPC's default (5 min) answers them with GOAWAY
-                # "too_many_pings", which cancels in-flight calls on busy machines
+                # tolerate our channels' keepalive pings (every keepalive_time_s) while no data flows, e.g. a
+                # stream waiting for a long prefill; gRPC's server default tolerates one every 5 minutes
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.so_reuseport", 0),
