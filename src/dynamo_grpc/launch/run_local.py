@@ -91,7 +91,9 @@ dynamo-grpc is up.
 
 Try it (grpcurl, server reflection; text_input is base64 of "What is the capital of France?"):
   grpcurl -plaintext {fe} list
-  grpcurl -plaintext -d '{{"model_name":"{model}","parameters":{{"chat_template":{{"bool_param":true}}}},\
+  grpcurl -plaintext -d '{{"model_name":"{model}",\
+"parameters":{{"chat_template":{{"bool_param":true}},"temperature":{{"double_param":0}},\
+"max_tokens":{{"int64_param":32}}}},\
 "inputs":[{{"name":"text_input","datatype":"BYTES","shape":[1],\
 "contents":{{"bytes_contents":["V2hhdCBpcyB0aGUgY2FwaXRhbCBvZiBGcmFuY2U/"]}}}}]}}' \\
     {fe} inference.GRPCInferenceService/ModelInfer
