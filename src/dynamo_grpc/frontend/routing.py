@@ -87,9 +87,11 @@ class RoundRobinRouter:
         expected_output_tokens: int,
         lora: str,
     ) -> Pick:
-        live = _candidates(workers, exclude)
-        w = live[next(self._counter) % len(live)]
+        w = self._choose(_candidates(workers, exclude))
         return Pick(w.instance_id, w.address)
+
+    def _choose(self, live: list[WorkerEndpoint]) -> WorkerEndpoint:
+        return live[next(self._counter) % len(live)]
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None:
         pass
@@ -108,18 +110,8 @@ class RandomRouter(RoundRobinRouter):
         super().__init__()
         self._rng = random.Random(seed)
 
-    async def route(
-        self,
-        request_id: str,
-        model: str,
-        token_ids: Sequence[int],
-        workers: Sequence[WorkerEndpoint],
-        exclude: set[str],
-        expected_output_tokens: int,
-        lora: str,
-    ) -> Pick:
-        w = self._rng.choice(_candidates(workers, exclude))
-        return Pick(w.instance_id, w.address)
+    def _choose(self, live: list[WorkerEndpoint]) -> WorkerEndpoint:
+        return self._rng.choice(live)
 
 
 class KvRouterClient:
