@@ -226,7 +226,8 @@ def run_one(
             workers=cfg.workers,
             engine="mocker",
             model=str(model_path) if model_path else None,
-            router_mode=router,
+            # kv runs the router as its own process, so --router-arg flags reach it
+            router_mode="kv-service" if router == "kv" else router,
             speedup_ratio=cfg.speedup,
             worker_args=list(cfg.worker_args),
             router_args=list(cfg.router_args),

@@ -1,7 +1,9 @@
 """`dynamo-grpc frontend`: the KServe v2 gRPC endpoint of the mesh.
 
-Watches Consul for workers (`dynamo-worker` + model cards) and routers (`dynamo-router`), serves
-`inference.GRPCInferenceService`, and registers itself as `dynamo-frontend`.
+Watches Consul for workers (`dynamo-worker` + model cards), serves `inference.GRPCInferenceService`,
+and registers itself as `dynamo-frontend`. Routing: `kv` runs the KV router in this process (one
+index per model, fed by the workers' events); `kv-service` asks a `dynamo-router` over gRPC
+(`--router`, or the first one in Consul); `round-robin` and `random` need no index.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_grpc.frontend.engine_client import WorkerClient
+from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.routing import KvRouterClient, RandomRouter, RoundRobinRouter, Router
 from dynamo_grpc.frontend.service import InferenceServicer
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
+from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
 
 log = logging.getLogger("dynamo_grpc.frontend")
@@ -36,8 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=-1, help="OpenAI HTTP port; -1 disables (default)")
     p.add_argument("--consul", default=None, help="Consul address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
     p.add_argument("--namespace", default="dynamo", help="serve workers tagged namespace=NS (default dynamo)")
-    p.add_argument("--router-mode", choices=["kv", "round-robin", "random"], default="kv")
-    p.add_argument("--router", default=None, help="RouterService address; default: a dynamo-router from Consul")
+    p.add_argument(
+        "--router-mode",
+        choices=["kv", "kv-service", "round-robin", "random"],
+        default="kv",
+        help="kv: KV router in this process (default); kv-service: a dynamo-router over gRPC",
+    )
+    p.add_argument(
+        "--router", default=None, help="RouterService address for kv-service (implies it); default: one from Consul"
+    )
+    d = RouterConfig()
+    p.add_argument("--router-temperature", type=float, default=d.temperature, help="kv: 0 = argmin of cost")
+    p.add_argument(
+        "--prefill-load-scale", type=float, default=d.prefill_load_scale, help="kv: weight of new prefill blocks"
+    )
+    p.add_argument("--busy-threshold", type=float, default=d.busy_threshold, help="kv: KV usage fraction; 1 = off")
     p.add_argument("--migration-limit", type=int, default=3, help="re-routes after a worker dies mid-request")
     p.add_argument("--ready-file", default=None, help="write {grpc_address, http_address} JSON here when serving")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port; -1 disables")
@@ -74,6 +91,14 @@ class _RouterAddresses:
                 log.info("router: %s", self.current)
 
 
+async def _start_routers(registry: ModelRegistry, router: EmbeddedKvRouter) -> None:
+    """Give each model its KV router as soon as it appears, so the index is built before requests come."""
+    while True:
+        await registry.changed.wait()
+        registry.changed.clear()
+        router.sync_models(m.name for m in registry.models())
+
+
 def _write_ready(path: str, data: dict[str, Any]) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
@@ -92,8 +117,18 @@ async def serve(args: argparse.Namespace) -> int:
 
     registry = ModelRegistry(workers.get_file, load_cards, namespace=args.namespace)
     router_addr = _RouterAddresses(args.router, args.namespace)
+    instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     router: Router
+    embedded: EmbeddedKvRouter | None = None
     if args.router_mode == "kv":
+        cfg = RouterConfig(
+            temperature=args.router_temperature,
+            prefill_load_scale=args.prefill_load_scale,
+            busy_threshold=args.busy_threshold,
+            namespace=args.namespace,
+        )
+        router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host)
+    elif args.router_mode == "kv-service":
         router = KvRouterClient(router_addr)
     elif args.router_mode == "round-robin":
         router = RoundRobinRouter()
@@ -109,8 +144,10 @@ async def serve(args: argparse.Namespace) -> int:
     )
     grpc_address = await server.start()
     tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
-    if args.router_mode == "kv" and not args.router:
+    if args.router_mode == "kv-service" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
+    if embedded is not None:
+        tasks.append(asyncio.create_task(_start_routers(registry, embedded), name="start-kv-routers"))
     http_address = ""
     runners = []
     if args.http_port >= 0 or args.metrics_port >= 0:
@@ -123,7 +160,6 @@ async def serve(args: argparse.Namespace) -> int:
             runner, metrics_address = await start_http(args.host, args.metrics_port, pipeline, stats, admin_only=True)
             runners.append(runner)
             log.info("metrics on http://%s/metrics", metrics_address)
-    instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     host, port = grpc_address.rsplit(":", 1)
     inst = Instance(
         "dynamo-frontend",
@@ -165,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.migration_limit < 0:
         raise SystemExit("--migration-limit must be >= 0")
+    if args.router and args.router_mode == "kv":
+        args.router_mode = "kv-service"  # a pinned router address means: use that RouterService
     return asyncio.run(serve(args))
 
 

@@ -31,7 +31,8 @@ class MeshConfig:
     workers: int = 2
     engine: str = "mocker"
     model: str | None = None  # path to a GGUF / HF dir; None: the default model
-    router_mode: str = "kv"  # kv | round-robin | random | approx
+    #: kv (in the frontend) | kv-service (a dynamo-router process) | approx (router process) | round-robin | random
+    router_mode: str = "kv"
     speedup_ratio: float | None = None  # mocker only
     grpc_port: int = 0
     http_port: int = -1
@@ -40,7 +41,8 @@ class MeshConfig:
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
     frontend_args: list[str] = field(default_factory=list)
-    start_router: bool = True  # round-robin/random are decided in the frontend, but a router does no harm
+    #: also start a `dynamo-router` process; None: only when router_mode needs one (kv-service, approx)
+    start_router: bool | None = None
     log_dir: Path | None = None
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 15.0
@@ -129,10 +131,10 @@ class Mesh:
                 if c.speedup_ratio is not None and c.engine == "mocker":
                     args += ["--speedup-ratio", str(c.speedup_ratio)]
                 self._spawn(f"worker-{i}", [*args, *c.worker_args])
-            if c.start_router:
-                mode = c.router_mode if c.router_mode in ("kv", "approx", "round-robin", "random") else "kv"
+            if self.starts_router:
+                mode = "approx" if c.router_mode == "approx" else "kv"
                 self._spawn("router", ["router", *common, "--mode", mode, "--port", "0", *c.router_args])
-            fe_mode = c.router_mode if c.router_mode in ("round-robin", "random") else "kv"
+            fe_mode = {"approx": "kv-service"}.get(c.router_mode, c.router_mode)
             self._spawn(
                 "frontend",
                 [
@@ -141,7 +143,7 @@ class Mesh:
                 ],
             )
             self._wait_service("dynamo-worker", c.workers)
-            if c.start_router:
+            if self.starts_router:
                 self.router_grpc = self._wait_service("dynamo-router", 1)[0].get("grpc_address", "")
             fe = self._wait_service("dynamo-frontend", 1)[0]
             self.frontend_grpc = fe.get("grpc_address", "")
@@ -151,6 +153,11 @@ class Mesh:
             self.stop()
             raise
         return self
+
+    @property
+    def starts_router(self) -> bool:
+        c = self.config
+        return c.start_router if c.start_router is not None else c.router_mode in ("kv-service", "approx")
 
     def _frontend_ready(self) -> bool:
         import grpc

@@ -25,7 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["mocker", "torch"], default=DEFAULT_ENGINE, help="worker engine")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--router-mode", choices=["kv", "round-robin", "random", "approx"], default="kv")
+    p.add_argument(
+        "--router-mode",
+        choices=["kv", "kv-service", "round-robin", "random", "approx"],
+        default="kv",
+        help="kv: KV router inside the frontend; kv-service/approx: a separate dynamo-router process",
+    )
     p.add_argument("--grpc-port", type=int, default=8001, help="frontend KServe gRPC port (Triton's default)")
     p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
     p.add_argument("--log-dir", type=Path, default=None, help="where process logs go (default: a temp dir)")
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 dynamo-grpc is up.
   KServe v2 gRPC : {fe}
   OpenAI HTTP    : {"http://" + mesh.frontend_http if mesh.frontend_http else "off"}
-  router         : {mesh.router_grpc or "-"}
+  router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}
   consul         : {mesh.consul}
 
 Try it (grpcurl, server reflection; text_input is base64 of "What is the capital of France?"):

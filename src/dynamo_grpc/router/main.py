@@ -1,4 +1,4 @@
-"""The router process: discovery -> event subscriber -> index -> RouterService.
+"""The router process: a RouterNode (discovery -> event subscriber -> index) behind RouterService.
 
 Until every known worker's Replay has been applied, health is NOT_SERVING and Route answers
 UNAVAILABLE: a new or restarted router never routes from a stale, empty view.
@@ -16,14 +16,10 @@ import socket
 from typing import Any
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
-from dynamo_grpc.events.replay_client import GrpcReplayClient
-from dynamo_grpc.events.subscriber import KvEventSubscriber
 from dynamo_grpc.router.config import MODES, RouterConfig
 from dynamo_grpc.router.metrics import RouterMetrics, start_admin_http
-from dynamo_grpc.router.replicas import ActiveSync
-from dynamo_grpc.router.router import Router, WorkerInfo
+from dynamo_grpc.router.node import RouterNode
 from dynamo_grpc.router.service import RouterServicer
-from dynamo_grpc.router.sync import IndexSink
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
 from dynamo_grpc.v1 import router_pb2_grpc
 
@@ -54,39 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _worker_info(inst: Instance) -> WorkerInfo:
-    m = inst.meta
-
-    def num(key: str, default: int) -> int:
-        try:
-            return int(m.get(key, default))
-        except ValueError:
-            return default
-
-    return WorkerInfo(
-        instance_id=inst.instance_id,
-        grpc_address=m.get("grpc_address") or f"{inst.address}:{inst.port}",
-        model=m.get("model", ""),
-        block_size=num("block_size", 0),
-        dp_size=num("dp_size", 1),
-        kv_blocks=num("kv_blocks", 0),
-        zmq_endpoint=m.get("zmq_endpoint", ""),
-    )
-
-
-def _card_block_size(cards: dict[str, dict[str, Any]]) -> int:
-    for _, card in sorted(cards.items()):
-        try:
-            bs = int(card.get("block_size", 0) or 0)
-        except (TypeError, ValueError):
-            continue
-        if bs:
-            return bs
-    return 0
-
-
 class RouterProcess:
-    """Wires discovery, the event plane, the router core and the gRPC server."""
+    """A RouterNode behind RouterService, registered in Consul as `dynamo-router`."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -105,18 +70,14 @@ class RouterProcess:
         )
         self.config.validate()
         self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.router = Router(self.config, self.router_id)
         self.metrics = RouterMetrics()
-        self.router.on_decision = self.metrics.on_decision
         self.discovery = Discovery(ConsulSettings.from_env(addr=args.consul or None))
-        self.replay = GrpcReplayClient()
-        self.sub: KvEventSubscriber | None = None
-        self.active_sync: ActiveSync | None = None
+        self.node = RouterNode(self.config, self.discovery, self.router_id, args.host, self.metrics)
+        self.router = self.node.router
         self.server = GrpcServer(ServerOptions(args.host, args.port))
         self.tasks: list[asyncio.Task[None]] = []
         self.http_runner: Any = None
         self.metrics_port = -1
-        self._first_snapshot = asyncio.Event()
 
     async def start(self) -> None:
         a = self.args
@@ -128,37 +89,17 @@ class RouterProcess:
         grpc_address = await self.server.start(serving=False)
         if a.metrics_port >= 0:
             self.http_runner, self.metrics_port = await start_admin_http(
-                a.host, a.metrics_port, self.metrics, self.router, lambda: self.sub
+                a.host, a.metrics_port, self.metrics, self.router, lambda: self.node.sub
             )
-        self.tasks.append(asyncio.create_task(self._watch_workers(), name="watch-workers"))
-        self.tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-        self.tasks.append(asyncio.create_task(self._readiness(), name="readiness"))
         self._grpc_address = grpc_address
-
-    def _ensure_model(self, model: str) -> None:
-        """Set up the per-model event plane once the model is known."""
-        if self.sub is not None:
-            return
-        self.config.model = model
-        a = self.args
-        self.active_sync = ActiveSync(self.router, model, a.host)
-        self.router.on_active_change = self.active_sync.publish
-        self.active_sync.start()
-        if self.config.mode == "kv":
-            self.sub = KvEventSubscriber(
-                model,
-                IndexSink(self.router),
-                self.replay,
-                resync_interval_s=self.config.resync_interval_s,
-                on_lag=self.metrics.lag.observe,
-            )
-            self.sub.start()
-        self.tasks.append(asyncio.create_task(self._register(), name="register"))
-        self.tasks.append(asyncio.create_task(self._watch_routers(), name="watch-routers"))
+        self.node.on_ready_change = self.server.set_serving
+        self.node.on_model = lambda model: self.tasks.append(asyncio.create_task(self._register(), name="register"))
+        self.node.start()
 
     async def _register(self) -> None:
-        assert self.active_sync is not None
-        meta = {"grpc_address": self._grpc_address, "zmq_endpoint": self.active_sync.endpoint, "mode": self.config.mode}
+        sync = self.node.active_sync
+        assert sync is not None
+        meta = {"grpc_address": self._grpc_address, "zmq_endpoint": sync.endpoint, "mode": self.config.mode}
         if self.metrics_port >= 0:
             meta["metrics_address"] = f"{self.args.host}:{self.metrics_port}"
         host, port = self._grpc_address.rsplit(":", 1)
@@ -171,61 +112,7 @@ class RouterProcess:
             meta=meta,
         )
         await self.discovery.register(inst, ttl=10.0)
-        log.info(
-            "registered %s (grpc %s, active-sync %s)", self.router_id, self._grpc_address, self.active_sync.endpoint
-        )
-
-    async def _watch_workers(self) -> None:
-        tags = [f"namespace={self.config.namespace}"]
-        async for snapshot in self.discovery.watch("dynamo-worker", tags=tags):
-            infos = [_worker_info(i) for i in snapshot]
-            model = self.config.model
-            if not model and infos:
-                model = sorted(infos, key=lambda w: w.instance_id)[0].model
-                log.info("routing for model %s", model)
-            if model:
-                infos = [w for w in infos if w.model in ("", model)]
-                self._ensure_model(model)
-                card_bs = 0
-                try:
-                    cards = await self.discovery.get_model_cards(model)
-                    card_bs = _card_block_size(cards.get(model, {}))
-                except Exception as exc:  # cards are a cross-check; Meta still has block_size
-                    log.debug("model cards unavailable: %s", exc)
-                accepted = self.router.set_workers(infos, card_bs)
-                if self.sub is not None:
-                    self.sub.sync_workers(
-                        [(w.instance_id, w.zmq_endpoint, w.grpc_address, w.dp_size) for w in accepted if w.zmq_endpoint]
-                    )
-            self._first_snapshot.set()
-
-    async def _watch_routers(self) -> None:
-        tags = [f"namespace={self.config.namespace}"]
-        async for snapshot in self.discovery.watch("dynamo-router", tags=tags):
-            eps = {
-                i.meta.get("zmq_endpoint", "")
-                for i in snapshot
-                if i.instance_id != self.router_id and f"model={self.config.model}" in i.tags
-            }
-            if self.active_sync is not None:
-                self.active_sync.set_peers({e for e in eps if e})
-
-    async def _readiness(self) -> None:
-        """NOT_SERVING until the first worker snapshot is in and every worker's Replay is applied."""
-        await self._first_snapshot.wait()
-        while True:
-            synced = self.sub is None or self.sub.is_synced()
-            if synced != self.router.ready:
-                self.router.ready = synced
-                await self.server.set_serving(synced)
-                log.info("router %s", "ready: index rebuilt, SERVING" if synced else "resyncing: NOT_SERVING")
-            await asyncio.sleep(0.05)
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.router.housekeeping()
-            self.metrics.refresh(self.router, self.sub)
+        log.info("registered %s (grpc %s, active-sync %s)", self.router_id, self._grpc_address, sync.endpoint)
 
     async def stop(self) -> None:
         for t in self.tasks:
@@ -236,11 +123,7 @@ class RouterProcess:
         with contextlib.suppress(Exception):
             await self.discovery.deregister()
         await self.server.stop(2.0)
-        if self.sub is not None:
-            await self.sub.close()
-        if self.active_sync is not None:
-            await self.active_sync.close()
-        await self.replay.close()
+        await self.node.close()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         await self.discovery.close()

@@ -1,0 +1,201 @@
+"""The KV router's moving parts without a server: discovery -> event subscriber -> index -> Router.
+
+`dynamo-grpc router` serves a node over RouterService; the frontend embeds one per model
+(`--router-mode kv`, as Dynamo's frontend does) and calls it in-process, which saves a gRPC hop
+(Route + Update) per request. Until every known worker's Replay has been applied the node is not
+ready and `Router.route` raises NotReady: a new node never routes from a stale, empty view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dynamo_grpc.discovery import Discovery, Instance
+from dynamo_grpc.events.replay_client import GrpcReplayClient
+from dynamo_grpc.events.subscriber import KvEventSubscriber
+from dynamo_grpc.router.config import RouterConfig
+from dynamo_grpc.router.metrics import RouterMetrics
+from dynamo_grpc.router.replicas import ActiveSync
+from dynamo_grpc.router.router import Router, WorkerInfo
+from dynamo_grpc.router.sync import IndexSink
+
+log = logging.getLogger(__name__)
+
+
+def worker_info(inst: Instance) -> WorkerInfo:
+    """A `dynamo-worker` Consul instance as the router sees it (Meta carries the numbers)."""
+    m = inst.meta
+
+    def num(key: str, default: int) -> int:
+        try:
+            return int(m.get(key, default))
+        except ValueError:
+            return default
+
+    return WorkerInfo(
+        instance_id=inst.instance_id,
+        grpc_address=m.get("grpc_address") or f"{inst.address}:{inst.port}",
+        model=m.get("model", ""),
+        block_size=num("block_size", 0),
+        dp_size=num("dp_size", 1),
+        kv_blocks=num("kv_blocks", 0),
+        zmq_endpoint=m.get("zmq_endpoint", ""),
+    )
+
+
+def card_block_size(cards: dict[str, dict[str, Any]]) -> int:
+    for _, card in sorted(cards.items()):
+        try:
+            bs = int(card.get("block_size", 0) or 0)
+        except (TypeError, ValueError):
+            continue
+        if bs:
+            return bs
+    return 0
+
+
+class RouterNode:
+    """One model's router, fed by Consul and the workers' KV events.
+
+    `share_active=True` publishes active sequences on ZMQ and follows the other `dynamo-router`
+    replicas' (see replicas.py); an embedded node keeps its in-flight load to itself.
+    """
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        discovery: Discovery,
+        router_id: str,
+        bind_host: str = "127.0.0.1",
+        metrics: RouterMetrics | None = None,
+        share_active: bool = True,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.discovery = discovery
+        self.router_id = router_id
+        self.bind_host = bind_host
+        self.router = Router(config, router_id)
+        self.metrics = metrics
+        if metrics is not None:
+            self.router.on_decision = metrics.on_decision
+        self.share_active = share_active
+        self.replay = GrpcReplayClient()
+        self.sub: KvEventSubscriber | None = None
+        self.active_sync: ActiveSync | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        #: called once the model is known (the router process registers itself then)
+        self.on_model: Callable[[str], None] | None = None
+        #: awaited whenever readiness flips (the router process sets its gRPC health)
+        self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
+        self._first_snapshot = asyncio.Event()
+        self._ready = asyncio.Event()
+
+    def start(self) -> None:
+        self.tasks.append(asyncio.create_task(self._watch_workers(), name="watch-workers"))
+        self.tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self.tasks.append(asyncio.create_task(self._readiness(), name="readiness"))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once the index is rebuilt (or the mode needs none), False after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _ensure_model(self, model: str) -> None:
+        """Set up the per-model event plane once the model is known."""
+        if self.sub is not None or self.active_sync is not None:
+            return
+        self.config.model = model
+        if self.share_active:
+            self.active_sync = ActiveSync(self.router, model, self.bind_host)
+            self.router.on_active_change = self.active_sync.publish
+            self.active_sync.start()
+            self.tasks.append(asyncio.create_task(self._watch_routers(), name="watch-routers"))
+        if self.config.mode == "kv":
+            self.sub = KvEventSubscriber(
+                model,
+                IndexSink(self.router),
+                self.replay,
+                resync_interval_s=self.config.resync_interval_s,
+                on_lag=self.metrics.lag.observe if self.metrics is not None else None,
+            )
+            self.sub.start()
+        if self.on_model is not None:
+            self.on_model(model)
+
+    async def _watch_workers(self) -> None:
+        tags = [f"namespace={self.config.namespace}"]
+        async for snapshot in self.discovery.watch("dynamo-worker", tags=tags):
+            infos = [worker_info(i) for i in snapshot]
+            model = self.config.model
+            if not model and infos:
+                model = sorted(infos, key=lambda w: w.instance_id)[0].model
+                log.info("routing for model %s", model)
+            if model:
+                infos = [w for w in infos if w.model in ("", model)]
+                self._ensure_model(model)
+                card_bs = 0
+                try:
+                    cards = await self.discovery.get_model_cards(model)
+                    card_bs = card_block_size(cards.get(model, {}))
+                except Exception as exc:  # cards are a cross-check; Meta still has block_size
+                    log.debug("model cards unavailable: %s", exc)
+                accepted = self.router.set_workers(infos, card_bs)
+                if self.sub is not None:
+                    self.sub.sync_workers(
+                        [(w.instance_id, w.zmq_endpoint, w.grpc_address, w.dp_size) for w in accepted if w.zmq_endpoint]
+                    )
+            self._first_snapshot.set()
+
+    async def _watch_routers(self) -> None:
+        tags = [f"namespace={self.config.namespace}"]
+        async for snapshot in self.discovery.watch("dynamo-router", tags=tags):
+            eps = {
+                i.meta.get("zmq_endpoint", "")
+                for i in snapshot
+                if i.instance_id != self.router_id and f"model={self.config.model}" in i.tags
+            }
+            if self.active_sync is not None:
+                self.active_sync.set_peers({e for e in eps if e})
+
+    async def _readiness(self) -> None:
+        """Not ready until the first worker snapshot is in and every worker's Replay is applied."""
+        await self._first_snapshot.wait()
+        while True:
+            synced = self.sub is None or self.sub.is_synced()
+            if synced != self.router.ready or synced != self._ready.is_set():
+                self.router.ready = synced
+                if synced:
+                    self._ready.set()
+                else:
+                    self._ready.clear()
+                if self.on_ready_change is not None:
+                    await self.on_ready_change(synced)
+                log.info("router %s: %s", self.config.model, "ready: index rebuilt" if synced else "resyncing")
+            await asyncio.sleep(0.05)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.router.housekeeping()
+            if self.metrics is not None:
+                self.metrics.refresh(self.router, self.sub)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.sub is not None:
+            await self.sub.close()
+        if self.active_sync is not None:
+            await self.active_sync.close()
+        await self.replay.close()
