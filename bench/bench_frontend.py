@@ -1,11 +1,17 @@
 """Frontend overhead benchmark: KServe stream through frontend → router → mocker vs the worker's Decode directly.
 
-One run starts a real mesh (consul-dev, KV router, 2 mocker workers at a very high speedup, frontend) and
-measures, for streamed requests of 16 output tokens:
-- added latency: p50/p99 request latency (send → last token) at concurrency 1, frontend path minus direct
-  Decode on the same workers with the same prompt ids;
-- throughput: completed requests/s at concurrency `--concurrency`, both paths.
-Writes JSON (`--json`) and a PNG under bench/results/. The client shares the machine's cores with the mesh.
+One run starts a real mesh (consul-dev, 2 mocker workers at a very high speedup, a frontend with the KV router
+in-process, a `dynamo-router` and a second frontend that asks it over gRPC) and measures, for streamed requests
+of 16 output tokens, side by side on the same workers:
+- `direct`: the worker's Decode, one call per request (the baseline);
+- `passthrough`: the cheapest possible Python gRPC hop, a grpc.aio process that forwards Decode untouched
+  (the floor any Python frontend pays for one hop);
+- `frontend_kv`: KServe ModelStreamInfer → frontend (tokenise, in-process KV routing, detokenise) → worker;
+- `frontend_kv_service`: the same through a frontend that asks the `dynamo-router` (Route + Update hop);
+and reports added latency (p50/p99 at concurrency 1, minus `direct`), requests/s at `--concurrency`, and
+the CPU each process spent per request. Frontend throughput is measured twice: a new decoupled stream per
+request, and one stream per client lane carrying its requests one after another (tritonclient's
+`start_stream` / perf_analyzer's streaming mode). The client shares the machine's cores with the mesh.
 
     PYTHONPATH=src:gen python bench/bench_frontend.py --json bench/results/frontend.json
 """
@@ -19,6 +25,9 @@ import json
 import os
 import statistics
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -89,21 +98,69 @@ async def via_decode(stub: worker_pb2_grpc.DecodeServiceStub, model: str, ids: l
     raise RuntimeError("decode ended without a finish")
 
 
-async def measure(call: Callable[[int], Awaitable[int]], requests: int, concurrency: int) -> dict[str, Any]:
+class LaneStream:
+    """One decoupled ModelStreamInfer stream that carries a lane's requests one after another."""
+
+    def __init__(self, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+        self.queue: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            while (r := await self.queue.get()) is not None:
+                yield r
+
+        self.call = stub.ModelStreamInfer(requests())
+
+    async def infer(self, model: str, i: int) -> int:
+        await self.queue.put(kserve_request(model, i))
+        n = 0
+        while True:
+            msg = await self.call.read()
+            if msg is grpc.aio.EOF:
+                raise RuntimeError("stream closed")
+            if msg.error_message:
+                raise RuntimeError(msg.error_message)
+            n += 1
+            if msg.infer_response.parameters["triton_final_response"].bool_param:
+                return n
+
+    async def close(self) -> None:
+        await self.queue.put(None)
+        await self.call.wait_for_connection()
+        self.call.cancel()
+
+
+Call = Callable[[int, int], Awaitable[int]]  # (request index, lane) -> responses
+
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """utime + stime of each process (Linux /proc), and this client process."""
+    out = {"client": time.process_time()}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / _TCK
+    return out
+
+
+async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, int]) -> dict[str, Any]:
     counter = itertools.count()
     lat: list[float] = []
 
-    async def lane() -> None:
+    async def lane(k: int) -> None:
         while (i := next(counter)) < requests:
             t0 = time.perf_counter()
-            await call(i)
+            await call(i, k)
             lat.append(time.perf_counter() - t0)
 
     for i in range(min(20, requests)):  # warm channels, router, tokenizer caches
-        await call(10_000_000 + i)
+        await call(10_000_000 + i, i % concurrency)
+    cpu0 = cpu_seconds(pids)
     t0 = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    await asyncio.gather(*(lane(k) for k in range(concurrency)))
     elapsed = time.perf_counter() - t0
+    cpu1 = cpu_seconds(pids)
     lat.sort()
     q = statistics.quantiles(lat, n=100) if len(lat) > 1 else lat * 99
     return {
@@ -114,33 +171,134 @@ async def measure(call: Callable[[int], Awaitable[int]], requests: int, concurre
         "p50_ms": q[49] * 1e3,
         "p99_ms": q[98] * 1e3,
         "mean_ms": statistics.fmean(lat) * 1e3,
+        "cpu_ms_per_request": {k: round((cpu1[k] - cpu0[k]) / len(lat) * 1e3, 3) for k in cpu0},
     }
 
 
-async def run(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
+def serve_passthrough(workers: list[str]) -> None:
+    """A do-nothing grpc.aio DecodeService that forwards each call to a worker (round-robin); prints its address."""
+
+    async def serve() -> None:
+        stubs = [worker_pb2_grpc.DecodeServiceStub(grpc.aio.insecure_channel(w)) for w in workers]
+        turn = itertools.count()
+
+        class Forward(worker_pb2_grpc.DecodeServiceServicer):
+            async def Decode(self, request: Any, context: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+                async for r in stubs[next(turn) % len(stubs)].Decode(request):
+                    yield r
+
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_DecodeServiceServicer_to_server(Forward(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def start_service_frontend(mesh: Mesh, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A second frontend that routes through the mesh's dynamo-router over gRPC."""
+    ready = tmp / "fe-service.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dynamo_grpc.cli",
+            "frontend",
+            "--consul",
+            mesh.consul,
+            "--namespace",
+            mesh.config.namespace,
+            "--router-mode",
+            "kv-service",
+            "--router",
+            mesh.router_grpc,
+            "--grpc-port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the kv-service frontend did not start")
+        time.sleep(0.1)
+    address: str = json.loads(ready.read_text())["grpc_address"]
+    return proc, address
+
+
+async def _wait_model(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> None:
+    for _ in range(300):
+        try:
+            if (await stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=2)).ready:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"model {model} never became ready")
+
+
+async def run(
+    args: argparse.Namespace, mesh: Mesh, passthrough: str, fe_service: str, pids: dict[str, int]
+) -> dict[str, Any]:
     workers = [service_meta(e)["grpc_address"] for e in passing_instances(mesh.consul, "dynamo-worker")]
     card, tok_json = load_model_source(default_model_path())
     ids = Tokenizer.from_card(card, tok_json).encode(PROMPT, add_special_tokens=True)
     model = card.name
-    fe_channels = [grpc.aio.insecure_channel(mesh.frontend_grpc) for _ in range(args.channels)]
-    wk_channels = [grpc.aio.insecure_channel(w) for w in workers for _ in range(args.channels)]
-    fe_stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in fe_channels]
-    wk_stubs = [worker_pb2_grpc.DecodeServiceStub(c) for c in wk_channels]
+    channels: list[grpc.aio.Channel] = []
 
-    def fe(i: int) -> Awaitable[int]:
-        return via_frontend(fe_stubs[i % len(fe_stubs)], model, i)
+    def stubs(address: str, cls: Any) -> list[Any]:
+        new = [grpc.aio.insecure_channel(address) for _ in range(args.channels)]
+        channels.extend(new)
+        return [cls(c) for c in new]
 
-    def direct(i: int) -> Awaitable[int]:
-        return via_decode(wk_stubs[i % len(wk_stubs)], model, ids, i)
+    wk = [s for w in workers for s in stubs(w, worker_pb2_grpc.DecodeServiceStub)]
+    px = stubs(passthrough, worker_pb2_grpc.DecodeServiceStub)
+    fe = {
+        "frontend_kv": stubs(mesh.frontend_grpc, pb_grpc.GRPCInferenceServiceStub),
+        "frontend_kv_service": stubs(fe_service, pb_grpc.GRPCInferenceServiceStub),
+    }
+    await _wait_model(fe["frontend_kv_service"][0], model)
 
+    def decode_via(pool: list[Any]) -> Call:
+        return lambda i, k: via_decode(pool[i % len(pool)], model, ids, i)
+
+    def stream_per_request(pool: list[Any]) -> Call:
+        return lambda i, k: via_frontend(pool[i % len(pool)], model, i)
+
+    paths: dict[str, Call] = {"direct": decode_via(wk), "passthrough": decode_via(px)}
+    paths.update({name: stream_per_request(pool) for name, pool in fe.items()})
     out: dict[str, Any] = {"workers": len(workers), "prompt_tokens": len(ids), "output_tokens": OUT_TOKENS}
-    out["latency_direct"] = await measure(direct, args.latency_requests, 1)
-    out["latency_frontend"] = await measure(fe, args.latency_requests, 1)
-    out["throughput_direct"] = await measure(direct, args.requests, args.concurrency)
-    out["throughput_frontend"] = await measure(fe, args.requests, args.concurrency)
-    out["added_p50_ms"] = out["latency_frontend"]["p50_ms"] - out["latency_direct"]["p50_ms"]
-    out["added_p99_ms"] = out["latency_frontend"]["p99_ms"] - out["latency_direct"]["p99_ms"]
-    for c in fe_channels + wk_channels:
+    out["latency"] = {name: await measure(call, args.latency_requests, 1, pids) for name, call in paths.items()}
+    lanes = {name: [LaneStream(pool[k % len(pool)]) for k in range(args.concurrency)] for name, pool in fe.items()}
+    for name, streams in lanes.items():
+
+        def lane_call(i: int, k: int, streams: list[LaneStream] = streams) -> Awaitable[int]:
+            return streams[k].infer(model, i)
+
+        paths[f"{name}_lanes"] = lane_call
+    # Throughput in interleaved rounds (every path once per round), median per path: the box is shared and
+    # drifts, and one long run per path would credit or blame whichever ran in a quiet moment.
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, call in paths.items():
+            rounds[name].append(await measure(call, args.requests, args.concurrency, pids))
+    out["throughput"] = {}
+    for name, runs in rounds.items():
+        runs.sort(key=lambda r: r["requests_per_s"])
+        out["throughput"][name] = {**runs[len(runs) // 2], "rounds_requests_per_s": [r["requests_per_s"] for r in runs]}
+    for streams in lanes.values():
+        for lane in streams:
+            await lane.close()
+    base = out["latency"]["direct"]
+    out["added_p50_ms"] = {n: r["p50_ms"] - base["p50_ms"] for n, r in out["latency"].items() if n != "direct"}
+    out["added_p99_ms"] = {n: r["p99_ms"] - base["p99_ms"] for n, r in out["latency"].items() if n != "direct"}
+    out["targets"] = {"requests_per_s": 500, "added_p50_ms": 2.0}
+    for c in channels:
         await c.close()
     return out
 
@@ -151,31 +309,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["direct Decode", "frontend (KServe → router → worker)"]
-    rps = [result["throughput_direct"]["requests_per_s"], result["throughput_frontend"]["requests_per_s"]]
-    a.bar(names, rps, color=["#888", "#2a7"])
-    a.axhline(500, color="r", ls="--", label="target 500 req/s")
-    a.set_ylabel("streamed requests/s")
-    a.set_title(f"throughput, concurrency {result['throughput_frontend']['concurrency']}")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    tp = result["throughput"]
+    names = list(tp)
+    colors = ["#888" if n == "direct" else "#c84" if n == "passthrough" else "#2a7" for n in names]
+    a.bar(range(len(names)), [tp[n]["requests_per_s"] for n in names], color=colors)
+    a.axhline(result["targets"]["requests_per_s"], color="r", ls="--", label="target")
+    a.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+    a.set_ylabel("streamed requests/s (16 tokens)")
+    a.set_title(f"throughput, {result['concurrency']} concurrent, {result['cpu_count']} cores shared")
     a.legend()
-    a.tick_params(axis="x", labelsize=8)
-    x = range(2)
-    b.bar(
-        [i - 0.2 for i in x],
-        [result["latency_direct"]["p50_ms"], result["latency_frontend"]["p50_ms"]],
-        0.4,
-        label="p50",
+    lat = result["latency"]
+    lnames = list(lat)
+    x = range(len(lnames))
+    b.bar([i - 0.2 for i in x], [lat[n]["p50_ms"] for n in lnames], 0.4, label="p50")
+    b.bar([i + 0.2 for i in x], [lat[n]["p99_ms"] for n in lnames], 0.4, label="p99")
+    b.set_xticks(list(x), [n.replace("_", "\n", 1) for n in lnames], fontsize=7)
+    b.set_ylabel("request latency, ms, one at a time")
+    added = result["added_p50_ms"]
+    b.set_title(
+        f"added p50: kv {added['frontend_kv']:.2f} ms, kv-service {added['frontend_kv_service']:.2f} ms, "
+        f"passthrough {added['passthrough']:.2f} ms",
+        fontsize=9,
     )
-    b.bar(
-        [i + 0.2 for i in x],
-        [result["latency_direct"]["p99_ms"], result["latency_frontend"]["p99_ms"]],
-        0.4,
-        label="p99",
-    )
-    b.set_xticks(list(x), names, fontsize=8)
-    b.set_ylabel("request latency, ms (16 tokens)")
-    b.set_title(f"added p50 {result['added_p50_ms']:.2f} ms, p99 {result['added_p99_ms']:.2f} ms")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -186,21 +342,43 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=RESULTS / "frontend.json")
     p.add_argument("--png", type=Path, default=None, help="default: --json with .png")
-    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--requests", type=int, default=2000, help="per path and round at --concurrency")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds; the median is reported")
     p.add_argument("--latency-requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--speedup-ratio", type=float, default=1e6)
-    p.add_argument("--router-mode", default="kv", choices=["kv", "round-robin", "random"])
+    p.add_argument("--serve-passthrough", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cfg = MeshConfig(workers=2, speedup_ratio=args.speedup_ratio, router_mode=args.router_mode)
+    if args.serve_passthrough:
+        serve_passthrough(args.serve_passthrough.split(","))
+        return 0
+    cfg = MeshConfig(workers=2, speedup_ratio=args.speedup_ratio, router_mode="kv", start_router=True)
     load_before = os.getloadavg()
-    with Mesh(cfg) as mesh:
-        result = asyncio.run(run(args, mesh))
+    with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
+        workers = [service_meta(e)["grpc_address"] for e in passing_instances(mesh.consul, "dynamo-worker")]
+        forwarder = subprocess.Popen(
+            [sys.executable, __file__, "--serve-passthrough", ",".join(workers)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert forwarder.stdout is not None
+        passthrough = forwarder.stdout.readline().decode().strip()
+        fe_proc, fe_service = start_service_frontend(mesh, Path(tmp))
+        try:
+            pids = {p.name: p.popen.pid for p in mesh.procs}
+            pids["frontend-kv-service"] = fe_proc.pid
+            pids["passthrough"] = forwarder.pid
+            result = asyncio.run(run(args, mesh, passthrough, fe_service, pids))
+        finally:
+            fe_proc.terminate()
+            fe_proc.wait(10)
+            forwarder.kill()
+            forwarder.wait()
     # The machine is shared: record how busy it was, since every number here depends on it.
     result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     result["cpu_count"] = os.cpu_count()
-    result["router_mode"] = args.router_mode
+    result["concurrency"] = args.concurrency
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     png = args.png or args.json.with_suffix(".png")

@@ -1,4 +1,4 @@
-"""A real mesh for conformance tests: consul-dev, router, 2 mocker workers, frontend, all subprocesses.
+"""A real mesh for conformance tests: consul-dev, 2 mocker workers, frontend (KV router inside), all subprocesses.
 
 Uses the lead's launcher (`dynamo_grpc.launch.mesh`) on ephemeral ports. Third-party clients run in their
 own subprocesses (`run_client`): tritonclient and our generated `inference` stubs cannot share a process.
