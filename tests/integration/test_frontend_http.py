@@ -63,6 +63,9 @@ async def test_chat_and_models_and_health(http_mesh: Mesh) -> None:
         async with s.get(f"{base}/metrics") as r:
             text = await r.text()
         assert f'dynamo_frontend_requests_total{{model="{MODEL}",outcome="success"}}' in text
+        # the KV router runs in the frontend (the default mode) and reports its decisions here
+        assert f'dynamo_frontend_router_decisions_total{{mode="kv",model="{MODEL}"}}' in text
+        assert f'dynamo_frontend_router_ready{{model="{MODEL}"}} 1.0' in text
 
 
 @pytest.mark.parametrize(

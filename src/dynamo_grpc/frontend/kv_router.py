@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dynamo_grpc.discovery import Discovery
 from dynamo_grpc.frontend.errors import Code, FrontendError
@@ -107,6 +109,30 @@ class EmbeddedKvRouter:
         node = self._owner.pop(request_id, None)
         if node is not None:
             node.router.free(request_id)
+
+    def metric_families(self) -> Iterator[Metric]:
+        """The in-process routers' numbers for the frontend's /metrics (per model)."""
+        decisions = CounterMetricFamily(
+            "dynamo_frontend_router_decisions", "KV routing decisions", labels=["model", "mode"]
+        )
+        indexed = GaugeMetricFamily("dynamo_frontend_router_indexed_blocks", "Block hashes indexed", labels=["model"])
+        active = GaugeMetricFamily(
+            "dynamo_frontend_router_active_sequences", "Requests routed and not yet freed", labels=["model"]
+        )
+        ready = GaugeMetricFamily("dynamo_frontend_router_ready", "1 once the index is rebuilt", labels=["model"])
+        events = CounterMetricFamily("dynamo_frontend_router_kv_events", "KV events applied", labels=["model"])
+        gaps = CounterMetricFamily("dynamo_frontend_router_event_gaps", "Event seq gaps (Replay)", labels=["model"])
+        for model, node in sorted(self.nodes.items()):
+            r = node.router
+            for mode, n in r.counters.decisions.items():
+                decisions.add_metric([model, mode], n)
+            indexed.add_metric([model], r.indexed_blocks())
+            active.add_metric([model], len(r.active))
+            ready.add_metric([model], 1.0 if r.ready else 0.0)
+            if node.sub is not None:
+                events.add_metric([model], node.sub.stats.events_applied)
+                gaps.add_metric([model], node.sub.stats.gaps)
+        yield from (decisions, indexed, active, ready, events, gaps)
 
     async def close(self) -> None:
         await asyncio.gather(*(n.close() for n in self.nodes.values()), return_exceptions=True)

@@ -65,6 +65,9 @@ class _StatsCollector:
         for m in self.pipeline.registry.models():
             workers.add_metric([m.name], len(m.workers))
         yield from (req, dur, ttft, mig, workers)
+        router_metrics = getattr(self.pipeline.router, "metric_families", None)
+        if router_metrics is not None:  # the KV router runs in this process
+            yield from router_metrics()
 
 
 class OpenAiApp:
