@@ -436,13 +436,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.pipeline.registry.get(name) is not None or (self.simple and name == simple_model.NAME):
             self.stats.record_failure(name, time.perf_counter_ns() - t0)
 
-    async def ModelStreamInfer(
+    async def ModelStreamInfer(  # type: ignore[override]  # grpc.aio lets a streaming handler write, not yield
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream run concurrently; their responses interleave (each carries its id)."""
-        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    ) -> None:
+        """Requests on one stream run concurrently; their responses interleave (each carries its id).
+
+        Each request's task writes its own responses (a lock keeps one write in flight, as gRPC requires):
+        no queue or extra task switch between a worker's tokens and the client.
+        """
         tasks: set[asyncio.Task[None]] = set()
         timeout = _timeout(context)
+        write_lock = asyncio.Lock()
+
+        async def write(msg: pb.ModelStreamInferResponse) -> None:
+            async with write_lock:
+                await context.write(msg)
 
         async def one(request: pb.ModelInferRequest) -> None:
             t0 = time.perf_counter_ns()
@@ -450,7 +458,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 gen = self._infer_stream(request, timeout, stream_rpc=True)
                 async with contextlib.aclosing(gen):
                     async for resp in gen:
-                        await out.put(pb.ModelStreamInferResponse(infer_response=resp))
+                        await write(pb.ModelStreamInferResponse(infer_response=resp))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -460,31 +468,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     error_message=f"[{a.code.name}] {a.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 )
-                await out.put(err)
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await write(err)
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    t = asyncio.get_running_loop().create_task(one(request))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                await out.put(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
         try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    break
-                yield item
+            async for request in request_iterator:
+                t = asyncio.get_running_loop().create_task(one(request))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            while tasks:  # the client closed its side: finish what it asked for
+                await asyncio.gather(*list(tasks), return_exceptions=True)
         finally:
-            reader.cancel()
             for t in list(tasks):
                 t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
             if tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)

@@ -257,22 +257,44 @@ _SCALAR_PACK = {
 }
 
 
+#: (name, datatype) of each output -> a response holding only those outputs' metadata (raw responses)
+_SKELETONS: dict[tuple[tuple[str, str], ...], pb.ModelInferResponse] = {}
+
+
+def _skeleton(key: tuple[tuple[str, str], ...]) -> pb.ModelInferResponse:
+    skel = _SKELETONS.get(key)
+    if skel is None:
+        skel = pb.ModelInferResponse()
+        for name, datatype in key:
+            skel.outputs.add(name=name, datatype=datatype, shape=[1])
+        if len(_SKELETONS) < 256:  # one per combination of requested outputs: a handful in practice
+            _SKELETONS[key] = skel
+    return skel
+
+
 def encode_scalars(
     response: pb.ModelInferResponse, items: Sequence[tuple[str, str, bytes | str | int | float]], *, raw: bool
 ) -> None:
     """Append one-element ([1]) outputs without numpy: the per-token hot path of a streamed response.
 
-    Produces exactly what `encode_outputs` produces for the same single-element tensors.
+    Produces exactly what `encode_outputs` produces for the same single-element tensors. With raw contents
+    the outputs' metadata is merged from a cached skeleton (one C-level merge instead of a message per output).
     """
+    if raw:
+        response.MergeFrom(_skeleton(tuple((name, datatype) for name, datatype, _ in items)))
+        chunks: list[bytes] = []
+        for _, datatype, value in items:
+            if datatype == "BYTES":
+                b = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+                chunks.append(_LEN.pack(len(b)) + b)
+            else:
+                chunks.append(_SCALAR_PACK[datatype].pack(value))
+        response.raw_output_contents.extend(chunks)
+        return
     for name, datatype, value in items:
         out = response.outputs.add(name=name, datatype=datatype, shape=[1])
         if datatype == "BYTES":
             b = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
-            if raw:
-                response.raw_output_contents.append(_LEN.pack(len(b)) + b)
-            else:
-                out.contents.bytes_contents.append(b)
-        elif raw:
-            response.raw_output_contents.append(_SCALAR_PACK[datatype].pack(value))
+            out.contents.bytes_contents.append(b)
         else:
             getattr(out.contents, _CONTENTS_FIELD[datatype]).append(value)
