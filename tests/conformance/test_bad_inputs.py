@@ -79,6 +79,13 @@ def unknown_model() -> pb.ModelInferRequest:
     return req
 
 
+def logprobs_from_mocker() -> pb.ModelInferRequest:
+    req = good()
+    req.inputs.add(name="return_logprobs", datatype="BOOL", shape=[1])
+    req.raw_input_contents.append(b"\x01")
+    return req
+
+
 CASES = [
     ("wrong_dtype", wrong_dtype, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
     ("wrong_shape", wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
@@ -88,6 +95,8 @@ CASES = [
     ("bad_value", lambda: good(temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ("unknown_model", unknown_model, grpc.StatusCode.NOT_FOUND, "no-such-model"),
     ("over_context", lambda: good(" hello" * 9000), grpc.StatusCode.RESOURCE_EXHAUSTED, "context length"),
+    # the mocker runs no model: asking it for logprobs is refused, not answered with made-up numbers
+    ("logprobs_from_mocker", logprobs_from_mocker, grpc.StatusCode.FAILED_PRECONDITION, "logprobs"),
 ]
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dynamo_grpc.frontend.request import OUTPUTS, RequestError, parse_request
+from dynamo_grpc.frontend.request import DEFAULT_OUTPUTS, RequestError, parse_request
 from dynamo_grpc.frontend.tensors import Tensor, bytes_tensor, fixed_tensor
 
 
@@ -27,7 +27,21 @@ def test_minimal_defaults() -> None:
     r = parse_request(inputs(text()), {})
     assert r.prompt == "Hello" and r.messages is None
     assert r.stream is False and r.sampling.max_tokens == 16 and r.sampling.temperature == 1.0
-    assert r.requested_outputs == list(OUTPUTS)
+    assert r.requested_outputs == list(DEFAULT_OUTPUTS)
+    assert r.sampling.logprobs is None
+
+
+def test_return_logprobs_flags_add_outputs_and_ask_the_worker() -> None:
+    flags = [fixed_tensor("return_logprobs", "BOOL", [True]), fixed_tensor("return_cumulative_logprob", "BOOL", [True])]
+    r = parse_request(inputs(text(), *flags), {})
+    assert r.requested_outputs[-2:] == ["logprobs", "cumulative_logprob"]
+    assert r.sampling.logprobs == 0  # the sampled token's own logprob
+    r = parse_request(inputs(text(), sp({"logprobs": 3}), flags[0]), {})
+    assert "logprobs" in r.requested_outputs and r.sampling.logprobs == 3
+    off = parse_request(inputs(text(), fixed_tensor("return_logprobs", "BOOL", [False])), {})
+    assert "logprobs" not in off.requested_outputs and off.sampling.logprobs is None
+    with pytest.raises(RequestError, match="return_logprobs"):
+        parse_request(inputs(text(), fixed_tensor("return_logprobs", "INT32", [1])), {})
 
 
 def test_stream_defaults_true_on_stream_rpc() -> None:
@@ -168,3 +182,21 @@ def test_batch_dim_shape_and_bf16() -> None:
 
 def test_top_k_minus_one_means_disabled() -> None:
     assert parse_request(inputs(text(), sp({"top_k": -1})), {}).sampling.top_k == 0
+
+
+def test_openai_logprobs_fields() -> None:
+    from dynamo_grpc.frontend.request import parse_openai
+
+    _, req, _ = parse_openai({"model": "m", "prompt": "hi", "logprobs": 2}, chat=False)
+    assert req.sampling.logprobs == 2
+    _, req, _ = parse_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, True)
+    assert req.sampling.logprobs == 0
+    msgs = [{"role": "user", "content": "hi"}]
+    _, req, _ = parse_openai({"model": "m", "messages": msgs, "logprobs": True, "top_logprobs": 4}, chat=True)
+    assert req.sampling.logprobs == 4
+    _, req, _ = parse_openai({"model": "m", "messages": msgs}, chat=True)
+    assert req.sampling.logprobs is None
+    with pytest.raises(RequestError, match="top_logprobs"):
+        parse_openai({"model": "m", "messages": msgs, "top_logprobs": 4}, chat=True)
+    with pytest.raises(RequestError, match="logprobs"):
+        parse_openai({"model": "m", "prompt": "hi", "logprobs": 99}, chat=False)

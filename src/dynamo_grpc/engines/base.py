@@ -58,6 +58,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0  # of the sampled token, 1 = most likely; 0 = not computed
 
 
 @dataclass

@@ -16,10 +16,12 @@ import prometheus_client
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from dynamo_grpc.frontend import logprobs
 from dynamo_grpc.frontend.errors import Code, FrontendError
 from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
 from dynamo_grpc.frontend.request import RequestError, parse_openai
 from dynamo_grpc.frontend.stats import StatsBook
+from dynamo_grpc.v1 import common_pb2
 
 _HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,
@@ -136,11 +138,23 @@ class OpenAiApp:
         obj = "chat.completion" if chat else "text_completion"
         echo = req.prompt if (req.prompt is not None and not req.exclude_input_in_output) else ""
 
-        def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+        want_lp = req.sampling.logprobs is not None
+        tokenizer = p.model.tokenizer
+        text_offset = len(echo)
+
+        def choice(text: str, finish: str | None, delta: bool, lps: list[common_pb2.TokenLogprob]) -> dict[str, Any]:
+            nonlocal text_offset
+            out: dict[str, Any]
             if chat:
                 key = "delta" if delta else "message"
-                return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                out = {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+                out["logprobs"] = logprobs.openai_chat(lps, tokenizer) if want_lp else None
+                return out
+            out = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            if want_lp:
+                out["logprobs"] = logprobs.openai_completion(lps, tokenizer, text_offset)
+                text_offset += sum(len(t) for t in out["logprobs"]["tokens"])
+            return out
 
         def usage(c: Chunk) -> dict[str, Any]:
             return {
@@ -153,10 +167,12 @@ class OpenAiApp:
         gen = self.pipeline.generate(p, req, rid)
         if not req.stream:
             parts = [echo]
+            all_lps: list[common_pb2.TokenLogprob] = []
             last: Chunk | None = None
             try:
                 async for c in gen:
                     parts.append(c.text)
+                    all_lps.extend(c.logprobs)
                     last = c
             except FrontendError as e:
                 self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
@@ -169,7 +185,7 @@ class OpenAiApp:
                     "object": obj,
                     "created": created,
                     "model": model,
-                    "choices": [choice("".join(parts), last.finish_reason, False)],
+                    "choices": [choice("".join(parts), last.finish_reason, False, all_lps)],
                     "usage": usage(last),
                 }
             )
@@ -191,7 +207,7 @@ class OpenAiApp:
                         "object": obj_chunk,
                         "created": created,
                         "model": model,
-                        "choices": [choice(text, c.finish_reason, True)],
+                        "choices": [choice(text, c.finish_reason, True, c.logprobs)],
                     }
                 )
                 if c.finish_reason is not None and include_usage:

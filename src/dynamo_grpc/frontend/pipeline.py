@@ -54,6 +54,10 @@ class Chunk:
     completion_tokens: int = 0
     cached_tokens: int = 0
     worker_id: str = ""
+    #: logprobs of this chunk's new tokens (when the request asked for them)
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    #: sum of the sampled tokens' logprobs so far
+    cumulative_logprob: float = 0.0
 
 
 @dataclass
@@ -246,6 +250,7 @@ class Pipeline:
             include_stop_str=req.include_stop_str_in_output,
         )
         generated: list[int] = []
+        cumulative = 0.0
         exclude: set[str] = set()
         cached = 0
         attempt = 0
@@ -288,6 +293,8 @@ class Pipeline:
                         if overshoot > 0:  # a worker that ignores max_tokens is cut here
                             new = new[: len(new) - overshoot]
                         generated.extend(new)
+                        lps = list(resp.logprobs[: len(new)])
+                        cumulative += sum(lp.logprob for lp in lps)
                         if resp.HasField("usage") and attempt == 0:
                             cached = max(cached, resp.usage.cached_tokens)
                         text = detok.add(new)
@@ -306,12 +313,28 @@ class Pipeline:
                         if finish is not None:
                             p.timings.infer_ns = time.perf_counter_ns() - t_start
                             yield Chunk(
-                                text, len(new), finish, len(p.prompt_ids), len(generated), cached, pick.instance_id
+                                text,
+                                len(new),
+                                finish,
+                                len(p.prompt_ids),
+                                len(generated),
+                                cached,
+                                pick.instance_id,
+                                lps,
+                                cumulative,
                             )
                             return
                         if text or new:
                             yield Chunk(
-                                text, len(new), None, len(p.prompt_ids), len(generated), cached, pick.instance_id
+                                text,
+                                len(new),
+                                None,
+                                len(p.prompt_ids),
+                                len(generated),
+                                cached,
+                                pick.instance_id,
+                                lps,
+                                cumulative,
                             )
                 raise WorkerLost(f"worker {pick.instance_id} ended the stream without a finish")
             except WorkerLost as e:
@@ -324,7 +347,16 @@ class Pipeline:
                 log.warning("request %s: %s; migrating with %d tokens generated", rid, e, len(generated))
                 exclude.add(pick.instance_id)
                 if len(generated) >= p.max_tokens:
-                    yield Chunk(detok.flush(), 0, "length", len(p.prompt_ids), len(generated), cached, pick.instance_id)
+                    yield Chunk(
+                        detok.flush(),
+                        0,
+                        "length",
+                        len(p.prompt_ids),
+                        len(generated),
+                        cached,
+                        pick.instance_id,
+                        cumulative_logprob=cumulative,
+                    )
                     return
             finally:
                 self.router.free(route_id, len(generated))

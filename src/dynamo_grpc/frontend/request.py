@@ -30,7 +30,15 @@ OUTPUTS: dict[str, str] = {
     "num_input_tokens": "INT32",
     "num_output_tokens": "INT32",
     "cached_tokens": "INT32",
+    # only when asked for (Triton vLLM backend's return_logprobs / return_cumulative_logprob, or by name):
+    # per new token {token_id: {logprob, rank, decoded_token}} as JSON, and the sum over all generated tokens
+    "logprobs": "BYTES",
+    "cumulative_logprob": "FP32",
 }
+#: what a request gets when it names no outputs
+DEFAULT_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cached_tokens")
+#: boolean inputs that add an optional output
+_RETURN_FLAGS = {"return_logprobs": "logprobs", "return_cumulative_logprob": "cumulative_logprob"}
 
 _INT_TYPES = frozenset(["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"])
 _FLOAT_TYPES = frozenset(["FP16", "FP32", "FP64", "BF16"])
@@ -66,8 +74,6 @@ _IGNORED_INPUTS: dict[str, frozenset[str]] = {
     "end_id": _INT_TYPES,
     "pad_id": _INT_TYPES,
     "return_finish_reason": frozenset(["BOOL"]),
-    "return_cumulative_logprob": frozenset(["BOOL"]),
-    "return_logprobs": frozenset(["BOOL"]),
     "return_num_input_tokens": frozenset(["BOOL"]),
     "return_num_output_tokens": frozenset(["BOOL"]),
     "lora_name": frozenset(["BYTES"]),
@@ -125,7 +131,7 @@ class LlmRequest:
     exclude_input_in_output: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    requested_outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    requested_outputs: list[str] = field(default_factory=lambda: list(DEFAULT_OUTPUTS))
     lora: str = ""
     token_ids: list[int] | None = None  # pre-tokenised prompt (`input_ids`): no template, no tokeniser
 
@@ -363,12 +369,18 @@ def parse_request(
     if "exclude_input_in_output" in inputs:
         exclude = _bool(inputs["exclude_input_in_output"])
 
-    outs = list(OUTPUTS)
+    outs = list(DEFAULT_OUTPUTS)
     if requested_outputs:
         unknown = [o for o in requested_outputs if o not in OUTPUTS]
         if unknown:
             raise RequestError(f"unknown requested output '{unknown[0]}' (outputs: {', '.join(OUTPUTS)})")
         outs = list(dict.fromkeys(requested_outputs))
+    for flag, output in _RETURN_FLAGS.items():
+        if flag in inputs:
+            if _bool(inputs[flag]) and output not in outs:
+                outs.append(output)
+    if ("logprobs" in outs or "cumulative_logprob" in outs) and b.sampling.logprobs is None:
+        b.sampling.logprobs = 0  # the sampled tokens' own logprobs, no alternatives
     lora = ""
     if "lora_name" in inputs:
         lora = _text(inputs["lora_name"])
@@ -418,7 +430,6 @@ _OPENAI_DROP = frozenset(
         "tool_choice",
         "parallel_tool_calls",
         "logit_bias",
-        "top_logprobs",
         "service_tier",
         "metadata",
         "store",
@@ -432,7 +443,8 @@ def parse_openai(body: Any, chat: bool) -> tuple[str, LlmRequest, bool]:
     """An OpenAI /v1/completions or /v1/chat/completions body as (model, LlmRequest, include_usage).
 
     vLLM's extra sampling keys (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, min_tokens) are
-    accepted as vLLM's server accepts them. `logprobs` is accepted and ignored (not returned yet).
+    accepted as vLLM's server accepts them. Logprobs: completions take `logprobs: N` (top alternatives per
+    token, 0-20); chat takes `logprobs: true` and optionally `top_logprobs: N`.
     """
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
@@ -443,9 +455,21 @@ def parse_openai(body: Any, chat: bool) -> tuple[str, LlmRequest, bool]:
     for key, value in body.items():
         if key in _OPENAI_DROP or value is None:
             continue
-        if key == "logprobs":
+        if key in ("logprobs", "top_logprobs"):
             continue
         b.apply("body", key, value)
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if lp is not None and not isinstance(lp, bool):
+            raise RequestError("'logprobs' must be a boolean for chat completions")
+        if top is not None and not lp:
+            raise RequestError("'top_logprobs' needs 'logprobs': true")
+        if lp:
+            b.apply("body", "logprobs", 0 if top is None else top)
+    elif lp is not None:
+        if top is not None:
+            raise RequestError("'top_logprobs' is a chat completions field; completions take 'logprobs': N")
+        b.apply("body", "logprobs", lp)
     mct = body.get("max_completion_tokens")
     if mct is not None:
         b.apply("body", "max_tokens", mct)

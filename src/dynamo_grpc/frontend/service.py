@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from dynamo_grpc import __version__ as VERSION
-from dynamo_grpc.frontend import simple_model
+from dynamo_grpc.frontend import logprobs, simple_model
 from dynamo_grpc.frontend.errors import Code, FrontendError
 from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
 from dynamo_grpc.frontend.request import OUTPUTS, LlmRequest, RequestError, parse_request
@@ -34,6 +34,8 @@ from dynamo_grpc.frontend.tensors import (
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.kserve.v2 import model_config_pb2 as mc
+from dynamo_grpc.tokens.tokenizer import Tokenizer
+from dynamo_grpc.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,10 @@ LLM_INPUTS: list[tuple[str, str, list[int], bool]] = [
     ("seed", "UINT64", [1], True),
     ("stop", "BYTES", [-1], True),
     ("bad_words", "BYTES", [-1], True),
+    ("return_logprobs", "BOOL", [1], True),
+    ("return_cumulative_logprob", "BOOL", [1], True),
 ]
-_OUT_DIMS = {"text_output": [-1], "finish_reason": [-1]}
+_OUT_DIMS = {"text_output": [-1], "finish_reason": [-1], "logprobs": [-1]}
 _MC_TYPE = {
     "BOOL": mc.TYPE_BOOL,
     "UINT8": mc.TYPE_UINT8,
@@ -288,7 +292,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------------------
     def _outputs(
-        self, req: LlmRequest, text: str, finish: str, chunk: Chunk | None, new_tokens: int
+        self,
+        req: LlmRequest,
+        text: str,
+        finish: str,
+        chunk: Chunk | None,
+        new_tokens: int,
+        tokenizer: Tokenizer | None = None,
+        lps: Sequence[common_pb2.TokenLogprob] = (),
     ) -> list[tuple[str, str, bytes | str | int | float]]:
         values: dict[str, bytes | str | int | float] = {
             "text_output": text,
@@ -297,6 +308,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             "num_output_tokens": new_tokens,
             "cached_tokens": chunk.cached_tokens if chunk else 0,
         }
+        if "logprobs" in req.requested_outputs:
+            values["logprobs"] = logprobs.triton_json(lps, tokenizer) if tokenizer is not None else "[]"
+        if "cumulative_logprob" in req.requested_outputs:
+            values["cumulative_logprob"] = chunk.cumulative_logprob if chunk else 0.0
         return [(n, OUTPUTS[n], values[n]) for n in req.requested_outputs]
 
     def _response(
@@ -353,6 +368,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         responses = 0
         out_ns = 0
         pending_tokens = 0
+        pending_lps: list[common_pb2.TokenLogprob] = []
         try:
             if req.stream:
                 if not stream_rpc:
@@ -362,15 +378,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     text = prefix + chunk.text
                     final = chunk.finish_reason is not None
                     pending_tokens += chunk.num_new_tokens
+                    pending_lps.extend(chunk.logprobs)
                     if text or final:  # tokens still held back (a partial character) ride on the next one
                         prefix = ""
-                        yield self._response(
-                            request,
-                            self._outputs(req, text, chunk.finish_reason or "", chunk, pending_tokens),
-                            final,
-                            chunk,
+                        outputs = self._outputs(
+                            req, text, chunk.finish_reason or "", chunk, pending_tokens, m.tokenizer, pending_lps
                         )
+                        yield self._response(request, outputs, final, chunk)
                         pending_tokens = 0
+                        pending_lps = []
                         responses += 1
                     out_ns += time.perf_counter_ns() - t1
             else:
@@ -378,15 +394,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 last: Chunk | None = None
                 async for chunk in self.pipeline.generate(p, req, request.id or None, timeout):
                     parts.append(chunk.text)
+                    pending_lps.extend(chunk.logprobs)
                     last = chunk
                 t1 = time.perf_counter_ns()
                 assert last is not None
-                resp = self._response(
-                    request,
-                    self._outputs(req, "".join(parts), last.finish_reason or "stop", last, last.completion_tokens),
-                    True if stream_rpc else None,
+                outputs = self._outputs(
+                    req,
+                    "".join(parts),
+                    last.finish_reason or "stop",
                     last,
+                    last.completion_tokens,
+                    m.tokenizer,
+                    pending_lps,
                 )
+                resp = self._response(request, outputs, True if stream_rpc else None, last)
                 out_ns = time.perf_counter_ns() - t1
                 yield resp
                 responses = 1

@@ -86,6 +86,7 @@ def logprobs_pb(out: EngineOutput) -> list[common_pb2.TokenLogprob]:
             token_id=lp.token_id,
             logprob=lp.logprob,
             top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+            rank=lp.rank,
         )
         for lp in out.logprobs
     ]

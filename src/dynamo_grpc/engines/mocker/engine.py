@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from dynamo_grpc.engines.base import (
     Engine,
+    EngineError,
     EngineOutput,
     EngineOverloaded,
     EngineRequest,
@@ -148,6 +149,9 @@ class MockerEngine(Engine):
                 f"prompt has {n} tokens; the KV cache holds {cache_tokens} "
                 f"({self.num_blocks} blocks of {self.block_size})"
             )
+        if request.sampling.logprobs is not None:
+            # tokens come from a hash, not a distribution: any number here would be made up
+            raise EngineError("the mocker engine runs no model and has no logprobs; ask a torch or trtllm worker")
         vocab = self.config.vocab_size
         bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
         if bad is not None:

@@ -126,5 +126,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
             if n > 0:
                 v, ix = torch.topk(lp_row, min(n, lp_row.numel()))
                 top = [(int(a), float(b)) for a, b in zip(ix.tolist(), v.tolist(), strict=True)]
-            lps[i] = TokenLogprob(tokens[i], float(lp_row[tokens[i]]), top)
+            chosen = lp_row[tokens[i]]
+            rank = int((lp_row > chosen).sum()) + 1
+            lps[i] = TokenLogprob(tokens[i], float(chosen), top, rank)
     return tokens, lps
