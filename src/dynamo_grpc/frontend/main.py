@@ -203,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--migration-limit must be >= 0")
     if args.router and args.router_mode == "kv":
         args.router_mode = "kv-service"  # a pinned router address means: use that RouterService
+    try:
+        RouterConfig(
+            temperature=args.router_temperature,
+            prefill_load_scale=args.prefill_load_scale,
+            busy_threshold=args.busy_threshold,
+        ).validate()
+    except ValueError as e:
+        raise SystemExit(f"dynamo-grpc frontend: {e}") from None
     return asyncio.run(serve(args))
 
 
