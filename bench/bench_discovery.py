@@ -32,6 +32,7 @@ if str(ROOT / "src") not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(ROOT / "src"), str(ROOT / "gen"),
                                                                        os.environ.get("PYTHONPATH")])))
 
+from dynamo_grpc.bench.cpu import process_cpu_seconds  # noqa: E402
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance  # noqa: E402
 from dynamo_grpc.discovery.agent import start_consul_dev  # noqa: E402
 
@@ -41,12 +42,6 @@ SERVICE = "dynamo-worker"
 
 def _log(msg: str) -> None:
     print(f"[bench_discovery {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -154,7 +149,7 @@ class WatcherGroup:
                 pass
 
     def cpu_seconds(self) -> float:
-        return sum(_cpu_seconds(p.pid) for p in self.procs)
+        return sum(process_cpu_seconds(p.pid) for p in self.procs)
 
     async def stop(self) -> None:
         for p in self.procs:
@@ -208,9 +203,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                               "loadavg_start": os.getloadavg()[0]}
     fleet: list[asyncio.subprocess.Process] = []
     try:
-        c0, t0 = _cpu_seconds(pid), time.monotonic()
+        c0, t0 = process_cpu_seconds(pid), time.monotonic()
         await asyncio.sleep(2.0)
-        result["agent_idle_cpu_pct"] = 100 * (_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+        result["agent_idle_cpu_pct"] = 100 * (process_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
         t = time.monotonic()
         # The instances stand for 1,000 worker processes: spread their heartbeats over a few processes
@@ -230,9 +225,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Heartbeats only: agent CPU per heartbeat, counted by the agent itself.
         await asyncio.sleep(args.ttl / 3)
-        h0, c0, t0 = await _agent_stat(addr, "ttl_updates"), _cpu_seconds(pid), time.monotonic()
+        h0, c0, t0 = await _agent_stat(addr, "ttl_updates"), process_cpu_seconds(pid), time.monotonic()
         await asyncio.sleep(args.heartbeat_window)
-        beats, cpu = await _agent_stat(addr, "ttl_updates") - h0, _cpu_seconds(pid) - c0
+        beats, cpu = await _agent_stat(addr, "ttl_updates") - h0, process_cpu_seconds(pid) - c0
         dt = time.monotonic() - t0
         result["heartbeats_per_s"] = beats / dt
         result["agent_cpu_us_per_heartbeat"] = 1e6 * cpu / max(1, beats)
@@ -250,13 +245,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await group.until(lambda n, ps: n >= args.instances, t0, 120)
                 _log(f"{mode}: {args.watchers} watchers in {procs} processes see all instances")
                 # Quiet period: what watching costs when nothing changes.
-                c0, g0, t0 = _cpu_seconds(pid), group.cpu_seconds(), time.monotonic()
+                c0, g0, t0 = process_cpu_seconds(pid), group.cpu_seconds(), time.monotonic()
                 await asyncio.sleep(args.quiet_window)
                 dt = time.monotonic() - t0
-                quiet_agent, quiet_watchers = (_cpu_seconds(pid) - c0) / dt, (group.cpu_seconds() - g0) / dt
-                c0, g0, t0 = _cpu_seconds(pid), group.cpu_seconds(), time.monotonic()
+                quiet_agent, quiet_watchers = (process_cpu_seconds(pid) - c0) / dt, (group.cpu_seconds() - g0) / dt
+                c0, g0, t0 = process_cpu_seconds(pid), group.cpu_seconds(), time.monotonic()
                 lat = await _measure_changes(group, prober, args.changes, args.gap, args.instances)
-                cpu, gcpu, dt = _cpu_seconds(pid) - c0, group.cpu_seconds() - g0, time.monotonic() - t0
+                cpu, gcpu, dt = process_cpu_seconds(pid) - c0, group.cpu_seconds() - g0, time.monotonic() - t0
                 await group.stop()
                 phases[mode] = {"p50_ms": 1e3 * _pct(lat, 50), "p99_ms": 1e3 * _pct(lat, 99),
                                 "max_ms": 1e3 * max(lat), "mean_ms": 1e3 * statistics.fmean(lat),

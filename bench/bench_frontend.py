@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 
+from dynamo_grpc.bench.cpu import process_cpu_seconds
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
@@ -132,16 +133,9 @@ class LaneStream:
 Call = Callable[[int, int], Awaitable[int]]  # (request index, lane) -> responses
 
 
-_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """utime + stime of each process (Linux /proc), and this client process."""
-    out = {"client": time.process_time()}
-    for name, pid in pids.items():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / _TCK
-    return out
+    """CPU seconds of each process so far, and of this client process."""
+    return {"client": time.process_time(), **{name: process_cpu_seconds(pid) for name, pid in pids.items()}}
 
 
 async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, int]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from dynamo_grpc.bench.cpu import process_cpu_seconds
 from dynamo_grpc.bench.replay_bound import infinite_cache_bound
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, markdown_table, summarize
@@ -196,13 +197,11 @@ def model_dir(cfg: ReplayConfig, trace: Trace, work: Path) -> Path | None:
 def _process_cpu(mesh: Any) -> dict[str, float]:
     """CPU seconds (user + system) each mesh process has used so far, from /proc (Linux; {} elsewhere)."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for p in getattr(mesh, "procs", []):
         try:
-            fields = Path(f"/proc/{p.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            out[p.name] = process_cpu_seconds(p.popen.pid)
+        except (OSError, IndexError, AttributeError):  # gone, or no /proc / sysconf here
             continue
-        out[p.name] = (int(fields[11]) + int(fields[12])) / tick
     with contextlib.suppress(OSError):
         self_cpu = os.times()
         out["replay-driver"] = self_cpu.user + self_cpu.system
