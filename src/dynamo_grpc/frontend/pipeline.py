@@ -312,6 +312,7 @@ class Pipeline:
                             text += detok.flush()
                         if finish is not None:
                             p.timings.infer_ns = time.perf_counter_ns() - t_start
+                        if finish is not None or text or new:
                             yield Chunk(
                                 text,
                                 len(new),
@@ -323,19 +324,8 @@ class Pipeline:
                                 lps,
                                 cumulative,
                             )
+                        if finish is not None:
                             return
-                        if text or new:
-                            yield Chunk(
-                                text,
-                                len(new),
-                                None,
-                                len(p.prompt_ids),
-                                len(generated),
-                                cached,
-                                pick.instance_id,
-                                lps,
-                                cumulative,
-                            )
                 raise WorkerLost(f"worker {pick.instance_id} ended the stream without a finish")
             except WorkerLost as e:
                 attempt += 1
