@@ -1,4 +1,9 @@
-"""Open channels to peers, with retries of UNAVAILABLE for idempotent calls."""
+"""Open channels to peers, with retries of UNAVAILABLE for idempotent calls.
+
+A process sets its TLS config once (:func:`use_tls`, from the role's main); every channel opened
+here afterwards dials with it unless its :class:`ChannelOptions` name another, so the call sites
+that open channels (routing, engine clients, replay) need no TLS code of their own.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,24 @@ class ChannelOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    #: None: the process default set by :func:`use_tls` (plaintext when none was set)
     tls: TlsConfig | None = None
     #: full method names ("/pkg.Service/Method") or services ("pkg.Service") safe to retry
     idempotent: tuple[str, ...] = ()
     max_attempts: int = 4
+
+
+_default_tls: TlsConfig | None = None
+
+
+def use_tls(tls: TlsConfig | None) -> None:
+    """Make ``tls`` the config of every channel this process opens from now on (None: plaintext)."""
+    global _default_tls
+    _default_tls = tls
+
+
+def default_tls() -> TlsConfig | None:
+    return _default_tls
 
 
 def _service_config(idempotent: tuple[str, ...], max_attempts: int) -> str:
@@ -50,6 +69,7 @@ def open_channel(address: str, options: ChannelOptions | None = None) -> grpc.ai
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _service_config(o.idempotent, o.max_attempts)),  # type: ignore[list-item]
     ]
-    if o.tls is not None:
-        return grpc.aio.secure_channel(address, o.tls.channel_credentials(), options=args)
+    tls = o.tls if o.tls is not None else _default_tls
+    if tls is not None:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=args + tls.channel_args())  # type: ignore[operator]
     return grpc.aio.insecure_channel(address, options=args)

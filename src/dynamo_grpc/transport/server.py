@@ -4,6 +4,12 @@ Every server gets reflection (so ``grpcurl -plaintext HOST:PORT list`` works), t
 standard ``grpc.health.v1`` service with a status per service, keepalive and message
 size limits, and a graceful stop that refuses new RPCs and lets in-flight streams
 finish within a grace period.
+
+TLS is given once, in :class:`ServerOptions` (``tls=TlsConfig.from_args(args)``, ``public`` for the
+frontend's client-facing listener); every service added with :meth:`GrpcServer.add` is then served
+under it, and the certificates reload in place (SIGHUP or a changed file) without dropping streams.
+``health_port`` adds a plaintext listener that serves only ``grpc.health.v1`` (the same statuses),
+because Kubernetes' gRPC probes cannot present a client certificate or even speak TLS.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ class ServerOptions:
     keepalive_timeout_s: float = 20.0
     grace_s: float = 10.0
     tls: TlsConfig | None = None
+    #: the frontend's client-facing listener: client certificates follow ``--tls-client-auth``
+    public: bool = False
+    #: plaintext grpc.health.v1-only listener for probes (0 picks a free port); None: no such listener
+    health_port: int | None = None
     extra_args: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -66,6 +76,9 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self._services: list[str] = []
         self.port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._watching_certs = False
         self._stopping: asyncio.Event | None = None
 
     def add(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
@@ -85,16 +98,33 @@ class GrpcServer:
         names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
         target = f"{self.options.host}:{self.options.port}"
-        if self.options.tls is not None:
-            self.port = self.server.add_secure_port(target, self.options.tls.server_credentials())
+        tls = self.options.tls
+        if tls is not None:
+            self.port = self.server.add_secure_port(target, tls.server_credentials(self.options.public))
         else:
             self.port = self.server.add_insecure_port(target)
         if not self.port:
             raise OSError(f"could not bind gRPC server to {target}")
+        if self.options.health_port is not None:
+            await self._start_health_listener()
         await self.server.start()
+        if tls is not None:
+            tls.certs.start()
+            self._watching_certs = True
         await self.set_serving(serving)
-        log.info("gRPC server listening on %s (%s)", self.address, ", ".join(self._services))
+        mode = "TLS" if tls else "plaintext"
+        log.info("gRPC server listening on %s (%s, %s)", self.address, mode, ", ".join(self._services))
         return self.address
+
+    async def _start_health_listener(self) -> None:
+        self._health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        target = f"{self.options.host}:{self.options.health_port}"
+        self.health_port = self._health_server.add_insecure_port(target)
+        if not self.health_port:
+            raise OSError(f"could not bind the health listener to {target}")
+        await self._health_server.start()
+        log.info("plaintext grpc.health.v1 listener on %s:%d", self.options.host, self.health_port)
 
     async def set_serving(self, serving: bool, service: str | None = None) -> None:
         """Set health of one service, or of all (and the overall "" status) when None."""
@@ -107,6 +137,12 @@ class GrpcServer:
         """Graceful stop: NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.options.grace_s if grace_s is None else grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
+        if self.options.tls is not None and self._watching_certs:
+            self._watching_certs = False
+            await self.options.tls.certs.stop()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
