@@ -8,7 +8,8 @@ finish within a grace period.
 TLS is given once, in :class:`ServerOptions` (``tls=TlsConfig.from_args(args)``, ``public`` for the
 frontend's client-facing listener); every service added with :meth:`GrpcServer.add` is then served
 under it, and the certificates reload in place (SIGHUP or a changed file) without dropping streams.
-``health_port`` adds a plaintext listener that serves only ``grpc.health.v1`` (the same statuses),
+``health_port`` adds a plaintext listener that serves only ``grpc.health.v1`` (the same statuses, and
+reflection of that service alone),
 because Kubernetes' gRPC probes cannot present a client certificate or even speak TLS.
 """
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 @dataclass
@@ -95,7 +97,7 @@ class GrpcServer:
     async def start(self, serving: bool = True) -> str:
         """Bind, start and mark every service SERVING (or NOT_SERVING); returns host:port."""
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        names = [*self._services, _HEALTH_SERVICE]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
         target = f"{self.options.host}:{self.options.port}"
         tls = self.options.tls
@@ -119,6 +121,8 @@ class GrpcServer:
     async def _start_health_listener(self) -> None:
         self._health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        # reflection of Health alone, so `grpcurl -plaintext HOST:PORT grpc.health.v1.Health/Check` works too
+        reflection.enable_server_reflection([_HEALTH_SERVICE, reflection.SERVICE_NAME], self._health_server)
         target = f"{self.options.host}:{self.options.health_port}"
         self.health_port = self._health_server.add_insecure_port(target)
         if not self.health_port:
