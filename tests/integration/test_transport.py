@@ -374,17 +374,17 @@ def _live_copy(certs: CertPaths, directory: Path) -> tuple[TlsConfig, Issued]:
                      reload_interval_s=0.1), ca
 
 
-async def _stream_survives_reload(srv: GrpcServer, certs: CertPaths, replace: Callable[[], Awaitable[int]]) -> None:
-    ch = _secure(srv.address, TlsConfig(
+async def _stream_survives_reload(address: str, certs: CertPaths, replace: Callable[[], Awaitable[int]]) -> None:
+    ch = _secure(address, TlsConfig(
         ca_file=str(certs.ca), client_cert_file=str(certs.client_cert), client_key_file=str(certs.client_key)
     ))
     call = events_pb2_grpc.KvEventsServiceStub(ch).Replay(events_pb2.ReplayRequest(from_seq=0), timeout=30)
     seen = [(await call.read()).batch.seq for _ in range(3)]
-    old_serial = await asyncio.to_thread(_peer_serial, srv.address, certs)
+    old_serial = await asyncio.to_thread(_peer_serial, address, certs)
     new_serial = await replace()
     assert new_serial != old_serial
     deadline = asyncio.get_running_loop().time() + 10
-    while (served := await asyncio.to_thread(_peer_serial, srv.address, certs)) != new_serial:
+    while (served := await asyncio.to_thread(_peer_serial, address, certs)) != new_serial:
         assert served == old_serial
         assert asyncio.get_running_loop().time() < deadline, "new connections never saw the new certificate"
         await asyncio.sleep(0.05)
@@ -407,7 +407,7 @@ async def test_reload_on_file_change_keeps_streams_and_serves_the_new_certificat
         return new.cert.serial_number
 
     try:
-        await _stream_survives_reload(srv, certs, replace)
+        await _stream_survives_reload(srv.address, certs, replace)
     finally:
         await srv.stop(0)
 
@@ -427,7 +427,7 @@ async def test_sighup_reloads_certificates_for_grpc_and_https(certs: CertPaths, 
         return new.cert.serial_number
 
     try:
-        await _stream_survives_reload(srv, certs, replace)
+        await _stream_survives_reload(srv.address, certs, replace)
         # the aiohttp listener's live SSL context took the new certificate too
         assert await asyncio.to_thread(_peer_serial, https, certs) == x509.load_pem_x509_certificate(
             (tmp_path / "server.pem").read_bytes()
@@ -436,3 +436,35 @@ async def test_sighup_reloads_certificates_for_grpc_and_https(certs: CertPaths, 
         await runner.cleanup()
         await srv.stop(0)
     assert tls.certs._task is None, "the last listener's stop ends the file watch"
+
+
+async def test_a_real_process_configured_by_env_reloads_on_sighup(certs: CertPaths, tmp_path: Path) -> None:
+    tls, ca = _live_copy(certs, tmp_path)
+    env = {
+        **os.environ, "DYN_TLS_CERT": str(tls.cert_file), "DYN_TLS_KEY": str(tls.key_file), "DYN_TLS_CA": str(certs.ca),
+        "DYN_TLS_RELOAD_S": "3600",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.stream_server", "--batches", "40", "--interval", "0.05",
+        "--health-port", "0", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        started = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+
+        async def replace() -> int:
+            new = issue(ca, "dynamo-grpc process")
+            new.write(tmp_path / "server.pem", tmp_path / "server-key.pem")
+            proc.send_signal(signal.SIGHUP)
+            return new.cert.serial_number
+
+        await _stream_survives_reload(started["address"], certs, replace)
+        probe = f"127.0.0.1:{started['health_port']}"
+        res = await asyncio.to_thread(grpcurl, probe, f"{HEALTH}/Check", data={"service": EVENTS})
+        assert json.loads(res.stdout)["status"] == "SERVING", res.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
