@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
+# cryptography is imported where files are parsed, so a plaintext process never needs it
 log = logging.getLogger(__name__)
 
 #: (st_mtime_ns, st_size, st_ino) of a file, or None when it is missing
@@ -50,6 +49,8 @@ class KeyPair:
 
     @property
     def serial(self) -> int:
+        from cryptography import x509
+
         return x509.load_pem_x509_certificate(self.cert_pem).serial_number
 
 
@@ -65,6 +66,9 @@ def _read(path: str, what: str) -> bytes:
 
 def load_pair(cert_file: str, key_file: str) -> KeyPair:
     """Read and check a certificate/key pair: both parse and the key belongs to the certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert_pem, key_pem = _read(cert_file, "certificate"), _read(key_file, "private key")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -82,6 +86,8 @@ def load_pair(cert_file: str, key_file: str) -> KeyPair:
 
 def load_ca(ca_file: str) -> bytes:
     """Read a CA bundle and check that it holds at least one certificate."""
+    from cryptography import x509
+
     data = _read(ca_file, "CA file")
     try:
         x509.load_pem_x509_certificates(data)
