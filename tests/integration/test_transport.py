@@ -21,7 +21,15 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
-from dynamo_grpc.transport import ChannelOptions, GrpcServer, ServerOptions, TlsConfig, open_channel, use_tls
+from dynamo_grpc.transport import (
+    ChannelOptions,
+    ClientAuth,
+    GrpcServer,
+    ServerOptions,
+    TlsConfig,
+    open_channel,
+    use_tls,
+)
 from dynamo_grpc.transport.certs import CertPaths, Issued, generate_ca, grpcurl_line, issue, write_local_certs
 from dynamo_grpc.transport.channel import default_tls
 from dynamo_grpc.v1 import common_pb2, events_pb2, events_pb2_grpc, router_pb2, router_pb2_grpc
@@ -223,6 +231,17 @@ async def test_public_listener_accepts_tls_clients_without_a_certificate(certs: 
         async with _secure(srv.address, TlsConfig(ca_file=str(certs.ca))) as ch:
             assert await _replay(ch) == [1, 2, 3]
         assert await _refused(grpc.aio.insecure_channel(srv.address)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await srv.stop(0)
+    # --tls-client-auth require makes the public listener mTLS as well
+    srv = await _tls_server(_server_tls(certs, client_auth=ClientAuth.REQUIRE), public=True)
+    try:
+        assert await _refused(_secure(srv.address, TlsConfig(ca_file=str(certs.ca)))) == grpc.StatusCode.UNAVAILABLE
+        ch = _secure(srv.address, TlsConfig(
+            ca_file=str(certs.ca), client_cert_file=str(certs.client_cert), client_key_file=str(certs.client_key)
+        ))
+        assert await _replay(ch) == [1, 2, 3]
+        await ch.close()
     finally:
         await srv.stop(0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import shlex
 import ssl
 import subprocess
@@ -109,9 +110,17 @@ def test_inconsistent_settings_are_refused_naming_the_flag(certs: CertPaths, arg
         TlsConfig.from_args(_parse([a.format(**files) for a in argv], env={}))
 
 
-def test_bad_client_auth_value_is_refused_by_the_parser() -> None:
+def test_bad_values_are_refused_naming_the_setting(certs: CertPaths, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parse(["--tls-client-auth", "sometimes"], env={})
+    assert "--tls-client-auth" in capsys.readouterr().err
+    env = {"DYN_TLS_CA": str(certs.ca), "DYN_TLS_CLIENT_AUTH": "sometimes"}
+    with pytest.raises(TlsFileError, match=re.escape("--tls-client-auth must be none | optional | require, not 'so")):
+        TlsConfig.from_env(public=True, env=env)
+    for var, flag in (("DYN_HEALTH_PORT", "--health-port"), ("DYN_TLS_RELOAD_S", "--tls-reload-interval")):
+        with pytest.raises(SystemExit):
+            _parse([], env={var: "soon"})
+        assert flag in capsys.readouterr().err
 
 
 def test_optional_client_auth_is_refused_on_grpc_and_honoured_on_http(certs: CertPaths) -> None:

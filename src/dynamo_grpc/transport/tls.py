@@ -104,9 +104,9 @@ def add_tls_flags(parser: argparse.ArgumentParser, public: bool, env: Mapping[st
         if s.dest == "reload_interval_s":
             kw["type"] = float
         group.add_argument(s.flag, **kw)
-    health = env.get(HEALTH_PORT.env)
+    # a string default goes through type=int like a flag would, so a bad DYN_HEALTH_PORT is named by argparse
     group.add_argument(
-        HEALTH_PORT.flag, dest=HEALTH_PORT.dest, type=int, default=int(health) if health else None,
+        HEALTH_PORT.flag, dest=HEALTH_PORT.dest, type=int, default=env.get(HEALTH_PORT.env) or None,
         help=f"{HEALTH_PORT.help} [{HEALTH_PORT.env}]",
     )
 
@@ -135,7 +135,11 @@ class TlsConfig:
             raise TlsFileError("--tls-client-cert and --tls-client-key go together")
         if not (self.cert_file or self.ca_file):
             raise TlsFileError("TLS needs --tls-cert/--tls-key (a server) or --tls-ca (a client)")
-        auth = ClientAuth(self.client_auth)  # a bad value raises naming it
+        try:
+            auth = ClientAuth(self.client_auth)
+        except ValueError:  # argparse checks the flag's choices, not a DYN_TLS_CLIENT_AUTH default
+            choices = " | ".join(c.value for c in ClientAuth)
+            raise TlsFileError(f"--tls-client-auth must be {choices}, not {self.client_auth!r}") from None
         object.__setattr__(self, "client_auth", auth)
         if auth is not ClientAuth.NONE and not self.ca_file:
             raise TlsFileError(f"--tls-client-auth {auth.value} needs --tls-ca to verify client certificates")
