@@ -487,3 +487,25 @@ async def test_a_real_process_configured_by_env_reloads_on_sighup(certs: CertPat
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_broken_replacement_is_refused_and_the_server_keeps_its_certificate(
+    certs: CertPaths, tmp_path: Path
+) -> None:
+    tls, ca = _live_copy(certs, tmp_path)
+    srv = await _tls_server(tls)
+    try:
+        before = await asyncio.to_thread(_peer_serial, srv.address, certs)
+        # a new certificate next to the old key (a rotation caught half-way), then garbage
+        (tmp_path / "server.pem").write_bytes(issue(ca, "half-way").cert_pem)
+        assert not tls.certs.poll()
+        (tmp_path / "server-key.pem").write_text("not a key")
+        assert not tls.certs.reload()
+        assert await asyncio.to_thread(_peer_serial, srv.address, certs) == before
+        ch = _secure(srv.address, TlsConfig(
+            ca_file=str(certs.ca), client_cert_file=str(certs.client_cert), client_key_file=str(certs.client_key)
+        ))
+        assert await _replay(ch) == [1, 2, 3]
+        await ch.close()
+    finally:
+        await srv.stop(0)
