@@ -110,6 +110,15 @@ def test_inconsistent_settings_are_refused_naming_the_flag(certs: CertPaths, arg
         TlsConfig.from_args(_parse([a.format(**files) for a in argv], env={}))
 
 
+def test_a_main_passing_its_parser_exits_with_usage(certs: CertPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    p = argparse.ArgumentParser(prog="dynamo-grpc worker")
+    add_tls_flags(p, public=False, env={})
+    with pytest.raises(SystemExit) as exit_:
+        TlsConfig.from_args(p.parse_args(["--tls-cert", str(certs.server_cert)]), p)
+    assert exit_.value.code == 2
+    assert "dynamo-grpc worker: error: --tls-cert and --tls-key go together" in capsys.readouterr().err
+
+
 def test_bad_values_are_refused_naming_the_setting(certs: CertPaths, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parse(["--tls-client-auth", "sometimes"], env={})

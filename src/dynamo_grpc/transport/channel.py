@@ -31,10 +31,14 @@ class ChannelOptions:
 _default_tls: TlsConfig | None = None
 
 
-def use_tls(tls: TlsConfig | None) -> None:
-    """Make ``tls`` the config of every channel this process opens from now on (None: plaintext)."""
+def use_tls(tls: TlsConfig | None) -> TlsConfig | None:
+    """Make ``tls`` the config of every channel this process opens from now on (None: plaintext).
+
+    Returns ``tls``, so a main can write ``tls = use_tls(TlsConfig.from_args(args, parser))``.
+    """
     global _default_tls
     _default_tls = tls
+    return tls
 
 
 def default_tls() -> TlsConfig | None:

@@ -153,8 +153,21 @@ class TlsConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TlsConfig | None:
-        """The config of a parser that had :func:`add_tls_flags`; None when no TLS setting is given."""
+    def from_args(cls, args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> TlsConfig | None:
+        """The config of a parser that had :func:`add_tls_flags`; None when no TLS setting is given.
+
+        With ``parser``, a bad setting exits through ``parser.error`` (usage and the message, exit 2)
+        instead of raising :class:`TlsFileError`.
+        """
+        try:
+            return cls._from_args(args)
+        except TlsFileError as exc:
+            if parser is None:
+                raise
+            parser.error(str(exc))
+
+    @classmethod
+    def _from_args(cls, args: argparse.Namespace) -> TlsConfig | None:
         names = [f.name for f in fields(cls) if f.init]
         values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         files = ("cert_file", "key_file", "ca_file", "client_cert_file", "client_key_file")
