@@ -288,7 +288,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _acl(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the request's token (``?token=``, ``X-Consul-Token``, ``Authorization: Bearer``; none is
     the anonymous token) into ``request["authz"]``; each handler asks it for the permission it needs."""
-    token = request.query.get("token") or request.headers.get("X-Consul-Token", "")  # Consul's order
+    token: str = request.query.get("token") or request.headers.get("X-Consul-Token") or ""  # Consul's order
     auth = request.headers.get("Authorization", "")
     if not token and auth.lower().startswith("bearer "):
         token = auth[7:].strip()
