@@ -30,7 +30,7 @@ def test_messages_say_whose_token_and_what_to_add() -> None:
     anon = f"Permission denied: token with AccessorID '{ANONYMOUS_ACCESSOR}' lacks permission 'service:write' on \"s\""
     assert "for the anonymous token (no CONSUL_HTTP_TOKEN set)" in explain(anon, ConsulSettings()).message
     assert (
-        "(CONSUL_HTTP_TOKEN_FILE /run/t)"
+        "this token (CONSUL_HTTP_TOKEN_FILE /run/t, AccessorID 'x')"
         in explain(
             "Permission denied: token with AccessorID 'x' lacks permission 'key:read' on \"k\"",
             ConsulSettings(token="t", token_source="CONSUL_HTTP_TOKEN_FILE /run/t"),
