@@ -129,6 +129,7 @@ class ACL:
         self.tokens: dict[str, Token] = {}  # by AccessorID
         self._by_secret: dict[str, str] = {}
         self.bootstrapped = False
+        self._cache: dict[str, Authorizer] = {}
         mgmt = Policy(
             MANAGEMENT_POLICY_ID,
             MANAGEMENT_POLICY_NAME,
@@ -166,6 +167,16 @@ class ACL:
     # -- resolving a request's token ---------------------------------------------------------------------
 
     def authorize(self, secret: str) -> Authorizer:
+        """The request's authorizer; merged once per token and ACL version (heartbeats are frequent)."""
+        cached = self._cache.get(secret)
+        if cached is not None and cached.identity[1] == self.version:
+            return cached
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[secret] = authz = self._build(secret)
+        return authz
+
+    def _build(self, secret: str) -> Authorizer:
         accessor = self._by_secret.get(secret or ANONYMOUS_SECRET)
         if accessor is None:
             raise ConsulError(403, "ACL not found")
