@@ -22,20 +22,21 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 
 
-def _set_pdeathsig(parent: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+def _set_pdeathsig(prctl: Callable[..., int], parent: int) -> None:
+    if prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         os.write(2, b"warning: prctl(PR_SET_PDEATHSIG) failed; this process will outlive its launcher\n")
     if os.getppid() != parent:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that ties the child's life to this process (Linux); None elsewhere."""
+    """A ``preexec_fn`` that ties the child's life to this process (Linux); None elsewhere. libc is
+    loaded here, before the fork: the child only makes the one system call."""
     if not sys.platform.startswith("linux"):
         return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
     parent = os.getpid()
-    return lambda: _set_pdeathsig(parent)
+    return lambda: _set_pdeathsig(prctl, parent)
 
 
 def port_in_use(host: str, port: int) -> bool:
