@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_passthrough:
         serve_passthrough(args.serve_passthrough.split(","))
         return 0
-    cfg = MeshConfig(workers=2, speedup_ratio=args.speedup_ratio, router_mode="kv", start_router=True)
+    cfg = MeshConfig(
+        workers=2, speedup_ratio=args.speedup_ratio, router_mode="kv", start_router=True, acl=False
+    )  # acl off: the bench starts a second frontend and reads Consul with no role token
     load_before = os.getloadavg()
     with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
         workers = [service_meta(e)["grpc_address"] for e in passing_instances(mesh.consul, "dynamo-worker")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -22,10 +23,19 @@ from dynamo_grpc.discovery.agent import AgentHandle, start_consul_dev, wait_read
 class ConsulDevProcess:
     """A running consul-dev. ``restart()`` brings it back on the same port with empty state."""
 
-    def __init__(self, *, acl_token: str = "", time_scale: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        acl_token: str = "",
+        time_scale: float | None = None,
+        acl_file: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.acl_token = acl_token
         self.time_scale = time_scale
-        self.handle: AgentHandle = start_consul_dev(0, acl_token=acl_token, time_scale=time_scale)
+        self.acl_file = acl_file
+        self.extra_args = extra_args
+        self.handle: AgentHandle = start_consul_dev(0, **self._kw())
         self.address = self.handle.address
         self.port = self.handle.port
 
@@ -34,8 +44,16 @@ class ConsulDevProcess:
         assert self.handle.process is not None
         return self.handle.process.pid
 
+    def _kw(self) -> dict[str, Any]:
+        return {
+            "acl_token": self.acl_token,
+            "time_scale": self.time_scale,
+            "acl_file": self.acl_file,
+            "extra_args": self.extra_args,
+        }
+
     def start(self) -> None:
-        self.handle = start_consul_dev(self.port, acl_token=self.acl_token, time_scale=self.time_scale)
+        self.handle = start_consul_dev(self.port, **self._kw())
 
     def stop(self) -> None:
         self.handle.stop()
@@ -50,8 +68,16 @@ class ConsulDevProcess:
 
 
 @contextmanager
-def run_consul_dev(*, acl_token: str = "", time_scale: float | None = None) -> Iterator[ConsulDevProcess]:
-    agent = ConsulDevProcess(acl_token=acl_token, time_scale=time_scale)
+def run_consul_dev(
+    *,
+    acl_token: str = "",
+    time_scale: float | None = None,
+    acl_file: str | None = None,
+    extra_args: list[str] | None = None,
+) -> Iterator[ConsulDevProcess]:
+    """``acl_token``: ACLs on (deny) with that management token; ``acl_file``: policies and tokens to load
+    (consul-dev's ``--acl-file``); ``extra_args``: more consul-dev flags (e.g. ``--acl``)."""
+    agent = ConsulDevProcess(acl_token=acl_token, time_scale=time_scale, acl_file=acl_file, extra_args=extra_args)
     try:
         yield agent
     finally:

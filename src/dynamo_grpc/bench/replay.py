@@ -232,6 +232,7 @@ def run_one(
             router_args=list(cfg.router_args),
             frontend_args=list(cfg.frontend_args),
             log_dir=log_dir,
+            acl=False,  # the replay reads Consul and starts nothing else: no per-role tokens needed
         )
         with Mesh(mc) as mesh:
             workers = _worker_ids(mesh.consul)

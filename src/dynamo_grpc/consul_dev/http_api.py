@@ -16,6 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
+from dynamo_grpc.consul_dev.acl import ACL, ALLOW_ALL, Authorizer
+from dynamo_grpc.consul_dev.acl_api import ACL_KEY
+from dynamo_grpc.consul_dev.acl_api import add_routes as add_acl_routes
+from dynamo_grpc.consul_dev.acl_rules import Access
 from dynamo_grpc.consul_dev.durations import (
     DurationError,
     format_go_duration,
@@ -44,9 +48,7 @@ from dynamo_grpc.consul_dev.state import (
 
 DEFAULT_WAIT, MAX_WAIT = 300.0, 600.0
 STORE_KEY: web.AppKey[Store] = web.AppKey("store", Store)
-TOKEN_KEY: web.AppKey[str] = web.AppKey("acl_token", str)
 GZIP_MIN = 8192
-_FILTERED_READS = ("/v1/health/service/", "/v1/catalog/services")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -167,7 +169,7 @@ class _Encoded:
 ENTRY_CACHE_KEY: web.AppKey[dict[str, tuple[tuple[int, tuple[tuple[str, int], ...]], bytes]]] = web.AppKey(
     "entry_cache", dict
 )
-HEALTH_CACHE_KEY: web.AppKey[dict[tuple[str, bool, tuple[str, ...], bool], _Encoded]] = web.AppKey(
+HEALTH_CACHE_KEY: web.AppKey[dict[tuple[str, bool, tuple[str, ...], tuple[str, int]], _Encoded]] = web.AppKey(
     "health_cache", dict
 )
 
@@ -284,24 +286,31 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _acl(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With an ACL token configured: a wrong token is "ACL not found"; no token is the anonymous token,
-    which may not write or read keys, and sees lists filtered to nothing (as under default-deny)."""
-    required = request.app[TOKEN_KEY]
-    request["anonymous"] = False
-    if not required or request.path.startswith("/v1/status/"):
-        return await handler(request)
-    token = request.headers.get("X-Consul-Token") or request.query.get("token", "")
+    """Resolve the request's token (``?token=``, ``X-Consul-Token``, ``Authorization: Bearer``; none is
+    the anonymous token) into ``request["authz"]``; each handler asks it for the permission it needs."""
+    token: str = request.query.get("token") or request.headers.get("X-Consul-Token") or ""  # Consul's order
     auth = request.headers.get("Authorization", "")
     if not token and auth.lower().startswith("bearer "):
         token = auth[7:].strip()
-    if token and token != required:
-        raise ConsulError(403, "ACL not found")
-    if not token:
-        if request.method == "GET" and request.path.startswith(_FILTERED_READS):
-            request["anonymous"] = True
-            return await handler(request)
-        raise ConsulError(403, "Permission denied: anonymous token lacks permission for this operation")
+    request["secret"] = token
+    acl = request.app[ACL_KEY]
+    request["authz"] = ALLOW_ALL if acl is None or request.path.startswith("/v1/status/") else acl.authorize(token)
     return await handler(request)
+
+
+def _authz(request: web.Request) -> Authorizer:
+    authz: Authorizer = request["authz"]
+    return authz
+
+
+def _require_check_write(request: web.Request, check_id: str) -> None:
+    """A TTL update needs ``service:write`` on the check's service, or ``node:write`` for a node check."""
+    store = request.app[STORE_KEY]
+    chk = store.checks.get(check_id)
+    if chk is not None and chk.service_id:
+        _authz(request).require("service", Access.WRITE, chk.service_name)
+    elif chk is not None:
+        _authz(request).require("node", Access.WRITE, store.node)
 
 
 # -- agent -----------------------------------------------------------------------------------------------
@@ -377,8 +386,14 @@ async def service_register(request: web.Request) -> web.Response:
         validate_meta(meta)
     except ValueError as exc:
         raise ConsulError(400, f"Invalid Service Meta: {exc}") from None
+    authz = _authz(request)
+    authz.require("service", Access.WRITE, name)
+    sid = _typed(body, "id", str, "") or name
+    old = store.services.get(sid)
+    if old is not None and old.name != name:
+        authz.require("service", Access.WRITE, old.name)  # taking over another service's ID
     svc = Service(
-        id=_typed(body, "id", str, "") or name,
+        id=sid,
         name=name,
         tags=_str_list(body, "tags") or [],
         address=address,
@@ -403,12 +418,17 @@ async def service_register(request: web.Request) -> web.Response:
 
 
 async def service_deregister(request: web.Request) -> web.Response:
-    request.app[STORE_KEY].deregister_service(request.match_info["service_id"])
+    store = request.app[STORE_KEY]
+    svc = store.services.get(request.match_info["service_id"])
+    if svc is not None:
+        _authz(request).require("service", Access.WRITE, svc.name)
+    store.deregister_service(request.match_info["service_id"])
     return web.Response(status=200)
 
 
 async def check_ttl(request: web.Request) -> web.Response:
     status = {"pass": PASSING, "warn": WARNING, "fail": CRITICAL}[request.match_info["verb"]]
+    _require_check_write(request, request.match_info["check_id"])
     request.app[STORE_KEY].update_ttl_check(
         request.match_info["check_id"], status, request.query.get("note", "")
     )
@@ -421,22 +441,38 @@ async def check_update(request: web.Request) -> web.Response:
     if status not in STATUSES:
         raise ConsulError(400, f"Invalid check status: '{status}'")
     output = _typed(body, "output", str, "")
+    _require_check_write(request, request.match_info["check_id"])
     request.app[STORE_KEY].update_ttl_check(request.match_info["check_id"], status, output)
     return web.Response(status=200)
 
 
 async def agent_services(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
-    return _json({s.id: _service_json(s, store) for s in store.services.values() if s.agent_owned})
+    authz = _authz(request)
+    return _json(
+        {
+            s.id: _service_json(s, store)
+            for s in store.services.values()
+            if s.agent_owned and authz.allows("service", Access.READ, s.name)
+        }
+    )
 
 
 async def agent_checks(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
-    return _json({c.id: _check_json(c, store, local=True) for c in store.checks.values() if c.service_id})
+    authz = _authz(request)
+    return _json(
+        {
+            c.id: _check_json(c, store, local=True)
+            for c in store.checks.values()
+            if c.service_id and authz.allows("service", Access.READ, c.service_name)
+        }
+    )
 
 
 async def agent_self(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
+    _authz(request).require("agent", Access.READ, store.node)
     return _json(
         {
             "Config": {
@@ -480,12 +516,14 @@ async def health_service(request: web.Request) -> web.Response:
     idx = store.service_index(name)
     # Many watchers of one service wake together at the same index: encode that answer once.
     cache = request.app[HEALTH_CACHE_KEY]
-    key = (name, passing, tuple(tags), bool(request["anonymous"]))
+    authz = _authz(request)
+    key = (name, passing, tuple(tags), authz.identity)
     hit = cache.get(key)
     if hit is not None and hit.index == idx:
         return hit.response(request)
     parts: list[bytes] = []
-    if not request["anonymous"]:
+    # Consul filters what the token may not read: the service (service:read) on a node (node:read).
+    if authz.allows("service", Access.READ, name) and authz.allows("node", Access.READ, store.node):
         fragments = request.app[ENTRY_CACHE_KEY]
         for svc, checks in store.service_entries(name):
             if tags and not all(t in {x.lower() for x in svc.tags} for t in tags):
@@ -517,10 +555,10 @@ async def catalog_services(request: web.Request) -> web.Response:
     index, wait = _blocking(request)
     await store.block(lambda: store.catalog_index, index, wait)
     out: dict[str, list[str]] = {}
-    if not request["anonymous"]:
-        for svc in store.services.values():
-            out.setdefault(svc.name, [])
-            out[svc.name] = sorted(set(out[svc.name]) | set(svc.tags))
+    authz = _authz(request)
+    for svc in store.services.values():
+        if authz.allows("service", Access.READ, svc.name):
+            out[svc.name] = sorted(set(out.get(svc.name, [])) | set(svc.tags))
     return _json(out, store.catalog_index)
 
 
@@ -538,6 +576,9 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
     def current() -> int:
         return store.prefix_index(key) if (keys_mode or recurse) else max(1, store.kvs_index)
 
+    authz = _authz(request)
+    if not (keys_mode or recurse):
+        authz.require("key", Access.READ, key)
     await store.block(current, index, wait)
     idx = current()
     if keys_mode:
@@ -549,11 +590,11 @@ async def kv_get(request: web.Request) -> web.StreamResponse:
                 cut = k.find(sep, len(key))
                 if cut >= 0:
                     k = k[: cut + len(sep)]
-            if not found or found[-1] != k:
+            if (not found or found[-1] != k) and authz.allows("key", Access.READ, k):
                 found.append(k)
         return _json(found, idx) if found else _json(None, idx, status=404)
     if recurse:
-        entries = store.kv_list(key)
+        entries = [e for e in store.kv_list(key) if authz.allows("key", Access.READ, e.key)]
         return _json([_kv_json(e) for e in entries], idx) if entries else _json(None, idx, status=404)
     entry = store.kv.get(key)
     if entry is None:
@@ -570,6 +611,7 @@ async def kv_put(request: web.Request) -> web.Response:
     key = request.match_info["key"]
     if not key:
         raise ConsulError(400, "Missing key name")
+    _authz(request).require("key", Access.WRITE, key)
     if request.content_length is not None and request.content_length > KV_MAX_VALUE_SIZE:
         raise ConsulError(
             413,
@@ -597,6 +639,10 @@ async def kv_delete(request: web.Request) -> web.Response:
     if not key and not recurse:
         raise ConsulError(400, "Missing key name")
     cas = _uint_param(request, "cas", "Invalid cas index")
+    if recurse:
+        _authz(request).require_prefix_write("key", key)
+    else:
+        _authz(request).require("key", Access.WRITE, key)
     return _json(store.kv_delete(key, recurse=recurse, cas=None if recurse else cas))
 
 
@@ -643,12 +689,14 @@ async def session_create(request: web.Request) -> web.Response:
     ]
     if checks is None and node_checks is None and service_checks_raw is None:
         node_checks = [SERF_CHECK]
+    node = _typed(body, "node", str, "") or store.node
+    _authz(request).require("session", Access.WRITE, node)
     all_checks = list(dict.fromkeys((checks or []) + (node_checks or []) + service_checks))
     node_level = [c for c in all_checks if c in store.checks and not store.checks[c].service_id]
     svc_level = [c for c in all_checks if c not in node_level]
     sess = store.create_session(
         name=_typed(body, "name", str, ""),
-        node=_typed(body, "node", str, "") or store.node,
+        node=node,
         node_checks=node_level,
         service_checks=svc_level,
         behavior=behavior,
@@ -659,7 +707,14 @@ async def session_create(request: web.Request) -> web.Response:
     return _json({"ID": sess.id})
 
 
+def _require_session_write(request: web.Request, session_id: str) -> None:
+    sess = request.app[STORE_KEY].sessions.get(session_id)
+    if sess is not None:
+        _authz(request).require("session", Access.WRITE, sess.node)
+
+
 async def session_destroy(request: web.Request) -> web.Response:
+    _require_session_write(request, request.match_info["session_id"])
     request.app[STORE_KEY].destroy_session(request.match_info["session_id"])
     return _json(True)
 
@@ -667,6 +722,7 @@ async def session_destroy(request: web.Request) -> web.Response:
 async def session_renew(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     sid = request.match_info["session_id"]
+    _require_session_write(request, sid)
     sess = store.sessions.get(sid)
     ttl = parse_go_duration(sess.ttl) if sess is not None and sess.ttl else 0.0
     sess = store.renew_session(sid, ttl)
@@ -679,14 +735,19 @@ async def session_info(request: web.Request) -> web.Response:
     index, wait = _blocking(request)
     await store.block(lambda: max(1, store.sessions_index), index, wait)
     sess = store.sessions.get(sid)
-    return _json([_session_json(sess)] if sess else [], store.sessions_index)
+    visible = sess is not None and _authz(request).allows("session", Access.READ, sess.node)
+    return _json([_session_json(sess)] if sess and visible else [], store.sessions_index)
 
 
 async def session_list(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     index, wait = _blocking(request)
     await store.block(lambda: max(1, store.sessions_index), index, wait)
-    return _json([_session_json(s) for s in store.sessions.values()], store.sessions_index)
+    authz = _authz(request)
+    return _json(
+        [_session_json(s) for s in store.sessions.values() if authz.allows("session", Access.READ, s.node)],
+        store.sessions_index,
+    )
 
 
 # -- status ----------------------------------------------------------------------------------------------
@@ -700,11 +761,12 @@ async def status_peers(request: web.Request) -> web.Response:
     return _json([f"{request.app[STORE_KEY].address}:8300"])
 
 
-def build_app(store: Store, acl_token: str = "") -> web.Application:
-    """The aiohttp application; the caller owns the store's lifecycle (``start``/``close``)."""
+def build_app(store: Store, acl: ACL | None = None) -> web.Application:
+    """The aiohttp application; the caller owns the store's lifecycle (``start``/``close``). ``acl``
+    None: ACLs off (every request may do anything, as with Consul's ``acl.enabled = false``)."""
     app = web.Application(middlewares=[_errors, _acl], client_max_size=KV_MAX_VALUE_SIZE + 64 * 1024)
     app[STORE_KEY] = store
-    app[TOKEN_KEY] = acl_token
+    app[ACL_KEY] = acl
     app[HEALTH_CACHE_KEY] = {}
     app[ENTRY_CACHE_KEY] = {}
     r = app.router
@@ -727,4 +789,5 @@ def build_app(store: Store, acl_token: str = "") -> web.Application:
     r.add_get("/v1/session/list", session_list)
     r.add_get("/v1/status/leader", status_leader)
     r.add_get("/v1/status/peers", status_peers)
+    add_acl_routes(r)
     return app

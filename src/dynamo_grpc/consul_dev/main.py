@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 
+from dynamo_grpc.consul_dev.acl import ACL
 from dynamo_grpc.consul_dev.server import ConsulDevServer, server_tls, write_addr_file
 
 log = logging.getLogger("dynamo_grpc.consul_dev")
@@ -24,9 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8500, help="port to bind; 0 picks a free one (default 8500)")
     p.add_argument("--addr-file", default=None, help="write the bound http://host:port here once listening")
     p.add_argument(
+        "--acl",
+        action="store_true",
+        help="enable ACLs (Consul's acl.enabled) with default policy deny",
+    )
+    p.add_argument(
+        "--acl-default-policy",
+        choices=["allow", "deny"],
+        default=None,
+        help="what no rule covers (implies --acl; default deny)",
+    )
+    p.add_argument(
+        "--acl-bootstrap-token",
         "--acl-token",
-        default=os.environ.get("CONSUL_DEV_ACL_TOKEN", ""),
-        help="require this token (X-Consul-Token) for writes and reads; default: ACLs off",
+        dest="acl_bootstrap_token",
+        default=os.environ.get("CONSUL_DEV_ACL_BOOTSTRAP_TOKEN") or os.environ.get("CONSUL_DEV_ACL_TOKEN", ""),
+        help="the initial management token's SecretID (implies --acl; env CONSUL_DEV_ACL_BOOTSTRAP_TOKEN; "
+        "--acl-token is the older name). Without it, PUT /v1/acl/bootstrap mints one",
+    )
+    p.add_argument(
+        "--acl-file",
+        default=None,
+        help='JSON {"policies": [...], "tokens": [...]} (ACL API body shapes) loaded at start (implies --acl)',
     )
     p.add_argument(
         "--time-scale",
@@ -44,14 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    server = ConsulDevServer(
-        args.host, args.port, acl_token=args.acl_token, time_scale=args.time_scale, ssl_context=tls
-    )
+    acl = acl_from_args(args)
+    server = ConsulDevServer(args.host, args.port, acl=acl, time_scale=args.time_scale, ssl_context=tls)
     address = await server.start()
     print(f"consul-dev listening on {address}", flush=True)
-    log.info(
-        "consul-dev listening on %s (acl=%s, time_scale=%g)", address, bool(args.acl_token), args.time_scale
-    )
+    acl_mode = "off" if acl is None else "allow" if acl.default_allow else "deny"
+    log.info("consul-dev listening on %s (acl=%s, time_scale=%g)", address, acl_mode, args.time_scale)
     if args.addr_file:
         write_addr_file(args.addr_file, address)
     stop = asyncio.Event()
@@ -65,8 +84,30 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def acl_from_args(args: argparse.Namespace) -> ACL | None:
+    """The ACL system the flags ask for, or None when ACLs are off. Raises ValueError on a bad file."""
+    if not (args.acl or args.acl_default_policy or args.acl_bootstrap_token or args.acl_file):
+        return None
+    acl = ACL(args.acl_default_policy or "deny", initial_management=args.acl_bootstrap_token)
+    if args.acl_file:
+        try:
+            with open(args.acl_file, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--acl-file {args.acl_file}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"--acl-file {args.acl_file}: expected a JSON object")
+        acl.load(doc)
+    return acl
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        acl_from_args(args)  # refuse a bad ACL file before binding anything
+    except ValueError as exc:
+        print(f"consul-dev: {exc}", file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("--tls-cert and --tls-key go together", file=sys.stderr)
         return 2

@@ -8,12 +8,16 @@ import ssl
 
 from aiohttp import web
 
+from dynamo_grpc.consul_dev.acl import ACL
 from dynamo_grpc.consul_dev.http_api import build_app
 from dynamo_grpc.consul_dev.state import Store
 
 
 class ConsulDevServer:
-    """One agent: a ``Store`` served by aiohttp. ``start()`` binds (port 0 picks a free port)."""
+    """One agent: a ``Store`` served by aiohttp. ``start()`` binds (port 0 picks a free port).
+
+    ``acl``: the ACL system (None: ACLs off). ``acl_token`` is shorthand for ACLs in deny mode with that
+    initial management token (the older single-shared-token mode behaves the same way)."""
 
     def __init__(
         self,
@@ -21,6 +25,7 @@ class ConsulDevServer:
         port: int = 8500,
         *,
         acl_token: str = "",
+        acl: ACL | None = None,
         time_scale: float = 1.0,
         node: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
@@ -28,7 +33,9 @@ class ConsulDevServer:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.host, self.port = host, port
-        self.acl_token = acl_token
+        if acl is None and acl_token:
+            acl = ACL("deny", initial_management=acl_token)
+        self.acl = acl
         self.time_scale = time_scale
         self.node = node or f"consul-dev-{socket.gethostname()}"
         self.store: Store | None = None
@@ -44,7 +51,7 @@ class ConsulDevServer:
     async def start(self) -> str:
         self.store = Store(node=self.node, address="127.0.0.1", time_scale=self.time_scale)
         self.store.start()
-        app = build_app(self.store, self.acl_token)
+        app = build_app(self.store, self.acl)
         # handler_cancellation: a watcher that hangs up must not leave its blocking query parked here.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()

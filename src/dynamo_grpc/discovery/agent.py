@@ -4,6 +4,7 @@ consul-dev."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -25,6 +26,8 @@ class AgentHandle:
     process: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
+    #: a management token when we started the agent with ACLs on (None: ACLs off, or not ours)
+    token: str | None = None
 
     @property
     def port(self) -> int:
@@ -94,16 +97,28 @@ def wait_ready(
     raise TimeoutError(f"agent at {address} not ready after {timeout}s ({last})")
 
 
+def _preexec() -> Callable[[], None] | None:
+    from dynamo_grpc.launch.children import die_with_parent  # launch imports this module: import late
+
+    return die_with_parent()
+
+
 def start_consul_dev(
     port: int = 0,
     *,
     acl_token: str = "",
+    acl: bool = False,
+    acl_file: str | None = None,
     time_scale: float | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 15.0,
     extra_args: list[str] | None = None,
 ) -> AgentHandle:
-    """Start ``python -m dynamo_grpc.consul_dev.main`` on 127.0.0.1 and wait until it answers."""
+    """Start ``python -m dynamo_grpc.consul_dev.main`` on 127.0.0.1 and wait until it answers.
+
+    ``acl_token``: ACLs on (default deny) with this initial management token; ``acl``: ACLs on with a
+    fresh random management token (in ``handle.token``); ``acl_file``: policies and tokens to load. The
+    agent dies with this process (Linux)."""
     fd, addr_file = tempfile.mkstemp(prefix="consul-dev-", suffix=".addr")
     os.close(fd)
     os.unlink(addr_file)
@@ -120,14 +135,25 @@ def start_consul_dev(
         "--log-level",
         "WARNING",
     ]
+    if acl and not acl_token:
+        acl_token = secrets.token_hex(16)
     if acl_token:
-        argv += ["--acl-token", acl_token]
+        argv += ["--acl-bootstrap-token", acl_token]
+    if acl_file:
+        argv += ["--acl-file", acl_file]
     if time_scale is not None:
         argv += ["--time-scale", repr(time_scale)]
     argv += extra_args or []
     child_env = dict(os.environ if env is None else env)
     child_env.pop("CONSUL_DEV_ACL_TOKEN", None)
-    proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    child_env.pop("CONSUL_DEV_ACL_BOOTSTRAP_TOKEN", None)
+    proc = subprocess.Popen(
+        argv,
+        env=child_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=_preexec(),
+    )
     try:
         deadline = time.monotonic() + timeout
         while not os.path.exists(addr_file):
@@ -144,7 +170,9 @@ def start_consul_dev(
         proc.kill()
         proc.wait()
         raise
-    return AgentHandle(address=address, kind="consul-dev", process=proc, argv=argv, env=child_env)
+    return AgentHandle(
+        address=address, kind="consul-dev", process=proc, argv=argv, env=child_env, token=acl_token or None
+    )
 
 
 def start_consul_binary(binary: str, *, timeout: float = 30.0) -> AgentHandle:
@@ -162,7 +190,11 @@ def start_consul_binary(binary: str, *, timeout: float = 30.0) -> AgentHandle:
         "-dns-port=-1",
     ]
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_preexec(),
     )
     address = f"http://127.0.0.1:{port}"
     try:
@@ -174,9 +206,13 @@ def start_consul_binary(binary: str, *, timeout: float = 30.0) -> AgentHandle:
     return AgentHandle(address=address, kind="consul", process=proc, argv=argv)
 
 
-def ensure_agent(env: Mapping[str, str] | None = None, *, consul_binary: str = "consul") -> AgentHandle:
-    """The agent run-local should use: CONSUL_HTTP_ADDR if set (we start nothing), else a ``consul``
-    binary on PATH as a dev agent, else consul-dev. ``handle.stop()`` stops what we started."""
+def ensure_agent(
+    env: Mapping[str, str] | None = None, *, consul_binary: str = "consul", acl: bool = False
+) -> AgentHandle:
+    """The agent run-local should use: CONSUL_HTTP_ADDR if set (we start nothing; the user's
+    CONSUL_HTTP_TOKEN applies), else a ``consul`` binary on PATH as a dev agent, else consul-dev (with
+    ``acl``: ACLs on, deny by default, the management token in ``handle.token``). ``handle.stop()``
+    stops what we started."""
     env = os.environ if env is None else env
     if env.get("CONSUL_HTTP_ADDR"):
         from dynamo_grpc.discovery.config import ConsulSettings
@@ -185,4 +221,4 @@ def ensure_agent(env: Mapping[str, str] | None = None, *, consul_binary: str = "
     binary = shutil.which(consul_binary, path=env.get("PATH"))
     if binary:
         return start_consul_binary(binary)
-    return start_consul_dev(env=env)
+    return start_consul_dev(env=env, acl=acl)

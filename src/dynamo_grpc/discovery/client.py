@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ import aiohttp
 import consul
 import consul.aio
 
+from dynamo_grpc.discovery.acl import ConsulPermissionDenied, explain
 from dynamo_grpc.discovery.config import ConsulSettings
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,24 @@ class Discovery:
         client.token = s.token  # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we do not
         return client
 
+    @contextlib.contextmanager
+    def _acl_errors(self, what: str) -> Iterator[None]:
+        """A 403 becomes ``ConsulPermissionDenied`` naming the permission and the rule that grants it,
+        logged once here so that a process that dies of it leaves the reason in its log."""
+        try:
+            yield
+        except ConsulPermissionDenied:
+            raise
+        except consul.ACLPermissionDenied as exc:
+            err = explain(str(exc), self.settings, what)
+            log.error("%s", err.message)
+            raise err from None
+
+    def _explain(self, exc: BaseException, what: str) -> str:
+        if isinstance(exc, consul.ACLPermissionDenied) and not isinstance(exc, ConsulPermissionDenied):
+            return explain(str(exc), self.settings, what).message
+        return f"{what}: {type(exc).__name__}: {exc}"
+
     async def __aenter__(self) -> Discovery:
         return self
 
@@ -153,7 +172,8 @@ class Discovery:
         if instance.instance_id in self._regs:
             raise ValueError(f"instance {instance.instance_id!r} is already registered")
         reg = _Registration(instance=instance, ttl=ttl, deregister_after=deregister_after)
-        await self._register_service(reg)
+        with self._acl_errors(f"registering {instance.service} ({instance.instance_id})"):
+            await self._register_service(reg)
         self._regs[instance.instance_id] = reg
         reg.task = asyncio.get_running_loop().create_task(
             self._heartbeat(reg), name=f"heartbeat:{instance.instance_id}"
@@ -209,6 +229,9 @@ class Discovery:
                 delay = period
             except asyncio.CancelledError:
                 raise
+            except consul.ACLPermissionDenied as exc:
+                delay = period  # a missing permission does not fix itself quickly: say so once a period
+                log.error("%s", self._explain(exc, f"heartbeat of {reg.instance.instance_id}"))
             except _TRANSIENT as exc:
                 delay = min(period, self.backoff[0] * 4 + random.random() * self.backoff[0])
                 log.debug(
@@ -235,7 +258,8 @@ class Discovery:
                     await self._ctl.session.destroy(reg.session_id)
                 await self._ctl.agent.service.deregister(iid)
             except _TRANSIENT as exc:
-                log.warning("deregistering %s failed (%s); Consul reaps it after its TTL", iid, exc)
+                why = self._explain(exc, f"deregistering {iid}")
+                log.warning("%s; Consul reaps it after its TTL", why)
 
     # -- model cards -------------------------------------------------------------------------------------
 
@@ -250,7 +274,8 @@ class Discovery:
             raise ValueError(
                 f"model card for {model!r} exceeds Consul's {KV_MAX_VALUE_SIZE} byte value limit"
             )
-        await self._put_card(reg, model, card)
+        with self._acl_errors(f"publishing the model card of {model!r}"):
+            await self._put_card(reg, model, card)
         reg.cards[model] = card
 
     async def _ensure_session(self, reg: _Registration) -> str:
@@ -284,12 +309,14 @@ class Discovery:
         reg = self._regs.get(instance_id)
         if reg is not None:
             reg.cards.pop(model, None)
-        await self._ctl.kv.delete(card_key(model, instance_id))
+        with self._acl_errors(f"deleting the model card of {model!r}"):
+            await self._ctl.kv.delete(card_key(model, instance_id))
 
     async def get_model_cards(self, model: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         """model -> instance -> card, for every live card (or one model's)."""
         prefix = CARD_PREFIX + (f"{model}/" if model else "")
-        _, entries = await self._ctl.kv.get(prefix, recurse=True)
+        with self._acl_errors(f"reading model cards under {prefix}"):
+            _, entries = await self._ctl.kv.get(prefix, recurse=True)
         return _parse_cards(entries, model)
 
     def watch_model_cards(
@@ -335,7 +362,7 @@ class Discovery:
                 # Agent down or restarting: keep the last view, back off, then start over with a full read.
                 # The first failure of a streak is a warning (a 403 or 5xx would otherwise go unseen).
                 level = logging.WARNING if delay == self.backoff[0] else logging.DEBUG
-                log.log(level, "watch %s: %s: %s; retrying", what, type(exc).__name__, exc)
+                log.log(level, "%s; retrying", self._explain(exc, f"watch {what}"))
                 index = 0
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.backoff[1])

@@ -24,6 +24,8 @@ class ConsulSettings:
     token: str | None = None
     verify: bool | str = True
     cert: tuple[str, str] | str | None = None
+    #: where the token came from (``CONSUL_HTTP_TOKEN``, ``CONSUL_HTTP_TOKEN_FILE <path>``), for messages
+    token_source: str = ""
 
     @property
     def address(self) -> str:
@@ -38,6 +40,7 @@ class ConsulSettings:
         ssl: bool | None = None,
         verify: bool | str = True,
         cert: tuple[str, str] | str | None = None,
+        token_source: str = "",
     ) -> ConsulSettings:
         """Parse ``host:port``, ``http://host:port`` or ``https://host:port`` (CONSUL_HTTP_ADDR's forms)."""
         text = addr.strip()
@@ -56,7 +59,13 @@ class ConsulSettings:
         if not parsed.hostname:
             raise ValueError(f"CONSUL_HTTP_ADDR {addr!r}: missing host")
         return cls(
-            host=parsed.hostname, port=port, scheme=scheme, token=token or None, verify=verify, cert=cert
+            host=parsed.hostname,
+            port=port,
+            scheme=scheme,
+            token=token or None,
+            verify=verify,
+            cert=cert,
+            token_source=token_source if token else "",
         )
 
     @classmethod
@@ -66,7 +75,9 @@ class ConsulSettings:
         a ``--consul`` flag) replaces CONSUL_HTTP_ADDR; token and TLS still come from the environment."""
         env = os.environ if env is None else env
         token = env.get("CONSUL_HTTP_TOKEN") or None
+        source = "CONSUL_HTTP_TOKEN"
         if token is None and env.get("CONSUL_HTTP_TOKEN_FILE"):
+            source = f"CONSUL_HTTP_TOKEN_FILE {env['CONSUL_HTTP_TOKEN_FILE']}"
             with open(env["CONSUL_HTTP_TOKEN_FILE"], encoding="utf-8") as fh:
                 token = fh.read().strip() or None
         ssl = _truthy(env["CONSUL_HTTP_SSL"]) if env.get("CONSUL_HTTP_SSL") else None
@@ -89,4 +100,5 @@ class ConsulSettings:
             ssl=ssl,
             verify=verify,
             cert=cert,
+            token_source=source,
         )

@@ -27,6 +27,7 @@ from dynamo_grpc.frontend.routing import KvRouterClient, RandomRouter, RoundRobi
 from dynamo_grpc.frontend.service import InferenceServicer
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
+from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
 
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.migration_limit < 0:
         raise SystemExit("--migration-limit must be >= 0")
+    ports = [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), (args.metrics_port, "--metrics-port")]
+    check_ports(args.host, ports)  # one line naming the port and its flag, not a bind traceback
     if args.router and args.router_mode == "kv":
         args.router_mode = "kv-service"  # a pinned router address means: use that RouterService
     try:

@@ -13,10 +13,13 @@ import urllib.request
 from typing import Any
 
 
-def passing_instances(consul: str, service: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Passing instances of ``service`` as Consul's ``/v1/health/service`` returns them."""
+def passing_instances(
+    consul: str, service: str, timeout: float = 5.0, token: str | None = None
+) -> list[dict[str, Any]]:
+    """Passing instances of ``service`` as Consul's ``/v1/health/service`` returns them. ``token``:
+    the ACL token to read with (default CONSUL_HTTP_TOKEN); an ACL agent filters what it may not read."""
     req = urllib.request.Request(f"{consul.rstrip('/')}/v1/health/service/{service}?passing=true")
-    token = os.environ.get("CONSUL_HTTP_TOKEN")
+    token = token or os.environ.get("CONSUL_HTTP_TOKEN")
     if token:
         req.add_header("X-Consul-Token", token)
     try:

@@ -2,7 +2,13 @@
 
 Readiness is what a client would observe: every process has registered in Consul with a
 passing check, and the frontend answers ServerReady. Processes are stopped with SIGTERM
-(so workers drain and deregister) and killed if they do not exit in time.
+(so workers drain and deregister) and killed if they do not exit in time; on Linux they also get
+SIGTERM from the kernel if the launcher dies (``launch.children.die_with_parent``).
+
+ACLs: the consul-dev the mesh starts runs with ACLs on (deny by default) and each process gets its
+role's token (``discovery.roles``) as ``CONSUL_HTTP_TOKEN``; the launcher's own reads use the
+management token. With an existing agent (``consul``) the processes inherit the caller's
+``CONSUL_HTTP_TOKEN``, unless ``consul_token`` (a management token) is given to mint role tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 
 from dynamo_grpc.discovery.agent import AgentHandle, start_consul_dev
+from dynamo_grpc.discovery.roles import RoleToken, create_role_tokens
+from dynamo_grpc.launch.children import die_with_parent, last_line
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 
 
@@ -37,6 +45,10 @@ class MeshConfig:
     grpc_port: int = 0
     http_port: int = -1
     consul: str | None = None  # an existing agent (CONSUL_HTTP_ADDR); None: start consul-dev
+    #: ACLs on the consul-dev we start (deny by default), one token per role
+    acl: bool = True
+    #: a management token for ``consul``: mint role tokens there (None: children inherit CONSUL_HTTP_TOKEN)
+    consul_token: str | None = None
     namespace: str = "dynamo"
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
@@ -54,6 +66,11 @@ class _Proc:
     popen: subprocess.Popen[bytes]
     log: Path
 
+    def exit_line(self) -> str:
+        """One line for a dead process: its code and its own last words."""
+        why = last_line(self.log)
+        return f"{self.name} exited with code {self.popen.returncode}" + (f": {why}" if why else "")
+
 
 class Mesh:
     """A running mesh. Use as a context manager, or call start()/stop()."""
@@ -66,14 +83,20 @@ class Mesh:
         self.frontend_http: str = ""
         self.router_grpc: str = ""
         self.models: list[str] = []
+        #: the token the launcher reads Consul with (management when we hold one)
+        self.consul_token: str | None = os.environ.get("CONSUL_HTTP_TOKEN") or None
+        self.role_tokens: dict[str, RoleToken] = {}
         self._agent: AgentHandle | None = None
         self.log_dir = self.config.log_dir or Path(tempfile.mkdtemp(prefix="dynamo-mesh-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- process handling ---------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> _Proc:
+    def _spawn(self, name: str, args: list[str], role: str) -> _Proc:
         log = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if role in self.role_tokens:
+            full_env.pop("CONSUL_HTTP_TOKEN_FILE", None)
+            full_env["CONSUL_HTTP_TOKEN"] = self.role_tokens[role].secret_id
         with open(log, "wb") as fh:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "dynamo_grpc.cli", *args],
@@ -82,6 +105,7 @@ class Mesh:
                 stdin=subprocess.DEVNULL,
                 env=full_env,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops children in order
+                preexec_fn=die_with_parent(),  # ...and a killed launcher takes them with it
             )
         proc = _Proc(name, popen, log)
         self.procs.append(proc)
@@ -90,8 +114,7 @@ class Mesh:
     def _check_alive(self) -> None:
         for p in self.procs:
             if p.popen.poll() is not None:
-                tail = p.log.read_text(errors="replace")[-2000:] if p.log.exists() else ""
-                raise MeshError(f"{p.name} exited with code {p.popen.returncode}; log {p.log}:\n{tail}")
+                raise MeshError(f"{p.exit_line()} (log: {p.log})")
 
     def _wait(self, what: str, predicate: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -108,7 +131,7 @@ class Mesh:
 
         def ready() -> bool:
             nonlocal metas
-            metas = [service_meta(e) for e in passing_instances(self.consul, service)]
+            metas = [service_meta(e) for e in passing_instances(self.consul, service, token=self.consul_token)]
             return len(metas) >= count
 
         self._wait(f"{count} passing {service}", ready)
@@ -120,9 +143,14 @@ class Mesh:
         try:
             if c.consul:
                 self.consul = c.consul
+                management = c.consul_token
             else:
-                self._agent = start_consul_dev()
+                self._agent = start_consul_dev(acl=c.acl)
                 self.consul = self._agent.address
+                management = self._agent.token
+            if management and c.acl:
+                self.consul_token = management
+                self.role_tokens = create_role_tokens(self.consul, management)
             common = ["--consul", self.consul, "--namespace", c.namespace]
             for i in range(c.workers):
                 args = ["worker", *common, "--engine", c.engine, "--port", "0"]
@@ -130,10 +158,10 @@ class Mesh:
                     args += ["--model", c.model]
                 if c.speedup_ratio is not None and c.engine == "mocker":
                     args += ["--speedup-ratio", str(c.speedup_ratio)]
-                self._spawn(f"worker-{i}", [*args, *c.worker_args])
+                self._spawn(f"worker-{i}", [*args, *c.worker_args], "worker")
             if self.starts_router:
                 mode = "approx" if c.router_mode == "approx" else "kv"
-                self._spawn("router", ["router", *common, "--mode", mode, "--port", "0", *c.router_args])
+                self._spawn("router", ["router", *common, "--mode", mode, "--port", "0", *c.router_args], "router")
             fe_mode = {"approx": "kv-service"}.get(c.router_mode, c.router_mode)
             self._spawn(
                 "frontend",
@@ -141,6 +169,7 @@ class Mesh:
                     "frontend", *common, "--router-mode", fe_mode,
                     "--grpc-port", str(c.grpc_port), "--http-port", str(c.http_port), *c.frontend_args,
                 ],
+                "frontend",
             )
             self._wait_service("dynamo-worker", c.workers)
             if self.starts_router:

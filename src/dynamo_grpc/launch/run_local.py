@@ -1,7 +1,8 @@
 """`make run-local`: a whole mesh on this machine, with the addresses and a call to paste.
 
-Discovery: CONSUL_HTTP_ADDR when set, else a `consul` binary on PATH (`consul agent -dev`),
-else the embedded consul-dev. Stops cleanly on Ctrl-C.
+Discovery: CONSUL_HTTP_ADDR when set (with the caller's CONSUL_HTTP_TOKEN), else a `consul` binary on
+PATH (`consul agent -dev`), else the embedded consul-dev with ACLs on (deny by default): each process
+gets its role's token. Stops cleanly on Ctrl-C; a killed run-local takes its processes with it (Linux).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from dynamo_grpc.discovery.agent import ensure_agent
+from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
 
 DEFAULT_ENGINE = "torch"
@@ -35,13 +37,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
     p.add_argument("--log-dir", type=Path, default=None, help="where process logs go (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--no-acl",
+        dest="acl",
+        action="store_false",
+        help="run the embedded consul-dev without ACLs (default: ACLs on, one token per role)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        agent = ensure_agent()
+        check_ports("127.0.0.1", [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")])
+    except SystemExit as e:
+        print(f"run-local: {e}", file=sys.stderr)
+        return 1
+    try:
+        agent = ensure_agent(acl=args.acl)
     except (OSError, RuntimeError, TimeoutError) as e:
         print(f"run-local: could not start a Consul agent: {e}", file=sys.stderr)
         return 1
@@ -59,12 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         consul=consul,
+        acl=args.acl,
+        consul_token=agent.token,
         log_dir=args.log_dir,
         ready_timeout_s=args.ready_timeout,
     )
     mesh = Mesh(cfg)
     print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({args.router_mode}), frontend")
     print(f"discovery: {agent.kind} at {consul}")
+    if agent.token:
+        token_file = mesh.log_dir / "consul-management-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(agent.token + "\n")
+        print(f"ACLs: on (default deny), a token per role; management token in {token_file}")
     print(f"logs: {mesh.log_dir}", flush=True)
     try:
         mesh.start()
@@ -121,7 +141,7 @@ Ctrl-C stops everything.""",
             time.sleep(0.5)
             for p in mesh.procs:
                 if p.popen.poll() is not None:
-                    print(f"run-local: {p.name} exited with code {p.popen.returncode} (log: {p.log})", file=sys.stderr)
+                    print(f"run-local: {p.exit_line()} (log: {p.log})", file=sys.stderr)
                     stop = True
     except KeyboardInterrupt:
         pass

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.transport import run_until_signal
 from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("drain_grace", "ttl", "speedup_ratio"):
         if getattr(args, name) <= 0 and name != "drain_grace":
             build_parser().error(f"--{name.replace('_', '-')} must be positive")
+    check_ports(args.host, [(args.port, "--port"), (args.metrics_port or -1, "--metrics-port")])
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
