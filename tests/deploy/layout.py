@@ -26,8 +26,16 @@ PENDING = {"trtllm": "argument --engine: invalid choice: 'trtllm'"}
 #: environment variables the processes read today (grep os.environ / env.get in src/), plus the downward-API
 #: POD_IP that manifests expand into args with $(POD_IP)
 ENV_READ = {
-    "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_SSL", "CONSUL_HTTP_SSL_VERIFY",
-    "CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY", "DYN_LOG", "DYNAMO_LOG_LEVEL",
+    "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
+    "CONSUL_HTTP_SSL",
+    "CONSUL_HTTP_SSL_VERIFY",
+    "CONSUL_CACERT",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
+    "DYN_LOG",
+    "DYNAMO_LOG_LEVEL",
 }
 DOWNWARD = {"POD_IP"}
 
@@ -62,9 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(Deployment, container) pairs."""
-    return [
-        (o, c) for o in objects if o["kind"] == "Deployment" for c in o["spec"]["template"]["spec"]["containers"]
-    ]
+    return [(o, c) for o in objects if o["kind"] == "Deployment" for c in o["spec"]["template"]["spec"]["containers"]]
 
 
 def flag(args: list[str], name: str) -> str | None:
