@@ -115,3 +115,17 @@ def test_dockerfile_rules() -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     for src in copied:
         assert f"!{src}" in ignore or f"!{src}/**" in ignore, f"{src} is excluded from the build context"
+
+
+def test_every_bind_mount_source_exists_and_consul_loads_its_acl_file() -> None:
+    mounts: dict[str, str] = {}
+    for name, svc in services().items():
+        for vol in svc.get("volumes", []):
+            src, dst = vol.split(":")[:2]
+            assert (DEPLOY / src).exists(), f"{name}: {src} does not exist"
+            mounts[dst] = src
+    config_file = flag(services()["consul"]["command"], "-config-file") or next(
+        a.split("=", 1)[1] for a in services()["consul"]["command"] if a.startswith("-config-file=")
+    )
+    assert mounts[config_file] == "./consul/acl.json"
+    assert not config_file.startswith("/consul/config/"), "the image's entrypoint loads that dir already"
