@@ -50,8 +50,13 @@ proto: $(STAMP)
 run-local: $(STAMP)
 	$(VENV)/bin/dynamo-grpc run-local $(ARGS)
 
-test: $(STAMP) $(KSERVE_STAMP)
+test: $(STAMP) $(KSERVE_STAMP) deploy-check
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+# deploy/ rendered and validated offline: Kubernetes schemas, compose-spec, hadolint, every command through our CLI
+.PHONY: deploy-check
+deploy-check: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/deploy
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(ARGS)
