@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dynamo_grpc.engines.base import SamplingParams
 from dynamo_grpc import errors
+from dynamo_grpc.engines.base import SamplingParams
 from dynamo_grpc.errors import WorkerLost
 from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
 from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
