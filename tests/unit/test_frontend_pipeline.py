@@ -42,16 +42,21 @@ class FakeWorkers:
     scripts: dict[str, list[Step]]
     requests: list[tuple[str, worker_pb2.DecodeRequest]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)
 
     async def decode(
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         self.requests.append((address, request))
+        self.timeouts.append(timeout)
         try:
             for step in self.scripts[address]:
                 if isinstance(step, Exception):
                     raise step
                 if step == "end":
+                    return
+                if step == "error":
+                    yield worker_pb2.DecodeResponse(finish_reason=common_pb2.FINISH_REASON_ERROR)
                     return
                 if step == "finish":
                     yield worker_pb2.DecodeResponse(
@@ -249,3 +254,95 @@ async def test_input_ids_bypass_tokenizer(source) -> None:
     r.token_ids = [10**9]
     with pytest.raises(errors.InvalidArgument, match="outside vocabulary"):
         p.prepare(MODEL, r)
+
+
+def routes_and_frees(router: RecordingRouter) -> tuple[list[str], list[str]]:
+    routed = [e[1].split("->")[0] for e in router.events if e[0] == "route"]
+    freed = [e[1] for e in router.events if e[0] == "free"]
+    return routed, freed
+
+
+async def test_overloaded_worker_is_rerouted_once_not_counted_as_migration(source) -> None:
+    scripts: dict[str, list[Step]] = {"a:1": [errors.Overloaded("queue full")], "b:2": [[5, 6], "finish"]}
+    p, workers, router = make(source, scripts, limit=0)  # no migration allowed: a re-route is not one
+    r = req(max_tokens=2)
+    prepared = p.prepare(MODEL, r)
+    chunks = [c async for c in p.generate(prepared, r, "r1")]
+    assert chunks[-1].worker_id == "w1" and chunks[-1].completion_tokens == 2
+    assert prepared.timings.migrations == 0
+    routed, freed = routes_and_frees(router)
+    assert len(routed) == 2 and routed[1] == routed[0] + ".r" and freed == routed
+    # the second request did not exclude w0 for good: exclusion is per request
+    assert [a for a, _ in workers.requests] == ["a:1", "b:2"]
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+async def test_every_worker_full_is_overloaded(source, n_workers: int) -> None:
+    scripts: dict[str, list[Step]] = {f"w:{i}": [errors.Overloaded(f"queue {i} full")] for i in range(n_workers)}
+    p, workers, router = make(source, scripts)
+    with pytest.raises(errors.Overloaded) as ei:
+        await run(p, req())
+    assert len(workers.requests) == n_workers  # one re-route at most, whatever the worker count
+    status, headers, _ = errors.to_http(ei.value)
+    assert status == 429 and headers["Retry-After"]
+    routed, freed = routes_and_frees(router)
+    assert freed == routed
+
+
+async def test_error_finish_is_internal_and_not_migrated(source) -> None:
+    p, workers, _ = make(source, {"a:1": [[5], "error"], "b:2": [[1], "finish"]})
+    with pytest.raises(errors.Internal):
+        await run(p, req())
+    assert len(workers.requests) == 1
+
+
+FAILURES: dict[str, tuple[dict[str, list[Step]], type[BaseException] | None]] = {
+    "refused": ({"a:1": [errors.InvalidArgument("'bad_words' is not supported")]}, errors.InvalidArgument),
+    "too_long": ({"a:1": [errors.PromptTooLong("too long")]}, errors.PromptTooLong),
+    "migration_limit": ({"a:1": [[5], WorkerLost("x")], "b:2": [WorkerLost("y")]}, errors.Unavailable),
+    "all_full": ({"a:1": [errors.Overloaded("full")], "b:2": [errors.Overloaded("full")]}, errors.Overloaded),
+    "full_after_tokens": ({"a:1": [[5], errors.Overloaded("full")], "b:2": ["finish"]}, errors.Overloaded),
+    "error_finish": ({"a:1": ["error"]}, errors.Internal),
+    "lost_then_done": ({"a:1": [[5], "end"], "b:2": [[6], "finish"]}, None),
+    "deadline": ({"a:1": [[5], errors.DeadlineExceeded("deadline")]}, errors.DeadlineExceeded),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+async def test_every_route_is_freed_exactly_once(source, case: str) -> None:
+    scripts, raised = FAILURES[case]
+    p, _, router = make(source, scripts, limit=1)
+    if raised is None:
+        await run(p, req(max_tokens=2))
+    else:
+        with pytest.raises(raised):
+            await run(p, req(max_tokens=2))
+    routed, freed = routes_and_frees(router)
+    assert routed and sorted(freed) == sorted(routed) and len(set(freed)) == len(freed)
+
+
+async def test_request_timeout_bounds_the_worker_call(source) -> None:
+    p, workers, _ = make(source, {"a:1": [[5], "finish"]})
+    r = req(max_tokens=1)
+    r.timeout_s = 0.5
+    prepared = p.prepare(MODEL, r)
+    [c async for c in p.generate(prepared, r, "r1", timeout=30.0)]
+    assert workers.timeouts[0] is not None and workers.timeouts[0] <= 0.5
+
+
+async def test_bad_words_allowed_ids_and_logit_bias_reach_the_worker(source) -> None:
+    _, tok = source
+    p, workers, _ = make(source, {"a:1": [[5], "finish"]})
+    r = req(max_tokens=1)
+    r.bad_words, r.allowed_token_ids, r.logit_bias = ["hello"], [5, 6], {7: -5.0}
+    await run(p, r)
+    sampling = workers.requests[0][1].sampling
+    seqs = [list(s.token_ids) for s in sampling.bad_words]
+    assert tok.encode("hello", add_special_tokens=False) in seqs
+    assert tok.encode(" hello", add_special_tokens=False) in seqs  # mid-sentence form, as vLLM
+    assert list(sampling.allowed_token_ids) == [5, 6] and dict(sampling.logit_bias) == {7: -5.0}
+    for field_name, value in (("allowed_token_ids", [10**9]), ("logit_bias", {10**9: 1.0})):
+        bad = req()
+        setattr(bad, field_name, value)
+        with pytest.raises(errors.InvalidArgument, match=f"{field_name}: token id 1000000000 outside vocabulary"):
+            p.prepare(MODEL, bad)
