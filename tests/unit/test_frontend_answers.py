@@ -34,24 +34,29 @@ def test_stream_responses_hold_back_tokens_and_echo_the_prompt(source) -> None: 
     request = pb.ModelInferRequest(model_name=MODEL, id="x")
     request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hi")
     r = Responder(request, llm(exclude_input_in_output=True), tok, stream_rpc=True)
-    assert r.chunk(Chunk("", 1)) == []  # a partial character: nothing to send yet
-    (first,) = r.chunk(Chunk(" é", 1, worker_id="w0"))
+    assert r.chunk(Chunk("", 1)) is None  # a partial character: nothing to send yet
+    first = r.chunk(Chunk(" é", 1, worker_id="w0"))
+    assert first is not None
     assert text_of(first) == " é".encode() and not first.parameters[FINAL].bool_param
     assert first.outputs[3].name == "num_output_tokens" and first.outputs[3].contents.int_contents[0] == 2
     echo = Responder(request, llm(), tok, stream_rpc=True)
-    (lead,) = echo.chunk(Chunk("", 1))
-    assert text_of(lead) == b"Hi"  # the prompt leads the output (Triton vLLM backend)
-    (last,) = r.chunk(Chunk("!", 1, "length", 3, 3, 0, "w0"))
-    assert last.parameters[FINAL].bool_param and last.parameters["completion_tokens"].int64_param == 3
+    lead = echo.chunk(Chunk("", 1))
+    assert lead is not None and text_of(lead) == b"Hi"  # the prompt leads the output (Triton vLLM backend)
+    last = r.chunk(Chunk("!", 1, "length", 3, 3, 0, "w0"))
+    assert (
+        last is not None and last.parameters[FINAL].bool_param and last.parameters["completion_tokens"].int64_param == 3
+    )
 
 
 def test_empty_final_response_when_asked(source) -> None:  # noqa: F811
     _, tok = source
     request = pb.ModelInferRequest(model_name=MODEL, id="x")
+    assert Responder(request, llm(), tok, stream_rpc=True).empty_final() is None
     r = Responder(request, llm(empty_final_response=True, exclude_input_in_output=True), tok, stream_rpc=True)
-    data, empty = r.chunk(Chunk("end", 1, "stop", 3, 1, 0, "w0"))
-    assert not data.parameters[FINAL].bool_param and data.outputs
-    assert empty.parameters[FINAL].bool_param and not empty.outputs and empty.id == "x"
+    data = r.chunk(Chunk("end", 1, "stop", 3, 1, 0, "w0"))
+    empty = r.empty_final()
+    assert data is not None and not data.parameters[FINAL].bool_param and data.outputs
+    assert empty is not None and empty.parameters[FINAL].bool_param and not empty.outputs and empty.id == "x"
 
 
 @pytest.fixture

@@ -46,33 +46,35 @@ class Responder:
         self.pending_tokens = 0
         self.pending_lps: list[common_pb2.TokenLogprob] = []
 
-    def chunk(self, c: Chunk) -> list[pb.ModelInferResponse]:
-        """Responses for one streamed chunk: none while its tokens made no text yet (they ride on the next)."""
+    def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
+        """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
         final = c.finish_reason is not None
         self.pending_tokens += c.num_new_tokens
         self.pending_lps.extend(c.logprobs)
         text = self.prefix + c.text
         if not text and not final:
-            return []
+            return None
         self.prefix = ""
         resp = self._response(text, c.finish_reason or "", c, self.pending_tokens, self.pending_lps)
         self.pending_tokens = 0
         self.pending_lps = []
-        return self._finalised(resp, final)
+        resp.parameters[FINAL].bool_param = final and not self.req.empty_final_response
+        return resp
 
-    def unary(self, r: Collected) -> list[pb.ModelInferResponse]:
+    def unary(self, r: Collected) -> pb.ModelInferResponse:
         """The one response of ModelInfer (or of stream=false on ModelStreamInfer)."""
         resp = self._response(r.text, r.last.finish_reason or "stop", r.last, r.last.completion_tokens, r.logprobs)
-        return self._finalised(resp, True) if self.stream_rpc else [resp]
+        if self.stream_rpc:
+            resp.parameters[FINAL].bool_param = not self.req.empty_final_response
+        return resp
 
-    def _finalised(self, resp: pb.ModelInferResponse, final: bool) -> list[pb.ModelInferResponse]:
-        if final and self.req.empty_final_response:
-            resp.parameters[FINAL].bool_param = False
-            empty = base(self.request)
-            empty.parameters[FINAL].bool_param = True
-            return [resp, empty]
-        resp.parameters[FINAL].bool_param = final
-        return [resp]
+    def empty_final(self) -> pb.ModelInferResponse | None:
+        """After the last data response of a stream: the empty final response, when the client asked for it."""
+        if not (self.stream_rpc and self.req.empty_final_response):
+            return None
+        empty = base(self.request)
+        empty.parameters[FINAL].bool_param = True
+        return empty
 
     def _response(
         self, text: str, finish: str, c: Chunk, new_tokens: int, lps: Sequence[common_pb2.TokenLogprob]

@@ -66,6 +66,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self._is_simple(name):
             self.pipeline.model(name)
 
+    async def _known(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self._check_model(name, version)
+        except errors.DynamoError as e:
+            await errors.abort(context, e)
+
     # -- health and metadata ------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -83,29 +89,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=VERSION, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        try:
-            self._check_model(request.name, request.version)
-        except errors.DynamoError as e:
-            await errors.abort(context, e)
+        await self._known(request.name, request.version, context)
         if self._is_simple(request.name):
             return metadata.simple_metadata(request.name)
         return metadata.llm_metadata(request.name)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        try:
-            self._check_model(request.name, request.version)
-        except errors.DynamoError as e:
-            await errors.abort(context, e)
+        await self._known(request.name, request.version, context)
         if self._is_simple(request.name):
             return metadata.simple_config(request.name)
         return metadata.llm_config(self.pipeline.model(request.name))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         if request.name:
-            try:
-                self._check_model(request.name, request.version)
-            except errors.DynamoError as e:
-                await errors.abort(context, e)
+            await self._known(request.name, request.version, context)
             names = [request.name]
         else:
             names = sorted({m.name for m in self.pipeline.registry.models()} | set(self.stats.models()))
@@ -194,17 +191,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if req.stream:
                 async for chunk in chunks:
                     t1 = time.perf_counter_ns()
-                    for resp in responder.chunk(chunk):
+                    resp = responder.chunk(chunk)
+                    out_ns += time.perf_counter_ns() - t1
+                    if resp is not None:
                         yield resp
                         responses += 1
-                    out_ns += time.perf_counter_ns() - t1
             else:
                 result = await collect(chunks)
                 t1 = time.perf_counter_ns()
-                for resp in responder.unary(result):
-                    yield resp
-                    responses += 1
+                resp = responder.unary(result)
                 out_ns = time.perf_counter_ns() - t1
+                yield resp
+                responses += 1
+            final = responder.empty_final()
+            if final is not None:
+                yield final
         except BaseException as e:
             if known:
                 cancelled = isinstance(e, (asyncio.CancelledError, GeneratorExit))
