@@ -16,6 +16,14 @@ from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import worker_pb2, worker_pb2_grpc
 
 
+def worker_error(e: grpc.aio.AioRpcError, address: str) -> errors.DynamoError:
+    """A worker's failure: INTERNAL/UNKNOWN mean the worker broke (migrate), whatever class it named."""
+    err = errors.from_grpc(e, f"worker {address}")
+    if isinstance(err, errors.Internal):
+        return errors.WorkerLost(err.message)
+    return err
+
+
 class ChannelPool:
     """One channel per peer address, closed together."""
 
@@ -56,7 +64,7 @@ class WorkerClient:
             async for resp in call:
                 yield resp
         except grpc.aio.AioRpcError as e:
-            raise errors.from_grpc(e, f"worker {address}") from None
+            raise worker_error(e, address) from None
         finally:
             call.cancel()
 
