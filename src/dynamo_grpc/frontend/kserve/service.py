@@ -189,19 +189,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             responder = Responder(request, req, p.model.tokenizer, stream_rpc)
             chunks = self.pipeline.generate(p, req, request.id or None, timeout)
             if req.stream:
-                async for chunk in chunks:
-                    t1 = time.perf_counter_ns()
-                    resp = responder.chunk(chunk)
-                    out_ns += time.perf_counter_ns() - t1
-                    if resp is not None:
-                        yield resp
-                        responses += 1
+                async with contextlib.aclosing(chunks):  # a client that goes away frees the route at once
+                    async for chunk in chunks:
+                        t1 = time.perf_counter_ns()
+                        resp = responder.chunk(chunk)
+                        out_ns += time.perf_counter_ns() - t1
+                        if resp is not None:
+                            yield resp
+                            responses += 1
             else:
                 result = await collect(chunks)
                 t1 = time.perf_counter_ns()
-                resp = responder.unary(result)
+                whole = responder.unary(result)
                 out_ns = time.perf_counter_ns() - t1
-                yield resp
+                yield whole
                 responses += 1
             final = responder.empty_final()
             if final is not None:
