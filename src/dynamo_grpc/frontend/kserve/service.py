@@ -192,10 +192,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async with contextlib.aclosing(chunks):  # a client that goes away frees the route at once
                     async for chunk in chunks:
                         t1 = time.perf_counter_ns()
-                        resp = responder.chunk(chunk)
+                        out = responder.chunk(chunk)
                         out_ns += time.perf_counter_ns() - t1
-                        if resp is not None:
-                            yield resp
+                        if out is not None:
+                            yield out
                             responses += 1
             else:
                 result = await collect(chunks)
