@@ -296,3 +296,22 @@ def test_openai_structured_output_and_tools_refused() -> None:
             parse_openai({"model": "m", "messages": MSGS, key: value}, chat=True)
     with pytest.raises(errors.UnsupportedOption, match=r"stream_options\.continuous_usage_stats"):
         parse_openai({"model": "m", "prompt": "x", "stream_options": {"continuous_usage_stats": True}}, chat=False)
+
+
+def test_tensor_parameters_are_honoured_or_refused() -> None:
+    from dynamo_grpc.frontend.kserve.parse import requested_outputs
+    from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
+
+    assert set(schema.TENSOR_PARAMETERS) == {"binary_data"}  # honoured: gRPC tensors are binary anyway
+    text = bytes_tensor("text_input", ["Hi"])
+    text.parameters["binary_data"] = True
+    assert parse_request({"text_input": text}, {}).prompt == "Hi"
+    text.parameters["shared_memory_region"] = "r0"
+    with pytest.raises(errors.Unimplemented, match="shared-memory"):
+        parse_request({"text_input": text}, {})
+    out = pb.ModelInferRequest.InferRequestedOutputTensor(name="text_output")
+    assert requested_outputs([out]) == ["text_output"]
+    out.parameters["classification"].int64_param = 3
+    with pytest.raises(errors.UnsupportedOption) as ei:
+        requested_outputs([out])
+    assert ei.value.option == "output 'text_output'.parameters.classification"

@@ -7,12 +7,12 @@ then tensors. Every error is `InvalidArgument` (or `UnsupportedOption`) naming t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from dynamo_grpc.errors import InvalidArgument, UnsupportedOption
+from dynamo_grpc.errors import InvalidArgument, Unimplemented, UnsupportedOption
 from dynamo_grpc.frontend.kserve import schema
 from dynamo_grpc.frontend.kserve.codec import Tensor
 from dynamo_grpc.frontend.request import DEFAULT_OUTPUTS, VLLM_KEYS, LlmRequest, SamplingBuilder, coerce
@@ -34,7 +34,25 @@ def _utf8(t: Tensor, v: Any) -> str:
         raise InvalidArgument(f"tensor '{t.name}': not valid UTF-8 ({e.reason} at byte {e.start})") from e
 
 
+def _check_tensor_parameters(where: str, params: Mapping[str, Any]) -> None:
+    for key in params:
+        if key.startswith("shared_memory"):
+            raise Unimplemented(f"{where}: shared-memory tensors are not supported")
+        if key not in schema.TENSOR_PARAMETERS:
+            raise UnsupportedOption(f"{where}.parameters.{key}", "is not supported")
+
+
+def requested_outputs(outputs: Iterable[Any]) -> list[str]:
+    """The names of a request's `outputs`, whose parameters must be ones we honour."""
+    names = []
+    for o in outputs:
+        _check_tensor_parameters(f"output '{o.name}'", o.parameters)
+        names.append(o.name)
+    return names
+
+
 def _check(t: Tensor) -> schema.InputSpec:
+    _check_tensor_parameters(f"tensor '{t.name}'", t.parameters)
     spec = schema.INPUTS.get(t.name)
     if spec is None:
         why = schema.REFUSED_INPUTS.get(t.name)

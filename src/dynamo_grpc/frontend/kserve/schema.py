@@ -124,6 +124,11 @@ REFUSED_PARAMETERS: dict[str, str] = {
     "sequence_end": "this is not a sequence-batching model",
 }
 
+#: per-tensor parameters honoured (any other, e.g. `classification`, is refused; `shared_memory_*` is UNIMPLEMENTED)
+TENSOR_PARAMETERS: dict[str, str] = {
+    "binary_data": "HTTP's binary encoding hint; gRPC tensors are always binary",
+}
+
 #: outputs an LLM model produces: name -> (datatype, dims)
 OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "text_output": ("BYTES", (-1,)),

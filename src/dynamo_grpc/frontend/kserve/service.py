@@ -23,7 +23,7 @@ from dynamo_grpc import errors
 from dynamo_grpc.frontend.collect import collect
 from dynamo_grpc.frontend.kserve import metadata, simple_model
 from dynamo_grpc.frontend.kserve.codec import decode_inputs, encode_outputs, parameters_dict
-from dynamo_grpc.frontend.kserve.parse import parse_request
+from dynamo_grpc.frontend.kserve.parse import parse_request, requested_outputs
 from dynamo_grpc.frontend.kserve.responses import FINAL, Responder, base, used_raw
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.stats import StatsBook
@@ -181,7 +181,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 total = time.perf_counter_ns() - t0
                 self.stats.record_success(name, total, 0, total, 0, 0, 1)
                 return
-            outputs = [o.name for o in request.outputs]
+            outputs = requested_outputs(request.outputs)
             req = parse_request(inputs, parameters_dict(request.parameters), outputs, stream_rpc=stream_rpc)
             if req.stream and not stream_rpc:
                 raise errors.InvalidArgument("tensor 'stream': true needs ModelStreamInfer (a decoupled stream)")
