@@ -302,7 +302,7 @@ def test_tensor_parameters_are_honoured_or_refused() -> None:
     from dynamo_grpc.frontend.kserve.parse import requested_outputs
     from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 
-    assert set(schema.TENSOR_PARAMETERS) == {"binary_data"}  # honoured: gRPC tensors are binary anyway
+    assert set(schema.TENSOR_PARAMETERS) == {"binary_data", "binary_data_size"}  # gRPC tensors are binary anyway
     text = bytes_tensor("text_input", ["Hi"])
     text.parameters["binary_data"] = True
     assert parse_request({"text_input": text}, {}).prompt == "Hi"
@@ -315,3 +315,17 @@ def test_tensor_parameters_are_honoured_or_refused() -> None:
     with pytest.raises(errors.UnsupportedOption) as ei:
         requested_outputs([out])
     assert ei.value.option == "output 'text_output'.parameters.classification"
+
+
+def test_binary_data_size_is_checked() -> None:
+    from dynamo_grpc.frontend.kserve.codec import TensorError, decode_inputs
+    from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name="m")
+    t = req.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    req.raw_input_contents.append(b"\x05\x00\x00\x00")
+    t.parameters["binary_data_size"].int64_param = 4
+    assert int(decode_inputs(req)["max_tokens"].data[0]) == 5
+    t.parameters["binary_data_size"].int64_param = 8
+    with pytest.raises(TensorError, match="binary_data_size is 8, raw data is 4 bytes"):
+        decode_inputs(req)

@@ -205,6 +205,9 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
         if raw:
             if t.HasField("contents") and t.contents.ByteSize():
                 raise TensorError(name, "has both contents and raw_input_contents")
+            size = t.parameters.get("binary_data_size")
+            if size is not None and size.WhichOneof("parameter_choice") and parameter_value(size) != len(raw[i]):
+                raise TensorError(name, f"binary_data_size is {parameter_value(size)}, raw data is {len(raw[i])} bytes")
             data = _decode_raw(name, t.datatype, shape, raw[i])
         else:
             data = _decode_contents(name, t.datatype, shape, t.contents)

@@ -127,6 +127,7 @@ REFUSED_PARAMETERS: dict[str, str] = {
 #: per-tensor parameters honoured (any other, e.g. `classification`, is refused; `shared_memory_*` is UNIMPLEMENTED)
 TENSOR_PARAMETERS: dict[str, str] = {
     "binary_data": "HTTP's binary encoding hint; gRPC tensors are always binary",
+    "binary_data_size": "checked against the raw contents' length (kserve's SDK sends it)",
 }
 
 #: outputs an LLM model produces: name -> (datatype, dims)
