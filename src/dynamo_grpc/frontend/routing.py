@@ -113,6 +113,9 @@ class LocalRouter:
         pass
 
 
+_UPDATE_RETRIES = 20  # reopen attempts (0.5 s apart) while updates wait for a router
+
+
 @dataclass
 class _RouterConn:
     """One router process: its channel and its Update stream (FREE must reach the router that routed)."""
@@ -132,6 +135,7 @@ class _RouterConn:
             self.updates.put_nowait(req)
         except asyncio.QueueFull:
             log.warning("router %s update queue full; dropping %s for %s", self.address, req.kind, req.request_id)
+        self.ensure_updates()
 
     def ensure_updates(self) -> None:
         if self.task is None or self.task.done():
@@ -150,6 +154,7 @@ class _RouterConn:
                 yield item
                 pending.clear()
 
+        failures = 0
         while True:
             try:
                 await self.stub().Update(feed())
@@ -159,8 +164,17 @@ class _RouterConn:
             except grpc.aio.AioRpcError as e:
                 log.warning("router %s Update stream broke (%s); reopening", self.address, e.code().name)
                 for item in pending:  # the message being sent when it broke
-                    self.send(item)
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self.updates.put_nowait(item)
                 pending.clear()
+                if self.updates.empty():
+                    return  # nothing to report: the next route reopens the stream
+                failures += 1
+                if failures > _UPDATE_RETRIES:  # the router is gone for good: its accounting went with it
+                    log.warning("router %s unreachable; dropping %d updates", self.address, self.updates.qsize())
+                    while not self.updates.empty():
+                        self.updates.get_nowait()
+                    return
                 await asyncio.sleep(0.5)
 
     async def close(self) -> None:
