@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def infer(address: str, model: str) -> pb.ModelInferResponse:
         return pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
 
 
+def router_metric(consul: str, model: str, name: str) -> float:
+    """One sample of the router's /metrics (its address is in its Consul Meta)."""
+    (router,) = _tagged(consul, "dynamo-router", model)
+    url = f"http://{router['Service']['Meta']['metrics_address']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def test_each_model_is_routed_by_its_own_router(mesh: tuple[Procs, str, str]) -> None:
     procs, consul, address = mesh
     for _ in range(3):
@@ -130,6 +140,9 @@ def test_each_model_is_routed_by_its_own_router(mesh: tuple[Procs, str, str]) ->
             resp = infer(address, m)
             assert resp.parameters["worker_id"].string_param == worker["Service"]["ID"]
             assert resp.parameters["completion_tokens"].int64_param == 3
+    for m in MODELS:  # each router made its own model's decisions, and got FREE for each (nothing left active)
+        assert router_metric(consul, m, "dynamo_router_decisions_total") == 3
+        procs.wait(f"{m}'s router to free", lambda m=m: router_metric(consul, m, "dynamo_router_active_sequences") == 0)
 
     # beta's router goes away: beta has no router (UNAVAILABLE, named), alpha is unaffected
     procs.stop("router-beta")
