@@ -80,9 +80,6 @@ def bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
 def sampling_options(req: LlmRequest, tokenizer: Tokenizer) -> common_pb2.SamplingOptions:
     """The worker's sampling options; the frontend-only options (stop strings, detokenising) stay here."""
     s = req.sampling
-    vocab = tokenizer.vocab_size
-    _check_ids("allowed_token_ids", req.allowed_token_ids, vocab)
-    _check_ids("logit_bias", list(req.logit_bias), vocab)
     out = common_pb2.SamplingOptions(
         temperature=s.temperature,
         top_p=s.top_p,
@@ -91,15 +88,20 @@ def sampling_options(req: LlmRequest, tokenizer: Tokenizer) -> common_pb2.Sampli
         repetition_penalty=s.repetition_penalty,
         frequency_penalty=s.frequency_penalty,
         presence_penalty=s.presence_penalty,
-        allowed_token_ids=req.allowed_token_ids,
-        logit_bias=req.logit_bias,
     )
-    for ids in bad_word_ids(tokenizer, req.bad_words):
-        out.bad_words.add(token_ids=ids)
     if s.seed is not None:
         out.seed = s.seed
     if s.logprobs is not None:
         out.logprobs = s.logprobs
+    if req.allowed_token_ids:
+        _check_ids("allowed_token_ids", req.allowed_token_ids, tokenizer.vocab_size)
+        out.allowed_token_ids.extend(req.allowed_token_ids)
+    if req.logit_bias:
+        _check_ids("logit_bias", list(req.logit_bias), tokenizer.vocab_size)
+        out.logit_bias.update(req.logit_bias)
+    if req.bad_words:
+        for ids in bad_word_ids(tokenizer, req.bad_words):
+            out.bad_words.add(token_ids=ids)
     return out
 
 

@@ -172,31 +172,47 @@ class SamplingBuilder:
     def validate(self) -> None:
         s = self.sampling
         lo, hi = LOGIT_BIAS_RANGE
-        checks: list[tuple[bool, str]] = [
-            (s.max_tokens >= 1, f"max_tokens must be >= 1, got {s.max_tokens}"),
-            (s.temperature >= 0, f"temperature must be >= 0, got {s.temperature}"),
-            (0 < s.top_p <= 1, f"top_p must be in (0, 1], got {s.top_p}"),
-            (s.top_k == -1 or s.top_k >= 0, f"top_k must be -1 (disabled) or >= 0, got {s.top_k}"),
-            (0 <= s.min_p <= 1, f"min_p must be in [0, 1], got {s.min_p}"),
-            (s.repetition_penalty > 0, f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
-            (-2 <= s.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {s.frequency_penalty}"),
-            (-2 <= s.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {s.presence_penalty}"),
-            (s.min_tokens >= 0, f"min_tokens must be >= 0, got {s.min_tokens}"),
-            (s.min_tokens <= s.max_tokens, f"min_tokens ({s.min_tokens}) must be <= max_tokens ({s.max_tokens})"),
-            (s.seed is None or 0 <= s.seed < 2**64, f"seed must be in [0, 2^64), got {s.seed}"),
-            (s.logprobs is None or 0 <= s.logprobs <= 20, f"logprobs must be in [0, 20], got {s.logprobs}"),
-            (len(self.stop) <= MAX_STOP_STRINGS, f"stop has {len(self.stop)} strings, at most {MAX_STOP_STRINGS}"),
-            (all(0 < len(x) <= MAX_STOP_LEN for x in self.stop), "stop strings must be 1..1024 characters"),
-            (len(self.bad_words) <= MAX_BAD_WORDS, f"bad_words has {len(self.bad_words)} words, at most 256"),
-            (all(0 < len(x) <= MAX_STOP_LEN for x in self.bad_words), "bad_words must be 1..1024 characters each"),
+        # (rule holds, message if not): messages are built only for a failing rule (this runs per request)
+        checks: tuple[tuple[bool, Callable[[], str]], ...] = (
+            (s.max_tokens >= 1, lambda: f"max_tokens must be >= 1, got {s.max_tokens}"),
+            (s.temperature >= 0, lambda: f"temperature must be >= 0, got {s.temperature}"),
+            (0 < s.top_p <= 1, lambda: f"top_p must be in (0, 1], got {s.top_p}"),
+            (s.top_k == -1 or s.top_k >= 0, lambda: f"top_k must be -1 (disabled) or >= 0, got {s.top_k}"),
+            (0 <= s.min_p <= 1, lambda: f"min_p must be in [0, 1], got {s.min_p}"),
+            (s.repetition_penalty > 0, lambda: f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
+            (
+                -2 <= s.frequency_penalty <= 2,
+                lambda: f"frequency_penalty must be in [-2, 2], got {s.frequency_penalty}",
+            ),
+            (-2 <= s.presence_penalty <= 2, lambda: f"presence_penalty must be in [-2, 2], got {s.presence_penalty}"),
+            (s.min_tokens >= 0, lambda: f"min_tokens must be >= 0, got {s.min_tokens}"),
+            (
+                s.min_tokens <= s.max_tokens,
+                lambda: f"min_tokens ({s.min_tokens}) must be <= max_tokens ({s.max_tokens})",
+            ),
+            (s.seed is None or 0 <= s.seed < 2**64, lambda: f"seed must be in [0, 2^64), got {s.seed}"),
+            (s.logprobs is None or 0 <= s.logprobs <= 20, lambda: f"logprobs must be in [0, 20], got {s.logprobs}"),
+            (
+                len(self.stop) <= MAX_STOP_STRINGS,
+                lambda: f"stop has {len(self.stop)} strings, at most {MAX_STOP_STRINGS}",
+            ),
+            (all(0 < len(x) <= MAX_STOP_LEN for x in self.stop), lambda: "stop strings must be 1..1024 characters"),
+            (
+                len(self.bad_words) <= MAX_BAD_WORDS,
+                lambda: f"bad_words has {len(self.bad_words)} words, at most {MAX_BAD_WORDS}",
+            ),
+            (
+                all(0 < len(x) <= MAX_STOP_LEN for x in self.bad_words),
+                lambda: "bad_words must be 1..1024 characters each",
+            ),
             (
                 all(lo <= b <= hi for b in self.logit_bias.values()),
-                f"logit_bias values must be in [{lo:g}, {hi:g}], got {self.logit_bias}",
+                lambda: f"logit_bias values must be in [{lo:g}, {hi:g}], got {self.logit_bias}",
             ),
-        ]
+        )
         for ok, msg in checks:
             if not ok:
-                raise InvalidArgument(f"sampling parameter {msg}")
+                raise InvalidArgument(f"sampling parameter {msg()}")
         if s.top_k == -1:
             s.top_k = 0
 

@@ -94,20 +94,20 @@ async def coalesced(
         await stream.aclose()
 
 
-def decode_request(
-    route_id: str, p: Prepared, lora: str, stop: common_pb2.StopConditions, generated: Sequence[int]
-) -> worker_pb2.DecodeRequest:
+def decode_request(route_id: str, p: Prepared, lora: str, generated: Sequence[int]) -> worker_pb2.DecodeRequest:
     """The worker's request for one placement: prompt plus tokens so far, the budget that is left."""
-    s = common_pb2.StopConditions()
-    s.CopyFrom(stop)
-    s.max_tokens = p.max_tokens - len(generated)
-    s.min_tokens = max(0, stop.min_tokens - len(generated))
+    stop = p.stop
+    if generated:  # a migration: the tokens so far are part of the prompt and count against the limits
+        stop = common_pb2.StopConditions()
+        stop.CopyFrom(p.stop)
+        stop.max_tokens = p.max_tokens - len(generated)
+        stop.min_tokens = max(0, p.stop.min_tokens - len(generated))
     return worker_pb2.DecodeRequest(
         request_id=route_id,
         model=p.model.name,
         token_ids=[*p.prompt_ids, *generated] if generated else p.prompt_ids,
         sampling=p.sampling,
-        stop=s,
+        stop=stop,
         lora=lora,
     )
 
@@ -162,7 +162,7 @@ class RouteSession:
             self.worker_id = pick.instance_id
             placed = route_id  # freed in `finally`, whatever happens to this placement
             remaining = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
-            request = decode_request(route_id, p, self.lora, p.stop, generated)
+            request = decode_request(route_id, p, self.lora, generated)
             first = True
             try:
                 stream = coalesced(self.workers.decode(pick.address, request, remaining))
