@@ -329,3 +329,14 @@ def test_binary_data_size_is_checked() -> None:
     t.parameters["binary_data_size"].int64_param = 8
     with pytest.raises(TensorError, match="binary_data_size is 8, raw data is 4 bytes"):
         decode_inputs(req)
+
+
+def test_metadata_advertises_exactly_what_parsing_honours() -> None:
+    from dynamo_grpc.frontend.kserve import metadata
+
+    meta = metadata.llm_metadata("m")
+    assert [t.name for t in meta.inputs] == list(schema.INPUTS)
+    assert not {t.name for t in meta.inputs} & set(schema.REFUSED_INPUTS)  # e.g. nothing refused is advertised
+    for t in meta.inputs:  # each advertised datatype is one parsing accepts
+        assert t.datatype in schema.INPUTS[t.name].datatypes
+    assert [t.name for t in meta.outputs] == list(schema.OUTPUTS)
