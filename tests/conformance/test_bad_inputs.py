@@ -86,6 +86,19 @@ def logprobs_from_mocker() -> pb.ModelInferRequest:
     return req
 
 
+def unknown_input() -> pb.ModelInferRequest:
+    req = good()
+    req.inputs.add(name="end_id", datatype="INT32", shape=[1])
+    req.raw_input_contents.append(b"\x02\x00\x00\x00")
+    return req
+
+
+def priority_parameter() -> pb.ModelInferRequest:
+    req = good()
+    req.parameters["priority"].int64_param = 2
+    return req
+
+
 CASES = [
     ("wrong_dtype", wrong_dtype, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
     ("wrong_shape", wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
@@ -97,6 +110,15 @@ CASES = [
     ("over_context", lambda: good(" hello" * 9000), grpc.StatusCode.RESOURCE_EXHAUSTED, "context length"),
     # the mocker runs no model: asking it for logprobs is refused, not answered with made-up numbers
     ("logprobs_from_mocker", logprobs_from_mocker, grpc.StatusCode.FAILED_PRECONDITION, "logprobs"),
+    # options that are not honoured are refused by name, never accepted and ignored
+    (
+        "structured_output",
+        lambda: good(guided_decoding={"json": {}}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "guided_decoding",
+    ),
+    ("refused_input", unknown_input, grpc.StatusCode.INVALID_ARGUMENT, "end_id"),
+    ("refused_parameter", priority_parameter, grpc.StatusCode.INVALID_ARGUMENT, "priority"),
 ]
 
 
@@ -173,6 +195,12 @@ async def test_client_cancel_and_deadline(mesh: Mesh) -> None:
         # A deadline shorter than the generation.
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await stub.ModelInfer(good(max_tokens=8000, ignore_eos=True), timeout=0.3)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Triton's `timeout` request parameter (microseconds) is a deadline too
+        req = good(max_tokens=8000, ignore_eos=True)
+        req.parameters["timeout"].int64_param = 300_000
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(req, timeout=30)
         assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await assert_still_serving(stub)
         stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL))

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from dynamo_grpc import errors
 from dynamo_grpc.engines.base import SamplingParams
-from dynamo_grpc.frontend.errors import Code, FrontendError, WorkerLost
+from dynamo_grpc.errors import WorkerLost
 from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
 from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
 from dynamo_grpc.frontend.request import LlmRequest
-from dynamo_grpc.frontend.routing import Pick, RoundRobinRouter, WorkerEndpoint
+from dynamo_grpc.frontend.routing import LocalRouter, Pick, WorkerEndpoint
 from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.tokens.tokenizer import Tokenizer
 from dynamo_grpc.v1 import common_pb2, worker_pb2
@@ -41,16 +42,21 @@ class FakeWorkers:
     scripts: dict[str, list[Step]]
     requests: list[tuple[str, worker_pb2.DecodeRequest]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)
 
     async def decode(
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         self.requests.append((address, request))
+        self.timeouts.append(timeout)
         try:
             for step in self.scripts[address]:
                 if isinstance(step, Exception):
                     raise step
                 if step == "end":
+                    return
+                if step == "error":
+                    yield worker_pb2.DecodeResponse(finish_reason=common_pb2.FINISH_REASON_ERROR)
                     return
                 if step == "finish":
                     yield worker_pb2.DecodeResponse(
@@ -64,7 +70,7 @@ class FakeWorkers:
             self.closed.append(address)
 
 
-class RecordingRouter(RoundRobinRouter):
+class RecordingRouter(LocalRouter):
     def __init__(self) -> None:
         super().__init__()
         self.events: list[tuple[str, str]] = []
@@ -182,26 +188,25 @@ async def test_stream_ending_without_finish_migrates(source) -> None:
 async def test_migration_limit(source) -> None:
     scripts: dict[str, list[Step]] = {"a:1": [WorkerLost("gone")], "b:2": [WorkerLost("gone")]}
     p, _, router = make(source, scripts, limit=1)
-    with pytest.raises(FrontendError) as ei:
+    with pytest.raises(errors.Unavailable) as ei:
         await run(p, req())
-    assert ei.value.code == Code.UNAVAILABLE and "migration limit 1" in ei.value.message
+    assert "migration limit 1" in ei.value.message
     rid = router.events[0][1].split("->")[0]
     assert [e for e in router.events if e[0] == "free"] == [("free", rid), ("free", f"{rid}.m1")]
 
 
 async def test_no_worker_left_after_loss(source) -> None:
     p, _, _ = make(source, {"a:1": [WorkerLost("gone")]})
-    with pytest.raises(FrontendError) as ei:
+    with pytest.raises(errors.Unavailable):
         await run(p, req())
-    assert ei.value.code == Code.UNAVAILABLE
 
 
 async def test_worker_refusal_is_not_migrated(source) -> None:
-    err = FrontendError(Code.RESOURCE_EXHAUSTED, "KV cache full")
+    err = errors.PromptTooLong("prompt needs more KV blocks than the worker has")
     p, workers, _ = make(source, {"a:1": [err], "b:2": [[1], "finish"]})
-    with pytest.raises(FrontendError) as ei:
+    with pytest.raises(errors.PromptTooLong):
         await run(p, req())
-    assert ei.value.code == Code.RESOURCE_EXHAUSTED and len(workers.requests) == 1
+    assert len(workers.requests) == 1
 
 
 async def test_client_cancel_closes_worker_stream_and_frees(source) -> None:
@@ -217,12 +222,10 @@ async def test_client_cancel_closes_worker_stream_and_frees(source) -> None:
 async def test_prompt_over_context_and_unknown_model(source) -> None:
     card, _ = source
     p, _, _ = make(source, {"a:1": ["finish"]})
-    with pytest.raises(FrontendError) as ei:
+    with pytest.raises(errors.PromptTooLong, match="context length"):
         p.prepare(MODEL, req(prompt=" hello" * (card.context_length + 10)))
-    assert ei.value.code == Code.RESOURCE_EXHAUSTED and "context length" in ei.value.message
-    with pytest.raises(FrontendError) as ei:
+    with pytest.raises(errors.ModelNotFound, match="nope"):
         p.prepare("nope", req())
-    assert ei.value.code == Code.NOT_FOUND and "nope" in ei.value.message
 
 
 async def test_max_tokens_clamped_to_context(source) -> None:
@@ -249,5 +252,97 @@ async def test_input_ids_bypass_tokenizer(source) -> None:
     r = LlmRequest(prompt=None, messages=None, stream=True, sampling=SamplingParams(), token_ids=[1, 2, 3])
     assert p.prepare(MODEL, r).prompt_ids == [1, 2, 3]
     r.token_ids = [10**9]
-    with pytest.raises(FrontendError, match="outside vocabulary"):
+    with pytest.raises(errors.InvalidArgument, match="outside vocabulary"):
         p.prepare(MODEL, r)
+
+
+def routes_and_frees(router: RecordingRouter) -> tuple[list[str], list[str]]:
+    routed = [e[1].split("->")[0] for e in router.events if e[0] == "route"]
+    freed = [e[1] for e in router.events if e[0] == "free"]
+    return routed, freed
+
+
+async def test_overloaded_worker_is_rerouted_once_not_counted_as_migration(source) -> None:
+    scripts: dict[str, list[Step]] = {"a:1": [errors.Overloaded("queue full")], "b:2": [[5, 6], "finish"]}
+    p, workers, router = make(source, scripts, limit=0)  # no migration allowed: a re-route is not one
+    r = req(max_tokens=2)
+    prepared = p.prepare(MODEL, r)
+    chunks = [c async for c in p.generate(prepared, r, "r1")]
+    assert chunks[-1].worker_id == "w1" and chunks[-1].completion_tokens == 2
+    assert prepared.timings.migrations == 0
+    routed, freed = routes_and_frees(router)
+    assert len(routed) == 2 and routed[1] == routed[0] + ".r" and freed == routed
+    # the second request did not exclude w0 for good: exclusion is per request
+    assert [a for a, _ in workers.requests] == ["a:1", "b:2"]
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+async def test_every_worker_full_is_overloaded(source, n_workers: int) -> None:
+    scripts: dict[str, list[Step]] = {f"w:{i}": [errors.Overloaded(f"queue {i} full")] for i in range(n_workers)}
+    p, workers, router = make(source, scripts)
+    with pytest.raises(errors.Overloaded) as ei:
+        await run(p, req())
+    assert len(workers.requests) == n_workers  # one re-route at most, whatever the worker count
+    status, headers, _ = errors.to_http(ei.value)
+    assert status == 429 and headers["Retry-After"]
+    routed, freed = routes_and_frees(router)
+    assert freed == routed
+
+
+async def test_error_finish_is_internal_and_not_migrated(source) -> None:
+    p, workers, _ = make(source, {"a:1": [[5], "error"], "b:2": [[1], "finish"]})
+    with pytest.raises(errors.Internal):
+        await run(p, req())
+    assert len(workers.requests) == 1
+
+
+FAILURES: dict[str, tuple[dict[str, list[Step]], type[BaseException] | None]] = {
+    "refused": ({"a:1": [errors.InvalidArgument("'bad_words' is not supported")]}, errors.InvalidArgument),
+    "too_long": ({"a:1": [errors.PromptTooLong("too long")]}, errors.PromptTooLong),
+    "migration_limit": ({"a:1": [[5], WorkerLost("x")], "b:2": [WorkerLost("y")]}, errors.Unavailable),
+    "all_full": ({"a:1": [errors.Overloaded("full")], "b:2": [errors.Overloaded("full")]}, errors.Overloaded),
+    "full_after_tokens": ({"a:1": [[5], errors.Overloaded("full")], "b:2": ["finish"]}, errors.Overloaded),
+    "error_finish": ({"a:1": ["error"]}, errors.Internal),
+    "lost_then_done": ({"a:1": [[5], "end"], "b:2": [[6], "finish"]}, None),
+    "deadline": ({"a:1": [[5], errors.DeadlineExceeded("deadline")]}, errors.DeadlineExceeded),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+async def test_every_route_is_freed_exactly_once(source, case: str) -> None:
+    scripts, raised = FAILURES[case]
+    p, _, router = make(source, scripts, limit=1)
+    if raised is None:
+        await run(p, req(max_tokens=2))
+    else:
+        with pytest.raises(raised):
+            await run(p, req(max_tokens=2))
+    routed, freed = routes_and_frees(router)
+    assert routed and sorted(freed) == sorted(routed) and len(set(freed)) == len(freed)
+
+
+async def test_request_timeout_bounds_the_worker_call(source) -> None:
+    p, workers, _ = make(source, {"a:1": [[5], "finish"]})
+    r = req(max_tokens=1)
+    r.timeout_s = 0.5
+    prepared = p.prepare(MODEL, r)
+    [c async for c in p.generate(prepared, r, "r1", timeout=30.0)]
+    assert workers.timeouts[0] is not None and workers.timeouts[0] <= 0.5
+
+
+async def test_bad_words_allowed_ids_and_logit_bias_reach_the_worker(source) -> None:
+    _, tok = source
+    p, workers, _ = make(source, {"a:1": [[5], "finish"]})
+    r = req(max_tokens=1)
+    r.bad_words, r.allowed_token_ids, r.logit_bias = ["hello"], [5, 6], {7: -5.0}
+    await run(p, r)
+    sampling = workers.requests[0][1].sampling
+    seqs = [list(s.token_ids) for s in sampling.bad_words]
+    assert tok.encode("hello", add_special_tokens=False) in seqs
+    assert tok.encode(" hello", add_special_tokens=False) in seqs  # mid-sentence form, as vLLM
+    assert list(sampling.allowed_token_ids) == [5, 6] and dict(sampling.logit_bias) == {7: -5.0}
+    for field_name, value in (("allowed_token_ids", [10**9]), ("logit_bias", {10**9: 1.0})):
+        bad = req()
+        setattr(bad, field_name, value)
+        with pytest.raises(errors.InvalidArgument, match=f"{field_name}: token id 1000000000 outside vocabulary"):
+            p.prepare(MODEL, bad)

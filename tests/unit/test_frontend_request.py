@@ -7,8 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from dynamo_grpc.frontend.request import DEFAULT_OUTPUTS, RequestError, parse_request
-from dynamo_grpc.frontend.tensors import Tensor, bytes_tensor, fixed_tensor
+from dynamo_grpc.errors import InvalidArgument as RequestError
+from dynamo_grpc.frontend.kserve.codec import Tensor, bytes_tensor, fixed_tensor
+from dynamo_grpc.frontend.kserve.parse import parse_request
+from dynamo_grpc.frontend.openai.protocol import parse_openai
+from dynamo_grpc.frontend.request import DEFAULT_OUTPUTS
 
 
 def inputs(*tensors: Tensor) -> dict[str, Tensor]:
@@ -93,13 +96,12 @@ def test_trtllm_tensors() -> None:
             bytes_tensor("stop", ["x", "yy"]),
             bytes_tensor("bad_words", ["zz"]),
             fixed_tensor("beam_width", "INT32", [1]),
-            fixed_tensor("some_future_input", "FP32", [1.0]),
         ),
         {},
     )
     s = r.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (9, 0.0, 0.5, 3, 7)
-    assert r.stop == ["x", "yy"]
+    assert r.stop == ["x", "yy"] and r.bad_words == ["zz"]
 
 
 def test_tensor_overrides_json_overrides_parameters() -> None:
@@ -108,7 +110,7 @@ def test_tensor_overrides_json_overrides_parameters() -> None:
     )
     assert r.sampling.max_tokens == 6
     assert parse_request(inputs(text(), sp({"max_tokens": 5})), {"max_tokens": 4}).sampling.max_tokens == 5
-    assert parse_request(inputs(text()), {"max_tokens": 4, "priority": 1}).sampling.max_tokens == 4
+    assert parse_request(inputs(text()), {"max_tokens": 4}).sampling.max_tokens == 4
 
 
 @pytest.mark.parametrize(
@@ -130,14 +132,14 @@ def test_tensor_overrides_json_overrides_parameters() -> None:
         ((text(), sp({"top_k": -2})), {}, "top_k must be -1"),
         ((text(), sp({"stop": [1]})), {}, "sampling_parameters.stop must be a string or a list of strings"),
         ((text(), sp({"stop_token_ids": [-1]})), {}, "stop_token_ids must be a list of non-negative integers"),
-        ((text(), sp({"n": 2})), {}, r"sampling_parameters.n must be 1"),
+        ((text(), sp({"n": 2})), {}, r"'n' must be 1 \(sampling_parameters\), got 2"),
         ((text(), sp({"min_tokens": 5, "max_tokens": 2})), {}, r"min_tokens \(5\) must be <= max_tokens \(2\)"),
         ((text(), sp({"seed": -1})), {}, "seed must be in"),
         ((text(), fixed_tensor("stream", "INT32", [1])), {}, "'stream': datatype must be BOOL, got INT32"),
         ((text(), fixed_tensor("stream", "BOOL", [True, False])), {}, "'stream': expected exactly one element"),
         ((text(), fixed_tensor("max_tokens", "FP32", [3.0])), {}, "'max_tokens': datatype must be one of"),
         ((text(), fixed_tensor("temperature", "BOOL", [True])), {}, "'temperature': datatype must be one of"),
-        ((text(), fixed_tensor("bad_words", "INT32", [1])), {}, "'bad_words': datatype must be one of"),
+        ((text(), fixed_tensor("bad_words", "INT32", [1])), {}, "'bad_words': datatype must be BYTES, got INT32"),
         ((text(), fixed_tensor("exclude_input_in_output", "INT8", [1])), {}, "'exclude_input_in_output'"),
         ((text(), bytes_tensor("stop", [b"\xff"])), {}, "'stop': not valid UTF-8"),
         ((text(),), {"temperature": "hot"}, "parameter.temperature must be a number"),
@@ -185,16 +187,14 @@ def test_top_k_minus_one_means_disabled() -> None:
 
 
 def test_openai_logprobs_fields() -> None:
-    from dynamo_grpc.frontend.request import parse_openai
-
-    _, req, _ = parse_openai({"model": "m", "prompt": "hi", "logprobs": 2}, chat=False)
+    req = parse_openai({"model": "m", "prompt": "hi", "logprobs": 2}, chat=False).req
     assert req.sampling.logprobs == 2
-    _, req, _ = parse_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, True)
+    req = parse_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, True).req
     assert req.sampling.logprobs == 0
     msgs = [{"role": "user", "content": "hi"}]
-    _, req, _ = parse_openai({"model": "m", "messages": msgs, "logprobs": True, "top_logprobs": 4}, chat=True)
+    req = parse_openai({"model": "m", "messages": msgs, "logprobs": True, "top_logprobs": 4}, chat=True).req
     assert req.sampling.logprobs == 4
-    _, req, _ = parse_openai({"model": "m", "messages": msgs}, chat=True)
+    req = parse_openai({"model": "m", "messages": msgs}, chat=True).req
     assert req.sampling.logprobs is None
     with pytest.raises(RequestError, match="top_logprobs"):
         parse_openai({"model": "m", "messages": msgs, "top_logprobs": 4}, chat=True)

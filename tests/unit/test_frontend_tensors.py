@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dynamo_grpc.frontend.tensors import (
+from dynamo_grpc.frontend.kserve.codec import (
     FIXED_DTYPES,
     Tensor,
     TensorError,
@@ -217,7 +217,7 @@ def test_parameters_survive() -> None:
 
 @pytest.mark.parametrize("raw", [True, False])
 def test_encode_scalars_matches_encode_outputs(raw: bool) -> None:
-    from dynamo_grpc.frontend.tensors import encode_scalars
+    from dynamo_grpc.frontend.kserve.codec import encode_scalars
 
     items = [
         ("t", "BYTES", "héllo"),

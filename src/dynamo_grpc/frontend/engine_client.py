@@ -1,7 +1,7 @@
 """gRPC clients for the processes a request crosses: the worker's DecodeService and ModelFilesService.
 
-Channels are kept per address. gRPC failures become the frontend's own errors here, so the pipeline
-can tell a dead worker (`WorkerLost`: migrate) from a refused request (`FrontendError`: report).
+Channels are kept per address. gRPC failures become `dynamo_grpc.errors` classes here (`errors.from_grpc`),
+so the route session reads from the error itself whether to migrate, re-route or report.
 """
 
 from __future__ import annotations
@@ -11,32 +11,17 @@ from collections.abc import AsyncGenerator
 
 import grpc
 
-from dynamo_grpc.frontend.errors import Code, FrontendError, WorkerLost
+from dynamo_grpc import errors
 from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import worker_pb2, worker_pb2_grpc
 
-# Statuses that mean "this worker is gone or broke the connection", not "this request is wrong".
-_LOST = frozenset(
-    [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED]
-)
-_PASS = {
-    grpc.StatusCode.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Code.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Code.DEADLINE_EXCEEDED,
-    grpc.StatusCode.NOT_FOUND: Code.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION: Code.FAILED_PRECONDITION,
-}
 
-
-def translate(e: grpc.aio.AioRpcError, what: str) -> Exception:
-    """A worker-side gRPC error as WorkerLost (retry elsewhere) or FrontendError (tell the client)."""
-    code = e.code()
-    if code in _LOST:
-        return WorkerLost(f"{what}: {code.name}: {e.details()}")
-    if code == grpc.StatusCode.CANCELLED:
-        # Cancelled by the worker (drain/shutdown) is a lost worker; our own cancel never reaches here.
-        return WorkerLost(f"{what}: cancelled by the worker: {e.details()}")
-    return FrontendError(_PASS.get(code, Code.INTERNAL), f"{what}: {e.details()}")
+def worker_error(e: grpc.aio.AioRpcError, address: str) -> errors.DynamoError:
+    """A worker's failure: INTERNAL/UNKNOWN mean the worker broke (migrate), whatever class it named."""
+    err = errors.from_grpc(e, f"worker {address}")
+    if isinstance(err, errors.Internal):
+        return errors.WorkerLost(err.message)
+    return err
 
 
 class ChannelPool:
@@ -79,7 +64,7 @@ class WorkerClient:
             async for resp in call:
                 yield resp
         except grpc.aio.AioRpcError as e:
-            raise translate(e, f"worker {address}") from None
+            raise worker_error(e, address) from None
         finally:
             call.cancel()
 
@@ -93,9 +78,9 @@ class WorkerClient:
             ):
                 parts.append(chunk.data)
         except grpc.aio.AioRpcError as e:
-            raise translate(e, f"GetModelFile {name} from {address}") from None
+            raise errors.from_grpc(e, f"GetModelFile {name} from {address}") from None
         data = b"".join(parts)
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
-            raise FrontendError(Code.INTERNAL, f"{name} from {address} has sha256 {got}, card says {sha256}")
+            raise errors.Internal(f"{name} from {address} has sha256 {got}, card says {sha256}")
         return data

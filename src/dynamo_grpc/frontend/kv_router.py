@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from dynamo_grpc import errors
 from dynamo_grpc.discovery import Discovery
-from dynamo_grpc.frontend.errors import Code, FrontendError
 from dynamo_grpc.frontend.routing import Pick, WorkerEndpoint
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.node import RouterNode
@@ -72,8 +72,7 @@ class EmbeddedKvRouter:
         node = self.node(model)
         router = node.router
         if not router.ready and not await node.wait_ready(self._ready_timeout):
-            raise FrontendError(
-                Code.UNAVAILABLE,
+            raise errors.Unavailable(
                 f"KV router for model '{model}' is still rebuilding its index from the workers' Replay",
             )
         inp = RouteInput(
@@ -87,17 +86,17 @@ class EmbeddedKvRouter:
         try:
             res = router.route(inp)
         except (NotReady, NoWorkers) as e:
-            raise FrontendError(Code.UNAVAILABLE, f"router: {e}") from None
+            raise errors.Unavailable(f"router: {e}") from None
         except AllBusy as e:
-            raise FrontendError(Code.RESOURCE_EXHAUSTED, f"router: {e}") from None
+            raise errors.Overloaded(f"router: {e}") from None
         except ValueError as e:
-            raise FrontendError(Code.INVALID_ARGUMENT, f"router: {e}") from None
+            raise errors.InvalidArgument(f"router: {e}") from None
         self._owner[request_id] = node
         address = res.address or next((w.address for w in workers if w.instance_id == res.instance_id), "")
         if not address:
             router.free(request_id)
             self._owner.pop(request_id, None)
-            raise FrontendError(Code.UNAVAILABLE, f"router chose {res.instance_id!r} with no address")
+            raise errors.Unavailable(f"router chose {res.instance_id!r} with no address")
         return Pick(res.instance_id, address, res.overlap_blocks)
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None:

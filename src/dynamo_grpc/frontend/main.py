@@ -3,7 +3,7 @@
 Watches Consul for workers (`dynamo-worker` + model cards), serves `inference.GRPCInferenceService`,
 and registers itself as `dynamo-frontend`. Routing: `kv` runs the KV router in this process (one
 index per model, fed by the workers' events); `kv-service` asks a `dynamo-router` over gRPC
-(`--router`, or the first one in Consul); `round-robin` and `random` need no index.
+(`--router`, or from Consul the router registered for the request's model); `round-robin` and `random` need no index.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_grpc.frontend.engine_client import WorkerClient
+from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
-from dynamo_grpc.frontend.routing import KvRouterClient, RandomRouter, RoundRobinRouter, Router
-from dynamo_grpc.frontend.service import InferenceServicer
+from dynamo_grpc.frontend.routing import KvRouterClient, LocalRouter, Router
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
 from dynamo_grpc.launch.children import check_ports
@@ -69,27 +69,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _RouterAddresses:
-    """The current router address: fixed by --router, or the first passing `dynamo-router` in Consul."""
+    """Which router serves a model: the one fixed by --router (every model), or, from Consul, a passing
+    `dynamo-router` tagged `model=<name>` (a router without a model tag is used for models no router claims)."""
 
     def __init__(self, fixed: str | None, namespace: str) -> None:
         self.fixed = fixed
         self.namespace = namespace
-        self.current: str | None = fixed
+        self.by_model: dict[str, list[str]] = {}
 
-    def __call__(self) -> str | None:
-        return self.current
+    def __call__(self, model: str) -> str | None:
+        if self.fixed:
+            return self.fixed
+        addrs = self.by_model.get(model) or self.by_model.get("")
+        return addrs[0] if addrs else None
+
+    def update(self, snapshot: list[Any]) -> None:
+        by_model: dict[str, list[str]] = {}
+        for i in snapshot:
+            if any(t.startswith("namespace=") for t in i.tags) and f"namespace={self.namespace}" not in i.tags:
+                continue
+            model = next((t.removeprefix("model=") for t in i.tags if t.startswith("model=")), "")
+            addr = i.meta.get("grpc_address") or f"{i.address}:{i.port}"
+            by_model.setdefault(model, []).append(addr)
+        for model, addrs in by_model.items():  # keep a model on its router while that router lives
+            old = self.by_model.get(model)
+            if old and old[0] in addrs:
+                addrs.remove(old[0])
+                addrs.insert(0, old[0])
+        if by_model != self.by_model:
+            log.info("routers: %s", {m or "(any model)": a[0] for m, a in by_model.items()})
+        self.by_model = by_model
 
     async def watch(self, discovery: Any) -> None:
         async for snapshot in discovery.watch("dynamo-router"):
-            ours = [
-                i
-                for i in snapshot
-                if not any(t.startswith("namespace=") for t in i.tags) or f"namespace={self.namespace}" in i.tags
-            ]
-            addrs = [i.meta.get("grpc_address") or f"{i.address}:{i.port}" for i in ours]
-            if self.current not in addrs:
-                self.current = addrs[0] if addrs else None
-                log.info("router: %s", self.current)
+            self.update(snapshot)
 
 
 async def _start_routers(registry: ModelRegistry, router: EmbeddedKvRouter) -> None:
@@ -131,10 +144,8 @@ async def serve(args: argparse.Namespace) -> int:
         router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host)
     elif args.router_mode == "kv-service":
         router = KvRouterClient(router_addr)
-    elif args.router_mode == "round-robin":
-        router = RoundRobinRouter()
     else:
-        router = RandomRouter()
+        router = LocalRouter.for_mode(args.router_mode)
     pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
@@ -152,7 +163,7 @@ async def serve(args: argparse.Namespace) -> int:
     http_address = ""
     runners = []
     if args.http_port >= 0 or args.metrics_port >= 0:
-        from dynamo_grpc.frontend.openai_http import start_http
+        from dynamo_grpc.frontend.openai.app import start_http
 
         if args.http_port >= 0:
             runner, http_address = await start_http(args.host, args.http_port, pipeline, stats)

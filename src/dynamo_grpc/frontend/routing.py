@@ -1,9 +1,10 @@
-"""Picking a worker for a request: the KV router over gRPC, or round-robin/random over live workers.
+"""Picking a worker for a request: a KV router over gRPC (one per model), or a local policy.
 
-`kv` asks a `dynamo-router` (RouterService.Route) and reports progress on one long-lived
-Update stream (PREFILL_DONE after the first token, FREE at the end) so the router's active-block
-accounting stays right. `round-robin` and `random` decide here from the live worker set and need no
-router. Progress reports are fire-and-forget (`prefill_done`/`free` never block a request).
+`KvRouterClient` (`--router-mode kv-service`) asks the `dynamo-router` that serves the request's model
+(RouterService.Route) and reports progress on that router's long-lived Update stream (PREFILL_DONE after
+the first token, FREE at the end), so each router's active-block accounting stays right. `LocalRouter`
+(`round-robin`, `random`) decides here from the live worker set with one policy function. Progress reports
+are fire-and-forget (`prefill_done`/`free` never block a request). Failures are `dynamo_grpc.errors` classes.
 """
 
 from __future__ import annotations
@@ -14,18 +15,16 @@ import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
 
-from dynamo_grpc.frontend.errors import Code, FrontendError
+from dynamo_grpc import errors
 from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-ROUTE_METHOD = "/dynamo_grpc.v1.RouterService/Route"
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,29 @@ class Router(Protocol):
     async def close(self) -> None: ...
 
 
-def _candidates(workers: Sequence[WorkerEndpoint], exclude: set[str]) -> list[WorkerEndpoint]:
-    live = [w for w in workers if w.instance_id not in exclude]
-    if not live:
-        raise FrontendError(Code.UNAVAILABLE, "no live worker serves this model")
-    return sorted(live, key=lambda w: w.instance_id)
+Policy = Callable[[list[WorkerEndpoint]], WorkerEndpoint]
 
 
-class RoundRobinRouter:
-    """Cycles through the live workers of each model."""
+def round_robin() -> Policy:
+    """Cycle through the live workers."""
+    counter = itertools.count()
+    return lambda live: live[next(counter) % len(live)]
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
+
+def uniform_random(seed: int | None = None) -> Policy:
+    """A uniform choice among the live workers."""
+    return random.Random(seed).choice
+
+
+class LocalRouter:
+    """Routes with a policy over the live workers of each model; keeps no per-request state."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self._policy = policy or round_robin()
+
+    @classmethod
+    def for_mode(cls, mode: str) -> LocalRouter:
+        return cls(round_robin() if mode == "round-robin" else uniform_random())
 
     async def route(
         self,
@@ -87,11 +97,11 @@ class RoundRobinRouter:
         expected_output_tokens: int,
         lora: str,
     ) -> Pick:
-        w = self._choose(_candidates(workers, exclude))
+        live = sorted((w for w in workers if w.instance_id not in exclude), key=lambda w: w.instance_id)
+        if not live:
+            raise errors.Unavailable(f"no live worker serves model '{model}'")
+        w = self._policy(live)
         return Pick(w.instance_id, w.address)
-
-    def _choose(self, live: list[WorkerEndpoint]) -> WorkerEndpoint:
-        return live[next(self._counter) % len(live)]
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None:
         pass
@@ -103,39 +113,99 @@ class RoundRobinRouter:
         pass
 
 
-class RandomRouter(RoundRobinRouter):
-    """Uniform choice among live workers."""
+_UPDATE_RETRIES = 20  # reopen attempts (0.5 s apart) while updates wait for a router
 
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__()
-        self._rng = random.Random(seed)
 
-    def _choose(self, live: list[WorkerEndpoint]) -> WorkerEndpoint:
-        return self._rng.choice(live)
+@dataclass
+class _RouterConn:
+    """One router process: its channel and its Update stream (FREE must reach the router that routed)."""
+
+    address: str
+    channel: grpc.aio.Channel
+    updates: asyncio.Queue[router_pb2.UpdateRequest | None] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=65536)
+    )
+    task: asyncio.Task[None] | None = None
+
+    def stub(self) -> router_pb2_grpc.RouterServiceStub:
+        return router_pb2_grpc.RouterServiceStub(self.channel)
+
+    def send(self, req: router_pb2.UpdateRequest) -> None:
+        try:
+            self.updates.put_nowait(req)
+        except asyncio.QueueFull:
+            log.warning("router %s update queue full; dropping %s for %s", self.address, req.kind, req.request_id)
+        self.ensure_updates()
+
+    def ensure_updates(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        """Keep one Update stream open; reopen it (after a pause) when the router restarts."""
+        pending: list[router_pb2.UpdateRequest] = []
+
+        async def feed() -> AsyncIterator[router_pb2.UpdateRequest]:
+            while True:
+                item = await self.updates.get()
+                if item is None:
+                    return
+                pending.append(item)
+                yield item
+                pending.clear()
+
+        failures = 0
+        while True:
+            try:
+                await self.stub().Update(feed())
+                return  # feed() ended: closing
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                log.warning("router %s Update stream broke (%s); reopening", self.address, e.code().name)
+                for item in pending:  # the message being sent when it broke
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self.updates.put_nowait(item)
+                pending.clear()
+                if self.updates.empty():
+                    return  # nothing to report: the next route reopens the stream
+                failures += 1
+                if failures > _UPDATE_RETRIES:  # the router is gone for good: its accounting went with it
+                    log.warning("router %s unreachable; dropping %d updates", self.address, self.updates.qsize())
+                    while not self.updates.empty():
+                        self.updates.get_nowait()
+                    return
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.updates.put_nowait(None)
+            try:
+                await asyncio.wait_for(self.task, 2.0)
+            except (TimeoutError, asyncio.CancelledError, grpc.aio.AioRpcError):
+                self.task.cancel()
+        await self.channel.close(None)
 
 
 class KvRouterClient:
-    """Routes through a RouterService. `address_fn` gives the current router address (static or Consul)."""
+    """Routes through RouterServices. `address_fn(model)` gives the router serving a model (fixed or Consul)."""
 
-    def __init__(self, address_fn: Callable[[], str | None], timeout_s: float = 5.0) -> None:
+    def __init__(self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0) -> None:
         self._address_fn = address_fn
         self._timeout = timeout_s
-        self._channel: grpc.aio.Channel | None = None
-        self._channel_addr: str | None = None
-        self._updates: asyncio.Queue[router_pb2.UpdateRequest | None] = asyncio.Queue(maxsize=65536)
-        self._update_task: asyncio.Task[None] | None = None
+        self._conns: dict[str, _RouterConn] = {}
+        self._owner: dict[str, _RouterConn] = {}  # request id -> the router that routed it
 
-    def _stub(self) -> router_pb2_grpc.RouterServiceStub:
-        addr = self._address_fn()
+    def _conn(self, model: str) -> _RouterConn:
+        addr = self._address_fn(model)
         if addr is None:
-            raise FrontendError(Code.UNAVAILABLE, "no dynamo-router is live (use --router or --router-mode)")
-        if self._channel is None or addr != self._channel_addr:
-            if self._channel is not None:
-                old = self._channel
-                asyncio.get_running_loop().create_task(old.close(1.0))
-            self._channel = open_channel(addr, ChannelOptions(idempotent=("dynamo_grpc.v1.RouterService/Route",)))
-            self._channel_addr = addr
-        return router_pb2_grpc.RouterServiceStub(self._channel)
+            raise errors.Unavailable(f"no dynamo-router is live for model '{model}' (use --router or start one)")
+        conn = self._conns.get(addr)
+        if conn is None:
+            ch = open_channel(addr, ChannelOptions(idempotent=("dynamo_grpc.v1.RouterService/Route",)))
+            conn = self._conns[addr] = _RouterConn(addr, ch)
+        return conn
 
     async def route(
         self,
@@ -147,8 +217,8 @@ class KvRouterClient:
         expected_output_tokens: int,
         lora: str,
     ) -> Pick:
-        stub = self._stub()
-        self._ensure_updates()
+        conn = self._conn(model)
+        conn.ensure_updates()
         req = router_pb2.RouteRequest(
             request_id=request_id,
             model=model,
@@ -158,83 +228,32 @@ class KvRouterClient:
             expected_output_tokens=expected_output_tokens,
         )
         try:
-            resp = await stub.Route(req, timeout=self._timeout)
+            resp = await conn.stub().Route(req, timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise FrontendError(Code.RESOURCE_EXHAUSTED, f"router: {e.details()}") from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-                raise FrontendError(Code.UNAVAILABLE, f"router: {e.details()}") from None
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise FrontendError(Code.INVALID_ARGUMENT, f"router: {e.details()}") from None
-            raise FrontendError(Code.UNAVAILABLE, f"router: {code.name}: {e.details()}") from None
-        address = resp.address
+            err = errors.from_grpc(e, f"router {conn.address}")
+            if isinstance(err, (errors.WorkerLost, errors.NotFound)):  # the router (not a worker) is gone / empty
+                err = errors.Unavailable(err.message)
+            raise err from None
+        address = resp.address or next((w.address for w in workers if w.instance_id == resp.worker.instance_id), "")
+        self._owner[request_id] = conn
         if not address:
-            known = {w.instance_id: w.address for w in workers}
-            address = known.get(resp.worker.instance_id, "")
-        if not address:
-            raise FrontendError(Code.UNAVAILABLE, f"router chose {resp.worker.instance_id!r} with no address")
+            self.free(request_id, 0)
+            raise errors.Unavailable(f"router chose {resp.worker.instance_id!r} with no address")
         return Pick(resp.worker.instance_id, address, resp.overlap_blocks)
 
-    def _send(self, req: router_pb2.UpdateRequest) -> None:
-        try:
-            self._updates.put_nowait(req)
-        except asyncio.QueueFull:
-            log.warning("router update queue full; dropping %s for %s", req.kind, req.request_id)
-
     def prefill_done(self, request_id: str, output_tokens: int) -> None:
-        self._send(
-            router_pb2.UpdateRequest(
-                request_id=request_id,
-                kind=router_pb2.SEQUENCE_EVENT_KIND_PREFILL_DONE,
-                output_tokens=output_tokens,
-            )
-        )
+        conn = self._owner.get(request_id)
+        if conn is not None:
+            kind = router_pb2.SEQUENCE_EVENT_KIND_PREFILL_DONE
+            conn.send(router_pb2.UpdateRequest(request_id=request_id, kind=kind, output_tokens=output_tokens))
 
     def free(self, request_id: str, output_tokens: int) -> None:
-        self._send(
-            router_pb2.UpdateRequest(
-                request_id=request_id, kind=router_pb2.SEQUENCE_EVENT_KIND_FREE, output_tokens=output_tokens
-            )
-        )
-
-    def _ensure_updates(self) -> None:
-        if self._update_task is None or self._update_task.done():
-            self._update_task = asyncio.get_running_loop().create_task(self._pump_updates())
-
-    async def _pump_updates(self) -> None:
-        """Keep one Update stream open; reopen it (after a pause) when the router restarts."""
-        pending: list[router_pb2.UpdateRequest] = []
-
-        async def feed() -> AsyncIterator[router_pb2.UpdateRequest]:
-            while True:
-                item = await self._updates.get()
-                if item is None:
-                    return
-                pending.append(item)
-                yield item
-                pending.clear()
-
-        while True:
-            try:
-                await self._stub().Update(feed())
-                return  # feed() ended: closing
-            except asyncio.CancelledError:
-                raise
-            except (grpc.aio.AioRpcError, FrontendError) as e:
-                log.warning("router Update stream broke (%s); reopening", e)
-                for item in pending:  # the message being sent when it broke
-                    self._send(item)
-                pending.clear()
-                await asyncio.sleep(0.5)
+        conn = self._owner.pop(request_id, None)
+        if conn is not None:
+            kind = router_pb2.SEQUENCE_EVENT_KIND_FREE
+            conn.send(router_pb2.UpdateRequest(request_id=request_id, kind=kind, output_tokens=output_tokens))
 
     async def close(self) -> None:
-        if self._update_task is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._updates.put_nowait(None)
-            try:
-                await asyncio.wait_for(self._update_task, 2.0)
-            except (TimeoutError, asyncio.CancelledError, grpc.aio.AioRpcError, FrontendError):
-                self._update_task.cancel()
-        if self._channel is not None:
-            await self._channel.close(None)
+        await asyncio.gather(*(c.close() for c in self._conns.values()), return_exceptions=True)
+        self._conns.clear()
+        self._owner.clear()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynamo_grpc.frontend.tensors import Tensor, TensorError
+from dynamo_grpc.frontend.kserve.codec import Tensor, TensorError
 
 NAME = "simple"
 INPUTS = (("INPUT0", "INT32", [-1, 16]), ("INPUT1", "INT32", [-1, 16]))

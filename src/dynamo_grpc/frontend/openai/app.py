@@ -2,12 +2,13 @@
 /v1/models, /health, /metrics.
 
 Only the HTTP shape differs from the KServe servicer; preprocessing, routing, migration and
-detokenisation are the pipeline's.
+detokenisation are the pipeline's, and every failure is answered through `errors.to_http`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -16,30 +17,22 @@ import prometheus_client
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from dynamo_grpc.frontend import logprobs
-from dynamo_grpc.frontend.errors import Code, FrontendError
-from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
-from dynamo_grpc.frontend.request import RequestError, parse_openai
+from dynamo_grpc import errors
+from dynamo_grpc.frontend.collect import collect
+from dynamo_grpc.frontend.openai.protocol import Choices, parse_openai, usage
+from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.stats import StatsBook
-from dynamo_grpc.v1 import common_pb2
 
-_HTTP_STATUS = {
-    Code.INVALID_ARGUMENT: 400,
-    Code.NOT_FOUND: 404,
-    Code.RESOURCE_EXHAUSTED: 400,  # OpenAI answers 400 for a prompt over the context length
-    Code.UNAVAILABLE: 503,
-    Code.DEADLINE_EXCEEDED: 504,
-    Code.CANCELLED: 499,
-    Code.INTERNAL: 500,
-    Code.FAILED_PRECONDITION: 400,
-}
+log = logging.getLogger(__name__)
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
-    body = {
-        "error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "code": code}
-    }
-    return web.json_response(body, status=status)
+def error_response(e: BaseException) -> web.Response:
+    """Any failure as the OpenAI error answer (status, Retry-After, body) of `errors.to_http`."""
+    err = errors.from_exception(e)
+    if isinstance(err, errors.Internal) and err is not e:
+        log.exception("internal error", exc_info=e)
+    status, headers, body = errors.to_http(err)
+    return web.json_response(body, status=status, headers=headers)
 
 
 class _StatsCollector:
@@ -125,73 +118,41 @@ class OpenAiApp:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, f"request body is not valid JSON: {e}", "invalid_json")
+            return error_response(errors.InvalidArgument(f"request body is not valid JSON: {e}"))
         try:
-            model, req, include_usage = parse_openai(body, chat)
-            p = self.pipeline.prepare(model, req)
-        except RequestError as e:
-            return _error(400, str(e), "invalid_request")
-        except FrontendError as e:
-            return _error(_HTTP_STATUS[e.code], e.message, e.code.value.lower())
+            o = parse_openai(body, chat)
+            p = self.pipeline.prepare(o.model, o.req)
+        except errors.DynamoError as e:
+            return error_response(e)
+        req = o.req
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         echo = req.prompt if (req.prompt is not None and not req.exclude_input_in_output) else ""
-
-        want_lp = req.sampling.logprobs is not None
-        tokenizer = p.model.tokenizer
-        text_offset = len(echo)
-
-        def choice(text: str, finish: str | None, delta: bool, lps: list[common_pb2.TokenLogprob]) -> dict[str, Any]:
-            nonlocal text_offset
-            out: dict[str, Any]
-            if chat:
-                key = "delta" if delta else "message"
-                out = {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
-                out["logprobs"] = logprobs.openai_chat(lps, tokenizer) if want_lp else None
-                return out
-            out = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            if want_lp:
-                out["logprobs"] = logprobs.openai_completion(lps, tokenizer, text_offset)
-                text_offset += sum(len(t) for t in out["logprobs"]["tokens"])
-            return out
-
-        def usage(c: Chunk) -> dict[str, Any]:
-            return {
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
-            }
-
-        gen = self.pipeline.generate(p, req, rid)
+        choices = Choices(req, p.model.tokenizer, chat, echo)
+        # the client's `user` goes into the request id the logs and traces carry
+        gen = self.pipeline.generate(p, req, f"{rid}:{o.user}" if o.user else rid)
         if not req.stream:
-            parts = [echo]
-            all_lps: list[common_pb2.TokenLogprob] = []
-            last: Chunk | None = None
             try:
-                async for c in gen:
-                    parts.append(c.text)
-                    all_lps.extend(c.logprobs)
-                    last = c
-            except FrontendError as e:
+                r = await collect(gen, echo)
+            except Exception as e:
                 self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
-                return _error(_HTTP_STATUS[e.code], e.message, e.code.value.lower())
-            assert last is not None
+                return error_response(e)
             self._record(p, t0)
             return web.json_response(
                 {
                     "id": rid,
                     "object": obj,
                     "created": created,
-                    "model": model,
-                    "choices": [choice("".join(parts), last.finish_reason, False, all_lps)],
-                    "usage": usage(last),
+                    "model": o.model,
+                    "choices": [choices.choice(r.text, r.last.finish_reason, False, r.logprobs)],
+                    "usage": usage(r.last),
                 }
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        obj_chunk = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created}
+        head["model"] = o.model
 
         async def send(data: dict[str, Any]) -> None:
             await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
@@ -201,30 +162,13 @@ class OpenAiApp:
             async for c in gen:
                 text = (echo + c.text) if first else c.text
                 first = False
-                await send(
-                    {
-                        "id": rid,
-                        "object": obj_chunk,
-                        "created": created,
-                        "model": model,
-                        "choices": [choice(text, c.finish_reason, True, c.logprobs)],
-                    }
-                )
-                if c.finish_reason is not None and include_usage:
-                    await send(
-                        {
-                            "id": rid,
-                            "object": obj_chunk,
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage(c),
-                        }
-                    )
+                await send({**head, "choices": [choices.choice(text, c.finish_reason, True, c.logprobs)]})
+                if c.finish_reason is not None and o.include_usage:
+                    await send({**head, "choices": [], "usage": usage(c)})
             self._record(p, t0)
-        except FrontendError as e:
+        except Exception as e:  # the status line is sent: the error travels as an event (as OpenAI does)
             self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
-            await send({"error": {"message": e.message, "code": e.code.value.lower()}})
+            await send(errors.openai_body(errors.from_exception(e)))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

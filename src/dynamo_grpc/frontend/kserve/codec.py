@@ -3,7 +3,7 @@
 A tensor travels either in `raw_input_contents` / `raw_output_contents` (little-endian bytes; BYTES
 elements each carry a 4-byte little-endian length prefix) or in the typed `contents` fields. Triton's
 clients send raw and read raw, so a response uses raw when its request did (`encode_outputs(raw=True)`).
-This module knows the wire rules only; which tensors an LLM request has is `frontend/request.py`'s job.
+This module knows the wire rules only; which tensors an LLM request has is `schema.py`'s job.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dynamo_grpc.errors import InvalidArgument
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 
 #: Fixed-width datatypes and their little-endian numpy dtype. BF16 is carried as uint16 bits.
@@ -53,7 +54,7 @@ _CONTENTS_FIELD: dict[str, str] = {
 _LEN = struct.Struct("<I")
 
 
-class TensorError(ValueError):
+class TensorError(InvalidArgument):
     """A tensor that does not decode: bad datatype, shape, size or contents. Names the tensor."""
 
     def __init__(self, tensor: str, message: str) -> None:
@@ -204,6 +205,9 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
         if raw:
             if t.HasField("contents") and t.contents.ByteSize():
                 raise TensorError(name, "has both contents and raw_input_contents")
+            size = t.parameters.get("binary_data_size")
+            if size is not None and size.WhichOneof("parameter_choice") and parameter_value(size) != len(raw[i]):
+                raise TensorError(name, f"binary_data_size is {parameter_value(size)}, raw data is {len(raw[i])} bytes")
             data = _decode_raw(name, t.datatype, shape, raw[i])
         else:
             data = _decode_contents(name, t.datatype, shape, t.contents)

@@ -1,0 +1,102 @@
+"""ModelInferResponses for one LLM request: prompt echo, token hold-back, outputs by name, the final flag.
+
+As Triton's vLLM backend: `text_output` leads with the prompt unless `exclude_input_in_output`; on a
+decoupled stream each chunk of text is one response and the last carries `triton_final_response` (or, with
+the `triton_enable_empty_final_response` parameter, an extra empty response does). Tokens that produced
+no text yet (a partial character) are counted on the next response that carries text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dynamo_grpc.frontend import logprobs
+from dynamo_grpc.frontend.collect import Collected
+from dynamo_grpc.frontend.kserve import schema
+from dynamo_grpc.frontend.kserve.codec import encode_scalars
+from dynamo_grpc.frontend.request import LlmRequest
+from dynamo_grpc.frontend.token_stream import Chunk
+from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
+from dynamo_grpc.tokens.tokenizer import Tokenizer
+from dynamo_grpc.v1 import common_pb2
+
+FINAL = "triton_final_response"
+
+
+def used_raw(request: pb.ModelInferRequest) -> bool:
+    """Triton's clients send raw and expect raw; a request without inputs gets raw too."""
+    return bool(request.raw_input_contents) or not request.inputs
+
+
+def base(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+
+
+class Responder:
+    """Builds the responses of one request (stream or unary) from its chunks."""
+
+    def __init__(self, request: pb.ModelInferRequest, req: LlmRequest, tokenizer: Tokenizer, stream_rpc: bool):
+        self.request = request
+        self.req = req
+        self.tokenizer = tokenizer
+        self.stream_rpc = stream_rpc
+        self.raw = used_raw(request)
+        # the prompt text leads the output unless exclude_input_in_output is set
+        self.prefix = req.prompt if (req.prompt is not None and not req.exclude_input_in_output) else ""
+        self.pending_tokens = 0
+        self.pending_lps: list[common_pb2.TokenLogprob] = []
+
+    def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
+        """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
+        final = c.finish_reason is not None
+        self.pending_tokens += c.num_new_tokens
+        self.pending_lps.extend(c.logprobs)
+        text = self.prefix + c.text
+        if not text and not final:
+            return None
+        self.prefix = ""
+        resp = self._response(text, c.finish_reason or "", c, self.pending_tokens, self.pending_lps)
+        self.pending_tokens = 0
+        self.pending_lps = []
+        resp.parameters[FINAL].bool_param = final and not self.req.empty_final_response
+        return resp
+
+    def unary(self, r: Collected) -> pb.ModelInferResponse:
+        """The one response of ModelInfer (or of stream=false on ModelStreamInfer)."""
+        resp = self._response(r.text, r.last.finish_reason or "stop", r.last, r.last.completion_tokens, r.logprobs)
+        if self.stream_rpc:
+            resp.parameters[FINAL].bool_param = not self.req.empty_final_response
+        return resp
+
+    def empty_final(self) -> pb.ModelInferResponse | None:
+        """After the last data response of a stream: the empty final response, when the client asked for it."""
+        if not (self.stream_rpc and self.req.empty_final_response):
+            return None
+        empty = base(self.request)
+        empty.parameters[FINAL].bool_param = True
+        return empty
+
+    def _response(
+        self, text: str, finish: str, c: Chunk, new_tokens: int, lps: Sequence[common_pb2.TokenLogprob]
+    ) -> pb.ModelInferResponse:
+        values: dict[str, bytes | str | int | float] = {
+            "text_output": text,
+            "finish_reason": finish,
+            "num_input_tokens": c.prompt_tokens,
+            "num_output_tokens": new_tokens,
+            "cached_tokens": c.cached_tokens,
+        }
+        outs = self.req.requested_outputs
+        if "logprobs" in outs:
+            values["logprobs"] = logprobs.triton_json(lps, self.tokenizer)
+        if "cumulative_logprob" in outs:
+            values["cumulative_logprob"] = c.cumulative_logprob
+        resp = base(self.request)
+        encode_scalars(resp, [(n, schema.OUTPUTS[n][0], values[n]) for n in outs], raw=self.raw)
+        resp.parameters["worker_id"].string_param = c.worker_id  # changes when a request migrates
+        if c.finish_reason is not None:
+            # Per-request token accounting on the last response (benchmarks read them).
+            resp.parameters["prompt_tokens"].int64_param = c.prompt_tokens
+            resp.parameters["completion_tokens"].int64_param = c.completion_tokens
+            resp.parameters["cached_tokens"].int64_param = c.cached_tokens
+        return resp

@@ -1,0 +1,202 @@
+"""A request's placement on workers: route → Decode stream → free, again after a migration or a re-route.
+
+The error decides what happens (`dynamo_grpc.errors` specs, one rule for every hop):
+- `spec.migrate` (WorkerLost, Draining; UNKNOWN/INTERNAL from a worker): route again, excluding that worker,
+  with the prompt plus the tokens generated so far; counted against `--migration-limit`;
+- `spec.reroute` (Overloaded: that worker's queue is full) before the first token: route ONCE more,
+  excluding it, not counted as a migration; if that one is full too, or no other worker is left, the
+  client gets Overloaded (RESOURCE_EXHAUSTED / HTTP 429 + Retry-After);
+- anything else (InvalidArgument, PromptTooLong, ...) goes to the client as it is.
+Every route is freed exactly once (`Router.free` in the attempt's `finally`), on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from dynamo_grpc import errors
+from dynamo_grpc.frontend.routing import Router
+from dynamo_grpc.v1 import common_pb2, worker_pb2
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dynamo_grpc.frontend.pipeline import Prepared
+
+log = logging.getLogger(__name__)
+
+
+class DecodeClient(Protocol):
+    def decode(
+        self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]: ...
+
+
+_END = object()
+
+
+async def coalesced(
+    stream: AsyncGenerator[worker_pb2.DecodeResponse, None],
+) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+    """The worker's responses, with those that arrived while we were busy merged into one.
+
+    Under load this turns many one-token messages into fewer client responses (each costs a gRPC write),
+    and at low load it changes nothing. Errors surface in order; closing this closes the worker stream.
+    """
+    q: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for r in stream:
+                q.put_nowait(r)
+            q.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, in order
+            q.put_nowait(e)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            batch = [await q.get()]
+            while not q.empty():
+                batch.append(q.get_nowait())
+            merged: worker_pb2.DecodeResponse | None = None
+            for item in batch:
+                if item is _END or isinstance(item, BaseException):
+                    if merged is not None:
+                        yield merged
+                    if isinstance(item, BaseException):
+                        raise item
+                    return
+                assert isinstance(item, worker_pb2.DecodeResponse)
+                if merged is None:
+                    merged = item
+                else:
+                    merged.token_ids.extend(item.token_ids)
+                    merged.logprobs.extend(item.logprobs)
+                    merged.finish_reason = item.finish_reason
+                    if item.HasField("usage"):
+                        merged.usage.CopyFrom(item.usage)
+                if merged.finish_reason:
+                    break
+            assert merged is not None
+            yield merged
+            if merged.finish_reason:
+                return
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+
+
+def decode_request(route_id: str, p: Prepared, lora: str, generated: Sequence[int]) -> worker_pb2.DecodeRequest:
+    """The worker's request for one placement: prompt plus tokens so far, the budget that is left."""
+    stop = p.stop
+    if generated:  # a migration: the tokens so far are part of the prompt and count against the limits
+        stop = common_pb2.StopConditions()
+        stop.CopyFrom(p.stop)
+        stop.max_tokens = p.max_tokens - len(generated)
+        stop.min_tokens = max(0, p.stop.min_tokens - len(generated))
+    return worker_pb2.DecodeRequest(
+        request_id=route_id,
+        model=p.model.name,
+        token_ids=[*p.prompt_ids, *generated] if generated else p.prompt_ids,
+        sampling=p.sampling,
+        stop=stop,
+        lora=lora,
+    )
+
+
+class RouteSession:
+    """Where one request runs, across migrations; `responses` yields the worker responses in order."""
+
+    def __init__(
+        self,
+        router: Router,
+        workers: DecodeClient,
+        p: Prepared,
+        lora: str,
+        request_id: str,
+        migration_limit: int,
+        deadline: float | None,
+    ) -> None:
+        self.router = router
+        self.workers = workers
+        self.p = p
+        self.lora = lora
+        self.request_id = request_id
+        self.migration_limit = migration_limit
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.worker_id = ""
+        self.migrations = 0
+
+    async def responses(self, generated: list[int]) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+        """Worker responses until one finishes; `generated` (kept by the caller) is what a migration resends.
+
+        Returns without a finish only when every token was generated before the worker was lost.
+        """
+        p, m = self.p, self.p.model
+        exclude: set[str] = set()
+        overloaded: errors.DynamoError | None = None  # the first worker was full: we re-routed once
+        route_id = self.request_id
+        t_start = time.perf_counter_ns()
+        while True:
+            if not m.workers and not exclude:
+                raise errors.Unavailable(f"model '{m.name}' has no live worker")
+            try:
+                pick = await self.router.route(
+                    route_id, m.name, [*p.prompt_ids, *generated], m.workers, exclude,
+                    p.max_tokens - len(generated), self.lora,
+                )  # fmt: skip
+            except errors.Unavailable as e:
+                if overloaded is not None:  # every worker is full
+                    raise overloaded from e
+                if self.migrations:
+                    raise errors.Unavailable(f"worker lost and no other worker left: {e.message}") from e
+                raise
+            self.worker_id = pick.instance_id
+            placed = route_id  # freed in `finally`, whatever happens to this placement
+            remaining = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+            request = decode_request(route_id, p, self.lora, generated)
+            first = True
+            try:
+                stream = coalesced(self.workers.decode(pick.address, request, remaining))
+                async with contextlib.aclosing(stream):
+                    async for resp in stream:
+                        if first:
+                            first = False
+                            if not p.timings.first_token_ns:
+                                p.timings.first_token_ns = time.perf_counter_ns() - t_start
+                            self.router.prefill_done(route_id, len(resp.token_ids))
+                        if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                            raise errors.Internal(f"worker {pick.instance_id} failed the request")
+                        if resp.finish_reason == common_pb2.FINISH_REASON_CANCELLED:
+                            raise errors.WorkerLost(f"worker {pick.instance_id} cancelled the request")
+                        yield resp
+                        if resp.finish_reason:
+                            return
+                raise errors.WorkerLost(f"worker {pick.instance_id} ended the stream without a finish")
+            except errors.DynamoError as e:
+                exclude.add(pick.instance_id)
+                if e.spec.reroute and first and not generated and overloaded is None:
+                    log.info("request %s: %s; re-routing once", self.request_id, e.message)
+                    overloaded = e
+                    route_id = f"{self.request_id}.r"
+                    continue
+                if not e.spec.migrate:
+                    raise
+                self.migrations += 1
+                p.timings.migrations = self.migrations
+                if self.migrations > self.migration_limit:
+                    raise errors.Unavailable(f"{e.message} (migration limit {self.migration_limit} reached)") from e
+                log.warning("request %s: %s; migrating with %d tokens", self.request_id, e.message, len(generated))
+                route_id = f"{self.request_id}.m{self.migrations}"
+                if len(generated) >= p.max_tokens:
+                    return
+            finally:
+                self.router.free(placed, len(generated))
