@@ -81,10 +81,13 @@ def load_keypair(source: str) -> tuple[bytes, bytes]:
 
 
 def _public_keys_in_file(path: Path) -> set[bytes]:
-    """A cert file's public key, or a file of Z85 public keys (one a line, ``#`` comments)."""
-    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
-    keys = [ln for ln in lines if ln]
-    if keys and all(_is_z85_key(k) for k in keys):
+    """A cert file's public key, or a file of Z85 public keys: the first word of each line (``#`` comments).
+
+    ``#`` is a Z85 character, so a comment is a line (or a text after the key) whose first word is no key.
+    """
+    words = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
+    keys = [w for w in words if _is_z85_key(w)]
+    if keys and all(_is_z85_key(w) or w.startswith("#") for w in words):
         return {k.encode() for k in keys}
     try:
         public, _secret = zmq.auth.load_certificate(path)
