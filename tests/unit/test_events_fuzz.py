@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 
 from dynamo_grpc.events.subscriber import KvEventSubscriber
 from dynamo_grpc.events.topics import pack_seq
+from dynamo_grpc.router.config import RouterConfig
+from dynamo_grpc.router.replicas import ActiveSync
+from dynamo_grpc.router.router import ActiveChange, Router
 from dynamo_grpc.v1 import events_pb2
 
 MARKER = 123_456_789  # active_blocks of the final, valid load message
@@ -111,3 +114,54 @@ async def _exercise(batch: list[list[bytes]]) -> None:
 @given(batch=messages)
 def test_garbage_frames_are_counted_and_dropped(batch: list[list[bytes]]) -> None:
     asyncio.run(_exercise(batch))
+
+
+def _active(request_id: str) -> bytes:
+    ev = events_pb2.ActiveSequenceEvent(
+        request_id=request_id, kind=events_pb2.ACTIVE_SEQUENCE_EVENT_KIND_ADDED, instance_id="w", decode_blocks=1
+    )
+    return events_pb2.ActiveSequences(router_id="rogue", events=[ev]).SerializeToString()
+
+
+async def _exercise_replica_sync(batch: list[list[bytes]]) -> None:
+    ctx = zmq.asyncio.Context.instance()
+    rogue = ctx.socket(zmq.PUB)
+    rogue.setsockopt(zmq.LINGER, 0)
+    port = rogue.bind_to_random_port("tcp://127.0.0.1")
+    router = Router(RouterConfig(), "me")
+    seen: list[str] = []
+    apply_remote = router.apply_remote
+
+    def record(change: ActiveChange, router_id: str) -> None:
+        seen.append(change.request_id)
+        apply_remote(change, router_id)
+
+    router.apply_remote = record  # type: ignore[method-assign]
+    sync = ActiveSync(router, "m")
+    sync.start()
+    try:
+        sync.set_peers({f"tcp://127.0.0.1:{port}": ""})
+        deadline = time.monotonic() + 10
+        while "probe" not in seen and time.monotonic() < deadline:
+            await rogue.send_multipart([b"active.m", pack_seq(1), _active("probe")])
+            await asyncio.sleep(0.02)
+        assert "probe" in seen, "replica sync never joined the rogue publisher"
+        before = sync.bad_messages
+        garbage = [[b"active.m" + f[0][4:], *f[1:]] for f in batch]  # same shapes, on the replicas' topic
+        for frames in garbage:
+            await rogue.send_multipart(frames)
+        await rogue.send_multipart([b"active.m", pack_seq(2), _active("marker")])
+        while "marker" not in seen and time.monotonic() < deadline + 10:
+            assert sync._task is not None and not sync._task.done(), "replica sync's receive loop died"
+            await asyncio.sleep(0.01)
+        assert "marker" in seen, "replica sync stopped processing"
+        assert sync.bad_messages - before >= sum(_structurally_bad(f) for f in garbage)
+    finally:
+        await sync.close()
+        rogue.close(linger=0)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=messages)
+def test_replica_sync_drops_garbage(batch: list[list[bytes]]) -> None:
+    asyncio.run(_exercise_replica_sync(batch))

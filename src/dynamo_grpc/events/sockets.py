@@ -113,7 +113,7 @@ def open_sub(ctx: zmq.Context[_Sock], topics: Iterable[bytes], rcvhwm: int = DEF
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_EVENT_FRAME_BYTES)
     for t in topics:
-        sock.setsockopt(zmq.SUBSCRIBE, t)
+        sock.setsockopt(zmq.SUBSCRIBE, check_topic(t))
     return sock
 
 

@@ -51,6 +51,8 @@ class ActiveSync:
         self._seq = 0
         self._task: asyncio.Task[None] | None = None
         self.received = 0
+        #: malformed messages dropped (frame count, topic, seq frame, payload)
+        self.bad_messages = 0
 
     def publish(self, change: ActiveChange) -> None:
         """Hooked as ``router.on_active_change`` (called on the loop thread)."""
@@ -97,7 +99,7 @@ class ActiveSync:
             frames = await self._sub.recv_multipart()
             try:
                 if len(frames) != 3 or frames[0] != self.topic:
-                    continue
+                    raise ValueError(f"{len(frames)} frames, topic {frames[0][:40]!r}")
                 unpack_seq(frames[1])
                 msg = events_pb2.ActiveSequences.FromString(frames[2])
                 for ev in msg.events:
@@ -109,8 +111,9 @@ class ActiveSync:
                     )
                     self.router.apply_remote(change, msg.router_id)
                     self.received += 1
-            except Exception:
-                log.exception("bad ActiveSequences message dropped")
+            except Exception as exc:
+                self.bad_messages += 1
+                log.warning("bad ActiveSequences message dropped (%d so far): %s", self.bad_messages, exc)
 
     async def close(self) -> None:
         if self._task is not None:
