@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -140,7 +141,10 @@ def test_topics_beyond_the_subscription_bound_are_refused() -> None:
         KvEventPublisher("w", "m" * MAX_TOPIC_BYTES, 16)
 
 
-def test_only_the_allowed_subscriber_with_the_right_server_key_receives(keys: Keys) -> None:
+def test_only_the_allowed_subscriber_with_the_right_server_key_receives(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "dynamo_grpc.events.curve")
     pub = KvEventPublisher("w-1", "m", 16, curve=keys.config("server"))
     assert pub.meta() == {"zmq_endpoint": pub.endpoint, ZMQ_PUBLIC_KEY_META: pub.public_key}
     ctx = zmq.Context.instance()
@@ -170,6 +174,9 @@ def test_only_the_allowed_subscriber_with_the_right_server_key_receives(keys: Ke
         assert socks["allowed"].poll(1000)
         for name in ("stranger", "wrong_server_key", "plain"):
             assert socks[name].poll(200) == 0, f"{name} received an event"
+        # the publisher says who it refused, once per key (the stranger retries every 100 ms)
+        stranger_key = keys.config("stranger").public_key.decode()
+        assert sum(stranger_key in r.getMessage() for r in caplog.records) == 1
     finally:
         for s in socks.values():
             s.close(linger=0)

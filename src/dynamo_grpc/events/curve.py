@@ -35,6 +35,7 @@ ZMQ_PUBLIC_KEY_META = "zmq_public_key"
 ENV_SECRET_KEY = "DYN_ZMQ_CURVE_SECRET_KEY"
 ENV_ALLOW = "DYN_ZMQ_CURVE_ALLOW"
 _Z85_KEY_LEN = 40
+_LOGGED_REFUSALS = 100
 
 
 class CurveError(ValueError):
@@ -169,16 +170,25 @@ def public_key_from_meta(meta: Mapping[str, str]) -> str:
 
 
 class _AllowList:
-    """A ZAP credentials provider: admits the Z85 keys of one socket's allow-list."""
+    """A ZAP credentials provider: admits the Z85 keys of one socket's allow-list.
+
+    A refused peer reconnects every 100 ms, so each refused key is logged once (the first
+    :data:`_LOGGED_REFUSALS` keys), and all refusals are counted.
+    """
 
     def __init__(self, allowed: frozenset[bytes]) -> None:
         self.allowed = allowed
+        self.refused = 0
+        self._logged: set[bytes] = set()
 
     def callback(self, domain: str, key: bytes) -> bool:
-        ok = key in self.allowed
-        if not ok:
+        if key in self.allowed:
+            return True
+        self.refused += 1
+        if key not in self._logged and len(self._logged) < _LOGGED_REFUSALS:
+            self._logged.add(key)
             log.warning("ZMQ CURVE: refused client key %s on %s (not in --zmq-curve-allow)", key.decode(), domain)
-        return ok
+        return False
 
 
 _auth_lock = threading.Lock()
