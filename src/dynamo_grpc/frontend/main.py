@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         args.zmq_curve = CurveConfig.from_args(args)
     except ValueError as e:
         raise SystemExit(f"dynamo-grpc frontend: {e}") from None
+    if args.zmq_curve is not None and args.router_mode != "kv":
+        log.warning("--zmq-curve-secret-key unused: --router-mode %s subscribes to no events", args.router_mode)
+    if args.zmq_curve is not None and args.zmq_curve.allowed is not None:
+        log.warning("--zmq-curve-allow unused: a frontend binds no ZMQ socket (its embedded routers only subscribe)")
     return asyncio.run(serve(args))
 
 
