@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dynamo_grpc.events.curve import ENV_ALLOW, ENV_SECRET_KEY, generate_keypair
 from dynamo_grpc.transport import open_channel
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 from tests.helpers.consul_dev import consul_dev, consul_dev_process  # noqa: F401
@@ -32,6 +33,7 @@ import asyncio, json, sys
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.engines.base import KvRemoved, KvStored, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
+from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.transport import GrpcServer, ServerOptions
 from dynamo_grpc.v1 import events_pb2_grpc
@@ -47,13 +49,13 @@ class Lossy(KvEventPublisher):
 async def main():
     iid, consul, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     blocks = {}
-    pub = Lossy(iid, "m", bs, ring_size=4)
+    pub = Lossy(iid, "m", bs, ring_size=4, curve=CurveConfig.from_env())
     srv = GrpcServer(ServerOptions("127.0.0.1", 0))
     dump = lambda: [KvStored(None, [StoredBlock(h, 0) for h in blocks])]
     srv.add(events_pb2_grpc.add_KvEventsServiceServicer_to_server, KvEventsServicer(pub, dump), "x")
     addr = await srv.start()
     d = Discovery(ConsulSettings.from_addr(consul))
-    meta = {"grpc_address": addr, "zmq_endpoint": pub.endpoint, "model": "m", "block_size": str(bs),
+    meta = {"grpc_address": addr, **pub.meta(), "model": "m", "block_size": str(bs),
             "kv_blocks": "100000", "engine": "test", "dp_size": "1"}
     await d.register(Instance("dynamo-worker", iid, "127.0.0.1", int(addr.rsplit(":", 1)[1]),
                               tags=["namespace=dynamo", "model=m", "role=worker"], meta=meta), ttl=10)
@@ -84,14 +86,14 @@ asyncio.run(main())
 
 
 class Pub:
-    def __init__(self, iid: str, consul: str) -> None:
+    def __init__(self, iid: str, consul: str, env: dict[str, str] | None = None) -> None:
         self.iid = iid
         self.p = subprocess.Popen(
             [sys.executable, "-c", PUBLISHER, iid, consul, str(BS)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=ENV,
+            env={**ENV, **(env or {})},
         )
         assert self.p.stdout is not None and self.p.stdout.readline().strip() == "ready"
         self.truth: list[int] = []
@@ -108,7 +110,7 @@ class Pub:
 
 
 class RouterProc:
-    def __init__(self, consul: str, log: Path) -> None:
+    def __init__(self, consul: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log.open("a")
         self.p = subprocess.Popen(
             [
@@ -127,7 +129,7 @@ class RouterProc:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            env=ENV,
+            env={**ENV, **(env or {})},
         )
         assert self.p.stdout is not None
         line = self.p.stdout.readline()
@@ -286,3 +288,54 @@ async def test_router_not_serving_until_synced_and_refuses_block_size_mismatch(
     finally:
         odd.kill()
         odd.wait(10)
+
+
+def active_sequences(router: RouterProc) -> float:
+    lines = [ln for ln in router.metrics().splitlines() if ln.startswith("dynamo_router_active_sequences ")]
+    return float(lines[0].split()[1]) if lines else 0.0
+
+
+@pytest.mark.slow
+async def test_event_plane_over_curve(consul_dev: str, tmp_path: Path) -> None:  # noqa: F811
+    """Workers and router replicas with CURVE keys: the index and the replica sync work; a plain worker is refused."""
+    worker_pub, worker_secret = generate_keypair(tmp_path / "keys", "worker")
+    router_pub, router_secret = generate_keypair(tmp_path / "keys", "router")
+    routers_allowed = tmp_path / "routers-allowed"  # who may subscribe: the router replicas
+    routers_allowed.mkdir()
+    (routers_allowed / router_pub.name).write_bytes(router_pub.read_bytes())
+    worker_env = {ENV_SECRET_KEY: str(worker_secret), ENV_ALLOW: str(routers_allowed)}
+    router_env = {ENV_SECRET_KEY: str(router_secret), ENV_ALLOW: str(routers_allowed)}
+    assert worker_pub.exists()
+
+    pubs = [Pub(f"c{i}", consul_dev, worker_env) for i in range(2)]
+    plain = Pub("plain", consul_dev)
+    routers: list[RouterProc] = []
+    try:
+        pubs[0].cmd("store", 1, 2, 3)  # before any router: recovered by Replay
+        routers.extend(RouterProc(consul_dev, tmp_path / f"r{i}.log", router_env) for i in range(2))
+        pubs[1].cmd("store", 10, 11)
+        plain.cmd("store", 99)
+        pubs[0].cmd("store", 4)  # live, over CURVE
+        converge(routers, pubs)
+        res = await route(routers[0], [1, 2, 3, 4, 5])
+        assert res.worker.instance_id == "c0" and res.overlap_blocks == 4
+        for i, r in enumerate(routers):
+            view = r.dump()
+            assert "plain/0" not in view["workers"] or not view["workers"]["plain/0"]  # type: ignore[index,operator]
+            assert "not subscribing to plain" in (tmp_path / f"r{i}.log").read_text()
+
+        # replica sync: sequences routed by one replica count in the other (active.<model> over CURVE)
+        ch = open_channel(routers[0].grpc)
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for i in range(3):
+            await stub.Route(router_pb2.RouteRequest(request_id=f"live{i}", model="m", block_hashes=[1, 2]))
+        await ch.close()
+        deadline = time.monotonic() + 15
+        while active_sequences(routers[1]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert active_sequences(routers[1]) >= 3
+    finally:
+        for r in routers:
+            r.stop()
+        for p in [*pubs, plain]:
+            p.kill()

@@ -159,6 +159,31 @@ def test_slow_subscriber_never_blocks() -> None:
         pub.close_sync()
 
 
+def test_a_batch_over_the_frame_limit_goes_by_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subscribers drop peers sending frames over MAX_EVENT_FRAME_BYTES, so the publisher never sends one."""
+    from dynamo_grpc.events import publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "MAX_EVENT_FRAME_BYTES", 200)
+    pub = KvEventPublisher("w", "m", 16)
+    sub = _sub(pub.endpoint)
+    try:
+        _wait_joined(pub, sub)
+        sub.setsockopt(zmq.UNSUBSCRIBE, b"")
+        sub.setsockopt(zmq.SUBSCRIBE, b"kv.m")
+        time.sleep(0.1)
+        big = stored(*range(1, 40))  # well over 200 bytes
+        assert pub.publish_kv([big]) == 1 and pub.oversized == 1
+        assert pub.publish_kv([stored(99)]) == 2
+        _topic, seq_frame, _payload = sub.recv_multipart()
+        assert unpack_seq(seq_frame) == 2  # the subscriber sees a gap at 1 ...
+        replayed = pub.replay_since(0)  # ... and Replay has it
+        assert replayed is not None and [b.seq for b in replayed] == [1, 2]
+        assert len(replayed[0].events[0].stored.blocks) == 39
+    finally:
+        sub.close()
+        pub.close_sync()
+
+
 async def test_close_is_idempotent_and_stops_publishing() -> None:
     pub = KvEventPublisher("w", "m", 16)
     await pub.close()

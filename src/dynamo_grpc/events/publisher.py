@@ -19,13 +19,14 @@ import zmq
 
 from dynamo_grpc.engines.base import KvEvent, KvStored, LoadMetrics
 from dynamo_grpc.events import codec
+from dynamo_grpc.events.curve import CurveConfig
+from dynamo_grpc.events.sockets import DEFAULT_SNDHWM, MAX_EVENT_FRAME_BYTES, bind_pub, check_topic
 from dynamo_grpc.events.topics import kv_topic, load_topic, pack_seq
 from dynamo_grpc.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RING_SIZE = 4096
-DEFAULT_SNDHWM = 10_000
 
 
 class KvEventPublisher:
@@ -48,6 +49,7 @@ class KvEventPublisher:
         port: int = 0,
         sndhwm: int = DEFAULT_SNDHWM,
         context: zmq.Context | None = None,  # type: ignore[type-arg]
+        curve: CurveConfig | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
@@ -59,8 +61,8 @@ class KvEventPublisher:
         self.dp_rank = dp_rank
         #: random per start; subscribers that see it change know this worker restarted
         self.epoch = secrets.randbits(63) + 1
-        self._kv_topic = kv_topic(model)
-        self._load_topic = load_topic(model)
+        self._kv_topic = check_topic(kv_topic(model))
+        self._load_topic = check_topic(load_topic(model))
         self._lock = threading.Lock()
         self._seq = 0
         self._load_seq = 0
@@ -68,18 +70,19 @@ class KvEventPublisher:
         self._closed = False
         #: batches the PUB socket refused (HWM reached); subscribers recover them by Replay
         self.dropped = 0
-        ctx = context or zmq.Context.instance()
-        self._sock = ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if port == 0:
-            bound = self._sock.bind_to_random_port(f"tcp://{bind_host}")
-        else:
-            self._sock.bind(f"tcp://{bind_host}:{port}")
-            bound = port
+        #: batches too large for one frame (MAX_EVENT_FRAME_BYTES); subscribers recover them by Replay
+        self.oversized = 0
+        self._pub = bind_pub(context or zmq.Context.instance(), bind_host, port, curve, sndhwm)
+        self._sock = self._pub.sock
         #: what subscribers connect to; the worker puts it in Consul Meta ``zmq_endpoint``
-        self.endpoint = f"tcp://{bind_host}:{bound}"
+        self.endpoint = self._pub.endpoint
+        #: Z85 CURVE public key ("" when plain); the worker puts it in Consul Meta ``zmq_public_key``
+        self.public_key = self._pub.public_key
         log.info("KV event publisher %s rank %d on %s (epoch %d)", instance_id, dp_rank, self.endpoint, self.epoch)
+
+    def meta(self) -> dict[str, str]:
+        """Consul Meta entries for this publisher: ``zmq_endpoint`` (+ ``zmq_public_key`` with CURVE)."""
+        return self._pub.meta()
 
     @property
     def seq(self) -> int:
@@ -113,6 +116,10 @@ class KvEventPublisher:
             self._send(self._load_topic, self._load_seq, msg.SerializeToString())
 
     def _send(self, topic: bytes, seq: int, payload: bytes) -> None:
+        if len(payload) > MAX_EVENT_FRAME_BYTES:
+            self.oversized += 1
+            log.warning("%s seq %d: %d-byte message left to Replay (frame limit)", topic.decode(), seq, len(payload))
+            return
         try:
             self._sock.send_multipart([topic, pack_seq(seq), payload], flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -161,4 +168,4 @@ class KvEventPublisher:
             if self._closed:
                 return
             self._closed = True
-            self._sock.close(linger=0)
+            self._pub.close()

@@ -21,6 +21,8 @@ from typing import Protocol
 import zmq
 import zmq.asyncio
 
+from dynamo_grpc.events.curve import CurveConfig, CurveError
+from dynamo_grpc.events.sockets import connect_sub, open_sub
 from dynamo_grpc.events.topics import kv_topic, load_topic, unpack_seq
 from dynamo_grpc.v1 import events_pb2
 
@@ -64,6 +66,10 @@ class SubscriberStats:
     full_dumps: int = 0
     epoch_changes: int = 0
     replay_errors: int = 0
+    #: messages dropped as malformed (frame count, seq frame, payload, seq mismatch)
+    bad_messages: int = 0
+    #: workers not subscribed because their CURVE setting does not match ours
+    refused_workers: int = 0
     last_lag_s: float = 0.0
 
 
@@ -81,6 +87,7 @@ class _Worker:
     instance_id: str
     endpoint: str
     grpc_address: str
+    server_key: str = ""
     ranks: dict[int, _RankState] = field(default_factory=dict)
 
 
@@ -96,6 +103,7 @@ class KvEventSubscriber:
         resync_interval_s: float = 2.0,
         on_lag: Callable[[float], None] | None = None,
         context: zmq.asyncio.Context | None = None,
+        curve: CurveConfig | None = None,
     ) -> None:
         self.model = model
         self.sink = sink
@@ -105,13 +113,11 @@ class KvEventSubscriber:
         self.stats = SubscriberStats()
         self._kv_topic = kv_topic(model)
         self._load_topic = load_topic(model)
+        self.curve = curve
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.RCVHWM, 100_000)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, self._kv_topic)
-        self._sock.setsockopt(zmq.SUBSCRIBE, self._load_topic)
+        self._sock = open_sub(self._ctx, [self._kv_topic, self._load_topic])
         self._workers: dict[str, _Worker] = {}
+        self._refused: dict[str, tuple[str, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recv_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
@@ -127,24 +133,41 @@ class KvEventSubscriber:
             w.ranks for w in self._workers.values()
         )
 
-    def add_worker(self, instance_id: str, endpoint: str, grpc_address: str, dp_size: int = 1) -> None:
-        """Connect to a worker and start its initial Replay (idempotent)."""
+    def add_worker(
+        self, instance_id: str, endpoint: str, grpc_address: str, dp_size: int = 1, server_key: str = ""
+    ) -> None:
+        """Connect to a worker and start its initial Replay (idempotent).
+
+        ``server_key`` is the worker's advertised CURVE public key (Consul Meta ``zmq_public_key``).
+        A worker whose CURVE setting does not match ours is logged and left out (its handshake
+        could never succeed).
+        """
         w = self._workers.get(instance_id)
-        if w is not None and w.endpoint == endpoint and w.grpc_address == grpc_address:
+        if w is not None and (w.endpoint, w.grpc_address, w.server_key) == (endpoint, grpc_address, server_key):
             return
         if w is not None:
             self.remove_worker(instance_id)
-        w = _Worker(instance_id, endpoint, grpc_address)
+        if self._refused.get(instance_id) == (endpoint, server_key):
+            return  # already said why
+        try:
+            connect_sub(self._sock, endpoint, self.curve, server_key)
+        except CurveError as exc:
+            self._refused[instance_id] = (endpoint, server_key)
+            self.stats.refused_workers += 1
+            log.error("not subscribing to %s: %s", instance_id, exc)
+            return
+        self._refused.pop(instance_id, None)
+        w = _Worker(instance_id, endpoint, grpc_address, server_key)
         for rank in range(max(dp_size, 1)):
             w.ranks[rank] = _RankState()
         self._workers[instance_id] = w
-        self._sock.connect(endpoint)
         log.info("subscribed to %s at %s (replay via %s)", instance_id, endpoint, grpc_address)
         for rank in w.ranks:
             self._start_replay(w, rank, from_seq=0, reason="new worker")
 
     def remove_worker(self, instance_id: str) -> None:
         """Disconnect and drop a worker's state from the sink."""
+        self._refused.pop(instance_id, None)
         w = self._workers.pop(instance_id, None)
         if w is None:
             return
@@ -153,14 +176,14 @@ class KvEventSubscriber:
         self.sink.remove_worker(instance_id)
         log.info("unsubscribed from %s", instance_id)
 
-    def sync_workers(self, workers: list[tuple[str, str, str, int]]) -> None:
-        """Make the set of subscribed workers equal to ``[(instance_id, endpoint, grpc, dp_size)]``."""
+    def sync_workers(self, workers: list[tuple[str, str, str, int, str]]) -> None:
+        """Make the subscribed workers ``[(instance_id, endpoint, grpc, dp_size, zmq_public_key)]``."""
         wanted = {w[0]: w for w in workers}
         for iid in list(self._workers):
             if iid not in wanted:
                 self.remove_worker(iid)
-        for iid, endpoint, grpc_address, dp_size in wanted.values():
-            self.add_worker(iid, endpoint, grpc_address, dp_size)
+        for iid, endpoint, grpc_address, dp_size, server_key in wanted.values():
+            self.add_worker(iid, endpoint, grpc_address, dp_size, server_key)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -184,8 +207,10 @@ class KvEventSubscriber:
             frames = await self._sock.recv_multipart()
             try:
                 self.handle_frames(frames)
-            except Exception:  # one bad message must not stop the plane
-                log.exception("bad event message dropped")
+            except Exception as exc:  # one bad message must not stop the plane
+                self.stats.bad_messages += 1
+                n = self.stats.bad_messages
+                log.warning("bad event message dropped (%d so far): %s: %s", n, type(exc).__name__, exc)
 
     def handle_frames(self, frames: list[bytes]) -> None:
         """Process one multipart message (public for tests)."""

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from dynamo_grpc import errors
 from dynamo_grpc.discovery import Discovery
+from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.frontend.routing import Pick, WorkerEndpoint
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.node import RouterNode
@@ -34,8 +35,10 @@ class EmbeddedKvRouter:
         router_id: str,
         bind_host: str = "127.0.0.1",
         ready_timeout_s: float = 10.0,
+        curve: CurveConfig | None = None,
     ) -> None:
         config.validate()
+        self._curve = curve
         self._discovery = discovery
         self._config = config
         self._router_id = router_id
@@ -48,7 +51,8 @@ class EmbeddedKvRouter:
         n = self.nodes.get(model)
         if n is None:
             cfg = dataclasses.replace(self._config, model=model)
-            n = RouterNode(cfg, self._discovery, f"{self._router_id}/{model}", self._bind_host, share_active=False)
+            rid = f"{self._router_id}/{model}"
+            n = RouterNode(cfg, self._discovery, rid, self._bind_host, share_active=False, curve=self._curve)
             n.start()
             self.nodes[model] = n
             log.info("embedded KV router started for model %s", model)

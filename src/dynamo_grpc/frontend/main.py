@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve Triton's `simple` example model (for client example scripts)",
     )
     p.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    add_curve_flags(p)
     return p
 
 
@@ -141,7 +143,7 @@ async def serve(args: argparse.Namespace) -> int:
             busy_threshold=args.busy_threshold,
             namespace=args.namespace,
         )
-        router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host)
+        router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host, curve=args.zmq_curve)
     elif args.router_mode == "kv-service":
         router = KvRouterClient(router_addr)
     else:
@@ -223,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             prefill_load_scale=args.prefill_load_scale,
             busy_threshold=args.busy_threshold,
         ).validate()
+        args.zmq_curve = CurveConfig.from_args(args)
     except ValueError as e:
         raise SystemExit(f"dynamo-grpc frontend: {e}") from None
+    if args.zmq_curve is not None and args.router_mode != "kv":
+        log.warning("--zmq-curve-secret-key unused: --router-mode %s subscribes to no events", args.router_mode)
+    if args.zmq_curve is not None and args.zmq_curve.allowed is not None:
+        log.warning("--zmq-curve-allow unused: a frontend binds no ZMQ socket (its embedded routers only subscribe)")
     return asyncio.run(serve(args))
 
 

@@ -16,6 +16,7 @@ import socket
 from typing import Any
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.router.config import MODES, RouterConfig
 from dynamo_grpc.router.metrics import RouterMetrics, start_admin_http
 from dynamo_grpc.router.node import RouterNode
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=0, help="/metrics and /dump-index; 0 = ephemeral, -1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"))
+    add_curve_flags(p)
     return p
 
 
@@ -72,7 +74,9 @@ class RouterProcess:
         self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.metrics = RouterMetrics()
         self.discovery = Discovery(ConsulSettings.from_env(addr=args.consul or None))
-        self.node = RouterNode(self.config, self.discovery, self.router_id, args.host, self.metrics)
+        self.node = RouterNode(
+            self.config, self.discovery, self.router_id, args.host, self.metrics, curve=CurveConfig.from_args(args)
+        )
         self.router = self.node.router
         self.server = GrpcServer(ServerOptions(args.host, args.port))
         self.tasks: list[asyncio.Task[None]] = []
@@ -99,7 +103,7 @@ class RouterProcess:
     async def _register(self) -> None:
         sync = self.node.active_sync
         assert sync is not None
-        meta = {"grpc_address": self._grpc_address, "zmq_endpoint": sync.endpoint, "mode": self.config.mode}
+        meta = {"grpc_address": self._grpc_address, **sync.meta, "mode": self.config.mode}
         if self.metrics_port >= 0:
             meta["metrics_address"] = f"{self.args.host}:{self.metrics_port}"
         host, port = self._grpc_address.rsplit(":", 1)

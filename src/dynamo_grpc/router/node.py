@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dynamo_grpc.discovery import Discovery, Instance
+from dynamo_grpc.events.curve import CurveConfig, public_key_from_meta
 from dynamo_grpc.events.replay_client import GrpcReplayClient
 from dynamo_grpc.events.subscriber import KvEventSubscriber
 from dynamo_grpc.router.config import RouterConfig
@@ -73,8 +74,10 @@ class RouterNode:
         bind_host: str = "127.0.0.1",
         metrics: RouterMetrics | None = None,
         share_active: bool = True,
+        curve: CurveConfig | None = None,
     ) -> None:
         config.validate()
+        self.curve = curve
         self.config = config
         self.discovery = discovery
         self.router_id = router_id
@@ -114,7 +117,7 @@ class RouterNode:
             return
         self.config.model = model
         if self.share_active:
-            self.active_sync = ActiveSync(self.router, model, self.bind_host)
+            self.active_sync = ActiveSync(self.router, model, self.bind_host, self.curve)
             self.router.on_active_change = self.active_sync.publish
             self.active_sync.start()
             self.tasks.append(asyncio.create_task(self._watch_routers(), name="watch-routers"))
@@ -125,6 +128,7 @@ class RouterNode:
                 self.replay,
                 resync_interval_s=self.config.resync_interval_s,
                 on_lag=self.metrics.lag.observe if self.metrics is not None else None,
+                curve=self.curve,
             )
             self.sub.start()
         if self.on_model is not None:
@@ -149,21 +153,26 @@ class RouterNode:
                     log.debug("model cards unavailable: %s", exc)
                 accepted = self.router.set_workers(infos, card_bs)
                 if self.sub is not None:
+                    keys = {i.instance_id: public_key_from_meta(i.meta) for i in snapshot}
                     self.sub.sync_workers(
-                        [(w.instance_id, w.zmq_endpoint, w.grpc_address, w.dp_size) for w in accepted if w.zmq_endpoint]
+                        [
+                            (w.instance_id, w.zmq_endpoint, w.grpc_address, w.dp_size, keys.get(w.instance_id, ""))
+                            for w in accepted
+                            if w.zmq_endpoint
+                        ]
                     )
             self._first_snapshot.set()
 
     async def _watch_routers(self) -> None:
         tags = [f"namespace={self.config.namespace}"]
         async for snapshot in self.discovery.watch("dynamo-router", tags=tags):
-            eps = {
-                i.meta.get("zmq_endpoint", "")
+            peers = {
+                i.meta.get("zmq_endpoint", ""): public_key_from_meta(i.meta)
                 for i in snapshot
                 if i.instance_id != self.router_id and f"model={self.config.model}" in i.tags
             }
             if self.active_sync is not None:
-                self.active_sync.set_peers({e for e in eps if e})
+                self.active_sync.set_peers({e: k for e, k in peers.items() if e})
 
     async def _readiness(self) -> None:
         """Not ready until the first worker snapshot is in and every worker's Replay is applied."""

@@ -26,6 +26,7 @@ from typing import Any
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.engines.base import Engine, KvEvent, LoadMetrics
 from dynamo_grpc.events import KvEventPublisher
+from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.transport import GrpcServer, ServerOptions
@@ -61,6 +62,7 @@ class WorkerSettings:
     metrics_port: int | None = None
     ready_file: Path | None = None
     engine_name: str = "mocker"
+    curve: CurveConfig | None = None  # ZeroMQ CURVE on the event publisher (None: plain)
     instance_id: str = field(default_factory=new_instance_id)
 
 
@@ -104,7 +106,9 @@ class WorkerApp:
 
     async def start(self) -> None:
         s = self.settings
-        self.publisher = KvEventPublisher(self.instance_id, self.card.name, self.engine.block_size, bind_host=s.host)
+        self.publisher = KvEventPublisher(
+            self.instance_id, self.card.name, self.engine.block_size, bind_host=s.host, curve=s.curve
+        )
         publisher = self.publisher
 
         def sink(events: list[KvEvent]) -> None:
@@ -162,9 +166,10 @@ class WorkerApp:
 
     def _instance(self) -> Instance:
         s = self.settings
+        assert self.publisher is not None
         meta = {
             "grpc_address": self.grpc_address,
-            "zmq_endpoint": self.zmq_endpoint,
+            **self.publisher.meta(),  # zmq_endpoint (+ zmq_public_key with CURVE)
             "model": self.card.name,
             "block_size": str(self.engine.block_size),
             "kv_blocks": str(self.engine.num_blocks),

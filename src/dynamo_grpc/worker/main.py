@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.transport import run_until_signal
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any port)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
     p.add_argument("--log-level", default=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"))
+    add_curve_flags(p)
     return p
 
 
@@ -113,6 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         ready_file=args.ready_file,
         engine_name=args.engine,
+        curve=CurveConfig.from_args(args),
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
