@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from dynamo_grpc import errors
 from dynamo_grpc.engines.base import (
     EngineOutput,
     EngineRequest,
@@ -194,9 +195,9 @@ async def test_prompts_that_can_never_run_are_refused(engine: MockerEngine) -> N
         assert last.finish_reason == "length" and 20 + len(toks) == 32  # stopped by the cache size
     finally:
         await small.stop()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(errors.InvalidArgument, match="empty"):
         await _collect(engine, "e", [], max_tokens=1)
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(errors.InvalidArgument, match="vocabulary"):
         await _collect(engine, "v", [VOCAB], max_tokens=1)
 
 

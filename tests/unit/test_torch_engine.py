@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from dynamo_grpc import errors
 from dynamo_grpc.engines.base import (
-    EngineError,
     EngineOutput,
     EngineRequest,
     KvEvent,
@@ -22,69 +21,7 @@ from dynamo_grpc.engines.base import (
 )
 from dynamo_grpc.engines.torch import TorchEngine
 from dynamo_grpc.tokens.block_hash import block_hash_list
-
-VOCAB = 96
-EOS = 1
-CTX = 256
-TINY = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": CTX,
-    "tie_word_embeddings": False,
-    "bos_token_id": 0,
-    "eos_token_id": EOS,
-}
-
-
-def make_tiny_model(root: Path, seed: int = 0) -> Path:
-    """A random Llama (config.json + model.safetensors + tokenizer.json), built offline."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    c = TINY
-    g = torch.Generator().manual_seed(seed)
-    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
-
-    def w(*shape: int, std: float = 0.3) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    t = {
-        "model.embed_tokens.weight": w(VOCAB, h, std=1.0),
-        "model.norm.weight": 1 + w(h, std=0.1),
-        "lm_head.weight": w(VOCAB, h),
-    }
-    for layer in range(c["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        t |= {
-            p + "input_layernorm.weight": 1 + w(h, std=0.1),
-            p + "post_attention_layernorm.weight": 1 + w(h, std=0.1),
-            p + "self_attn.q_proj.weight": w(nh * hd, h),
-            p + "self_attn.k_proj.weight": w(nkv * hd, h),
-            p + "self_attn.v_proj.weight": w(nkv * hd, h),
-            p + "self_attn.o_proj.weight": w(h, nh * hd),
-            p + "mlp.gate_proj.weight": w(i, h),
-            p + "mlp.up_proj.weight": w(i, h),
-            p + "mlp.down_proj.weight": w(h, i),
-        }
-    root.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in t.items()}, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps(c))
-    vocab = {f"t{k}": k for k in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t1", "bos_token": "t0"}))
-    return root
+from tests.helpers.tiny_llama import CTX, EOS, VOCAB, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +31,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def engine(tiny_dir: Path) -> Iterator[TorchEngine]:
-    eng = TorchEngine(
-        tiny_dir, block_size=4, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, num_threads=1
-    )
+    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, num_threads=1)
     await eng.start()
     try:
         yield eng  # type: ignore[misc]
@@ -108,9 +43,7 @@ def _prompt(n: int, base: int = 2) -> list[int]:
     return [2 + (base + 7 * k) % (VOCAB - 2) for k in range(n)]
 
 
-async def _run(
-    eng: TorchEngine, ids: list[int], rid: str = "r", **sp: object
-) -> tuple[list[int], list[EngineOutput]]:
+async def _run(eng: TorchEngine, ids: list[int], rid: str = "r", **sp: object) -> tuple[list[int], list[EngineOutput]]:
     outs = [o async for o in eng.generate(EngineRequest(rid, ids, SamplingParams(**sp)))]  # type: ignore[arg-type]
     return [t for o in outs for t in o.token_ids], outs
 
@@ -146,17 +79,22 @@ async def test_streams_tokens_until_max_tokens(engine: TorchEngine) -> None:
     await _idle(engine)
 
 
+async def _first(eng: TorchEngine, req: EngineRequest) -> EngineOutput:
+    return await anext(aiter(eng.generate(req)))
+
+
 async def test_bad_requests_fail_before_any_output(engine: TorchEngine) -> None:
     with pytest.raises(PromptTooLong):
-        engine.generate(EngineRequest("a", _prompt(CTX)))
-    with pytest.raises(ValueError):
-        engine.generate(EngineRequest("b", []))
-    with pytest.raises(ValueError):
-        engine.generate(EngineRequest("c", [VOCAB]))
-    with pytest.raises(ValueError):
-        engine.generate(EngineRequest("d", [3], SamplingParams(max_tokens=0)))
-    with pytest.raises(EngineError):
-        engine.generate(EngineRequest("e", [3], lora="adapter"))
+        await _first(engine, EngineRequest("a", _prompt(CTX)))
+    with pytest.raises(errors.InvalidArgument):
+        await _first(engine, EngineRequest("b", []))
+    with pytest.raises(errors.InvalidArgument):
+        await _first(engine, EngineRequest("c", [VOCAB]))
+    with pytest.raises(errors.InvalidArgument):
+        await _first(engine, EngineRequest("d", [3], SamplingParams(max_tokens=0)))
+    with pytest.raises(errors.FailedPrecondition, match="adapter"):
+        await _first(engine, EngineRequest("e", [3], lora="adapter"))
+    await _idle(engine)
 
 
 async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
@@ -164,7 +102,7 @@ async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
     await eng.start()
     try:
         with pytest.raises(PromptTooLong):
-            eng.generate(EngineRequest("a", _prompt(32)))
+            await _first(eng, EngineRequest("a", _prompt(32)))
         # one that fits stops at the cache's capacity with "length"
         toks, outs = await _run(eng, _prompt(20), temperature=0, max_tokens=100, ignore_eos=True)
         assert outs[-1].finish_reason == "length" and 20 + len(toks) == 32
@@ -243,10 +181,7 @@ async def test_batched_and_preempted_outputs_match_solo_runs(tiny_dir: Path) -> 
     await eng.start()
     try:
         res = await asyncio.gather(
-            *[
-                _run(eng, p, f"r{i}", temperature=0, max_tokens=24, ignore_eos=True)
-                for i, p in enumerate(prompts)
-            ]
+            *[_run(eng, p, f"r{i}", temperature=0, max_tokens=24, ignore_eos=True) for i, p in enumerate(prompts)]
         )
         assert eng.stats()["preemptions"] > 0
         assert [r[0] for r in res] == solo
@@ -280,9 +215,7 @@ async def test_logprobs_min_tokens_and_stop_ids(engine: TorchEngine) -> None:
     assert [lp.token_id for lp in lps] == toks
     assert all(lp.logprob <= 0 and len(lp.top) == 3 and lp.top[0][0] == lp.token_id for lp in lps)
     first = toks[0]
-    stopped, outs = await _run(
-        engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], ignore_eos=True
-    )
+    stopped, outs = await _run(engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], ignore_eos=True)
     assert stopped == [first] and outs[-1].finish_reason == "stop"
     held, _ = await _run(engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], min_tokens=3)
     assert len(held) >= 3 and first not in held[:2]

@@ -11,17 +11,23 @@ import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from dynamo_grpc import errors
 
-class EngineError(Exception):
-    """Base class for errors an engine reports about a request."""
+# Engines raise the one error model's classes (errors.py imports grpc lazily, so engines stay grpc-free).
+#: anything an engine reports about a request
+EngineError = errors.DynamoError
+#: the prompt can never fit the context or the KV cache (RESOURCE_EXHAUSTED "prompt_too_long")
+PromptTooLong = errors.PromptTooLong
+#: the bounded waiting queue is full (RESOURCE_EXHAUSTED "overloaded": the frontend re-routes once)
+EngineOverloaded = errors.Overloaded
 
 
-class PromptTooLong(EngineError):
-    """The prompt (plus max_tokens where the engine needs it) exceeds the context or the KV cache."""
+class EngineDead(errors.WorkerLost):
+    """The engine itself failed (a crashed step, a stopped loop): not the client's fault.
 
-
-class EngineOverloaded(EngineError):
-    """The engine cannot accept more work now (draining, or the waiting queue is full)."""
+    Like vLLM's EngineDeadError, distinct from a request-scoped failure: it reaches the client as
+    UNAVAILABLE "worker_lost", so the frontend migrates the request to another worker.
+    """
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dynamo_grpc.engines.base import EngineOutput, SamplingParams
+from dynamo_grpc.errors import InvalidArgument
 from dynamo_grpc.v1 import common_pb2
 
 FINISH_REASONS = {
@@ -14,8 +15,8 @@ FINISH_REASONS = {
 }
 
 
-class BadRequest(ValueError):
-    """A request field the worker refuses (INVALID_ARGUMENT)."""
+#: a request field the worker refuses (INVALID_ARGUMENT)
+BadRequest = InvalidArgument
 
 
 def sampling_from_pb(

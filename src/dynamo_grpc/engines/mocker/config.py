@@ -25,8 +25,8 @@ class MockerConfig:
     enable_prefix_caching: bool = True
     #: fraction of blocks kept free when admitting new requests (vLLM's watermark)
     watermark: float = 0.01
-    #: waiting requests beyond this raise EngineOverloaded; 0 = unbounded
-    max_waiting: int = 0
+    #: waiting requests beyond this raise EngineOverloaded (--max-waiting-requests)
+    max_waiting: int = 4096
 
     def validate(self) -> None:
         def positive(name: str) -> None:
@@ -41,8 +41,7 @@ class MockerConfig:
             raise ValueError(f"eos_probability must be in [0, 1], got {self.eos_probability}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        positive("max_waiting")
         bad = [t for t in self.eos_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"eos_token_ids {bad} outside the vocabulary of {self.vocab_size}")

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from dynamo_grpc import errors
 from dynamo_grpc.engines.base import (
     Engine,
-    EngineError,
+    EngineDead,
     EngineOutput,
     EngineOverloaded,
     EngineRequest,
@@ -105,6 +107,7 @@ class MockerEngine(Engine):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._ids = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,9 +138,9 @@ class MockerEngine(Engine):
         """Raise PromptTooLong / ValueError for a request that can never run here."""
         n = len(request.token_ids)
         if n == 0:
-            raise ValueError("token_ids is empty")
+            raise errors.InvalidArgument("token_ids is empty")
         if request.sampling.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
+            raise errors.InvalidArgument(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
         if n >= self.context_length:
             raise PromptTooLong(
                 f"prompt has {n} tokens; the context length is {self.context_length} "
@@ -151,22 +154,23 @@ class MockerEngine(Engine):
             )
         if request.sampling.logprobs is not None:
             # tokens come from a hash, not a distribution: any number here would be made up
-            raise EngineError("the mocker engine runs no model and has no logprobs; ask a torch or trtllm worker")
+            raise errors.UnsupportedOption(
+                "logprobs", "is not supported by the mocker engine (it runs no model); ask a torch or trtllm worker"
+            )
         vocab = self.config.vocab_size
         bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+            raise errors.InvalidArgument(f"token id {bad} is outside the vocabulary (size {vocab})")
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         self.check(request)
         if self._stopped or self._task is None:
-            raise EngineOverloaded("engine is not running")
+            raise EngineDead("the mocker engine is not running")
         if self.config.max_waiting and len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests already waiting")
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already in flight")
+            raise EngineOverloaded(f"waiting queue is full ({self.config.max_waiting} requests)")
         req = MockRequest(
-            request_id=request.request_id,
+            # internal id: a client's id may repeat (retries, migrations) and must never fail its request
+            request_id=f"{request.request_id}#{next(self._ids)}",
             prompt=list(request.token_ids),
             sampling=request.sampling,
             lora=request.lora or None,

@@ -16,15 +16,16 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dynamo_grpc import errors
 from dynamo_grpc.engines.base import (
     Engine,
-    EngineError,
+    EngineDead,
     EngineOutput,
     EngineOverloaded,
     EngineRequest,
@@ -179,42 +180,52 @@ class TorchEngine(Engine):
                 "weight_bytes": self.model.nbytes,
             }
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        prompt = list(request.token_ids)
+    def check(self, request: EngineRequest) -> None:
+        """Raise the error a request that can never run here gets (before it is queued)."""
+        prompt = request.token_ids
         sp = request.sampling
         if not prompt:
-            raise ValueError("prompt has no tokens")
+            raise errors.InvalidArgument("prompt has no tokens")
         vocab = self.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
+            raise errors.InvalidArgument(f"token ids must be in [0, {vocab})")
         if sp.max_tokens <= 0:
-            raise ValueError("max_tokens must be positive")
+            raise errors.InvalidArgument("max_tokens must be positive")
         if sp.temperature < 0 or not 0 < sp.top_p <= 1 or sp.min_p < 0 or sp.min_p > 1:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1], min_p in [0, 1]")
+            raise errors.InvalidArgument("temperature must be >= 0, top_p in (0, 1], min_p in [0, 1]")
         if sp.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be positive")
+            raise errors.InvalidArgument("repetition_penalty must be positive")
         if request.lora:
-            raise EngineError("the torch engine serves no LoRA adapters")
+            raise errors.FailedPrecondition(f"LoRA adapter {request.lora!r}: the torch engine serves no LoRA adapters")
         capacity = self.num_blocks * self.block_size
         if len(prompt) >= self.context_length:
             raise PromptTooLong(f"prompt of {len(prompt)} tokens >= context length {self.context_length}")
         if len(prompt) >= capacity:
             raise PromptTooLong(f"prompt of {len(prompt)} tokens cannot fit the KV cache ({capacity} tokens)")
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.check(request)
+        prompt = list(request.token_ids)
         if self._thread is None or self._stopping:
-            raise EngineOverloaded("engine is not running")
+            raise EngineDead("the torch engine is not running")
         with self._cv:
             if len(self._inbox) + len(self.scheduler.waiting) >= self.max_waiting:
-                raise EngineOverloaded("waiting queue is full")
+                raise EngineOverloaded(f"waiting queue is full ({self.max_waiting} requests)")
         req = Request(
             request_id=f"{request.request_id}#{next(self._ids)}",
             prompt_token_ids=prompt,
-            sampling=sp,
+            sampling=request.sampling,
             eos_token_ids=self.eos_token_ids,
-            max_total_tokens=min(self.context_length, capacity),
+            max_total_tokens=min(self.context_length, self.num_blocks * self.block_size),
         )
-        return self._stream(req)
+        stream = self._stream(req)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # aborts the request (frees its blocks) if it did not finish
 
-    async def _stream(self, req: Request) -> AsyncIterator[EngineOutput]:
+    async def _stream(self, req: Request) -> AsyncGenerator[EngineOutput, None]:
         stream = _Stream(asyncio.get_running_loop())
         rid = req.request_id
         with self._cv:
@@ -305,7 +316,7 @@ class TorchEngine(Engine):
                 failed = []
                 for s in out.seqs:
                     self.scheduler.abort(s.request.request_id)
-                    failed.append((s.request.request_id, EngineError(f"engine step failed: {e}")))
+                    failed.append((s.request.request_id, EngineDead(f"engine step failed: {e}")))
                 self._flush_events()
             self._deliver(failed)
             return

@@ -137,9 +137,7 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while (
-            self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted
-        ):
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             prefix = self.kv.find_prefix(req)
             cached = len(prefix) * self.kv.block_size
