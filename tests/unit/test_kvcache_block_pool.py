@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from dynamo_grpc.engines.base import KvCleared, KvRemoved, KvStored, SamplingParams, StoredBlock
+from dynamo_grpc.engines.base import SamplingParams
 from dynamo_grpc.engines.kvcache.block_pool import BlockPool, NoFreeBlocks
 from dynamo_grpc.engines.mocker.kv_manager import KvManager
 from dynamo_grpc.engines.mocker.request import MockRequest
 from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
 from dynamo_grpc.engines.torch.request import Request
+from dynamo_grpc.events.kv import KvCleared, KvRemoved, KvStored, StoredBlock
 from dynamo_grpc.tokens.block_hash import block_hash_list, local_block_hashes
 
 BS = 4

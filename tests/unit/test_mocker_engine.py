@@ -9,17 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dynamo_grpc import errors
-from dynamo_grpc.engines.base import (
-    EngineOutput,
-    EngineRequest,
-    KvEvent,
-    KvRemoved,
-    KvStored,
-    PromptTooLong,
-    SamplingParams,
-)
+from dynamo_grpc.engines.base import EngineOutput, EngineRequest, PromptTooLong, SamplingParams
 from dynamo_grpc.engines.mocker import MockerConfig, MockerEngine
 from dynamo_grpc.engines.mocker.timing import decode_ms, prefill_ms
+from dynamo_grpc.events.kv import KvEvent, KvRemoved, KvStored
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
 VOCAB = 49152

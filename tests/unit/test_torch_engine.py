@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from dynamo_grpc import errors
-from dynamo_grpc.engines.base import (
-    EngineOutput,
-    EngineRequest,
-    KvEvent,
-    KvRemoved,
-    KvStored,
-    PromptTooLong,
-    SamplingParams,
-)
+from dynamo_grpc.engines.base import EngineOutput, EngineRequest, PromptTooLong, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
+from dynamo_grpc.events.kv import KvEvent, KvRemoved, KvStored
 from dynamo_grpc.tokens.block_hash import block_hash_list
 from tests.helpers.tiny_llama import CTX, EOS, VOCAB, make_tiny_model
 

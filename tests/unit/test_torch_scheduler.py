@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dynamo_grpc.engines.base import KvRemoved, KvStored, SamplingParams
+from dynamo_grpc.engines.base import SamplingParams
 from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
 from dynamo_grpc.engines.torch.request import Request, Status
 from dynamo_grpc.engines.torch.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from dynamo_grpc.events.kv import KvRemoved, KvStored
 
 BS = 4
 

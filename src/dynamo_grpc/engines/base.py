@@ -8,10 +8,11 @@ without a server.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dynamo_grpc import errors
+from dynamo_grpc.events.kv import KvEventSink, KvStored, LoadMetrics
 
 # Engines raise the one error model's classes (errors.py imports grpc lazily, so engines stay grpc-free).
 #: anything an engine reports about a request
@@ -80,44 +81,6 @@ class EngineOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class LoadMetrics:
-    """What a worker reports about its load (published on ``load.<model>``)."""
-
-    active_blocks: int
-    total_blocks: int
-    waiting: int
-    running: int
-
-
-@dataclass
-class StoredBlock:
-    block_hash: int  # sequence (chained) hash: the routing key
-    tokens_hash: int  # local hash of the block's tokens
-
-
-@dataclass
-class KvStored:
-    """Blocks that became reusable cache, in chain order; ``parent_hash`` precedes the first."""
-
-    parent_hash: int | None
-    blocks: list[StoredBlock]
-
-
-@dataclass
-class KvRemoved:
-    block_hashes: list[int]
-
-
-@dataclass
-class KvCleared:
-    pass
-
-
-KvEvent = KvStored | KvRemoved | KvCleared
-KvEventSink = Callable[[list[KvEvent]], None]
 
 
 class Engine(abc.ABC):

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 
 import zmq
 
-from dynamo_grpc.engines.base import KvEvent, KvStored, LoadMetrics
 from dynamo_grpc.events import codec
+from dynamo_grpc.events.kv import KvEvent, KvStored, LoadMetrics
 from dynamo_grpc.events.topics import kv_topic, load_topic, pack_seq
 from dynamo_grpc.v1 import events_pb2
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from dynamo_grpc.engines.base import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from dynamo_grpc.events.kv import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 
 
 class NoFreeBlocks(RuntimeError):

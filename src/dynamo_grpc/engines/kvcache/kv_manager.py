@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from dynamo_grpc.engines.base import KvEvent, KvStored
+from dynamo_grpc.events.kv import KvEvent, KvStored
 
 from .block_pool import BlockPool, KvBlock
 
