@@ -216,29 +216,14 @@ async def test_logprobs_min_tokens_and_stop_ids(engine: TorchEngine) -> None:
 
 async def test_safetensors_logits_match_transformers(tiny_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from dynamo_grpc.engines.torch.kv_cache import KvCache
-    from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
     from dynamo_grpc.engines.torch.model import LlamaModel
-    from dynamo_grpc.engines.torch.request import Request
-    from dynamo_grpc.engines.torch.runner import ModelRunner
-    from dynamo_grpc.engines.torch.scheduler import Scheduler, SchedulerConfig
     from dynamo_grpc.engines.torch.weights import load_checkpoint
+    from tests.helpers.engine_steps import last_logits, torch_core
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
-    model = LlamaModel(load_checkpoint(tiny_dir))
-    mgr = KvCacheManager(64, 4)
-    sched = Scheduler(SchedulerConfig(4, 16), mgr)
-    runner = ModelRunner(model, KvCache(model.cfg, 64, 4, torch.float32), mgr)
+    core, runner = torch_core(LlamaModel(load_checkpoint(tiny_dir)), 64, 4, 16)
     ids = _prompt(37)
-    req = Request("p", ids, SamplingParams(max_tokens=1))
-    sched.add(req)
-    logits = None
-    while logits is None:
-        out = sched.schedule()
-        seqs, lg = runner.execute(out)
-        if seqs:
-            logits = lg[0]
-        sched.update(out, {s.request.request_id: 0 for s in seqs})
+    logits, _ = last_logits(core, runner, ids, "p")
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1]
     assert (logits - ref).abs().max().item() < 1e-4

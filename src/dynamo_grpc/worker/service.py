@@ -27,7 +27,6 @@ from dynamo_grpc.tokens.block_hash import block_hash_list
 from dynamo_grpc.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from dynamo_grpc.worker.convert import (
     FINISH_REASONS,
-    check_tokens,
     logprobs_pb,
     sampling_from_pb,
     usage_pb,
@@ -60,10 +59,6 @@ class WorkerContext:
     def model(self) -> str:
         return self.card.name
 
-    @property
-    def vocab_size(self) -> int:
-        return self.card.vocab_size
-
 
 async def _abort(context: grpc.aio.ServicerContext, err: errors.DynamoError) -> NoReturn:
     await errors.abort(context, err)
@@ -94,17 +89,14 @@ class _Requests:
             await self._refuse(
                 context, errors.ModelNotFound(f"model {request.model!r} is not served here ({ctx.model!r})")
             )
-        try:
-            token_ids = list(request.token_ids)
-            check_tokens(token_ids, ctx.vocab_size)
-            stop = request.stop
-            if max_tokens is not None:
-                stop = type(stop)()
-                stop.CopyFrom(request.stop)
-                stop.max_tokens = max_tokens
-            sampling = sampling_from_pb(request.sampling, stop, ctx.vocab_size or (1 << 32))
-        except errors.DynamoError as e:
-            await self._refuse(context, e)
+        stop = request.stop
+        if max_tokens is not None:
+            stop = type(stop)()
+            stop.CopyFrom(request.stop)
+            stop.max_tokens = max_tokens
+        # the engine checks the tokens and sampling (SamplingParams.validate) when generate() starts
+        token_ids = list(request.token_ids)
+        sampling = sampling_from_pb(request.sampling, stop)
         return EngineRequest(
             request_id=request.request_id or uuid.uuid4().hex,
             token_ids=token_ids,

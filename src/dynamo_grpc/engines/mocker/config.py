@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynamo_grpc.engines.core.engine_core import CoreConfig
+from dynamo_grpc.engines.core.scheduler import SchedulerConfig
+
 
 @dataclass
 class MockerConfig:
@@ -45,3 +48,16 @@ class MockerConfig:
         bad = [t for t in self.eos_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"eos_token_ids {bad} outside the vocabulary of {self.vocab_size}")
+
+    def core_config(self) -> CoreConfig:
+        """The engine core's share of these knobs (the rest belong to the mocker's executor)."""
+        return CoreConfig(
+            block_size=self.block_size,
+            num_blocks=self.num_gpu_blocks,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            eos_token_ids=frozenset(self.eos_token_ids),
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_waiting=self.max_waiting,
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.watermark),
+        )
