@@ -101,13 +101,19 @@ EngineFactory = Callable[..., Awaitable[Engine]]
 async def engine_factory(request: pytest.FixtureRequest) -> AsyncIterator[EngineFactory]:
     """Started engines with a given geometry (``num_blocks``, ``block_size``, ``max_waiting``, ``max_num_seqs``).
 
-    Every engine has the tiny vocabulary (VOCAB, EOS id 1) and a context of 256 tokens.
+    Every engine has the tiny vocabulary (VOCAB, EOS id 1) and a context of 256 tokens. ``realtime``
+    asks for steps that take real time (the mocker at speedup 1, ~20 ms a step), for tests that need
+    a request to stay running while they look.
     """
     started: list[Engine] = []
     kind = request.param
 
     async def factory(
-        num_blocks: int = 64, block_size: int = 4, max_waiting: int = 4096, max_num_seqs: int = 8
+        num_blocks: int = 64,
+        block_size: int = 4,
+        max_waiting: int = 4096,
+        max_num_seqs: int = 8,
+        realtime: bool = False,
     ) -> Engine:
         eng: Engine
         if kind == "mocker":
@@ -115,7 +121,7 @@ async def engine_factory(request: pytest.FixtureRequest) -> AsyncIterator[Engine
                 MockerConfig(
                     vocab_size=VOCAB, eos_token_ids=[EOS], block_size=block_size, num_gpu_blocks=num_blocks,
                     max_waiting=max_waiting, max_num_seqs=max_num_seqs, max_num_batched_tokens=32,
-                    context_length=256, speedup_ratio=1000.0, watermark=0.0,
+                    context_length=256, speedup_ratio=1.0 if realtime else 1000.0, watermark=0.0,
                 )
             )  # fmt: skip
         else:
