@@ -193,18 +193,17 @@ class EngineCore:
         res.step_seconds = result.step_seconds
         logprobs = result.logprobs
         outputs = res.outputs
+        finished = 0
         for req, token, reason in self.scheduler.update(plan, result):
             lp = logprobs.get(req.request_id) if logprobs else None
-            outputs.append(
-                (
-                    req.request_id,
-                    EngineOutput(
-                        [token], reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0), [lp] if lp else None
-                    ),
-                )
-            )
+            # num_cached_tokens is set (>= 0) when a request is first admitted, before any output
+            out = EngineOutput([token], reason, len(req.prompt_token_ids), req.num_cached_tokens)
+            if lp is not None:
+                out.logprobs = [lp]
+            outputs.append((req.request_id, out))
             if reason is not None:
-                st.finished += 1
+                finished += 1
+        st.finished += finished
 
     # ------------------------------------------------------------------ introspection
 

@@ -118,30 +118,38 @@ class Scheduler:
                 planned[req] = n
                 budget -= n
 
-        for req, n in planned.items():
-            out.chunks.append(self._chunk(req, n, out))
+        self._plan(planned, out)
         out.finished_ids, self._forget = self._forget, []
         out.kv_usage = kv.pool.num_active / kv.num_blocks
         return out
 
-    def _chunk(self, req: Request, n: int, out: SchedulerOutput) -> ScheduledChunk:
-        if not req.sent:
-            req.sent = True
-            out.new_requests.append(
-                NewRequest(req.request_id, req.prompt_token_ids, req.sampling, req.eos_token_ids, req.lora)
-            )
-        start = req.num_computed_tokens
-        end = start + n
-        sent = req.num_sent_blocks
-        blocks = req.blocks
-        new_ids = [b.block_id for b in blocks[sent:]] if len(blocks) > sent else []
-        req.num_sent_blocks = len(blocks)
-        samples = end == req.num_tokens
-        if n == 1 and start >= req.num_prompt_tokens:
-            out.num_decodes += 1
-        else:
-            out.num_prefill_tokens += n
-        return ScheduledChunk(req.request_id, start, req.all_token_ids[start:end], new_ids, sent == 0, samples)
+    def _plan(self, planned: dict[Request, int], out: SchedulerOutput) -> None:
+        """The plan's chunks: only what the executor does not know yet (hot loop: one pass, few lookups)."""
+        chunks = out.chunks
+        new_requests = out.new_requests
+        decodes = prefill = 0
+        for req, n in planned.items():
+            rid = req.request_id
+            if not req.sent:
+                req.sent = True
+                new_requests.append(NewRequest(rid, req.prompt_token_ids, req.sampling, req.eos_token_ids, req.lora))
+            start = req.num_computed_tokens
+            end = start + n
+            tokens = req.all_token_ids
+            blocks = req.blocks
+            sent = req.num_sent_blocks
+            if len(blocks) > sent:
+                new_ids = [b.block_id for b in blocks[sent:]]
+                req.num_sent_blocks = len(blocks)
+            else:
+                new_ids = []
+            if n == 1 and start >= len(req.prompt_token_ids):
+                decodes += 1
+            else:
+                prefill += n
+            chunks.append(ScheduledChunk(rid, start, tokens[start:end], new_ids, sent == 0, end == len(tokens)))
+        out.num_decodes = decodes
+        out.num_prefill_tokens = prefill
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -161,12 +169,15 @@ class Scheduler:
         appended: list[tuple[Request, int, str | None]] = []
         requests = self.requests
         sampled = result.sampled
+        register = self.kv.register_full_blocks
+        block_size = self.kv.block_size
         for c in plan.chunks:
             req = requests.get(c.request_id)
             if req is None or req.status is not Status.RUNNING:
                 continue  # aborted or preempted since the plan was made
-            req.num_computed_tokens = c.start + len(c.token_ids)
-            self.kv.register_full_blocks(req)
+            computed = req.num_computed_tokens = c.start + len(c.token_ids)
+            if computed // block_size > req.num_registered:
+                register(req)
             if not c.samples:
                 continue  # mid-prefill: no token yet
             token = sampled[c.request_id]
