@@ -168,11 +168,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream outputs for ``request``.
+        """Stream outputs for ``request`` (an async generator: creating it never raises).
 
-        Raises PromptTooLong / EngineOverloaded before the first output. Closing the
-        iterator (or cancelling the task consuming it) aborts the request and frees its
-        KV blocks.
+        Errors are ``errors.py`` classes raised from inside it, at the first ``__anext__``
+        (InvalidArgument, UnsupportedOption, PromptTooLong, Overloaded, FailedPrecondition) or
+        later (EngineDead when the engine itself fails). Closing the iterator (or cancelling the
+        task consuming it) aborts the request and frees its KV blocks.
         """
 
     @abc.abstractmethod
