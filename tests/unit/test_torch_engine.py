@@ -103,43 +103,7 @@ async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
         await eng.stop()
 
 
-async def test_closing_the_iterator_aborts_and_frees_blocks(engine: TorchEngine) -> None:
-    it = engine.generate(EngineRequest("long", _prompt(30), SamplingParams(max_tokens=200, ignore_eos=True)))
-    got = 0
-    async for out in it:  # type: ignore[attr-defined]
-        got += len(out.token_ids)
-        if got >= 3:
-            break
-    await it.aclose()  # type: ignore[attr-defined]
-    await _idle(engine)
-
-
-async def test_cancelling_the_consumer_task_frees_blocks(engine: TorchEngine) -> None:
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        req = EngineRequest("x", _prompt(30), SamplingParams(max_tokens=200, ignore_eos=True))
-        async for _ in engine.generate(req):
-            started.set()
-
-    task = asyncio.create_task(consume())
-    await asyncio.wait_for(started.wait(), 10)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await _idle(engine)
-
-
-async def test_stop_ends_in_flight_requests_cancelled(tiny_dir: Path) -> None:
-    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=64)
-    await eng.start()
-    it = eng.generate(EngineRequest("a", _prompt(8), SamplingParams(max_tokens=10_000, ignore_eos=True)))
-    first = await it.__anext__()  # type: ignore[attr-defined]
-    assert first.finish_reason is None
-    await eng.stop()
-    rest = [o async for o in it]  # type: ignore[attr-defined]
-    assert rest and rest[-1].finish_reason == "cancelled"
-    assert eng.load_metrics().active_blocks == 0
+# closing the iterator, cancelling the consumer and stop(): tests/unit/engines/test_conformance.py (every engine)
 
 
 async def test_seed_makes_sampling_reproducible(engine: TorchEngine) -> None:

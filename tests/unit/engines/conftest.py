@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
@@ -24,18 +24,8 @@ VOCAB = 96
 EOS = 1
 
 
-class MakeCore(Protocol):
-    def __call__(
-        self,
-        num_blocks: int = 16,
-        max_seqs: int = 8,
-        budget: int = 64,
-        *,
-        block_size: int = 4,
-        watermark: float = 0.0,
-        context_length: int = 1 << 20,
-        eos: frozenset[int] = frozenset(),
-    ) -> EngineCore: ...
+#: make_core(num_blocks=16, max_seqs=8, budget=64, *, block_size=4, watermark=0.0, context_length=1 << 20, eos=...)
+MakeCore = Callable[..., EngineCore]
 
 
 @pytest.fixture(scope="session")
