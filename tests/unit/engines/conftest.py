@@ -8,7 +8,7 @@ conformance suite; a new engine (e.g. the TensorRT-LLM adapter) joins by adding 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +129,3 @@ async def engine_factory(request: pytest.FixtureRequest) -> AsyncIterator[Engine
     yield factory
     for eng in started:
         await eng.stop()
-
-
-@pytest.fixture
-def kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    yield request.node.callspec.params.get("make_core") or request.node.callspec.params.get("engine_factory")
