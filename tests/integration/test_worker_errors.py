@@ -146,6 +146,12 @@ async def test_engine_errors_get_their_status_free_everything_and_drain_at_once(
             toks = [t async for r in stub.Decode(_request([12, 13, 14], 3)) for t in r.token_ids]
             assert len(toks) == 3
 
+            # a client id that collides with one in flight is never refused (the engine keys by its own id)
+            async def run(n: int) -> int:
+                return sum([len(r.token_ids) async for r in stub.Decode(_request([20, 21], n, request_id="dup"))])
+
+            assert await asyncio.gather(run(3), run(5)) == [3, 5]
+
         # nothing in flight: a drain ends at once, not after the grace period
         t0 = time.monotonic()
         w.signal(signal.SIGTERM)
