@@ -63,7 +63,9 @@ class LlamaModel:
             return t[name].to(dtype).contiguous()
 
         self.embed = get("model.embed_tokens.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in t else get("lm_head.weight")
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in t else get("lm_head.weight")
+        )
         self.norm = get("model.norm.weight")
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_hidden_layers):
@@ -81,7 +83,9 @@ class LlamaModel:
                         ]
                     ).contiguous(),
                     "o": get(p + "self_attn.o_proj.weight"),
-                    "gate_up": torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
+                    "gate_up": torch.cat(
+                        [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
+                    ).contiguous(),
                     "down": get(p + "mlp.down_proj.weight"),
                 }
             )
