@@ -108,8 +108,8 @@ CASES = [
     ("bad_value", lambda: good(temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ("unknown_model", unknown_model, grpc.StatusCode.NOT_FOUND, "no-such-model"),
     ("over_context", lambda: good(" hello" * 9000), grpc.StatusCode.RESOURCE_EXHAUSTED, "context length"),
-    # the mocker runs no model: asking it for logprobs is refused, not answered with made-up numbers
-    ("logprobs_from_mocker", logprobs_from_mocker, grpc.StatusCode.FAILED_PRECONDITION, "logprobs"),
+    # the mocker runs no model: asking it for logprobs is refused by name (unsupported_option), not made up
+    ("logprobs_from_mocker", logprobs_from_mocker, grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
     # options that are not honoured are refused by name, never accepted and ignored
     (
         "structured_output",

@@ -31,7 +31,7 @@ BS = 16
 PUBLISHER = r"""
 import asyncio, json, sys
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
-from dynamo_grpc.engines.base import KvRemoved, KvStored, StoredBlock
+from dynamo_grpc.events.kv import KvRemoved, KvStored, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.events.service import KvEventsServicer

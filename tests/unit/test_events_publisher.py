@@ -10,9 +10,9 @@ import grpc
 import pytest
 import zmq
 
-from dynamo_grpc.engines.base import KvCleared, KvRemoved, KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.codec import event_from_pb, event_to_pb
+from dynamo_grpc.events.kv import KvCleared, KvRemoved, KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.events.topics import unpack_seq
 from dynamo_grpc.transport import GrpcServer, ServerOptions, open_channel

@@ -8,17 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dynamo_grpc.engines.base import (
-    EngineOutput,
-    EngineRequest,
-    KvEvent,
-    KvRemoved,
-    KvStored,
-    PromptTooLong,
-    SamplingParams,
-)
+from dynamo_grpc import errors
+from dynamo_grpc.engines.base import EngineOutput, EngineRequest, PromptTooLong, SamplingParams
 from dynamo_grpc.engines.mocker import MockerConfig, MockerEngine
 from dynamo_grpc.engines.mocker.timing import decode_ms, prefill_ms
+from dynamo_grpc.events.kv import KvEvent, KvRemoved, KvStored
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
 VOCAB = 49152
@@ -194,9 +188,9 @@ async def test_prompts_that_can_never_run_are_refused(engine: MockerEngine) -> N
         assert last.finish_reason == "length" and 20 + len(toks) == 32  # stopped by the cache size
     finally:
         await small.stop()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(errors.InvalidArgument, match="empty"):
         await _collect(engine, "e", [], max_tokens=1)
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(errors.InvalidArgument, match="vocabulary"):
         await _collect(engine, "v", [VOCAB], max_tokens=1)
 
 

@@ -3,88 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from dynamo_grpc.engines.base import (
-    EngineError,
-    EngineOutput,
-    EngineRequest,
-    KvEvent,
-    KvRemoved,
-    KvStored,
-    PromptTooLong,
-    SamplingParams,
-)
+from dynamo_grpc import errors
+from dynamo_grpc.engines.base import EngineOutput, EngineRequest, PromptTooLong, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
+from dynamo_grpc.events.kv import KvEvent, KvRemoved, KvStored
 from dynamo_grpc.tokens.block_hash import block_hash_list
-
-VOCAB = 96
-EOS = 1
-CTX = 256
-TINY = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": CTX,
-    "tie_word_embeddings": False,
-    "bos_token_id": 0,
-    "eos_token_id": EOS,
-}
-
-
-def make_tiny_model(root: Path, seed: int = 0) -> Path:
-    """A random Llama (config.json + model.safetensors + tokenizer.json), built offline."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    c = TINY
-    g = torch.Generator().manual_seed(seed)
-    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
-
-    def w(*shape: int, std: float = 0.3) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    t = {
-        "model.embed_tokens.weight": w(VOCAB, h, std=1.0),
-        "model.norm.weight": 1 + w(h, std=0.1),
-        "lm_head.weight": w(VOCAB, h),
-    }
-    for layer in range(c["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        t |= {
-            p + "input_layernorm.weight": 1 + w(h, std=0.1),
-            p + "post_attention_layernorm.weight": 1 + w(h, std=0.1),
-            p + "self_attn.q_proj.weight": w(nh * hd, h),
-            p + "self_attn.k_proj.weight": w(nkv * hd, h),
-            p + "self_attn.v_proj.weight": w(nkv * hd, h),
-            p + "self_attn.o_proj.weight": w(h, nh * hd),
-            p + "mlp.gate_proj.weight": w(i, h),
-            p + "mlp.up_proj.weight": w(i, h),
-            p + "mlp.down_proj.weight": w(h, i),
-        }
-    root.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in t.items()}, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps(c))
-    vocab = {f"t{k}": k for k in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t1", "bos_token": "t0"}))
-    return root
+from tests.helpers.tiny_llama import CTX, EOS, VOCAB, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +24,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def engine(tiny_dir: Path) -> Iterator[TorchEngine]:
-    eng = TorchEngine(
-        tiny_dir, block_size=4, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, num_threads=1
-    )
+    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, num_threads=1)
     await eng.start()
     try:
         yield eng  # type: ignore[misc]
@@ -108,9 +36,7 @@ def _prompt(n: int, base: int = 2) -> list[int]:
     return [2 + (base + 7 * k) % (VOCAB - 2) for k in range(n)]
 
 
-async def _run(
-    eng: TorchEngine, ids: list[int], rid: str = "r", **sp: object
-) -> tuple[list[int], list[EngineOutput]]:
+async def _run(eng: TorchEngine, ids: list[int], rid: str = "r", **sp: object) -> tuple[list[int], list[EngineOutput]]:
     outs = [o async for o in eng.generate(EngineRequest(rid, ids, SamplingParams(**sp)))]  # type: ignore[arg-type]
     return [t for o in outs for t in o.token_ids], outs
 
@@ -146,17 +72,22 @@ async def test_streams_tokens_until_max_tokens(engine: TorchEngine) -> None:
     await _idle(engine)
 
 
+async def _first(eng: TorchEngine, req: EngineRequest) -> EngineOutput:
+    return await anext(aiter(eng.generate(req)))
+
+
 async def test_bad_requests_fail_before_any_output(engine: TorchEngine) -> None:
     with pytest.raises(PromptTooLong):
-        engine.generate(EngineRequest("a", _prompt(CTX)))
-    with pytest.raises(ValueError):
-        engine.generate(EngineRequest("b", []))
-    with pytest.raises(ValueError):
-        engine.generate(EngineRequest("c", [VOCAB]))
-    with pytest.raises(ValueError):
-        engine.generate(EngineRequest("d", [3], SamplingParams(max_tokens=0)))
-    with pytest.raises(EngineError):
-        engine.generate(EngineRequest("e", [3], lora="adapter"))
+        await _first(engine, EngineRequest("a", _prompt(CTX)))
+    with pytest.raises(errors.InvalidArgument):
+        await _first(engine, EngineRequest("b", []))
+    with pytest.raises(errors.InvalidArgument):
+        await _first(engine, EngineRequest("c", [VOCAB]))
+    with pytest.raises(errors.InvalidArgument):
+        await _first(engine, EngineRequest("d", [3], SamplingParams(max_tokens=0)))
+    with pytest.raises(errors.FailedPrecondition, match="adapter"):
+        await _first(engine, EngineRequest("e", [3], lora="adapter"))
+    await _idle(engine)
 
 
 async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
@@ -164,7 +95,7 @@ async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
     await eng.start()
     try:
         with pytest.raises(PromptTooLong):
-            eng.generate(EngineRequest("a", _prompt(32)))
+            await _first(eng, EngineRequest("a", _prompt(32)))
         # one that fits stops at the cache's capacity with "length"
         toks, outs = await _run(eng, _prompt(20), temperature=0, max_tokens=100, ignore_eos=True)
         assert outs[-1].finish_reason == "length" and 20 + len(toks) == 32
@@ -172,43 +103,7 @@ async def test_prompt_that_can_never_fit_the_cache(tiny_dir: Path) -> None:
         await eng.stop()
 
 
-async def test_closing_the_iterator_aborts_and_frees_blocks(engine: TorchEngine) -> None:
-    it = engine.generate(EngineRequest("long", _prompt(30), SamplingParams(max_tokens=200, ignore_eos=True)))
-    got = 0
-    async for out in it:  # type: ignore[attr-defined]
-        got += len(out.token_ids)
-        if got >= 3:
-            break
-    await it.aclose()  # type: ignore[attr-defined]
-    await _idle(engine)
-
-
-async def test_cancelling_the_consumer_task_frees_blocks(engine: TorchEngine) -> None:
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        req = EngineRequest("x", _prompt(30), SamplingParams(max_tokens=200, ignore_eos=True))
-        async for _ in engine.generate(req):
-            started.set()
-
-    task = asyncio.create_task(consume())
-    await asyncio.wait_for(started.wait(), 10)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await _idle(engine)
-
-
-async def test_stop_ends_in_flight_requests_cancelled(tiny_dir: Path) -> None:
-    eng = TorchEngine(tiny_dir, block_size=4, num_blocks=64)
-    await eng.start()
-    it = eng.generate(EngineRequest("a", _prompt(8), SamplingParams(max_tokens=10_000, ignore_eos=True)))
-    first = await it.__anext__()  # type: ignore[attr-defined]
-    assert first.finish_reason is None
-    await eng.stop()
-    rest = [o async for o in it]  # type: ignore[attr-defined]
-    assert rest and rest[-1].finish_reason == "cancelled"
-    assert eng.load_metrics().active_blocks == 0
+# closing the iterator, cancelling the consumer and stop(): tests/unit/engines/test_conformance.py (every engine)
 
 
 async def test_seed_makes_sampling_reproducible(engine: TorchEngine) -> None:
@@ -243,10 +138,7 @@ async def test_batched_and_preempted_outputs_match_solo_runs(tiny_dir: Path) -> 
     await eng.start()
     try:
         res = await asyncio.gather(
-            *[
-                _run(eng, p, f"r{i}", temperature=0, max_tokens=24, ignore_eos=True)
-                for i, p in enumerate(prompts)
-            ]
+            *[_run(eng, p, f"r{i}", temperature=0, max_tokens=24, ignore_eos=True) for i, p in enumerate(prompts)]
         )
         assert eng.stats()["preemptions"] > 0
         assert [r[0] for r in res] == solo
@@ -280,9 +172,7 @@ async def test_logprobs_min_tokens_and_stop_ids(engine: TorchEngine) -> None:
     assert [lp.token_id for lp in lps] == toks
     assert all(lp.logprob <= 0 and len(lp.top) == 3 and lp.top[0][0] == lp.token_id for lp in lps)
     first = toks[0]
-    stopped, outs = await _run(
-        engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], ignore_eos=True
-    )
+    stopped, outs = await _run(engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], ignore_eos=True)
     assert stopped == [first] and outs[-1].finish_reason == "stop"
     held, _ = await _run(engine, ids, temperature=0, max_tokens=5, stop_token_ids=[first], min_tokens=3)
     assert len(held) >= 3 and first not in held[:2]
@@ -290,29 +180,14 @@ async def test_logprobs_min_tokens_and_stop_ids(engine: TorchEngine) -> None:
 
 async def test_safetensors_logits_match_transformers(tiny_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from dynamo_grpc.engines.torch.kv_cache import KvCache
-    from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
     from dynamo_grpc.engines.torch.model import LlamaModel
-    from dynamo_grpc.engines.torch.request import Request
-    from dynamo_grpc.engines.torch.runner import ModelRunner
-    from dynamo_grpc.engines.torch.scheduler import Scheduler, SchedulerConfig
     from dynamo_grpc.engines.torch.weights import load_checkpoint
+    from tests.helpers.engine_steps import last_logits, torch_core
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
-    model = LlamaModel(load_checkpoint(tiny_dir))
-    mgr = KvCacheManager(64, 4)
-    sched = Scheduler(SchedulerConfig(4, 16), mgr)
-    runner = ModelRunner(model, KvCache(model.cfg, 64, 4, torch.float32), mgr)
+    core, runner = torch_core(LlamaModel(load_checkpoint(tiny_dir)), 64, 4, 16)
     ids = _prompt(37)
-    req = Request("p", ids, SamplingParams(max_tokens=1))
-    sched.add(req)
-    logits = None
-    while logits is None:
-        out = sched.schedule()
-        seqs, lg = runner.execute(out)
-        if seqs:
-            logits = lg[0]
-        sched.update(out, {s.request.request_id: 0 for s in seqs})
+    logits, _ = last_logits(core, runner, ids, "p")
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1]
     assert (logits - ref).abs().max().item() < 1e-4

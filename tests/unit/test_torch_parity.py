@@ -18,16 +18,12 @@ import torch
 
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
-from dynamo_grpc.engines.torch.kv_cache import KvCache
-from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
 from dynamo_grpc.engines.torch.model import LlamaModel
-from dynamo_grpc.engines.torch.request import Request
-from dynamo_grpc.engines.torch.runner import ModelRunner
-from dynamo_grpc.engines.torch.scheduler import Scheduler, SchedulerConfig
 from dynamo_grpc.engines.torch.weights import load_checkpoint
 from dynamo_grpc.models import ModelSourceError, default_model_path, load_model_source
 from dynamo_grpc.tokens.chat_template import render_chat
 from dynamo_grpc.tokens.tokenizer import Tokenizer
+from tests.helpers.engine_steps import last_logits, torch_core
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -74,9 +70,7 @@ def chat_ids(model_path: Path) -> list[list[int]]:
     tok = Tokenizer.from_card(card, tok_json)
     assert card.chat_template
     texts = [
-        render_chat(
-            card.chat_template, [{"role": "user", "content": c}], special_tokens=card.special_tokens_map()
-        )
+        render_chat(card.chat_template, [{"role": "user", "content": c}], special_tokens=card.special_tokens_map())
         for c in CHATS
     ]
     return [tok.encode(t) for t in texts]
@@ -95,32 +89,19 @@ def hf_greedy(hf_model: Any, chat_ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _last_logits(runner: ModelRunner, sched: Scheduler, ids: list[int], rid: str) -> tuple[torch.Tensor, int]:
-    req = Request(rid, ids, SamplingParams(max_tokens=1))
-    sched.add(req)
-    while True:
-        out = sched.schedule()
-        seqs, logits = runner.execute(out)
-        sched.update(out, {s.request.request_id: int(logits[i].argmax()) for i, s in enumerate(seqs)})
-        if seqs:
-            return logits[0], req.num_cached_tokens
-
-
 def test_last_token_logits_match_transformers(model_path: Path, hf_model: Any) -> None:
     model = LlamaModel(load_checkpoint(model_path))
-    mgr = KvCacheManager(40, 64)
-    sched = Scheduler(SchedulerConfig(4, 256), mgr)  # 700 tokens: three chunks over the cached prefix
-    runner = ModelRunner(model, KvCache(model.cfg, 40, 64, torch.float32), mgr)
+    core, runner = torch_core(model, 40, 64, 256)  # 700 tokens: three chunks over the cached prefix
     g = torch.Generator().manual_seed(0)
     for n in (1, 63, 64, 65, 700):
         ids = torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist()
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0, -1]
-        ours, cached = _last_logits(runner, sched, ids, f"cold{n}")
+        ours, cached = last_logits(core, runner, ids, f"cold{n}")
         assert cached == 0
         assert (ours - ref).abs().max().item() < 1e-3, n
         if n >= 65:  # the same prompt again is served from the prefix cache
-            warm, cached = _last_logits(runner, sched, ids, f"warm{n}")
+            warm, cached = last_logits(core, runner, ids, f"warm{n}")
             assert cached == (n - 1) // 64 * 64
             assert (warm - ref).abs().max().item() < 1e-3, n
 

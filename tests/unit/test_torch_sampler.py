@@ -91,3 +91,30 @@ def test_logprobs_are_raw_log_softmax() -> None:
     assert lp.logprob == pytest.approx(float(ref[2]))
     assert [t for t, _ in lp.top] == [2, 1]
     assert math.isclose(lp.top[1][1], float(ref[1]), rel_tol=1e-6)
+
+
+def test_allowed_token_ids_mask_every_other_token() -> None:
+    logits = _logits(9.0, 1.0, 2.0, 3.0).unsqueeze(0)
+    greedy = SamplingParams(temperature=0.0, allowed_token_ids=[1, 2])
+    assert sample(logits, [_row(greedy)])[0] == [2]
+    sampled = SamplingParams(temperature=5.0, seed=3, allowed_token_ids=[1, 2])
+    row = _row(sampled)
+    assert {sample(logits, [row])[0][0] for _ in range(50)} <= {1, 2}
+
+
+def test_bad_words_ban_the_last_token_only_after_the_rest_of_the_word() -> None:
+    logits = _logits(9.0, 8.0, 1.0).unsqueeze(0)
+    sp = SamplingParams(temperature=0.0, bad_words=[[0], [5, 1]])
+    assert sample(logits, [_row(sp, out=[3])])[0] == [1]  # [0] is always banned; 1 only after 5
+    assert sample(logits, [_row(sp, out=[3, 5])])[0] == [2]  # the output ends with 5: 1 is banned too
+    assert sample(logits, [_row(sp, prompt=[5])])[0] == [1]  # the prompt does not count, only the output
+
+
+def test_logit_bias_is_added_before_sampling_and_logprobs_stay_raw() -> None:
+    logits = _logits(2.0, 1.0).unsqueeze(0)
+    sp = SamplingParams(temperature=0.0, logit_bias={1: 1.5, 0: -100.0}, logprobs=0)
+    toks, lps = sample(logits, [_row(sp)])
+    assert toks == [1]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert lps[0] is not None and lps[0].logprob == pytest.approx(float(raw[1]))
+    assert lps[0].rank == 2  # rank in the model's own distribution

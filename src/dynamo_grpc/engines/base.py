@@ -8,25 +8,38 @@ without a server.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from dynamo_grpc import errors
+from dynamo_grpc.events.kv import KvEventSink, KvStored, LoadMetrics
 
-class EngineError(Exception):
-    """Base class for errors an engine reports about a request."""
+# Engines raise the one error model's classes (errors.py imports grpc lazily, so engines stay grpc-free).
+#: anything an engine reports about a request
+EngineError = errors.DynamoError
+#: the prompt can never fit the context or the KV cache (RESOURCE_EXHAUSTED "prompt_too_long")
+PromptTooLong = errors.PromptTooLong
+#: the bounded waiting queue is full (RESOURCE_EXHAUSTED "overloaded": the frontend re-routes once)
+EngineOverloaded = errors.Overloaded
 
 
-class PromptTooLong(EngineError):
-    """The prompt (plus max_tokens where the engine needs it) exceeds the context or the KV cache."""
+class EngineDead(errors.WorkerLost):
+    """The engine itself failed (a crashed step, a stopped loop): not the client's fault.
+
+    Like vLLM's EngineDeadError, distinct from a request-scoped failure: it reaches the client as
+    UNAVAILABLE "worker_lost", so the frontend migrates the request to another worker.
+    """
 
 
-class EngineOverloaded(EngineError):
-    """The engine cannot accept more work now (draining, or the waiting queue is full)."""
+#: OpenAI's logit_bias range
+LOGIT_BIAS_LIMIT = 100.0
+#: OpenAI's frequency/presence penalty range
+PENALTY_LIMIT = 2.0
 
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling, with vLLM's defaults and meanings."""
+    """Per-request sampling, with vLLM's defaults and meanings. :meth:`validate` is the one range check."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -41,6 +54,65 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs to return per token; None: none
+    #: token sequences never to generate: the last token of one is banned while the output ends with the rest
+    bad_words: list[list[int]] = field(default_factory=list)
+    #: when set, only these token ids may be sampled
+    allowed_token_ids: list[int] | None = None
+    #: added to a token's logit before sampling, in [-100, 100]
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def set_options(self) -> list[str]:
+        """Names of the options that differ from their defaults (what an engine must honour or refuse)."""
+        default = _DEFAULT_SAMPLING
+        return [name for name in _OPTION_NAMES if getattr(self, name) != getattr(default, name)]
+
+    def validate(self, vocab_size: int = 0) -> None:
+        """Raise ``errors.InvalidArgument`` naming the first field out of range (ids checked when vocab_size > 0)."""
+
+        def bad(name: str, rule: str, value: object) -> errors.InvalidArgument:
+            return errors.InvalidArgument(f"{name} must be {rule}, got {value}")
+
+        if self.max_tokens < 1:
+            raise bad("max_tokens", ">= 1", self.max_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"in [0, max_tokens={self.max_tokens}]", self.min_tokens)
+        if not self.temperature >= 0:  # also refuses NaN
+            raise bad("temperature", ">= 0", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]", self.top_p)
+        if self.top_k < -1:
+            raise bad("top_k", ">= -1 (0 or -1 disable it)", self.top_k)
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]", self.min_p)
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "> 0", self.repetition_penalty)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -PENALTY_LIMIT <= getattr(self, name) <= PENALTY_LIMIT:
+                raise bad(name, f"in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]", getattr(self, name))
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad("logprobs", ">= 0", self.logprobs)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise errors.InvalidArgument("allowed_token_ids must not be empty when given")
+        if any(not w for w in self.bad_words):
+            raise errors.InvalidArgument("bad_words must not contain an empty sequence")
+        for token, bias in self.logit_bias.items():
+            if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise bad(f"logit_bias[{token}]", f"in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]", bias)
+        ids: list[tuple[str, list[int]]] = [
+            ("stop_token_ids", self.stop_token_ids),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+            ("logit_bias", list(self.logit_bias)),
+            ("bad_words", [t for w in self.bad_words for t in w]),
+        ]
+        for name, values in ids:
+            out = [t for t in values if t < 0 or (vocab_size > 0 and t >= vocab_size)]
+            if out:
+                raise errors.InvalidArgument(f"{name} {out} outside the vocabulary (size {vocab_size})")
+
+
+_DEFAULT_SAMPLING = SamplingParams()
+#: options an engine may be unable to honour (the rest every engine implements)
+_OPTION_NAMES = ("logprobs", "bad_words", "allowed_token_ids", "logit_bias")
 
 
 @dataclass
@@ -76,44 +148,6 @@ class EngineOutput:
     logprobs: list[TokenLogprob] | None = None
 
 
-@dataclass
-class LoadMetrics:
-    """What a worker reports about its load (published on ``load.<model>``)."""
-
-    active_blocks: int
-    total_blocks: int
-    waiting: int
-    running: int
-
-
-@dataclass
-class StoredBlock:
-    block_hash: int  # sequence (chained) hash: the routing key
-    tokens_hash: int  # local hash of the block's tokens
-
-
-@dataclass
-class KvStored:
-    """Blocks that became reusable cache, in chain order; ``parent_hash`` precedes the first."""
-
-    parent_hash: int | None
-    blocks: list[StoredBlock]
-
-
-@dataclass
-class KvRemoved:
-    block_hashes: list[int]
-
-
-@dataclass
-class KvCleared:
-    pass
-
-
-KvEvent = KvStored | KvRemoved | KvCleared
-KvEventSink = Callable[[list[KvEvent]], None]
-
-
 class Engine(abc.ABC):
     """An LLM engine: continuous batching over a paged KV cache with prefix caching."""
 
@@ -134,11 +168,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream outputs for ``request``.
+        """Stream outputs for ``request`` (an async generator: creating it never raises).
 
-        Raises PromptTooLong / EngineOverloaded before the first output. Closing the
-        iterator (or cancelling the task consuming it) aborts the request and frees its
-        KV blocks.
+        Errors are ``errors.py`` classes raised from inside it, at the first ``__anext__``
+        (InvalidArgument, UnsupportedOption, PromptTooLong, Overloaded, FailedPrecondition) or
+        later (EngineDead when the engine itself fails). Closing the iterator (or cancelling the
+        task consuming it) aborts the request and frees its KV blocks.
         """
 
     @abc.abstractmethod

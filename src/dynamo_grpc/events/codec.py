@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dynamo_grpc.engines.base import KvCleared, KvEvent, KvRemoved, KvStored, LoadMetrics, StoredBlock
+from dynamo_grpc.events.kv import KvCleared, KvEvent, KvRemoved, KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.v1 import events_pb2
 
 

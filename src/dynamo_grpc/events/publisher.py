@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 
 import zmq
 
-from dynamo_grpc.engines.base import KvEvent, KvStored, LoadMetrics
 from dynamo_grpc.events import codec
 from dynamo_grpc.events.curve import CurveConfig
+from dynamo_grpc.events.kv import KvEvent, KvStored, LoadMetrics
 from dynamo_grpc.events.sockets import DEFAULT_SNDHWM, MAX_EVENT_FRAME_BYTES, bind_pub, check_topic
 from dynamo_grpc.events.topics import kv_topic, load_topic, pack_seq
 from dynamo_grpc.v1 import events_pb2

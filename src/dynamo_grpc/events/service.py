@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
-from dynamo_grpc.engines.base import KvStored
+from dynamo_grpc.events.kv import KvStored
 from dynamo_grpc.events.publisher import KvEventPublisher
 from dynamo_grpc.v1 import events_pb2, events_pb2_grpc
 

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
-from dynamo_grpc.engines.base import Engine, KvEvent, LoadMetrics
+from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import CurveConfig
+from dynamo_grpc.events.kv import KvEvent, LoadMetrics
 from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.transport import GrpcServer, ServerOptions

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from dynamo_grpc.engines.base import EngineOutput, SamplingParams
 from dynamo_grpc.v1 import common_pb2
 
@@ -14,62 +16,32 @@ FINISH_REASONS = {
 }
 
 
-class BadRequest(ValueError):
-    """A request field the worker refuses (INVALID_ARGUMENT)."""
+def sampling_from_pb(sampling: common_pb2.SamplingOptions, stop: common_pb2.StopConditions) -> SamplingParams:
+    """SamplingParams from the wire; unset optional fields keep vLLM's defaults.
 
-
-def sampling_from_pb(
-    sampling: common_pb2.SamplingOptions, stop: common_pb2.StopConditions, vocab_size: int
-) -> SamplingParams:
-    """SamplingParams from the wire; unset optional fields keep vLLM's defaults."""
-    sp = SamplingParams()
-    if stop.max_tokens < 1:
-        raise BadRequest("stop.max_tokens must be >= 1")
-    sp.max_tokens = stop.max_tokens
-    sp.min_tokens = stop.min_tokens
-    sp.ignore_eos = stop.ignore_eos
-    bad = [t for t in stop.stop_token_ids if t >= vocab_size]
-    if bad:
-        raise BadRequest(f"stop_token_ids {bad} outside the vocabulary (size {vocab_size})")
-    sp.stop_token_ids = list(stop.stop_token_ids)
-    if sampling.HasField("temperature"):
-        if sampling.temperature < 0:
-            raise BadRequest(f"temperature must be >= 0, got {sampling.temperature}")
-        sp.temperature = sampling.temperature
-    if sampling.HasField("top_p"):
-        if not 0 < sampling.top_p <= 1:
-            raise BadRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-        sp.top_p = sampling.top_p
-    if sampling.HasField("top_k"):
-        if sampling.top_k < -1:
-            raise BadRequest(f"top_k must be >= -1, got {sampling.top_k}")
-        sp.top_k = sampling.top_k
-    if sampling.HasField("min_p"):
-        if not 0 <= sampling.min_p <= 1:
-            raise BadRequest(f"min_p must be in [0, 1], got {sampling.min_p}")
-        sp.min_p = sampling.min_p
-    if sampling.HasField("repetition_penalty"):
-        if sampling.repetition_penalty <= 0:
-            raise BadRequest(f"repetition_penalty must be > 0, got {sampling.repetition_penalty}")
-        sp.repetition_penalty = sampling.repetition_penalty
-    if sampling.HasField("frequency_penalty"):
-        sp.frequency_penalty = sampling.frequency_penalty
-    if sampling.HasField("presence_penalty"):
-        sp.presence_penalty = sampling.presence_penalty
-    if sampling.HasField("seed"):
-        sp.seed = sampling.seed
-    if sampling.HasField("logprobs"):
-        sp.logprobs = sampling.logprobs
+    Only converts: ranges are checked once, by ``SamplingParams.validate`` in the engine core.
+    """
+    sp = SamplingParams(
+        max_tokens=stop.max_tokens,
+        min_tokens=stop.min_tokens,
+        ignore_eos=stop.ignore_eos,
+        stop_token_ids=list(stop.stop_token_ids),
+        bad_words=[list(w.token_ids) for w in sampling.bad_words],
+        allowed_token_ids=list(sampling.allowed_token_ids) or None,
+        logit_bias={int(k): float(v) for k, v in sampling.logit_bias.items()},
+    )
+    for name in _OPTIONAL:
+        if sampling.HasField(name):
+            setattr(sp, name, getattr(sampling, name))
     return sp
 
 
-def check_tokens(token_ids: list[int], vocab_size: int) -> None:
-    if not token_ids:
-        raise BadRequest("token_ids is empty")
-    if vocab_size > 0:
-        bad = next((t for t in token_ids if t >= vocab_size), None)
-        if bad is not None:
-            raise BadRequest(f"token id {bad} is outside the vocabulary (size {vocab_size})")
+_Optional = Literal[
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed",
+    "logprobs",
+]  # fmt: skip
+#: SamplingOptions fields with presence that map 1:1 onto SamplingParams
+_OPTIONAL: tuple[_Optional, ...] = get_args(_Optional)
 
 
 def usage_pb(out: EngineOutput, completion_tokens: int) -> common_pb2.Usage:

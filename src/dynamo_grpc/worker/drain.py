@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from dynamo_grpc.errors import Draining
 
-class Draining(Exception):
-    """The worker takes no new work (UNAVAILABLE "draining": the frontend migrates the request)."""
+__all__ = ["DrainGate", "Draining"]
 
 
 class DrainGate:

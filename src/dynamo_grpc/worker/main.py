@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences per step (mocker 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (mocker 8192)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=4096,
+        help="requests the engine queues before refusing new ones with RESOURCE_EXHAUSTED 'overloaded'",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch: intra-op threads (default: torch's choice)")
     p.add_argument("--kv-cache-mib", type=int, default=None, help="torch: KV cache size in MiB (default 512)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="torch: dtype")
@@ -71,6 +77,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             num_threads=args.num_threads,
             kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 1024 * 1024,
             dtype=args.dtype,
+            max_waiting=args.max_waiting_requests,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 
@@ -91,6 +98,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
         eos_probability=args.eos_probability,
         context_length=card.context_length,
         enable_prefix_caching=not args.no_prefix_caching,
+        max_waiting=args.max_waiting_requests,
     )
     if args.num_gpu_blocks is not None:
         cfg.num_gpu_blocks = args.num_gpu_blocks
@@ -133,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.max_waiting_requests < 1:
+        build_parser().error("--max-waiting-requests must be >= 1")
     for name in ("drain_grace", "ttl", "speedup_ratio"):
         if getattr(args, name) <= 0 and name != "drain_grace":
             build_parser().error(f"--{name.replace('_', '-')} must be positive")

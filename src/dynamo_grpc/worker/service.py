@@ -1,10 +1,11 @@
 """The worker's gRPC servicers: thin adapters from protobuf to the Engine API and back.
 
-Errors map to statuses: bad fields → INVALID_ARGUMENT, a prompt that can never fit →
-RESOURCE_EXHAUSTED (naming the lengths), an overloaded or draining engine → UNAVAILABLE, the
-wrong model or file → NOT_FOUND, a tokenizer checksum mismatch → FAILED_PRECONDITION. Every exit
-from a stream (finish, client cancel, deadline, drain) closes the engine iterator, which frees the
-request's KV blocks.
+Every error leaves through ``errors.abort`` with its class from errors.py (status + the
+``dynamo-error`` name): bad fields → invalid_argument, a prompt that can never fit → prompt_too_long,
+a full engine queue → overloaded (the frontend re-routes once), draining → draining, the wrong model
+or file → not_found, a checksum mismatch → failed_precondition, a dead engine → worker_lost. Every
+exit from a stream (finish, error, client cancel, deadline, drain) closes the engine iterator, which
+frees the request's KV blocks, and releases the drain gate and the in-flight gauge.
 """
 
 from __future__ import annotations
@@ -19,19 +20,18 @@ from typing import NoReturn
 
 import grpc
 
-from dynamo_grpc.engines.base import Engine, EngineError, EngineOverloaded, EngineRequest, PromptTooLong
+from dynamo_grpc import errors
+from dynamo_grpc.engines.base import Engine, EngineOutput, EngineRequest
 from dynamo_grpc.models.card import ModelCard, sha256_hex
 from dynamo_grpc.tokens.block_hash import block_hash_list
 from dynamo_grpc.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from dynamo_grpc.worker.convert import (
     FINISH_REASONS,
-    BadRequest,
-    check_tokens,
     logprobs_pb,
     sampling_from_pb,
     usage_pb,
 )
-from dynamo_grpc.worker.drain import DrainGate, Draining
+from dynamo_grpc.worker.drain import DrainGate
 from dynamo_grpc.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,9 @@ class WorkerContext:
     def model(self) -> str:
         return self.card.name
 
-    @property
-    def vocab_size(self) -> int:
-        return self.card.vocab_size
 
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("unreachable")  # context.abort raises
+async def _abort(context: grpc.aio.ServicerContext, err: errors.DynamoError) -> NoReturn:
+    await errors.abort(context, err)
 
 
 class _Requests:
@@ -79,6 +74,10 @@ class _Requests:
     def _count(self, outcome: str) -> None:
         self.ctx.metrics.requests.labels(self.ctx.model, self.rpc, outcome).inc()
 
+    async def _refuse(self, context: grpc.aio.ServicerContext, err: errors.DynamoError) -> NoReturn:
+        self._count(err.name)
+        await _abort(context, err)
+
     async def _build(
         self,
         request: worker_pb2.DecodeRequest | worker_pb2.PrefillRequest,
@@ -87,22 +86,17 @@ class _Requests:
     ) -> EngineRequest:
         ctx = self.ctx
         if request.model and request.model != ctx.model:
-            self._count("not_found")
-            await _abort(
-                context, grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here ({ctx.model!r})"
+            await self._refuse(
+                context, errors.ModelNotFound(f"model {request.model!r} is not served here ({ctx.model!r})")
             )
-        try:
-            token_ids = list(request.token_ids)
-            check_tokens(token_ids, ctx.vocab_size)
-            stop = request.stop
-            if max_tokens is not None:
-                stop = type(stop)()
-                stop.CopyFrom(request.stop)
-                stop.max_tokens = max_tokens
-            sampling = sampling_from_pb(request.sampling, stop, ctx.vocab_size or (1 << 32))
-        except BadRequest as e:
-            self._count("invalid_argument")
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stop = request.stop
+        if max_tokens is not None:
+            stop = type(stop)()
+            stop.CopyFrom(request.stop)
+            stop.max_tokens = max_tokens
+        # the engine checks the tokens and sampling (SamplingParams.validate) when generate() starts
+        token_ids = list(request.token_ids)
+        sampling = sampling_from_pb(request.sampling, stop)
         return EngineRequest(
             request_id=request.request_id or uuid.uuid4().hex,
             token_ids=token_ids,
@@ -113,14 +107,17 @@ class _Requests:
     async def _stream(
         self, req: EngineRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        """Engine outputs as DecodeResponses, with deadline, drain and error handling."""
+        """Engine outputs as DecodeResponses, with deadline, drain and error handling.
+
+        Every engine error (raised at the first ``__anext__`` or later) ends the stream with its own
+        status after the gate and the in-flight gauge are released and the engine iterator is closed.
+        """
         ctx = self.ctx
         m, model = ctx.metrics, ctx.model
         try:
             ctx.gate.enter()
-        except Draining:
-            self._count("draining")
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"draining: worker {ctx.instance_id} takes no new work")
+        except errors.Draining:
+            await self._refuse(context, errors.Draining(f"draining: worker {ctx.instance_id} takes no new work"))
         m.inflight.labels(model).inc()
         task = asyncio.current_task()
         remaining = context.time_remaining()
@@ -138,8 +135,10 @@ class _Requests:
         last = start
         completion = 0
         outcome = "error"
-        agen = ctx.engine.generate(req)
+        failure: errors.DynamoError | None = None
+        agen: AsyncIterator[EngineOutput] | None = None
         try:
+            agen = ctx.engine.generate(req)
             async for out in agen:
                 now = time.monotonic()
                 if out.token_ids:
@@ -155,13 +154,13 @@ class _Requests:
                 if out.finish_reason == "cancelled":
                     if ctx.gate.handing_back:
                         outcome = "handed_back"
-                        await _abort(
-                            context,
-                            grpc.StatusCode.UNAVAILABLE,
-                            f"draining: worker {ctx.instance_id} handed the request back after {completion} tokens",
+                        failure = errors.Draining(
+                            f"draining: worker {ctx.instance_id} handed the request back after {completion} tokens"
                         )
-                    outcome = "cancelled"
-                    await _abort(context, grpc.StatusCode.CANCELLED, "the engine stopped the request")
+                    else:
+                        outcome = "cancelled"
+                        failure = errors.Cancelled("the engine stopped the request")
+                    break
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.token_ids,
                     finish_reason=FINISH_REASONS.get(out.finish_reason, FINISH_REASONS["error"]),
@@ -170,24 +169,18 @@ class _Requests:
                 )
                 if out.finish_reason is not None:
                     outcome = out.finish_reason
-        except PromptTooLong as e:
-            outcome = "resource_exhausted"
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except EngineOverloaded as e:
-            outcome = "unavailable"
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"overloaded: {e}")
-        except ValueError as e:
-            outcome = "invalid_argument"
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except EngineError as e:
-            # the engine cannot serve this request as asked (e.g. a LoRA adapter it does not have)
-            outcome = "failed_precondition"
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except errors.DynamoError as e:
+            failure = e
+            outcome = e.name
         except asyncio.CancelledError:
             outcome = "deadline_exceeded" if timed_out else "client_cancelled"
             if timed_out:
                 log.info("request %s passed its deadline; aborted", req.request_id)
             raise
+        except Exception as e:  # a bug in the engine adapter: the client sees INTERNAL, the worker keeps serving
+            log.exception("request %s failed", req.request_id)
+            failure = errors.from_exception(e)
+            outcome = failure.name
         finally:
             if timer is not None:
                 timer.cancel()
@@ -197,6 +190,8 @@ class _Requests:
             m.inflight.labels(model).dec()
             ctx.gate.leave()
             self._count(outcome)
+        if failure is not None:
+            await _abort(context, failure)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
@@ -207,11 +202,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         if request.HasField("kv_handle"):
-            self._count("unimplemented")
-            await _abort(
+            await self._refuse(
                 context,
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"worker {self.ctx.instance_id} does not pull KV over KvTransfer; send Decode without kv_handle",
+                errors.Unimplemented(
+                    f"worker {self.ctx.instance_id} does not pull KV over KvTransfer; send Decode without kv_handle"
+                ),
             )
         req = await self._build(request, context)
         async for resp in self._stream(req, context):
@@ -236,7 +231,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):
                 first.token_ids.extend(resp.token_ids)
                 first.usage.CopyFrom(resp.usage)
         if first is None or not first.token_ids:
-            await _abort(context, grpc.StatusCode.INTERNAL, "the engine produced no token")
+            await _abort(context, errors.Internal("the engine produced no token"))
         hashes = block_hash_list(req.token_ids, self.ctx.engine.block_size, req.lora)
         handle = kv_transfer_pb2.KvHandle(
             instance_id=self.ctx.instance_id,
@@ -259,17 +254,18 @@ class ModelFilesServicer(worker_pb2_grpc.ModelFilesServiceServicer):
     ) -> AsyncIterator[worker_pb2.GetModelFileResponse]:
         ctx = self.ctx
         if request.model and request.model != ctx.model:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served here")
+            await _abort(context, errors.ModelNotFound(f"model {request.model!r} is not served here"))
         data = ctx.files.get(request.name)
         if data is None:
             names = ", ".join(sorted(ctx.files))
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no file {request.name!r} (have: {names})")
+            await _abort(context, errors.NotFound(f"no file {request.name!r} (have: {names})"))
         have = ctx.file_sha256[request.name]
         if request.sha256 and request.sha256.lower() != have:
             await _abort(
                 context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{request.name} of {ctx.model!r} here has sha256 {have}, not {request.sha256}",
+                errors.FailedPrecondition(
+                    f"{request.name} of {ctx.model!r} here has sha256 {have}, not {request.sha256}"
+                ),
             )
         total = len(data)
         for off in range(0, max(total, 1), FILE_CHUNK_BYTES):

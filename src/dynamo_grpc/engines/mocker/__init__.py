@@ -1,4 +1,4 @@
-"""The mocker engine: vLLM-like scheduling, prefix caching and KV events with a timing model, no model."""
+"""The mocker engine: the engine core (scheduling, prefix caching, KV events) with a simulator as executor."""
 
 from dynamo_grpc.engines.mocker.config import MockerConfig
 from dynamo_grpc.engines.mocker.engine import MockerEngine

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynamo_grpc.engines.core.engine_core import CoreConfig
+from dynamo_grpc.engines.core.scheduler import SchedulerConfig
+
 
 @dataclass
 class MockerConfig:
@@ -25,8 +28,8 @@ class MockerConfig:
     enable_prefix_caching: bool = True
     #: fraction of blocks kept free when admitting new requests (vLLM's watermark)
     watermark: float = 0.01
-    #: waiting requests beyond this raise EngineOverloaded; 0 = unbounded
-    max_waiting: int = 0
+    #: waiting requests beyond this raise EngineOverloaded (--max-waiting-requests)
+    max_waiting: int = 4096
 
     def validate(self) -> None:
         def positive(name: str) -> None:
@@ -41,8 +44,20 @@ class MockerConfig:
             raise ValueError(f"eos_probability must be in [0, 1], got {self.eos_probability}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        positive("max_waiting")
         bad = [t for t in self.eos_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"eos_token_ids {bad} outside the vocabulary of {self.vocab_size}")
+
+    def core_config(self) -> CoreConfig:
+        """The engine core's share of these knobs (the rest belong to the mocker's executor)."""
+        return CoreConfig(
+            block_size=self.block_size,
+            num_blocks=self.num_gpu_blocks,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            eos_token_ids=frozenset(self.eos_token_ids),
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_waiting=self.max_waiting,
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.watermark),
+        )

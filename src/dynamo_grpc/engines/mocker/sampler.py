@@ -14,8 +14,6 @@ import struct
 import numpy as np
 import xxhash
 
-from .request import MockRequest
-
 _PAIR = struct.Struct("<QQ")
 _TWO64 = float(1 << 64)
 
@@ -27,28 +25,19 @@ class HashSampler:
         self._eos_sorted = sorted(self.eos_token_ids)
         self.eos_probability = eos_probability
         self.seed = seed & 0xFFFFFFFFFFFFFFFF
-        self._keys: dict[str, int] = {}
 
-    def request_key(self, req: MockRequest) -> int:
-        if req.sampling.seed is not None:
-            return int(req.sampling.seed) & 0xFFFFFFFFFFFFFFFF
-        key = self._keys.get(req.request_id)
-        if key is None:
-            data = np.asarray(req.prompt, dtype="<u4").tobytes()
-            key = xxhash.xxh3_64_intdigest(data, seed=self.seed)
-            self._keys[req.request_id] = key
-        return key
+    def request_key(self, prompt: list[int], seed: int | None) -> int:
+        if seed is not None:
+            return int(seed) & 0xFFFFFFFFFFFFFFFF
+        return xxhash.xxh3_64_intdigest(np.asarray(prompt, dtype="<u4").tobytes(), seed=self.seed)
 
-    def forget(self, req: MockRequest) -> None:
-        self._keys.pop(req.request_id, None)
-
-    def next_token(self, req: MockRequest) -> int:
-        """The token at position ``req.num_tokens`` (the next one) for this request."""
+    def token_at(self, key: int, position: int, ignore_eos: bool) -> int:
+        """The token at ``position`` (the number of tokens before it) of the request with ``key``."""
         # The position is absolute, so a seeded request migrated as prompt + output so far
         # continues the same stream on another worker.
-        h = xxhash.xxh3_128_intdigest(_PAIR.pack(self.request_key(req), req.num_tokens), seed=self.seed)
+        h = xxhash.xxh3_128_intdigest(_PAIR.pack(key, position), seed=self.seed)
         lo, hi = h & 0xFFFFFFFFFFFFFFFF, h >> 64
-        if self._eos_sorted and not req.sampling.ignore_eos and self.eos_probability > 0:
+        if self._eos_sorted and not ignore_eos and self.eos_probability > 0:
             if hi / _TWO64 < self.eos_probability:
                 return self._eos_sorted[hi % len(self._eos_sorted)]
         n = self.vocab_size - len(self._eos_sorted)

@@ -1,7 +1,8 @@
-"""A real Llama-family engine in PyTorch: paged KV cache, continuous batching, prefix caching.
+"""A real Llama-family engine in PyTorch: the engine core with a model runner as its executor.
 
-The block pool, KV manager and scheduler do not import the model (or torch), so they are
-usable and testable on their own; ``TorchEngine`` is imported lazily because it loads torch.
+Scheduling, KV blocks and events are ``engines/core`` (no torch); this package is the executor
+(model, weights, paged KV tensors, runner, sampler). ``TorchEngine`` is imported lazily because it
+loads torch.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""Turn a SchedulerOutput into model inputs (token ids, positions, slots, block tables) and run one step."""
+"""The torch executor: a plan (SchedulerOutput) into model inputs (ids, positions, slots, block tables), one step."""
 
 from __future__ import annotations
 
 import torch
 
+from dynamo_grpc.engines.core.output import ExecutorOutput, ScheduledChunk, SchedulerOutput
+
 from .kv_cache import KvCache
-from .kv_manager import KvCacheManager
 from .model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
-from .scheduler import ScheduledSeq, SchedulerOutput
+from .sampler import SampleRow, make_generator, sample
 
 #: most decode groups per step; each costs a gather + attention call per layer
 MAX_DECODE_GROUPS = 4
@@ -55,61 +56,97 @@ def split_by_length(nblocks: list[int], max_groups: int = MAX_DECODE_GROUPS) -> 
     return sorted(cuts)
 
 
+class _Seq:
+    """The runner's own view of a request: its block table and what sampling needs."""
+
+    __slots__ = ("block_ids", "row")
+
+    def __init__(self, row: SampleRow) -> None:
+        self.block_ids: list[int] = []
+        self.row = row
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KvCache, manager: KvCacheManager) -> None:
+    """The torch executor: turns a plan into model inputs, runs the model, samples.
+
+    It keeps per-request block tables and sampling state (prompt, outputs so far, generator),
+    updated from each plan's diffs; it never sees the scheduler, the KV manager or a live request.
+    """
+
+    unsupported_options: frozenset[str] = frozenset()
+    supports_lora = False
+    refusal = "is not supported by the torch engine"
+
+    def __init__(self, model: LlamaModel, kv: KvCache) -> None:
         self.model = model
         self.kv = kv
-        self.manager = manager
+        self.seqs: dict[str, _Seq] = {}
 
-    def build(self, out: SchedulerOutput) -> tuple[torch.Tensor, AttnBatch, list[ScheduledSeq], torch.Tensor]:
+    def prepare(self, plan: SchedulerOutput) -> None:
+        """Apply the plan's diffs: forget ended requests, learn new ones, extend block tables."""
+        seqs = self.seqs
+        for rid in plan.finished_ids:
+            seqs.pop(rid, None)
+        for nr in plan.new_requests:
+            seqs[nr.request_id] = _Seq(
+                SampleRow(nr.sampling, nr.prompt_token_ids, [], nr.eos_token_ids, make_generator(nr.sampling.seed))
+            )
+        for c in plan.chunks:
+            seq = seqs[c.request_id]
+            if c.reset_blocks:
+                seq.block_ids = list(c.new_block_ids)
+            elif c.new_block_ids:
+                seq.block_ids.extend(c.new_block_ids)
+
+    def build(self, plan: SchedulerOutput) -> tuple[torch.Tensor, AttnBatch, list[ScheduledChunk], torch.Tensor]:
         """Flatten the step: decodes first (ascending length, in groups), then prefill chunks."""
         bs = self.kv.block_size
-        decodes = [s for s in out.seqs if s.num_new_tokens == 1 and s.start > 0]
-        prefills = [s for s in out.seqs if not (s.num_new_tokens == 1 and s.start > 0)]
-        decodes.sort(key=lambda s: s.start)
-        tables = {id(s): self.manager.block_ids(s.request.request_id) for s in out.seqs}
+        decodes = [c for c in plan.chunks if c.is_decode]
+        prefills = [c for c in plan.chunks if not c.is_decode]
+        decodes.sort(key=lambda c: c.start)
+        tables = {c.request_id: self.seqs[c.request_id].block_ids for c in plan.chunks}
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
-        sampling: list[ScheduledSeq] = []
+        sampling: list[ScheduledChunk] = []
         row = 0
-        for s in decodes + prefills:
-            end = s.start + s.num_new_tokens
-            ids.extend(s.request.all_token_ids[s.start : end])
-            table = tables[id(s)]
-            for p in range(s.start, end):
+        for c in decodes + prefills:
+            end = c.start + len(c.token_ids)
+            ids.extend(c.token_ids)
+            table = tables[c.request_id]
+            for p in range(c.start, end):
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
-            row += s.num_new_tokens
-            if s.samples:
+            row += len(c.token_ids)
+            if c.samples:
                 logit_rows.append(row - 1)
-                sampling.append(s)
+                sampling.append(c)
 
         groups: list[DecodeGroup] = []
-        nblk = [s.start // bs + 1 for s in decodes]
+        nblk = [c.start // bs + 1 for c in decodes]
         lo = 0
         for hi in split_by_length(nblk):
             width = nblk[hi - 1]
             t = torch.zeros(hi - lo, width, dtype=torch.long)
             lens = torch.empty(hi - lo, dtype=torch.long)
-            for i, s in enumerate(decodes[lo:hi]):
-                table = tables[id(s)][:width]
+            for i, c in enumerate(decodes[lo:hi]):
+                table = tables[c.request_id][:width]
                 t[i, : len(table)] = torch.tensor(table, dtype=torch.long)
-                lens[i] = s.start + 1
+                lens[i] = c.start + 1
             mask = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
             groups.append(DecodeGroup(lo, hi - lo, t, mask.view(hi - lo, 1, 1, width * bs)))
             lo = hi
 
         segs: list[PrefillSegment] = []
         row = len(decodes)
-        for s in prefills:
+        for c in prefills:
             blocks = None
-            if s.start:
-                need = -(-(s.start + s.num_new_tokens) // bs)
-                blocks = torch.tensor(tables[id(s)][:need], dtype=torch.long)
-            segs.append(PrefillSegment(row, s.num_new_tokens, s.start, blocks))
-            row += s.num_new_tokens
+            if c.start:
+                need = -(-(c.start + len(c.token_ids)) // bs)
+                blocks = torch.tensor(tables[c.request_id][:need], dtype=torch.long)
+            segs.append(PrefillSegment(row, len(c.token_ids), c.start, blocks))
+            row += len(c.token_ids)
 
         batch = AttnBatch(
             positions=torch.tensor(pos, dtype=torch.long),
@@ -120,11 +157,28 @@ class ModelRunner:
         rows = torch.tensor(logit_rows, dtype=torch.long)
         return torch.tensor(ids, dtype=torch.long), batch, sampling, rows
 
-    def execute(self, out: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
-        """Run the step; returns the sequences that sample and their logits (same order)."""
-        ids, batch, sampling, rows = self.build(out)
+    def forward(self, plan: SchedulerOutput) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """Run the step's forward pass; returns the chunks that sample and their logits (same order)."""
+        if not plan.chunks:
+            return [], torch.empty(0)
+        ids, batch, sampling, rows = self.build(plan)
         if not sampling:
             rows = torch.tensor([len(ids) - 1], dtype=torch.long)
             self.model.forward(ids, batch, self.kv, rows)
             return [], torch.empty(0)
         return sampling, self.model.forward(ids, batch, self.kv, rows)
+
+    def execute(self, plan: SchedulerOutput) -> ExecutorOutput:
+        self.prepare(plan)
+        sampling, logits = self.forward(plan)
+        if not sampling:
+            return ExecutorOutput()
+        rows = [self.seqs[c.request_id].row for c in sampling]
+        tokens, lps = sample(logits, rows)
+        out = ExecutorOutput()
+        for c, row, tok, lp in zip(sampling, rows, tokens, lps, strict=True):
+            row.output_token_ids.append(tok)
+            out.sampled[c.request_id] = tok
+            if lp is not None:
+                out.logprobs[c.request_id] = lp
+        return out

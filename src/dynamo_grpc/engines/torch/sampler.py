@@ -5,7 +5,10 @@ logits, multiply negative ones), frequency/presence penalties over output tokens
 then temperature, top-k, top-p, min-p. Temperature 0 is greedy. Each seeded request
 draws from its own ``torch.Generator``, so its samples do not depend on what else is
 in the batch. Logprobs are of the model's raw distribution (vLLM's default
-``raw_logprobs``). While fewer than ``min_tokens`` are out, EOS and stop ids are masked.
+``raw_logprobs``). Before the penalties, as vLLM's logits processors: ``allowed_token_ids``
+masks every other id, ``bad_words`` bans the last token of a bad word whose earlier tokens end
+the output so far, ``logit_bias`` is added, and while fewer than ``min_tokens`` are out, EOS and
+stop ids are masked.
 """
 
 from __future__ import annotations
@@ -39,6 +42,31 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def _needs_sampling(sp: SamplingParams) -> bool:
     return sp.temperature >= _EPS and sp.top_k != 1
+
+
+def _constrained(sp: SamplingParams) -> bool:
+    return bool(sp.bad_words or sp.allowed_token_ids is not None or sp.logit_bias)
+
+
+def _apply_constraints(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    """allowed_token_ids, bad_words and logit_bias on one row of logits (in place)."""
+    sp = row.sampling
+    if sp.allowed_token_ids is not None:
+        keep = torch.full_like(logits, float("-inf"))
+        ids = torch.tensor(sp.allowed_token_ids, dtype=torch.long)
+        keep[ids] = logits[ids]
+        logits.copy_(keep)
+    if sp.bad_words:
+        out = row.output_token_ids
+        banned = [
+            w[-1] for w in sp.bad_words if len(w) <= len(out) + 1 and (len(w) == 1 or out[-(len(w) - 1) :] == w[:-1])
+        ]
+        if banned:
+            logits[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+    if sp.logit_bias:
+        ids = torch.tensor(list(sp.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(sp.logit_bias.values()), dtype=logits.dtype)
+    return logits
 
 
 def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
@@ -90,6 +118,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
         and not r.sampling.frequency_penalty
         and not r.sampling.presence_penalty
         and len(r.output_token_ids) >= r.sampling.min_tokens
+        and not _constrained(r.sampling)
     ]
     if simple:
         idx = torch.tensor(simple, dtype=torch.long)
@@ -101,6 +130,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
             continue
         sp = r.sampling
         row = logits[i].clone()
+        if _constrained(sp):
+            row = _apply_constraints(row, r)
         row = _apply_penalties(row, r)
         if len(r.output_token_ids) < sp.min_tokens:
             banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(r.eos_token_ids))

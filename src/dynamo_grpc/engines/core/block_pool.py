@@ -5,7 +5,7 @@ its last user lets go, waiting in the free queue: a new request that hits it tak
 (prefix hit); a request that needs fresh blocks takes them from the front of the queue, evicting
 whatever was cached there (a KvRemoved event). Every registration is a KvStored event whose parent
 chains it to the block before it. Pure bookkeeping: no requests, no timing, no torch, no asyncio;
-both engines use it, so it is tested on its own.
+the engine core owns it, so it is tested on its own.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from dynamo_grpc.engines.base import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from dynamo_grpc.events.kv import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 
 
 class NoFreeBlocks(RuntimeError):

@@ -1,43 +1,41 @@
-"""The shared KV block pool and both engines' KV managers on top of it, without a model.
+"""The engine core's block pool and KV manager, without a model or an executor.
 
 LRU eviction order, Stored/Removed/Cleared events with the DESIGN.md block hash and chained
 parents, prefix hits, failed allocations that change nothing, and dumps that match the events.
-The mocker's manager keeps block tables on its requests, the torch engine's in a dict; both must
-announce the same events through the one pool.
+(Both engines run on this one manager, so these were once two copies of each test.)
 """
 
 from __future__ import annotations
 
 import pytest
 
-from dynamo_grpc.engines.base import KvCleared, KvRemoved, KvStored, SamplingParams, StoredBlock
-from dynamo_grpc.engines.kvcache.block_pool import BlockPool, NoFreeBlocks
-from dynamo_grpc.engines.mocker.kv_manager import KvManager
-from dynamo_grpc.engines.mocker.request import MockRequest
-from dynamo_grpc.engines.torch.kv_manager import KvCacheManager
-from dynamo_grpc.engines.torch.request import Request
+from dynamo_grpc.engines.base import SamplingParams
+from dynamo_grpc.engines.core.block_pool import BlockPool, NoFreeBlocks
+from dynamo_grpc.engines.core.kv_manager import KvManager
+from dynamo_grpc.engines.core.request import Request
+from dynamo_grpc.events.kv import KvCleared, KvRemoved, KvStored, StoredBlock
 from dynamo_grpc.tokens.block_hash import block_hash_list, local_block_hashes
 
 BS = 4
 
-# ---------------------------------------------------------------------- mocker KV manager
+# ---------------------------------------------------------------------- tables on the request
 
 
-def _mock_req(rid: str, tokens: list[int]) -> MockRequest:
-    return MockRequest(rid, list(tokens), SamplingParams(max_tokens=8))
+def _mock_req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, list(tokens), SamplingParams(max_tokens=8))
 
 
-def _mock_admit(kv: KvManager, req: MockRequest) -> int:
+def _mock_admit(kv: KvManager, req: Request) -> int:
     """Admit a whole prompt, mark it computed and register its full blocks; returns hit tokens."""
     prefix = kv.find_prefix(req)
     hit = len(prefix) * BS
     assert kv.allocate(req, req.num_tokens - hit, prefix)
-    req.num_computed = req.num_tokens
+    req.num_computed_tokens = req.num_tokens
     kv.register_full_blocks(req)
     return hit
 
 
-def test_mocker_free_blocks_are_evicted_least_recently_freed_first_tail_first() -> None:
+def test_free_blocks_are_evicted_least_recently_freed_first_tail_first() -> None:
     kv = KvManager(num_blocks=6, block_size=BS)
     a = _mock_req("a", list(range(8)))  # 2 full blocks
     b = _mock_req("b", list(range(100, 108)))
@@ -46,8 +44,8 @@ def test_mocker_free_blocks_are_evicted_least_recently_freed_first_tail_first() 
     kv.take_events()
     kv.free(a)  # a freed first: its blocks are evicted first, tail (block 1) before head (block 0)
     kv.free(b)
-    a_hashes = block_hash_list(a.all_tokens, BS)
-    b_hashes = block_hash_list(b.all_tokens, BS)
+    a_hashes = block_hash_list(a.all_token_ids, BS)
+    b_hashes = block_hash_list(b.all_token_ids, BS)
     order = [kv.pool.blocks[i].block_hash for i in kv.pool.eviction_order() if kv.pool.blocks[i].block_hash]
     assert order == [a_hashes[1], a_hashes[0], b_hashes[1], b_hashes[0]]
 
@@ -59,7 +57,7 @@ def test_mocker_free_blocks_are_evicted_least_recently_freed_first_tail_first() 
     assert kv.pool.lookup(b_hashes[0]) is not None and kv.pool.lookup(a_hashes[0]) is None
 
 
-def test_mocker_stored_events_carry_the_shared_block_hash_and_chain_parents() -> None:
+def test_stored_events_carry_the_shared_block_hash_and_chain_parents() -> None:
     kv = KvManager(num_blocks=8, block_size=BS)
     tokens = list(range(10))  # 2 full blocks + 2 tokens
     req = _mock_req("r", tokens)
@@ -70,16 +68,16 @@ def test_mocker_stored_events_carry_the_shared_block_hash_and_chain_parents() ->
     assert ev == KvStored(None, [StoredBlock(seq[0], loc[0]), StoredBlock(seq[1], loc[1])])
 
     # two more tokens complete block 2: a Stored event whose parent is block 1
-    req.all_tokens += [10, 11]
+    req.all_token_ids += [10, 11]
     assert kv.allocate(req, 2)
-    req.num_computed = 12
+    req.num_computed_tokens = 12
     kv.register_full_blocks(req)
     (ev2,) = kv.take_events()
     seq12 = block_hash_list(list(range(12)), BS)
     assert ev2 == KvStored(seq12[1], [StoredBlock(seq12[2], int(local_block_hashes(list(range(12)), BS)[2]))])
 
 
-def test_mocker_prefix_hit_reuses_blocks_and_leaves_one_token_to_compute() -> None:
+def test_prefix_hit_reuses_blocks_and_leaves_one_token_to_compute() -> None:
     kv = KvManager(num_blocks=8, block_size=BS)
     first = _mock_req("a", list(range(9)))
     _mock_admit(kv, first)
@@ -91,13 +89,13 @@ def test_mocker_prefix_hit_reuses_blocks_and_leaves_one_token_to_compute() -> No
     assert kv.pool.num_active == 3  # b holds 3 blocks, 2 of them shared from a's cache
 
 
-def test_mocker_duplicate_prefix_computed_twice_is_registered_once() -> None:
+def test_duplicate_prefix_computed_twice_is_registered_once() -> None:
     kv = KvManager(num_blocks=8, block_size=BS)
     a, b = _mock_req("a", list(range(8))), _mock_req("b", list(range(8)))
     for r in (a, b):  # both admitted before either registered (same step)
         assert kv.allocate(r, 8, [])
     for r in (a, b):
-        r.num_computed = 8
+        r.num_computed_tokens = 8
         kv.register_full_blocks(r)
     stored = [e for e in kv.take_events() if isinstance(e, KvStored)]
     assert len(stored) == 1 and len(stored[0].blocks) == 2
@@ -106,7 +104,7 @@ def test_mocker_duplicate_prefix_computed_twice_is_registered_once() -> None:
     assert kv.pool.num_active == 0 and kv.pool.num_cached == 2
 
 
-def test_mocker_dump_rebuilds_what_the_events_say() -> None:
+def test_dump_rebuilds_what_the_events_say() -> None:
     kv = KvManager(num_blocks=16, block_size=BS)
     shared = list(range(8))
     for i, tail in enumerate([[50, 51, 52, 53], [60, 61, 62, 63, 64, 65, 66, 67], []]):
@@ -148,7 +146,7 @@ def test_pool_refuses_overdraw_double_free_and_clear_while_used() -> None:
         BlockPool(0)
 
 
-# ---------------------------------------------------------------------- torch KV manager
+# ---------------------------------------------------------------------- prefix hits, eviction, failures
 
 
 def _torch_req(rid: str, tokens: list[int]) -> Request:
@@ -157,12 +155,16 @@ def _torch_req(rid: str, tokens: list[int]) -> Request:
     return r
 
 
-def _torch_compute(mgr: KvCacheManager, req: Request) -> list[int]:
+def _ids(req: Request) -> list[int]:
+    return [b.block_id for b in req.blocks]
+
+
+def _torch_compute(mgr: KvManager, req: Request) -> list[int]:
     """Admit ``req`` with its prefix hit, compute its whole prompt, cache full blocks."""
     prefix = mgr.find_prefix(req)
     assert mgr.allocate(req, req.num_tokens - len(prefix) * BS, prefix)
     req.num_computed_tokens = req.num_tokens
-    mgr.cache_full_blocks(req)
+    mgr.register_full_blocks(req)
     return [b.block_id for b in prefix]
 
 
@@ -179,8 +181,8 @@ def test_pool_allocate_and_free_count_blocks() -> None:
         pool.free([a[0]])
 
 
-def test_torch_stored_events_carry_the_shared_block_hash() -> None:
-    mgr = KvCacheManager(8, BS)
+def test_stored_events_carry_the_shared_block_hash() -> None:
+    mgr = KvManager(8, BS)
     toks = list(range(10))  # 2 full blocks + 2 tokens
     req = _torch_req("a", toks)
     _torch_compute(mgr, req)
@@ -194,17 +196,17 @@ def test_torch_stored_events_carry_the_shared_block_hash() -> None:
         req.append_output(t)
         assert mgr.allocate(req, 1)
         req.num_computed_tokens += 1
-        mgr.cache_full_blocks(req)
+        mgr.register_full_blocks(req)
     h3 = block_hash_list(list(range(12)), BS)[2]
     l3 = int(local_block_hashes(list(range(12)), BS)[2])
     assert mgr.take_events() == [KvStored(hashes[1], [StoredBlock(h3, l3)])]
 
 
-def test_torch_prefix_hit_reuses_blocks_and_leaves_one_token() -> None:
-    mgr = KvCacheManager(8, BS)
+def test_prefix_hit_reuses_blocks_and_leaves_one_token() -> None:
+    mgr = KvManager(8, BS)
     a = _torch_req("a", list(range(12)))
     _torch_compute(mgr, a)
-    a_blocks = mgr.block_ids("a")
+    a_blocks = _ids(a)
     mgr.free(a)
     assert mgr.pool.num_active == 0 and mgr.pool.num_cached == 3
     # same 12 tokens: the last block is not reused (a token must be computed for logits)
@@ -214,20 +216,20 @@ def test_torch_prefix_hit_reuses_blocks_and_leaves_one_token() -> None:
     c = _torch_req("c", list(range(12)) + [99, 98])
     hit = _torch_compute(mgr, c)
     assert hit == a_blocks
-    assert mgr.block_ids("c")[:3] == a_blocks
-    assert len(mgr.block_ids("c")) == 4
+    assert _ids(c)[:3] == a_blocks
+    assert len(_ids(c)) == 4
     # different first block: no hit at all
     d = _torch_req("d", [7, 7, 7, 7] + list(range(4, 12)))
     assert mgr.find_prefix(d) == []
 
 
-def test_torch_lru_eviction_order_and_removed_events() -> None:
-    mgr = KvCacheManager(6, BS)
+def test_lru_eviction_order_and_removed_events() -> None:
+    mgr = KvManager(6, BS)
     a = _torch_req("a", list(range(8)) + [0])  # 2 full blocks + 1
     b = _torch_req("b", list(range(100, 108)) + [0])
     _torch_compute(mgr, a)
     _torch_compute(mgr, b)
-    a_ids, b_ids = mgr.block_ids("a"), mgr.block_ids("b")
+    a_ids, b_ids = _ids(a), _ids(b)
     mgr.free(a)  # freed first: evicted first, tail block before its prefix
     mgr.free(b)
     mgr.take_events()
@@ -246,8 +248,8 @@ def test_torch_lru_eviction_order_and_removed_events() -> None:
     assert b_ids[0] not in mgr.pool.eviction_order()
 
 
-def test_torch_allocation_failure_changes_nothing() -> None:
-    mgr = KvCacheManager(3, BS)
+def test_allocation_failure_changes_nothing() -> None:
+    mgr = KvManager(3, BS)
     a = _torch_req("a", list(range(8)) + [1])
     _torch_compute(mgr, a)
     mgr.free(a)
@@ -258,13 +260,13 @@ def test_torch_allocation_failure_changes_nothing() -> None:
     assert len(prefix) == 2
     assert not mgr.allocate(big, big.num_tokens - 8, prefix)
     assert mgr.pool.eviction_order() == before
-    assert "big" not in mgr.tables
+    assert big.blocks == []
     assert mgr.take_events() == []
 
 
-def test_torch_every_store_and_evict_is_announced() -> None:
+def test_every_store_and_evict_is_announced() -> None:
     """Replaying the event stream reproduces exactly the pool's cached set."""
-    mgr = KvCacheManager(5, BS)
+    mgr = KvManager(5, BS)
     view: set[int] = set()
     for i in range(12):
         req = _torch_req(f"r{i}", [i % 4] * 4 + [i] * 6)
@@ -281,13 +283,13 @@ def test_torch_every_store_and_evict_is_announced() -> None:
         assert len(dumped) == mgr.pool.num_cached
 
 
-def test_torch_duplicate_block_is_not_announced_twice() -> None:
-    mgr = KvCacheManager(8, BS)
+def test_duplicate_block_is_not_announced_twice() -> None:
+    mgr = KvManager(8, BS)
     a, b = _torch_req("a", list(range(9))), _torch_req("b", list(range(9)))
     assert mgr.allocate(a, 9) and mgr.allocate(b, 9)  # computed concurrently: no hit for b
     for r in (a, b):
         r.num_computed_tokens = 9
-        mgr.cache_full_blocks(r)
+        mgr.register_full_blocks(r)
     stored = [ev for ev in mgr.take_events() if isinstance(ev, KvStored)]
     assert len(stored) == 1 and len(stored[0].blocks) == 2
     mgr.free(a)
@@ -295,8 +297,8 @@ def test_torch_duplicate_block_is_not_announced_twice() -> None:
     assert mgr.pool.num_cached == 2
 
 
-def test_torch_dump_orders_parents_before_children() -> None:
-    mgr = KvCacheManager(10, BS)
+def test_dump_orders_parents_before_children() -> None:
+    mgr = KvManager(10, BS)
     base = list(range(8))
     for i, tail in enumerate(([1, 2, 3, 4], [5, 6, 7, 8])):
         r = _torch_req(f"r{i}", base + tail + [0])

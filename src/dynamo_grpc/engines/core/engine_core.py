@@ -1,0 +1,220 @@
+"""The engine core: one step is schedule → execute → update, and the step's KV events are taken once.
+
+Synchronous and thread-agnostic (the driver decides where it runs). The core owns the rules every
+executor shares: what a request may ask (``check``: sampling validated once by
+``SamplingParams.validate``, options the executor cannot honour refused by name, prompts that can
+never fit refused), unique internal ids, the bounded waiting queue, and the difference between a
+request-scoped failure (the request ends with its error, the engine goes on) and a crashed step
+(``EngineDead``: every request of the step fails as worker_lost, migrated by the frontend).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from dynamo_grpc import errors
+from dynamo_grpc.engines.base import EngineDead, EngineOutput, EngineRequest, PromptTooLong
+from dynamo_grpc.events.kv import KvEvent, KvStored, LoadMetrics
+
+from .executor import Executor
+from .kv_manager import KvManager
+from .output import SchedulerOutput
+from .request import Request
+from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreConfig:
+    """The geometry and limits of one engine (the executor's own knobs live with the executor)."""
+
+    block_size: int
+    num_blocks: int
+    context_length: int
+    vocab_size: int
+    eos_token_ids: frozenset[int] = frozenset()
+    enable_prefix_caching: bool = True
+    #: waiting requests beyond this are refused with errors.Overloaded (--max-waiting-requests)
+    max_waiting: int = 4096
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self) -> None:
+        for name in ("block_size", "num_blocks", "context_length", "vocab_size", "max_waiting"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.scheduler.validate()
+
+
+@dataclass
+class CoreStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    #: wall time spent in executor.execute
+    execute_s: float = 0.0
+    #: sum of the executor's simulated step times (the mocker's timing model)
+    simulated_s: float = 0.0
+
+
+@dataclass
+class StepResult:
+    """One step's effect, for the driver to deliver."""
+
+    outputs: list[tuple[str, EngineOutput]] = field(default_factory=list)
+    #: requests that ended with an error (request-scoped, or EngineDead for a crashed step)
+    failures: list[tuple[str, errors.DynamoError]] = field(default_factory=list)
+    events: list[KvEvent] = field(default_factory=list)
+    step_seconds: float = 0.0
+    #: the plan this step ran (for tests and tracing)
+    plan: SchedulerOutput | None = None
+    #: whether anything ran (False: nothing can run until a request arrives or leaves)
+    ran: bool = False
+
+
+class EngineCore:
+    def __init__(self, config: CoreConfig, executor: Executor) -> None:
+        config.validate()
+        self.config = config
+        self.executor = executor
+        self.kv = KvManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.stats = CoreStats()
+        self.max_total_tokens = min(config.context_length, config.num_blocks * config.block_size)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ intake (any thread)
+
+    def check(self, request: EngineRequest) -> None:
+        """Raise the error a request that can never run here gets; reads only the config."""
+        cfg = self.config
+        n = len(request.token_ids)
+        if n == 0:
+            raise errors.InvalidArgument("token_ids is empty")
+        bad = next((t for t in request.token_ids if not 0 <= t < cfg.vocab_size), None)
+        if bad is not None:
+            raise errors.InvalidArgument(f"token id {bad} is outside the vocabulary (size {cfg.vocab_size})")
+        sp = request.sampling
+        sp.validate(cfg.vocab_size)
+        ex = self.executor
+        for name in sp.set_options():
+            if name in ex.unsupported_options:
+                raise errors.UnsupportedOption(name, ex.refusal)
+        if request.lora and not ex.supports_lora:
+            raise errors.FailedPrecondition(f"LoRA adapter {request.lora!r}: this engine serves no LoRA adapters")
+        if n >= cfg.context_length:
+            raise PromptTooLong(
+                f"prompt has {n} tokens; the context length is {cfg.context_length} "
+                "(prompt + at least 1 generated token must fit)"
+            )
+        cache_tokens = cfg.num_blocks * cfg.block_size
+        if n + 1 > cache_tokens:
+            raise PromptTooLong(
+                f"prompt has {n} tokens; the KV cache holds {cache_tokens} "
+                f"({cfg.num_blocks} blocks of {cfg.block_size})"
+            )
+
+    def make_request(self, request: EngineRequest) -> Request:
+        """The core's request for a checked EngineRequest, under a fresh internal id."""
+        return Request(
+            request_id=f"{request.request_id}#{next(self._ids)}",
+            prompt_token_ids=list(request.token_ids),
+            sampling=request.sampling,
+            eos_token_ids=self.config.eos_token_ids,
+            lora=request.lora or None,
+            max_total_tokens=self.max_total_tokens,
+            external_id=request.request_id,
+        )
+
+    # ------------------------------------------------------------------ engine side
+
+    def add(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks at once; False if it already ended."""
+        if self.scheduler.abort(request_id) is None:
+            return False
+        self.stats.cancelled += 1
+        return True
+
+    def abort_all(self) -> list[str]:
+        ids = list(self.scheduler.requests)
+        for rid in ids:
+            self.abort(rid)
+        return ids
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> StepResult:
+        sched = self.scheduler
+        res = StepResult()
+        plan = sched.schedule()
+        res.plan = plan
+        if not plan:
+            if not sched.running and sched.waiting and not plan.preempted_ids:
+                # nothing runs and the head cannot be admitted into an empty cache: it never will be
+                head = sched.waiting[0]
+                sched.abort(head.request_id, "error")
+                res.failures.append((head.request_id, PromptTooLong("the request cannot fit the KV cache")))
+            if plan.finished_ids:
+                self._execute(plan, res)  # lets the executor forget ended requests
+            res.events = self.kv.take_events()
+            return res
+        self._execute(plan, res)
+        res.events = self.kv.take_events()
+        return res
+
+    def _execute(self, plan: SchedulerOutput, res: StepResult) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self.executor.execute(plan)
+        except Exception as e:
+            log.exception("engine step failed; failing its %d requests", len(plan.chunks))
+            for c in plan.chunks:
+                if self.scheduler.abort(c.request_id, "error") is not None:
+                    res.failures.append((c.request_id, EngineDead(f"engine step failed: {type(e).__name__}: {e}")))
+            return
+        if not plan.chunks:
+            return
+        st = self.stats
+        st.execute_s += time.perf_counter() - t0
+        st.steps += 1
+        st.prefill_tokens += plan.num_prefill_tokens
+        st.decode_tokens += plan.num_decodes
+        st.simulated_s += result.step_seconds
+        res.ran = True
+        res.step_seconds = result.step_seconds
+        logprobs = result.logprobs
+        outputs = res.outputs
+        finished = 0
+        for req, token, reason in self.scheduler.update(plan, result):
+            lp = logprobs.get(req.request_id) if logprobs else None
+            # num_cached_tokens is set (>= 0) when a request is first admitted, before any output
+            out = EngineOutput([token], reason, len(req.prompt_token_ids), req.num_cached_tokens)
+            if lp is not None:
+                out.logprobs = [lp]
+            outputs.append((req.request_id, out))
+            if reason is not None:
+                finished += 1
+        st.finished += finished
+
+    # ------------------------------------------------------------------ introspection
+
+    def load_metrics(self, extra_waiting: int = 0) -> LoadMetrics:
+        s = self.scheduler
+        return LoadMetrics(
+            active_blocks=self.kv.pool.num_active,
+            total_blocks=self.config.num_blocks,
+            waiting=len(s.waiting) + extra_waiting,
+            running=len(s.running),
+        )
+
+    def cached_blocks(self) -> list[KvStored]:
+        return self.kv.dump()

@@ -1,0 +1,107 @@
+"""What KV blocks a request holds: prefix lookup, allocation, registration, freeing, hit counters.
+
+The block table lives on the request (``Request.blocks``); the pool (``block_pool.py``) owns the
+blocks, the free queue and the prefix-cache map, and records the KV events. Allocation never
+half-succeeds: it returns False and changes nothing when the free queue cannot cover it.
+"""
+
+from __future__ import annotations
+
+from dynamo_grpc.events.kv import KvEvent, KvStored
+
+from .block_pool import BlockPool, KvBlock
+from .request import Request
+
+
+class KvManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        #: prompt tokens looked up / found in the prefix cache (hit rate = hit / queried)
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def record_lookup(self, req: Request, hit_tokens: int) -> None:
+        self.queried_tokens += req.num_tokens
+        self.hit_tokens += hit_tokens
+
+    def find_prefix(self, req: Request) -> list[KvBlock]:
+        """Longest cached prefix of ``req``; always leaves at least one token to compute (for logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        req.update_block_hashes(self.block_size)
+        limit = (req.num_tokens - 1) // self.block_size
+        return self.pool.longest_prefix(req.block_hashes[:limit])
+
+    def _needs(self, req: Request, num_new_tokens: int, prefix: list[KvBlock]) -> tuple[int, int]:
+        """(fresh blocks to allocate, prefix blocks to reclaim from the free queue)."""
+        held = len(req.blocks)
+        computed = req.num_computed_tokens if held else len(prefix) * self.block_size
+        need_new = max(self.blocks_for(computed + num_new_tokens) - held - len(prefix), 0)
+        reclaim = sum(1 for b in prefix if b.ref_cnt == 0)
+        return need_new, reclaim
+
+    def can_allocate(self, req: Request, num_new_tokens: int, prefix: list[KvBlock], reserve: int = 0) -> bool:
+        """Whether ``allocate`` would succeed and still leave ``reserve`` blocks free (the watermark)."""
+        need_new, reclaim = self._needs(req, num_new_tokens, prefix)
+        return need_new + reclaim + reserve <= self.pool.num_free
+
+    def allocate(self, req: Request, num_new_tokens: int, prefix: list[KvBlock] | None = None) -> bool:
+        """Make room for ``num_new_tokens`` more tokens of ``req`` (after ``prefix`` on admission).
+
+        Prefix blocks sitting in the free queue count against the free blocks, since taking them
+        removes them from it.
+        """
+        if not prefix and req.num_computed_tokens + num_new_tokens <= len(req.blocks) * self.block_size:
+            return True  # fits in the blocks it holds (most decode steps)
+        prefix = prefix or []
+        need_new, reclaim = self._needs(req, num_new_tokens, prefix)
+        if need_new + reclaim > self.pool.num_free:
+            return False
+        if prefix:
+            self.pool.touch(prefix)
+            req.blocks.extend(prefix)
+            req.num_registered = len(prefix)
+        if need_new:
+            req.blocks.extend(self.pool.allocate(need_new))
+        return True
+
+    def register_full_blocks(self, req: Request) -> None:
+        """Register blocks whose tokens are all computed (a KvStored event for the new ones)."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(req.num_computed_tokens // self.block_size, len(req.blocks))
+        done = req.num_registered
+        if full <= done:
+            return
+        req.update_block_hashes(self.block_size)
+        self.pool.register_chain(req.blocks, req.block_hashes, req.tokens_hashes, done, full)
+        req.num_registered = full
+
+    def free(self, req: Request) -> None:
+        """Release every block of ``req``, tail first (tails are evicted before shared prefixes)."""
+        blocks, req.blocks = req.blocks, []
+        req.num_registered = 0
+        req.num_sent_blocks = 0
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    def take_events(self) -> list[KvEvent]:
+        return self.pool.take_events()
+
+    def dump(self) -> list[KvStored]:
+        return self.pool.dump()
