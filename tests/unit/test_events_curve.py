@@ -17,7 +17,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from dynamo_grpc.engines.base import KvStored, LoadMetrics, StoredBlock
+from dynamo_grpc.events.kv import KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import (
     ENV_ALLOW,

@@ -27,7 +27,7 @@ MB = 1024 * 1024
 
 PUBLISHER = r"""
 import sys, time
-from dynamo_grpc.engines.base import KvStored, LoadMetrics, StoredBlock
+from dynamo_grpc.events.kv import KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import CurveConfig
 curve = CurveConfig.load(sys.argv[1], sys.argv[2]) if len(sys.argv) > 2 else None
