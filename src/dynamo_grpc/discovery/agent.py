@@ -117,15 +117,13 @@ def start_consul_dev(
         str(port),
         "--addr-file",
         addr_file,
-        "--log-level",
-        "WARNING",
     ]
     if acl_token:
         argv += ["--acl-token", acl_token]
     if time_scale is not None:
         argv += ["--time-scale", repr(time_scale)]
-    argv += extra_args or []
     child_env = dict(os.environ if env is None else env)
+    argv += ["--log-level", child_env.get("DYN_LOG", "warning"), *(extra_args or [])]
     child_env.pop("CONSUL_DEV_ACL_TOKEN", None)
     proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dynamo_grpc.discovery.agent import ensure_agent
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
+from dynamo_grpc.logs import ENV as LOG_ENV
+from dynamo_grpc.logs import add_log_flag, setup_logging
 
 DEFAULT_ENGINE = "torch"
 
@@ -35,11 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
     p.add_argument("--log-dir", type=Path, default=None, help="where process logs go (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
+    add_log_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
     try:
         agent = ensure_agent()
     except (OSError, RuntimeError, TimeoutError) as e:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import sys
 from pathlib import Path
 
 from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.transport import run_until_signal
 from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
@@ -48,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any port)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
-    p.add_argument("--log-level", default=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"))
+    add_log_flag(p)
     return p
 
 
@@ -126,9 +125,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(args.log_level)
     for name in ("drain_grace", "ttl", "speedup_ratio"):
         if getattr(args, name) <= 0 and name != "drain_grace":
             build_parser().error(f"--{name.replace('_', '-')} must be positive")
