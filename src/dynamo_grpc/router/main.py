@@ -70,7 +70,7 @@ class RouterProcess:
         grpc_address = await self.server.start(serving=False)
         if a.metrics_port >= 0:
             self.http_runner, self.metrics_port = await start_admin_http(
-                a.host, a.metrics_port, self.metrics, self.router, lambda: self.node.sub
+                a.host, a.metrics_port, self.metrics, self.router
             )
         self._grpc_address = grpc_address
         self.node.on_ready_change = self.server.set_serving
