@@ -18,7 +18,7 @@ ROLES: dict[str, tuple[str, str]] = {
     "worker": ("dynamo_grpc.worker.main", "worker hosting an engine (mocker | torch) behind Prefill/Decode"),
     "consul-dev": ("dynamo_grpc.consul_dev.main", "embedded Consul-compatible dev agent (HTTP API subset)"),
     "run-local": ("dynamo_grpc.launch.run_local", "start a whole mesh on this machine and print how to call it"),
-    "bench": ("dynamo_grpc.bench.main", "benchmarks: replay, router, frontend, engine, discovery"),
+    "bench": ("dynamo_grpc.bench.main", "benchmarks: router, frontend, engine, discovery, replay, or all"),
 }
 
 PLANNED = ("global-router", "planner")
