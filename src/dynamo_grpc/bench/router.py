@@ -166,9 +166,8 @@ def bench_decisions(
     the decision's load arrays are really exercised; frees are outside the timed call but
     inside the throughput loop.
     """
-    router = router_cls(RouterConfig(block_size=64, max_indexed_blocks=0, seed=seed))
+    router = router_cls(RouterConfig(block_size=64, max_indexed_blocks=0, seed=seed), indexer=index)  # type: ignore[arg-type]
     router.set_workers([WorkerInfo(f"w{i}", f"127.0.0.1:{9000 + i}", "m", 64, 1, 16384) for i in range(workers)])
-    router.indexer = index  # type: ignore[assignment]
     router.ready = True
     rng = random.Random(seed)
 

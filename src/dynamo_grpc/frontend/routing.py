@@ -25,8 +25,6 @@ from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ROUTE_METHOD = "/dynamo_grpc.v1.RouterService/Route"
-
 
 @dataclass(frozen=True)
 class WorkerEndpoint:

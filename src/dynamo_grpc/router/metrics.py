@@ -104,7 +104,7 @@ class RouterMetrics:
 
 def dump_index(router: Router) -> dict[str, object]:
     """JSON view of the index: worker -> sorted block hashes (admin/test use)."""
-    idx = router.approx.index if router.config.mode == "approx" else router.indexer
+    idx = router.indexer
     workers = {f"{k[0]}/{k[1]}": sorted(v) for k, v in idx.dump().items() if isinstance(k, tuple)}
     return {
         "ready": router.ready,
