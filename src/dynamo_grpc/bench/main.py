@@ -7,12 +7,12 @@ the first trace in the checkout's `../shared/traces`).
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from dynamo_grpc.bench.output import checkout_root, default_results_dir
+from dynamo_grpc.cli import command_lines, load_main
 
 #: name -> (module with main(argv), what it measures)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -27,13 +27,12 @@ REPLAY_ALL_ARGS = ["--compare", "--limit", "500", "--speedup", "10"]
 
 
 def _usage() -> str:
-    width = max(map(len, BENCHMARKS))
+    table = {**BENCHMARKS, "all": ("", "every benchmark above, replay included (all [--out DIR] [--trace FILE])")}
     return "\n".join(
         [
             "usage: dynamo-grpc bench {" + ",".join(BENCHMARKS) + ",all} [--out DIR] [options]",
             "",
-            *[f"  {n.ljust(width)}  {desc}" for n, (_, desc) in BENCHMARKS.items()],
-            f"  {'all'.ljust(width)}  every benchmark above, replay included (all [--out DIR] [--trace FILE])",
+            *command_lines(table),
             "",
             f"Results: JSON (+ PNG with matplotlib) under --out, default {default_results_dir()}.",
             "`dynamo-grpc bench <name> --help` for a benchmark's options.",
@@ -42,15 +41,7 @@ def _usage() -> str:
 
 
 def _entry(name: str) -> Callable[[list[str]], int]:
-    try:
-        module = importlib.import_module(BENCHMARKS[name][0])
-    except ModuleNotFoundError as e:
-        raise SystemExit(
-            f"dynamo-grpc bench {name}: needs {e.name!r}, which is not installed "
-            "(pip install 'dynamo-grpc[bench]'; the engine benchmark also needs the torch extra)"
-        ) from None
-    fn: Callable[[list[str]], int] = module.main
-    return fn
+    return load_main(BENCHMARKS[name][0], f"bench {name}")
 
 
 def _take(args: list[str], flag: str) -> str | None:
