@@ -3,7 +3,8 @@
 Watches Consul for workers (`dynamo-worker` + model cards), serves `inference.GRPCInferenceService`,
 and registers itself as `dynamo-frontend`. Routing: `kv` runs the KV router in this process (one
 index per model, fed by the workers' events); `kv-service` asks a `dynamo-router` over gRPC
-(`--router`, or the first one in Consul); `round-robin` and `random` need no index.
+(`--router`, or the first one in Consul); `round-robin` and `random` run the same router core here, without
+an index.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
-from dynamo_grpc.frontend.routing import KvRouterClient, RandomRouter, RoundRobinRouter, Router
+from dynamo_grpc.frontend.routing import KvRouterClient, Router
 from dynamo_grpc.frontend.service import InferenceServicer
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
@@ -110,15 +111,11 @@ async def serve(args: argparse.Namespace) -> int:
     instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     router: Router
     embedded: EmbeddedKvRouter | None = None
-    if args.router_mode == "kv":
+    if args.router_mode == "kv-service":
+        router = KvRouterClient(router_addr)
+    else:  # kv, round-robin, random: the router core in this process, with every --router-* flag
         cfg = router_config_from_args(args, namespace=args.namespace)
         router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host)
-    elif args.router_mode == "kv-service":
-        router = KvRouterClient(router_addr)
-    elif args.router_mode == "round-robin":
-        router = RoundRobinRouter()
-    else:
-        router = RandomRouter()
     pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
