@@ -7,12 +7,15 @@ the first trace in the checkout's `../shared/traces`).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from dynamo_grpc.bench.output import checkout_root, default_results_dir
 from dynamo_grpc.cli import command_lines, load_main
+from dynamo_grpc.logs import ENV as LOG_ENV
+from dynamo_grpc.logs import setup_logging
 
 #: name -> (module with main(argv), what it measures)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -94,6 +97,7 @@ def _run_all(out: Path, trace: str | None, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging(os.environ.get(LOG_ENV, "warning"))  # the benchmarks' own output is their report
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
