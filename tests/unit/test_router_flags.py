@@ -79,7 +79,7 @@ def test_env_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--router-busy-threshold", "1.5"], "--router-busy-threshold must be in (0, 1], got 1.5"),
         (["--router-temperature", "-1"], "--router-temperature must be >= 0"),
-        (["--router-ttl-secs", "0"], "--router-ttl-secs must be > 0"),
+        (["--no-router-kv-events", "--router-ttl-secs", "0"], "--router-ttl-secs must be > 0"),
     ],
 )
 @pytest.mark.parametrize("role", ["router", "frontend"])
@@ -95,3 +95,39 @@ def test_frontend_only_mode_is_refused_by_the_router() -> None:
     with pytest.raises(SystemExit):
         router_parser().parse_args(["--router-mode", "kv-service"])
     assert frontend_parser().parse_args(["--router-mode", "kv-service"]).router_mode == "kv-service"
+
+
+@pytest.mark.parametrize(
+    ("parser", "argv", "named"),
+    [
+        (router_parser, ["--router-mode", "round-robin", "--router-temperature", "0.5"], "--router-temperature"),
+        (router_parser, ["--mode", "random", "--prefill-load-scale", "2"], "--router-prefill-load-scale"),
+        (router_parser, ["--router-ttl-secs", "30"], "--router-ttl-secs: no effect with --router-mode kv"),
+        (
+            frontend_parser,
+            ["--no-router-kv-events", "--router-resync-interval", "1"],
+            "--router-resync-interval: no effect with --router-mode kv --no-router-kv-events",
+        ),
+        (frontend_parser, ["--router-mode", "kv-service", "--router-seed", "3"], "--router-seed"),
+    ],
+)
+def test_a_flag_the_mode_would_ignore_is_refused(parser, argv: list[str], named: str) -> None:  # type: ignore[no-untyped-def]
+    from dynamo_grpc.router.flags import refuse_unused_flags
+
+    p = parser()
+    with pytest.raises(ValueError, match="no effect") as e:
+        refuse_unused_flags(p, p.parse_args(argv))
+    assert named in str(e.value)
+
+
+def test_flags_the_mode_uses_and_env_defaults_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynamo_grpc.router.flags import refuse_unused_flags
+
+    monkeypatch.setenv("DYN_ROUTER_TEMPERATURE", "0.5")  # a deployment-wide default is not a user's flag
+    p = router_parser()
+    for argv in (
+        ["--router-mode", "random", "--router-seed", "1", "--router-busy-threshold", "0.9"],
+        ["--no-router-kv-events", "--router-ttl-secs", "30", "--router-temperature", "0.2"],
+        ["--router-resync-interval", "1", "--router-max-tree-size", "10"],
+    ):
+        refuse_unused_flags(p, p.parse_args(argv))

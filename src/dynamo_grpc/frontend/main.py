@@ -29,7 +29,7 @@ from dynamo_grpc.frontend.service import InferenceServicer
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
 from dynamo_grpc.logs import add_log_flag, setup_logging
-from dynamo_grpc.router.flags import add_router_flags, router_config_from_args
+from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
 
 log = logging.getLogger("dynamo_grpc.frontend")
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.router and args.router_mode == "kv":
         args.router_mode = "kv-service"  # a pinned router address means: use that RouterService
     try:
+        refuse_unused_flags(parser, args)
         router_config_from_args(args)
     except ValueError as e:
         parser.error(str(e))

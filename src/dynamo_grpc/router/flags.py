@@ -15,6 +15,18 @@ from typing import Any
 
 from dynamo_grpc.router.config import RouterConfig
 
+#: RouterConfig field -> the flag that sets it (errors name the flag)
+FLAG_OF = {
+    "block_size": "--router-block-size",
+    "max_indexed_blocks": "--router-max-tree-size",
+    "temperature": "--router-temperature",
+    "prefill_load_scale": "--router-prefill-load-scale",
+    "busy_threshold": "--router-busy-threshold",
+    "approx_ttl_s": "--router-ttl-secs",
+    "resync_interval_s": "--router-resync-interval",
+    "seed": "--router-seed",
+}
+
 #: what `--router-mode` takes (approximate KV routing is `--router-mode kv --no-router-kv-events`)
 ROUTING_MODES = ("kv", "round-robin", "random")
 
@@ -140,13 +152,57 @@ def add_router_flags(parser: argparse.ArgumentParser, extra_modes: Sequence[str]
     add("--router-seed", "--seed", None, type=int, help="seed for tie-breaks and sampling (default: random)")
 
 
-def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo", model: str = "") -> RouterConfig:
-    """The RouterConfig the flags describe, validated (ValueError names the flag)."""
+#: the modes (as RouterConfig.mode, plus the frontend's kv-service) in which each flag does something
+_ANY = {"kv", "approx", "round-robin", "random"}
+USED_IN: dict[str, set[str]] = {
+    "router_kv_events": {"kv", "approx"},
+    "router_temperature": {"kv", "approx"},
+    "router_prefill_load_scale": {"kv", "approx"},
+    "router_max_tree_size": {"kv", "approx"},
+    "router_ttl_secs": {"approx"},
+    "router_resync_interval": {"kv"},
+    "router_busy_threshold": _ANY,
+    "router_block_size": _ANY,
+    "router_seed": _ANY,
+}
+
+
+def _parsed_default(action: argparse.Action) -> object:
+    """An action's default as a parsed value would be (a DYN_* variable gives it as a string)."""
+    if isinstance(action.default, str) and callable(action.type):
+        return action.type(action.default)
+    return action.default
+
+
+def refuse_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """ValueError naming every router flag set away from its default that the chosen mode would ignore.
+
+    kv-service (the frontend asking a remote router) uses none of them: that router has its own flags.
+    """
     mode = args.router_mode
     if mode == "kv" and not args.router_kv_events:
         mode = "approx"
+    defaults = {a.dest: _parsed_default(a) for a in parser._actions if a.dest in USED_IN}
+    unused = [
+        "--" + dest.replace("_", "-")
+        for dest, modes in USED_IN.items()
+        if mode not in modes and getattr(args, dest) != defaults[dest]
+    ]
+    if unused:
+        shown = "kv --no-router-kv-events" if mode == "approx" else mode
+        raise ValueError(f"{', '.join(unused)}: no effect with --router-mode {shown}")
+
+
+def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo", model: str = "") -> RouterConfig:
+    """The RouterConfig the flags describe, validated (ValueError names the flag).
+
+    The frontend's `kv-service` (a remote router) is checked as `kv`: its flags must still be valid.
+    """
+    mode = args.router_mode if args.router_mode in ROUTING_MODES else "kv"
+    if mode == "kv" and not args.router_kv_events:
+        mode = "approx"
     cfg = RouterConfig(
-        mode=mode if mode in (*ROUTING_MODES, "approx") else "kv",
+        mode=mode,
         block_size=args.router_block_size,
         max_indexed_blocks=args.router_max_tree_size,
         temperature=args.router_temperature,
@@ -158,21 +214,7 @@ def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo",
         resync_interval_s=args.router_resync_interval,
         seed=args.router_seed,
     )
-    rules = {
-        "--router-block-size": (cfg.block_size >= 0, ">= 0"),
-        "--router-max-tree-size": (cfg.max_indexed_blocks >= 0, ">= 0"),
-        "--router-temperature": (cfg.temperature >= 0, ">= 0"),
-        "--router-prefill-load-scale": (cfg.prefill_load_scale >= 0, ">= 0"),
-        "--router-busy-threshold": (0 < cfg.busy_threshold <= 1.0, "in (0, 1]"),
-        "--router-ttl-secs": (cfg.approx_ttl_s > 0, "> 0"),
-        "--router-resync-interval": (cfg.resync_interval_s >= 0, ">= 0"),
-    }
-    bad = [
-        f"{flag} must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}"
-        for flag, (ok, rule) in rules.items()
-        if not ok
-    ]
+    bad = cfg.problems()
     if bad:
-        raise ValueError("; ".join(bad))
-    cfg.validate()
+        raise ValueError("; ".join(f"{FLAG_OF.get(field, field)} {msg}" for field, msg in bad))
     return cfg

@@ -18,7 +18,7 @@ from typing import Any
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.router.config import RouterConfig
-from dynamo_grpc.router.flags import add_router_flags, router_config_from_args
+from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.router.metrics import RouterMetrics, start_admin_http
 from dynamo_grpc.router.node import RouterNode
 from dynamo_grpc.router.service import RouterServicer
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
+        refuse_unused_flags(parser, args)
         router_config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
