@@ -131,3 +131,13 @@ def test_flags_the_mode_uses_and_env_defaults_pass(monkeypatch: pytest.MonkeyPat
         ["--router-resync-interval", "1", "--router-max-tree-size", "10"],
     ):
         refuse_unused_flags(p, p.parse_args(argv))
+
+
+def test_bad_mode_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_ROUTER_MODE", "fastest")
+    with pytest.raises(SystemExit, match="DYN_ROUTER_MODE='fastest': expected one of kv, round-robin, random"):
+        router_parser()
+    monkeypatch.setenv("DYN_ROUTER_USE_KV_EVENTS", "maybe")
+    monkeypatch.setenv("DYN_ROUTER_MODE", "kv")
+    with pytest.raises(SystemExit, match="DYN_ROUTER_USE_KV_EVENTS='maybe': expected true or false"):
+        frontend_parser()

@@ -62,9 +62,16 @@ class _LegacyMode(argparse.Action):
             ns.router_kv_events = False
 
 
-def _env(flag: str, default: object) -> object:
-    """DYN_<FLAG> (e.g. DYN_ROUTER_TEMPERATURE) or the default; argparse applies the flag's type to it."""
-    return os.environ.get("DYN_" + flag.lstrip("-").replace("-", "_").upper(), default)
+def _env(flag: str, default: object, choices: Sequence[str] | None = None) -> object:
+    """DYN_<FLAG> (e.g. DYN_ROUTER_TEMPERATURE) or the default; argparse applies the flag's type to it.
+
+    argparse does not check a default against `choices`, so a bad variable is refused here.
+    """
+    name = "DYN_" + flag.lstrip("-").replace("-", "_").upper()
+    value = os.environ.get(name, default)
+    if choices is not None and value not in choices:
+        raise SystemExit(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -89,7 +96,7 @@ def add_router_flags(parser: argparse.ArgumentParser, extra_modes: Sequence[str]
             kw["help"] += f" (deprecated spelling: {old})"
         if "choices" not in kw:
             kw["metavar"] = "N" if kw.get("type") is int else "X"
-        g.add_argument(*names, action=_DeprecatedAlias, default=_env(flag, default), **kw)
+        g.add_argument(*names, action=_DeprecatedAlias, default=_env(flag, default, kw.get("choices")), **kw)
 
     add(
         "--router-mode",
@@ -198,7 +205,7 @@ def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo",
 
     The frontend's `kv-service` (a remote router) is checked as `kv`: its flags must still be valid.
     """
-    mode = args.router_mode if args.router_mode in ROUTING_MODES else "kv"
+    mode = "kv" if args.router_mode == "kv-service" else args.router_mode
     if mode == "kv" and not args.router_kv_events:
         mode = "approx"
     cfg = RouterConfig(
