@@ -22,7 +22,7 @@ help:
 	@echo "make proto       regenerate gen/ from protos/"
 	@echo "make lint        ruff, mypy on src/, buf lint"
 	@echo "make breaking    buf breaking against the previous commit"
-	@echo "make bench       run the benchmarks (JSON + PNG under bench/results/)"
+	@echo "make bench       run every benchmark, trace replay included (JSON + PNG under bench/results/)"
 	@echo "make clean       remove the virtualenv and build outputs"
 
 $(VENV)/bin/python:
@@ -72,6 +72,7 @@ lint: $(STAMP) $(BUF)
 breaking: $(BUF)
 	$(BUF) breaking --against '.git#ref=HEAD~1'
 
+# ARGS: --out DIR (default bench/results/), --trace FILE (default: the first in ../shared/traces)
 bench: $(STAMP)
 	$(VENV)/bin/dynamo-grpc bench all $(ARGS)
 

@@ -18,21 +18,44 @@ ROLES: dict[str, tuple[str, str]] = {
     "worker": ("dynamo_grpc.worker.main", "worker hosting an engine (mocker | torch) behind Prefill/Decode"),
     "consul-dev": ("dynamo_grpc.consul_dev.main", "embedded Consul-compatible dev agent (HTTP API subset)"),
     "run-local": ("dynamo_grpc.launch.run_local", "start a whole mesh on this machine and print how to call it"),
-    "bench": ("dynamo_grpc.bench.main", "benchmarks: replay, router, frontend, engine, discovery"),
+    "bench": ("dynamo_grpc.bench.main", "benchmarks: router, frontend, engine, discovery, replay, or all"),
 }
 
 PLANNED = ("global-router", "planner")
 
 
+def command_lines(table: dict[str, tuple[str, str]]) -> list[str]:
+    """One aligned `  name  description` line per entry of a (module, description) table."""
+    width = max(map(len, table))
+    return [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in table.items()]
+
+
+def load_main(module_name: str, command: str) -> Callable[[list[str]], int]:
+    """Import a command's module only now (its heavy dependencies stay out of other commands); its main.
+
+    A missing third-party dependency (an extra not installed) exits with a message naming it.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("dynamo_grpc"):
+            raise
+        raise SystemExit(
+            f"dynamo-grpc {command}: needs the {e.name!r} package, which is not installed "
+            "(an optional extra: torch, bench or plot; see README)"
+        ) from None
+    fn: Callable[[list[str]], int] = module.main
+    return fn
+
+
 def _usage() -> str:
-    width = max(len(r) for r in ROLES)
     lines = [
         "usage: dynamo-grpc <role> [--help] [args...]",
         "",
         "A distributed LLM inference server: a typed gRPC service mesh.",
         "",
         "roles:",
-        *[f"  {role.ljust(width)}  {desc}" for role, (_, desc) in ROLES.items()],
+        *command_lines(ROLES),
         "",
         f"planned roles (DESIGN.md), not in this release: {', '.join(PLANNED)}",
         "Run `dynamo-grpc <role> --help` for a role's options.",
@@ -41,9 +64,7 @@ def _usage() -> str:
 
 
 def _entry(role: str) -> Callable[[list[str]], int]:
-    module = importlib.import_module(ROLES[role][0])
-    fn: Callable[[list[str]], int] = module.main
-    return fn
+    return load_main(ROLES[role][0], role)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,12 @@ async def test_chat_and_models_and_health(http_mesh: Mesh) -> None:
             text = await r.text()
         assert f'dynamo_frontend_requests_total{{model="{MODEL}",outcome="success"}}' in text
         # the KV router runs in the frontend (the default mode) and reports its decisions here
-        assert f'dynamo_frontend_router_decisions_total{{mode="kv",model="{MODEL}"}}' in text
-        assert f'dynamo_frontend_router_ready{{model="{MODEL}"}} 1.0' in text
+        # with the names the `dynamo-grpc router` service uses
+        assert f'dynamo_router_decisions_total{{mode="kv",model="{MODEL}"}}' in text
+        assert f'dynamo_router_ready{{model="{MODEL}"}} 1.0' in text
+        overlap = f'dynamo_router_overlap_blocks_count{{model="{MODEL}"}}'
+        routed = [ln for ln in text.splitlines() if ln.startswith(overlap)]
+        assert routed and float(routed[0].split()[-1]) >= 1
 
 
 @pytest.mark.parametrize(

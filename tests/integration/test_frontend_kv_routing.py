@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import urllib.request
 from collections import Counter
 
 import grpc
@@ -64,3 +65,35 @@ def test_shared_prefix_follows_its_worker(mode: str) -> None:
                 assert len(Counter(spread)) >= 2, spread
 
         asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags"),
+    [("round-robin", ["--router-seed", "1"]), ("kv", ["--no-router-kv-events", "--router-ttl-secs", "60"])],
+    ids=["round-robin", "approx"],
+)
+def test_embedded_router_honours_the_router_flags(mode: str, flags: list[str]) -> None:
+    """The frontend's router takes `dynamo-grpc router`'s flags: round-robin cycles, approx needs no events."""
+    cfg = MeshConfig(
+        workers=3, speedup_ratio=1000.0, router_mode=mode, frontend_args=flags, http_port=0, ready_timeout_s=90.0
+    )
+    with Mesh(cfg) as mesh:
+        assert not mesh.router_grpc
+        model = mesh.models[0]
+
+        async def go() -> list[str]:
+            async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                base = prompt(3)
+                return [await worker_of(stub, model, [*base, 9, k]) for k in range(6)]
+
+        got = asyncio.run(go())
+        with urllib.request.urlopen(f"http://{mesh.frontend_http}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        internal = "approx" if mode == "kv" else mode
+        assert f'dynamo_router_decisions_total{{mode="{internal}",model="{model}"}} 6.0' in metrics
+        assert "dynamo_router_events_applied_total{" not in metrics  # neither mode follows KV events
+        if mode == "round-robin":  # the same prompt, yet every worker in turn
+            assert got[:3] == got[3:] and len(set(got)) == 3, got
+        else:  # no KV events are read: what was routed is assumed cached, so the prefix stays home
+            assert len(set(got)) == 1, got

@@ -121,9 +121,9 @@ class RouterProc:
                 consul,
                 "--metrics-port",
                 "0",
-                "--resync-interval",
+                "--router-resync-interval",
                 "0.5",
-                "--seed",
+                "--router-seed",
                 "1",
             ],
             stdout=subprocess.PIPE,
@@ -249,8 +249,8 @@ async def test_index_converges_through_failures(mesh: tuple[str, list[Pub], list
     assert (await route(routers[1], [7, 8])).overlap_blocks == 0
 
     m = routers[0].metrics()
-    assert "dynamo_router_replays" in m and "dynamo_router_indexed_blocks" in m
-    gaps = [line for line in m.splitlines() if line.startswith("dynamo_router_event_gaps ")]
+    assert "dynamo_router_replays_total{" in m and "dynamo_router_indexed_blocks{" in m
+    gaps = [line for line in m.splitlines() if line.startswith("dynamo_router_event_gaps_total{")]
     assert gaps and float(gaps[0].split()[1]) >= 1
 
 

@@ -34,7 +34,7 @@ assert router_pb2_grpc.RouterServiceStub and grpc_service_pb2.ModelInferRequest
 assert "torch" not in sys.modules
 from importlib.metadata import requires
 base = [r for r in requires("dynamo-grpc") if "extra ==" not in r]
-assert not any(r.lower().startswith(("torch", "transformers")) for r in base), base
+assert not any(r.lower().startswith(("torch", "transformers", "matplotlib")) for r in base), base
 print(len(mods))
 """
 
@@ -65,3 +65,15 @@ def test_wheel_without_extras_imports_every_generated_module(tmp_path: Path) -> 
     res = subprocess.run([str(py), "-c", _CHECK], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.strip()) == 14  # 7 protos x (_pb2, _pb2_grpc)
+
+    # the benchmarks ship in the wheel: `dynamo-grpc bench` runs from it, results under --out
+    small = ["--workers", "2", "--blocks", "500", "--decisions", "50", "--baseline-decisions", "10"]
+    res = subprocess.run(
+        [str(env_dir / "bin" / "dynamo-grpc"), "bench", "router", "--out", str(tmp_path / "res"), *small],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "res" / "router.json").is_file()
+    res = subprocess.run([str(env_dir / "bin" / "dynamo-grpc"), "bench", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert f"default {tmp_path / 'bench' / 'results'}" in res.stdout  # no checkout: ./bench/results

@@ -49,3 +49,15 @@ def test_unknown_and_planned_roles_fail_clearly() -> None:
     assert res.returncode == 2 and "unknown role 'nope'" in res.stderr
     res = _run("planner")
     assert res.returncode == 2 and "planned" in res.stderr
+
+
+def test_missing_extra_is_named_not_a_traceback() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as if the torch extra were not installed\n"
+        "from dynamo_grpc.cli import main\n"
+        "raise SystemExit(main(['bench', 'engine', '--help']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "dynamo-grpc bench engine: needs the 'torch' package" in res.stderr and "Traceback" not in res.stderr

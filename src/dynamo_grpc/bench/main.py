@@ -1,56 +1,118 @@
-"""`dynamo-grpc bench <name>`: run one benchmark (or `all`), each writing JSON + PNG.
+"""`dynamo-grpc bench <name>|all`: the benchmarks, all in this package, so they run from an installed wheel.
 
-`replay` ships in the package; the component benchmarks live in the repository's bench/
-directory (bench/bench_<name>.py, each with ``main(argv)``) and run from a source checkout.
+Each writes JSON (and a PNG when matplotlib is installed) under `bench/results/` of the source checkout by
+default, or under `--out DIR`. `all` runs every benchmark, the trace replay included (on `--trace`, default
+the first trace in the checkout's `../shared/traces`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-PACKAGED = {"replay": "dynamo_grpc.bench.replay"}
-SCRIPTS = ("router", "frontend", "engine", "discovery")
-BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
-RESULTS = BENCH_DIR / "results"
+from dynamo_grpc.bench.output import checkout_root, default_results_dir
+from dynamo_grpc.cli import command_lines, load_main
+from dynamo_grpc.logs import ENV as LOG_ENV
+from dynamo_grpc.logs import setup_logging
+
+#: name -> (module with main(argv), what it measures)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "router": ("dynamo_grpc.bench.router", "KV index and routing decisions: ours vs per-candidate and naive"),
+    "frontend": ("dynamo_grpc.bench.frontend", "frontend overhead: KServe stream via frontend vs worker directly"),
+    "engine": ("dynamo_grpc.bench.engine", "torch engine vs transformers generate (extras: torch, bench)"),
+    "discovery": ("dynamo_grpc.bench.discovery", "consul-dev + discovery: 1,000 instances, 50 watchers"),
+    "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),
+}
+#: what `all` passes the replay beyond --trace/--json: all three policies on a slice of the trace
+REPLAY_ALL_ARGS = ["--compare", "--limit", "500", "--speedup", "10"]
 
 
-def _load(name: str) -> Callable[[list[str]], int]:
-    if name in PACKAGED:
-        return importlib.import_module(PACKAGED[name]).main  # type: ignore[no-any-return]
-    path = BENCH_DIR / f"bench_{name}.py"
-    if not path.is_file():
-        raise SystemExit(f"dynamo-grpc bench: {path} not found (component benchmarks run from a source checkout)")
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main  # type: ignore[no-any-return]
+def _usage() -> str:
+    table = {**BENCHMARKS, "all": ("", "every benchmark above, replay included (all [--out DIR] [--trace FILE])")}
+    return "\n".join(
+        [
+            "usage: dynamo-grpc bench {" + ",".join(BENCHMARKS) + ",all} [--out DIR] [options]",
+            "",
+            *command_lines(table),
+            "",
+            f"Results: JSON (+ PNG with matplotlib) under --out, default {default_results_dir()}.",
+            "`dynamo-grpc bench <name> --help` for a benchmark's options.",
+        ]
+    )
+
+
+def _entry(name: str) -> Callable[[list[str]], int]:
+    return load_main(BENCHMARKS[name][0], f"bench {name}")
+
+
+def _take(args: list[str], flag: str) -> str | None:
+    """Remove `flag VALUE` or `flag=VALUE` from args; return VALUE (None if absent)."""
+    for i, a in enumerate(args):
+        if a == flag:
+            if i + 1 == len(args):
+                raise SystemExit(f"dynamo-grpc bench: {flag} needs a value")
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if a.startswith(flag + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def default_trace() -> Path | None:
+    """The first trace (JSONL before CSV) in the checkout's ../shared/traces, as DESIGN.md describes."""
+    root = checkout_root()
+    traces = (root if root is not None else Path.cwd()).parent / "shared" / "traces"
+    for pattern in ("*.jsonl", "*.csv"):
+        found = sorted(traces.glob(pattern)) if traces.is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+def _run_all(out: Path, trace: str | None, rest: list[str]) -> int:
+    if rest:
+        print(f"dynamo-grpc bench all: takes only --out and --trace, not {' '.join(rest)}", file=sys.stderr)
+        return 2
+    rc = 0
+    for name in BENCHMARKS:
+        print(f"== bench {name}", flush=True)
+        argv = ["--json", str(out / f"{name}.json")]
+        if name == "replay":
+            path = trace or default_trace()
+            if path is None:
+                print("bench replay: no trace found in ../shared/traces; pass --trace FILE", file=sys.stderr)
+                rc = 1
+                continue
+            argv += ["--trace", str(path), *REPLAY_ALL_ARGS]
+        try:
+            rc |= int(_entry(name)(argv) or 0)
+        except SystemExit as e:  # one benchmark that cannot run does not stop the others
+            print(e, file=sys.stderr)
+            rc = 1
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging(os.environ.get(LOG_ENV, "warning"))  # the benchmarks' own output is their report
     args = list(sys.argv[1:] if argv is None else argv)
-    names = [*PACKAGED, *SCRIPTS]
-    if not args or args[0] in ("-h", "--help"):
-        print(f"usage: dynamo-grpc bench {{{','.join(names)},all}} [--json OUT] [options]")
-        print("Each benchmark compares ours with a baseline in one run; `bench <name> --help` for options.")
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
         return 0
     name, rest = args[0], args[1:]
-    if name == "all":
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        rc = 0
-        for n in SCRIPTS:
-            print(f"== bench {n}", flush=True)
-            rc |= int(_load(n)(["--json", str(RESULTS / f"{n}.json"), *rest]) or 0)
-        return rc
-    if name not in names:
-        print(f"dynamo-grpc bench: unknown benchmark '{name}' (one of {', '.join(names)}, all)", file=sys.stderr)
+    if name != "all" and name not in BENCHMARKS:
+        print(f"dynamo-grpc bench: unknown benchmark '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    return int(_load(name)(rest) or 0)
+    out_arg = _take(rest, "--out")
+    out = Path(out_arg) if out_arg else default_results_dir()
+    if name == "all":
+        return _run_all(out, _take(rest, "--trace"), rest)
+    if out_arg and not any(a == "--json" or a.startswith("--json=") for a in rest):
+        rest = ["--json", str(out / f"{name}.json"), *rest]
+    return int(_entry(name)(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dynamo_grpc.bench.cpu import process_cpu_seconds
+from dynamo_grpc.bench.output import default_results_dir, save_plot
 from dynamo_grpc.bench.replay_bound import infinite_cache_bound
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, markdown_table, summarize
@@ -116,8 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend-arg", action="append", default=[], metavar="ARG", help="extra frontend argument")
     p.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline, wall seconds")
     p.add_argument("--log-dir", default=None, help="keep the mesh's process logs here")
-    p.add_argument("--json", required=True, help="write the report here")
-    p.add_argument("--plot", default=None, help="write a PNG here (TTFT CDF, p50/p99 bars, hit rate)")
+    p.add_argument(
+        "--json", type=Path, default=default_results_dir() / "replay.json", help="write the report here"
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write the PNG (TTFT CDF, p50/p99 bars, hit rate) here (default: the --json path with .png; "
+        "skipped without matplotlib)",
+    )
     return p
 
 
@@ -376,14 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     _write_report(Path(args.json), cfg, trace_info, runs)
     print(markdown_table(runs), file=sys.stderr)
     print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        from dynamo_grpc.bench.replay_plot import plot_replay
+    title = (
+        f"{Path(trace.path).name}: {len(reqs)} requests, {cfg.workers} mocker workers, "
+        f"speedup {cfg.speedup:g}, rate x{cfg.rate_scale:g}"
+    )
 
-        title = (
-            f"{Path(trace.path).name}: {len(reqs)} requests, {cfg.workers} mocker workers, "
-            f"speedup {cfg.speedup:g}, rate x{cfg.rate_scale:g}"
-        )
-        print(f"wrote {plot_replay(ttfts, {k: v for k, v in runs.items()}, args.plot, title)}", file=sys.stderr)
+    def draw(png: Path) -> None:
+        from dynamo_grpc.bench.replay_plot import plot_replay  # matplotlib: the optional `plot` extra
+
+        plot_replay(ttfts, runs, png, title)
+
+    png = save_plot(draw, args.plot or args.json.with_suffix(".png"))
+    if png is not None:
+        print(f"wrote {png}", file=sys.stderr)
     failed = sum(r["failed"] for r in runs.values())
     return 1 if failed == sum(r["requests"] for r in runs.values()) else 0
 

@@ -12,6 +12,7 @@ import sys
 
 from dynamo_grpc.consul_dev.acl import ACL
 from dynamo_grpc.consul_dev.server import ConsulDevServer, server_tls, write_addr_file
+from dynamo_grpc.logs import add_log_flag, setup_logging
 
 log = logging.getLogger("dynamo_grpc.consul_dev")
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA")
-    p.add_argument("--log-level", default="INFO")
+    add_log_flag(p)
     return p
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_scale <= 0:
         print("--time-scale must be > 0", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     try:
         return asyncio.run(_serve(args))
     except OSError as exc:

@@ -132,8 +132,6 @@ def start_consul_dev(
         str(port),
         "--addr-file",
         addr_file,
-        "--log-level",
-        "WARNING",
     ]
     if acl and not acl_token:
         acl_token = secrets.token_hex(16)
@@ -143,8 +141,8 @@ def start_consul_dev(
         argv += ["--acl-file", acl_file]
     if time_scale is not None:
         argv += ["--time-scale", repr(time_scale)]
-    argv += extra_args or []
     child_env = dict(os.environ if env is None else env)
+    argv += ["--log-level", child_env.get("DYN_LOG", "warning"), *(extra_args or [])]
     child_env.pop("CONSUL_DEV_ACL_TOKEN", None)
     child_env.pop("CONSUL_DEV_ACL_BOOTSTRAP_TOKEN", None)
     proc = subprocess.Popen(

@@ -305,13 +305,6 @@ class Discovery:
         if not await self._ctl.kv.put(key, json.dumps(card, sort_keys=True), acquire=sid):
             raise RuntimeError(f"model card {key} is held by another live session (duplicate instance id?)")
 
-    async def delete_model_card(self, model: str, instance_id: str) -> None:
-        reg = self._regs.get(instance_id)
-        if reg is not None:
-            reg.cards.pop(model, None)
-        with self._acl_errors(f"deleting the model card of {model!r}"):
-            await self._ctl.kv.delete(card_key(model, instance_id))
-
     async def get_model_cards(self, model: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         """model -> instance -> card, for every live card (or one model's)."""
         prefix = CARD_PREFIX + (f"{model}/" if model else "")

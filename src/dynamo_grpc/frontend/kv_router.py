@@ -12,13 +12,14 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from dynamo_grpc import errors
 from dynamo_grpc.discovery import Discovery
 from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.frontend.routing import Pick, WorkerEndpoint
 from dynamo_grpc.router.config import RouterConfig
+from dynamo_grpc.router.metrics import RouterMetrics
 from dynamo_grpc.router.node import RouterNode
 from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput
 
@@ -46,13 +47,21 @@ class EmbeddedKvRouter:
         self._ready_timeout = ready_timeout_s
         self.nodes: dict[str, RouterNode] = {}
         self._owner: dict[str, RouterNode] = {}  # request id -> the node that routed it
+        self.metrics = RouterMetrics()
 
     def node(self, model: str) -> RouterNode:
         n = self.nodes.get(model)
         if n is None:
             cfg = dataclasses.replace(self._config, model=model)
-            rid = f"{self._router_id}/{model}"
-            n = RouterNode(cfg, self._discovery, rid, self._bind_host, share_active=False, curve=self._curve)
+            n = RouterNode(
+                cfg,
+                self._discovery,
+                f"{self._router_id}/{model}",
+                self._bind_host,
+                self.metrics,
+                share_active=False,
+                curve=self._curve,
+            )
             n.start()
             self.nodes[model] = n
             log.info("embedded KV router started for model %s", model)
@@ -114,28 +123,8 @@ class EmbeddedKvRouter:
             node.router.free(request_id)
 
     def metric_families(self) -> Iterator[Metric]:
-        """The in-process routers' numbers for the frontend's /metrics (per model)."""
-        decisions = CounterMetricFamily(
-            "dynamo_frontend_router_decisions", "KV routing decisions", labels=["model", "mode"]
-        )
-        indexed = GaugeMetricFamily("dynamo_frontend_router_indexed_blocks", "Block hashes indexed", labels=["model"])
-        active = GaugeMetricFamily(
-            "dynamo_frontend_router_active_sequences", "Requests routed and not yet freed", labels=["model"]
-        )
-        ready = GaugeMetricFamily("dynamo_frontend_router_ready", "1 once the index is rebuilt", labels=["model"])
-        events = CounterMetricFamily("dynamo_frontend_router_kv_events", "KV events applied", labels=["model"])
-        gaps = CounterMetricFamily("dynamo_frontend_router_event_gaps", "Event seq gaps (Replay)", labels=["model"])
-        for model, node in sorted(self.nodes.items()):
-            r = node.router
-            for mode, n in r.counters.decisions.items():
-                decisions.add_metric([model, mode], n)
-            indexed.add_metric([model], r.indexed_blocks())
-            active.add_metric([model], len(r.active))
-            ready.add_metric([model], 1.0 if r.ready else 0.0)
-            if node.sub is not None:
-                events.add_metric([model], node.sub.stats.events_applied)
-                gaps.add_metric([model], node.sub.stats.gaps)
-        yield from (decisions, indexed, active, ready, events, gaps)
+        """The in-process routers' `dynamo_router_*` metrics (per model) for the frontend's /metrics."""
+        yield from self.metrics.collect()
 
     async def close(self) -> None:
         await asyncio.gather(*(n.close() for n in self.nodes.values()), return_exceptions=True)

@@ -3,7 +3,8 @@
 Watches Consul for workers (`dynamo-worker` + model cards), serves `inference.GRPCInferenceService`,
 and registers itself as `dynamo-frontend`. Routing: `kv` runs the KV router in this process (one
 index per model, fed by the workers' events); `kv-service` asks a `dynamo-router` over gRPC
-(`--router`, or from Consul the router registered for the request's model); `round-robin` and `random` need no index.
+(`--router`, or from Consul the router registered for the request's model); `round-robin` and `random` run the
+same router core here, without an index.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
-from dynamo_grpc.frontend.routing import KvRouterClient, LocalRouter, Router
+from dynamo_grpc.frontend.routing import KvRouterClient, Router
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
 from dynamo_grpc.launch.children import check_ports
-from dynamo_grpc.router.config import RouterConfig
+from dynamo_grpc.logs import add_log_flag, setup_logging
+from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
 
 log = logging.getLogger("dynamo_grpc.frontend")
@@ -42,21 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=-1, help="OpenAI HTTP port; -1 disables (default)")
     p.add_argument("--consul", default=None, help="Consul address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
     p.add_argument("--namespace", default="dynamo", help="serve workers tagged namespace=NS (default dynamo)")
-    p.add_argument(
-        "--router-mode",
-        choices=["kv", "kv-service", "round-robin", "random"],
-        default="kv",
-        help="kv: KV router in this process (default); kv-service: a dynamo-router over gRPC",
-    )
+    add_router_flags(p, extra_modes=("kv-service",))
     p.add_argument(
         "--router", default=None, help="RouterService address for kv-service (implies it); default: one from Consul"
     )
-    d = RouterConfig()
-    p.add_argument("--router-temperature", type=float, default=d.temperature, help="kv: 0 = argmin of cost")
-    p.add_argument(
-        "--prefill-load-scale", type=float, default=d.prefill_load_scale, help="kv: weight of new prefill blocks"
-    )
-    p.add_argument("--busy-threshold", type=float, default=d.busy_threshold, help="kv: KV usage fraction; 1 = off")
     p.add_argument("--migration-limit", type=int, default=3, help="re-routes after a worker dies mid-request")
     p.add_argument("--ready-file", default=None, help="write {grpc_address, http_address} JSON here when serving")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port; -1 disables")
@@ -65,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also serve Triton's `simple` example model (for client example scripts)",
     )
-    p.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    add_log_flag(p)
     add_curve_flags(p)
     return p
 
@@ -136,18 +127,11 @@ async def serve(args: argparse.Namespace) -> int:
     instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     router: Router
     embedded: EmbeddedKvRouter | None = None
-    if args.router_mode == "kv":
-        cfg = RouterConfig(
-            temperature=args.router_temperature,
-            prefill_load_scale=args.prefill_load_scale,
-            busy_threshold=args.busy_threshold,
-            namespace=args.namespace,
-        )
-        router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host, curve=args.zmq_curve)
-    elif args.router_mode == "kv-service":
+    if args.router_mode == "kv-service":
         router = KvRouterClient(router_addr)
-    else:
-        router = LocalRouter.for_mode(args.router_mode)
+    else:  # kv, round-robin, random: the router core in this process, with every --router-* flag
+        cfg = router_config_from_args(args, namespace=args.namespace)
+        router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host, curve=args.zmq_curve)
     pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
@@ -211,8 +195,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
     if args.migration_limit < 0:
         raise SystemExit("--migration-limit must be >= 0")
     ports = [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), (args.metrics_port, "--metrics-port")]
@@ -220,14 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.router and args.router_mode == "kv":
         args.router_mode = "kv-service"  # a pinned router address means: use that RouterService
     try:
-        RouterConfig(
-            temperature=args.router_temperature,
-            prefill_load_scale=args.prefill_load_scale,
-            busy_threshold=args.busy_threshold,
-        ).validate()
+        refuse_unused_flags(parser, args)
+        router_config_from_args(args)
         args.zmq_curve = CurveConfig.from_args(args)
     except ValueError as e:
-        raise SystemExit(f"dynamo-grpc frontend: {e}") from None
+        parser.error(str(e))
     if args.zmq_curve is not None and args.router_mode != "kv":
         log.warning("--zmq-curve-secret-key unused: --router-mode %s subscribes to no events", args.router_mode)
     if args.zmq_curve is not None and args.zmq_curve.allowed is not None:

@@ -160,8 +160,8 @@ class Mesh:
                     args += ["--speedup-ratio", str(c.speedup_ratio)]
                 self._spawn(f"worker-{i}", [*args, *c.worker_args], "worker")
             if self.starts_router:
-                mode = "approx" if c.router_mode == "approx" else "kv"
-                self._spawn("router", ["router", *common, "--mode", mode, "--port", "0", *c.router_args], "router")
+                events = ["--no-router-kv-events"] if c.router_mode == "approx" else []
+                self._spawn("router", ["router", *common, *events, "--port", "0", *c.router_args], "router")
             fe_mode = {"approx": "kv-service"}.get(c.router_mode, c.router_mode)
             self._spawn(
                 "frontend",

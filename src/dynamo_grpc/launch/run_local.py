@@ -18,6 +18,8 @@ from pathlib import Path
 from dynamo_grpc.discovery.agent import ensure_agent
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
+from dynamo_grpc.logs import ENV as LOG_ENV
+from dynamo_grpc.logs import add_log_flag, setup_logging
 
 DEFAULT_ENGINE = "torch"
 
@@ -43,11 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run the embedded consul-dev without ACLs (default: ACLs on, one token per role)",
     )
+    add_log_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
     try:
         check_ports("127.0.0.1", [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")])
     except SystemExit as e:

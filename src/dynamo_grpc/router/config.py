@@ -37,16 +37,21 @@ class RouterConfig:
     #: seed for tie-breaks and sampling (None = random)
     seed: int | None = None
 
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong) for every out-of-range field: the one place these rules live."""
+        rules = [
+            ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
+            ("block_size", self.block_size >= 0, ">= 0"),
+            ("max_indexed_blocks", self.max_indexed_blocks >= 0, ">= 0"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("prefill_load_scale", self.prefill_load_scale >= 0, ">= 0"),
+            ("busy_threshold", 0 < self.busy_threshold <= 1.0, "in (0, 1]"),
+            ("approx_ttl_s", self.approx_ttl_s > 0, "> 0"),
+            ("resync_interval_s", self.resync_interval_s >= 0, ">= 0"),
+        ]
+        return [(f, f"must be {rule}, got {getattr(self, f)!r}") for f, ok, rule in rules if not ok]
+
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.block_size < 0:
-            raise ValueError("block_size must be >= 0")
-        if self.max_indexed_blocks < 0:
-            raise ValueError("max_indexed_blocks must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.prefill_load_scale < 0:
-            raise ValueError("prefill_load_scale must be >= 0")
-        if not 0 < self.busy_threshold <= 1.0:
-            raise ValueError("busy_threshold must be in (0, 1]")
+        bad = self.problems()
+        if bad:
+            raise ValueError("; ".join(f"{field} {msg}" for field, msg in bad))

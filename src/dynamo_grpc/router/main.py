@@ -17,7 +17,9 @@ from typing import Any
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
-from dynamo_grpc.router.config import MODES, RouterConfig
+from dynamo_grpc.logs import add_log_flag, setup_logging
+from dynamo_grpc.router.config import RouterConfig
+from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.router.metrics import RouterMetrics, start_admin_http
 from dynamo_grpc.router.node import RouterNode
 from dynamo_grpc.router.service import RouterServicer
@@ -37,17 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"))
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--model", default=d.model, help="model to route for (default: the workers' model)")
-    p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--block-size", type=int, default=d.block_size, help="0 = from the model card / workers")
-    p.add_argument("--max-indexed-blocks", type=int, default=d.max_indexed_blocks, help="0 = unbounded")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--prefill-load-scale", type=float, default=d.prefill_load_scale)
-    p.add_argument("--busy-threshold", type=float, default=d.busy_threshold, help="KV usage fraction; 1 = off")
-    p.add_argument("--approx-ttl", type=float, default=d.approx_ttl_s, help="seconds (approx mode)")
-    p.add_argument("--resync-interval", type=float, default=d.resync_interval_s, help="seconds; 0 = off")
+    add_router_flags(p)
     p.add_argument("--metrics-port", type=int, default=0, help="/metrics and /dump-index; 0 = ephemeral, -1 = off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--log-level", default=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"))
+    add_log_flag(p)
     add_curve_flags(p)
     return p
 
@@ -57,20 +51,7 @@ class RouterProcess:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.config = RouterConfig(
-            mode=args.mode,
-            block_size=args.block_size,
-            max_indexed_blocks=args.max_indexed_blocks,
-            temperature=args.temperature,
-            prefill_load_scale=args.prefill_load_scale,
-            busy_threshold=args.busy_threshold,
-            approx_ttl_s=args.approx_ttl,
-            namespace=args.namespace,
-            model=args.model,
-            resync_interval_s=args.resync_interval,
-            seed=args.seed,
-        )
-        self.config.validate()
+        self.config = router_config_from_args(args, namespace=args.namespace, model=args.model)
         self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.metrics = RouterMetrics()
         self.discovery = Discovery(ConsulSettings.from_env(addr=args.consul or None))
@@ -93,7 +74,7 @@ class RouterProcess:
         grpc_address = await self.server.start(serving=False)
         if a.metrics_port >= 0:
             self.http_runner, self.metrics_port = await start_admin_http(
-                a.host, a.metrics_port, self.metrics, self.router, lambda: self.node.sub
+                a.host, a.metrics_port, self.metrics, self.router
             )
         self._grpc_address = grpc_address
         self.node.on_ready_change = self.server.set_serving
@@ -142,8 +123,14 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        refuse_unused_flags(parser, args)
+        router_config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         return asyncio.run(_run(args))
     except ValueError as exc:

@@ -1,66 +1,110 @@
-"""Router metrics (Prometheus) and the admin HTTP endpoint (/metrics, /dump-index)."""
+"""The router's Prometheus metrics, one set (`dynamo_router_*`) for `dynamo-grpc router` and the frontend's
+embedded router, labelled by model; plus the router process's admin endpoint (/metrics, /dump-index)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dynamo_grpc.events.subscriber import KvEventSubscriber
 from dynamo_grpc.router.router import Router, RouteResult
+
+if TYPE_CHECKING:
+    from dynamo_grpc.router.node import RouterNode
+
+OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+LAG_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 
 
 class RouterMetrics:
-    """Decisions by mode, overlap histogram, indexed blocks, event lag, gaps and replays."""
+    """A Prometheus collector over the RouterNodes that `track` it (one per model).
+
+    State (index size, workers, active sequences, event-plane totals) is read when scraped, so it is
+    never stale; the two distributions (overlap per decision, event lag) are observed as they happen.
+    """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.decisions = Counter("dynamo_router_decisions", "Routing decisions", ["mode"], registry=r)
         self.overlap = Histogram(
             "dynamo_router_overlap_blocks",
             "Prompt blocks already cached on the chosen worker",
-            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
-            registry=r,
+            ["model"],
+            buckets=OVERLAP_BUCKETS,
+            registry=None,
         )
-        self.indexed = Gauge("dynamo_router_indexed_blocks", "Block hashes in the index", registry=r)
-        self.workers = Gauge("dynamo_router_workers", "Workers routed to", registry=r)
-        self.refused = Gauge("dynamo_router_refused_workers", "Workers refused (block size mismatch)", registry=r)
-        self.active = Gauge("dynamo_router_active_sequences", "Sequences tracked as active", registry=r)
         self.lag = Histogram(
             "dynamo_router_event_lag_seconds",
             "Publish-to-apply delay of KV event batches",
-            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
-            registry=r,
+            ["model"],
+            buckets=LAG_BUCKETS,
+            registry=None,
         )
-        self.gaps = Gauge("dynamo_router_event_gaps", "Seq gaps detected (total)", registry=r)
-        self.replays = Gauge("dynamo_router_replays", "Replay calls made (total)", registry=r)
-        self.full_dumps = Gauge("dynamo_router_full_dumps", "Replays answered with a full dump (total)", registry=r)
-        self.events = Gauge("dynamo_router_events_applied", "KV events applied (total)", registry=r)
-        self.pruned = Gauge("dynamo_router_pruned_blocks", "Blocks pruned by the memory bound (total)", registry=r)
+        self._nodes: dict[str, RouterNode] = {}
 
-    def on_decision(self, res: RouteResult) -> None:
-        self.decisions.labels(res.mode).inc()
-        self.overlap.observe(res.overlap_blocks)
+    def track(self, node: RouterNode) -> None:
+        """Report this node from now on (until `untrack`), and observe its decisions and event lag."""
+        self._nodes[node.router_id] = node
+        node.router.on_decision = lambda res: self.on_decision(node.config.model, res)
 
-    def refresh(self, router: Router, sub: KvEventSubscriber | None) -> None:
-        self.indexed.set(router.indexed_blocks())
-        self.workers.set(len(router.workers))
-        self.refused.set(len(router.refused))
-        self.active.set(len(router.active))
-        self.pruned.set(router.indexer.stats.pruned_blocks)
-        if sub is not None:
-            self.gaps.set(sub.stats.gaps)
-            self.replays.set(sub.stats.replays)
-            self.full_dumps.set(sub.stats.full_dumps)
-            self.events.set(sub.stats.events_applied)
+    def untrack(self, node: RouterNode) -> None:
+        self._nodes.pop(node.router_id, None)
+
+    def on_decision(self, model: str, res: RouteResult) -> None:
+        self.overlap.labels(model).observe(res.overlap_blocks)
+
+    def on_lag(self, node: RouterNode) -> Callable[[float], None]:
+        return lambda seconds: self.lag.labels(node.config.model).observe(seconds)
+
+    def registry(self) -> CollectorRegistry:
+        """A registry holding only these metrics (the router process serves it)."""
+        r = CollectorRegistry()
+        r.register(self)  # type: ignore[arg-type]
+        return r
+
+    def collect(self) -> Iterator[Metric]:
+        def counter(name: str, doc: str, *extra: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"dynamo_router_{name}", doc, labels=["model", *extra])
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"dynamo_router_{name}", doc, labels=["model"])
+
+        decisions = counter("decisions", "Routing decisions", "mode")
+        ready = gauge("ready", "1 once the index is rebuilt from the workers' Replay")
+        indexed = gauge("indexed_blocks", "Block hashes in the index")
+        workers = gauge("workers", "Workers routed to")
+        refused = gauge("refused_workers", "Workers refused (block size mismatch)")
+        active = gauge("active_sequences", "Requests routed and not yet freed")
+        pruned = counter("pruned_blocks", "Blocks pruned by the memory bound")
+        events = counter("events_applied", "KV events applied")
+        gaps = counter("event_gaps", "Event seq gaps detected (each answered by a Replay)")
+        replays = counter("replays", "Replay calls made")
+        full_dumps = counter("full_dumps", "Replays answered with a full dump")
+        for node in sorted(self._nodes.values(), key=lambda n: n.config.model):
+            r, m = node.router, [node.config.model]
+            for mode, n in sorted(r.counters.decisions.items()):
+                decisions.add_metric([*m, mode], n)
+            ready.add_metric(m, 1.0 if r.ready else 0.0)
+            indexed.add_metric(m, r.indexed_blocks())
+            workers.add_metric(m, len(r.workers))
+            refused.add_metric(m, len(r.refused))
+            active.add_metric(m, len(r.active))
+            pruned.add_metric(m, r.indexer.stats.pruned_blocks)
+            if node.sub is not None:
+                events.add_metric(m, node.sub.stats.events_applied)
+                gaps.add_metric(m, node.sub.stats.gaps)
+                replays.add_metric(m, node.sub.stats.replays)
+                full_dumps.add_metric(m, node.sub.stats.full_dumps)
+        yield from (decisions, ready, indexed, workers, refused, active, pruned, events, gaps, replays, full_dumps)
+        yield from self.overlap.collect()
+        yield from self.lag.collect()
 
 
 def dump_index(router: Router) -> dict[str, object]:
     """JSON view of the index: worker -> sorted block hashes (admin/test use)."""
-    idx = router.approx.index if router.config.mode == "approx" else router.indexer
+    idx = router.indexer
     workers = {f"{k[0]}/{k[1]}": sorted(v) for k, v in idx.dump().items() if isinstance(k, tuple)}
     return {
         "ready": router.ready,
@@ -72,17 +116,13 @@ def dump_index(router: Router) -> dict[str, object]:
 
 
 async def start_admin_http(
-    host: str,
-    port: int,
-    metrics: RouterMetrics,
-    router: Router,
-    subscriber: Callable[[], KvEventSubscriber | None],
+    host: str, port: int, metrics: RouterMetrics, router: Router
 ) -> tuple[web.AppRunner, int]:
     """Serve /metrics and /dump-index; port 0 picks a free one. Returns (runner, port)."""
+    registry = metrics.registry()
 
     async def metrics_handler(_: web.Request) -> web.Response:
-        metrics.refresh(router, subscriber())
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def dump_handler(_: web.Request) -> web.Response:
         return web.Response(text=json.dumps(dump_index(router)), content_type="application/json")

@@ -85,7 +85,7 @@ class RouterNode:
         self.router = Router(config, router_id)
         self.metrics = metrics
         if metrics is not None:
-            self.router.on_decision = metrics.on_decision
+            metrics.track(self)
         self.share_active = share_active
         self.replay = GrpcReplayClient()
         self.sub: KvEventSubscriber | None = None
@@ -127,7 +127,7 @@ class RouterNode:
                 IndexSink(self.router),
                 self.replay,
                 resync_interval_s=self.config.resync_interval_s,
-                on_lag=self.metrics.lag.observe if self.metrics is not None else None,
+                on_lag=self.metrics.on_lag(self) if self.metrics is not None else None,
                 curve=self.curve,
             )
             self.sub.start()
@@ -194,10 +194,10 @@ class RouterNode:
         while True:
             await asyncio.sleep(1.0)
             self.router.housekeeping()
-            if self.metrics is not None:
-                self.metrics.refresh(self.router, self.sub)
 
     async def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.untrack(self)
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:

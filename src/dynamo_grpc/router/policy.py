@@ -16,7 +16,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
+
+from dynamo_grpc.router.ranks import BoolArray, FloatArray
 
 WorkerKey = Hashable
 
@@ -93,8 +94,6 @@ def pick(choices: Sequence[Choice], temperature: float, rng: random.Random) -> C
 
 
 # ---- vectorised (the router's hot path): one float64 entry per rank slot ------------------------
-FloatArray = npt.NDArray[np.float64]
-BoolArray = npt.NDArray[np.bool_]
 
 
 def cost_scores(
@@ -163,18 +162,3 @@ def pick_slot(score: FloatArray, ok: BoolArray | None, temperature: float, rng: 
     cum = np.cumsum(weights)
     i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
     return int(slots[min(i, len(slots) - 1)])
-
-
-class RoundRobin:
-    """Baseline: the next worker in a stable order."""
-
-    def __init__(self) -> None:
-        self._n = 0
-
-    def pick(self, cands: Sequence[Candidate]) -> Candidate:
-        if not cands:
-            raise NoWorkers("no live worker")
-        ordered = sorted(cands, key=lambda c: str(c.key))
-        c = ordered[self._n % len(ordered)]
-        self._n += 1
-        return c

@@ -15,17 +15,9 @@ from dynamo_grpc.router.active import ActiveSequences
 from dynamo_grpc.router.approx import ApproxIndexer
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.indexer import KvIndexer
-from dynamo_grpc.router.policy import (
-    AllBusy,
-    Candidate,
-    Choice,
-    NoWorkers,
-    RoundRobin,
-    busy_filter,
-    cost_scores,
-    pick_slot,
-)
+from dynamo_grpc.router.policy import AllBusy, Choice, NoWorkers, busy_filter
 from dynamo_grpc.router.ranks import RankTable
+from dynamo_grpc.router.selectors import KvSelector, RandomSelector, RoundRobinSelector, Selector
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
 log = logging.getLogger(__name__)
@@ -109,14 +101,19 @@ class Router:
         config: RouterConfig,
         router_id: str = "router",
         on_active_change: Callable[[ActiveChange], None] | None = None,
+        indexer: KvIndexer | None = None,
     ) -> None:
+        """``indexer``: the index KV events feed (default: a bounded KvIndexer; benchmarks inject others)."""
         config.validate()
         self.config = config
         self.router_id = router_id
         self.on_active_change = on_active_change
         self.rng = random.Random(config.seed)
-        self.indexer = KvIndexer(config.max_indexed_blocks)
-        self.approx = ApproxIndexer(config.approx_ttl_s, config.max_indexed_blocks)
+        #: approximate mode: the index is fed by our own decisions, with a TTL
+        self.approx = (
+            ApproxIndexer(config.approx_ttl_s, config.max_indexed_blocks) if config.mode == "approx" else None
+        )
+        self.indexer = self.approx.index if self.approx is not None else indexer or KvIndexer(config.max_indexed_blocks)
         self.block_size = config.block_size
         self.active = ActiveSequences(config.block_size or 1, config.active_ttl_s)
         self.workers: dict[str, WorkerInfo] = {}
@@ -126,12 +123,21 @@ class Router:
         self.kv_usage: dict[RankKey, float] = {}
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
-        self._rr = RoundRobin()
+        self._selector = self._make_selector()
         self._rank_table: RankTable | None = None
         self._table_of: dict[str, WorkerInfo] | None = None
         self._table_size = 0
         self.active.on_delta = self._on_active_delta
         self.on_decision: Callable[[RouteResult], None] | None = None
+
+    def _make_selector(self) -> Selector:
+        cfg = self.config
+        if cfg.mode == "round-robin":
+            return RoundRobinSelector()
+        if cfg.mode == "random":
+            return RandomSelector(self.rng)
+        overlaps = self.approx.overlaps if self.approx is not None else self.indexer.overlaps
+        return KvSelector(overlaps, cfg.prefill_load_scale, cfg.temperature, self.rng)  # type: ignore[arg-type]
 
     # ---- membership ----------------------------------------------------------------------
     def set_block_size(self, block_size: int) -> None:
@@ -186,7 +192,8 @@ class Router:
         ranks = w.ranks() if w else [k for k in self.indexer.workers if isinstance(k, tuple) and k[0] == instance_id]
         for key in ranks:
             self.indexer.remove_worker(key)
-            self.approx.remove_worker(key)
+            if self.approx is not None:
+                self.approx.remove_worker(key)
             self.active.remove_worker(key)
             self.kv_usage.pop(key, None)
 
@@ -245,35 +252,13 @@ class Router:
             raise NoWorkers(f"no live worker for model {inp.model or self.config.model or '?'}")
         hashes = self.hashes_for(inp)
         cfg = self.config
-        mode = cfg.mode
         if cfg.busy_threshold < 1.0:
             ok = busy_filter(ok, t.estimated_usage(), cfg.busy_threshold)
         prompt_blocks = len(hashes)
         out_blocks = -(-inp.expected_output_tokens // self.block_size) if self.block_size else 0
         decode_new = prompt_blocks + out_blocks
         scale = cfg.prefill_load_scale
-        overlap = 0
-        if mode == "kv" or mode == "approx":
-            overlaps = self.indexer.overlaps(hashes) if mode == "kv" else self.approx.overlaps(hashes)
-            slots: list[int] = []
-            depths: list[int] = []
-            if overlaps:
-                slot_of = t.slot_of
-                for key, depth in overlaps.items():
-                    s = slot_of.get(key)  # type: ignore[call-overload]
-                    if s is not None:
-                        slots.append(s)
-                        depths.append(depth)
-            score = cost_scores(t.prefill, t.decode, slots, depths, scale)
-            slot = pick_slot(score, ok, cfg.temperature, self.rng)
-            if overlaps:
-                overlap = overlaps.get(t.keys[slot], 0)
-        else:
-            allowed: list[int] = list(range(t.n)) if ok is None else ok.nonzero()[0].tolist()
-            if mode == "round-robin":
-                slot = t.slot_of[self._rr.pick([Candidate(t.keys[i]) for i in allowed]).key]  # type: ignore[index]
-            else:
-                slot = self.rng.choice(allowed)
+        slot, overlap = self._selector.select(t, ok, hashes)
         pf = float(t.prefill[slot]) + prompt_blocks - overlap
         choice = Choice(t.keys[slot], overlap, scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + decode_new)
         return self._commit(inp, choice, hashes, prompt_blocks, decode_new, t.addresses[slot])
@@ -294,7 +279,7 @@ class Router:
         if not inp.dry_run:
             prompt_tokens = len(inp.token_ids) or prompt_blocks * (self.block_size or 1)
             self.active.add(inp.request_id, key, new_prefill, decode_new, prompt_tokens, self.router_id)
-            if self.config.mode == "approx":
+            if self.approx is not None:
                 self.approx.record(key, hashes)
             if self.on_active_change is not None:
                 self.on_active_change(ActiveChange("added", inp.request_id, iid, rank, new_prefill, decode_new))
@@ -351,10 +336,9 @@ class Router:
         """Periodic: sweep retired index slots, expire lost sequences and approx entries."""
         if self.indexer.needs_sweep():
             self.indexer.sweep()
-        if self.approx.index.needs_sweep():
-            self.approx.index.sweep()
         self.active.expire()
-        self.approx.expire()
+        if self.approx is not None:
+            self.approx.expire()
 
     def indexed_blocks(self) -> int:
-        return len(self.approx) if self.config.mode == "approx" else len(self.indexer)
+        return len(self.indexer)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import sys
 from pathlib import Path
 
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.launch.children import check_ports
+from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.transport import run_until_signal
 from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any port)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
-    p.add_argument("--log-level", default=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"))
+    add_log_flag(p)
     add_curve_flags(p)
     return p
 
@@ -138,9 +137,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(args.log_level)
     if args.max_waiting_requests < 1:
         build_parser().error("--max-waiting-requests must be >= 1")
     for name in ("drain_grace", "ttl", "speedup_ratio"):

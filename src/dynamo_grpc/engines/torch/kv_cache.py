@@ -37,9 +37,3 @@ class KvCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    def slots_for(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        """Slot indices of positions ``[start, end)`` of a sequence with this block table."""
-        pos = torch.arange(start, end, dtype=torch.long)
-        table = torch.tensor(block_ids, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size

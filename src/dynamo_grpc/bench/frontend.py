@@ -13,7 +13,7 @@ the CPU each process spent per request. Frontend throughput is measured twice: a
 request, and one stream per client lane carrying its requests one after another (tritonclient's
 `start_stream` / perf_analyzer's streaming mode). The client shares the machine's cores with the mesh.
 
-    PYTHONPATH=src:gen python bench/bench_frontend.py --json bench/results/frontend.json
+    dynamo-grpc bench frontend [--out DIR]      (bench/results/frontend.json by default)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from dynamo_grpc.bench.cpu import process_cpu_seconds
+from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
@@ -46,7 +47,6 @@ from dynamo_grpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 PROMPT = "Benchmark the frontend: how much does a KServe hop, routing and detokenisation add?"
 OUT_TOKENS = 16
-RESULTS = Path(__file__).parent / "results"
 
 
 def _bytes(req: pb.ModelInferRequest, name: str, value: bytes) -> None:
@@ -334,7 +334,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path, default=RESULTS / "frontend.json")
+    p.add_argument("--json", type=Path, default=default_results_dir() / "frontend.json")
     p.add_argument("--png", type=Path, default=None, help="default: --json with .png")
     p.add_argument("--requests", type=int, default=2000, help="per path and round at --concurrency")
     p.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds; the median is reported")
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
         workers = [service_meta(e)["grpc_address"] for e in passing_instances(mesh.consul, "dynamo-worker")]
         forwarder = subprocess.Popen(
-            [sys.executable, __file__, "--serve-passthrough", ",".join(workers)],
+            [sys.executable, "-m", "dynamo_grpc.bench.frontend", "--serve-passthrough", ",".join(workers)],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
@@ -375,10 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     result["cpu_count"] = os.cpu_count()
     result["concurrency"] = args.concurrency
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    png = args.png or args.json.with_suffix(".png")
-    plot(result, png)
+    write_json(args.json, result)
+    save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))
     print(json.dumps(result, indent=2))
     return 0
 

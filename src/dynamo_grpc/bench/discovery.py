@@ -9,7 +9,7 @@ system-wide monotonic clock.
 Latencies include each watcher parsing a 1,000-entry health answer, so on a loaded machine they
 measure the machine as much as the agent: compare the two phases of one run.
 
-    python bench/bench_discovery.py --json bench/results/discovery.json
+    dynamo-grpc bench discovery [--out DIR]     (bench/results/discovery.json by default)
 """
 
 from __future__ import annotations
@@ -25,19 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
-# Child processes (the agent, the fleet, the watchers) import the package the same way.
-os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(ROOT / "src"), str(ROOT / "gen"),
-                                                                       os.environ.get("PYTHONPATH")])))
+from dynamo_grpc.bench.cpu import process_cpu_seconds
+from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
+from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+from dynamo_grpc.discovery.agent import start_consul_dev
 
-from dynamo_grpc.bench.cpu import process_cpu_seconds  # noqa: E402
-from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance  # noqa: E402
-from dynamo_grpc.discovery.agent import start_consul_dev  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 SERVICE = "dynamo-worker"
+MODULE = "dynamo_grpc.bench.discovery"  # the fleet and watcher child processes run this module
 
 
 def _log(msg: str) -> None:
@@ -113,7 +107,7 @@ class WatcherGroup:
         for first in range(0, self.n, per):
             count = min(per, self.n - first)
             p = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--role", "watchers", "--addr", addr, "--first", str(first),
+                sys.executable, "-m", MODULE, "--role", "watchers", "--addr", addr, "--first", str(first),
                 "--count", str(count), "--mode", mode, "--poll-interval", str(poll_interval),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             self.procs.append(p)
@@ -213,7 +207,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         per = -(-args.instances // args.fleet_procs)
         for first in range(0, args.instances, per):
             fleet.append(await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--role", "fleet", "--addr", addr, "--first", str(first),
+                sys.executable, "-m", MODULE, "--role", "fleet", "--addr", addr, "--first", str(first),
                 "--count", str(min(per, args.instances - first)), "--ttl", str(args.ttl),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE))
         for proc in fleet:
@@ -301,10 +295,10 @@ def plot(result: dict[str, Any], png: Path) -> None:
              b["agent_cpu_pct"], pl["agent_cpu_pct"]]
     watchers = [0.0, b["quiet_watchers_cpu_pct"], pl["quiet_watchers_cpu_pct"], b["watchers_cpu_pct"],
                 pl["watchers_cpu_pct"]]
-    xs = range(len(labels))
-    ax2.bar([x - 0.2 for x in xs], agent, width=0.4, label="consul-dev", color="#48c")
-    ax2.bar([x + 0.2 for x in xs], watchers, width=0.4, label="50 watchers (all processes)", color="#c84")
-    ax2.set_xticks(list(xs), labels, fontsize=8)
+    pos = range(len(labels))
+    ax2.bar([x - 0.2 for x in pos], agent, width=0.4, label="consul-dev", color="#48c")
+    ax2.bar([x + 0.2 for x in pos], watchers, width=0.4, label="50 watchers (all processes)", color="#c84")
+    ax2.set_xticks(list(pos), labels, fontsize=8)
     ax2.legend(fontsize=8)
     ax2.set_ylabel("CPU (% of one core)")
     ax2.set_title(f"{result['heartbeats_per_s']:.0f} heartbeats/s, "
@@ -316,7 +310,9 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_discovery", description="consul-dev + discovery client at scale")
+    p = argparse.ArgumentParser(
+        prog="dynamo-grpc bench discovery", description="consul-dev + discovery client at scale"
+    )
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--watchers", type=int, default=50)
     p.add_argument("--fleet-procs", type=int, default=4, help="processes the instances heartbeat from")
@@ -327,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-interval", type=float, default=1.0, help="baseline watchers' polling period")
     p.add_argument("--heartbeat-window", type=float, default=6.0)
     p.add_argument("--quiet-window", type=float, default=4.0, help="seconds watched with no changes")
-    p.add_argument("--json", default=str(RESULTS / "discovery.json"))
+    p.add_argument("--json", type=Path, default=default_results_dir() / "discovery.json")
     p.add_argument("--png", default=None, help="default: the --json path with .png")
     # internal: the child processes
     p.add_argument("--role", choices=["driver", "fleet", "watchers"], default="driver", help=argparse.SUPPRESS)
@@ -345,16 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     result = asyncio.run(run(args))
     result["wall_s"] = time.monotonic() - t
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    png = Path(args.png) if args.png else out.with_suffix(".png")
-    plot(result, png)
+    out = write_json(args.json, result)
+    png = save_plot(lambda png: plot(result, png), Path(args.png) if args.png else out.with_suffix(".png"))
     summary = {k: v for k, v in result.items() if k != "phases"}
     summary["phases"] = {k: {m: round(x, 2) for m, x in v.items() if m != "latencies_ms"}
                          for k, v in result["phases"].items()}
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out} and {png}")
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
     return 0
 
 

@@ -16,7 +16,7 @@ spends), once with the garbage collector enabled and once with ``gc.disable()`` 
 timed loop. Throughput is decisions / wall time of the timed loop, and decisions / CPU time.
 Writes JSON (``--json``) and a PNG next to it.
 
-    PYTHONPATH=src:gen python bench/bench_router.py --json bench/results/router.json
+    dynamo-grpc bench router [--out DIR]        (bench/results/router.json by default)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.indexer import KvIndexer
 from dynamo_grpc.router.policy import Candidate, costs, not_busy, pick
@@ -130,7 +131,8 @@ class CandidateRouter(Router):
         choice = pick(
             costs(cands, prompt_blocks, decode_new, self.config.prefill_load_scale), self.config.temperature, self.rng
         )
-        iid, rank = choice.key  # type: ignore[misc]
+        chosen: tuple[str, int] = choice.key  # type: ignore[assignment]
+        iid, rank = chosen
         return RouteResult(
             iid, rank, self.workers[iid].grpc_address, choice.overlap, prompt_blocks,
             choice.prefill_cost, choice.decode_cost, "kv",
@@ -164,9 +166,8 @@ def bench_decisions(
     the decision's load arrays are really exercised; frees are outside the timed call but
     inside the throughput loop.
     """
-    router = router_cls(RouterConfig(block_size=64, max_indexed_blocks=0, seed=seed))
+    router = router_cls(RouterConfig(block_size=64, max_indexed_blocks=0, seed=seed), indexer=index)  # type: ignore[arg-type]
     router.set_workers([WorkerInfo(f"w{i}", f"127.0.0.1:{9000 + i}", "m", 64, 1, 16384) for i in range(workers)])
-    router.indexer = index  # type: ignore[assignment]
     router.ready = True
     rng = random.Random(seed)
 
@@ -280,7 +281,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(prog="dynamo-grpc bench router", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--blocks", type=int, default=1_000_000)
     p.add_argument("--chain-len", type=int, default=32)
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-decisions", type=int, default=3_000)
     p.add_argument("--memory-blocks", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench/results/router.json")
+    p.add_argument("--json", type=Path, default=default_results_dir() / "router.json")
     args = p.parse_args(argv)
 
     events = make_workload(args.workers, args.blocks, args.chain_len, args.seed)
@@ -321,10 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"store_events_per_s": 1e6, "decisions_per_s": 2e4, "p99_ms": 1.0},
         "dynamo_rust_reference_events_per_s": 1e7,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
+    write_json(args.json, result)
+    save_plot(lambda png: plot(result, png), args.json.with_suffix(".png"))
     print(json.dumps(result, indent=2))
     return 0
 

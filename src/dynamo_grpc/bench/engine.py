@@ -10,7 +10,7 @@
 * Memory: the KV cache is sized by ``--kv-cache-mb``; RSS before loading, after loading and its peak
   over our runs (measured before transformers is imported) against weights + KV cache.
 
-    PYTHONPATH=src:gen python bench/bench_engine.py --json bench/results/engine.json
+    dynamo-grpc bench engine [--out DIR]        (bench/results/engine.json by default)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
 from dynamo_grpc.models import default_model_path, load_model_source
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
-    p.add_argument("--json", default="bench/results/engine.json")
+    p.add_argument("--json", type=Path, default=default_results_dir() / "engine.json")
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else default_model_path()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -326,10 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "engine_stats": ours["stats"],
         "targets": {"throughput_speedup_at_32": ">= 2x", "ttft_speedup_on_prefix_hit": ">= 5x"},
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
+    write_json(args.json, result)
+    save_plot(lambda png: plot(result, png), args.json.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("throughput", "ttft", "memory")}, indent=2))
     return 0
 
