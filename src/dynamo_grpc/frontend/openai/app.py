@@ -21,6 +21,7 @@ from dynamo_grpc import errors
 from dynamo_grpc.frontend.collect import collect
 from dynamo_grpc.frontend.openai.protocol import Choices, parse_openai, usage
 from dynamo_grpc.frontend.pipeline import Pipeline
+from dynamo_grpc.frontend.request import parse_json
 from dynamo_grpc.frontend.stats import StatsBook
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,7 @@ class OpenAiApp:
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         t0 = time.perf_counter_ns()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(errors.InvalidArgument(f"request body is not valid JSON: {e}"))
-        try:
+            body = parse_json("request body", await request.read())
             o = parse_openai(body, chat)
             p = self.pipeline.prepare(o.model, o.req)
         except errors.DynamoError as e:
