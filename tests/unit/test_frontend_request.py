@@ -154,7 +154,11 @@ def test_tensor_overrides_json_overrides_parameters() -> None:
         ((text(), sp({"min_tokens": 2**32, "max_tokens": 2**40})), {}, r"min_tokens must be in \[0, 4294967295\]"),
         ((text(), sp({"stop_token_ids": [2**32]})), {}, "stop_token_ids must be token ids"),
         ((text(), sp({"allowed_token_ids": [2**33]})), {}, "allowed_token_ids must be token ids"),
-        ((text(), fixed_tensor("stop_token_ids", "UINT64", [2**63 + 5])), {}, "'stop_token_ids': token id .* out of range"),
+        (
+            (text(), fixed_tensor("stop_token_ids", "UINT64", [2**63 + 5])),
+            {},
+            "'stop_token_ids': token id .* out of range",
+        ),
         ((fixed_tensor("input_ids", "UINT64", [1, 2**63]),), {}, "'input_ids': token id 9223372036854775808 is out"),
         ((fixed_tensor("input_ids", "INT64", [1, 2**32]),), {}, "'input_ids': token id 4294967296 is out of range"),
         # JSON bombs: nesting and 5000-digit numbers are the client's error

@@ -19,9 +19,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.frontend.auth import ApiKeyInterceptor
 from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
+from dynamo_grpc.frontend.limits import Limits, add_limit_flags
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.routing import KvRouterClient, LocalRouter, Router
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve Triton's `simple` example model (for client example scripts)",
     )
     p.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    add_limit_flags(p)  # --- limits and auth: frontend/limits.py ---
     return p
 
 
@@ -146,11 +149,20 @@ async def serve(args: argparse.Namespace) -> int:
         router = KvRouterClient(router_addr)
     else:
         router = LocalRouter.for_mode(args.router_mode)
-    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit)
+    limits: Limits = args.limits
+    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
 
-    server = GrpcServer(ServerOptions(args.host, args.grpc_port))
+    server = GrpcServer(
+        ServerOptions(
+            args.host,
+            args.grpc_port,
+            max_message_bytes=limits.max_message_bytes,
+            extra_args=[("grpc.max_concurrent_streams", limits.max_concurrent_streams)],
+            interceptors=[ApiKeyInterceptor(limits)] if limits.api_keys else [],
+        )
+    )
     server.add(
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
     )
@@ -224,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             busy_threshold=args.busy_threshold,
         ).validate()
     except ValueError as e:
+        raise SystemExit(f"dynamo-grpc frontend: {e}") from None
+    try:
+        args.limits = Limits.from_args(args)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"dynamo-grpc frontend: {e}") from None
     return asyncio.run(serve(args))
 
