@@ -258,7 +258,13 @@ async def start_http(
     """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port."""
     # handler_cancellation: a client that disconnects cancels its handler, so a non-streamed request stops
     # generating (the route and the worker stream are closed) instead of running to max_tokens unseen
-    runner = web.AppRunner(OpenAiApp(pipeline, stats).app(admin_only), access_log=None, handler_cancellation=True)
+    # lingering_time: after an early answer (413, 408) the rest of a body is drained for at most this long
+    runner = web.AppRunner(
+        OpenAiApp(pipeline, stats).app(admin_only),
+        access_log=None,
+        handler_cancellation=True,
+        lingering_time=min(2.0, pipeline.limits.http_body_timeout_s),
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
