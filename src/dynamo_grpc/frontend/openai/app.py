@@ -172,8 +172,8 @@ class OpenAiApp:
 
     async def _body(self, request: web.Request) -> bytes | web.Response:
         """The request body, refused early: wrong type (415), too big (413), too slow (408)."""
-        ctype = request.content_type
-        if ctype != "application/json":
+        ctype = request.content_type  # a request without the header is taken as JSON (curl --data-binary)
+        if ctype != "application/json" and "Content-Type" in request.headers:
             return _refusal(415, f"Content-Type must be application/json, got '{ctype}'")
         limit = self.limits.max_message_bytes
         if request.content_length is not None and request.content_length > limit:
