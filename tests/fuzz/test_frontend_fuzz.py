@@ -28,11 +28,11 @@ from tests.integration.test_frontend_limits import settled
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
-EXAMPLES = int(os.environ.get("DYN_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("DYN_FUZZ_EXAMPLES", "250"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    derandomize=EXAMPLES <= 150,  # CI: the same examples every run; a campaign explores
+    derandomize=EXAMPLES <= 250,  # CI: the same examples every run; a campaign explores
     suppress_health_check=list(HealthCheck),
 )
 #: statuses a client may get for a hostile request; INTERNAL / UNKNOWN would be a server bug
@@ -213,13 +213,15 @@ json_values = st.recursive(
 )
 OPENAI_KEYS = ["model", "prompt", "messages", "max_tokens", "stream", "top_k", "min_tokens", "logit_bias", "user", "n",
                "stop", "logprobs", "stream_options", "seed", "temperature", "tools", "echo"]  # fmt: skip
+_PROMPT = {"prompt": "hi"}
+_CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 http_body = st.one_of(
     st.binary(max_size=64),
     json_bomb,
     json_values.map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.sampled_from(OPENAI_KEYS), json_values, max_size=5).map(
-        lambda d: json.dumps({"model": MODEL, "max_tokens": 3, **d}).encode()
-    ),
+    st.tuples(
+        st.sampled_from([_PROMPT, _CHAT]), st.dictionaries(st.sampled_from(OPENAI_KEYS), json_values, max_size=3)
+    ).map(lambda bd: json.dumps({"model": MODEL, "max_tokens": 3, **bd[0], **bd[1]}).encode()),
 )
 
 
@@ -230,9 +232,9 @@ def http(mesh: Mesh) -> Iterator[urllib3.PoolManager]:
 
 
 @FUZZ
-@given(body=http_body, chat=st.booleans())
-def test_fuzz_openai_bodies(mesh: Mesh, http: urllib3.PoolManager, body: bytes, chat: bool) -> None:
-    path = "/v1/chat/completions" if chat else "/v1/completions"
+@given(body=http_body)
+def test_fuzz_openai_bodies(mesh: Mesh, http: urllib3.PoolManager, body: bytes) -> None:
+    path = "/v1/chat/completions" if b'"messages"' in body else "/v1/completions"
     r = http.request(
         "POST", f"http://{mesh.frontend_http}{path}", body=body, headers={"Content-Type": "application/json"}
     )
