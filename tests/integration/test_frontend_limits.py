@@ -253,11 +253,8 @@ async def test_api_keys_guard_inference_not_health(keyed: dict[str, str]) -> Non
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await stub.ModelInfer(good(), timeout=30, metadata=md)
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        call = stub.ModelStreamInfer(iter([good()]))
-        with pytest.raises(grpc.aio.AioRpcError) as ei:
-            async for _ in call:
-                pass
-        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        call = stub.ModelStreamInfer()  # refused before any request is read
+        assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
         ok = (("authorization", f"Bearer {KEY}"),)
         for _ in range(100):  # the keyed frontend sees the workers a moment after it starts
             try:
@@ -309,3 +306,38 @@ async def test_http_client_that_leaves_stops_generation(mesh: Mesh) -> None:
     after = await generated_tokens(mesh)
     assert after == stopped, "the worker kept generating for a client that left"
     assert 0 < after - before < 6000
+
+
+async def test_unread_stream_is_bounded_and_others_are_served(keyed: dict[str, str]) -> None:
+    """2,000 requests on one ModelStreamInfer stream that is never read: at most --max-stream-requests (64)
+    run at once (the rest wait unread), another client is still served, and cancelling frees everything."""
+    ok = (("authorization", f"Bearer {KEY}"),)
+    base = f"http://{keyed['http_address']}"
+    async with (
+        grpc.aio.insecure_channel(keyed["grpc_address"]) as ch,
+        grpc.aio.insecure_channel(keyed["grpc_address"]) as other,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        call = stub.ModelStreamInfer(metadata=ok)
+
+        async def flood() -> None:
+            for i in range(2000):
+                r = good(max_tokens=2000, ignore_eos=True)
+                r.id = str(i)
+                await call.write(r)
+
+        writer = asyncio.create_task(flood())
+        peak = 0.0
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            m = await metrics(base)
+            peak = max(
+                peak, m.get("dynamo_frontend_inflight_requests", 0) + m.get("dynamo_frontend_queued_requests", 0)
+            )
+        assert 0 < peak <= 64
+        resp = await pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(good(), timeout=30, metadata=ok)
+        assert resp.outputs[0].name == "text_output"
+        call.cancel()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    await settled(base)
