@@ -341,3 +341,17 @@ async def test_unread_stream_is_bounded_and_others_are_served(keyed: dict[str, s
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
     await settled(base)
+
+
+async def test_big_prompt_does_not_stall_small_requests(mesh: Mesh) -> None:
+    """While big-but-allowed prompts are tokenised, small requests complete; the big ones get their answer."""
+    async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        big = [asyncio.ensure_future(stub.ModelInfer(good("word " * 13000), timeout=60)) for _ in range(2)]
+        small = await stub.ModelInfer(good(), timeout=60)
+        assert small.outputs[0].name == "text_output"
+        for b in big:  # 65,000 bytes < --max-input-bytes, but over the context once tokenised
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await b
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "13001 tokens" in ei.value.details()
+    await settled(f"http://{mesh.frontend_http}")
