@@ -24,6 +24,7 @@ from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
+from tests.conformance.test_bad_inputs import bytes_input, good
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -81,18 +82,6 @@ def keyed(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     finally:
         proc.terminate()
         proc.wait(15)
-
-
-def bytes_input(req: pb.ModelInferRequest, name: str, value: bytes, shape: list[int] | None = None) -> None:
-    req.inputs.add(name=name, datatype="BYTES", shape=shape or [1])
-    req.raw_input_contents.append(struct.pack("<I", len(value)) + value)
-
-
-def good(prompt: str = "hello", **sampling: object) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=MODEL, id="ok")
-    bytes_input(req, "text_input", prompt.encode())
-    bytes_input(req, "sampling_parameters", json.dumps({"max_tokens": 4, "seed": 1, **sampling}).encode())
-    return req
 
 
 def with_sampling_raw(raw: bytes) -> pb.ModelInferRequest:
