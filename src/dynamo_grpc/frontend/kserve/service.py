@@ -25,7 +25,7 @@ from dynamo_grpc.frontend.kserve import metadata, simple_model
 from dynamo_grpc.frontend.kserve.codec import decode_inputs, encode_outputs, parameters_dict
 from dynamo_grpc.frontend.kserve.parse import parse_request, requested_outputs
 from dynamo_grpc.frontend.kserve.responses import FINAL, Responder, base, used_raw
-from dynamo_grpc.frontend.limits import check_client_id
+from dynamo_grpc.frontend.limits import MAX_CLIENT_ID_BYTES, check_client_id
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
@@ -278,7 +278,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 err = _error(e)
                 msg = pb.ModelStreamInferResponse(
                     error_message=f"[{err.spec.grpc_code}] {err.message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                    # an id refused as too long is not echoed (it would amplify the attack)
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name[:MAX_CLIENT_ID_BYTES],
+                        id=request.id if len(request.id) <= MAX_CLIENT_ID_BYTES else "",
+                    ),
                 )
                 with contextlib.suppress(Exception):  # the client may be gone already
                     await write(msg)
