@@ -36,6 +36,7 @@ LIMIT_ARGS = [
     "--max-prompt-tokens", "512",
     "--max-message-bytes", str(1 << 20),
     "--http-body-timeout", "1",
+    "--http-request-timeout", "1.5",
 ]  # fmt: skip
 
 
@@ -344,3 +345,12 @@ async def test_big_prompt_does_not_stall_small_requests(mesh: Mesh) -> None:
                 await b
             assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "13001 tokens" in ei.value.details()
     await settled(f"http://{mesh.frontend_http}")
+
+
+async def test_http_request_timeout(mesh: Mesh) -> None:
+    """--http-request-timeout bounds a generation: 504 deadline_exceeded, and the worker stops."""
+    base = f"http://{mesh.frontend_http}"
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 8000, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s, s.post(f"{base}/v1/completions", json=body) as r:
+        assert r.status == 504 and (await r.json())["error"]["code"] == "deadline_exceeded"
+    await settled(base)
