@@ -149,7 +149,7 @@ async def serve(args: argparse.Namespace) -> int:
         router = KvRouterClient(router_addr)
     else:
         router = LocalRouter.for_mode(args.router_mode)
-    limits: Limits = args.limits
+    limits: Limits = getattr(args, "limits", None) or Limits.from_args(args)
     pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
