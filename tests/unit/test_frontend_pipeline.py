@@ -364,6 +364,9 @@ async def test_prompt_bytes_refused_before_tokenising(source) -> None:
     r.prompt, r.messages = None, [{"role": "user", "content": "y" * 2000}]
     with pytest.raises(errors.PromptTooLong, match="--max-input-bytes"):
         await p.prepare_async(MODEL, r)
+    r.messages = [{"role": "user", "content": ""}] * 100  # many empty turns still cost template markup
+    with pytest.raises(errors.PromptTooLong, match="--max-input-bytes"):
+        await p.prepare_async(MODEL, r)
     assert (await p.prepare_async(MODEL, req(prompt="x" * 1000))).prompt_ids
     assert router.events == []  # nothing was routed
 

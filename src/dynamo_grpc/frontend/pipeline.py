@@ -59,12 +59,16 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+#: what one chat turn adds to a prompt besides its content (role and template markup), for the byte limit
+MESSAGE_OVERHEAD_BYTES = 16
+
+
 def input_bytes(req: LlmRequest) -> int:
     """The prompt's size before tokenising: text, or the messages' string contents."""
     if req.prompt is not None:
         return len(req.prompt)  # characters: a cheap bound (UTF-8 bytes are counted only near the limit)
-    if req.messages is not None:
-        return sum(len(str(m.get("content") or "")) for m in req.messages)
+    if req.messages is not None:  # + a turn's markup, so that many empty turns count too
+        return sum(len(str(m.get("content") or "")) + MESSAGE_OVERHEAD_BYTES for m in req.messages)
     return 0
 
 
