@@ -99,6 +99,27 @@ def priority_parameter() -> pb.ModelInferRequest:
     return req
 
 
+def bad_json_of(raw: bytes) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=MODEL)
+    bytes_input(req, "text_input", b"hello")
+    bytes_input(req, "sampling_parameters", raw)
+    return req
+
+
+def declared_huge() -> pb.ModelInferRequest:
+    """58 bytes on the wire that declare 2^27 BYTES elements (the probe's 1 GiB allocation)."""
+    req = pb.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[134217728])
+    req.raw_input_contents.append(struct.pack("<I", 5) + b"hello")
+    return req
+
+
+def long_id() -> pb.ModelInferRequest:
+    req = good()
+    req.id = "i" * 100_000
+    return req
+
+
 CASES = [
     ("wrong_dtype", wrong_dtype, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
     ("wrong_shape", wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
@@ -119,6 +140,10 @@ CASES = [
     ),
     ("refused_input", unknown_input, grpc.StatusCode.INVALID_ARGUMENT, "end_id"),
     ("refused_parameter", priority_parameter, grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+    # hostile inputs: refused before any allocation or routing, never INTERNAL
+    ("declared_huge_shape", declared_huge, grpc.StatusCode.INVALID_ARGUMENT, "text_input"),
+    ("top_k_past_int32", lambda: good(top_k=2**31), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    ("sampling_json_bomb", lambda: bad_json_of(b"[" * 100000), grpc.StatusCode.INVALID_ARGUMENT, "nested"),
 ]
 
 
@@ -160,6 +185,19 @@ async def test_stream_errors_keep_stream_open(mesh: Mesh) -> None:
         assert len(errors) == len(CASES)
         assert finals == {"ok", "last"}
         assert any("text_input" in e for e in errors) and any("NOT_FOUND" in e for e in errors)
+
+
+async def test_long_client_id_is_refused_not_echoed(mesh: Mesh) -> None:
+    """A 100 kB request id would be echoed in every response: refused by name, on both RPCs."""
+    async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(long_id(), timeout=30)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'id' is 100000 bytes" in ei.value.details()
+        answers = [r async for r in stub.ModelStreamInfer(iter([long_id()]), timeout=30)]
+        assert len(answers) == 1 and "[INVALID_ARGUMENT] 'id' is 100000 bytes" in answers[0].error_message
+        assert answers[0].infer_response.id == ""  # the refused id is not echoed back
+        await assert_still_serving(stub)
 
 
 async def test_unary_stream_true_is_refused(mesh: Mesh) -> None:

@@ -88,5 +88,9 @@ async def test_http_errors(http_mesh: Mesh, path: str, body: dict, status: int, 
             assert r.status == status
             err = await r.json()
         assert needle in err["error"]["message"]
-        async with s.post(f"http://{http_mesh.frontend_http}/v1/completions", data=b"{not json") as r:
+        # (a body with a Content-Type other than application/json is 415: test_frontend_limits)
+        json_type = {"Content-Type": "application/json"}
+        async with s.post(
+            f"http://{http_mesh.frontend_http}/v1/completions", data=b"{not json", headers=json_type
+        ) as r:
             assert r.status == 400

@@ -6,6 +6,7 @@ in which chunks and where a worker dies. The conformance suite covers the same p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import pytest
 from dynamo_grpc import errors
 from dynamo_grpc.engines.base import SamplingParams
 from dynamo_grpc.errors import WorkerLost
+from dynamo_grpc.frontend.limits import Limits
 from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
 from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
 from dynamo_grpc.frontend.request import LlmRequest
@@ -96,7 +98,9 @@ class RecordingRouter(LocalRouter):
         self.events.append(("free", request_id))
 
 
-def make(source: tuple[ModelCard, Tokenizer], scripts: dict[str, list[Step]], limit: int = 3):
+def make(
+    source: tuple[ModelCard, Tokenizer], scripts: dict[str, list[Step]], limit: int = 3, limits: Limits | None = None
+):
     card, tok = source
 
     async def no_fetch(*a: str) -> bytes:
@@ -109,7 +113,7 @@ def make(source: tuple[ModelCard, Tokenizer], scripts: dict[str, list[Step]], li
     reg.add(ServedModel(MODEL, card, tok, [WorkerEndpoint(f"w{i}", a) for i, a in enumerate(sorted(scripts))]))
     workers = FakeWorkers(scripts)
     router = RecordingRouter()
-    return Pipeline(reg, router, workers, migration_limit=limit), workers, router
+    return Pipeline(reg, router, workers, migration_limit=limit, limits=limits), workers, router
 
 
 def req(prompt: str = "Hello there", max_tokens: int = 16, stop: list[str] | None = None) -> LlmRequest:
@@ -346,3 +350,62 @@ async def test_bad_words_allowed_ids_and_logit_bias_reach_the_worker(source) -> 
         setattr(bad, field_name, value)
         with pytest.raises(errors.InvalidArgument, match=f"{field_name}: token id 1000000000 outside vocabulary"):
             p.prepare(MODEL, bad)
+
+
+async def test_prompt_bytes_refused_before_tokenising(source) -> None:
+    p, _, router = make(source, {"a:1": ["finish"]}, limits=Limits(max_input_bytes=1000))
+    with pytest.raises(
+        errors.PromptTooLong, match="1001 bytes; this server accepts at most 1000 \\(--max-input-bytes\\)"
+    ):
+        await p.prepare_async(MODEL, req(prompt="x" * 1001))
+    with pytest.raises(errors.PromptTooLong, match="1002 bytes"):  # UTF-8 bytes, not characters
+        await p.prepare_async(MODEL, req(prompt="é" * 501))
+    r = req(prompt="x")
+    r.prompt, r.messages = None, [{"role": "user", "content": "y" * 2000}]
+    with pytest.raises(errors.PromptTooLong, match="--max-input-bytes"):
+        await p.prepare_async(MODEL, r)
+    r.messages = [{"role": "user", "content": ""}] * 100  # many empty turns still cost template markup
+    with pytest.raises(errors.PromptTooLong, match="--max-input-bytes"):
+        await p.prepare_async(MODEL, r)
+    assert (await p.prepare_async(MODEL, req(prompt="x" * 1000))).prompt_ids
+    assert router.events == []  # nothing was routed
+
+
+async def test_big_prompt_is_tokenised_off_the_event_loop(source) -> None:
+    """While a big prompt is tokenised the loop keeps running other work (the tokenizer is in a thread)."""
+    p, _, _ = make(source, {"a:1": ["finish"]}, limits=Limits(max_input_bytes=8 << 20))
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(ticker())
+    with pytest.raises(errors.PromptTooLong, match="context length"):
+        await p.prepare_async(MODEL, req(prompt="hello world " * 200_000))
+    done.set()
+    await t
+    assert ticks > 1  # a loop blocked by tokenising would not have ticked at all
+
+
+async def test_max_prompt_tokens_refused_before_routing(source) -> None:
+    p, _, router = make(source, {"a:1": ["finish"]}, limits=Limits(max_prompt_tokens=5))
+    with pytest.raises(errors.PromptTooLong, match="at most 5 \\(--max-prompt-tokens\\)"):
+        await run(p, req(prompt=" hello" * 10))
+    assert router.events == []
+    await run(p, req(prompt="hi", max_tokens=1))
+
+
+async def test_worker_side_request_ids_are_unguessable_and_keep_the_client_id(source) -> None:
+    p, workers, _ = make(source, {"a:1": [[5], "finish"], "b:2": [[5], "finish"]})
+    for _ in range(2):
+        r = req(max_tokens=1)
+        [c async for c in p.generate(p.prepare(MODEL, r), r, "same-client-id")]
+    ids = [rq.request_id for _, rq in workers.requests]
+    assert len(set(ids)) == 2  # two clients using one id never collide on a worker
+    for rid in ids:
+        key, _, client = rid.partition(":")
+        assert client == "same-client-id" and len(key) == 32 and int(key, 16) >= 0

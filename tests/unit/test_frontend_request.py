@@ -144,15 +144,39 @@ def test_tensor_overrides_json_overrides_parameters() -> None:
         ((text(), bytes_tensor("stop", [b"\xff"])), {}, "'stop': not valid UTF-8"),
         ((text(),), {"temperature": "hot"}, "parameter.temperature must be a number"),
         ((text(),), {"chat_template": "maybe"}, "parameter chat_template must be a boolean"),
-        ((text("[not a list"),), {"chat_template": True}, "'text_input': chat messages are not valid JSON"),
+        ((text("[not a list"),), {"chat_template": True}, "'text_input': chat messages: invalid JSON"),
         ((text("[]"),), {"chat_template": True}, "must be a non-empty JSON list"),
         ((text('[{"content": "x"}]'),), {"chat_template": True}, r"messages\[0\] must be an object with a string"),
         ((bytes_tensor("messages", ['{"a": 1}']),), {}, "'messages': chat messages must be a non-empty JSON list"),
+        # values past the worker protocol's field widths: refused by name, never INTERNAL "Value out of range"
+        ((text(), sp({"top_k": 2**31})), {}, r"top_k must be -1 \(disabled\) or in \[0, 2147483647\]"),
+        ((text(), fixed_tensor("top_k", "INT64", [2**40])), {}, "top_k must be"),
+        ((text(), sp({"min_tokens": 2**32, "max_tokens": 2**40})), {}, r"min_tokens must be in \[0, 4294967295\]"),
+        ((text(), sp({"stop_token_ids": [2**32]})), {}, "stop_token_ids must be token ids"),
+        ((text(), sp({"allowed_token_ids": [2**33]})), {}, "allowed_token_ids must be token ids"),
+        (
+            (text(), fixed_tensor("stop_token_ids", "UINT64", [2**63 + 5])),
+            {},
+            "'stop_token_ids': token id .* out of range",
+        ),
+        ((fixed_tensor("input_ids", "UINT64", [1, 2**63]),), {}, "'input_ids': token id 9223372036854775808 is out"),
+        ((fixed_tensor("input_ids", "INT64", [1, 2**32]),), {}, "'input_ids': token id 4294967296 is out of range"),
+        # JSON bombs: nesting and 5000-digit numbers are the client's error
+        ((text(), sp("[" * 100000 + "]" * 100000)), {}, "'sampling_parameters': JSON nested deeper than 32"),
+        ((text(), sp('{"a": ' + "[" * 40 + "]" * 40 + "}")), {}, "nested deeper than 32"),
+        ((text(), sp('{"seed": ' + "9" * 5000 + "}")), {}, "'sampling_parameters': invalid JSON: Exceeds the limit"),
+        ((text(), sp({"max_tokens": "9" * 5000})), {}, "sampling_parameters.max_tokens must be an integer"),
     ],
 )
 def test_errors_name_the_field(tensors: tuple[Tensor, ...], params: dict[str, object], match: str) -> None:
     with pytest.raises(RequestError, match=match):
         parse_request(inputs(*tensors), params)
+
+
+def test_brackets_inside_json_strings_are_not_nesting() -> None:
+    stop = "[" * 40 + '\\"' + "{" * 40
+    r = parse_request(inputs(text(), sp({"stop": [stop]})), {})
+    assert r.stop == [stop]
 
 
 def test_unknown_requested_output() -> None:

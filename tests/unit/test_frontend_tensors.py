@@ -232,3 +232,30 @@ def test_encode_scalars_matches_encode_outputs(raw: bool) -> None:
     tensors = [bytes_tensor(n, [v]) if d == "BYTES" else fixed_tensor(n, d, [v]) for n, d, v in items]  # type: ignore[list-item]
     encode_outputs(slow, tensors, raw=raw)
     assert fast == slow
+
+
+@pytest.mark.parametrize("shape", [[134217728], [2**40], [2**62, 2**62], [0, 2**62], [2**31, 2**31, 2**31]])
+@pytest.mark.parametrize("dtype", ["BYTES", "INT32", "FP64", "BOOL"])
+def test_huge_declared_shape_is_refused_without_allocating(shape: list[int], dtype: str) -> None:
+    """A tiny request declaring a huge tensor is INVALID_ARGUMENT, and the server never builds the array."""
+    import tracemalloc
+
+    raw = struct.pack("<I", 5) + b"hello" + b"\x00" * 45  # ~58 bytes on the wire, as in the probe
+    tracemalloc.start()
+    try:
+        with pytest.raises(TensorError, match="tensor 'text_input'"):
+            decode_inputs(_raw_request("text_input", dtype, shape, raw))
+        req = pb.ModelInferRequest()
+        req.inputs.add(name="text_input", datatype=dtype, shape=shape)
+        with pytest.raises(TensorError, match="tensor 'text_input'"):
+            decode_inputs(req)  # typed contents: empty, the shape declares many
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"decoding a refused tensor allocated {peak} bytes"
+
+
+def test_bytes_shape_needs_four_bytes_per_element() -> None:
+    """BYTES: the elements present are counted before the declared count is allocated."""
+    with pytest.raises(TensorError, match=r"raw BYTES holds 2 elements, shape needs 3"):
+        decode_inputs(_raw_request("s", "BYTES", [3], serialize_bytes([b"", b""])))

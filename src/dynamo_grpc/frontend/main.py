@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
+from dynamo_grpc.frontend.auth import ApiKeyInterceptor
 from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
+from dynamo_grpc.frontend.limits import Limits, add_limit_flags
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.routing import KvRouterClient, Router
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_log_flag(p)
     add_curve_flags(p)
+    add_limit_flags(p)  # --- limits and auth: frontend/limits.py ---
     return p
 
 
@@ -132,11 +135,20 @@ async def serve(args: argparse.Namespace) -> int:
     else:  # kv, round-robin, random: the router core in this process, with every --router-* flag
         cfg = router_config_from_args(args, namespace=args.namespace)
         router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host, curve=args.zmq_curve)
-    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit)
+    limits: Limits = getattr(args, "limits", None) or Limits.from_args(args)
+    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
 
-    server = GrpcServer(ServerOptions(args.host, args.grpc_port))
+    server = GrpcServer(
+        ServerOptions(
+            args.host,
+            args.grpc_port,
+            max_message_bytes=limits.max_message_bytes,
+            extra_args=[("grpc.max_concurrent_streams", limits.max_concurrent_streams)],
+            interceptors=[ApiKeyInterceptor(limits)] if limits.api_keys else [],
+        )
+    )
     server.add(
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
     )
@@ -214,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--zmq-curve-secret-key unused: --router-mode %s subscribes to no events", args.router_mode)
     if args.zmq_curve is not None and args.zmq_curve.allowed is not None:
         log.warning("--zmq-curve-allow unused: a frontend binds no ZMQ socket (its embedded routers only subscribe)")
+    try:
+        args.limits = Limits.from_args(args)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     return asyncio.run(serve(args))
 
 

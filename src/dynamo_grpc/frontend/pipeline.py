@@ -9,14 +9,16 @@ frees the route.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import itertools
-import os
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from dynamo_grpc import errors
+from dynamo_grpc.frontend.admission import Admission
+from dynamo_grpc.frontend.limits import OFFLOAD_TOKENISE_BYTES, Limits
 from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
 from dynamo_grpc.frontend.request import LlmRequest
 from dynamo_grpc.frontend.routing import Router
@@ -52,12 +54,22 @@ class Prepared:
     timings: Timings = field(default_factory=Timings)
 
 
-_ids = itertools.count()
-_PID = os.getpid()
-
-
 def new_request_id() -> str:
-    return f"fe-{_PID}-{next(_ids)}"
+    """Unguessable and unique: a client cannot predict (or collide with) another request's worker-side key."""
+    return uuid.uuid4().hex
+
+
+#: what one chat turn adds to a prompt besides its content (role and template markup), for the byte limit
+MESSAGE_OVERHEAD_BYTES = 16
+
+
+def input_bytes(req: LlmRequest) -> int:
+    """The prompt's size before tokenising: text, or the messages' string contents."""
+    if req.prompt is not None:
+        return len(req.prompt)  # characters: a cheap bound (UTF-8 bytes are counted only near the limit)
+    if req.messages is not None:  # + a turn's markup, so that many empty turns count too
+        return sum(len(str(m.get("content") or "")) + MESSAGE_OVERHEAD_BYTES for m in req.messages)
+    return 0
 
 
 def _check_ids(where: str, ids: list[int], vocab: int) -> None:
@@ -109,12 +121,37 @@ class Pipeline:
     """Preprocessing, routing and streaming for every request of one frontend."""
 
     def __init__(
-        self, registry: ModelRegistry, router: Router, workers: DecodeClient, migration_limit: int = 3
+        self,
+        registry: ModelRegistry,
+        router: Router,
+        workers: DecodeClient,
+        migration_limit: int = 3,
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
         self.workers = workers
         self.migration_limit = migration_limit
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits.max_inflight_requests, self.limits.max_queued_requests)
+
+    def check_input_size(self, req: LlmRequest) -> int:
+        """Refuse a prompt above --max-input-bytes before any tokenising; returns its size."""
+        n = input_bytes(req)
+        limit = self.limits.max_input_bytes
+        if n > limit // 4:  # characters -> UTF-8 bytes (at most 4 each) only when it could matter
+            n = len(req.prompt.encode("utf-8", "surrogatepass")) if req.prompt is not None else n
+            if n > limit:
+                raise errors.PromptTooLong(
+                    f"prompt is {n} bytes; this server accepts at most {limit} (--max-input-bytes)"
+                )
+        return n
+
+    async def prepare_async(self, model_name: str, req: LlmRequest) -> Prepared:
+        """`prepare`, with a big prompt tokenised in a thread so other requests keep being served meanwhile."""
+        if self.check_input_size(req) > OFFLOAD_TOKENISE_BYTES:
+            return await asyncio.to_thread(self.prepare, model_name, req)
+        return self.prepare(model_name, req)
 
     def model(self, name: str) -> ServedModel:
         m = self.registry.get(name)
@@ -127,6 +164,7 @@ class Pipeline:
         """Tokenise (rendering chat messages first) and check the prompt and options against the model."""
         t0 = time.perf_counter_ns()
         m = self.model(model_name)
+        self.check_input_size(req)
         if req.token_ids is not None:
             text = ""
             ids = req.token_ids
@@ -153,6 +191,11 @@ class Pipeline:
         ctx = m.card.context_length
         if len(ids) >= ctx:
             raise errors.PromptTooLong(f"prompt is {len(ids)} tokens; model '{m.name}' has a context length of {ctx}")
+        most = self.limits.max_prompt_tokens
+        if most and len(ids) > most:
+            raise errors.PromptTooLong(
+                f"prompt is {len(ids)} tokens; this server accepts at most {most} (--max-prompt-tokens)"
+            )
         s = req.sampling
         max_tokens = min(s.max_tokens, ctx - len(ids))
         stop = common_pb2.StopConditions(
@@ -170,7 +213,8 @@ class Pipeline:
         self, p: Prepared, req: LlmRequest, request_id: str | None = None, timeout: float | None = None
     ) -> AsyncGenerator[Chunk, None]:
         """Stream the request's text. `timeout` (seconds) is the earlier of the RPC's and the request's own."""
-        # Client ids are not unique across clients; ours are (the client's is kept for logs and traces).
+        # Client ids are not unique across clients; ours are (the client's is kept for logs and traces, and
+        # echoed back unchanged by the protocol layer).
         rid = new_request_id() + (f":{request_id[:64]}" if request_id else "")
         if req.timeout_s is not None:
             timeout = req.timeout_s if timeout is None else min(timeout, req.timeout_s)

@@ -8,6 +8,7 @@ everywhere (vLLM's "validate once at the edge"). Each vLLM `SamplingParams` key 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,50 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_LEN = 1024
 MAX_BAD_WORDS = 256
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
+#: the worker protocol's field widths (top_k int32; token ids, min_tokens uint32): a value past them is the
+#: client's error, refused here rather than failing when the worker request is built
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+#: JSON nesting a request body or `sampling_parameters` may have (real ones are 2-3 deep)
+MAX_JSON_DEPTH = 32
+
+
+def _depth_ok(text: str | bytes, limit: int) -> bool:
+    """Whether brackets nest at most `limit` deep, counted without parsing (strings skipped): O(n), no recursion."""
+    data = text.encode() if isinstance(text, str) else text
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return True
+    depth = 0
+    in_str = esc = False
+    for c in data:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:  # backslash
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def parse_json(where: str, text: str | bytes) -> Any:
+    """JSON from a client, every failure (syntax, nesting bombs, 5000-digit numbers, bad UTF-8) InvalidArgument."""
+    if not _depth_ok(text, MAX_JSON_DEPTH):
+        raise InvalidArgument(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{where}: invalid JSON: {e.msg} at char {e.pos}") from None
+    except (ValueError, RecursionError) as e:  # int digits limit, invalid UTF-8 in bytes
+        raise InvalidArgument(f"{where}: invalid JSON: {e}") from None
 
 
 @dataclass
@@ -177,7 +222,10 @@ class SamplingBuilder:
             (s.max_tokens >= 1, lambda: f"max_tokens must be >= 1, got {s.max_tokens}"),
             (s.temperature >= 0, lambda: f"temperature must be >= 0, got {s.temperature}"),
             (0 < s.top_p <= 1, lambda: f"top_p must be in (0, 1], got {s.top_p}"),
-            (s.top_k == -1 or s.top_k >= 0, lambda: f"top_k must be -1 (disabled) or >= 0, got {s.top_k}"),
+            (
+                s.top_k == -1 or 0 <= s.top_k <= INT32_MAX,
+                lambda: f"top_k must be -1 (disabled) or in [0, {INT32_MAX}], got {s.top_k}",
+            ),
             (0 <= s.min_p <= 1, lambda: f"min_p must be in [0, 1], got {s.min_p}"),
             (s.repetition_penalty > 0, lambda: f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
             (
@@ -185,7 +233,15 @@ class SamplingBuilder:
                 lambda: f"frequency_penalty must be in [-2, 2], got {s.frequency_penalty}",
             ),
             (-2 <= s.presence_penalty <= 2, lambda: f"presence_penalty must be in [-2, 2], got {s.presence_penalty}"),
-            (s.min_tokens >= 0, lambda: f"min_tokens must be >= 0, got {s.min_tokens}"),
+            (0 <= s.min_tokens <= UINT32_MAX, lambda: f"min_tokens must be in [0, {UINT32_MAX}], got {s.min_tokens}"),
+            (
+                all(i <= UINT32_MAX for i in s.stop_token_ids),
+                lambda: f"stop_token_ids must be token ids (<= {UINT32_MAX}), got {max(s.stop_token_ids)}",
+            ),
+            (
+                all(i <= UINT32_MAX for i in self.allowed_token_ids),
+                lambda: f"allowed_token_ids must be token ids (<= {UINT32_MAX}), got {max(self.allowed_token_ids)}",
+            ),
             (
                 s.min_tokens <= s.max_tokens,
                 lambda: f"min_tokens ({s.min_tokens}) must be <= max_tokens ({s.max_tokens})",

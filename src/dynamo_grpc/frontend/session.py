@@ -162,9 +162,9 @@ class RouteSession:
             self.worker_id = pick.instance_id
             placed = route_id  # freed in `finally`, whatever happens to this placement
             remaining = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
-            request = decode_request(route_id, p, self.lora, generated)
             first = True
             try:
+                request = decode_request(route_id, p, self.lora, generated)  # inside: the route is freed if it fails
                 stream = coalesced(self.workers.decode(pick.address, request, remaining))
                 async with contextlib.aclosing(stream):
                     async for resp in stream:

@@ -118,8 +118,14 @@ def generate_ca(common_name: str = "dynamo-grpc local CA", days: int = 30) -> Is
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
@@ -160,9 +166,7 @@ def issue(
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     if hosts:
         builder = builder.add_extension(_san(hosts), critical=False)
@@ -206,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynamo_grpc.transport.certs", description=__doc__.split("\n\n")[0])
     p.add_argument("directory", help="where to write ca.pem, server.pem, client.pem and their keys")
     p.add_argument(
-        "--host", action="append", default=None,
+        "--host",
+        action="append",
+        default=None,
         help=f"a name or IP the server certificate is valid for (repeatable; default {' '.join(LOCAL_HOSTS)})",
     )
     args = p.parse_args(argv)

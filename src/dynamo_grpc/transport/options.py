@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # internal hops; the client-facing frontend sets its own (16 MiB)
 
 
 def common_channel_args(

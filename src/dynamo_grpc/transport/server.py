@@ -52,6 +52,8 @@ class ServerOptions:
     #: plaintext grpc.health.v1-only listener for probes (0 picks a free port); None: no such listener
     health_port: int | None = None
     extra_args: list[tuple[str, int]] = field(default_factory=list)
+    #: grpc.aio server interceptors (e.g. the frontend's API-key check); the health listener has none
+    interceptors: list[Any] = field(default_factory=list)
 
 
 class GrpcServer:
@@ -73,7 +75,8 @@ class GrpcServer:
                 ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.so_reuseport", 0),
             ]
-            + o.extra_args
+            + o.extra_args,
+            interceptors=o.interceptors or None,
         )
         self.health = health.aio.HealthServicer()
         self._services: list[str] = []

@@ -64,26 +64,37 @@ SETTINGS = (
     _Setting("cert_file", "--tls-cert", "DYN_TLS_CERT", "certificate (PEM) of this process; turns TLS on"),
     _Setting("key_file", "--tls-key", "DYN_TLS_KEY", "private key (PEM) of --tls-cert"),
     _Setting(
-        "ca_file", "--tls-ca", "DYN_TLS_CA",
+        "ca_file",
+        "--tls-ca",
+        "DYN_TLS_CA",
         "CA bundle (PEM) that verifies peers; internal listeners then require client certificates (mTLS)",
     ),
     _Setting(
-        "client_cert_file", "--tls-client-cert", "DYN_TLS_CLIENT_CERT",
+        "client_cert_file",
+        "--tls-client-cert",
+        "DYN_TLS_CLIENT_CERT",
         "certificate presented when dialling other processes (default: --tls-cert)",
     ),
     _Setting("client_key_file", "--tls-client-key", "DYN_TLS_CLIENT_KEY", "private key of --tls-client-cert"),
     _Setting(
-        "server_name", "--tls-server-name", "DYN_TLS_SERVER_NAME",
+        "server_name",
+        "--tls-server-name",
+        "DYN_TLS_SERVER_NAME",
         "name to verify in peers' certificates instead of the dialled host",
     ),
     _Setting(
-        "client_auth", "--tls-client-auth", "DYN_TLS_CLIENT_AUTH",
-        "client certificates on the public listeners: none | optional (HTTP only) | require", public_only=True,
+        "client_auth",
+        "--tls-client-auth",
+        "DYN_TLS_CLIENT_AUTH",
+        "client certificates on the public listeners: none | optional (HTTP only) | require",
+        public_only=True,
     ),
     _Setting("reload_interval_s", "--tls-reload-interval", "DYN_TLS_RELOAD_S", "seconds between checks of the files"),
 )
 HEALTH_PORT = _Setting(
-    "health_port", "--health-port", "DYN_HEALTH_PORT",
+    "health_port",
+    "--health-port",
+    "DYN_HEALTH_PORT",
     "also serve grpc.health.v1 (only) in plaintext on this port, for probes that carry no certificate",
 )
 
@@ -106,7 +117,10 @@ def add_tls_flags(parser: argparse.ArgumentParser, public: bool, env: Mapping[st
         group.add_argument(s.flag, **kw)
     # a string default goes through type=int like a flag would, so a bad DYN_HEALTH_PORT is named by argparse
     group.add_argument(
-        HEALTH_PORT.flag, dest=HEALTH_PORT.dest, type=int, default=env.get(HEALTH_PORT.env) or None,
+        HEALTH_PORT.flag,
+        dest=HEALTH_PORT.dest,
+        type=int,
+        default=env.get(HEALTH_PORT.env) or None,
         help=f"{HEALTH_PORT.help} [{HEALTH_PORT.env}]",
     )
 

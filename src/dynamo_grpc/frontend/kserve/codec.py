@@ -77,12 +77,18 @@ class Tensor:
         return int(self.data.size)
 
 
+#: largest dimension a request tensor may declare (numpy cannot even shape an empty array past ~2^63 total)
+MAX_DIM = 2**31 - 1
+
+
 def element_count(name: str, shape: Sequence[int]) -> int:
-    """Number of elements; every dimension must be >= 0 (no wildcards in a request)."""
+    """Number of elements; every dimension must be in [0, MAX_DIM] (no wildcards in a request)."""
     n = 1
     for d in shape:
         if d < 0:
             raise TensorError(name, f"shape {list(shape)} has a negative dimension")
+        if d > MAX_DIM:
+            raise TensorError(name, f"shape {list(shape)} has a dimension above {MAX_DIM}")
         n *= d
     return n
 
@@ -141,10 +147,13 @@ def set_parameter(target: pb.InferParameter, value: bool | int | float | str) ->
 
 
 def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray[Any, Any]:
+    # The declared count is checked against the bytes present before anything of that size is allocated: a 58-byte
+    # request declaring [134217728] elements must not make the server build a 1 GiB array.
     count = element_count(name, shape)
     if datatype == "BYTES":
+        elements = deserialize_bytes(name, raw, count)  # bounded by len(raw); checks the count
         arr = np.empty(count, dtype=object)
-        arr[:] = deserialize_bytes(name, raw, count)
+        arr[:] = elements
         return arr.reshape(shape)
     dt = FIXED_DTYPES[datatype]
     want = count * dt.itemsize
@@ -168,9 +177,10 @@ def _decode_contents(
     for other in set(_CONTENTS_FIELD.values()) - {field}:
         if len(getattr(contents, other)):
             raise TensorError(name, f"{datatype} tensor carries data in contents.{other}, expected {field}")
+    present = len(getattr(contents, field))
+    if present != count:  # before copying or allocating anything of the declared size
+        raise TensorError(name, f"contents.{field} holds {present} elements, shape {list(shape)} needs {count}")
     values = list(getattr(contents, field))
-    if len(values) != count:
-        raise TensorError(name, f"contents.{field} holds {len(values)} elements, shape {list(shape)} needs {count}")
     if datatype == "BYTES":
         arr = np.empty(count, dtype=object)
         arr[:] = [bytes(v) for v in values]

@@ -6,7 +6,6 @@ then tensors. Every error is `InvalidArgument` (or `UnsupportedOption`) naming t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,7 +14,15 @@ import numpy as np
 from dynamo_grpc.errors import InvalidArgument, Unimplemented, UnsupportedOption
 from dynamo_grpc.frontend.kserve import schema
 from dynamo_grpc.frontend.kserve.codec import Tensor
-from dynamo_grpc.frontend.request import DEFAULT_OUTPUTS, VLLM_KEYS, LlmRequest, SamplingBuilder, coerce
+from dynamo_grpc.frontend.request import (
+    DEFAULT_OUTPUTS,
+    UINT32_MAX,
+    VLLM_KEYS,
+    LlmRequest,
+    SamplingBuilder,
+    coerce,
+    parse_json,
+)
 
 
 def _one(t: Tensor) -> Any:
@@ -77,6 +84,8 @@ def _ids(t: Tensor) -> list[int]:
     flat = t.data.reshape(-1)
     if flat.size and int(flat.min()) < 0:
         raise InvalidArgument(f"tensor '{t.name}': token ids must be >= 0")
+    if flat.size and int(flat.max()) > UINT32_MAX:  # before the int64 cast (UINT64 >= 2^63 would wrap)
+        raise InvalidArgument(f"tensor '{t.name}': token id {int(flat.max())} is out of range (<= {UINT32_MAX})")
     return flat.astype(np.int64, copy=False).tolist()  # C speed: prompts can be 100k+ ids
 
 
@@ -95,10 +104,7 @@ def _parameters(b: SamplingBuilder, parameters: Mapping[str, Any]) -> dict[str, 
 
 def _sampling_json(b: SamplingBuilder, t: Tensor) -> None:
     raw = _text(t)
-    try:
-        obj = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"tensor 'sampling_parameters': invalid JSON: {e.msg} at char {e.pos}") from e
+    obj = parse_json("tensor 'sampling_parameters'", raw) if raw.strip() else {}
     if not isinstance(obj, dict):
         raise InvalidArgument(f"tensor 'sampling_parameters': must be a JSON object, got {type(obj).__name__}")
     for key, value in obj.items():
@@ -223,10 +229,7 @@ def parse_request(
 
 def parse_messages(where: str, text: str) -> list[dict[str, Any]]:
     """Chat messages from JSON: a list of {role, content}, or {"messages": [...]}."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"{where}: chat messages are not valid JSON: {e.msg} at char {e.pos}") from e
+    obj = parse_json(f"{where}: chat messages", text)
     if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
         obj = obj["messages"]
     if not isinstance(obj, list) or not obj:

@@ -25,6 +25,7 @@ from dynamo_grpc.frontend.kserve import metadata, simple_model
 from dynamo_grpc.frontend.kserve.codec import decode_inputs, encode_outputs, parameters_dict
 from dynamo_grpc.frontend.kserve.parse import parse_request, requested_outputs
 from dynamo_grpc.frontend.kserve.responses import FINAL, Responder, base, used_raw
+from dynamo_grpc.frontend.limits import MAX_CLIENT_ID_BYTES, check_client_id
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
@@ -181,32 +182,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 total = time.perf_counter_ns() - t0
                 self.stats.record_success(name, total, 0, total, 0, 0, 1)
                 return
+            if request.id:
+                check_client_id("id", request.id)
             outputs = requested_outputs(request.outputs)
             req = parse_request(inputs, parameters_dict(request.parameters), outputs, stream_rpc=stream_rpc)
             if req.stream and not stream_rpc:
                 raise errors.InvalidArgument("tensor 'stream': true needs ModelStreamInfer (a decoupled stream)")
-            p = self.pipeline.prepare(name, req)
-            responder = Responder(request, req, p.model.tokenizer, stream_rpc)
-            chunks = self.pipeline.generate(p, req, request.id or None, timeout)
-            if req.stream:
-                async with contextlib.aclosing(chunks):  # a client that goes away frees the route at once
-                    async for chunk in chunks:
-                        t1 = time.perf_counter_ns()
-                        out = responder.chunk(chunk)
-                        out_ns += time.perf_counter_ns() - t1
-                        if out is not None:
-                            yield out
-                            responses += 1
-            else:
-                result = await collect(chunks)
-                t1 = time.perf_counter_ns()
-                whole = responder.unary(result)
-                out_ns = time.perf_counter_ns() - t1
-                yield whole
-                responses += 1
-            final = responder.empty_final()
-            if final is not None:
-                yield final
+            self.pipeline.check_input_size(req)  # before waiting for a slot or tokenising
+            admission = self.pipeline.admission
+            await admission.acquire()
+            try:
+                p = await self.pipeline.prepare_async(name, req)
+                responder = Responder(request, req, p.model.tokenizer, stream_rpc)
+                chunks = self.pipeline.generate(p, req, request.id or None, timeout)
+                if req.stream:
+                    async with contextlib.aclosing(chunks):  # a client that goes away frees the route at once
+                        async for chunk in chunks:
+                            t1 = time.perf_counter_ns()
+                            out = responder.chunk(chunk)
+                            out_ns += time.perf_counter_ns() - t1
+                            if out is not None:
+                                yield out
+                                responses += 1
+                else:
+                    result = await collect(chunks)
+                    t1 = time.perf_counter_ns()
+                    whole = responder.unary(result)
+                    out_ns = time.perf_counter_ns() - t1
+                    yield whole
+                    responses += 1
+                final = responder.empty_final()
+                if final is not None:
+                    yield final
+            finally:
+                admission.release()
         except BaseException as e:
             if known:
                 cancelled = isinstance(e, (asyncio.CancelledError, GeneratorExit))
@@ -243,12 +252,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
         timeout = _timeout(context)
         write_lock = asyncio.Lock()
+        # back-pressure: past --max-stream-requests in flight the stream is not read (HTTP/2 flow control
+        # then holds the client), so one unread stream cannot pile up unbounded requests
+        in_flight = asyncio.Semaphore(self.pipeline.limits.max_stream_requests)
 
         async def write(msg: pb.ModelStreamInferResponse) -> None:
             async with write_lock:
                 await context.write(msg)
 
         async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                await _answer(request)
+            finally:
+                in_flight.release()
+
+        async def _answer(request: pb.ModelInferRequest) -> None:
             try:
                 gen = self._infer(request, timeout, stream_rpc=True)
                 async with contextlib.aclosing(gen):
@@ -260,13 +278,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 err = _error(e)
                 msg = pb.ModelStreamInferResponse(
                     error_message=f"[{err.spec.grpc_code}] {err.message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                    # an id refused as too long is not echoed (it would amplify the attack)
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name[:MAX_CLIENT_ID_BYTES],
+                        id=request.id if len(request.id) <= MAX_CLIENT_ID_BYTES else "",
+                    ),
                 )
                 with contextlib.suppress(Exception):  # the client may be gone already
                     await write(msg)
 
         try:
             async for request in request_iterator:
+                await in_flight.acquire()
                 t = asyncio.get_running_loop().create_task(one(request))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)

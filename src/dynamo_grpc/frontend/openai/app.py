@@ -7,6 +7,7 @@ detokenisation are the pipeline's, and every failure is answered through `errors
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,8 +20,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dynamo_grpc import errors
 from dynamo_grpc.frontend.collect import collect
+from dynamo_grpc.frontend.limits import Limits, check_client_id, unauthenticated
 from dynamo_grpc.frontend.openai.protocol import Choices, parse_openai, usage
 from dynamo_grpc.frontend.pipeline import Pipeline
+from dynamo_grpc.frontend.request import parse_json
 from dynamo_grpc.frontend.stats import StatsBook
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,11 @@ def error_response(e: BaseException) -> web.Response:
         log.exception("internal error", exc_info=e)
     status, headers, body = errors.to_http(err)
     return web.json_response(body, status=status, headers=headers)
+
+
+def _refusal(status: int, message: str) -> web.Response:
+    """An HTTP-level refusal (413, 415, 408) with the OpenAI error body of an invalid request."""
+    return web.json_response(errors.openai_body(errors.InvalidArgument(message)), status=status)
 
 
 class _StatsCollector:
@@ -59,7 +67,14 @@ class _StatsCollector:
             mig.add_metric([name], s.migrations)
         for m in self.pipeline.registry.models():
             workers.add_metric([m.name], len(m.workers))
-        yield from (req, dur, ttft, mig, workers)
+        adm = self.pipeline.admission
+        running = GaugeMetricFamily("dynamo_frontend_inflight_requests", "Generation requests running now")
+        running.add_metric([], adm.inflight)
+        queued = GaugeMetricFamily("dynamo_frontend_queued_requests", "Requests waiting for admission")
+        queued.add_metric([], adm.waiting)
+        rejected = CounterMetricFamily("dynamo_frontend_rejected_requests", "Requests refused: admission queue full")
+        rejected.add_metric([], adm.rejected)
+        yield from (req, dur, ttft, mig, workers, running, queued, rejected)
         router_metrics = getattr(self.pipeline.router, "metric_families", None)
         if router_metrics is not None:  # the KV router runs in this process
             yield from router_metrics()
@@ -72,8 +87,27 @@ class OpenAiApp:
         self.registry = prometheus_client.CollectorRegistry()
         self.registry.register(_StatsCollector(stats, pipeline))
 
+    @property
+    def limits(self) -> Limits:
+        return self.pipeline.limits
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """API keys guard /v1/*; /health stays open, /metrics takes --metrics-api-key when set."""
+        header = request.headers.get("Authorization")
+        if request.path.startswith("/v1/"):
+            ok = self.limits.authorized(header)
+        elif request.path == "/metrics":
+            ok = self.limits.metrics_authorized(header)
+        else:
+            ok = True
+        if not ok:
+            status, headers, body = errors.to_http(unauthenticated())
+            return web.json_response(body, status=status, headers={**headers, "WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
     def app(self, admin_only: bool = False) -> web.Application:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app = web.Application(client_max_size=self.limits.max_message_bytes, middlewares=[self._auth])
         if not admin_only:
             app.router.add_post("/v1/completions", self.completions)
             app.router.add_post("/v1/chat/completions", self.chat)
@@ -115,13 +149,50 @@ class OpenAiApp:
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         t0 = time.perf_counter_ns()
+        raw = await self._body(request)
+        if isinstance(raw, web.Response):
+            return raw
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(errors.InvalidArgument(f"request body is not valid JSON: {e}"))
-        try:
+            body = parse_json("request body", raw)
             o = parse_openai(body, chat)
-            p = self.pipeline.prepare(o.model, o.req)
+            if o.user:
+                check_client_id("user", o.user)
+            self.pipeline.check_input_size(o.req)
+        except errors.DynamoError as e:
+            return error_response(e)
+        admission = self.pipeline.admission
+        try:
+            await admission.acquire()
+        except errors.DynamoError as e:
+            return error_response(e)
+        try:
+            return await self._admitted(request, chat, o, t0)
+        finally:
+            admission.release()
+
+    async def _body(self, request: web.Request) -> bytes | web.Response:
+        """The request body, refused early: wrong type (415), too big (413), too slow (408)."""
+        ctype = request.content_type  # a request without the header is taken as JSON (curl --data-binary)
+        if ctype != "application/json" and "Content-Type" in request.headers:
+            return _refusal(415, f"Content-Type must be application/json, got '{ctype}'")
+        limit = self.limits.max_message_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _refusal(
+                413, f"request body is {request.content_length} bytes, at most {limit} (--max-message-bytes)"
+            )
+        try:
+            async with asyncio.timeout(self.limits.http_body_timeout_s):
+                return await request.read()  # aiohttp stops a chunked body at client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return _refusal(413, f"request body is over {limit} bytes (--max-message-bytes)")
+        except TimeoutError:
+            resp = _refusal(408, f"request body not received within {self.limits.http_body_timeout_s:g}s")
+            resp.force_close()
+            return resp
+
+    async def _admitted(self, request: web.Request, chat: bool, o: Any, t0: int) -> web.StreamResponse:
+        try:
+            p = await self.pipeline.prepare_async(o.model, o.req)
         except errors.DynamoError as e:
             return error_response(e)
         req = o.req
@@ -131,7 +202,8 @@ class OpenAiApp:
         echo = req.prompt if (req.prompt is not None and not req.exclude_input_in_output) else ""
         choices = Choices(req, p.model.tokenizer, chat, echo)
         # the client's `user` goes into the request id the logs and traces carry
-        gen = self.pipeline.generate(p, req, f"{rid}:{o.user}" if o.user else rid)
+        timeout = self.limits.http_request_timeout_s or None
+        gen = self.pipeline.generate(p, req, f"{rid}:{o.user}" if o.user else rid, timeout)
         if not req.stream:
             try:
                 r = await collect(gen, echo)
@@ -184,7 +256,15 @@ async def start_http(
     host: str, port: int, pipeline: Pipeline, stats: StatsBook, admin_only: bool = False
 ) -> tuple[web.AppRunner, str]:
     """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port."""
-    runner = web.AppRunner(OpenAiApp(pipeline, stats).app(admin_only), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, so a non-streamed request stops
+    # generating (the route and the worker stream are closed) instead of running to max_tokens unseen
+    # lingering_time: after an early answer (413, 408) the rest of a body is drained for at most this long
+    runner = web.AppRunner(
+        OpenAiApp(pipeline, stats).app(admin_only),
+        access_log=None,
+        handler_cancellation=True,
+        lingering_time=min(2.0, pipeline.limits.http_body_timeout_s),
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
