@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.limits = Limits.from_args(args)
     except (ValueError, OSError) as e:
-        parser.error(str(e))
+        raise SystemExit(f"dynamo-grpc frontend: {e}") from None
     return asyncio.run(serve(args))
 
 
