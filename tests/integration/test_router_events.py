@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -291,8 +292,11 @@ async def test_router_not_serving_until_synced_and_refuses_block_size_mismatch(
 
 
 def active_sequences(router: RouterProc) -> float:
-    lines = [ln for ln in router.metrics().splitlines() if ln.startswith("dynamo_router_active_sequences ")]
-    return float(lines[0].split()[1]) if lines else 0.0
+    """Sum over models of the router's active-sequence gauge."""
+    lines = [
+        ln for ln in router.metrics().splitlines() if re.match(r"dynamo_router_active_sequences(\{[^}]*\})? ", ln)
+    ]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
 @pytest.mark.slow

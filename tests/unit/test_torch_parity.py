@@ -26,7 +26,8 @@ from dynamo_grpc.tokens.tokenizer import Tokenizer
 from tests.helpers.engine_steps import last_logits, torch_core
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow
+# the transformers reference is slow on a loaded 2-core box: a longer per-test bound than the suite default
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
