@@ -16,7 +16,7 @@ from .api import TrtllmMissing, load_api
 from .config import TrtllmConfig
 
 #: worker flags that only the mocker or torch engines read, with their defaults: given to trtllm, they are refused
-_OTHER_ENGINES = {
+_OTHER_ENGINES: dict[str, object] = {
     "num_threads": None,
     "kv_cache_mib": None,
     "dtype": "float32",
@@ -52,7 +52,12 @@ def add_trtllm_flags(parser: argparse.ArgumentParser) -> None:
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags of other engines (nothing is silently ignored), and trtllm flags given to other engines."""
     if args.engine != "trtllm":
-        for name, default in (("tokenizer", None), ("free_gpu_memory_fraction", None), ("kv_event_buffer", 16384)):
+        own: tuple[tuple[str, object], ...] = (
+            ("tokenizer", None),
+            ("free_gpu_memory_fraction", None),
+            ("kv_event_buffer", 16384),
+        )
+        for name, default in own:
             if getattr(args, name) != default:
                 raise ValueError(
                     f"--{name.replace('_', '-')} is a trtllm flag; --engine {args.engine} does not read it"
