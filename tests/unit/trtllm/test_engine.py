@@ -161,3 +161,10 @@ def test_opaque_params_ride_on_the_kv_handle() -> None:
     else:  # before the disaggregation contract lands the adapter says what is missing
         with pytest.raises(errors.Unimplemented, match="opaque_params"):
             disagg.attach(handle, b"abc")
+
+
+async def test_stats_handed_over_as_json_text_are_read(make_engine: MakeEngine) -> None:
+    eng = await make_engine()
+    eng._on_stats(json.dumps({"numActiveRequests": 2, "numQueuedRequests": 1, "kvCacheStats": {"usedNumBlocks": 5}}))
+    m = eng.load_metrics()
+    assert (m.running, m.waiting, m.active_blocks, m.total_blocks) == (2, 1, 5, 64)

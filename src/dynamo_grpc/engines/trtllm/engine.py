@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -142,7 +143,7 @@ class TrtllmEngine(Engine):
             await asyncio.sleep(0)
 
     def _translate(self, event: Any) -> list[KvEvent]:
-        return self._events.translate(event)
+        return self._events.translate(_as_dict(event))
 
     def _on_event(self, event: Any) -> None:
         out = self._translate(event)
@@ -150,7 +151,8 @@ class TrtllmEngine(Engine):
             self._sink(out)
 
     def _on_stats(self, stat: Any) -> None:
-        self._stats = dict(stat)
+        stat = _as_dict(stat)
+        self._stats = stat
         tpb = tokens_per_block(stat)
         if tpb is not None and tpb != self.block_size and self._dead is None:
             self._dead = (
@@ -279,8 +281,15 @@ class TrtllmEngine(Engine):
                 result.abort()  # the client went away: TensorRT-LLM frees the request's blocks
 
 
+def _as_dict(item: Any) -> dict[str, Any]:
+    """Its stats and events are dicts; some releases hand them over as JSON text."""
+    return dict(json.loads(item)) if isinstance(item, str | bytes) else dict(item)
+
+
 def _finish(reason: Any) -> str:
     key = str(reason) if reason is not None else "stop"
+    if key == "timeout":  # its own per-request timeout (we set none, so a deployment's extra options did)
+        raise errors.DeadlineExceeded("TensorRT-LLM timed the request out")
     if key not in _FINISH:
         raise errors.Internal(f"TensorRT-LLM finished the request with reason {reason!r}")
     return _FINISH[key]
