@@ -94,11 +94,18 @@ class TrtllmEngine(Engine):
         }
 
     def _kv_cache_blocks(self) -> int:
-        """The GPU pool's blocks, from the ``created`` KV event TensorRT-LLM emits when it builds the cache."""
-        for event in self.llm.get_kv_cache_events(timeout=self.config.poll_timeout_s):
-            self._translate(event)
+        """The GPU pool's blocks, from the ``created`` KV event TensorRT-LLM emits when it builds the cache.
+
+        Its events (and stats) are flushed once per iteration, so when none is readable yet one 1-token
+        warm-up request runs first; its stats' ``maxNumBlocks`` is the fallback.
+        """
+        self._drain_sync()
+        if not self._events.blocks_per_level:
+            warm = self.api.SamplingParams(max_tokens=1, end_id=self._eos or 0, pad_id=self._eos or 0, detokenize=False)
+            self.llm.generate([[self._eos or 0]], sampling_params=warm)
+            self._drain_sync()
         levels = self._events.blocks_per_level
-        have = levels[0] if levels else None
+        have = levels[0] if levels else self._stats.get("kvCacheStats", {}).get("maxNumBlocks")
         want = self.config.num_blocks
         if have is None:
             if want is None:
@@ -106,7 +113,14 @@ class TrtllmEngine(Engine):
             return want
         if want is not None and have < want:
             raise ValueError(f"--num-gpu-blocks {want}: TensorRT-LLM allocated only {have} blocks")
-        return have
+        return int(have)
+
+    def _drain_sync(self) -> None:
+        timeout = self.config.poll_timeout_s
+        for event in self.llm.get_kv_cache_events(timeout=timeout):
+            self._translate(event)
+        for stat in self.llm.get_stats(timeout=timeout):
+            self._on_stats(stat)
 
     # ------------------------------------------------------------------ lifecycle
 

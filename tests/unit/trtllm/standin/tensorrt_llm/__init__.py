@@ -11,7 +11,8 @@ stored | removed | updated, ...}, "window_size"}``), ``SamplingParams`` (field n
 ``tensorrt_llm/sampling_params.py``), ``llmapi.KvCacheConfig`` (with ``tokens_per_block``) and
 ``llmapi.DisaggregatedParams``. Behind it runs a small paged-KV executor with block reuse, LRU
 eviction and its OWN block hashes (not ours), so the adapter's translation is really exercised.
-Nothing here is TensorRT-LLM code; tokens are a deterministic function of the sequence.
+Events and stats are flushed once per executor iteration (so even "created" is readable only after the
+first one). Nothing here is TensorRT-LLM code; tokens are a deterministic function of the sequence.
 """
 
 from . import llmapi

@@ -141,6 +141,7 @@ class LLM:
         self._ids = itertools.count(1)
         maxlen = kv.event_buffer_max_size or None
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
+        self._pending: list[dict[str, Any]] = []  # like its event manager: flushed once per iteration
         self._event_ids = itertools.count()
         self._stats: queue.Queue[dict[str, Any]] = queue.Queue()
         self._iter = 0
@@ -178,6 +179,19 @@ class LLM:
             self._waiting.append(req)
             self._lock.notify()
         return req.out
+
+    def generate(self, inputs: list[list[int]], sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """The blocking form: runs the prompts to completion (its own loop on a helper thread, like its executor)."""
+        results: list[RequestOutput] = []
+
+        async def run() -> None:
+            for prompt in inputs:
+                results.append(await self.generate_async(prompt, sampling_params).aresult())
+
+        helper = threading.Thread(target=lambda: asyncio.run(run()))
+        helper.start()
+        helper.join(60)
+        return results
 
     def get_stats(self, timeout: float = 2) -> list[dict[str, Any]]:
         out = []
@@ -228,7 +242,7 @@ class LLM:
             self._lock.notify()
 
     def _emit(self, data: dict[str, Any]) -> None:
-        self._events.append({"event_id": next(self._event_ids), "data": data, "window_size": self.max_seq_len})
+        self._pending.append({"event_id": next(self._event_ids), "data": data, "window_size": self.max_seq_len})
 
     def _loop(self) -> None:
         while True:
@@ -383,6 +397,8 @@ class LLM:
             else:
                 req.out._push(req.generated, req.logprobs, None)
         self._publish_stats()
+        self._events.extend(self._pending)  # so even "created" is readable only after the first iteration
+        self._pending.clear()
 
     def _reason(self, req: _Req) -> str | None:
         sp, n, tok = req.sp, len(req.generated), req.generated[-1]
