@@ -142,6 +142,11 @@ async def test_disaggregated_prefill_then_decode_continues_the_same_sequence(mak
     assert first.token_ids == whole[:1]
     tail = [t async for o in decode.decode(req, opaque) for t in o.token_ids]
     assert first.token_ids + tail == whole  # the first token is not repeated by the generation-only stream
+    _, again = await prefill.prefill(_req("d2", 11, max_tokens=50))
+    stream = decode.decode(_req("d2", 11, max_tokens=50), again)
+    assert (await anext(aiter(stream))).token_ids
+    await stream.aclose()  # closing the decode stream aborts the generation-only request
+    assert not decode._active
     doc = json.loads(opaque)
     assert doc["format"] == disagg.FORMAT and doc["first_gen_tokens"] == whole[:1] and doc["ctx_request_id"]
 
@@ -150,7 +155,11 @@ async def test_opaque_params_that_are_not_ours_are_refused(make_engine: MakeEngi
     eng = await make_engine()
     for bad in (b"\xff\x00", b'{"format": "vllm"}'):
         with pytest.raises(errors.InvalidArgument, match="opaque_params"):
-            eng.decode(_req("x", 5), bad)
+            await anext(aiter(eng.decode(_req("x", 5), bad)))
+    stale = json.dumps({"format": disagg.FORMAT, "ctx_request_id": 1, "first_gen_tokens": [3]}).encode()
+    with pytest.raises(errors.InvalidArgument, match="TensorRT-LLM refused the request: unknown ctx_request_id"):
+        [t async for o in eng.decode(_req("y", 5), stale) for t in o.token_ids]
+    assert len(await _tokens(eng, _req("z", 5, max_tokens=2))) == 2  # still serving
 
 
 def test_opaque_params_ride_on_the_kv_handle() -> None:

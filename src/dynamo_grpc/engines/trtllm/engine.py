@@ -208,10 +208,16 @@ class TrtllmEngine(Engine):
             raise errors.Internal("TensorRT-LLM returned no disaggregated params for a context-only request")
         return merged, disagg.encode_params(returned)
 
-    def decode(self, request: EngineRequest, opaque_params: bytes) -> AsyncIterator[EngineOutput]:
-        """Continue a prefilled request as ``generation_only`` from a prefill worker's opaque params."""
+    async def decode(self, request: EngineRequest, opaque_params: bytes) -> AsyncGenerator[EngineOutput, None]:
+        """Continue a prefilled request as ``generation_only`` from a prefill worker's opaque params.
+
+        Like ``generate``, errors (opaque params that are not ours included) come from the first ``__anext__``.
+        """
         params = disagg.decode_params(opaque_params, self.api.DisaggregatedParams)
-        return self._run(request, params, skip=len(disagg.first_tokens(opaque_params)))
+        skip = len(disagg.first_tokens(opaque_params))
+        async with contextlib.aclosing(self._run(request, params, skip=skip)) as outputs:
+            async for out in outputs:
+                yield out
 
     # ------------------------------------------------------------------ one request
 
@@ -259,11 +265,14 @@ class TrtllmEngine(Engine):
         on_result: Callable[[Any], None] | None = None,
     ) -> AsyncGenerator[EngineOutput, None]:
         self._check(request)
-        params = self.api.SamplingParams(**to_trtllm_kwargs(request, self._eos))
         cached = self._cached_tokens(request.token_ids)
-        result = self.llm.generate_async(
-            list(request.token_ids), sampling_params=params, streaming=True, disaggregated_params=disaggregated
-        )
+        try:
+            params = self.api.SamplingParams(**to_trtllm_kwargs(request, self._eos))
+            result = self.llm.generate_async(
+                list(request.token_ids), sampling_params=params, streaming=True, disaggregated_params=disaggregated
+            )
+        except ValueError as e:  # its own argument checks (pydantic's ValidationError is a ValueError)
+            raise errors.InvalidArgument(f"TensorRT-LLM refused the request: {e}") from e
         self._active.add(result)
         prompt = len(request.token_ids)
         sent = 0
@@ -289,6 +298,12 @@ class TrtllmEngine(Engine):
                     return
             done = True
             yield EngineOutput([], "cancelled" if self._stopping else "stop", prompt, cached)
+        except errors.DynamoError:
+            raise
+        except Exception as e:  # its RequestError is about this request; anything else means the executor failed
+            if type(e).__name__ == "RequestError":
+                raise errors.Internal(f"TensorRT-LLM failed the request: {e}") from e
+            raise EngineDead(f"TensorRT-LLM failed: {type(e).__name__}: {e}") from e
         finally:
             self._active.discard(result)
             if not done:

@@ -171,7 +171,7 @@ class LLM:
             raise ValueError("the stand-in serves no LoRA")
         dp = disaggregated_params
         if dp is not None and dp.request_type == "generation_only" and dp.ctx_request_id not in _CONTEXTS:
-            raise RuntimeError(f"unknown ctx_request_id {dp.ctx_request_id}")
+            raise ValueError(f"unknown ctx_request_id {dp.ctx_request_id}")
         rid = next(self._ids)
         req = _Req(rid, list(inputs), sp, RequestOutput(rid, list(inputs), self, asyncio.get_running_loop()), dp)
         req.rng.seed(sp.seed if sp.seed is not None else rid)
