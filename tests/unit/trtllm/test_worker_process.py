@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,3 +94,22 @@ def test_a_worker_over_the_standin_serves_decode_and_refuses_what_it_cannot_hono
         _decode(standin_worker, logit_bias={7: 2.0})
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in (exc.value.details() or "")
     assert sum(len(o.token_ids) for o in _decode(standin_worker)) == 5  # still serving
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--engine", "mocker", "--tokenizer", "/x"], "--tokenizer is a trtllm flag; --engine mocker does not read it"),
+        (["--engine", "torch", "--free-gpu-memory-fraction", "0.5"], "--free-gpu-memory-fraction is a trtllm flag"),
+        (["--engine", "trtllm", "--model", "/m", "--seed", "3"], "--seed is not read by --engine trtllm"),
+        (["--engine", "trtllm"], "--engine trtllm needs --model"),
+        (["--engine", "trtllm", "--model", "/m", "--num-gpu-blocks", "8", "--free-gpu-memory-fraction", "0.5"],
+         "give one"),
+    ],
+)  # fmt: skip
+def test_engine_flags_are_checked_before_anything_starts(argv: list[str], message: str) -> None:
+    from dynamo_grpc.engines.trtllm.worker import check_flags
+    from dynamo_grpc.worker.main import build_parser
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_flags(build_parser().parse_args(argv))

@@ -146,15 +146,17 @@ class TrtllmEngine(Engine):
     async def _poll(self, source: Callable[..., AsyncIterator[Any]], handle: Callable[[Any], None]) -> None:
         """Read one of its async streams for as long as the engine runs (each ends after a quiet timeout)."""
         while not self._stopping:
+            seen = 0
             try:
                 async for item in source(timeout=self.config.poll_timeout_s):
+                    seen += 1
                     handle(item)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bad item must not stop events or stats for good
                 log.exception("reading TensorRT-LLM %s failed", getattr(source, "__name__", source))
                 await asyncio.sleep(0.5)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0 if seen else 0.05)  # a stream that ends at once when idle must not spin
 
     def _translate(self, event: Any) -> list[KvEvent]:
         return self._events.translate(_as_dict(event))
