@@ -21,6 +21,7 @@ from dynamo_grpc.events.kv import KvEvent, KvStored
 from dynamo_grpc.models.card import ModelCard
 from dynamo_grpc.tokens.block_hash import block_hash_list
 from dynamo_grpc.v1 import kv_transfer_pb2
+from tests.unit.trtllm.standin import tensorrt_llm as standin
 
 from .conftest import EOS, VOCAB, MakeEngine
 
@@ -134,7 +135,11 @@ def test_its_stats_become_our_load_metrics() -> None:
     assert load_from_stats({}, total_blocks=9).total_blocks == 9  # before the first iteration
 
 
-async def test_disaggregated_prefill_then_decode_continues_the_same_sequence(make_engine: MakeEngine) -> None:
+@pytest.mark.parametrize("repeats", [True, False], ids=["gen-only-repeats-first", "gen-only-continues"])
+async def test_disaggregated_prefill_then_decode_continues_the_same_sequence(
+    make_engine: MakeEngine, repeats: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(standin, "GEN_ONLY_REPEATS_FIRST_TOKENS", repeats)
     prefill, decode = await make_engine(), await make_engine()
     req = _req("d", 11, max_tokens=6)
     whole = await _tokens(prefill, _req("w", 11, max_tokens=6))

@@ -216,7 +216,7 @@ class TrtllmEngine(Engine):
         Like ``generate``, errors (opaque params that are not ours included) come from the first ``__anext__``.
         """
         params = disagg.decode_params(opaque_params, self.api.DisaggregatedParams)
-        skip = len(disagg.first_tokens(opaque_params))
+        skip = disagg.first_tokens(opaque_params)
         async with contextlib.aclosing(self._run(request, params, skip=skip)) as outputs:
             async for out in outputs:
                 yield out
@@ -263,7 +263,7 @@ class TrtllmEngine(Engine):
         request: EngineRequest,
         disaggregated: Any = None,
         *,
-        skip: int = 0,
+        skip: list[int] | None = None,
         on_result: Callable[[Any], None] | None = None,
     ) -> AsyncGenerator[EngineOutput, None]:
         self._check(request)
@@ -286,9 +286,13 @@ class TrtllmEngine(Engine):
                 ids = list(out.token_ids)
                 new, new_lp = ids[sent:], _logprobs(out, sent, len(ids), want_top)
                 sent = len(ids)
-                if skip:
-                    cut = min(skip, len(new))
-                    new, skip = new[cut:], skip - cut
+                if skip:  # a generation-only stream that starts with the prefill's tokens: Prefill sent them
+                    cut = 0
+                    while skip and cut < len(new) and new[cut] == skip[0]:
+                        cut, skip = cut + 1, skip[1:]
+                    if cut < len(new):
+                        skip = None  # it does not (or no longer) repeat them
+                    new = new[cut:]
                     new_lp = new_lp[cut:] if new_lp is not None else None
                 finish = _finish(out.finish_reason) if res.finished else None
                 if new or finish is not None:

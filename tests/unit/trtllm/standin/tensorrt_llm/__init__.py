@@ -22,6 +22,9 @@ from ._params import DisaggregatedParams, KvCacheConfig, SamplingParams
 __version__ = "1.1.0-standin"
 #: seconds per executor iteration (tests that need a request to stay running raise it)
 STEP_SECONDS = 0.001
+#: whether a generation-only request's output starts with the context phase's first_gen_tokens (the adapter
+#: handles both; which one TensorRT-LLM does is to be confirmed on a GPU host)
+GEN_ONLY_REPEATS_FIRST_TOKENS = True
 
 __all__ = [
     "LLM",

@@ -109,6 +109,7 @@ class _Req:
     blocks: list[int] = field(default_factory=list)  # block ids, in order
     hashes: list[int] = field(default_factory=list)  # its hashes of the full blocks stored so far
     rng: random.Random = field(default_factory=random.Random)
+    shown_from: int = 0  # outputs start here (a generation-only request may hide the first tokens)
 
     @property
     def tokens(self) -> list[int]:
@@ -351,7 +352,7 @@ class LLM:
                 opaque_state=b"standin-transceiver:" + str(ctx_id).encode(),
             )  # fmt: skip
         self._release(req)
-        req.out._push(req.generated, req.logprobs, reason)
+        req.out._push(req.generated[req.shown_from :], req.logprobs[req.shown_from :], reason)
 
     def _step(self) -> None:
         self._iter += 1
@@ -375,6 +376,8 @@ class LLM:
                 _prompt, first = _CONTEXTS.pop(dp.ctx_request_id or -1)  # the KV "arrives" with the first tokens
                 req.generated = list(first)
                 req.logprobs = [{} for _ in first]
+                if not sys.modules[__package__].GEN_ONLY_REPEATS_FIRST_TOKENS:
+                    req.shown_from = len(first)
             else:
                 if len(req.tokens) + 1 > len(req.blocks) * self.tpb:
                     blk = self._alloc()
@@ -395,7 +398,7 @@ class LLM:
                 self._running.remove(req)
                 self._finish(req, reason)
             else:
-                req.out._push(req.generated, req.logprobs, None)
+                req.out._push(req.generated[req.shown_from :], req.logprobs[req.shown_from :], None)
         self._publish_stats()
         self._events.extend(self._pending)  # so even "created" is readable only after the first iteration
         self._pending.clear()
