@@ -38,8 +38,8 @@ def add_trtllm_flags(parser: argparse.ArgumentParser) -> None:
         "--free-gpu-memory-fraction",
         type=float,
         default=None,
-        help="trtllm: share of free GPU memory for the KV cache (TensorRT-LLM's default 0.9; ignored with "
-        "--num-gpu-blocks, which sets KvCacheConfig.max_tokens)",
+        help="trtllm: share of free GPU memory for the KV cache (TensorRT-LLM's default 0.9); "
+        "refused together with --num-gpu-blocks, which sets KvCacheConfig.max_tokens instead",
     )
     g.add_argument(
         "--kv-event-buffer",
