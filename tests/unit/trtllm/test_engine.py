@@ -51,6 +51,12 @@ async def test_llm_is_built_with_our_block_size_cache_and_batch(make_engine: Mak
     assert eng.num_blocks == 40 == eng.load_metrics().total_blocks  # from its "created" event
 
 
+def test_a_model_without_an_eos_id_is_refused(api: TrtllmApi, checkpoint: Path) -> None:
+    card = ModelCard(name="tiny", context_length=256, tokenizer_sha256="", vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="names no EOS token id"):
+        TrtllmEngine(TrtllmConfig(model=checkpoint, block_size=4), card, api)
+
+
 @pytest.mark.parametrize("block_size", [0, 1, 48])
 def test_a_block_size_it_cannot_use_is_refused(api: TrtllmApi, checkpoint: Path, block_size: int) -> None:
     with pytest.raises(ValueError, match=rf"--block-size {block_size}: .*power of two"):

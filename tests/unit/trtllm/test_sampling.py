@@ -10,7 +10,7 @@ from dynamo_grpc.engines.trtllm.sampling import check_supported, to_trtllm_kwarg
 from tests.unit.trtllm.standin import tensorrt_llm as standin
 
 
-def _kw(eos: int | None = 1, **sp: object) -> dict[str, object]:
+def _kw(eos: tuple[int, ...] = (1,), **sp: object) -> dict[str, object]:
     req = EngineRequest("r", [3, 4], SamplingParams(**sp))  # type: ignore[arg-type]
     check_supported(req)
     return to_trtllm_kwargs(req, eos)
@@ -44,8 +44,10 @@ def test_top_k_disabled_and_top_p_one_still_samples() -> None:
     assert not standin.SamplingParams(**kw)._greedy_decoding  # unset top_k AND top_p would be its greedy
 
 
-def test_no_eos_in_the_card_leaves_end_id_to_tensorrt_llm() -> None:
-    assert "end_id" not in _kw(eos=None)
+def test_a_second_eos_id_stops_generation_unless_eos_is_ignored() -> None:
+    kw = _kw(eos=(128009, 128001), stop_token_ids=[7])
+    assert (kw["end_id"], kw["stop_token_ids"]) == (128009, [7, 128001])
+    assert _kw(eos=(128009, 128001), ignore_eos=True).get("stop_token_ids") is None
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,11 @@ class TrtllmEngine(Engine):
         self.block_size = config.block_size
         self.context_length = card.context_length
         self.vocab_size = card.vocab_size
-        self._eos = card.eos_token_ids[0] if card.eos_token_ids else None
+        if not card.eos_token_ids:
+            raise ValueError(
+                f"model {card.name!r} names no EOS token id: TensorRT-LLM runs without its tokenizer here and needs one"
+            )
+        self._eos = list(card.eos_token_ids)
         self._events = EventTranslator(config.block_size)
         self._sink: KvEventSink | None = None
         self._active: set[Any] = set()
@@ -101,8 +105,9 @@ class TrtllmEngine(Engine):
         """
         self._drain_sync()
         if not self._events.blocks_per_level:
-            warm = self.api.SamplingParams(max_tokens=1, end_id=self._eos or 0, pad_id=self._eos or 0, detokenize=False)
-            self.llm.generate([[self._eos or 0]], sampling_params=warm)
+            eos = self._eos[0]
+            warm = self.api.SamplingParams(max_tokens=1, end_id=eos, pad_id=eos, detokenize=False)
+            self.llm.generate([[eos]], sampling_params=warm)
             self._drain_sync()
         levels = self._events.blocks_per_level
         have = levels[0] if levels else self._stats.get("kvCacheStats", {}).get("maxNumBlocks")

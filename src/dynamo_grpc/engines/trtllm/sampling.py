@@ -6,7 +6,7 @@
 | temperature 0 | ``top_k=1`` (its greedy decoding; ``temperature`` left unset) |
 | temperature > 0, top_p, top_k > 0 | same names (top_k 0/-1: unset, i.e. all logits) |
 | repetition/frequency/presence_penalty | same names |
-| stop_token_ids, ignore_eos | same names; ``end_id``/``pad_id``: the card's EOS (no tokenizer in the LLM) |
+| stop_token_ids, ignore_eos | same names; ``end_id``/``pad_id``: the card's first EOS; its other EOS ids: stop ids |
 | logprobs | ``logprobs`` (top-k per generated token) |
 | bad_words of one token each | ``bad_token_ids`` |
 
@@ -17,6 +17,7 @@ TensorRT backend only), and a LoRA adapter (the worker registers none).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from dynamo_grpc import errors
@@ -42,17 +43,23 @@ def check_supported(request: EngineRequest) -> None:
         raise errors.FailedPrecondition(f"LoRA adapter {request.lora!r}: the trtllm worker serves no LoRA adapters")
 
 
-def to_trtllm_kwargs(request: EngineRequest, eos_token_id: int | None) -> dict[str, Any]:
-    """Keyword arguments for ``tensorrt_llm.SamplingParams`` (call :func:`check_supported` first)."""
+def to_trtllm_kwargs(request: EngineRequest, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+    """Keyword arguments for ``tensorrt_llm.SamplingParams`` (call :func:`check_supported` first).
+
+    The LLM runs without its tokenizer, so ``end_id`` must be given: the card's first EOS id; a model with
+    several (Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``) stops on the others through ``stop_token_ids``.
+    """
     sp = request.sampling
     kw: dict[str, Any] = {
         "max_tokens": sp.max_tokens,
         "ignore_eos": sp.ignore_eos,
         "detokenize": False,  # token space: the frontend detokenizes
+        "end_id": eos_token_ids[0],
+        "pad_id": eos_token_ids[0],
     }
-    if eos_token_id is not None:
-        kw["end_id"] = eos_token_id
-        kw["pad_id"] = eos_token_id
+    stops = list(sp.stop_token_ids)
+    if not sp.ignore_eos:
+        stops += [t for t in eos_token_ids[1:] if t not in stops]
     if sp.temperature == 0:
         kw["top_k"] = 1
     else:
@@ -67,7 +74,7 @@ def to_trtllm_kwargs(request: EngineRequest, eos_token_id: int | None) -> dict[s
         "repetition_penalty": None if sp.repetition_penalty == 1.0 else sp.repetition_penalty,
         "frequency_penalty": sp.frequency_penalty or None,
         "presence_penalty": sp.presence_penalty or None,
-        "stop_token_ids": list(sp.stop_token_ids) or None,
+        "stop_token_ids": stops or None,
         # its logprobs=0 means none; ours means the sampled token's only (outputs trim the top list)
         "logprobs": None if sp.logprobs is None else max(sp.logprobs, 1),
         "bad_token_ids": [w[0] for w in sp.bad_words] or None,
