@@ -18,8 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import zmq
 
-from dynamo_grpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from dynamo_grpc.tokens.block_hash import block_hash_list
+from dynamo_grpc.v1 import common_pb2, events_pb2, worker_pb2, worker_pb2_grpc
 
 from .conftest import STANDIN_DIR, write_checkpoint
 
@@ -52,7 +54,7 @@ def test_flags_of_other_engines_are_refused_by_name(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def standin_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def standin_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("trtllm-worker")
     ready = tmp / "ready.json"
     log = (tmp / "worker.log").open("wb")
@@ -68,25 +70,29 @@ def standin_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((tmp / "worker.log").read_text())
             time.sleep(0.05)
-        yield json.loads(ready.read_text())["grpc_address"]
+        yield json.loads(ready.read_text())
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
 
 
-def _decode(address: str, **sampling: object) -> list[worker_pb2.DecodeResponse]:
-    with grpc.insecure_channel(address) as ch:
+def _decode(
+    info: dict[str, str], prompt: tuple[int, ...] = (5, 9, 13, 17, 21, 25), **sampling: object
+) -> list[worker_pb2.DecodeResponse]:
+    with grpc.insecure_channel(info["grpc_address"]) as ch:
         stub = worker_pb2_grpc.DecodeServiceStub(ch)
         req = worker_pb2.DecodeRequest(
-            token_ids=[5, 9, 13, 17, 21, 25],
+            token_ids=list(prompt),
             sampling=common_pb2.SamplingOptions(temperature=0.0, **sampling),  # type: ignore[arg-type]
             stop=common_pb2.StopConditions(max_tokens=5, ignore_eos=True),
         )
         return list(stub.Decode(req, timeout=30))
 
 
-def test_a_worker_over_the_standin_serves_decode_and_refuses_what_it_cannot_honour(standin_worker: str) -> None:
+def test_a_worker_over_the_standin_serves_decode_and_refuses_what_it_cannot_honour(
+    standin_worker: dict[str, str],
+) -> None:
     outs = _decode(standin_worker)
     assert sum(len(o.token_ids) for o in outs) == 5
     assert outs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
@@ -94,6 +100,31 @@ def test_a_worker_over_the_standin_serves_decode_and_refuses_what_it_cannot_hono
         _decode(standin_worker, logit_bias={7: 2.0})
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in (exc.value.details() or "")
     assert sum(len(o.token_ids) for o in _decode(standin_worker)) == 5  # still serving
+
+
+def test_its_kv_events_reach_the_event_plane_with_the_routers_hashes(standin_worker: dict[str, str]) -> None:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv.")
+    sub.connect(standin_worker["zmq_endpoint"])
+    try:
+        time.sleep(0.3)  # ZMQ slow joiner
+        prompt = tuple(40 + (3 * k) % 50 for k in range(10))
+        toks = [t for o in _decode(standin_worker, prompt) for t in o.token_ids]
+        want = set(block_hash_list([*prompt, *toks], 4)[:3])  # 15 tokens: 3 full blocks of 4
+        seen: set[int] = set()
+        deadline = time.monotonic() + 10
+        while not want <= seen and time.monotonic() < deadline:
+            if sub.poll(200):
+                batch = events_pb2.KvEventBatch.FromString(sub.recv_multipart()[2])
+                assert batch.block_size == 4
+                seen |= {
+                    b.block_hash for ev in batch.events if ev.WhichOneof("data") == "stored" for b in ev.stored.blocks
+                }
+        assert want <= seen  # what the router computes for these tokens, not TensorRT-LLM's own hashes
+    finally:
+        sub.close(0)
+        ctx.term()
 
 
 @pytest.mark.parametrize(
