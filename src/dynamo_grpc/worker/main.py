@@ -1,4 +1,4 @@
-"""`dynamo-grpc worker`: host an engine (mocker | torch) behind the worker services.
+"""`dynamo-grpc worker`: host an engine (mocker | torch | trtllm) behind the worker services.
 
 python -m dynamo_grpc.worker.main --engine mocker --speedup-ratio 10 --ready-file /tmp/w.json
 """
@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 
 from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.engines.trtllm.worker import add_trtllm_flags, build_trtllm
+from dynamo_grpc.engines.trtllm.worker import check_flags as check_trtllm_flags
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynamo-grpc worker",
         description="Serve an engine over Prefill/Decode/ModelFiles/KvEvents, registered in Consul.",
     )
-    p.add_argument("--engine", choices=["mocker", "torch"], default="mocker")
+    p.add_argument("--engine", choices=["mocker", "torch", "trtllm"], default="mocker")
     p.add_argument("--model", type=Path, default=None, help="GGUF file or HF directory (default: SmolLM2-135M GGUF)")
     p.add_argument("--model-name", default=None, help="served model name (default: from the model card)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind gRPC, ZMQ and metrics to")
@@ -57,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
     add_log_flag(p)
     add_curve_flags(p)
+    add_trtllm_flags(p)
     return p
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
+    if args.engine == "trtllm":
+        return build_trtllm(args)  # imports tensorrt_llm: only for this engine
+    check_trtllm_flags(args)
     path = args.model or default_model_path()
     if args.engine == "torch":
         from dynamo_grpc.engines.torch import TorchEngine  # imports torch: only for this engine

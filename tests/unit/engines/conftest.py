@@ -3,7 +3,7 @@
 ``make_core`` builds an :class:`EngineCore` whose executor is the mocker's simulator or the torch
 model runner (a tiny random Llama), so one scheduler suite checks that both behave the same under
 the same plans. ``engine_factory`` yields a factory of started :class:`Engine` objects for the
-conformance suite; a new engine (e.g. the TensorRT-LLM adapter) joins by adding a param here.
+conformance suite; the TensorRT-LLM adapter joins over a stand-in of its LLM API.
 """
 
 from __future__ import annotations
@@ -87,7 +87,26 @@ def make_core(request: pytest.FixtureRequest) -> MakeCore:
 EngineFactory = Callable[..., Awaitable[Engine]]
 
 
-@pytest.fixture(params=["mocker", "torch"])
+def _trtllm_engine(
+    model_dir: Path, num_blocks: int, block_size: int, max_waiting: int, max_num_seqs: int, realtime: bool
+) -> Engine:
+    """The TensorRT-LLM adapter over the stand-in of its LLM API (tests/unit/trtllm/standin: TRT-LLM 1.1's shapes)."""
+    from dynamo_grpc.engines.trtllm import TrtllmApi
+    from dynamo_grpc.engines.trtllm.config import TrtllmConfig
+    from dynamo_grpc.engines.trtllm.engine import TrtllmEngine
+    from dynamo_grpc.models.card import ModelCard
+    from tests.unit.trtllm.standin import tensorrt_llm as standin
+
+    standin.STEP_SECONDS = 0.02 if realtime else 0.001
+    card = ModelCard(name="tiny", context_length=256, tokenizer_sha256="", vocab_size=VOCAB, eos_token_ids=[EOS])
+    cfg = TrtllmConfig(
+        model=model_dir, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=32, max_waiting=max_waiting, poll_timeout_s=0.5,
+    )  # fmt: skip
+    return TrtllmEngine(cfg, card, TrtllmApi.from_module(standin, standin.llmapi))
+
+
+@pytest.fixture(params=["mocker", "torch", "trtllm"])
 async def engine_factory(request: pytest.FixtureRequest) -> AsyncIterator[EngineFactory]:
     """Started engines with a given geometry (``num_blocks``, ``block_size``, ``max_waiting``, ``max_num_seqs``).
 
@@ -106,7 +125,11 @@ async def engine_factory(request: pytest.FixtureRequest) -> AsyncIterator[Engine
         realtime: bool = False,
     ) -> Engine:
         eng: Engine
-        if kind == "mocker":
+        if kind == "trtllm":
+            model_dir = request.getfixturevalue("tmp_path")
+            (model_dir / "config.json").write_text(f'{{"vocab_size": {VOCAB}, "max_position_embeddings": 256}}')
+            eng = _trtllm_engine(model_dir, num_blocks, block_size, max_waiting, max_num_seqs, realtime)
+        elif kind == "mocker":
             eng = MockerEngine(
                 MockerConfig(
                     vocab_size=VOCAB, eos_token_ids=[EOS], block_size=block_size, num_gpu_blocks=num_blocks,
