@@ -62,7 +62,12 @@ async def test_chat_and_models_and_health(http_mesh: Mesh) -> None:
             assert r.status == 200
         async with s.get(f"{base}/metrics") as r:
             text = await r.text()
-        assert f'dynamo_frontend_requests_total{{model="{MODEL}",outcome="success"}}' in text
+        labels = f'endpoint="chat_completions",model="{MODEL}",protocol="openai",request_type="unary",status="success"'
+        assert f"dynamo_frontend_requests_total{{{labels}}} 1.0" in text
+        assert f'dynamo_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in text  # finished requests leave it
+        value = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#"}
+        assert value[f'dynamo_frontend_time_to_first_token_seconds_count{{model="{MODEL}"}}'] >= 1
+        assert value[f'nv_inference_request_success{{model="{MODEL}",version="1"}}'] >= 1
         # the KV router runs in the frontend (the default mode) and reports its decisions here
         # with the names the `dynamo-grpc router` service uses
         assert f'dynamo_router_decisions_total{{mode="kv",model="{MODEL}"}}' in text

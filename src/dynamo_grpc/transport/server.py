@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dynamo_grpc.observability.interceptors import server_interceptors
 from dynamo_grpc.transport.options import DEFAULT_MAX_MESSAGE_BYTES, common_channel_args
 from dynamo_grpc.transport.tls import TlsConfig
 
@@ -65,6 +66,7 @@ class GrpcServer:
         self.options = options or ServerOptions()
         o = self.options
         self.server = grpc.aio.server(
+            interceptors=server_interceptors(),  # tracing: continue the caller's traceparent (none when off)
             options=common_channel_args(o.max_message_bytes, o.keepalive_time_s, o.keepalive_timeout_s)
             + [
                 # tolerate our channels' keepalive pings (every keepalive_time_s) while no data flows, e.g. a
