@@ -53,7 +53,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def stop(self) -> None:
         self.server.stop(0)
 
-    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:  # noqa: N802
+    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
         got = []
         for rs in request.resource_spans:
             res = {a.key: _value(a.value) for a in rs.resource.attributes}
