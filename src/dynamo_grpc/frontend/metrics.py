@@ -65,6 +65,7 @@ class FrontendMetrics:
 
     def started(self, model: str) -> None:
         self.inflight.labels(model).inc()
+        self.migrations.labels(model)  # a 0 series from the first request, so dashboards chart "no migration"
 
     def finished(
         self,
