@@ -13,7 +13,7 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import grpc
@@ -126,6 +126,21 @@ async def test_kserve_client_trace_continues_through_router_and_worker(
     spans = receiver.wait_for(trace_id, OURS | {"/inference.GRPCInferenceService/ModelInfer"})
     _check_chain(spans, client_span, "/inference.GRPCInferenceService/ModelInfer")
     assert {s.service for s in spans} == {"dynamo-frontend", "dynamo-router", "dynamo-worker"}
+
+
+async def test_kserve_stream_rpc_is_traced_too(traced_mesh: Mesh, receiver: OtlpReceiver) -> None:
+    """ModelStreamInfer answers with context.write (a coroutine handler): still one span, the chain intact."""
+    header, trace_id, client_span = _traceparent()
+
+    async def one() -> AsyncIterator[pb.ModelInferRequest]:
+        yield _infer_request(traced_mesh.models[0])
+
+    async with grpc.aio.insecure_channel(traced_mesh.frontend_grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        got = [m async for m in stub.ModelStreamInfer(one(), metadata=(("traceparent", header),), timeout=30)]
+    assert got and not got[0].error_message
+    name = "/inference.GRPCInferenceService/ModelStreamInfer"
+    _check_chain(receiver.wait_for(trace_id, OURS | {name}), client_span, name)
 
 
 async def test_openai_client_traceparent_header_is_continued(traced_mesh: Mesh, receiver: OtlpReceiver) -> None:

@@ -7,6 +7,7 @@ reflection are not traced. Empty lists when tracing is off: an untraced process 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from dynamo_grpc.observability import tracing
@@ -23,9 +24,20 @@ def _filter() -> Any:
 def server_interceptors() -> list[Any]:
     if not tracing.enabled():
         return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.grpc._aio_server import OpenTelemetryAioServerInterceptor
 
-    return [aio_server_interceptor(filter_=_filter())]
+    class ServerInterceptor(OpenTelemetryAioServerInterceptor):  # type: ignore[misc]
+        """OpenTelemetry's, plus streaming handlers that answer with `context.write` (a coroutine, as the
+        frontend's ModelStreamInfer is): the library iterates every streaming handler as an async generator."""
+
+        def _intercept_aio_server_stream(self, behavior: Any, handler_call_details: Any) -> Any:
+            if inspect.isasyncgenfunction(behavior) or not inspect.iscoroutinefunction(behavior):
+                return super()._intercept_aio_server_stream(behavior, handler_call_details)
+            return self._intercept_aio_server_unary(behavior, handler_call_details)  # one await, same span
+
+    tracer = trace.get_tracer("opentelemetry.instrumentation.grpc", schema_url="https://opentelemetry.io/schemas/1.11.0")
+    return [ServerInterceptor(tracer, filter_=_filter())]
 
 
 def client_interceptors() -> list[Any]:
