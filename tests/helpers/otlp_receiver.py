@@ -1,15 +1,24 @@
 """A real OTLP/gRPC trace endpoint for tests: the collector's TraceService (opentelemetry-proto), keeping spans.
 
 Processes export to it exactly as to an OpenTelemetry Collector (OTEL_EXPORTER_OTLP_ENDPOINT); the test reads
-back the spans as plain dicts (ids in hex, attributes as Python values).
+back the spans (ids in hex, attributes as Python values).
+
+It runs in a process of its own (`OtlpReceiverProcess`): a live sync gRPC server in the pytest process would make
+every later fork of that process (Popen with preexec_fn, as the mesh launcher does) restart gRPC's poller in the
+child, whose epoll fd close_fds then closes: the child aborts before exec (grpc/grpc#43055).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,7 +44,8 @@ class ReceivedSpan:
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, sink: Any = None) -> None:
+        self.sink = sink  # a text file every received span is appended to, as a JSON line
         self.spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -73,6 +83,9 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     )
         with self._lock:
             self.spans.extend(got)
+            if self.sink is not None:
+                self.sink.write("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in got))
+                self.sink.flush()
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
@@ -89,3 +102,46 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                 assert not missing, f"spans {sorted(missing)} never arrived; got {sorted(s.name for s in spans)}"
                 return spans
             time.sleep(0.1)
+
+
+class OtlpReceiverProcess:
+    """`OtlpReceiver` in a child process (see the module doc); the same reading API, over its span file."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / "otlp-spans.jsonl"
+        self.path.touch()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.otlp_receiver", str(self.path)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def spans(self) -> list[ReceivedSpan]:
+        text = self.path.read_text()
+        lines = text.splitlines()[: text.count("\n")]  # whole lines only
+        return [ReceivedSpan(**json.loads(ln)) for ln in lines]
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        return [s for s in self.spans if s.trace_id == trace_id]
+
+    wait_for = OtlpReceiver.wait_for
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def main() -> None:
+    with open(sys.argv[1], "a", encoding="utf-8") as sink:
+        r = OtlpReceiver(sink).start()
+        print(r.port, flush=True)
+        r.server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

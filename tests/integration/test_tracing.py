@@ -22,7 +22,7 @@ import pytest
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
-from tests.helpers.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.helpers.otlp_receiver import OtlpReceiverProcess, ReceivedSpan
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ OURS = {"preprocess", "frontend.request", "route", "router.decide", "decode"}
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver().start()
+def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OtlpReceiverProcess]:
+    r = OtlpReceiverProcess(tmp_path_factory.mktemp("otlp"))
     try:
         yield r
     finally:
@@ -39,7 +39,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def traced_mesh(receiver: OtlpReceiver) -> Iterator[Mesh]:
+def traced_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # the standard variables, nothing of ours
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
@@ -114,7 +114,7 @@ def _check_chain(spans: list[ReceivedSpan], client_span_id: str, server_span: st
 
 
 async def test_kserve_client_trace_continues_through_router_and_worker(
-    traced_mesh: Mesh, receiver: OtlpReceiver
+    traced_mesh: Mesh, receiver: OtlpReceiverProcess
 ) -> None:
     header, trace_id, client_span = _traceparent()
     async with grpc.aio.insecure_channel(traced_mesh.frontend_grpc) as ch:
@@ -128,7 +128,7 @@ async def test_kserve_client_trace_continues_through_router_and_worker(
     assert {s.service for s in spans} == {"dynamo-frontend", "dynamo-router", "dynamo-worker"}
 
 
-async def test_kserve_stream_rpc_is_traced_too(traced_mesh: Mesh, receiver: OtlpReceiver) -> None:
+async def test_kserve_stream_rpc_is_traced_too(traced_mesh: Mesh, receiver: OtlpReceiverProcess) -> None:
     """ModelStreamInfer answers with context.write (a coroutine handler): still one span, the chain intact."""
     header, trace_id, client_span = _traceparent()
 
@@ -143,7 +143,7 @@ async def test_kserve_stream_rpc_is_traced_too(traced_mesh: Mesh, receiver: Otlp
     _check_chain(receiver.wait_for(trace_id, OURS | {name}), client_span, name)
 
 
-async def test_openai_client_traceparent_header_is_continued(traced_mesh: Mesh, receiver: OtlpReceiver) -> None:
+async def test_openai_client_traceparent_header_is_continued(traced_mesh: Mesh, receiver: OtlpReceiverProcess) -> None:
     header, trace_id, client_span = _traceparent()
     body = {"model": traced_mesh.models[0], "prompt": "why", "max_tokens": 4, "ignore_eos": True}
     async with aiohttp.ClientSession() as s:
@@ -155,7 +155,7 @@ async def test_openai_client_traceparent_header_is_continued(traced_mesh: Mesh, 
     _check_chain(spans, client_span, "POST /v1/completions")
 
 
-async def test_untraced_request_starts_its_own_trace(traced_mesh: Mesh, receiver: OtlpReceiver) -> None:
+async def test_untraced_request_starts_its_own_trace(traced_mesh: Mesh, receiver: OtlpReceiverProcess) -> None:
     """Without a traceparent the frontend's server span is a root, and the mesh still shares one trace."""
     async with grpc.aio.insecure_channel(traced_mesh.frontend_grpc) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
