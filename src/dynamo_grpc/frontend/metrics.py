@@ -9,7 +9,8 @@ time to the request's first placement on a worker (preprocess + routing), E2E to
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -62,10 +63,22 @@ class FrontendMetrics:
         self.output_tokens = Counter(p + "output_tokens", "Generated tokens", ["model"], registry=r)
         self.migrations = Counter(p + "migrations", "Requests moved off a lost worker", ["model"], registry=r)
         self.triton = TritonCounters()
+        self._series: dict[str, _ModelSeries] = {}
+        self._requests: dict[tuple[str, ...], Any] = {}
+
+    def _model(self, model: str) -> _ModelSeries:
+        """The model's series, looked up once (a `labels()` call takes a lock and builds a key each time)."""
+        m = self._series.get(model)
+        if m is None:
+            m = self._series[model] = _ModelSeries(
+                self.inflight.labels(model), self.ttft.labels(model), self.itl.labels(model), self.e2e.labels(model),
+                self.queue.labels(model), self.isl.labels(model), self.osl.labels(model),
+                self.input_tokens.labels(model), self.output_tokens.labels(model), self.migrations.labels(model),
+            )  # fmt: skip
+        return m
 
     def started(self, model: str) -> None:
-        self.inflight.labels(model).inc()
-        self.migrations.labels(model)  # a 0 series from the first request, so dashboards chart "no migration"
+        self._model(model).inflight.inc()  # also makes the migrations series 0, so dashboards chart "none"
 
     def finished(
         self,
@@ -78,8 +91,13 @@ class FrontendMetrics:
         timings: Timings | None,
     ) -> None:
         """One request ended (`status`: success, error or cancelled); pairs with `started`."""
-        self.inflight.labels(model).dec()
-        self.requests.labels(model, protocol, endpoint, "stream" if stream else "unary", status).inc()
+        m = self._model(model)
+        m.inflight.dec()
+        key = (model, protocol, endpoint, "stream" if stream else "unary", status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(*key)
+        counter.inc()
         nv = self.triton
         nv.inc("nv_inference_request_duration_us", model, total_ns / 1e3)
         if status != "success":
@@ -87,26 +105,39 @@ class FrontendMetrics:
             return
         for name in ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count"):
             nv.inc(name, model)
-        self.e2e.labels(model).observe(total_ns / 1e9)
+        m.e2e.observe(total_ns / 1e9)
         if timings is None:
             return
         t = timings
         if t.routed_at_ns:
             queue_ns = t.routed_at_ns - t.arrival_ns
-            self.queue.labels(model).observe(queue_ns / 1e9)
+            m.queue.observe(queue_ns / 1e9)
             nv.inc("nv_inference_queue_duration_us", model, queue_ns / 1e3)
         if t.first_token_at_ns:
-            self.ttft.labels(model).observe((t.first_token_at_ns - t.arrival_ns) / 1e9)
-        itl = self.itl.labels(model)
+            m.ttft.observe((t.first_token_at_ns - t.arrival_ns) / 1e9)
         for gap_s, n in t.token_gaps:
             for _ in range(n):
-                itl.observe(gap_s)
-        self.isl.labels(model).observe(t.prompt_tokens)
-        self.osl.labels(model).observe(t.output_tokens)
-        self.input_tokens.labels(model).inc(t.prompt_tokens)
-        self.output_tokens.labels(model).inc(t.output_tokens)
+                m.itl.observe(gap_s)
+        m.isl.observe(t.prompt_tokens)
+        m.osl.observe(t.output_tokens)
+        m.input_tokens.inc(t.prompt_tokens)
+        m.output_tokens.inc(t.output_tokens)
         if t.migrations:
-            self.migrations.labels(model).inc(t.migrations)
+            m.migrations.inc(t.migrations)
+
+
+@dataclass(frozen=True)
+class _ModelSeries:
+    inflight: Any
+    ttft: Any
+    itl: Any
+    e2e: Any
+    queue: Any
+    isl: Any
+    osl: Any
+    input_tokens: Any
+    output_tokens: Any
+    migrations: Any
 
 
 TRITON_COUNTERS = {

@@ -17,17 +17,23 @@ REQUEST_ID = "dynamo.request_id"
 _tracer = trace.get_tracer("dynamo_grpc")
 
 
-@contextlib.contextmanager
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext(None)  # reusable: what every hop gets when off
+
+
 def span(
     name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL, /, **attributes: Any
-) -> Iterator[trace.Span | None]:
+) -> contextlib.AbstractContextManager[trace.Span | None]:
     """A child of the current span, current while the block runs; None (and no work) when tracing is off.
 
     Attribute names are given without the `dynamo.` prefix (`request_id=...` becomes `dynamo.request_id`).
     """
-    if not tracing.enabled():
-        yield None
-        return
+    if not tracing._enabled:
+        return _OFF
+    return _recorded(name, kind, attributes)
+
+
+@contextlib.contextmanager
+def _recorded(name: str, kind: trace.SpanKind, attributes: dict[str, Any]) -> Iterator[trace.Span]:
     attrs = {f"dynamo.{k}": v for k, v in attributes.items() if v is not None}
     with _tracer.start_as_current_span(name, kind=kind, attributes=attrs) as s:
         yield s
