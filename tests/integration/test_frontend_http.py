@@ -95,3 +95,23 @@ async def test_http_errors(http_mesh: Mesh, path: str, body: dict, status: int, 
         assert needle in err["error"]["message"]
         async with s.post(f"http://{http_mesh.frontend_http}/v1/completions", data=b"{not json") as r:
             assert r.status == 400
+
+
+async def test_a_refused_request_is_counted_as_an_error_and_leaves_no_inflight(http_mesh: Mesh) -> None:
+    base = f"http://{http_mesh.frontend_http}"
+    labels = f'endpoint="completions",model="{MODEL}",protocol="openai",request_type="unary",status="error"'
+    series = f"dynamo_frontend_requests_total{{{labels}}}"
+
+    async def scrape(s: aiohttp.ClientSession) -> dict[str, float]:
+        async with s.get(f"{base}/metrics") as r:
+            text = await r.text()
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#"}
+
+    async with aiohttp.ClientSession() as s:
+        before = (await scrape(s)).get(series, 0.0)
+        async with s.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hello " * 9000}) as r:
+            assert r.status == 400  # longer than the context
+        after = await scrape(s)
+    assert after[series] == before + 1
+    assert after[f'dynamo_frontend_inflight_requests{{model="{MODEL}"}}'] == 0
+    assert after[f'nv_inference_request_failure{{model="{MODEL}",version="1"}}'] >= 1

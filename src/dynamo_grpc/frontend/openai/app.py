@@ -111,7 +111,7 @@ class OpenAiApp:
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         """`_serve` in the client's trace (W3C traceparent header) and counted in the metrics, however it ends."""
         t0 = time.perf_counter_ns()
-        served: list[Any] = []  # the Prepared request, once it was accepted
+        served: dict[str, Any] = {}  # model, stream, timings (once prepared): what the metrics record
         try:
             if not tracing.enabled():
                 return await self._serve(request, chat, t0, served)
@@ -119,26 +119,28 @@ class OpenAiApp:
                 return await self._serve(request, chat, t0, served)
         finally:
             if served:
-                p, stream = served
-                t = p.timings
-                status = t.status or "cancelled"  # neither recorded: the client went away
+                t = served.get("timings")
+                # recorded success / error, else an error before generation, else the client went away
+                status = (t.status if t is not None else "error") or "cancelled"
                 endpoint = "chat_completions" if chat else "completions"
                 total = time.perf_counter_ns() - t0
-                self.stats.metrics.finished(p.model.name, "openai", endpoint, stream, status, total, t)
+                self.stats.metrics.finished(served["model"], "openai", endpoint, served["stream"], status, total, t)
 
-    async def _serve(self, request: web.Request, chat: bool, t0: int, served: list[Any]) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, chat: bool, t0: int, served: dict[str, Any]) -> web.StreamResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error_response(errors.InvalidArgument(f"request body is not valid JSON: {e}"))
         try:
             o = parse_openai(body, chat)
+            if self.pipeline.registry.get(o.model) is not None:  # counted from here: a model we serve
+                served.update(model=o.model, stream=o.req.stream)
+                self.stats.metrics.started(o.model)
             p = self.pipeline.prepare(o.model, o.req)
         except errors.DynamoError as e:
             return error_response(e)
         req = o.req
-        served += [p, req.stream]
-        self.stats.metrics.started(p.model.name)
+        served["timings"] = p.timings
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
