@@ -17,6 +17,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from dynamo_grpc.events.kv import KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import (
     ENV_ALLOW,
@@ -30,7 +31,6 @@ from dynamo_grpc.events.curve import (
     load_keypair,
     main,
 )
-from dynamo_grpc.events.kv import KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.events.sockets import MAX_TOPIC_BYTES, connect_sub, open_sub
 from dynamo_grpc.events.subscriber import KvEventSubscriber
 from dynamo_grpc.router.config import RouterConfig
