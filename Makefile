@@ -50,8 +50,15 @@ proto: $(STAMP)
 run-local: $(STAMP)
 	$(VENV)/bin/dynamo-grpc run-local $(ARGS)
 
-test: $(STAMP) $(KSERVE_STAMP) deploy-check
+test: $(STAMP) $(KSERVE_STAMP) deploy-check test-tools
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+# Debian's prometheus for tests/integration/test_prometheus_scrape.py; without apt (or root) that test skips, saying so
+.PHONY: test-tools
+test-tools:
+	@command -v prometheus >/dev/null || apt-get install -y -q prometheus >/dev/null 2>&1 \
+		|| sudo -n apt-get install -y -q prometheus >/dev/null 2>&1 \
+		|| echo "make test: could not apt-get install prometheus; the Prometheus scrape test will be skipped"
 
 # deploy/ rendered and validated offline: Kubernetes schemas, compose-spec, hadolint, every command through our CLI
 .PHONY: deploy-check

@@ -62,7 +62,12 @@ async def test_chat_and_models_and_health(http_mesh: Mesh) -> None:
             assert r.status == 200
         async with s.get(f"{base}/metrics") as r:
             text = await r.text()
-        assert f'dynamo_frontend_requests_total{{model="{MODEL}",outcome="success"}}' in text
+        labels = f'endpoint="chat_completions",model="{MODEL}",protocol="openai",request_type="unary",status="success"'
+        assert f"dynamo_frontend_requests_total{{{labels}}} 1.0" in text
+        assert f'dynamo_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in text  # finished requests leave it
+        value = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#"}
+        assert value[f'dynamo_frontend_time_to_first_token_seconds_count{{model="{MODEL}"}}'] >= 1
+        assert value[f'nv_inference_request_success{{model="{MODEL}",version="1"}}'] >= 1
         # the KV router runs in the frontend (the default mode) and reports its decisions here
         # with the names the `dynamo-grpc router` service uses
         assert f'dynamo_router_decisions_total{{mode="kv",model="{MODEL}"}}' in text
@@ -94,3 +99,23 @@ async def test_http_errors(http_mesh: Mesh, path: str, body: dict, status: int, 
             f"http://{http_mesh.frontend_http}/v1/completions", data=b"{not json", headers=json_type
         ) as r:
             assert r.status == 400
+
+
+async def test_a_refused_request_is_counted_as_an_error_and_leaves_no_inflight(http_mesh: Mesh) -> None:
+    base = f"http://{http_mesh.frontend_http}"
+    labels = f'endpoint="completions",model="{MODEL}",protocol="openai",request_type="unary",status="error"'
+    series = f"dynamo_frontend_requests_total{{{labels}}}"
+
+    async def scrape(s: aiohttp.ClientSession) -> dict[str, float]:
+        async with s.get(f"{base}/metrics") as r:
+            text = await r.text()
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln[:1] != "#"}
+
+    async with aiohttp.ClientSession() as s:
+        before = (await scrape(s)).get(series, 0.0)
+        async with s.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hello " * 9000}) as r:
+            assert r.status == 400  # longer than the context
+        after = await scrape(s)
+    assert after[series] == before + 1
+    assert after[f'dynamo_frontend_inflight_requests{{model="{MODEL}"}}'] == 0
+    assert after[f'nv_inference_request_failure{{model="{MODEL}",version="1"}}'] >= 1

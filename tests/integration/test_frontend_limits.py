@@ -139,10 +139,10 @@ async def settled(base: str) -> dict[str, float]:
     """/metrics once every route is freed and no request runs (frees are fire-and-forget: allow a moment)."""
     for _ in range(50):
         m = await metrics(base)
-        if active_sequences(m) == 0 and m.get("dynamo_frontend_inflight_requests") == 0:
+        if active_sequences(m) == 0 and m.get("dynamo_frontend_admitted_requests") == 0:
             return m
         await asyncio.sleep(0.1)
-    raise AssertionError(f"leaked: active={active_sequences(m)}, inflight={m.get('dynamo_frontend_inflight_requests')}")
+    raise AssertionError(f"leaked: active={active_sequences(m)}, admitted={m.get('dynamo_frontend_admitted_requests')}")
 
 
 async def test_hostile_requests_are_invalid_argument_and_free_everything(mesh: Mesh) -> None:
@@ -322,7 +322,7 @@ async def test_unread_stream_is_bounded_and_others_are_served(keyed: dict[str, s
             await asyncio.sleep(0.1)
             m = await metrics(base)
             peak = max(
-                peak, m.get("dynamo_frontend_inflight_requests", 0) + m.get("dynamo_frontend_queued_requests", 0)
+                peak, m.get("dynamo_frontend_admitted_requests", 0) + m.get("dynamo_frontend_queued_requests", 0)
             )
         assert 0 < peak <= 64
         resp = await pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(good(), timeout=30, metadata=ok)

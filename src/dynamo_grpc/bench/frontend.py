@@ -191,38 +191,44 @@ def serve_passthrough(workers: list[str]) -> None:
     asyncio.run(serve())
 
 
-def start_service_frontend(mesh: Mesh, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A second frontend that routes through the mesh's dynamo-router over gRPC."""
-    ready = tmp / "fe-service.json"
+def start_frontend(
+    mesh: Mesh, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Another frontend on the mesh's workers (its own flags and environment); returns it and its address."""
+    ready = tmp / f"{name}.json"
+    cmd = [
+        sys.executable, "-m", "dynamo_grpc.cli", "frontend", "--consul", mesh.consul,
+        "--namespace", mesh.config.namespace, "--grpc-port", "0", "--ready-file", str(ready), *args,
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dynamo_grpc.cli",
-            "frontend",
-            "--consul",
-            mesh.consul,
-            "--namespace",
-            mesh.config.namespace,
-            "--router-mode",
-            "kv-service",
-            "--router",
-            mesh.router_grpc,
-            "--grpc-port",
-            "0",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
     )
     deadline = time.monotonic() + 60
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the kv-service frontend did not start")
+            raise RuntimeError(f"the {name} frontend did not start")
         time.sleep(0.1)
     address: str = json.loads(ready.read_text())["grpc_address"]
     return proc, address
+
+
+def start_service_frontend(mesh: Mesh, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A second frontend that routes through the mesh's dynamo-router over gRPC."""
+    return start_frontend(mesh, tmp, "fe-service", ["--router-mode", "kv-service", "--router", mesh.router_grpc])
+
+
+def tracing_frontends(tmp: Path, baseline_src: str | None) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The tracing rows: the same in-process-KV frontend with tracing off, and on (sampled 100 % and 1 %,
+    spans to a --trace-file); with --baseline-src, a frontend built from that source tree (one without
+    tracing) in the same run, the reference for "no cost when off"."""
+    off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+    rows: dict[str, tuple[list[str], dict[str, str]]] = {"frontend_trace_off": ([], off)}
+    for label, ratio in (("100", "1.0"), ("1", "0.01")):
+        env = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": ratio}
+        rows[f"frontend_trace_{label}pct"] = (["--trace-file", str(tmp / f"trace-{label}.jsonl")], env)
+    if baseline_src:
+        rows["frontend_baseline_build"] = ([], {**off, "PYTHONPATH": baseline_src})
+    return rows
 
 
 async def _wait_model(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> None:
@@ -237,7 +243,12 @@ async def _wait_model(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> Non
 
 
 async def run(
-    args: argparse.Namespace, mesh: Mesh, passthrough: str, fe_service: str, pids: dict[str, int]
+    args: argparse.Namespace,
+    mesh: Mesh,
+    passthrough: str,
+    fe_service: str,
+    pids: dict[str, int],
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     workers = [service_meta(e)["grpc_address"] for e in passing_instances(mesh.consul, "dynamo-worker")]
     card, tok_json = load_model_source(default_model_path())
@@ -255,8 +266,10 @@ async def run(
     fe = {
         "frontend_kv": stubs(mesh.frontend_grpc, pb_grpc.GRPCInferenceServiceStub),
         "frontend_kv_service": stubs(fe_service, pb_grpc.GRPCInferenceServiceStub),
+        **{name: stubs(address, pb_grpc.GRPCInferenceServiceStub) for name, address in (extra or {}).items()},
     }
-    await _wait_model(fe["frontend_kv_service"][0], model)
+    for pool in fe.values():
+        await _wait_model(pool[0], model)
 
     def decode_via(pool: list[Any]) -> Call:
         return lambda i, k: via_decode(pool[i % len(pool)], model, ids, i)
@@ -291,10 +304,29 @@ async def run(
     base = out["latency"]["direct"]
     out["added_p50_ms"] = {n: r["p50_ms"] - base["p50_ms"] for n, r in out["latency"].items() if n != "direct"}
     out["added_p99_ms"] = {n: r["p99_ms"] - base["p99_ms"] for n, r in out["latency"].items() if n != "direct"}
-    out["targets"] = {"requests_per_s": 500, "added_p50_ms": 2.0}
+    out["targets"] = {"requests_per_s": 500, "added_p50_ms": 2.0, "tracing_off_cpu_overhead_pct": 2.0}
+    out["tracing"] = tracing_cost(out)
     for c in channels:
         await c.close()
     return out
+
+
+def tracing_cost(out: dict[str, Any]) -> dict[str, Any]:
+    """Frontend CPU ms per request of each tracing row (throughput rounds, the frontend process only), and its
+    cost relative to tracing off (and tracing off relative to the baseline build, when measured)."""
+    tp = out["throughput"]
+    rows = [n for n in tp if n.startswith(("frontend_trace", "frontend_baseline_build"))]
+    cpu = {n: tp[n]["cpu_ms_per_request"][n.removesuffix("_lanes").replace("_", "-")] for n in rows}
+    res: dict[str, Any] = {"frontend_cpu_ms_per_request": cpu, "vs_off_pct": {}}
+    for n, v in cpu.items():
+        off = cpu.get("frontend_trace_off" + ("_lanes" if n.endswith("_lanes") else ""))
+        if off and not n.startswith("frontend_trace_off"):
+            res["vs_off_pct"][n] = round((v / off - 1) * 100, 1)
+    for suffix in ("", "_lanes"):
+        base, off = cpu.get("frontend_baseline_build" + suffix), cpu.get("frontend_trace_off" + suffix)
+        if base and off:
+            res[f"off_vs_baseline_build_pct{suffix}"] = round((off / base - 1) * 100, 1)
+    return res
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -342,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--speedup-ratio", type=float, default=1e6)
+    p.add_argument(
+        "--baseline-src",
+        default=None,
+        metavar="DIR",
+        help="also measure a frontend run from this source tree (e.g. a checkout without tracing: its src/)",
+    )
+    p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
     p.add_argument("--serve-passthrough", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_passthrough:
@@ -361,14 +400,22 @@ def main(argv: list[str] | None = None) -> int:
         assert forwarder.stdout is not None
         passthrough = forwarder.stdout.readline().decode().strip()
         fe_proc, fe_service = start_service_frontend(mesh, Path(tmp))
+        started = [fe_proc]
         try:
             pids = {p.name: p.popen.pid for p in mesh.procs}
             pids["frontend-kv-service"] = fe_proc.pid
             pids["passthrough"] = forwarder.pid
-            result = asyncio.run(run(args, mesh, passthrough, fe_service, pids))
+            extra: dict[str, str] = {}
+            rows = {} if args.no_tracing_rows else tracing_frontends(Path(tmp), args.baseline_src)
+            for name, (fe_args, env) in rows.items():
+                proc, extra[name] = start_frontend(mesh, Path(tmp), name, fe_args, env)
+                started.append(proc)
+                pids[name.replace("_", "-")] = proc.pid
+            result = asyncio.run(run(args, mesh, passthrough, fe_service, pids, extra))
         finally:
-            fe_proc.terminate()
-            fe_proc.wait(10)
+            for proc in started:
+                proc.terminate()
+                proc.wait(10)
             forwarder.kill()
             forwarder.wait()
     # The machine is shared: record how busy it was, since every number here depends on it.

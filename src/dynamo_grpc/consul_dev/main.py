@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_scale <= 0:
         print("--time-scale must be > 0", file=sys.stderr)
         return 2
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         return asyncio.run(_serve(args))
     except OSError as exc:

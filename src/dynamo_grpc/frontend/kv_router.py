@@ -49,6 +49,11 @@ class EmbeddedKvRouter:
         self._owner: dict[str, RouterNode] = {}  # request id -> the node that routed it
         self.metrics = RouterMetrics()
 
+    @property
+    def mode(self) -> str:
+        """The routing mode (kv, round-robin, random), for the frontend.request span."""
+        return self._config.mode
+
     def node(self, model: str) -> RouterNode:
         n = self.nodes.get(model)
         if n is None:
@@ -110,7 +115,7 @@ class EmbeddedKvRouter:
             router.free(request_id)
             self._owner.pop(request_id, None)
             raise errors.Unavailable(f"router chose {res.instance_id!r} with no address")
-        return Pick(res.instance_id, address, res.overlap_blocks)
+        return Pick(res.instance_id, address, res.overlap_blocks, res.total_cost)
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None:
         node = self._owner.get(request_id)

@@ -33,6 +33,7 @@ from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
+from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
 from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve Triton's `simple` example model (for client example scripts)",
     )
     add_log_flag(p)
+    add_tracing_flags(p)
     add_curve_flags(p)
     add_limit_flags(p)  # --- limits and auth: frontend/limits.py ---
     return p
@@ -158,7 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
     if embedded is not None:
         tasks.append(asyncio.create_task(_start_routers(registry, embedded), name="start-kv-routers"))
-    http_address = ""
+    http_address = metrics_address = ""
     runners = []
     if args.http_port >= 0 or args.metrics_port >= 0:
         from dynamo_grpc.frontend.openai.app import start_http
@@ -177,7 +179,7 @@ async def serve(args: argparse.Namespace) -> int:
         host,
         int(port),
         tags=[f"namespace={args.namespace}", "role=frontend"],
-        meta={"grpc_address": grpc_address, "http_address": http_address},
+        meta={"grpc_address": grpc_address, "http_address": http_address, "metrics_address": metrics_address},
     )
     try:
         await discovery.register(inst, ttl=10.0)
@@ -209,7 +211,8 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    setup_tracing("dynamo-frontend", args.trace_file)
     if args.migration_limit < 0:
         raise SystemExit("--migration-limit must be >= 0")
     ports = [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), (args.metrics_port, "--metrics-port")]
@@ -230,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         args.limits = Limits.from_args(args)
     except (ValueError, OSError) as e:
         raise SystemExit(f"dynamo-grpc frontend: {e}") from None
-    return asyncio.run(serve(args))
+    try:
+        return asyncio.run(serve(args))
+    finally:
+        shutdown_tracing()  # the last spans leave before the process does
 
 
 if __name__ == "__main__":

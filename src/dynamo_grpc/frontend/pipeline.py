@@ -24,6 +24,7 @@ from dynamo_grpc.frontend.request import LlmRequest
 from dynamo_grpc.frontend.routing import Router
 from dynamo_grpc.frontend.session import DecodeClient, RouteSession
 from dynamo_grpc.frontend.token_stream import Chunk, TokenStream
+from dynamo_grpc.observability.spans import span
 from dynamo_grpc.tokens.chat_template import ChatTemplateError, render_chat
 from dynamo_grpc.tokens.tokenizer import Tokenizer
 from dynamo_grpc.v1 import common_pb2
@@ -39,6 +40,16 @@ class Timings:
     infer_ns: int = 0
     first_token_ns: int = 0
     migrations: int = 0
+    # for the Prometheus metrics (frontend/metrics.py): perf_counter_ns() instants and token counts
+    arrival_ns: int = 0
+    routed_at_ns: int = 0
+    first_token_at_ns: int = 0
+    last_token_at_ns: int = 0
+    #: (seconds per token, tokens) for each response after the first: the inter-token latencies
+    token_gaps: list[tuple[float, int]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    status: str = ""  # success / error once recorded (the OpenAI app's metrics)
 
 
 @dataclass
@@ -163,6 +174,14 @@ class Pipeline:
     def prepare(self, model_name: str, req: LlmRequest) -> Prepared:
         """Tokenise (rendering chat messages first) and check the prompt and options against the model."""
         t0 = time.perf_counter_ns()
+        with span("preprocess", model=model_name):
+            p = self._prepare(model_name, req)
+        p.timings.arrival_ns = t0
+        p.timings.prompt_tokens = len(p.prompt_ids)
+        p.timings.preprocess_ns = time.perf_counter_ns() - t0
+        return p
+
+    def _prepare(self, model_name: str, req: LlmRequest) -> Prepared:
         m = self.model(model_name)
         self.check_input_size(req)
         if req.token_ids is not None:
@@ -205,9 +224,7 @@ class Pipeline:
             ignore_eos=s.ignore_eos,
             min_tokens=s.min_tokens,
         )
-        p = Prepared(m, text, ids, max_tokens, sampling_options(req, m.tokenizer), stop)
-        p.timings.preprocess_ns = time.perf_counter_ns() - t0
-        return p
+        return Prepared(m, text, ids, max_tokens, sampling_options(req, m.tokenizer), stop)
 
     async def generate(
         self, p: Prepared, req: LlmRequest, request_id: str | None = None, timeout: float | None = None

@@ -42,6 +42,7 @@ class Pick:
     instance_id: str
     address: str
     overlap_blocks: int = 0
+    cost: float = 0.0  # the router's total cost for this worker (for the route span)
 
 
 class Router(Protocol):
@@ -191,6 +192,8 @@ class _RouterConn:
 class KvRouterClient:
     """Routes through RouterServices. `address_fn(model)` gives the router serving a model (fixed or Consul)."""
 
+    mode = "kv-service"  # for the frontend.request span
+
     def __init__(self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0) -> None:
         self._address_fn = address_fn
         self._timeout = timeout_s
@@ -239,7 +242,7 @@ class KvRouterClient:
         if not address:
             self.free(request_id, 0)
             raise errors.Unavailable(f"router chose {resp.worker.instance_id!r} with no address")
-        return Pick(resp.worker.instance_id, address, resp.overlap_blocks)
+        return Pick(resp.worker.instance_id, address, resp.overlap_blocks, resp.cost.total)
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None:
         conn = self._owner.get(request_id)

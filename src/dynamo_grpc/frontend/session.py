@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from dynamo_grpc import errors
 from dynamo_grpc.frontend.routing import Router
+from dynamo_grpc.logs import request_id_var
+from dynamo_grpc.observability import spans, tracing
 from dynamo_grpc.v1 import common_pb2, worker_pb2
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -134,12 +136,29 @@ class RouteSession:
         self.deadline = deadline  # time.monotonic() value, or None
         self.worker_id = ""
         self.migrations = 0
+        self._span: spans.trace.Span | None = None  # the frontend.request span, when tracing
 
-    async def responses(self, generated: list[int]) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+    def responses(self, generated: list[int]) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         """Worker responses until one finishes; `generated` (kept by the caller) is what a migration resends.
 
         Returns without a finish only when every token was generated before the worker was lost.
         """
+        request_id_var.set(self.request_id)  # JSON log lines of this request carry its id
+        return self._traced(generated) if tracing.enabled() else self._placements(generated)
+
+    async def _traced(self, generated: list[int]) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+        """`_placements` inside the request's span (model, prompt tokens, routing mode; TTFT as an event)."""
+        mode = getattr(self.router, "mode", None) or type(self.router).__name__
+        attrs = {"model": self.p.model.name, "prompt_tokens": len(self.p.prompt_ids), "routing_mode": mode}
+        with spans.span("frontend.request", request_id=self.request_id, **attrs) as s:
+            self._span = s
+            placements = self._placements(generated)
+            async with contextlib.aclosing(placements):
+                async for resp in placements:
+                    yield resp
+            spans.set_attributes(s, output_tokens=len(generated), migrations=self.migrations)
+
+    async def _placements(self, generated: list[int]) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         p, m = self.p, self.p.model
         exclude: set[str] = set()
         overloaded: errors.DynamoError | None = None  # the first worker was full: we re-routed once
@@ -149,10 +168,14 @@ class RouteSession:
             if not m.workers and not exclude:
                 raise errors.Unavailable(f"model '{m.name}' has no live worker")
             try:
-                pick = await self.router.route(
-                    route_id, m.name, [*p.prompt_ids, *generated], m.workers, exclude,
-                    p.max_tokens - len(generated), self.lora,
-                )  # fmt: skip
+                with spans.span("route", request_id=route_id, model=m.name, excluded=len(exclude)) as rs:
+                    pick = await self.router.route(
+                        route_id, m.name, [*p.prompt_ids, *generated], m.workers, exclude,
+                        p.max_tokens - len(generated), self.lora,
+                    )  # fmt: skip
+                    spans.set_attributes(
+                        rs, worker=pick.instance_id, overlap_blocks=pick.overlap_blocks, cost=pick.cost
+                    )
             except errors.Unavailable as e:
                 if overloaded is not None:  # every worker is full
                     raise overloaded from e
@@ -160,6 +183,8 @@ class RouteSession:
                     raise errors.Unavailable(f"worker lost and no other worker left: {e.message}") from e
                 raise
             self.worker_id = pick.instance_id
+            if not p.timings.routed_at_ns:
+                p.timings.routed_at_ns = time.perf_counter_ns()
             placed = route_id  # freed in `finally`, whatever happens to this placement
             remaining = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
             first = True
@@ -168,10 +193,12 @@ class RouteSession:
                 stream = coalesced(self.workers.decode(pick.address, request, remaining))
                 async with contextlib.aclosing(stream):
                     async for resp in stream:
+                        now = time.perf_counter_ns()
+                        self._count_tokens(now, len(resp.token_ids))
                         if first:
                             first = False
                             if not p.timings.first_token_ns:
-                                p.timings.first_token_ns = time.perf_counter_ns() - t_start
+                                p.timings.first_token_ns = now - t_start
                             self.router.prefill_done(route_id, len(resp.token_ids))
                         if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
                             raise errors.Internal(f"worker {pick.instance_id} failed the request")
@@ -200,3 +227,17 @@ class RouteSession:
                     return
             finally:
                 self.router.free(placed, len(generated))
+
+    def _count_tokens(self, now_ns: int, n: int) -> None:
+        """Token times for the metrics (TTFT, ITL per token) and the span's first-token event."""
+        t = self.p.timings
+        if not n:
+            return
+        if not t.first_token_at_ns:
+            t.first_token_at_ns = now_ns
+            if self._span is not None:
+                spans.event(self._span, "first_token", ttft_s=(now_ns - t.arrival_ns) / 1e9 if t.arrival_ns else None)
+        else:
+            t.token_gaps.append(((now_ns - t.last_token_at_ns) / 1e9 / n, n))
+        t.last_token_at_ns = now_ns
+        t.output_tokens += n

@@ -6,6 +6,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from dynamo_grpc.frontend.metrics import FrontendMetrics
+
 
 @dataclass
 class Duration:
@@ -42,6 +44,7 @@ class StatsBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stats: dict[str, ModelStats] = {}
+        self.metrics = FrontendMetrics()  # the Prometheus side (histograms), fed by the same call sites
 
     def get(self, model: str) -> ModelStats:
         with self._lock:

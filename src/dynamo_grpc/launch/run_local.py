@@ -19,6 +19,7 @@ from dynamo_grpc.discovery.agent import ensure_agent
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
 from dynamo_grpc.logs import ENV as LOG_ENV
+from dynamo_grpc.logs import FORMAT_ENV as LOG_FORMAT_ENV
 from dynamo_grpc.logs import add_log_flag, setup_logging
 
 DEFAULT_ENGINE = "torch"
@@ -51,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
+    os.environ[LOG_FORMAT_ENV] = args.log_format  # ... and the log format
     try:
         check_ports("127.0.0.1", [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")])
     except SystemExit as e:

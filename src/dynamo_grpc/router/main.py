@@ -18,6 +18,7 @@ from typing import Any
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.logs import add_log_flag, setup_logging
+from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.router.metrics import RouterMetrics, start_admin_http
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_flags(p)
     p.add_argument("--metrics-port", type=int, default=0, help="/metrics and /dump-index; 0 = ephemeral, -1 = off")
     add_log_flag(p)
+    add_tracing_flags(p)
     add_curve_flags(p)
     return p
 
@@ -125,7 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    setup_tracing("dynamo-router", args.trace_file)
     try:
         refuse_unused_flags(parser, args)
         router_config_from_args(args)
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    finally:
+        shutdown_tracing()  # the last spans leave before the process does
 
 
 if __name__ == "__main__":

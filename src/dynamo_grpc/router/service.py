@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from dynamo_grpc.observability import spans
 from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput, Router
 from dynamo_grpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -40,7 +41,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             dry_run=request.dry_run,
         )
         try:
-            res = r.route(inp)
+            with spans.span("router.decide", request_id=request.request_id, model=request.model) as sp:
+                res = r.route(inp)
+                spans.set_attributes(
+                    sp, worker=res.instance_id, overlap_blocks=res.overlap_blocks, cost=res.total_cost, mode=res.mode
+                )
         except NotReady as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except NoWorkers as exc:

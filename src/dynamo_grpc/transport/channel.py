@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from dynamo_grpc.observability.interceptors import client_interceptors
 from dynamo_grpc.transport.options import DEFAULT_MAX_MESSAGE_BYTES, common_channel_args
 from dynamo_grpc.transport.tls import TlsConfig
 
@@ -75,5 +76,7 @@ def open_channel(address: str, options: ChannelOptions | None = None) -> grpc.ai
     ]
     tls = o.tls if o.tls is not None else _default_tls
     if tls is not None:
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=args + tls.channel_args())  # type: ignore[operator]
-    return grpc.aio.insecure_channel(address, options=args)
+        opts = args + tls.channel_args()  # type: ignore[operator]
+        creds = tls.channel_credentials()
+        return grpc.aio.secure_channel(address, creds, options=opts, interceptors=client_interceptors())
+    return grpc.aio.insecure_channel(address, options=args, interceptors=client_interceptors())

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dynamo_grpc.observability.interceptors import server_interceptors
 from dynamo_grpc.transport.options import DEFAULT_MAX_MESSAGE_BYTES, common_channel_args
 from dynamo_grpc.transport.tls import TlsConfig
 
@@ -67,6 +68,8 @@ class GrpcServer:
         self.options = options or ServerOptions()
         o = self.options
         self.server = grpc.aio.server(
+            # tracing first (continue the caller's traceparent; none when off), then the role's own (API keys)
+            interceptors=[*server_interceptors(), *o.interceptors] or None,
             options=common_channel_args(o.max_message_bytes, o.keepalive_time_s, o.keepalive_timeout_s)
             + [
                 # tolerate our channels' keepalive pings (every keepalive_time_s) while no data flows, e.g. a
@@ -76,7 +79,6 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
             + o.extra_args,
-            interceptors=o.interceptors or None,
         )
         self.health = health.aio.HealthServicer()
         self._services: list[str] = []

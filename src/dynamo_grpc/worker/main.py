@@ -17,6 +17,7 @@ from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
+from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
 from dynamo_grpc.transport import run_until_signal
 from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any port)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
     add_log_flag(p)
+    add_tracing_flags(p)
     add_curve_flags(p)
     add_trtllm_flags(p)
     return p
@@ -143,7 +145,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    setup_tracing("dynamo-worker", args.trace_file)
     if args.max_waiting_requests < 1:
         build_parser().error("--max-waiting-requests must be >= 1")
     for name in ("drain_grace", "ttl", "speedup_ratio"):
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         log.error("worker failed to start: %s", e)
         return 2
+    finally:
+        shutdown_tracing()  # the last spans leave before the process does
 
 
 if __name__ == "__main__":

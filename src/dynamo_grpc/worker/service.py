@@ -22,7 +22,9 @@ import grpc
 
 from dynamo_grpc import errors
 from dynamo_grpc.engines.base import Engine, EngineOutput, EngineRequest
+from dynamo_grpc.logs import request_id_var
 from dynamo_grpc.models.card import ModelCard, sha256_hex
+from dynamo_grpc.observability import spans
 from dynamo_grpc.tokens.block_hash import block_hash_list
 from dynamo_grpc.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from dynamo_grpc.worker.convert import (
@@ -105,7 +107,7 @@ class _Requests:
         )
 
     async def _stream(
-        self, req: EngineRequest, context: grpc.aio.ServicerContext
+        self, req: EngineRequest, context: grpc.aio.ServicerContext, sp: spans.trace.Span | None = None
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         """Engine outputs as DecodeResponses, with deadline, drain and error handling.
 
@@ -114,6 +116,7 @@ class _Requests:
         """
         ctx = self.ctx
         m, model = ctx.metrics, ctx.model
+        request_id_var.set(req.request_id)  # JSON log lines of this request carry its id
         try:
             ctx.gate.enter()
         except errors.Draining:
@@ -190,6 +193,7 @@ class _Requests:
             m.inflight.labels(model).dec()
             ctx.gate.leave()
             self._count(outcome)
+            spans.set_attributes(sp, output_tokens=completion, finish_reason=outcome)
         if failure is not None:
             await _abort(context, failure)
 
@@ -209,8 +213,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
                 ),
             )
         req = await self._build(request, context)
-        async for resp in self._stream(req, context):
-            yield resp
+        attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
+        with spans.span("decode", request_id=req.request_id, **attrs) as sp:
+            async for resp in self._stream(req, context, sp):
+                yield resp
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):
@@ -224,12 +230,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):
     ) -> worker_pb2.PrefillResponse:
         req = await self._build(request, context, max_tokens=1)
         first: worker_pb2.DecodeResponse | None = None
-        async for resp in self._stream(req, context):
-            if first is None:
-                first = resp
-            else:
-                first.token_ids.extend(resp.token_ids)
-                first.usage.CopyFrom(resp.usage)
+        attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
+        with spans.span("prefill", request_id=req.request_id, **attrs) as sp:
+            async for resp in self._stream(req, context, sp):
+                if first is None:
+                    first = resp
+                else:
+                    first.token_ids.extend(resp.token_ids)
+                    first.usage.CopyFrom(resp.usage)
         if first is None or not first.token_ids:
             await _abort(context, errors.Internal("the engine produced no token"))
         hashes = block_hash_list(req.token_ids, self.ctx.engine.block_size, req.lora)

@@ -170,6 +170,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         known = self._is_simple(name) or self.pipeline.registry.get(name) is not None
         out_ns = responses = 0
+        endpoint = "model_stream_infer" if stream_rpc else "model_infer"
+        if known:
+            self.stats.metrics.started(name)
         try:
             self._check_model(name, request.model_version)
             inputs = decode_inputs(request)
@@ -181,6 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield resp
                 total = time.perf_counter_ns() - t0
                 self.stats.record_success(name, total, 0, total, 0, 0, 1)
+                self.stats.metrics.finished(name, "kserve", endpoint, stream_rpc, "success", total, None)
                 return
             if request.id:
                 check_client_id("id", request.id)
@@ -220,12 +224,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if known:
                 cancelled = isinstance(e, (asyncio.CancelledError, GeneratorExit))
                 self.stats.record_failure(name, time.perf_counter_ns() - t0, cancelled=cancelled)
+                status = "cancelled" if cancelled else "error"
+                total = time.perf_counter_ns() - t0
+                self.stats.metrics.finished(name, "kserve", endpoint, stream_rpc, status, total, None)
             raise
         t = p.timings
+        total = time.perf_counter_ns() - t0
         self.stats.record_success(
-            name, time.perf_counter_ns() - t0, t.preprocess_ns, t.infer_ns, t.first_token_ns, out_ns, responses,
-            t.migrations,
+            name, total, t.preprocess_ns, t.infer_ns, t.first_token_ns, out_ns, responses, t.migrations,
         )  # fmt: skip
+        self.stats.metrics.finished(name, "kserve", endpoint, stream_rpc, "success", total, t)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,7 @@ from typing import Any
 
 import prometheus_client
 from aiohttp import web
+from opentelemetry import trace
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dynamo_grpc import errors
@@ -25,6 +26,7 @@ from dynamo_grpc.frontend.openai.protocol import Choices, parse_openai, usage
 from dynamo_grpc.frontend.pipeline import Pipeline
 from dynamo_grpc.frontend.request import parse_json
 from dynamo_grpc.frontend.stats import StatsBook
+from dynamo_grpc.observability import spans, tracing
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +53,18 @@ class _StatsCollector:
         self.pipeline = pipeline
 
     def collect(self) -> Any:
-        req = CounterMetricFamily(
-            "dynamo_frontend_requests", "Requests by model and outcome", labels=["model", "outcome"]
-        )
-        dur = CounterMetricFamily("dynamo_frontend_request_seconds", "Total request time", labels=["model", "outcome"])
-        ttft = CounterMetricFamily("dynamo_frontend_first_token_seconds", "Total time to first token", labels=["model"])
-        mig = CounterMetricFamily("dynamo_frontend_migrations", "Requests moved off a dead worker", labels=["model"])
+        # requests, latencies and tokens are in FrontendMetrics (frontend/metrics.py); here what is read live
         workers = GaugeMetricFamily("dynamo_frontend_live_workers", "Live workers per model", labels=["model"])
-        for name in self.stats.models():
-            s = self.stats.get(name)
-            for outcome, d in (("success", s.success), ("fail", s.fail), ("cancelled", s.cancelled)):
-                req.add_metric([name, outcome], d.count)
-                dur.add_metric([name, outcome], d.ns / 1e9)
-            ttft.add_metric([name], s.queue.ns / 1e9)
-            mig.add_metric([name], s.migrations)
         for m in self.pipeline.registry.models():
             workers.add_metric([m.name], len(m.workers))
         adm = self.pipeline.admission
-        running = GaugeMetricFamily("dynamo_frontend_inflight_requests", "Generation requests running now")
+        running = GaugeMetricFamily("dynamo_frontend_admitted_requests", "Requests admitted and running (admission)")
         running.add_metric([], adm.inflight)
         queued = GaugeMetricFamily("dynamo_frontend_queued_requests", "Requests waiting for admission")
         queued.add_metric([], adm.waiting)
         rejected = CounterMetricFamily("dynamo_frontend_rejected_requests", "Requests refused: admission queue full")
         rejected.add_metric([], adm.rejected)
-        yield from (req, dur, ttft, mig, workers, running, queued, rejected)
+        yield from (workers, running, queued, rejected)
         router_metrics = getattr(self.pipeline.router, "metric_families", None)
         if router_metrics is not None:  # the KV router runs in this process
             yield from router_metrics()
@@ -138,7 +128,12 @@ class OpenAiApp:
         return web.json_response({"object": "list", "data": data})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = prometheus_client.generate_latest(self.registry) + prometheus_client.generate_latest()
+        body = (
+            prometheus_client.generate_latest(self.registry)
+            + prometheus_client.generate_latest(self.stats.metrics.registry)
+            + self.stats.metrics.triton.exposition()
+            + prometheus_client.generate_latest()
+        )
         return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -148,13 +143,33 @@ class OpenAiApp:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """`_serve` in the client's trace (W3C traceparent header) and counted in the metrics, however it ends."""
         t0 = time.perf_counter_ns()
+        served: dict[str, Any] = {}  # model, stream, timings (once prepared): what the metrics record
+        try:
+            if not tracing.enabled():
+                return await self._serve(request, chat, t0, served)
+            with spans.continued(request.headers), spans.span(f"POST {request.path}", trace.SpanKind.SERVER):
+                return await self._serve(request, chat, t0, served)
+        finally:
+            if served:
+                t = served.get("timings")
+                # recorded success / error, else an error before generation, else the client went away
+                status = (t.status if t is not None else "error") or "cancelled"
+                endpoint = "chat_completions" if chat else "completions"
+                total = time.perf_counter_ns() - t0
+                self.stats.metrics.finished(served["model"], "openai", endpoint, served["stream"], status, total, t)
+
+    async def _serve(self, request: web.Request, chat: bool, t0: int, served: dict[str, Any]) -> web.StreamResponse:
         raw = await self._body(request)
         if isinstance(raw, web.Response):
             return raw
         try:
             body = parse_json("request body", raw)
             o = parse_openai(body, chat)
+            if self.pipeline.registry.get(o.model) is not None:  # counted from here: a model we serve
+                served.update(model=o.model, stream=o.req.stream)
+                self.stats.metrics.started(o.model)
             if o.user:
                 check_client_id("user", o.user)
             self.pipeline.check_input_size(o.req)
@@ -166,7 +181,7 @@ class OpenAiApp:
         except errors.DynamoError as e:
             return error_response(e)
         try:
-            return await self._admitted(request, chat, o, t0)
+            return await self._admitted(request, chat, o, t0, served)
         finally:
             admission.release()
 
@@ -190,12 +205,16 @@ class OpenAiApp:
             resp.force_close()
             return resp
 
-    async def _admitted(self, request: web.Request, chat: bool, o: Any, t0: int) -> web.StreamResponse:
+    async def _admitted(
+        self, request: web.Request, chat: bool, o: Any, t0: int, served: dict[str, Any]
+    ) -> web.StreamResponse:
         try:
             p = await self.pipeline.prepare_async(o.model, o.req)
         except errors.DynamoError as e:
             return error_response(e)
+        served["timings"] = p.timings
         req = o.req
+        served["timings"] = p.timings
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -209,6 +228,7 @@ class OpenAiApp:
                 r = await collect(gen, echo)
             except Exception as e:
                 self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
+                p.timings.status = "error"
                 return error_response(e)
             self._record(p, t0)
             return web.json_response(
@@ -240,6 +260,7 @@ class OpenAiApp:
             self._record(p, t0)
         except Exception as e:  # the status line is sent: the error travels as an event (as OpenAI does)
             self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
+            p.timings.status = "error"
             await send(errors.openai_body(errors.from_exception(e)))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -247,6 +268,7 @@ class OpenAiApp:
 
     def _record(self, p: Any, t0: int) -> None:
         t = p.timings
+        t.status = "success"
         self.stats.record_success(
             p.model.name, time.perf_counter_ns() - t0, t.preprocess_ns, t.infer_ns, t.first_token_ns, 0, 1, t.migrations
         )

@@ -1,0 +1,176 @@
+"""The frontend's Prometheus metrics: Dynamo's names (so Dynamo dashboards work) and Triton's `nv_inference_*`
+(so Triton dashboards work), fed once per request from its `Timings`.
+
+Times are measured from the request's arrival at the frontend (before templating and tokenising):
+TTFT to the first generated token, ITL between later tokens (per token, as vLLM and Dynamo count it), queue
+time to the request's first placement on a worker (preprocess + routing), E2E to the last token.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dynamo_grpc.frontend.pipeline import Timings
+
+# Dynamo's frontend latency buckets (seconds), wide enough for long generations
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+TRITON_VERSION = "1"  # the version the KServe metadata reports for every model
+
+
+class FrontendMetrics:
+    """One frontend's metric set, in a registry of its own (several frontends can share a test process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        p = "dynamo_frontend_"
+        self.requests = Counter(
+            p + "requests",
+            "Requests by model, protocol (kserve|openai), endpoint, request type (stream|unary) and status",
+            ["model", "protocol", "endpoint", "request_type", "status"],
+            registry=r,
+        )
+        self.inflight = Gauge(p + "inflight_requests", "Requests being served", ["model"], registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Arrival to first token", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds", "Time between tokens", ["model"], buckets=ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            p + "request_duration_seconds", "Arrival to last token", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue = Histogram(
+            p + "queue_duration_seconds",
+            "Arrival to first placement on a worker (preprocess + routing)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.isl = Histogram(
+            p + "input_sequence_tokens", "Prompt tokens per request", ["model"], buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.osl = Histogram(
+            p + "output_sequence_tokens", "Generated tokens per request", ["model"], buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.input_tokens = Counter(p + "input_tokens", "Prompt tokens", ["model"], registry=r)
+        self.output_tokens = Counter(p + "output_tokens", "Generated tokens", ["model"], registry=r)
+        self.migrations = Counter(p + "migrations", "Requests moved off a lost worker", ["model"], registry=r)
+        self.triton = TritonCounters()
+        self._series: dict[str, _ModelSeries] = {}
+        self._requests: dict[tuple[str, ...], Any] = {}
+
+    def _model(self, model: str) -> _ModelSeries:
+        """The model's series, looked up once (a `labels()` call takes a lock and builds a key each time)."""
+        m = self._series.get(model)
+        if m is None:
+            m = self._series[model] = _ModelSeries(
+                self.inflight.labels(model), self.ttft.labels(model), self.itl.labels(model), self.e2e.labels(model),
+                self.queue.labels(model), self.isl.labels(model), self.osl.labels(model),
+                self.input_tokens.labels(model), self.output_tokens.labels(model), self.migrations.labels(model),
+            )  # fmt: skip
+        return m
+
+    def started(self, model: str) -> None:
+        self._model(model).inflight.inc()  # also makes the migrations series 0, so dashboards chart "none"
+
+    def finished(
+        self,
+        model: str,
+        protocol: str,
+        endpoint: str,
+        stream: bool,
+        status: str,
+        total_ns: int,
+        timings: Timings | None,
+    ) -> None:
+        """One request ended (`status`: success, error or cancelled); pairs with `started`."""
+        m = self._model(model)
+        m.inflight.dec()
+        key = (model, protocol, endpoint, "stream" if stream else "unary", status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(*key)
+        counter.inc()
+        nv = self.triton
+        nv.inc("nv_inference_request_duration_us", model, total_ns / 1e3)
+        if status != "success":
+            nv.inc("nv_inference_request_failure", model)
+            return
+        for name in ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count"):
+            nv.inc(name, model)
+        m.e2e.observe(total_ns / 1e9)
+        if timings is None:
+            return
+        t = timings
+        if t.routed_at_ns:
+            queue_ns = t.routed_at_ns - t.arrival_ns
+            m.queue.observe(queue_ns / 1e9)
+            nv.inc("nv_inference_queue_duration_us", model, queue_ns / 1e3)
+        if t.first_token_at_ns:
+            m.ttft.observe((t.first_token_at_ns - t.arrival_ns) / 1e9)
+        for gap_s, n in t.token_gaps:
+            for _ in range(n):
+                m.itl.observe(gap_s)
+        m.isl.observe(t.prompt_tokens)
+        m.osl.observe(t.output_tokens)
+        m.input_tokens.inc(t.prompt_tokens)
+        m.output_tokens.inc(t.output_tokens)
+        if t.migrations:
+            m.migrations.inc(t.migrations)
+
+
+@dataclass(frozen=True)
+class _ModelSeries:
+    inflight: Any
+    ttft: Any
+    itl: Any
+    e2e: Any
+    queue: Any
+    isl: Any
+    osl: Any
+    input_tokens: Any
+    output_tokens: Any
+    migrations: Any
+
+
+TRITON_COUNTERS = {
+    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
+    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
+    "nv_inference_count": "Number of inferences performed (does not include cached requests)",
+    "nv_inference_exec_count": "Number of model executions performed (does not include cached requests)",
+    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
+    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
+}
+
+
+class TritonCounters:
+    """Triton's per-model counters under Triton's exact names: prometheus_client would add `_total` to a
+    counter's name, and Triton dashboards query `nv_inference_request_success`, so these are written here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, str], float] = {}
+
+    def inc(self, name: str, model: str, amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[(name, model)] = self._values.get((name, model), 0.0) + amount
+
+    def exposition(self) -> bytes:
+        """The counters in the Prometheus text format (one HELP/TYPE per family, as Triton writes them)."""
+        with self._lock:
+            values = dict(self._values)
+        models = sorted({m for _, m in values})
+        lines: list[str] = []
+        for name, doc in TRITON_COUNTERS.items():
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter"]
+            for m in models:
+                label = m.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+                lines.append(f'{name}{{model="{label}",version="{TRITON_VERSION}"}} {values.get((name, m), 0.0)}')
+        return ("\n".join(lines) + "\n").encode()
