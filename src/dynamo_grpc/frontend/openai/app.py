@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 import uuid
 from typing import Any
@@ -181,12 +182,20 @@ class OpenAiApp:
 
 
 async def start_http(
-    host: str, port: int, pipeline: Pipeline, stats: StatsBook, admin_only: bool = False
+    host: str,
+    port: int,
+    pipeline: Pipeline,
+    stats: StatsBook,
+    admin_only: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port."""
+    """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port.
+
+    ``ssl_context`` (``TlsConfig.ssl_context_server(public=True)``) serves HTTPS.
+    """
     runner = web.AppRunner(OpenAiApp(pipeline, stats).app(admin_only), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     server = site._server
     sockets = getattr(server, "sockets", None) or []
