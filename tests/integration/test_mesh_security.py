@@ -276,6 +276,9 @@ def test_a_worker_configured_by_env_alone_serves_health_in_plaintext_beside_mtls
     tls = security.tls
     assert tls is not None
     ready = tmp_path / "ready.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        zmq_port = s.getsockname()[1]
     env = {
         **os.environ,
         **tls.env(),
@@ -285,6 +288,9 @@ def test_a_worker_configured_by_env_alone_serves_health_in_plaintext_beside_mtls
         "DYN_HEALTH_PORT": "0",
         "DYN_METRICS_PORT": "-1",
         "DYN_SPEEDUP_RATIO": "50",
+        "DYN_HOST": "0.0.0.0",  # bind every interface, advertise loopback
+        "DYN_ADVERTISE_HOST": "127.0.0.1",
+        "DYN_ZMQ_PORT": str(zmq_port),
     }
     p = subprocess.Popen([sys.executable, "-m", "dynamo_grpc.cli", "worker"], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
@@ -296,6 +302,8 @@ def test_a_worker_configured_by_env_alone_serves_health_in_plaintext_beside_mtls
             time.sleep(0.1)
         info = json.loads(ready.read_text())
         assert info["metrics_address"] is None  # DYN_METRICS_PORT=-1 honoured
+        assert info["zmq_endpoint"] == f"tcp://127.0.0.1:{zmq_port}"  # the fixed port, on the advertised host
+        assert info["grpc_address"].startswith("127.0.0.1:")
         assert health(f"127.0.0.1:{info['health_port']}", None) == SERVING
         with pytest.raises(grpc.RpcError):
             health(info["grpc_address"], None)  # the main port is TLS only
