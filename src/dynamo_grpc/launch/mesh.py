@@ -31,6 +31,7 @@ from dynamo_grpc.discovery.roles import RoleToken, create_role_tokens
 from dynamo_grpc.launch.children import die_with_parent, last_line
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.security import MeshSecurity
+from dynamo_grpc.logs import ENV as LOG_ENV
 
 
 class MeshError(RuntimeError):
@@ -98,7 +99,10 @@ class Mesh:
     # -- process handling ---------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], role: str) -> _Proc:
         log = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # a DYN_<FLAG> variable would reach every role at once (DYN_PORT, DYN_HEALTH_PORT: one port for all), so the
+        # mesh passes its settings as flags and only DYN_LOG (and the security variables below) by environment
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("DYN_") or k == LOG_ENV}
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1"}
         if self.config.security is not None:
             full_env.update(self.config.security.env(role))
         if role in self.role_tokens:
