@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -30,12 +29,12 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dynamo_grpc.events.curve import generate_keypair, load_keypair
-from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 from dynamo_grpc.launch.security import MeshSecurity, local_security
 from dynamo_grpc.transport.certs import CertPaths, Issued, issue, write_local_certs
+from tests.integration.test_frontend_kv_routing import prompt, request
 
 pytestmark = pytest.mark.slow
 
@@ -85,20 +84,6 @@ def creds(tls: CertPaths, client_cert: bool) -> grpc.ChannelCredentials:
             tls.ca.read_bytes(), tls.client_key.read_bytes(), tls.client_cert.read_bytes()
         )
     return grpc.ssl_channel_credentials(tls.ca.read_bytes())
-
-
-def request(model: str, ids: list[int], max_tokens: int = 4) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input_ids", datatype="INT32", shape=[len(ids)])
-    req.raw_input_contents.append(struct.pack(f"<{len(ids)}i", *ids))
-    sp = json.dumps({"max_tokens": max_tokens, "ignore_eos": True}).encode()
-    req.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-    req.raw_input_contents.append(struct.pack("<I", len(sp)) + sp)
-    return req
-
-
-def prompt(seed: int, n: int = 640) -> list[int]:
-    return [(seed * 7919 + i * 31) % 40_000 + 100 for i in range(n)]
 
 
 def test_internal_ports_refuse_a_client_without_a_certificate(mesh: Mesh, security: MeshSecurity) -> None:
@@ -158,15 +143,17 @@ def test_tritonclient_with_the_ca_and_no_certificate_is_served(mesh: Mesh, secur
         assert mesh.models[0] in r.read().decode()
 
 
-def test_every_process_advertises_its_metrics(mesh: Mesh, security: MeshSecurity) -> None:
+def test_every_process_advertises_its_metrics_and_serves_them_over_tls(mesh: Mesh, security: MeshSecurity) -> None:
     assert security.tls is not None
+    ctx = ssl.create_default_context(cafile=str(security.tls.ca))  # scrapers bring the CA, no certificate
     for service in ("dynamo-worker", "dynamo-router", "dynamo-frontend"):
         found = metas(mesh, service)
         assert found and all(m.get("metrics_address") for m in found), (service, found)
-    fe = metas(mesh, "dynamo-frontend")[0]["metrics_address"]
-    ctx = ssl.create_default_context(cafile=str(security.tls.ca))
-    with urllib.request.urlopen(f"https://{fe}/metrics", context=ctx, timeout=10) as r:
-        assert r.status == 200
+        for m in found:
+            with urllib.request.urlopen(f"https://{m['metrics_address']}/metrics", context=ctx, timeout=10) as r:
+                assert r.status == 200 and b"# TYPE" in r.read(), (service, m["metrics_address"])
+            with pytest.raises((urllib.error.URLError, ConnectionError)):  # not in plaintext
+                urllib.request.urlopen(f"http://{m['metrics_address']}/metrics", timeout=5)
 
 
 def test_unauthorised_subscriber_gets_no_events_while_the_router_routes_by_kv(

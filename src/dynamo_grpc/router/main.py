@@ -90,8 +90,10 @@ class RouterProcess:
         )
         grpc_address = await self.server.start(serving=False)
         if a.metrics_port >= 0:
+            tls: TlsConfig | None = getattr(a, "tls", None)
+            ctx = tls.ssl_context_server(public=True) if tls is not None else None  # scrapers bring the CA
             self.http_runner, self.metrics_port = await start_admin_http(
-                a.host, a.metrics_port, self.metrics, self.router
+                a.host, a.metrics_port, self.metrics, self.router, ssl_context=ctx
             )
         self._grpc_address = with_host(grpc_address, self.advertised_host)
         self.node.on_ready_change = self.server.set_serving

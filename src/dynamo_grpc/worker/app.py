@@ -17,7 +17,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig
 from dynamo_grpc.transport.addresses import METRICS_META, advertise_host, with_host
+from dynamo_grpc.transport.http import metrics_app, serve_app
 from dynamo_grpc.v1 import events_pb2_grpc, worker_pb2_grpc
 from dynamo_grpc.worker.drain import DrainGate
 from dynamo_grpc.worker.metrics import WorkerMetrics
@@ -155,7 +155,7 @@ class WorkerApp:
         self.ctx.grpc_address = self.grpc_address
 
         if s.metrics_port is not None and s.metrics_port >= 0:
-            self._start_metrics(s.host, s.metrics_port)
+            await self._start_metrics(s.host, s.metrics_port)
         self._load_task = asyncio.create_task(self._load_loop(), name="worker-load")
 
         if s.register:
@@ -217,12 +217,12 @@ class WorkerApp:
         tmp.write_text(json.dumps(info))
         tmp.replace(path)
 
-    def _start_metrics(self, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
-
-        server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
-        self._metrics_server = server
-        self.metrics_address = with_host(f"{host}:{server.server_port}", self.advertised_host)
+    async def _start_metrics(self, host: str, port: int) -> None:
+        """/metrics over HTTP, or HTTPS with the worker's TLS settings (scrapers bring the CA)."""
+        tls = self.settings.tls
+        ctx = tls.ssl_context_server(public=True) if tls is not None else None
+        self._metrics_server, bound = await serve_app(metrics_app(self.metrics.registry), host, port, ctx)
+        self.metrics_address = with_host(f"{host}:{bound}", self.advertised_host)
 
     # ------------------------------------------------------------------ load
 
@@ -282,10 +282,5 @@ class WorkerApp:
         if self.discovery is not None:
             await self.discovery.close()
         if self._metrics_server is not None:
-            server = self._metrics_server
-
-            def shut() -> None:
-                server.shutdown()
-                server.server_close()
-
-            threading.Thread(target=shut, daemon=True).start()
+            await self._metrics_server.cleanup()
+            self._metrics_server = None
