@@ -8,7 +8,9 @@ repeat or take several values take a comma-separated list. A bad value exits (st
 message naming the variable. ``--help`` shows each option's variable (``[env: DYN_X]``).
 
 A few options keep the names they had before this rule (:data:`ENV_NAMES`): Dynamo's ``DYN_LOG``,
-Consul's ``CONSUL_HTTP_ADDR``, ``DYN_TLS_RELOAD_S`` and ``DYN_ROUTER_USE_KV_EVENTS``.
+Consul's ``CONSUL_HTTP_ADDR``, ``DYN_TLS_RELOAD_S`` and ``DYN_ROUTER_USE_KV_EVENTS``. ``consul-dev`` uses the
+prefix ``CONSUL_DEV_`` (its existing ``CONSUL_DEV_TIME_SCALE`` family), so its TLS flags never pick up the mesh's
+``DYN_TLS_*``.
 """
 
 from __future__ import annotations
