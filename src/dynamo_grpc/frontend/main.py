@@ -191,7 +191,7 @@ async def serve(args: argparse.Namespace) -> int:
         host,
         int(port),
         tags=[f"namespace={args.namespace}", "role=frontend"],
-        meta={"grpc_address": grpc_address, "http_address": http_address, "tls": "1" if tls else "0"},
+        meta={"grpc_address": grpc_address, "http_address": http_address},
     )
     if metrics_address:
         inst.meta[METRICS_META] = metrics_address
