@@ -27,6 +27,7 @@ ENV_NAMES: dict[str, str] = {
     "--consul": "CONSUL_HTTP_ADDR",
     "--tls-reload-interval": "DYN_TLS_RELOAD_S",
     "--router-kv-events": "DYN_ROUTER_USE_KV_EVENTS",
+    "--api-key": "DYN_API_KEYS",  # the frontend's keys (frontend/limits.py), comma-separated
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

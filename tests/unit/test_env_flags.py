@@ -37,6 +37,13 @@ def cases() -> list[tuple[str, str]]:
 
 def _good(action: argparse.Action) -> tuple[str, object]:
     """A valid variable value for an option and what the parsed namespace should then hold."""
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
+        raw, one = _one(action)
+        return f"{raw},{raw}", [one, one]  # a comma-separated list
+    return _one(action)
+
+
+def _one(action: argparse.Action) -> tuple[str, object]:
     if isinstance(action, argparse.BooleanOptionalAction):
         return "false", not action.default if isinstance(action.default, bool) else False
     if isinstance(action, argparse._StoreTrueAction):
