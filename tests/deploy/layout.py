@@ -7,12 +7,16 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
+import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
 from dynamo_grpc import cli
+from dynamo_grpc.envflags import env_name
 from tests.deploy.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,17 +58,42 @@ def parser(role: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    """Parse ``[role, *flags]`` with the role's real parser; ValueError carries argparse's message."""
+def parse(argv: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
+    """Parse ``[role, *flags]`` with the role's real parser, under exactly ``env`` (the container's environment:
+    every flag also reads ``DYN_<FLAG>``); ValueError carries argparse's message."""
     role, *rest = argv
     if role not in cli.ROLES:
         raise ValueError(f"unknown role {role!r}")
     err = io.StringIO()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "CONSUL_"))}
     try:
-        with contextlib.redirect_stderr(err):
+        with contextlib.redirect_stderr(err), mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True):
             return parser(role).parse_args(rest)
-    except SystemExit:
-        raise ValueError(err.getvalue().strip().splitlines()[-1]) from None
+    except SystemExit as e:
+        lines = err.getvalue().strip().splitlines() or [str(e.code)]
+        raise ValueError(lines[-1]) from None
+
+
+def env_names(role: str) -> set[str]:
+    """The variables a role's options read (envflags: DYN_<FLAG> and the historic names)."""
+    p = parser(role)
+    return {n for a in p._actions if (n := env_name(a)) is not None}
+
+
+def container_env(container: dict[str, Any], pod_ip: str = "10.0.0.7") -> dict[str, str]:
+    """A container's environment as the kubelet builds it: literal values with $(VAR) expanded, the downward-API
+    POD_IP, and a placeholder for values from ConfigMaps and Secrets."""
+    out: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            out[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: out.get(m.group(1), m.group(0)), str(e["value"]))
+        elif "fieldRef" in e.get("valueFrom", {}):
+            out[e["name"]] = pod_ip
+        elif e["name"] == "CONSUL_HTTP_ADDR":
+            out[e["name"]] = "http://consul-server.consul.svc:8500"
+        else:
+            out[e["name"]] = "from-a-secret"
+    return out
 
 
 def containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

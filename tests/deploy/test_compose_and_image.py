@@ -50,7 +50,10 @@ def test_compose_commands_parse_and_bind_their_own_address(name: str) -> None:
     ip = svc["networks"]["mesh"]["ipv4_address"]
     assert flag(args, "--host") == ip, "bind the service's own address: processes advertise their bind address"
     health = svc["healthcheck"]["test"]
-    assert health[-1] == f"{ip}:{flag(args, GRPC_PORT_FLAG[args[0]])}", "healthcheck asks the gRPC port"
+    # the plaintext grpc.health.v1 listener: it keeps answering when the gRPC port turns TLS on
+    assert health[-1] == f"{ip}:{flag(args, '--health-port')}", "healthcheck asks the --health-port"
+    if args[0] != "frontend":
+        assert flag(args, "--zmq-port"), "a fixed --zmq-port for firewalls"
     assert set(svc["environment"]) <= ENV_READ
 
 

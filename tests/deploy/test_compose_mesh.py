@@ -29,7 +29,7 @@ from tests.deploy.layout import DEPLOY, compose
 
 pytestmark = pytest.mark.slow
 
-PORT_FLAGS = ("--port", "--grpc-port", "--http-port", "--metrics-port")
+PORT_FLAGS = ("--port", "--grpc-port", "--http-port", "--metrics-port", "--zmq-port", "--health-port")
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
 """deploy/kubernetes, rendered offline: schema-valid objects whose commands, ports, probes and env are the
-ones our processes really take. Overlays are rendered by tests/deploy/kustomize.py (and compared with
+ones our processes really take (a container's settings are its args plus its DYN_<FLAG> environment, parsed
+together by the role's real parser). Overlays are rendered by tests/deploy/kustomize.py (and compared with
 `kubectl kustomize` where kubectl is installed)."""
 
 from __future__ import annotations
@@ -14,11 +15,24 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.layout import DOWNWARD, ENV_READ, KUBE, OVERLAYS, PENDING, ROOT, containers, flag, parse, rendered
+from tests.deploy.layout import (
+    DOWNWARD,
+    ENV_READ,
+    KUBE,
+    OVERLAYS,
+    PENDING,
+    ROOT,
+    container_env,
+    containers,
+    env_names,
+    flag,
+    parse,
+    rendered,
+)
 
 #: the oldest Kubernetes these manifests target (native grpc probes GA 1.27, preStop sleep 1.30)
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
-GRPC_PORT_FLAG = {"frontend": "--grpc-port", "router": "--port", "worker": "--port"}
+GRPC_PORT = {"frontend": "grpc_port", "router": "port", "worker": "port"}
 
 
 def expand(args: list[str]) -> list[str]:
@@ -63,9 +77,9 @@ def test_container_commands_parse_with_the_real_cli(overlay: str) -> None:
         args = expand(c["args"])
         if overlay in PENDING and args[0] == "worker":
             with pytest.raises(ValueError, match=re.escape(PENDING[overlay])):
-                parse(args)
+                parse(args, container_env(c))
             continue
-        ns = parse(args)
+        ns = parse(args, container_env(c))
         assert ns is not None, dep["metadata"]["name"]
 
 
@@ -73,18 +87,23 @@ def test_container_commands_parse_with_the_real_cli(overlay: str) -> None:
 def test_ports_probes_and_scrape_annotations_match_the_flags(overlay: str) -> None:
     objects = rendered(overlay)
     for dep, c in containers(objects):
-        role, args = c["args"][0], c["args"]
+        if overlay in PENDING and c["args"][0] == "worker":
+            continue
+        role, ns = c["args"][0], parse(c["args"], container_env(c))
+        name = dep["metadata"]["name"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        grpc_port = int(flag(args, GRPC_PORT_FLAG[role]) or 0)
-        assert ports["grpc"] == grpc_port, dep["metadata"]["name"]
-        assert ports["metrics"] == int(flag(args, "--metrics-port") or 0)
+        assert ports["grpc"] == getattr(ns, GRPC_PORT[role]), name
+        assert ports["metrics"] == ns.metrics_port
+        assert ports["health"] == ns.health_port, f"{name}: probes need the plaintext --health-port"
         if role == "frontend":
-            assert ports["http"] == int(flag(args, "--http-port") or 0)
+            assert ports["http"] == ns.http_port
+        else:
+            assert ports["zmq"] == ns.zmq_port > 0, f"{name}: a fixed --zmq-port for the NetworkPolicies"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == grpc_port, f"{dep['metadata']['name']} {probe}"
+            assert c[probe]["grpc"]["port"] == ns.health_port, f"{name} {probe}"
         ann = dep["spec"]["template"]["metadata"]["annotations"]
         assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == ports["metrics"]
-        assert flag(args, "--host") == "$(POD_IP)", "bind the pod IP: processes advertise their bind address"
+        assert ns.host == "0.0.0.0" and ns.advertise_host == "10.0.0.7", f"{name}: bind all, advertise the pod IP"
     by_component = {
         d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: c for d, c in containers(objects)
     }
@@ -94,7 +113,8 @@ def test_ports_probes_and_scrape_annotations_match_the_flags(overlay: str) -> No
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in names, f"Service {svc['metadata']['name']}: {port}"
     router_svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "dynamo-router")
-    host, port = flag(by_component["frontend"]["args"], "--router").split(":")  # type: ignore[union-attr]
+    frontend = by_component["frontend"]
+    host, port = parse(frontend["args"], container_env(frontend)).router.split(":")
     assert host == router_svc["metadata"]["name"] and int(port) == router_svc["spec"]["ports"][0]["port"]
 
 
@@ -105,8 +125,10 @@ def test_env_variables_are_ones_the_processes_read(overlay: str) -> None:
         assert re.search(rf"[\"']{name}[\"']", source), f"{name} is not read anywhere in src/"
     for dep, c in containers(rendered(overlay)):
         env = {e["name"] for e in c["env"]}
-        assert env <= ENV_READ | DOWNWARD, f"{dep['metadata']['name']}: {sorted(env - ENV_READ - DOWNWARD)}"
-        for ref in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
+        known = ENV_READ | DOWNWARD | env_names(c["args"][0])
+        assert env <= known, f"{dep['metadata']['name']}: {sorted(env - known)}"
+        text = " ".join([*c["args"], *(str(e.get("value", "")) for e in c["env"])])
+        for ref in re.findall(r"\$\((\w+)\)", text):
             assert ref in env, f"{dep['metadata']['name']}: $({ref}) is not defined"
 
 
@@ -136,7 +158,14 @@ def test_pdbs_and_network_policies_select_real_pods(overlay: str) -> None:
         assert len(matched) == 1, f"PDB {pdb['metadata']['name']} selects {len(matched)} Deployments"
     for np in (o for o in objects if o["kind"] == "NetworkPolicy"):
         assert selects(np["spec"]["podSelector"].get("matchLabels", {})), np["metadata"]["name"]
-    worker_ports = {p["containerPort"] for d, c in containers(objects) if c["args"][0] == "worker" for p in c["ports"]}
+    # every worker port but the health one, which only kubelet (from the node, outside NetworkPolicies) dials
+    worker_ports = {
+        p["containerPort"]
+        for d, c in containers(objects)
+        if c["args"][0] == "worker"
+        for p in c["ports"]
+        if p["name"] != "health"
+    }
     frontend = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "dynamo-frontend")
     public = [r for r in frontend["spec"]["ingress"] if "from" not in r]
     assert [sorted(p["port"] for p in r["ports"]) for r in public] == [[8000, 8001]], "clients reach 8000/8001 only"
@@ -157,3 +186,22 @@ def test_disagg_pools_are_separate_deployments() -> None:
     workers = [d for d in rendered("disagg") if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"]]
     pools = {d["spec"]["selector"]["matchLabels"]["dynamo-grpc/pool"] for d in workers}
     assert pools == {"prefill", "decode"} and len(workers) == 2
+
+
+def test_secure_variant_mounts_what_its_tls_and_curve_variables_name() -> None:
+    """overlays/secure: mTLS for every process, CURVE for the event publishers/subscribers; every file a DYN_TLS_* or
+    DYN_ZMQ_CURVE_* variable names lies in a mounted Secret, and the settings parse."""
+    for dep, c in containers(rendered("secure")):
+        role, env = c["args"][0], container_env(c)
+        name = dep["metadata"]["name"]
+        assert {"DYN_TLS_CERT", "DYN_TLS_KEY", "DYN_TLS_CA"} <= env.keys(), name
+        if role != "frontend":  # the frontend runs kv-service here: it subscribes to no event socket
+            assert {"DYN_ZMQ_CURVE_SECRET_KEY", "DYN_ZMQ_CURVE_ALLOW"} <= env.keys(), name
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+        for var, path in env.items():
+            if var.startswith(("DYN_TLS_", "DYN_ZMQ_CURVE_")) and path.startswith("/"):
+                mount = next((m for m in mounts if path.startswith(m + "/")), None)
+                assert mount is not None and "secret" in mounts[mount], f"{name}: {var}={path} is in no Secret mount"
+        ns = parse(c["args"], env)
+        assert ns.cert_file == env["DYN_TLS_CERT"] and ns.ca_file == env["DYN_TLS_CA"]

@@ -12,6 +12,7 @@ import sys
 
 from dynamo_grpc.consul_dev.acl import ACL
 from dynamo_grpc.consul_dev.server import ConsulDevServer, server_tls, write_addr_file
+from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.logs import add_log_flag, setup_logging
 
 log = logging.getLogger("dynamo_grpc.consul_dev")
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--acl-bootstrap-token",
         "--acl-token",
         dest="acl_bootstrap_token",
-        default=os.environ.get("CONSUL_DEV_ACL_BOOTSTRAP_TOKEN") or os.environ.get("CONSUL_DEV_ACL_TOKEN", ""),
+        default=os.environ.get("CONSUL_DEV_ACL_TOKEN", ""),  # older name; CONSUL_DEV_ACL_BOOTSTRAP_TOKEN wins
         help="the initial management token's SecretID (implies --acl; env CONSUL_DEV_ACL_BOOTSTRAP_TOKEN; "
         "--acl-token is the older name). Without it, PUT /v1/acl/bootstrap mints one",
     )
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--time-scale",
         type=float,
-        default=float(os.environ.get("CONSUL_DEV_TIME_SCALE", "1")),
+        default=1.0,  # CONSUL_DEV_TIME_SCALE through env_defaults (a bad value is named, not a traceback)
         help="TEST ONLY: multiply the agent's own timers (DeregisterCriticalServiceAfter and its 1m "
         "minimum, the 30s reaper, session TTLs, lock delays) by this factor",
     )
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA")
     add_log_flag(p)
-    return p
+    # its own family (CONSUL_DEV_TIME_SCALE, ...): consul-dev keeps its TLS apart from the mesh's DYN_TLS_*
+    return env_defaults(p, prefix="CONSUL_DEV_")
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ built here, so the bounds below hold everywhere:
   sent; :data:`PUB_MAX_INBOUND_BYTES` makes libzmq drop a peer at its first frame larger than a
   topic can be, and a small :data:`PUB_RCVHWM` stops reading from a peer that floods.
   (Many *small distinct* subscriptions still cost trie memory: only CURVE's allow-list keeps
-  strangers from subscribing at all; see docs/security-curve.md.)
+  strangers from subscribing at all; see docs/security.md ("Event plane: ZeroMQ CURVE").)
 - A SUB drops a peer sending a frame over :data:`MAX_EVENT_FRAME_BYTES`; publishers refuse to
   send one (the batch is recovered by Replay over gRPC).
 """

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.frontend.auth import ApiKeyInterceptor
 from dynamo_grpc.frontend.engine_client import WorkerClient
@@ -35,14 +36,29 @@ from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
 from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
-from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
+from dynamo_grpc.transport import (
+    GrpcServer,
+    ServerOptions,
+    TlsConfig,
+    TlsFileError,
+    add_tls_flags,
+    run_until_signal,
+    use_tls,
+)
+from dynamo_grpc.transport.addresses import (
+    METRICS_META,
+    add_address_flags,
+    advertise_host,
+    check_metrics_port,
+    with_host,
+)
 
 log = logging.getLogger("dynamo_grpc.frontend")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynamo-grpc frontend", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--grpc-port", type=int, default=8001, help="KServe gRPC port; 0 picks a free one")
     p.add_argument("--http-port", type=int, default=-1, help="OpenAI HTTP port; -1 disables (default)")
     p.add_argument("--consul", default=None, help="Consul address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
@@ -53,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--migration-limit", type=int, default=3, help="re-routes after a worker dies mid-request")
     p.add_argument("--ready-file", default=None, help="write {grpc_address, http_address} JSON here when serving")
-    p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port; -1 disables")
     p.add_argument(
         "--with-simple-model",
         action="store_true",
@@ -63,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracing_flags(p)
     add_curve_flags(p)
     add_limit_flags(p)  # --- limits and auth: frontend/limits.py ---
-    return p
+    add_tls_flags(p, public=True)  # KServe gRPC, OpenAI HTTP and /metrics; --tls-client-auth for clients
+    add_address_flags(p)
+    return env_defaults(p)
 
 
 class _RouterAddresses:
@@ -142,6 +159,8 @@ async def serve(args: argparse.Namespace) -> int:
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
 
+    tls: TlsConfig | None = args.tls
+    advertised = advertise_host(args.host, args.advertise_host)
     server = GrpcServer(
         ServerOptions(
             args.host,
@@ -149,12 +168,15 @@ async def serve(args: argparse.Namespace) -> int:
             max_message_bytes=limits.max_message_bytes,
             extra_args=[("grpc.max_concurrent_streams", limits.max_concurrent_streams)],
             interceptors=[ApiKeyInterceptor(limits)] if limits.api_keys else [],
+            tls=tls,
+            public=True,
+            health_port=args.health_port,
         )
     )
     server.add(
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
     )
-    grpc_address = await server.start()
+    grpc_address = with_host(await server.start(), advertised)
     tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
     if args.router_mode == "kv-service" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
@@ -165,13 +187,20 @@ async def serve(args: argparse.Namespace) -> int:
     if args.http_port >= 0 or args.metrics_port >= 0:
         from dynamo_grpc.frontend.openai.app import start_http
 
+        scheme = "https" if tls is not None else "http"
         if args.http_port >= 0:
-            runner, http_address = await start_http(args.host, args.http_port, pipeline, stats)
+            ctx = tls.ssl_context_server(public=True) if tls is not None else None
+            runner, http_address = await start_http(args.host, args.http_port, pipeline, stats, ssl_context=ctx)
+            http_address = with_host(http_address, advertised)
             runners.append(runner)
         if args.metrics_port >= 0:
-            runner, metrics_address = await start_http(args.host, args.metrics_port, pipeline, stats, admin_only=True)
+            ctx = tls.ssl_context_server(public=True) if tls is not None else None
+            runner, metrics_address = await start_http(
+                args.host, args.metrics_port, pipeline, stats, admin_only=True, ssl_context=ctx
+            )
+            metrics_address = with_host(metrics_address, advertised)
             runners.append(runner)
-            log.info("metrics on http://%s/metrics", metrics_address)
+            log.info("metrics on %s://%s/metrics", scheme, metrics_address)
     host, port = grpc_address.rsplit(":", 1)
     inst = Instance(
         "dynamo-frontend",
@@ -179,15 +208,24 @@ async def serve(args: argparse.Namespace) -> int:
         host,
         int(port),
         tags=[f"namespace={args.namespace}", "role=frontend"],
-        meta={"grpc_address": grpc_address, "http_address": http_address, "metrics_address": metrics_address},
+        meta={"grpc_address": grpc_address, "http_address": http_address},
     )
+    if metrics_address:
+        inst.meta[METRICS_META] = metrics_address
     try:
         await discovery.register(inst, ttl=10.0)
     except Exception as e:  # serving without registration is still useful (and Consul may come back)
         log.warning("could not register in Consul at %s: %s", settings.address, e)
     if args.ready_file:
         _write_ready(
-            args.ready_file, {"grpc_address": grpc_address, "http_address": http_address, "instance_id": instance_id}
+            args.ready_file,
+            {
+                "grpc_address": grpc_address,
+                "http_address": http_address,
+                "metrics_address": metrics_address,
+                "health_port": server.health_port,
+                "instance_id": instance_id,
+            },
         )
     log.info("frontend serving KServe v2 gRPC on %s (router mode %s)", grpc_address, args.router_mode)
 
@@ -213,9 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     setup_tracing("dynamo-frontend", args.trace_file)
+    args.tls = use_tls(TlsConfig.from_args(args, parser))  # every listener, and the hops to routers and workers
+    if args.tls is not None:
+        try:  # e.g. --tls-client-auth optional, which gRPC listeners cannot do: refuse before binding
+            args.tls.server_credentials(public=True)
+        except TlsFileError as e:
+            parser.error(str(e))
+    try:
+        check_metrics_port(args.metrics_port)
+        advertise_host(args.host, args.advertise_host)
+    except ValueError as e:
+        parser.error(str(e))
     if args.migration_limit < 0:
         raise SystemExit("--migration-limit must be >= 0")
     ports = [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), (args.metrics_port, "--metrics-port")]
+    ports.append((args.health_port or -1, "--health-port"))
     check_ports(args.host, ports)  # one line naming the port and its flag, not a bind traceback
     if args.router and args.router_mode == "kv":
         args.router_mode = "kv-service"  # a pinned router address means: use that RouterService

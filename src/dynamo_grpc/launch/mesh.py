@@ -24,10 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import grpc
+
 from dynamo_grpc.discovery.agent import AgentHandle, start_consul_dev
 from dynamo_grpc.discovery.roles import RoleToken, create_role_tokens
 from dynamo_grpc.launch.children import die_with_parent, last_line
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
+from dynamo_grpc.launch.security import MeshSecurity
+from dynamo_grpc.logs import ENV as LOG_ENV
 
 
 class MeshError(RuntimeError):
@@ -56,6 +60,8 @@ class MeshConfig:
     #: also start a `dynamo-router` process; None: only when router_mode needs one (kv-service, approx)
     start_router: bool | None = None
     log_dir: Path | None = None
+    #: TLS certificates and CURVE keys handed to the children by env (``launch.security``); None: plain
+    security: MeshSecurity | None = None
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 15.0
 
@@ -93,7 +99,12 @@ class Mesh:
     # -- process handling ---------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], role: str) -> _Proc:
         log = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # a DYN_<FLAG> variable would reach every role at once (DYN_PORT, DYN_HEALTH_PORT: one port for all), so the
+        # mesh passes its settings as flags and only DYN_LOG (and the security variables below) by environment
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("DYN_") or k == LOG_ENV}
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1"}
+        if self.config.security is not None:
+            full_env.update(self.config.security.env(role))
         if role in self.role_tokens:
             full_env.pop("CONSUL_HTTP_TOKEN_FILE", None)
             full_env["CONSUL_HTTP_TOKEN"] = self.role_tokens[role].secret_id
@@ -193,7 +204,7 @@ class Mesh:
 
         from dynamo_grpc.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 
-        with grpc.insecure_channel(self.frontend_grpc) as ch:
+        with self._probe_channel(self.frontend_grpc) as ch:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
             try:
                 if not stub.ServerReady(grpc_service_pb2.ServerReadyRequest(), timeout=2).ready:
@@ -203,6 +214,19 @@ class Mesh:
                 return True
             except grpc.RpcError:
                 return False
+
+    def _probe_channel(self, address: str) -> grpc.Channel:
+        """A channel to a mesh process: with TLS on, verified against the mesh CA, with its client certificate."""
+        import grpc
+
+        sec = self.config.security
+        if sec is None or sec.tls is None:
+            return grpc.insecure_channel(address)
+        t = sec.tls
+        creds = grpc.ssl_channel_credentials(
+            t.ca.read_bytes(), t.client_key.read_bytes(), t.client_cert.read_bytes()
+        )
+        return grpc.secure_channel(address, creds)
 
     def proc(self, name: str) -> subprocess.Popen[bytes]:
         for p in self.procs:

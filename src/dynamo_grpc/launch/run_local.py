@@ -2,7 +2,10 @@
 
 Discovery: CONSUL_HTTP_ADDR when set (with the caller's CONSUL_HTTP_TOKEN), else a `consul` binary on
 PATH (`consul agent -dev`), else the embedded consul-dev with ACLs on (deny by default): each process
-gets its role's token. Stops cleanly on Ctrl-C; a killed run-local takes its processes with it (Linux).
+gets its role's token. ``--tls`` generates a throwaway CA and certificates (mTLS inside the mesh, TLS
+with a CA for clients of the frontend), ``--curve`` a CURVE key pair per role and an allow-list; both
+reach the processes as ``DYN_TLS_*`` / ``DYN_ZMQ_CURVE_*`` variables.
+Stops cleanly on Ctrl-C; a killed run-local takes its processes with it (Linux).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from dynamo_grpc.discovery.agent import ensure_agent
+from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig, MeshError
+from dynamo_grpc.launch.security import MeshSecurity, local_security
 from dynamo_grpc.logs import ENV as LOG_ENV
 from dynamo_grpc.logs import FORMAT_ENV as LOG_FORMAT_ENV
 from dynamo_grpc.logs import add_log_flag, setup_logging
@@ -25,7 +31,7 @@ from dynamo_grpc.logs import add_log_flag, setup_logging
 DEFAULT_ENGINE = "torch"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynamo-grpc run-local", description=__doc__)
     p.add_argument("--engine", choices=["mocker", "torch"], default=DEFAULT_ENGINE, help="worker engine")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
@@ -46,12 +52,47 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run the embedded consul-dev without ACLs (default: ACLs on, one token per role)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="generate a throwaway CA and certificates: mTLS between processes, TLS (with the CA) for clients",
+    )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="generate ZeroMQ CURVE key pairs (one per role) and an allow-list for the KV event plane",
+    )
     add_log_flag(p)
-    return p
+    return env_defaults(p)
+
+
+def _tls_hints(sec: MeshSecurity, fe: str, http: str, model: str, body: str) -> str:
+    """grpcurl / tritonclient / curl lines for a TLS frontend (the CA only: the public port needs no client cert)."""
+    assert sec.tls is not None
+    ca = sec.tls.ca
+    lines = [
+        "\nTLS is on (CA: " + str(ca) + "). Try it:",
+        f"  grpcurl -cacert {ca} {fe} list",
+        f"  grpcurl -cacert {ca} {fe} inference.GRPCInferenceService/ServerReady",
+        "Or with tritonclient:",
+        f"  .venv/bin/python -c \"import tritonclient.grpc as g; c = g.InferenceServerClient('{fe}', ssl=True, "
+        f"root_certificates='{ca}'); print(c.is_server_ready(), c.get_model_repository_index())\"",
+    ]
+    if http:
+        lines += [
+            "Or OpenAI HTTPS:",
+            f"  curl -s --cacert {ca} https://{http}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{body}'",
+        ]
+    lines.append(
+        f"Internal ports need a client certificate: grpcurl -cacert {ca} -cert {sec.tls.client_cert} "
+        f"-key {sec.tls.client_key} HOST:PORT list"
+    )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
     os.environ[LOG_FORMAT_ENV] = args.log_format  # ... and the log format
@@ -70,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "torch":
         # the workers share this machine's cores; torch would otherwise give each all of them
         worker_args = ["--num-threads", str(max(1, (os.cpu_count() or 1) // max(1, args.workers)))]
+    security: MeshSecurity | None = None
+    if args.tls or args.curve:
+        sec_dir = Path(tempfile.mkdtemp(prefix="dynamo-security-"))
+        security = local_security(sec_dir, tls=args.tls, curve=args.curve)
     cfg = MeshConfig(
+        security=security,
         worker_args=worker_args,
         workers=args.workers,
         engine=args.engine,
@@ -92,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         token_file.touch(mode=0o600)
         token_file.write_text(agent.token + "\n")
         print(f"ACLs: on (default deny), a token per role; management token in {token_file}")
+    if security is not None:
+        parts = [f"TLS (certificates in {security.tls.directory})" if security.tls else "",
+                 f"CURVE (keys in {security.curve.allow_dir.parent})" if security.curve else ""]
+        print("security: " + " and ".join(p for p in parts if p))
     print(f"logs: {mesh.log_dir}", flush=True)
     try:
         mesh.start()
@@ -105,22 +155,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     fe = mesh.frontend_grpc
     model = mesh.models[0] if mesh.models else "SmolLM2-135M-Instruct"
-    http_hint = ""
-    if mesh.frontend_http:
-        question = [{"role": "user", "content": "What is the capital of France?"}]
-        body = json.dumps({"model": model, "messages": question, "temperature": 0})
-        http_hint = (
-            f"\nOr OpenAI HTTP:\n  curl -s http://{mesh.frontend_http}/v1/chat/completions "
-            f"-H 'Content-Type: application/json' -d '{body}'\n"
-        )
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    body = json.dumps({"model": model, "messages": question, "temperature": 0})
+    tls_on = security is not None and security.tls is not None
+    scheme = "https" if tls_on else "http"
     print(
         f"""
 dynamo-grpc is up.
-  KServe v2 gRPC : {fe}
-  OpenAI HTTP    : {"http://" + mesh.frontend_http if mesh.frontend_http else "off"}
+  KServe v2 gRPC : {fe}{" (TLS)" if tls_on else ""}
+  OpenAI HTTP    : {f"{scheme}://{mesh.frontend_http}" if mesh.frontend_http else "off"}
   router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}
-  consul         : {mesh.consul}
-
+  consul         : {mesh.consul}""",
+        flush=True,
+    )
+    if security is not None and security.tls is not None:
+        print(_tls_hints(security, fe, mesh.frontend_http, model, body), flush=True)
+    else:
+        http_hint = ""
+        if mesh.frontend_http:
+            http_hint = (
+                f"\nOr OpenAI HTTP:\n  curl -s http://{mesh.frontend_http}/v1/chat/completions "
+                f"-H 'Content-Type: application/json' -d '{body}'\n"
+            )
+        print(
+            f"""
 Try it (grpcurl, server reflection; text_input is base64 of "What is the capital of France?"):
   grpcurl -plaintext {fe} list
   grpcurl -plaintext -d '{{"model_name":"{model}",\
@@ -132,10 +190,10 @@ Try it (grpcurl, server reflection; text_input is base64 of "What is the capital
 
 Or with tritonclient (streams tokens):
   .venv/bin/python examples/tritonclient_infer.py --url {fe} --model {model} "What is the capital of France?"
-{http_hint}
-Ctrl-C stops everything.""",
-        flush=True,
-    )
+{http_hint}""",
+            flush=True,
+        )
+    print("Ctrl-C stops everything.", flush=True)
     stop = False
 
     def _stop(*_: object) -> None:

@@ -16,6 +16,7 @@ import socket
 from typing import Any
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
@@ -24,7 +25,14 @@ from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, rout
 from dynamo_grpc.router.metrics import RouterMetrics, start_admin_http
 from dynamo_grpc.router.node import RouterNode
 from dynamo_grpc.router.service import RouterServicer
-from dynamo_grpc.transport import GrpcServer, ServerOptions, run_until_signal
+from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig, add_tls_flags, run_until_signal, use_tls
+from dynamo_grpc.transport.addresses import (
+    METRICS_META,
+    add_address_flags,
+    advertise_host,
+    check_metrics_port,
+    with_host,
+)
 from dynamo_grpc.v1 import router_pb2_grpc
 
 log = logging.getLogger("dynamo_grpc.router")
@@ -41,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--model", default=d.model, help="model to route for (default: the workers' model)")
     add_router_flags(p)
-    p.add_argument("--metrics-port", type=int, default=0, help="/metrics and /dump-index; 0 = ephemeral, -1 = off")
     add_log_flag(p)
     add_tracing_flags(p)
     add_curve_flags(p)
-    return p
+    add_tls_flags(p, public=False)
+    add_address_flags(p, zmq=True)  # --metrics-port also serves /dump-index; --zmq-port: the active-sequence PUB
+    return env_defaults(p)
 
 
 class RouterProcess:
@@ -57,11 +66,19 @@ class RouterProcess:
         self.router_id = f"router-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.metrics = RouterMetrics()
         self.discovery = Discovery(ConsulSettings.from_env(addr=args.consul or None))
+        self.advertised_host = advertise_host(args.host, args.advertise_host)
         self.node = RouterNode(
-            self.config, self.discovery, self.router_id, args.host, self.metrics, curve=CurveConfig.from_args(args)
+            self.config,
+            self.discovery,
+            self.router_id,
+            args.host,
+            self.metrics,
+            curve=CurveConfig.from_args(args),
+            sync_port=args.zmq_port,
         )
         self.router = self.node.router
-        self.server = GrpcServer(ServerOptions(args.host, args.port))
+        tls: TlsConfig | None = getattr(args, "tls", None)
+        self.server = GrpcServer(ServerOptions(args.host, args.port, tls=tls, health_port=args.health_port))
         self.tasks: list[asyncio.Task[None]] = []
         self.http_runner: Any = None
         self.metrics_port = -1
@@ -75,10 +92,12 @@ class RouterProcess:
         )
         grpc_address = await self.server.start(serving=False)
         if a.metrics_port >= 0:
+            tls: TlsConfig | None = getattr(a, "tls", None)
+            ctx = tls.ssl_context_server(public=True) if tls is not None else None  # scrapers bring the CA
             self.http_runner, self.metrics_port = await start_admin_http(
-                a.host, a.metrics_port, self.metrics, self.router
+                a.host, a.metrics_port, self.metrics, self.router, ssl_context=ctx
             )
-        self._grpc_address = grpc_address
+        self._grpc_address = with_host(grpc_address, self.advertised_host)
         self.node.on_ready_change = self.server.set_serving
         self.node.on_model = lambda model: self.tasks.append(asyncio.create_task(self._register(), name="register"))
         self.node.start()
@@ -87,8 +106,10 @@ class RouterProcess:
         sync = self.node.active_sync
         assert sync is not None
         meta = {"grpc_address": self._grpc_address, **sync.meta, "mode": self.config.mode}
+        if "zmq_endpoint" in meta:
+            meta["zmq_endpoint"] = with_host(meta["zmq_endpoint"], self.advertised_host)
         if self.metrics_port >= 0:
-            meta["metrics_address"] = f"{self.args.host}:{self.metrics_port}"
+            meta[METRICS_META] = f"{with_host(f'{self.args.host}:{self.metrics_port}', self.advertised_host)}"
         host, port = self._grpc_address.rsplit(":", 1)
         inst = Instance(
             "dynamo-router",
@@ -129,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     setup_tracing("dynamo-router", args.trace_file)
+    args.tls = use_tls(TlsConfig.from_args(args, parser))  # RouterService and the Replay calls to workers
     try:
         refuse_unused_flags(parser, args)
         router_config_from_args(args)
+        check_metrics_port(args.metrics_port)
+        advertise_host(args.host, args.advertise_host)
     except ValueError as e:
         parser.error(str(e))
     try:

@@ -4,14 +4,16 @@ embedded router, labelled by model; plus the router process's admin endpoint (/m
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dynamo_grpc.router.router import Router, RouteResult
+from dynamo_grpc.transport.http import metrics_app, serve_app
 
 if TYPE_CHECKING:
     from dynamo_grpc.router.node import RouterNode
@@ -116,24 +118,13 @@ def dump_index(router: Router) -> dict[str, object]:
 
 
 async def start_admin_http(
-    host: str, port: int, metrics: RouterMetrics, router: Router
+    host: str, port: int, metrics: RouterMetrics, router: Router, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[web.AppRunner, int]:
-    """Serve /metrics and /dump-index; port 0 picks a free one. Returns (runner, port)."""
-    registry = metrics.registry()
-
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Serve /metrics and /dump-index (HTTPS with ``ssl_context``); port 0 picks a free one. Returns (runner, port)."""
+    app = metrics_app(metrics.registry())
 
     async def dump_handler(_: web.Request) -> web.Response:
         return web.Response(text=json.dumps(dump_index(router)), content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/dump-index", dump_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port  # type: ignore[union-attr,attr-defined]
-    return runner, int(bound)
+    return await serve_app(app, host, port, ssl_context)

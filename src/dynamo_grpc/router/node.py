@@ -75,8 +75,11 @@ class RouterNode:
         metrics: RouterMetrics | None = None,
         share_active: bool = True,
         curve: CurveConfig | None = None,
+        sync_port: int = 0,
     ) -> None:
         config.validate()
+        #: fixed port of the active-sequence PUB (router --zmq-port); 0: any free port
+        self.sync_port = sync_port
         self.curve = curve
         self.config = config
         self.discovery = discovery
@@ -117,7 +120,7 @@ class RouterNode:
             return
         self.config.model = model
         if self.share_active:
-            self.active_sync = ActiveSync(self.router, model, self.bind_host, self.curve)
+            self.active_sync = ActiveSync(self.router, model, self.bind_host, self.curve, self.sync_port)
             self.router.on_active_change = self.active_sync.publish
             self.active_sync.start()
             self.tasks.append(asyncio.create_task(self._watch_routers(), name="watch-routers"))

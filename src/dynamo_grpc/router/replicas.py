@@ -35,13 +35,18 @@ class ActiveSync:
     """PUB our router's active-sequence changes; SUB to the other replicas'."""
 
     def __init__(
-        self, router: Router, model: str, bind_host: str = "127.0.0.1", curve: CurveConfig | None = None
+        self,
+        router: Router,
+        model: str,
+        bind_host: str = "127.0.0.1",
+        curve: CurveConfig | None = None,
+        port: int = 0,
     ) -> None:
         self.router = router
         self.topic = active_topic(model)
         self.curve = curve
         ctx = zmq.asyncio.Context.instance()
-        self._bound = bind_pub(ctx, bind_host, curve=curve)
+        self._bound = bind_pub(ctx, bind_host, port, curve=curve)
         self._pub = self._bound.sock
         self.endpoint = self._bound.endpoint
         #: Consul Meta of this replica: ``zmq_endpoint`` (+ ``zmq_public_key`` with CURVE)

@@ -17,7 +17,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.events.kv import KvEvent, LoadMetrics
 from dynamo_grpc.events.service import KvEventsServicer
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
-from dynamo_grpc.transport import GrpcServer, ServerOptions
+from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig
+from dynamo_grpc.transport.addresses import METRICS_META, advertise_host, with_host
+from dynamo_grpc.transport.http import metrics_app, serve_app
 from dynamo_grpc.v1 import events_pb2_grpc, worker_pb2_grpc
 from dynamo_grpc.worker.drain import DrainGate
 from dynamo_grpc.worker.metrics import WorkerMetrics
@@ -60,11 +61,15 @@ class WorkerSettings:
     register: bool = True
     ttl_s: float = 10.0
     drain_grace_s: float = 10.0
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # None or -1: no /metrics listener; 0: any free port
     ready_file: Path | None = None
     engine_name: str = "mocker"
     curve: CurveConfig | None = None  # ZeroMQ CURVE on the event publisher (None: plain)
     instance_id: str = field(default_factory=new_instance_id)
+    tls: TlsConfig | None = None  # every gRPC service of the worker (KvEvents Replay included)
+    health_port: int | None = None  # plaintext grpc.health.v1-only listener (probes)
+    advertise_host: str | None = None  # what Consul gets (default: host; with 0.0.0.0 the first non-loopback IP)
+    zmq_port: int = 0  # fixed KV event PUB port (0: any free port)
 
 
 class WorkerApp:
@@ -92,23 +97,25 @@ class WorkerApp:
         self._metrics_server: Any = None
         self._load_task: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
+        self.advertised_host = advertise_host(settings.host, settings.advertise_host)
 
     @property
     def grpc_address(self) -> str:
+        """The advertised gRPC address (the bound port on --advertise-host)."""
         assert self.server is not None
-        return self.server.address
+        return with_host(self.server.address, self.advertised_host)
 
     @property
     def zmq_endpoint(self) -> str:
         assert self.publisher is not None
-        return self.publisher.endpoint
+        return with_host(self.publisher.endpoint, self.advertised_host)
 
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
         s = self.settings
         self.publisher = KvEventPublisher(
-            self.instance_id, self.card.name, self.engine.block_size, bind_host=s.host, curve=s.curve
+            self.instance_id, self.card.name, self.engine.block_size, bind_host=s.host, curve=s.curve, port=s.zmq_port
         )
         publisher = self.publisher
 
@@ -118,7 +125,8 @@ class WorkerApp:
         self.engine.set_event_sink(sink)
         await self.engine.start()
 
-        self.server = GrpcServer(ServerOptions(host=s.host, port=s.port, grace_s=1.0))
+        options = ServerOptions(host=s.host, port=s.port, grace_s=1.0, tls=s.tls, health_port=s.health_port)
+        self.server = GrpcServer(options)
         _add(
             self.server,
             worker_pb2_grpc.add_DecodeServiceServicer_to_server,
@@ -146,8 +154,8 @@ class WorkerApp:
         await self.server.start()
         self.ctx.grpc_address = self.grpc_address
 
-        if s.metrics_port is not None:
-            self._start_metrics(s.host, s.metrics_port)
+        if s.metrics_port is not None and s.metrics_port >= 0:
+            await self._start_metrics(s.host, s.metrics_port)
         self._load_task = asyncio.create_task(self._load_loop(), name="worker-load")
 
         if s.register:
@@ -171,6 +179,7 @@ class WorkerApp:
         meta = {
             "grpc_address": self.grpc_address,
             **self.publisher.meta(),  # zmq_endpoint (+ zmq_public_key with CURVE)
+            "zmq_endpoint": self.zmq_endpoint,  # on the advertised host
             "model": self.card.name,
             "block_size": str(self.engine.block_size),
             "kv_blocks": str(self.engine.num_blocks),
@@ -178,12 +187,12 @@ class WorkerApp:
             "dp_size": "1",
         }
         if self.metrics_address:
-            meta["metrics_address"] = self.metrics_address
+            meta[METRICS_META] = self.metrics_address
         assert self.server is not None and self.server.port is not None
         return Instance(
             service=SERVICE_NAME,
             instance_id=self.instance_id,
-            address=s.host,
+            address=self.advertised_host,
             port=self.server.port,
             tags=[f"namespace={s.namespace}", f"model={self.card.name}", "role=worker"],
             meta=meta,
@@ -202,17 +211,18 @@ class WorkerApp:
             "zmq_endpoint": self.zmq_endpoint,
             "model": self.card.name,
             "metrics_address": self.metrics_address,
+            "health_port": self.server.health_port if self.server is not None else None,
         }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(path)
 
-    def _start_metrics(self, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
-
-        server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
-        self._metrics_server = server
-        self.metrics_address = f"{host}:{server.server_port}"
+    async def _start_metrics(self, host: str, port: int) -> None:
+        """/metrics over HTTP, or HTTPS with the worker's TLS settings (scrapers bring the CA)."""
+        tls = self.settings.tls
+        ctx = tls.ssl_context_server(public=True) if tls is not None else None
+        self._metrics_server, bound = await serve_app(metrics_app(self.metrics.registry), host, port, ctx)
+        self.metrics_address = with_host(f"{host}:{bound}", self.advertised_host)
 
     # ------------------------------------------------------------------ load
 
@@ -272,10 +282,5 @@ class WorkerApp:
         if self.discovery is not None:
             await self.discovery.close()
         if self._metrics_server is not None:
-            server = self._metrics_server
-
-            def shut() -> None:
-                server.shutdown()
-                server.server_close()
-
-            threading.Thread(target=shut, daemon=True).start()
+            await self._metrics_server.cleanup()
+            self._metrics_server = None

@@ -13,12 +13,14 @@ from pathlib import Path
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.engines.trtllm.worker import add_trtllm_flags, build_trtllm
 from dynamo_grpc.engines.trtllm.worker import check_flags as check_trtllm_flags
+from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
-from dynamo_grpc.transport import run_until_signal
+from dynamo_grpc.transport import TlsConfig, add_tls_flags, run_until_signal, use_tls
+from dynamo_grpc.transport.addresses import add_address_flags, advertise_host, check_metrics_port
 from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
 
 log = logging.getLogger("dynamo_grpc.worker")
@@ -56,13 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-probability", type=float, default=0.0, help="mocker: chance per token to draw EOS")
     p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any port)")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
     add_log_flag(p)
     add_tracing_flags(p)
     add_curve_flags(p)
     add_trtllm_flags(p)
-    return p
+    add_tls_flags(p, public=False)
+    add_address_flags(p, zmq=True)
+    return env_defaults(p)
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
@@ -131,6 +134,10 @@ async def serve(args: argparse.Namespace) -> int:
         ready_file=args.ready_file,
         engine_name=args.engine,
         curve=CurveConfig.from_args(args),
+        tls=args.tls,
+        health_port=args.health_port,
+        advertise_host=args.advertise_host,
+        zmq_port=args.zmq_port,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
@@ -144,15 +151,23 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     setup_tracing("dynamo-worker", args.trace_file)
+    args.tls = use_tls(TlsConfig.from_args(args, parser))  # the server and the worker's own clients
+    try:
+        check_metrics_port(args.metrics_port)
+        advertise_host(args.host, args.advertise_host)
+    except ValueError as e:
+        parser.error(str(e))
     if args.max_waiting_requests < 1:
         build_parser().error("--max-waiting-requests must be >= 1")
     for name in ("drain_grace", "ttl", "speedup_ratio"):
         if getattr(args, name) <= 0 and name != "drain_grace":
             build_parser().error(f"--{name.replace('_', '-')} must be positive")
-    check_ports(args.host, [(args.port, "--port"), (args.metrics_port or -1, "--metrics-port")])
+    ports = [(args.port, "--port"), (args.metrics_port, "--metrics-port"), (args.zmq_port, "--zmq-port")]
+    check_ports(args.host, [*ports, (args.health_port or -1, "--health-port")])
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 import uuid
 from typing import Any
@@ -275,9 +276,17 @@ class OpenAiApp:
 
 
 async def start_http(
-    host: str, port: int, pipeline: Pipeline, stats: StatsBook, admin_only: bool = False
+    host: str,
+    port: int,
+    pipeline: Pipeline,
+    stats: StatsBook,
+    admin_only: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port."""
+    """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port.
+
+    ``ssl_context`` (``TlsConfig.ssl_context_server(public=True)``) serves HTTPS.
+    """
     # handler_cancellation: a client that disconnects cancels its handler, so a non-streamed request stops
     # generating (the route and the worker stream are closed) instead of running to max_tokens unseen
     # lingering_time: after an early answer (413, 408) the rest of a body is drained for at most this long
@@ -288,7 +297,7 @@ async def start_http(
         lingering_time=min(2.0, pipeline.limits.http_body_timeout_s),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     server = site._server
     sockets = getattr(server, "sockets", None) or []
