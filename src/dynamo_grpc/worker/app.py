@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc import procstats
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.events import KvEventPublisher
@@ -211,6 +212,7 @@ class WorkerApp:
         from prometheus_client import start_http_server
 
         server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        procstats.register(self.metrics.registry)  # tasks, fds, RSS: what a soak run checks
         self._metrics_server = server
         self.metrics_address = f"{host}:{server.server_port}"
 

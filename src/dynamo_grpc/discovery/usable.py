@@ -1,0 +1,63 @@
+"""ONE view of which workers may get requests, shared by everything that picks workers in a process.
+
+The frontend's model registry skips workers whose registration or card is not to be trusted; an
+embedded KV router skips workers whose events it cannot reach. Each marks its reason here under its
+own ``source``, and both read ``usable()``: a worker skipped by one is skipped by all, and becomes usable
+again when every source that skipped it has cleared it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class WorkerView:
+    """instance_id -> {source: reason} for skipped workers; listeners hear every change."""
+
+    def __init__(self) -> None:
+        self._skipped: dict[str, dict[str, str]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        #: skips counted by source, once per (instance, source) episode
+        self.skips_total: dict[str, int] = {}
+
+    def usable(self, instance_id: str) -> bool:
+        return instance_id not in self._skipped
+
+    def skipped(self) -> dict[str, str]:
+        """instance_id -> the reasons it is skipped, joined."""
+        return {iid: "; ".join(f"{s}: {r}" for s, r in sorted(why.items())) for iid, why in self._skipped.items()}
+
+    def skip(self, instance_id: str, source: str, reason: str) -> None:
+        why = self._skipped.setdefault(instance_id, {})
+        if why.get(source) == reason:
+            return
+        if source not in why:
+            self.skips_total[source] = self.skips_total.get(source, 0) + 1
+        why[source] = reason
+        log.warning("worker %s skipped (%s): %s", instance_id, source, reason)
+        self._notify()
+
+    def clear(self, instance_id: str, source: str) -> None:
+        why = self._skipped.get(instance_id)
+        if why is None or source not in why:
+            return
+        del why[source]
+        if not why:
+            del self._skipped[instance_id]
+            log.info("worker %s usable again (%s)", instance_id, source)
+        self._notify()
+
+    def retain(self, source: str, instance_ids: set[str]) -> None:
+        """Forget ``source``'s skips of workers that are gone (not in ``instance_ids``)."""
+        for iid in [i for i, why in self._skipped.items() if source in why and i not in instance_ids]:
+            self.clear(iid, source)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for fn in list(self._listeners):
+            fn()
