@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("dynamo_grpc.bench.engine", "torch engine vs transformers generate (extras: torch, bench)"),
     "discovery": ("dynamo_grpc.bench.discovery", "consul-dev + discovery: 1,000 instances, 50 watchers"),
     "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),
+    "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
 }
 #: what `all` passes the replay beyond --trace/--json: all three policies on a slice of the trace
 REPLAY_ALL_ARGS = ["--compare", "--limit", "500", "--speedup", "10"]
