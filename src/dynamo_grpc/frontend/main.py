@@ -125,7 +125,12 @@ async def serve(args: argparse.Namespace) -> int:
         return await discovery.get_model_card_entries(model)  # with sessions, for the registry's check
 
     view = WorkerView()  # one verdict on each worker for the registry and the embedded routers
-    registry = ModelRegistry(workers.get_file, load_cards, namespace=args.namespace, view=view)
+    async def forget_worker(address: str) -> None:  # a draining worker's streams get 30 s to finish
+        await workers.pool.drop(address, grace=30.0)
+
+    registry = ModelRegistry(
+        workers.get_file, load_cards, namespace=args.namespace, view=view, forget_address=forget_worker
+    )
     router_addr = _RouterAddresses(args.router, args.namespace)
     instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     router: Router

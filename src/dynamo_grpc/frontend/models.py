@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,8 +81,14 @@ class ModelRegistry:
         load_cards: LoadCards,
         namespace: str = "dynamo",
         view: WorkerView | None = None,
+        forget_address: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
+        """``forget_address``: release what the process holds for a worker address that left (its
+        channel); awaited in the background so that streams still on it can finish."""
         self._fetch_file = fetch_file
+        self._forget_address = forget_address
+        self._addresses: set[str] = set()
+        self._forgetting: set[asyncio.Task[None]] = set()
         self._load_cards = load_cards
         self.namespace = namespace
         self._models: dict[str, ServedModel] = {}
@@ -163,7 +169,17 @@ class ModelRegistry:
                 if name not in by_model and entry.workers:
                     log.info("model %s has no live workers", name)
                     entry.workers = []
+            self._forget_gone({w.address for ws in by_model.values() for w in ws})
             self.changed.set()
+
+    def _forget_gone(self, addresses: set[str]) -> None:
+        gone, self._addresses = self._addresses - addresses, addresses
+        if self._forget_address is None:
+            return
+        for address in gone:
+            task = asyncio.ensure_future(self._forget_address(address))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
 
     async def _with_cards(self, model: str, instance_ids: set[str], metas: Mapping[str, Mapping[str, str]]) -> set[str]:
         """Workers whose card is trusted (validate.card_problem) and agrees with the served card (block
