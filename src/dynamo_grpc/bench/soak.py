@@ -205,6 +205,7 @@ async def run_openai(http: aiohttp.ClientSession, url: str, model: str, p: Plan,
     body = {"model": model, "prompt": f"soak {p.i}", "max_tokens": p.max_tokens, "stream": True, "ignore_eos": True}
     timeout = aiohttp.ClientTimeout(total=p.deadline_s or 60.0)
     chunks = 0
+    saw_finish = False
     try:
         async with http.post(f"{url}/v1/completions", json=body, timeout=timeout) as resp:
             if resp.status != 200:
@@ -214,11 +215,13 @@ async def run_openai(http: aiohttp.ClientSession, url: str, model: str, p: Plan,
                 if not line.startswith(b"data: "):
                     continue
                 if line.strip() == b"data: [DONE]":
-                    out.add("openai:complete")
+                    out.add("openai:complete" if saw_finish else "broken", f"stream {p.i}: [DONE] without a finish")
                     return
-                if b'"error"' in line:
-                    out.add("openai:error_event", line.decode(errors="replace"))
+                event = json.loads(line[len(b"data: ") :])
+                if "error" in event:  # the status line was sent: the error travels as an event
+                    out.add("openai:error_event", json.dumps(event["error"]))
                     return
+                saw_finish = saw_finish or any(c.get("finish_reason") for c in event.get("choices", []))
                 chunks += 1
                 if p.cancel_after is not None and chunks >= p.cancel_after:
                     resp.close()
