@@ -3,6 +3,7 @@
 A soak run (bench/soak.py) reads them from each role's /metrics before and after: a leaked stream or
 task shows up as a count that does not come back. Each role registers the collector once, with the
 event loop it serves on (``register(registry, loop)``); the gauges are computed at scrape time.
+``register_view`` exports the process's WorkerView (workers skipped, by source) the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from dynamo_grpc.discovery.usable import WorkerView
 
 TASKS = "dynamo_process_asyncio_tasks"
 FDS = "dynamo_process_open_fds"
@@ -56,6 +59,28 @@ class ProcessStats:
 
 
 _registered: dict[int, ProcessStats] = {}
+_views: dict[int, _ViewCollector] = {}
+
+
+class _ViewCollector:
+    """The role's current WorkerView (one per process; a role served again moves it to its new view)."""
+
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.view.collect()
+
+
+def register_view(view: WorkerView, registry: CollectorRegistry | None = None) -> None:
+    """Export the process's worker view (skipped workers by source) on ``registry``."""
+    reg = registry or REGISTRY
+    known = _views.get(id(reg))
+    if known is not None:
+        known.view = view
+        return
+    _views[id(reg)] = collector = _ViewCollector(view)
+    reg.register(collector)
 
 
 def register(registry: CollectorRegistry | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def _put(consul: str, path: str, body: object, token: str | None) -> int:
         return int(e.code)
 
 
-def _rogue(iid: str, model: str, grpc_address: str, zmq: str, **meta: str) -> dict[str, object]:
+def _rogue(iid: str, model: str, grpc_address: str, zmq: str, block_size: str, **meta: str) -> dict[str, object]:
     host, port = grpc_address.rsplit(":", 1)
     return {
         "Name": "dynamo-worker",
@@ -66,7 +67,7 @@ def _rogue(iid: str, model: str, grpc_address: str, zmq: str, **meta: str) -> di
         "Port": int(port),
         "Tags": ["namespace=dynamo", f"model={model}", "role=worker"],
         "Meta": {"grpc_address": grpc_address, "zmq_endpoint": f"tcp://{zmq}", "model": model,
-                 "block_size": "16", "kv_blocks": "1024", "dp_size": "1", **meta},
+                 "block_size": block_size, "kv_blocks": "1024", "dp_size": "1", **meta},
         "Check": {"TTL": "3600s", "Status": "passing"},
     }  # fmt: skip
 
@@ -87,7 +88,7 @@ def _infer(stub: pb_grpc.GRPCInferenceServiceStub, model: str, i: int) -> None:
 
 def test_anonymous_rogue_worker_is_refused(mesh: Mesh) -> None:
     trap = Trap()
-    body = _rogue("rogue-anon", mesh.models[0], trap.address, trap.address)
+    body = _rogue("rogue-anon", mesh.models[0], trap.address, trap.address, "16")
     assert _put(mesh.consul, "/v1/agent/service/register", body, None) == 403
     assert _put(mesh.consul, "/v1/kv/dynamo/models/x/rogue-anon", {"forged": True}, None) == 403
 
@@ -100,10 +101,11 @@ def test_rogues_with_dead_events_or_huge_dp_size_never_get_a_request(mesh: Mesh)
     unreachable = f"127.0.0.1:{closed.getsockname()[1]}"
     closed.close()  # nothing listens here: its Replay can never succeed
     token = mesh.consul_token
-    rogue_dead = _rogue("rogue-dead", model, unreachable, unreachable)
+    bs = service_meta(passing_instances(mesh.consul, "dynamo-worker", token=token)[0])["block_size"]
+    rogue_dead = _rogue("rogue-dead", model, unreachable, unreachable, bs)
     assert _put(mesh.consul, "/v1/agent/service/register", rogue_dead, token) == 200
-    assert _put(mesh.consul, "/v1/agent/service/register",
-                _rogue("rogue-huge", model, huge.address, huge.address, dp_size="2000000"), token) == 200  # fmt: skip
+    rogue_huge = _rogue("rogue-huge", model, huge.address, huge.address, bs, dp_size="2000000")
+    assert _put(mesh.consul, "/v1/agent/service/register", rogue_huge, token) == 200
     try:
         with grpc.insecure_channel(mesh.frontend_grpc) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -117,6 +119,9 @@ def test_rogues_with_dead_events_or_huge_dp_size_never_get_a_request(mesh: Mesh)
             text = resp.read().decode()
         live = [ln for ln in text.splitlines() if ln.startswith("dynamo_frontend_live_workers{")]
         assert live and live[0].endswith(" 2.0"), live
+        # skipped, counted and exported: the huge one for its registration, the dead one for its events
+        assert 'dynamo_discovery_skipped_workers{source="registration"} 1.0' in text
+        assert 'dynamo_discovery_skipped_workers{source="events"} 1.0' in text
     finally:
         for iid in ("rogue-dead", "rogue-huge"):
             _put(mesh.consul, f"/v1/agent/service/deregister/{iid}", {}, token)

@@ -9,7 +9,9 @@ again when every source that skipped it has cleared it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,19 @@ class WorkerView:
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus: workers skipped now and skips so far, by source (register the view once)."""
+        now = GaugeMetricFamily("dynamo_discovery_skipped_workers", "Workers skipped now", labels=["source"])
+        total = CounterMetricFamily("dynamo_discovery_worker_skips", "Workers skipped so far", labels=["source"])
+        by_source: dict[str, int] = {}
+        for why in self._skipped.values():
+            for source in why:
+                by_source[source] = by_source.get(source, 0) + 1
+        for source in sorted(set(by_source) | set(self.skips_total)):
+            now.add_metric([source], by_source.get(source, 0))
+            total.add_metric([source], self.skips_total.get(source, 0))
+        yield from (now, total)
 
     def _notify(self) -> None:
         for fn in list(self._listeners):

@@ -152,6 +152,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     grpc_address = await server.start()
     procstats.register()  # tasks, fds, RSS on /metrics (prometheus_client's registry): what a soak run checks
+    procstats.register_view(view)  # dynamo_discovery_skipped_workers{source} on /metrics
     tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
     if args.router_mode == "kv-service" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
