@@ -90,7 +90,12 @@ def test_anonymous_rogue_worker_is_refused(mesh: Mesh) -> None:
     trap = Trap()
     body = _rogue("rogue-anon", mesh.models[0], trap.address, trap.address, "16")
     assert _put(mesh.consul, "/v1/agent/service/register", body, None) == 403
-    assert _put(mesh.consul, "/v1/kv/dynamo/models/x/rogue-anon", {"forged": True}, None) == 403
+    assert _put(mesh.consul, f"/v1/kv/dynamo/models/{mesh.models[0]}/rogue-anon", {"forged": True}, None) == 403
+    with grpc.insecure_channel(mesh.frontend_grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        for i in range(12):
+            _infer(stub, mesh.models[0], i)
+    assert trap.accepted == 0
 
 
 def test_rogues_with_dead_events_or_huge_dp_size_never_get_a_request(mesh: Mesh) -> None:

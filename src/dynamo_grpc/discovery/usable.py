@@ -38,8 +38,10 @@ class WorkerView:
             return
         if source not in why:
             self.skips_total[source] = self.skips_total.get(source, 0) + 1
+        # one warning per worker that becomes unusable; another source agreeing is a detail
+        level = logging.WARNING if not why else logging.DEBUG
         why[source] = reason
-        log.warning("worker %s skipped (%s): %s", instance_id, source, reason)
+        log.log(level, "worker %s skipped (%s): %s", instance_id, source, reason)
         self._notify()
 
     def clear(self, instance_id: str, source: str) -> None:

@@ -136,7 +136,7 @@ async def serve(args: argparse.Namespace) -> int:
     router: Router
     embedded: EmbeddedKvRouter | None = None
     if args.router_mode == "kv-service":
-        router = KvRouterClient(router_addr)
+        router = KvRouterClient(router_addr, skipped=lambda: set(view.skipped()))
     else:  # kv, round-robin, random: the router core in this process, with every --router-* flag
         cfg = router_config_from_args(args, namespace=args.namespace)
         router = embedded = EmbeddedKvRouter(

@@ -191,7 +191,12 @@ class _RouterConn:
 class KvRouterClient:
     """Routes through RouterServices. `address_fn(model)` gives the router serving a model (fixed or Consul)."""
 
-    def __init__(self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0, skipped: Callable[[], set[str]] = set
+    ) -> None:
+        """``skipped``: workers this process will not use (its WorkerView), excluded on every Route so the
+        router service skips them too."""
+        self._skipped = skipped
         self._address_fn = address_fn
         self._timeout = timeout_s
         self._conns: dict[str, _RouterConn] = {}
@@ -224,7 +229,7 @@ class KvRouterClient:
             model=model,
             token_ids=token_ids,
             lora=lora,
-            exclude_instance_ids=sorted(exclude),
+            exclude_instance_ids=sorted(exclude | self._skipped()),
             expected_output_tokens=expected_output_tokens,
         )
         try:

@@ -95,6 +95,7 @@ class RouterNode:
         self._fresh: set[str] = set()  # subscribed workers whose first Replay is not in yet
         self._seen_synced: set[str] = set()  # subscribed workers that have had a Replay applied
         self._unsynced_since: dict[str, float] = {}
+        self._events_skipped: set[str] = set()  # ours in the view (other models' nodes share it)
         self._was_ready = False
         self.config = config
         self.discovery = discovery
@@ -162,8 +163,8 @@ class RouterNode:
         async for raw in self.discovery.watch("dynamo-worker", tags=tags):
             snapshot = self.registrations.valid(raw)
             for iid, why in self.registrations.reasons.items():
-                self.view.skip(iid, "registration", why)
-            self.view.retain("registration", set(self.registrations.reasons))
+                self.view.skip(iid, "router-registration", why)
+            self.view.retain("router-registration", set(self.registrations.reasons))
             infos = [worker_info(i) for i in snapshot]
             model = self.config.model
             if not model and infos:
@@ -224,13 +225,14 @@ class RouterNode:
         self._seen_synced = (self._seen_synced | synced) & subscribed
         for iid in subscribed - synced:
             since = self._unsynced_since.setdefault(iid, now)
-            if now - since > self.sync_grace_s:
+            if now - since > self.sync_grace_s and iid not in self._events_skipped:
+                self._events_skipped.add(iid)
                 self.view.skip(iid, "events", f"no Replay of its KV events within {self.sync_grace_s:g}s; retrying")
         for iid in synced | (set(self._unsynced_since) - subscribed):
             self._unsynced_since.pop(iid, None)
-        for iid in synced:
+        for iid in self._events_skipped - (subscribed - synced):  # synced at last, or gone
+            self._events_skipped.discard(iid)
             self.view.clear(iid, "events")
-        self.view.retain("events", subscribed)
         fresh = subscribed - self._seen_synced
         if fresh != self._fresh:
             self._fresh = fresh
