@@ -191,6 +191,13 @@ async def run_kserve(stub: pb_grpc.GRPCInferenceServiceStub, model: str, p: Plan
                 out.add("kserve:client_cancel")
                 return
         out.add("broken", f"kserve stream {p.i} ended without a final response or a status")
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the soak itself is being stopped
+        # grpc.aio raises CancelledError for a call it considers cancelled on this side (seen rarely
+        # when a deadline fires as the stream ends): the call ended with a status, count it
+        out.add("kserve:deadline" if p.deadline_s is not None else "kserve:local_cancel", f"request {p.i}")
     except grpc.aio.AioRpcError as e:
         code = e.code()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and p.deadline_s is not None:
