@@ -12,6 +12,7 @@ import asyncio
 import os
 import resource
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,12 +59,8 @@ class ProcessStats:
         yield GaugeMetricFamily(RSS, "Resident set size in bytes", value=rss_bytes())
 
 
-_registered: dict[int, ProcessStats] = {}
-_views: dict[int, _ViewCollector] = {}
-
-
 class _ViewCollector:
-    """The role's current WorkerView (one per process; a role served again moves it to its new view)."""
+    """The role's current WorkerView (a role served again in one process moves it to its new view)."""
 
     def __init__(self, view: WorkerView) -> None:
         self.view = view
@@ -72,25 +69,26 @@ class _ViewCollector:
         yield from self.view.collect()
 
 
-def register_view(view: WorkerView, registry: CollectorRegistry | None = None) -> None:
-    """Export the process's worker view (skipped workers by source) on ``registry``."""
+#: (registry id, kind) -> the collector registered there, so a role served twice in one process
+#: re-points it instead of registering a duplicate (prometheus_client refuses those)
+_registered: dict[tuple[int, str], Any] = {}
+
+
+def _register_once(registry: CollectorRegistry | None, kind: str, attr: str, value: Any, make: Any) -> None:
     reg = registry or REGISTRY
-    known = _views.get(id(reg))
+    known = _registered.get((id(reg), kind))
     if known is not None:
-        known.view = view
+        setattr(known, attr, value)
         return
-    _views[id(reg)] = collector = _ViewCollector(view)
+    _registered[(id(reg), kind)] = collector = make(value)
     reg.register(collector)
 
 
+def register_view(view: WorkerView, registry: CollectorRegistry | None = None) -> None:
+    """Export the process's worker view (skipped workers by source) on ``registry``."""
+    _register_once(registry, "view", "view", view, _ViewCollector)
+
+
 def register(registry: CollectorRegistry | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Add the gauges to ``registry`` (default: prometheus_client's) for ``loop`` (default: the running
-    one). Again for the same registry (a role served twice in one process) only moves it to ``loop``."""
-    reg = registry or REGISTRY
-    loop = loop or asyncio.get_running_loop()
-    known = _registered.get(id(reg))
-    if known is not None:
-        known.loop = loop
-        return
-    _registered[id(reg)] = stats = ProcessStats(loop)
-    reg.register(stats)
+    """Add the gauges to ``registry`` (default: prometheus_client's) for ``loop`` (default: the running one)."""
+    _register_once(registry, "process", "loop", loop or asyncio.get_running_loop(), ProcessStats)
