@@ -1,7 +1,8 @@
 """The control plane is closed and a bad registration cannot hurt the others (real consul-dev with ACLs,
 real mocker workers and frontend): an anonymous rogue `dynamo-worker` is refused (403); rogues that
 get in anyway (registered with the management token) with an unreachable event endpoint or an absurd
-``dp_size`` are skipped, the KV router stays ready and every request goes to a real worker."""
+``dp_size`` are skipped, the KV router stays ready and every request goes to a real worker; a card replaced
+by a plain PUT takes its worker out of both the registry and the embedded KV router."""
 
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def _rogue(iid: str, model: str, grpc_address: str, zmq: str, block_size: str, *
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    with Mesh(MeshConfig(workers=2, speedup_ratio=1000.0, router_mode="kv", http_port=0)) as m:
+    metrics = ["--metrics-port", "0"]
+    cfg = MeshConfig(workers=2, speedup_ratio=1000.0, router_mode="kv", http_port=0, worker_args=metrics)
+    with Mesh(cfg) as m:
         yield m
 
 
@@ -130,3 +133,37 @@ def test_rogues_with_dead_events_or_huge_dp_size_never_get_a_request(mesh: Mesh)
     finally:
         for iid in ("rogue-dead", "rogue-huge"):
             _put(mesh.consul, f"/v1/agent/service/deregister/{iid}", {}, token)
+
+
+def _metrics(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def _served(metrics_address: str) -> float:
+    lines = _metrics(metrics_address).splitlines()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("dynamo_worker_requests_total{"))
+
+
+def test_a_worker_whose_card_was_replaced_gets_no_request(mesh: Mesh) -> None:
+    """Last in the module: the victim's card stays forged."""
+    model, token = mesh.models[0], mesh.consul_token
+    workers = sorted((service_meta(e) for e in passing_instances(mesh.consul, "dynamo-worker", token=token)),
+                     key=lambda m: m["grpc_address"])  # fmt: skip
+    victim, other = workers
+    victim_id = next(e["Service"]["ID"] for e in passing_instances(mesh.consul, "dynamo-worker", token=token)
+                     if service_meta(e)["grpc_address"] == victim["grpc_address"])  # fmt: skip
+    # a plain PUT over the locked card (Consul's locks are advisory): same shape, no valid checksum
+    forged = {"name": model, "block_size": 16}
+    assert _put(mesh.consul, f"/v1/kv/dynamo/models/{model}/{victim_id}", forged, token) == 200
+    deadline = time.monotonic() + 15
+    while 'dynamo_discovery_skipped_workers{source="card"} 1.0' not in _metrics(mesh.frontend_http):
+        assert time.monotonic() < deadline, "the frontend did not notice the replaced card"
+        time.sleep(0.2)
+    before = _served(victim["metrics_address"]), _served(other["metrics_address"])
+    with grpc.insecure_channel(mesh.frontend_grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        for i in range(12):
+            _infer(stub, model, 100 + i)
+    assert _served(victim["metrics_address"]) == before[0]
+    assert _served(other["metrics_address"]) >= before[1] + 12

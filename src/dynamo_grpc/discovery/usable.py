@@ -32,14 +32,16 @@ class WorkerView:
         """instance_id -> the reasons it is skipped, joined."""
         return {iid: "; ".join(f"{s}: {r}" for s, r in sorted(why.items())) for iid, why in self._skipped.items()}
 
-    def skip(self, instance_id: str, source: str, reason: str) -> None:
+    def skip(self, instance_id: str, source: str, reason: str, quiet: bool = False) -> None:
+        """``quiet``: an expected, passing state (a new worker's card not in KV yet): logged at debug,
+        not counted."""
         why = self._skipped.setdefault(instance_id, {})
         if why.get(source) == reason:
             return
-        if source not in why:
+        if source not in why and not quiet:
             self.skips_total[source] = self.skips_total.get(source, 0) + 1
         # one warning per worker that becomes unusable; another source agreeing is a detail
-        level = logging.WARNING if not why else logging.DEBUG
+        level = logging.WARNING if not why and not quiet else logging.DEBUG
         why[source] = reason
         log.log(level, "worker %s skipped (%s): %s", instance_id, source, reason)
         self._notify()

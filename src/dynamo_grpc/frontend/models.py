@@ -99,6 +99,7 @@ class ModelRegistry:
         self.registrations = RegistrationFilter()
         self._last: list[InstanceLike] | None = None
         self._awaiting_cards: set[str] = set()  # workers registered whose card is not in KV yet
+        self._cards_changed = False  # KV changed under the cards: check them again on the next apply
         self._reapply: asyncio.Task[None] | None = None
         self.view.on_change(self._view_changed)
 
@@ -161,7 +162,7 @@ class ModelRegistry:
                     self._models[name] = entry
                     log.info("serving model %s (%d workers)", name, len(workers))
                 known = {w.instance_id for w in workers}
-                if known != {w.instance_id for w in entry.workers}:
+                if self._cards_changed or known != {w.instance_id for w in entry.workers}:
                     known = await self._with_cards(name, known, metas)
                 carded = {i for i in known if self.view.usable(i)}
                 entry.workers = sorted((w for w in workers if w.instance_id in carded), key=lambda w: w.instance_id)
@@ -170,6 +171,7 @@ class ModelRegistry:
                     log.info("model %s has no live workers", name)
                     entry.workers = []
             self._forget_gone({w.address for ws in by_model.values() for w in ws})
+            self._cards_changed = False
             self.changed.set()
 
     def _forget_gone(self, addresses: set[str]) -> None:
@@ -194,6 +196,8 @@ class ModelRegistry:
             ok: set[str] = set()
             self._awaiting_cards -= instance_ids
             self._awaiting_cards |= instance_ids - set(raw)
+            for iid in instance_ids - set(raw):  # no trusted card (yet): nobody in this process routes to it
+                self.view.skip(iid, "card", f"no trusted model card of {model} in KV", quiet=True)
             for iid, d in raw.items():
                 if iid not in instance_ids:
                     continue
@@ -251,6 +255,7 @@ class ModelRegistry:
         latest snapshot is re-applied in the background; the watch itself never waits for it.
         """
         retry: asyncio.Task[None] | None = None
+        cards = asyncio.get_running_loop().create_task(self._follow_cards(discovery), name="watch-cards")
         try:
             async for snapshot in discovery.watch("dynamo-worker"):
                 if retry is not None:
@@ -259,8 +264,18 @@ class ModelRegistry:
                 if self._pending(snapshot):
                     retry = asyncio.get_running_loop().create_task(self._retry(snapshot))
         finally:
+            cards.cancel()
             if retry is not None:
                 retry.cancel()
+
+    async def _follow_cards(self, discovery: Any) -> None:
+        """A card replaced or deleted under a live worker (its service entry unchanged) is checked again."""
+        first = True
+        async for _ in discovery.watch_model_cards():
+            if not first and self._last is not None:
+                self._cards_changed = True
+                await self.apply_workers(self._last)
+            first = False
 
     def _pending(self, snapshot: list[Any]) -> bool:
         if self._awaiting_cards & {i.instance_id for i in snapshot}:
