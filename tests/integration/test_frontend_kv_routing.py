@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import time
 import urllib.request
 from collections import Counter
 
@@ -80,6 +81,12 @@ def test_embedded_router_honours_the_router_flags(mode: str, flags: list[str]) -
     with Mesh(cfg) as mesh:
         assert not mesh.router_grpc
         model = mesh.models[0]
+        # the mesh is ready with one usable worker; a worker is usable once its card is in KV and trusted
+        deadline = time.monotonic() + 30
+        live = f'dynamo_frontend_live_workers{{model="{model}"}} 3.0'
+        while live not in urllib.request.urlopen(f"http://{mesh.frontend_http}/metrics", timeout=10).read().decode():
+            assert time.monotonic() < deadline, "3 workers not live in the frontend"
+            time.sleep(0.1)
 
         async def go() -> list[str]:
             async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:

@@ -23,6 +23,7 @@ import consul.aio
 
 from dynamo_grpc.discovery.acl import ConsulPermissionDenied, explain
 from dynamo_grpc.discovery.config import ConsulSettings
+from dynamo_grpc.discovery.validate import CARD_SESSION_META, CHECKSUM_KEY, SESSION_KEY, card_problem, seal_card
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,11 @@ def card_key(model: str, instance_id: str) -> str:
 
 
 def _parse_cards(
-    entries: list[dict[str, Any]] | None, model: str | None
+    entries: list[dict[str, Any]] | None, model: str | None, with_session: bool = False
 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Cards whose checksum matches their content (others are logged and left out); ``with_session``
+    keeps the checksum and adds the KV entry's ``Session`` under ``SESSION_KEY`` for the reader's
+    policy check (validate.card_problem), else the card is returned as it was published."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for entry in entries or []:
         rest = str(entry.get("Key", ""))[len(CARD_PREFIX) :]
@@ -85,8 +89,17 @@ def _parse_cards(
         except ValueError:
             log.warning("ignoring model card %s: not JSON", entry.get("Key"))
             continue
-        if isinstance(card, dict):
-            out.setdefault(name, {})[inst] = card
+        if not isinstance(card, dict):
+            continue
+        problem = card_problem(card, None)
+        if problem is not None:
+            log.warning("ignoring model card %s: %s", entry.get("Key"), problem)
+            continue
+        if with_session:
+            card[SESSION_KEY] = entry.get("Session") or ""
+        else:
+            card.pop(CHECKSUM_KEY, None)
+        out.setdefault(name, {})[inst] = card
     return out
 
 
@@ -301,8 +314,12 @@ class Discovery:
 
     async def _put_card(self, reg: _Registration, model: str, card: dict[str, Any]) -> None:
         sid = await self._ensure_session(reg)
+        if reg.instance.meta.get(CARD_SESSION_META) != sid:
+            # Readers trust a card only when its KV entry is held by the session the registration names.
+            reg.instance.meta[CARD_SESSION_META] = sid
+            await self._register_service(reg)
         key = card_key(model, reg.instance.instance_id)
-        if not await self._ctl.kv.put(key, json.dumps(card, sort_keys=True), acquire=sid):
+        if not await self._ctl.kv.put(key, json.dumps(seal_card(card), sort_keys=True), acquire=sid):
             raise RuntimeError(f"model card {key} is held by another live session (duplicate instance id?)")
 
     async def get_model_cards(self, model: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -311,6 +328,13 @@ class Discovery:
         with self._acl_errors(f"reading model cards under {prefix}"):
             _, entries = await self._ctl.kv.get(prefix, recurse=True)
         return _parse_cards(entries, model)
+
+    async def get_model_card_entries(self, model: str) -> dict[str, dict[str, Any]]:
+        """instance -> card of one model, each with its checksum and its KV entry's session
+        (``validate.SESSION_KEY``), for readers that check it against the registration."""
+        with self._acl_errors(f"reading model cards of {model}"):
+            _, entries = await self._ctl.kv.get(f"{CARD_PREFIX}{model}/", recurse=True)
+        return _parse_cards(entries, model, with_session=True).get(model, {})
 
     def watch_model_cards(
         self, model: str | None = None

@@ -133,6 +133,10 @@ class KvEventSubscriber:
             w.ranks for w in self._workers.values()
         )
 
+    def synced_workers(self) -> set[str]:
+        """Workers whose every rank has had its Replay applied (the others are still retrying)."""
+        return {iid for iid, w in self._workers.items() if w.ranks and all(r.synced for r in w.ranks.values())}
+
     def add_worker(
         self, instance_id: str, endpoint: str, grpc_address: str, dp_size: int = 1, server_key: str = ""
     ) -> None:

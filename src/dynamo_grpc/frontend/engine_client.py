@@ -37,10 +37,11 @@ class ChannelPool:
             self._channels[address] = ch
         return ch
 
-    async def drop(self, address: str) -> None:
+    async def drop(self, address: str, grace: float | None = None) -> None:
+        """Close the channel to a peer that left; calls still on it get ``grace`` seconds to finish."""
         ch = self._channels.pop(address, None)
         if ch is not None:
-            await ch.close(None)
+            await ch.close(grace)
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -16,6 +16,7 @@ from prometheus_client.core import Metric
 
 from dynamo_grpc import errors
 from dynamo_grpc.discovery import Discovery
+from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.frontend.routing import Pick, WorkerEndpoint
 from dynamo_grpc.router.config import RouterConfig
@@ -37,8 +38,10 @@ class EmbeddedKvRouter:
         bind_host: str = "127.0.0.1",
         ready_timeout_s: float = 10.0,
         curve: CurveConfig | None = None,
+        view: WorkerView | None = None,
     ) -> None:
         config.validate()
+        self._view = view
         self._curve = curve
         self._discovery = discovery
         self._config = config
@@ -66,6 +69,7 @@ class EmbeddedKvRouter:
                 self.metrics,
                 share_active=False,
                 curve=self._curve,
+                view=self._view,
             )
             n.start()
             self.nodes[model] = n

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc import procstats
 from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.frontend.auth import ApiKeyInterceptor
@@ -136,24 +137,33 @@ def _write_ready(path: str, data: dict[str, Any]) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+    from dynamo_grpc.discovery.usable import WorkerView
 
     settings = ConsulSettings.from_env(addr=args.consul or None)
     discovery = Discovery(settings)
     workers = WorkerClient()
 
     async def load_cards(model: str) -> Any:
-        return (await discovery.get_model_cards(model)).get(model, {})
+        return await discovery.get_model_card_entries(model)  # with sessions, for the registry's check
 
-    registry = ModelRegistry(workers.get_file, load_cards, namespace=args.namespace)
+    view = WorkerView()  # one verdict on each worker for the registry and the embedded routers
+    async def forget_worker(address: str) -> None:  # a draining worker's streams get 30 s to finish
+        await workers.pool.drop(address, grace=30.0)
+
+    registry = ModelRegistry(
+        workers.get_file, load_cards, namespace=args.namespace, view=view, forget_address=forget_worker
+    )
     router_addr = _RouterAddresses(args.router, args.namespace)
     instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     router: Router
     embedded: EmbeddedKvRouter | None = None
     if args.router_mode == "kv-service":
-        router = KvRouterClient(router_addr)
+        router = KvRouterClient(router_addr, skipped=lambda: set(view.skipped()))
     else:  # kv, round-robin, random: the router core in this process, with every --router-* flag
         cfg = router_config_from_args(args, namespace=args.namespace)
-        router = embedded = EmbeddedKvRouter(discovery, cfg, instance_id, args.host, curve=args.zmq_curve)
+        router = embedded = EmbeddedKvRouter(
+            discovery, cfg, instance_id, args.host, curve=args.zmq_curve, view=view
+        )
     limits: Limits = getattr(args, "limits", None) or Limits.from_args(args)
     pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits)
     stats = StatsBook()
@@ -177,6 +187,8 @@ async def serve(args: argparse.Namespace) -> int:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
     )
     grpc_address = with_host(await server.start(), advertised)
+    procstats.register()  # tasks, fds, RSS on /metrics (prometheus_client's registry): what a soak run checks
+    procstats.register_view(view)  # dynamo_discovery_skipped_workers{source} on /metrics
     tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
     if args.router_mode == "kv-service" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))

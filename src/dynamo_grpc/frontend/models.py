@@ -4,6 +4,11 @@ Workers register `dynamo-worker` in Consul and publish a model card in KV; the f
 a watch, fetches `tokenizer.json` from a worker once per sha256 (cached across models and restarts of
 workers), and keeps per model the card, the tokenizer and the live workers. A model whose workers are
 all gone stays known (its card is cached) but has no workers: requests get UNAVAILABLE, not NOT_FOUND.
+
+A worker serves only when its registration is within bounds and its card is sealed and held by the
+session its registration names (discovery/validate.py); the verdicts go into the process's one
+WorkerView (discovery/usable.py), which the embedded KV router shares, and workers the router skipped
+(events unreachable) are left out here too.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dynamo_grpc.discovery.usable import WorkerView
+from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
 from dynamo_grpc.frontend.routing import WorkerEndpoint
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.tokens.tokenizer import Tokenizer
@@ -68,14 +75,33 @@ def _card_dicts(raw: Any) -> list[dict[str, Any]]:
 class ModelRegistry:
     """Model name -> ServedModel, fed by worker snapshots."""
 
-    def __init__(self, fetch_file: FetchFile, load_cards: LoadCards, namespace: str = "dynamo") -> None:
+    def __init__(
+        self,
+        fetch_file: FetchFile,
+        load_cards: LoadCards,
+        namespace: str = "dynamo",
+        view: WorkerView | None = None,
+        forget_address: Callable[[str], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        """``forget_address``: release what the process holds for a worker address that left (its
+        channel); awaited in the background so that streams still on it can finish."""
         self._fetch_file = fetch_file
+        self._forget_address = forget_address
+        self._addresses: set[str] = set()
+        self._forgetting: set[asyncio.Task[None]] = set()
         self._load_cards = load_cards
         self.namespace = namespace
         self._models: dict[str, ServedModel] = {}
         self._tokenizers: dict[str, Tokenizer] = {}  # by sha256
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()
+        self.view = view or WorkerView()
+        self.registrations = RegistrationFilter()
+        self._last: list[InstanceLike] | None = None
+        self._awaiting_cards: set[str] = set()  # workers registered whose card is not in KV yet
+        self._cards_changed = False  # KV changed under the cards: check them again on the next apply
+        self._reapply: asyncio.Task[None] | None = None
+        self.view.on_change(self._view_changed)
 
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)
@@ -94,11 +120,29 @@ class ModelRegistry:
         ns_tags = [t for t in tags if t.startswith("namespace=")]
         return not ns_tags or f"namespace={self.namespace}" in ns_tags
 
+    def _view_changed(self) -> None:
+        """Another component skipped or cleared a worker: re-apply the last snapshot (once at a time)."""
+        if self._last is None or (self._reapply is not None and not self._reapply.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._reapply = loop.create_task(self.apply_workers(self._last), name="registry-reapply")
+
     async def apply_workers(self, instances: Iterable[InstanceLike]) -> None:
         """Bring the model table in line with a snapshot of passing `dynamo-worker` instances."""
         async with self._lock:
+            snapshot = list(instances)
+            self._last = snapshot
+            valid = self.registrations.valid(snapshot)
+            for iid, why in self.registrations.reasons.items():
+                self.view.skip(iid, "registration", why)
+            self.view.retain("registration", set(self.registrations.reasons))
+            self.view.retain("card", {i.instance_id for i in valid})
+            metas = {i.instance_id: dict(i.meta or {}) for i in valid}
             by_model: dict[str, list[WorkerEndpoint]] = {}
-            for inst in instances:
+            for inst in valid:
                 if not self._in_namespace(inst):
                     continue
                 model = (inst.meta or {}).get("model")
@@ -111,35 +155,55 @@ class ModelRegistry:
                 entry = self._models.get(name)
                 if entry is None:
                     try:
-                        entry = await self._load(name, workers)
+                        entry = await self._load(name, workers, metas)
                     except Exception as e:  # a worker whose card is not there yet: next snapshot retries
                         log.warning("model %s not loaded yet: %s", name, e)
                         continue
                     self._models[name] = entry
                     log.info("serving model %s (%d workers)", name, len(workers))
                 known = {w.instance_id for w in workers}
-                if known != {w.instance_id for w in entry.workers}:
-                    known = await self._with_cards(name, known)
-                carded = known
+                if self._cards_changed or known != {w.instance_id for w in entry.workers}:
+                    known = await self._with_cards(name, known, metas)
+                carded = {i for i in known if self.view.usable(i)}
                 entry.workers = sorted((w for w in workers if w.instance_id in carded), key=lambda w: w.instance_id)
             for name, entry in self._models.items():
                 if name not in by_model and entry.workers:
                     log.info("model %s has no live workers", name)
                     entry.workers = []
+            self._forget_gone({w.address for ws in by_model.values() for w in ws})
+            self._cards_changed = False
             self.changed.set()
 
-    async def _with_cards(self, model: str, instance_ids: set[str]) -> set[str]:
-        """Workers whose card agrees with the served card (block size, tokenizer); others are skipped."""
+    def _forget_gone(self, addresses: set[str]) -> None:
+        gone, self._addresses = self._addresses - addresses, addresses
+        if self._forget_address is None:
+            return
+        for address in gone:
+            task = asyncio.ensure_future(self._forget_address(address))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
+
+    async def _with_cards(self, model: str, instance_ids: set[str], metas: Mapping[str, Mapping[str, str]]) -> set[str]:
+        """Workers whose card is trusted (validate.card_problem) and agrees with the served card (block
+        size, tokenizer); others are skipped. A worker whose card is not in KV yet waits for it."""
         entry = self._models[model]
         try:
             raw = await self._load_cards(model)
         except Exception as e:
             log.warning("cannot read model cards of %s: %s", model, e)
-            return instance_ids
+            return {i for i in instance_ids if i in {w.instance_id for w in entry.workers}}
         if isinstance(raw, Mapping) and not ("name" in raw and "tokenizer_sha256" in raw):
             ok: set[str] = set()
+            self._awaiting_cards -= instance_ids
+            self._awaiting_cards |= instance_ids - set(raw)
+            for iid in instance_ids - set(raw):  # no trusted card (yet): nobody in this process routes to it
+                self.view.skip(iid, "card", f"no trusted model card of {model} in KV", quiet=True)
             for iid, d in raw.items():
                 if iid not in instance_ids:
+                    continue
+                problem = card_problem(d, metas.get(iid, {}))
+                if problem is not None:
+                    self.view.skip(iid, "card", f"model card of {model}: {problem}")
                     continue
                 try:
                     card = ModelCard.from_dict(dict(d))
@@ -147,17 +211,24 @@ class ModelRegistry:
                     log.warning("bad model card %s/%s: %s", model, iid, e)
                     continue
                 if card.tokenizer_sha256 != entry.card.tokenizer_sha256 or card.block_size != entry.card.block_size:
-                    log.warning("worker %s serves %s with a different tokenizer or block size; skipped", iid, model)
+                    self.view.skip(iid, "card", f"serves {model} with a different tokenizer or block size")
                     continue
+                self.view.clear(iid, "card")
                 ok.add(iid)
-            # Cards of brand-new workers may land after their service entry: keep those until proven wrong.
-            return ok | (instance_ids - set(raw))
+            return ok
         return instance_ids
 
-    async def _load(self, model: str, workers: list[WorkerEndpoint]) -> ServedModel:
-        dicts = _card_dicts(await self._load_cards(model))
+    async def _load(
+        self, model: str, workers: list[WorkerEndpoint], metas: Mapping[str, Mapping[str, str]]
+    ) -> ServedModel:
+        raw = await self._load_cards(model)
+        live = {w.instance_id for w in workers}
+        if isinstance(raw, Mapping) and not ("name" in raw and "tokenizer_sha256" in raw):
+            # only a card held by a live worker's own session may define the model
+            raw = {i: d for i, d in raw.items() if i in live and card_problem(d, metas.get(i, {})) is None}
+        dicts = _card_dicts(raw)
         if not dicts:
-            raise LookupError(f"no model card for {model} in KV yet")
+            raise LookupError(f"no trusted model card for {model} in KV yet")
         card_dict = dicts[0]
         card = ModelCard.from_dict(card_dict)
         sha = str((card_dict.get("files") or {}).get(TOKENIZER_FILE) or card.tokenizer_sha256)
@@ -184,6 +255,7 @@ class ModelRegistry:
         latest snapshot is re-applied in the background; the watch itself never waits for it.
         """
         retry: asyncio.Task[None] | None = None
+        cards = asyncio.get_running_loop().create_task(self._follow_cards(discovery), name="watch-cards")
         try:
             async for snapshot in discovery.watch("dynamo-worker"):
                 if retry is not None:
@@ -192,10 +264,22 @@ class ModelRegistry:
                 if self._pending(snapshot):
                     retry = asyncio.get_running_loop().create_task(self._retry(snapshot))
         finally:
+            cards.cancel()
             if retry is not None:
                 retry.cancel()
 
+    async def _follow_cards(self, discovery: Any) -> None:
+        """A card replaced or deleted under a live worker (its service entry unchanged) is checked again."""
+        first = True
+        async for _ in discovery.watch_model_cards():
+            if not first and self._last is not None:
+                self._cards_changed = True
+                await self.apply_workers(self._last)
+            first = False
+
     def _pending(self, snapshot: list[Any]) -> bool:
+        if self._awaiting_cards & {i.instance_id for i in snapshot}:
+            return True
         return any((i.meta or {}).get("model") not in self._models for i in snapshot if (i.meta or {}).get("model"))
 
     async def _retry(self, snapshot: list[Any]) -> None:

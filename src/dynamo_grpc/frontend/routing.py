@@ -194,7 +194,12 @@ class KvRouterClient:
 
     mode = "kv-service"  # for the frontend.request span
 
-    def __init__(self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0, skipped: Callable[[], set[str]] = set
+    ) -> None:
+        """``skipped``: workers this process will not use (its WorkerView), excluded on every Route so the
+        router service skips them too."""
+        self._skipped = skipped
         self._address_fn = address_fn
         self._timeout = timeout_s
         self._conns: dict[str, _RouterConn] = {}
@@ -227,7 +232,7 @@ class KvRouterClient:
             model=model,
             token_ids=token_ids,
             lora=lora,
-            exclude_instance_ids=sorted(exclude),
+            exclude_instance_ids=sorted(exclude | self._skipped()),
             expected_output_tokens=expected_output_tokens,
         )
         try:

@@ -4,6 +4,12 @@
 (`--router-mode kv`, as Dynamo's frontend does) and calls it in-process, which saves a gRPC hop
 (Route + Update) per request. Until every known worker's Replay has been applied the node is not
 ready and `Router.route` raises NotReady: a new node never routes from a stale, empty view.
+
+One bad worker never holds the others hostage: a registration out of bounds is skipped, a worker whose
+Replay has not succeeded within ``sync_grace_s`` is skipped (logged, counted in the WorkerView) while
+the subscriber keeps retrying it with backoff, and a worker that joins after the node is ready gets
+requests once its first Replay is in, without making the node not ready meanwhile. The verdicts live
+in the process's one WorkerView, shared with the frontend's model registry.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dynamo_grpc.discovery import Discovery, Instance
+from dynamo_grpc.discovery.usable import WorkerView
+from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
 from dynamo_grpc.events.curve import CurveConfig, public_key_from_meta
 from dynamo_grpc.events.replay_client import GrpcReplayClient
 from dynamo_grpc.events.subscriber import KvEventSubscriber
@@ -76,16 +85,28 @@ class RouterNode:
         share_active: bool = True,
         curve: CurveConfig | None = None,
         sync_port: int = 0,
+        view: WorkerView | None = None,
+        sync_grace_s: float = 3.0,
     ) -> None:
         config.validate()
         #: fixed port of the active-sequence PUB (router --zmq-port); 0: any free port
         self.sync_port = sync_port
         self.curve = curve
+        self.view = view or WorkerView()
+        self.sync_grace_s = sync_grace_s
+        self.registrations = RegistrationFilter()
+        self._fresh: set[str] = set()  # subscribed workers whose first Replay is not in yet
+        self._seen_synced: set[str] = set()  # subscribed workers that have had a Replay applied
+        self._unsynced_since: dict[str, float] = {}
+        self._events_skipped: set[str] = set()  # ours in the view (other models' nodes share it)
+        self._was_ready = False
         self.config = config
         self.discovery = discovery
         self.router_id = router_id
         self.bind_host = bind_host
         self.router = Router(config, router_id)
+        self.router.usable = self._routable
+        self.view.on_change(self.router.usable_changed)
         self.metrics = metrics
         if metrics is not None:
             metrics.track(self)
@@ -100,6 +121,9 @@ class RouterNode:
         self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
         self._first_snapshot = asyncio.Event()
         self._ready = asyncio.Event()
+
+    def _routable(self, instance_id: str) -> bool:
+        return self.view.usable(instance_id) and instance_id not in self._fresh
 
     def start(self) -> None:
         self.tasks.append(asyncio.create_task(self._watch_workers(), name="watch-workers"))
@@ -139,7 +163,11 @@ class RouterNode:
 
     async def _watch_workers(self) -> None:
         tags = [f"namespace={self.config.namespace}"]
-        async for snapshot in self.discovery.watch("dynamo-worker", tags=tags):
+        async for raw in self.discovery.watch("dynamo-worker", tags=tags):
+            snapshot = self.registrations.valid(raw)
+            for iid, why in self.registrations.reasons.items():
+                self.view.skip(iid, "router-registration", why)
+            self.view.retain("router-registration", set(self.registrations.reasons))
             infos = [worker_info(i) for i in snapshot]
             model = self.config.model
             if not model and infos:
@@ -150,10 +178,18 @@ class RouterNode:
                 self._ensure_model(model)
                 card_bs = 0
                 try:
-                    cards = await self.discovery.get_model_cards(model)
-                    card_bs = card_block_size(cards.get(model, {}))
+                    cards = await self.discovery.get_model_card_entries(model)
+                    metas = {i.instance_id: i.meta for i in snapshot}
+                    trusted = {i: c for i, c in cards.items() if i in metas and card_problem(c, metas[i]) is None}
+                    for iid in set(cards) & set(metas):
+                        if iid in trusted:
+                            self.view.clear(iid, "router-card")
+                        else:
+                            self.view.skip(iid, "router-card", f"model card: {card_problem(cards[iid], metas[iid])}")
+                    card_bs = card_block_size(trusted)
                 except Exception as exc:  # cards are a cross-check; Meta still has block_size
                     log.debug("model cards unavailable: %s", exc)
+                self.view.retain("router-card", {i.instance_id for i in snapshot})
                 accepted = self.router.set_workers(infos, card_bs)
                 if self.sub is not None:
                     keys = {i.instance_id: public_key_from_meta(i.meta) for i in snapshot}
@@ -177,11 +213,42 @@ class RouterNode:
             if self.active_sync is not None:
                 self.active_sync.set_peers({e: k for e, k in peers.items() if e})
 
+    def _events_synced(self) -> bool:
+        """Track each subscribed worker's Replay; True when no usable worker holds readiness back.
+
+        Before the node is first ready every usable worker must be synced; after, only a worker that was
+        synced and lost it (a restart) does. A worker never synced yet gets no requests. One still
+        unsynced after ``sync_grace_s`` is skipped in the view (logged, counted); the subscriber keeps
+        retrying it with backoff and it is cleared once its Replay lands."""
+        if self.sub is None:
+            return True
+        now = time.monotonic()
+        subscribed = set(self.sub.workers)
+        synced = self.sub.synced_workers()
+        self._seen_synced = (self._seen_synced | synced) & subscribed
+        for iid in subscribed - synced:
+            since = self._unsynced_since.setdefault(iid, now)
+            if now - since > self.sync_grace_s and iid not in self._events_skipped:
+                self._events_skipped.add(iid)
+                self.view.skip(iid, "events", f"no Replay of its KV events within {self.sync_grace_s:g}s; retrying")
+        for iid in synced | (set(self._unsynced_since) - subscribed):
+            self._unsynced_since.pop(iid, None)
+        for iid in self._events_skipped - (subscribed - synced):  # synced at last, or gone
+            self._events_skipped.discard(iid)
+            self.view.clear(iid, "events")
+        fresh = subscribed - self._seen_synced
+        if fresh != self._fresh:
+            self._fresh = fresh
+            self.router.usable_changed()
+        unsynced = [i for i in subscribed - synced if self.view.usable(i)]
+        return not [i for i in unsynced if not self._was_ready or i in self._seen_synced]
+
     async def _readiness(self) -> None:
-        """Not ready until the first worker snapshot is in and every worker's Replay is applied."""
+        """Not ready until the first worker snapshot is in and every usable worker's Replay is applied."""
         await self._first_snapshot.wait()
         while True:
-            synced = self.sub is None or self.sub.is_synced()
+            synced = self._events_synced()
+            self._was_ready = self._was_ready or synced
             if synced != self.router.ready or synced != self._ready.is_set():
                 self.router.ready = synced
                 if synced:

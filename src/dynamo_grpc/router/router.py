@@ -129,6 +129,8 @@ class Router:
         self._table_size = 0
         self.active.on_delta = self._on_active_delta
         self.on_decision: Callable[[RouteResult], None] | None = None
+        #: the process's verdict on a worker (discovery.usable.WorkerView); unusable ones get no requests
+        self.usable: Callable[[str], bool] = lambda instance_id: True
 
     def _make_selector(self) -> Selector:
         cfg = self.config
@@ -185,6 +187,10 @@ class Router:
         self._rank_table = None
         return accepted
 
+    def usable_changed(self) -> None:
+        """The usable set changed: rebuild the rank table before the next decision."""
+        self._rank_table = None
+
     def remove_worker(self, instance_id: str) -> None:
         """A worker is gone: forget its blocks, load and active sequences."""
         w = self.workers.pop(instance_id, None)
@@ -214,7 +220,12 @@ class Router:
         t = self._rank_table
         if t is None or self._table_of is not self.workers or self._table_size != len(self.workers):
             t = RankTable(
-                ((k, w.grpc_address, w.kv_blocks) for w in self.workers.values() for k in w.ranks()),
+                (
+                    (k, w.grpc_address, w.kv_blocks)
+                    for w in self.workers.values()
+                    if self.usable(w.instance_id)
+                    for k in w.ranks()
+                ),
                 self._active_load,
                 self.kv_usage,
             )

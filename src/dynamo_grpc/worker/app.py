@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc import procstats
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.events import KvEventPublisher
@@ -221,6 +222,7 @@ class WorkerApp:
         """/metrics over HTTP, or HTTPS with the worker's TLS settings (scrapers bring the CA)."""
         tls = self.settings.tls
         ctx = tls.ssl_context_server(public=True) if tls is not None else None
+        procstats.register(self.metrics.registry)  # tasks, fds, RSS: what a soak run checks
         self._metrics_server, bound = await serve_app(metrics_app(self.metrics.registry), host, port, ctx)
         self.metrics_address = with_host(f"{host}:{bound}", self.advertised_host)
 

@@ -8,6 +8,7 @@ detokenisation are the pipeline's, and every failure is answered through `errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -224,48 +225,50 @@ class OpenAiApp:
         # the client's `user` goes into the request id the logs and traces carry
         timeout = self.limits.http_request_timeout_s or None
         gen = self.pipeline.generate(p, req, f"{rid}:{o.user}" if o.user else rid, timeout)
-        if not req.stream:
+        # closed on every exit (a client that leaves included) so the route is freed now, not at garbage collection
+        async with contextlib.aclosing(gen):
+            if not req.stream:
+                try:
+                    r = await collect(gen, echo)
+                except Exception as e:
+                    self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
+                    p.timings.status = "error"
+                    return error_response(e)
+                self._record(p, t0)
+                return web.json_response(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": o.model,
+                        "choices": [choices.choice(r.text, r.last.finish_reason, False, r.logprobs)],
+                        "usage": usage(r.last),
+                    }
+                )
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created}
+            head["model"] = o.model
+
+            async def send(data: dict[str, Any]) -> None:
+                await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
             try:
-                r = await collect(gen, echo)
-            except Exception as e:
+                first = True
+                async for c in gen:
+                    text = (echo + c.text) if first else c.text
+                    first = False
+                    await send({**head, "choices": [choices.choice(text, c.finish_reason, True, c.logprobs)]})
+                    if c.finish_reason is not None and o.include_usage:
+                        await send({**head, "choices": [], "usage": usage(c)})
+                self._record(p, t0)
+            except Exception as e:  # the status line is sent: the error travels as an event (as OpenAI does)
                 self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
                 p.timings.status = "error"
-                return error_response(e)
-            self._record(p, t0)
-            return web.json_response(
-                {
-                    "id": rid,
-                    "object": obj,
-                    "created": created,
-                    "model": o.model,
-                    "choices": [choices.choice(r.text, r.last.finish_reason, False, r.logprobs)],
-                    "usage": usage(r.last),
-                }
-            )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created}
-        head["model"] = o.model
-
-        async def send(data: dict[str, Any]) -> None:
-            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
-
-        try:
-            first = True
-            async for c in gen:
-                text = (echo + c.text) if first else c.text
-                first = False
-                await send({**head, "choices": [choices.choice(text, c.finish_reason, True, c.logprobs)]})
-                if c.finish_reason is not None and o.include_usage:
-                    await send({**head, "choices": [], "usage": usage(c)})
-            self._record(p, t0)
-        except Exception as e:  # the status line is sent: the error travels as an event (as OpenAI does)
-            self.stats.record_failure(p.model.name, time.perf_counter_ns() - t0)
-            p.timings.status = "error"
-            await send(errors.openai_body(errors.from_exception(e)))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+                await send(errors.openai_body(errors.from_exception(e)))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
 
     def _record(self, p: Any, t0: int) -> None:
         t = p.timings
