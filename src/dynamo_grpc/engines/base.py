@@ -8,7 +8,7 @@ without a server.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from dynamo_grpc import errors
@@ -146,6 +146,29 @@ class EngineOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
+    """Every engine's first check: a non-empty prompt of ids inside the vocabulary."""
+    if not token_ids:
+        raise errors.InvalidArgument("token_ids is empty")
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise errors.InvalidArgument(f"token id {bad} is outside the vocabulary (size {vocab_size})")
+
+
+def check_prompt_fits(n: int, context_length: int, num_blocks: int, block_size: int) -> None:
+    """A prompt of ``n`` tokens that can never run here (context or whole KV cache too small): PromptTooLong."""
+    if n >= context_length:
+        raise PromptTooLong(
+            f"prompt has {n} tokens; the context length is {context_length} "
+            "(prompt + at least 1 generated token must fit)"
+        )
+    cache_tokens = num_blocks * block_size
+    if n + 1 > cache_tokens:
+        raise PromptTooLong(
+            f"prompt has {n} tokens; the KV cache holds {cache_tokens} ({num_blocks} blocks of {block_size})"
+        )
 
 
 class Engine(abc.ABC):

@@ -16,7 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 from dynamo_grpc import errors
-from dynamo_grpc.engines.base import EngineDead, EngineOutput, EngineRequest, PromptTooLong
+from dynamo_grpc.engines.base import (
+    EngineDead,
+    EngineOutput,
+    EngineRequest,
+    PromptTooLong,
+    check_prompt_fits,
+    check_token_ids,
+)
 from dynamo_grpc.events.kv import KvEvent, KvStored, LoadMetrics
 
 from .executor import Executor
@@ -93,12 +100,7 @@ class EngineCore:
     def check(self, request: EngineRequest) -> None:
         """Raise the error a request that can never run here gets; reads only the config."""
         cfg = self.config
-        n = len(request.token_ids)
-        if n == 0:
-            raise errors.InvalidArgument("token_ids is empty")
-        bad = next((t for t in request.token_ids if not 0 <= t < cfg.vocab_size), None)
-        if bad is not None:
-            raise errors.InvalidArgument(f"token id {bad} is outside the vocabulary (size {cfg.vocab_size})")
+        check_token_ids(request.token_ids, cfg.vocab_size)
         sp = request.sampling
         sp.validate(cfg.vocab_size)
         ex = self.executor
@@ -107,17 +109,7 @@ class EngineCore:
                 raise errors.UnsupportedOption(name, ex.refusal)
         if request.lora and not ex.supports_lora:
             raise errors.FailedPrecondition(f"LoRA adapter {request.lora!r}: this engine serves no LoRA adapters")
-        if n >= cfg.context_length:
-            raise PromptTooLong(
-                f"prompt has {n} tokens; the context length is {cfg.context_length} "
-                "(prompt + at least 1 generated token must fit)"
-            )
-        cache_tokens = cfg.num_blocks * cfg.block_size
-        if n + 1 > cache_tokens:
-            raise PromptTooLong(
-                f"prompt has {n} tokens; the KV cache holds {cache_tokens} "
-                f"({cfg.num_blocks} blocks of {cfg.block_size})"
-            )
+        check_prompt_fits(len(request.token_ids), cfg.context_length, cfg.num_blocks, cfg.block_size)
 
     def make_request(self, request: EngineRequest) -> Request:
         """The core's request for a checked EngineRequest, under a fresh internal id."""

@@ -24,8 +24,9 @@ from dynamo_grpc.engines.base import (
     EngineOutput,
     EngineOverloaded,
     EngineRequest,
-    PromptTooLong,
     TokenLogprob,
+    check_prompt_fits,
+    check_token_ids,
 )
 from dynamo_grpc.events.kv import KvEvent, KvEventSink, KvStored, LoadMetrics
 from dynamo_grpc.models.card import ModelCard
@@ -229,25 +230,10 @@ class TrtllmEngine(Engine):
     # ------------------------------------------------------------------ one request
 
     def _check(self, request: EngineRequest) -> None:
-        n = len(request.token_ids)
-        if n == 0:
-            raise errors.InvalidArgument("token_ids is empty")
-        bad = next((t for t in request.token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise errors.InvalidArgument(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
+        check_token_ids(request.token_ids, self.vocab_size)
         request.sampling.validate(self.vocab_size)
         check_supported(request)
-        if n >= self.context_length:
-            raise PromptTooLong(
-                f"prompt has {n} tokens; the context length is {self.context_length} "
-                "(prompt + at least 1 generated token must fit)"
-            )
-        cache_tokens = self.num_blocks * self.block_size
-        if n + 1 > cache_tokens:
-            raise PromptTooLong(
-                f"prompt has {n} tokens; the KV cache holds {cache_tokens} "
-                f"({self.num_blocks} blocks of {self.block_size})"
-            )
+        check_prompt_fits(len(request.token_ids), self.context_length, self.num_blocks, self.block_size)
         if self._dead is not None or self._stopping:
             raise EngineDead(self._dead or "the trtllm engine is stopping")
         limit = self.config.max_num_seqs + self.config.max_waiting
