@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.mesh import Mesh
-from tests.conformance.conftest import MODEL
+from tests.conformance.conftest import MODEL, start_mesh
 
 pytestmark = pytest.mark.slow
 
@@ -211,8 +211,21 @@ async def test_unary_stream_true_is_refused(mesh: Mesh) -> None:
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ModelStreamInfer" in ei.value.details()
 
 
-async def test_client_cancel_and_deadline(mesh: Mesh) -> None:
-    async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
+@pytest.fixture(scope="module")
+def real_time_mesh() -> Iterator[Mesh]:
+    """A mocker at real speed: 8,000 tokens take seconds, so a 0.3 s deadline always fires mid-generation.
+
+    The shared mesh runs at 1000x, where a fast machine finishes 8,000 tokens inside 0.3 s.
+    """
+    m = start_mesh(workers=1, speedup_ratio=1.0)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+async def test_client_cancel_and_deadline(real_time_mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(real_time_mesh.frontend_grpc) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         req = good(max_tokens=5000, ignore_eos=True)
         req.inputs.add(name="stream", datatype="BOOL", shape=[1])

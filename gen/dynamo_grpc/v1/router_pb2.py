@@ -25,25 +25,27 @@ _sym_db = _symbol_database.Default()
 from dynamo_grpc.v1 import common_pb2 as dynamo__grpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/router.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\"\xc5\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x04\x12\x0c\n\x04lora\x18\x05 \x01(\t\x12\x0c\n\x04pool\x18\x06 \x01(\t\x12\x1c\n\x14\x65xclude_instance_ids\x18\x07 \x03(\t\x12\x1e\n\x16\x65xpected_output_tokens\x18\x08 \x01(\r\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\"I\n\rCostBreakdown\x12\x14\n\x0cprefill_cost\x18\x01 \x01(\x01\x12\x13\n\x0b\x64\x65\x63ode_cost\x18\x02 \x01(\x01\x12\r\n\x05total\x18\x03 \x01(\x01\"\xb4\x01\n\rRouteResponse\x12(\n\x06worker\x18\x01 \x01(\x0b\x32\x18.dynamo_grpc.v1.WorkerId\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0eoverlap_blocks\x18\x03 \x01(\r\x12\x15\n\rprompt_blocks\x18\x04 \x01(\r\x12+\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x1d.dynamo_grpc.v1.CostBreakdown\x12\x0c\n\x04mode\x18\x06 \x01(\t\"k\n\rUpdateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.dynamo_grpc.v1.SequenceEventKind\x12\x15\n\routput_tokens\x18\x03 \x01(\r\"!\n\x0eUpdateResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04*|\n\x11SequenceEventKind\x12#\n\x1fSEQUENCE_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n SEQUENCE_EVENT_KIND_PREFILL_DONE\x10\x01\x12\x1c\n\x18SEQUENCE_EVENT_KIND_FREE\x10\x02\x32\xa4\x01\n\rRouterService\x12\x46\n\x05Route\x12\x1c.dynamo_grpc.v1.RouteRequest\x1a\x1d.dynamo_grpc.v1.RouteResponse\"\x00\x12K\n\x06Update\x12\x1d.dynamo_grpc.v1.UpdateRequest\x1a\x1e.dynamo_grpc.v1.UpdateResponse\"\x00(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/router.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\"\xf0\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x04\x12\x0c\n\x04lora\x18\x05 \x01(\t\x12\x0c\n\x04pool\x18\x06 \x01(\t\x12\x1c\n\x14\x65xclude_instance_ids\x18\x07 \x03(\t\x12\x1e\n\x16\x65xpected_output_tokens\x18\x08 \x01(\r\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12)\n\x05phase\x18\n \x01(\x0e\x32\x1a.dynamo_grpc.v1.RoutePhase\"I\n\rCostBreakdown\x12\x14\n\x0cprefill_cost\x18\x01 \x01(\x01\x12\x13\n\x0b\x64\x65\x63ode_cost\x18\x02 \x01(\x01\x12\r\n\x05total\x18\x03 \x01(\x01\"\xd2\x01\n\rRouteResponse\x12(\n\x06worker\x18\x01 \x01(\x0b\x32\x18.dynamo_grpc.v1.WorkerId\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0eoverlap_blocks\x18\x03 \x01(\r\x12\x15\n\rprompt_blocks\x18\x04 \x01(\r\x12+\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x1d.dynamo_grpc.v1.CostBreakdown\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\"k\n\rUpdateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.dynamo_grpc.v1.SequenceEventKind\x12\x15\n\routput_tokens\x18\x03 \x01(\r\"!\n\x0eUpdateResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04*Z\n\nRoutePhase\x12\x1b\n\x17ROUTE_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTE_PHASE_PREFILL\x10\x01\x12\x16\n\x12ROUTE_PHASE_DECODE\x10\x02*|\n\x11SequenceEventKind\x12#\n\x1fSEQUENCE_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n SEQUENCE_EVENT_KIND_PREFILL_DONE\x10\x01\x12\x1c\n\x18SEQUENCE_EVENT_KIND_FREE\x10\x02\x32\xa4\x01\n\rRouterService\x12\x46\n\x05Route\x12\x1c.dynamo_grpc.v1.RouteRequest\x1a\x1d.dynamo_grpc.v1.RouteResponse\"\x00\x12K\n\x06Update\x12\x1d.dynamo_grpc.v1.UpdateRequest\x1a\x1e.dynamo_grpc.v1.UpdateResponse\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynamo_grpc.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEQUENCEEVENTKIND']._serialized_start=678
-  _globals['_SEQUENCEEVENTKIND']._serialized_end=802
+  _globals['_ROUTEPHASE']._serialized_start=751
+  _globals['_ROUTEPHASE']._serialized_end=841
+  _globals['_SEQUENCEEVENTKIND']._serialized_start=843
+  _globals['_SEQUENCEEVENTKIND']._serialized_end=967
   _globals['_ROUTEREQUEST']._serialized_start=77
-  _globals['_ROUTEREQUEST']._serialized_end=274
-  _globals['_COSTBREAKDOWN']._serialized_start=276
-  _globals['_COSTBREAKDOWN']._serialized_end=349
-  _globals['_ROUTERESPONSE']._serialized_start=352
-  _globals['_ROUTERESPONSE']._serialized_end=532
-  _globals['_UPDATEREQUEST']._serialized_start=534
-  _globals['_UPDATEREQUEST']._serialized_end=641
-  _globals['_UPDATERESPONSE']._serialized_start=643
-  _globals['_UPDATERESPONSE']._serialized_end=676
-  _globals['_ROUTERSERVICE']._serialized_start=805
-  _globals['_ROUTERSERVICE']._serialized_end=969
+  _globals['_ROUTEREQUEST']._serialized_end=317
+  _globals['_COSTBREAKDOWN']._serialized_start=319
+  _globals['_COSTBREAKDOWN']._serialized_end=392
+  _globals['_ROUTERESPONSE']._serialized_start=395
+  _globals['_ROUTERESPONSE']._serialized_end=605
+  _globals['_UPDATEREQUEST']._serialized_start=607
+  _globals['_UPDATEREQUEST']._serialized_end=714
+  _globals['_UPDATERESPONSE']._serialized_start=716
+  _globals['_UPDATERESPONSE']._serialized_end=749
+  _globals['_ROUTERSERVICE']._serialized_start=970
+  _globals['_ROUTERSERVICE']._serialized_end=1134
 # @@protoc_insertion_point(module_scope)

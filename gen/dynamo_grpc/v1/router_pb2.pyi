@@ -20,6 +20,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RoutePhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoutePhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoutePhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTE_PHASE_UNSPECIFIED: _RoutePhase.ValueType  # 0
+    """Aggregated serving (one worker runs prefill and decode); the default."""
+    ROUTE_PHASE_PREFILL: _RoutePhase.ValueType  # 1
+    """The prefill phase of a disaggregated request: pick a prefill worker."""
+    ROUTE_PHASE_DECODE: _RoutePhase.ValueType  # 2
+    """The decode phase of a disaggregated request: pick a decode worker."""
+
+class RoutePhase(_RoutePhase, metaclass=_RoutePhaseEnumTypeWrapper):
+    """The phase a RouteRequest is for."""
+
+ROUTE_PHASE_UNSPECIFIED: RoutePhase.ValueType  # 0
+"""Aggregated serving (one worker runs prefill and decode); the default."""
+ROUTE_PHASE_PREFILL: RoutePhase.ValueType  # 1
+"""The prefill phase of a disaggregated request: pick a prefill worker."""
+ROUTE_PHASE_DECODE: RoutePhase.ValueType  # 2
+"""The decode phase of a disaggregated request: pick a decode worker."""
+Global___RoutePhase: _TypeAlias = RoutePhase  # noqa: Y015
+
 class _SequenceEventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -59,6 +83,7 @@ class RouteRequest(_message.Message):
     EXCLUDE_INSTANCE_IDS_FIELD_NUMBER: _builtins.int
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Request id; Update events refer to it."""
     model: _builtins.str
@@ -71,6 +96,8 @@ class RouteRequest(_message.Message):
     """Expected output tokens, for the decode-load estimate."""
     dry_run: _builtins.bool
     """Do not record this request as active (a dry run)."""
+    phase: Global___RoutePhase.ValueType
+    """Which phase is being routed: prefill and decode go to their own worker pools when disaggregated."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Prompt token ids; the router hashes them with the model's block size."""
@@ -95,10 +122,11 @@ class RouteRequest(_message.Message):
         exclude_instance_ids: _abc.Iterable[_builtins.str] | None = ...,
         expected_output_tokens: _builtins.int = ...,
         dry_run: _builtins.bool = ...,
+        phase: Global___RoutePhase.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "dry_run", b"dry_run", "exclude_instance_ids", b"exclude_instance_ids", "expected_output_tokens", b"expected_output_tokens", "lora", b"lora", "model", b"model", "pool", b"pool", "request_id", b"request_id", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "dry_run", b"dry_run", "exclude_instance_ids", b"exclude_instance_ids", "expected_output_tokens", b"expected_output_tokens", "lora", b"lora", "model", b"model", "phase", b"phase", "pool", b"pool", "request_id", b"request_id", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -146,6 +174,8 @@ class RouteResponse(_message.Message):
     PROMPT_BLOCKS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """gRPC address of the chosen worker."""
     overlap_blocks: _builtins.int
@@ -154,6 +184,10 @@ class RouteResponse(_message.Message):
     """Full blocks in the prompt."""
     mode: _builtins.str
     """Routing mode that decided: "kv", "approx", "round-robin", "random"."""
+    pool: _builtins.str
+    """The worker pool the choice was made in ("default" when pools are not configured)."""
+    reason: _builtins.str
+    """Why this pool and worker, in words (e.g. "input 812 tokens in [0,1024) -> pool short"; spill-over says so)."""
     @_builtins.property
     def worker(self) -> _common_pb2.WorkerId:
         """The chosen worker."""
@@ -171,10 +205,12 @@ class RouteResponse(_message.Message):
         prompt_blocks: _builtins.int = ...,
         cost: Global___CostBreakdown | None = ...,
         mode: _builtins.str = ...,
+        pool: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cost", b"cost", "mode", b"mode", "overlap_blocks", b"overlap_blocks", "prompt_blocks", b"prompt_blocks", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cost", b"cost", "mode", b"mode", "overlap_blocks", b"overlap_blocks", "pool", b"pool", "prompt_blocks", b"prompt_blocks", "reason", b"reason", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
