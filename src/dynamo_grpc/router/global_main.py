@@ -89,6 +89,7 @@ class GlobalRouterProcess:
         self.advertised_host = advertise_host(args.host, args.advertise_host)
         self.curve = CurveConfig.from_args(args)
         self.nodes: dict[str, RouterNode] = {}
+        self.started = False  # pools added by a reload start their node at once
         self.config_path: Path = args.config
         self._mtime = self._stat()
         self.router = GlobalRouter(grid, self._make_router)
@@ -113,7 +114,7 @@ class GlobalRouterProcess:
         )
         node.on_model = lambda model: self._on_model(model)
         self.nodes[spec.name] = node
-        if self.tasks:  # a pool added by a reload: already running
+        if self.started:
             node.start()
         return node.router
 
@@ -148,6 +149,7 @@ class GlobalRouterProcess:
         self.tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         for node in self.nodes.values():
             node.start()
+        self.started = True
         self.tasks.append(asyncio.create_task(self._startup(), name="startup"))
         if a.reload_interval > 0:
             self.tasks.append(asyncio.create_task(self._watch_file(), name="watch-config"))
