@@ -140,3 +140,39 @@ def test_reload_adds_a_pool_and_drains_a_removed_one() -> None:
     assert g.drained() == []  # the in-flight request still holds the draining pool
     assert g.free("in-flight")
     assert g.drained() == ["long"] and "long" not in g.pools
+
+
+def test_prefill_backlog_makes_a_pool_busy_before_its_kv_fills() -> None:
+    config = {
+        "default_pool": "short",
+        "pools": [
+            {"name": "short", "input_tokens": [0, 256]},
+            {"name": "long", "input_tokens": [256, None], "busy_prefill_tokens": 600},
+        ],
+    }
+    g = make_global(config)
+    for rid in "abcd":  # 400 pending tokens each; the pool's router spreads them: 800 per long worker
+        assert g.route(RouteInput(rid, token_ids=tokens(400, ord(rid)))).pool == "long"
+    d = g.route(RouteInput("e", token_ids=tokens(400, 5)))  # every long worker above 600 pending tokens
+    assert d.pool == "short"
+    assert "pool long busy (every worker above 600 pending prefill tokens); spilled over to pool short" in d.reason
+    for rid in "abcd":
+        g.prefill_done(rid)  # prefilled: the backlog is gone
+    assert g.route(RouteInput("f", token_ids=tokens(400, 6))).pool == "long"
+
+
+def test_when_every_pool_is_backed_up_the_request_queues_at_home_instead_of_failing() -> None:
+    config = {
+        "default_pool": "short",
+        "pools": [
+            {"name": "short", "input_tokens": [0, 256], "busy_prefill_tokens": 100},
+            {"name": "long", "input_tokens": [256, None], "busy_prefill_tokens": 100},
+        ],
+    }
+    g = make_global(config, workers={"short": 1, "long": 1})
+    g.route(RouteInput("s", token_ids=tokens(200, 1)))
+    g.route(RouteInput("l", token_ids=tokens(300, 2)))
+    d = g.route(RouteInput("x", token_ids=tokens(300, 3)))
+    assert d.pool == "long" and d.spilled_from == ""
+    assert d.reason.endswith("no pool has headroom: queued in pool long")
+    assert "pool short busy (every worker above 100 pending prefill tokens)" in d.reason

@@ -155,3 +155,12 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         load_pool_config(bad)
     with pytest.raises(PoolConfigError, match="cannot read pools config"):
         load_pool_config(tmp_path / "missing.yaml")
+
+
+def test_busy_prefill_tokens_is_a_positive_integer() -> None:
+    ok = parse_pool_config(
+        {**grid(), "pools": [{"name": "short", "input_tokens": [0, None], "busy_prefill_tokens": 8192}]}
+    )
+    assert ok.pools["short"].busy_prefill_tokens == 8192
+    msg = errors_of({"default_pool": "x", "pools": [{"name": "x", "busy_prefill_tokens": 0}]})
+    assert "busy_prefill_tokens: expected a positive integer or null, got 0" in msg

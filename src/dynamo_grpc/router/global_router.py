@@ -70,8 +70,24 @@ class PoolState:
                     vals.append(use)
         return sum(vals) / len(vals) if vals else math.nan
 
+    def check_prefill_backlog(self) -> None:
+        """PrefillBusy when every usable worker rank has more pending prefill tokens than the pool allows."""
+        cap = self.spec.busy_prefill_tokens
+        r = self.router
+        if cap is None or not r.block_size:
+            return
+        ranks = [k for w in r.workers.values() if r.usable(w.instance_id) for k in w.ranks()]
+        if ranks and all(r.active.load(k).prefill_blocks * r.block_size > cap for k in ranks):
+            raise PrefillBusy(f"every worker above {cap} pending prefill tokens")
+
+
+class PrefillBusy(AllBusy):
+    """Every worker of a pool has more pending prefill tokens than the pool's busy_prefill_tokens."""
+
 
 def _why(name: str, spec: PoolSpec, exc: Exception) -> str:
+    if isinstance(exc, PrefillBusy):
+        return f"pool {name} busy (every worker above {spec.busy_prefill_tokens} pending prefill tokens)"
     if isinstance(exc, AllBusy):
         return f"pool {name} busy (every worker above {spec.busy_threshold:g} KV use)"
     if isinstance(exc, NotReady):
@@ -152,12 +168,25 @@ class GlobalRouter:
             if ps is None or ps.draining:
                 continue
             try:
+                ps.check_prefill_backlog()
                 res = ps.router.route(inp)
             except (AllBusy, NoWorkers, NotReady) as exc:
                 ps.counters.refusals += 1
                 refusals.append((name, exc))
                 continue
             return self._decided(inp, sel, name, res, refusals)
+        # a prefill backlog is a TTFT preference, not a capacity limit: when no pool has headroom the request
+        # queues in the first pool that was only backed up (the preferred one when it was)
+        backlogged = next((n for n, e in refusals if isinstance(e, PrefillBusy)), None)
+        if backlogged is not None:
+            try:
+                res = self.pools[backlogged].router.route(inp)
+            except (AllBusy, NoWorkers, NotReady) as exc:
+                refusals.append((backlogged, exc))
+            else:
+                d = self._decided(inp, sel, backlogged, res, refusals)
+                d.reason += f"; no pool has headroom: queued in pool {backlogged}"
+                return d
         whys = "; ".join(_why(n, self.pools[n].spec, e) for n, e in refusals)
         kinds = [type(e) for _, e in refusals]
         err: type[Exception] = AllBusy if AllBusy in kinds else NotReady if NotReady in kinds else NoWorkers
@@ -168,14 +197,17 @@ class GlobalRouter:
     ) -> PoolDecision:
         ps = self.pools[name]
         ps.counters.decisions += 1
-        reason = sel.reason
-        spilled_from = ""
+        reason, spilled_from = sel.reason, ""
+        whys = "; ".join(_why(n, self.pools[n].spec, e) for n, e in refusals)
         if name != sel.pool:
             spilled_from = sel.pool
-            self.pools[sel.pool].counters.spilled_out += 1
+            home = self.pools.get(sel.pool)
+            if home is not None:
+                home.counters.spilled_out += 1
             ps.counters.spilled_in += 1
-            whys = "; ".join(_why(n, self.pools[n].spec, e) for n, e in refusals)
             reason = f"{sel.reason}; {whys}; spilled over to pool {name}"
+        elif whys:
+            reason = f"{sel.reason}; {whys}"
         if not inp.dry_run:
             self.owner[inp.request_id] = name
         return PoolDecision(res, name, reason, spilled_from)

@@ -31,7 +31,15 @@ INPUT = "input"
 DECODE = "decode"
 AXIS_FIELD = {INPUT: "input_tokens", DECODE: "context_tokens"}
 _TOP_KEYS = {"pools", "default_pool", "busy_threshold", "spill_over"}
-_POOL_KEYS = {"name", "input_tokens", "context_tokens", "ttft_target_s", "itl_target_s", "busy_threshold"}
+_POOL_KEYS = {
+    "name",
+    "input_tokens",
+    "context_tokens",
+    "ttft_target_s",
+    "itl_target_s",
+    "busy_threshold",
+    "busy_prefill_tokens",
+}
 
 
 class PoolConfigError(ValueError):
@@ -65,6 +73,9 @@ class PoolSpec:
     ttft_target_s: float | None = None
     itl_target_s: float | None = None
     busy_threshold: float = DEFAULT_BUSY_THRESHOLD
+    #: a worker with more prompt tokens routed and not yet prefilled than this is busy too (None: off);
+    #: the TTFT-side signal: a pool backed up with prefill work spills over before its KV fills
+    busy_prefill_tokens: int | None = None
 
     def range_on(self, axis: str) -> TokenRange | None:
         return self.input_tokens if axis == INPUT else self.context_tokens
@@ -131,7 +142,10 @@ class PoolGrid:
             ]
             where = ", ".join(x for x in parts if x) or "pinned/default only"
             dflt = " (default)" if p.name == self.default_pool else ""
-            out.append(f"pool {p.name}{dflt}: {where}; busy above {p.busy_threshold:g} KV use")
+            busy = f"busy above {p.busy_threshold:g} KV use"
+            if p.busy_prefill_tokens is not None:
+                busy += f" or {p.busy_prefill_tokens} pending prefill tokens"
+            out.append(f"pool {p.name}{dflt}: {where}; {busy}")
         return out
 
 
@@ -233,7 +247,13 @@ def parse_pool_config(data: object, source: str = "pools config") -> PoolGrid:
             problems.append(f"{where}: itl_target_s needs context_tokens (an ITL target is for the decode grid)")
         busy = _number(raw.get("busy_threshold"), f"{where}: busy_threshold", problems, 0.0, 1.0)
         threshold = busy if busy is not None else busy_all if busy_all is not None else DEFAULT_BUSY_THRESHOLD
-        specs.append(PoolSpec(name, inp, ctx, ttft, itl, threshold))
+        prefill_cap = raw.get("busy_prefill_tokens")
+        if prefill_cap is not None and (
+            isinstance(prefill_cap, bool) or not isinstance(prefill_cap, int) or prefill_cap <= 0
+        ):
+            problems.append(f"{where}: busy_prefill_tokens: expected a positive integer or null, got {prefill_cap!r}")
+            prefill_cap = None
+        specs.append(PoolSpec(name, inp, ctx, ttft, itl, threshold, prefill_cap))
     default = data.get("default_pool", DEFAULT_POOL)
     if specs and default not in seen:
         problems.append(f"default_pool: {default!r} is not one of the pools ({', '.join(p.name for p in specs)})")
