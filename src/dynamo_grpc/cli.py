@@ -15,13 +15,17 @@ from collections.abc import Callable
 ROLES: dict[str, tuple[str, str]] = {
     "frontend": ("dynamo_grpc.frontend.main", "KServe v2 gRPC (and OpenAI HTTP) frontend: tokenise, route, stream"),
     "router": ("dynamo_grpc.router.main", "KV-aware router: indexes KV events, picks a worker per request"),
+    "global-router": (
+        "dynamo_grpc.router.global_main",
+        "global router: picks a worker pool by input/context length, then a worker by KV overlap",
+    ),
     "worker": ("dynamo_grpc.worker.main", "worker hosting an engine (mocker | torch) behind Prefill/Decode"),
     "consul-dev": ("dynamo_grpc.consul_dev.main", "embedded Consul-compatible dev agent (HTTP API subset)"),
     "run-local": ("dynamo_grpc.launch.run_local", "start a whole mesh on this machine and print how to call it"),
     "bench": ("dynamo_grpc.bench.main", "benchmarks: router, frontend, engine, discovery, replay, or all"),
 }
 
-PLANNED = ("global-router", "planner")
+PLANNED = ("planner",)
 
 
 def command_lines(table: dict[str, tuple[str, str]]) -> list[str]:

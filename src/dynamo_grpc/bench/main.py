@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("dynamo_grpc.bench.engine", "torch engine vs transformers generate (extras: torch, bench)"),
     "discovery": ("dynamo_grpc.bench.discovery", "consul-dev + discovery: 1,000 instances, 50 watchers"),
     "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),
+    "pools": ("dynamo_grpc.bench.pools", "global router: one pool of 4 vs 2+2 split by input length (trace replay)"),
     "security": ("dynamo_grpc.bench.security", "mTLS + CURVE vs plaintext: request latency and start-up (mocker)"),
     "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
 }

@@ -59,6 +59,10 @@ class MeshConfig:
     frontend_args: list[str] = field(default_factory=list)
     #: also start a `dynamo-router` process; None: only when router_mode needs one (kv-service, approx)
     start_router: bool | None = None
+    #: a pools YAML: the router process is `dynamo-grpc global-router --config` it (router_mode kv-service)
+    pools_config: Path | None = None
+    #: worker i joins pool worker_pools[i] (--pool); workers past the list stay in the default pool
+    worker_pools: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     #: TLS certificates and CURVE keys handed to the children by env (``launch.security``); None: plain
     security: MeshSecurity | None = None
@@ -170,8 +174,13 @@ class Mesh:
                     args += ["--model", c.model]
                 if c.speedup_ratio is not None and c.engine == "mocker":
                     args += ["--speedup-ratio", str(c.speedup_ratio)]
+                if i < len(c.worker_pools):
+                    args += ["--pool", c.worker_pools[i]]
                 self._spawn(f"worker-{i}", [*args, *c.worker_args], "worker")
-            if self.starts_router:
+            if c.pools_config is not None:
+                gr = ["global-router", *common, "--config", str(c.pools_config), "--port", "0", *c.router_args]
+                self._spawn("global-router", gr, "router")
+            elif self.starts_router:
                 events = ["--no-router-kv-events"] if c.router_mode == "approx" else []
                 self._spawn("router", ["router", *common, *events, "--port", "0", *c.router_args], "router")
             fe_mode = {"approx": "kv-service"}.get(c.router_mode, c.router_mode)
@@ -199,6 +208,8 @@ class Mesh:
     @property
     def starts_router(self) -> bool:
         c = self.config
+        if c.pools_config is not None:
+            return True
         return c.start_router if c.start_router is not None else c.router_mode in ("kv-service", "approx")
 
     def _frontend_ready(self) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dynamo_grpc.discovery import Discovery, Instance
+from dynamo_grpc.discovery.pools import pool_of
 from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
 from dynamo_grpc.events.curve import CurveConfig, public_key_from_meta
@@ -87,8 +88,11 @@ class RouterNode:
         sync_port: int = 0,
         view: WorkerView | None = None,
         sync_grace_s: float = 3.0,
+        pool: str | None = None,
     ) -> None:
+        """``pool``: route only among workers of that pool (the global router's per-pool nodes); None: all."""
         config.validate()
+        self.pool = pool
         #: fixed port of the active-sequence PUB (router --zmq-port); 0: any free port
         self.sync_port = sync_port
         self.curve = curve
@@ -164,6 +168,8 @@ class RouterNode:
     async def _watch_workers(self) -> None:
         tags = [f"namespace={self.config.namespace}"]
         async for raw in self.discovery.watch("dynamo-worker", tags=tags):
+            if self.pool is not None:  # a worker's pool is its Consul tag: pool A's blocks never draw pool B's requests
+                raw = [i for i in raw if pool_of(i.tags) == self.pool]
             snapshot = self.registrations.valid(raw)
             for iid, why in self.registrations.reasons.items():
                 self.view.skip(iid, "router-registration", why)

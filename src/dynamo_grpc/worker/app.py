@@ -24,6 +24,7 @@ from typing import Any
 
 from dynamo_grpc import procstats
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+from dynamo_grpc.discovery.pools import DEFAULT_POOL, pool_tag
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import CurveConfig
@@ -71,6 +72,7 @@ class WorkerSettings:
     health_port: int | None = None  # plaintext grpc.health.v1-only listener (probes)
     advertise_host: str | None = None  # what Consul gets (default: host; with 0.0.0.0 the first non-loopback IP)
     zmq_port: int = 0  # fixed KV event PUB port (0: any free port)
+    pool: str = DEFAULT_POOL  # worker pool (Consul tag pool=NAME; discovery/pools.py)
 
 
 class WorkerApp:
@@ -190,7 +192,7 @@ class WorkerApp:
         if self.metrics_address:
             meta[METRICS_META] = self.metrics_address
         assert self.server is not None and self.server.port is not None
-        return Instance(
+        inst = Instance(
             service=SERVICE_NAME,
             instance_id=self.instance_id,
             address=self.advertised_host,
@@ -198,6 +200,8 @@ class WorkerApp:
             tags=[f"namespace={s.namespace}", f"model={self.card.name}", "role=worker"],
             meta=meta,
         )
+        inst.tags.append(pool_tag(s.pool))  # the global router's per-pool routers follow this tag
+        return inst
 
     def model_card_dict(self) -> dict[str, Any]:
         d = self.card.to_dict()

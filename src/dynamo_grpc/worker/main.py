@@ -10,6 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from dynamo_grpc.discovery.pools import add_pool_flag
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.engines.trtllm.worker import add_trtllm_flags, build_trtllm
 from dynamo_grpc.engines.trtllm.worker import check_flags as check_trtllm_flags
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trtllm_flags(p)
     add_tls_flags(p, public=False)
     add_address_flags(p, zmq=True)
+    add_pool_flag(p)
     return env_defaults(p)
 
 
@@ -138,6 +140,7 @@ async def serve(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         advertise_host=args.advertise_host,
         zmq_port=args.zmq_port,
+        pool=args.pool,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
