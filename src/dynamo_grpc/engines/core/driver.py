@@ -130,6 +130,8 @@ class CoreEngine(Engine):
             self._task = None
         self._running = False
         self._shutdown()
+        with self._state:
+            self.core.close()
 
     def set_event_sink(self, sink: KvEventSink | None) -> None:
         with self._state:
