@@ -197,3 +197,49 @@ def _prefill_saving() -> float:
 def _block_bytes(request: pytest.FixtureRequest, kind: str) -> int:
     ex = _executor(kind, request, 1, BS)
     return int(ex.block_io().block_nbytes)  # type: ignore[attr-defined]
+
+
+class _BrokenIO:
+    """The mocker's BlockIO whose onboarding copy fails (a device error mid-transfer)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def from_host(self, pairs: object) -> None:
+        raise OSError("DMA failed")
+
+
+def test_a_failed_onboard_fails_the_step_and_leaves_no_bad_block(request: pytest.FixtureRequest) -> None:
+    core = make(request, "mocker", KvbmConfig(host_bytes=1 << 40))
+    run(core, A)
+    evict_a(core)
+    assert core.kv.tiers is not None
+    core.kv.tiers.io = _BrokenIO(core.kv.tiers.io)  # type: ignore[assignment]
+    req = core.make_request(EngineRequest("r", A, SamplingParams(temperature=0, max_tokens=3)))
+    core.add(req)
+    res = core.step()
+    assert [type(e).__name__ for _, e in res.failures] == ["EngineDead"]
+    assert core.kv.pool.num_active == 0  # the request's blocks are back in the pool
+    req.update_block_hashes(BS)
+    assert not any(core.kv.pool.lookup(h) for h in req.block_hashes)  # nothing half-copied stays cached
+    gone = {h for e in res.events if isinstance(e, KvRemoved) and e.medium == "device" for h in e.block_hashes}
+    assert set(req.block_hashes[:4]) <= gone
+    core.kv.tiers.io = core.kv.tiers.io.inner  # type: ignore[attr-defined]
+    _, cached = run(core, A)  # the host copies are intact: the next request onboards them
+    assert cached == 16
+
+
+def test_cancel_after_onboarding_frees_every_block(request: pytest.FixtureRequest) -> None:
+    core = make(request, "mocker", KvbmConfig(host_bytes=1 << 40))
+    run(core, A)
+    evict_a(core)
+    req = core.make_request(EngineRequest("r", [*A, 5, 6, 7, 8], SamplingParams(max_tokens=30, ignore_eos=True)))
+    core.add(req)
+    res = core.step()  # onboards A's prefix, prefills the rest, samples the first token
+    assert res.outputs and res.outputs[0][1].cached_tokens == 16
+    assert core.kv.pool.num_active > 0
+    assert core.abort(req.request_id)
+    assert core.kv.pool.num_active == 0
