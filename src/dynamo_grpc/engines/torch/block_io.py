@@ -46,7 +46,8 @@ class TorchBlockIO:
         self._v = [t.view(nb, self.bs, *t.shape[1:]) for t in kv.v]
 
     def alloc_host(self, num_slots: int) -> None:
-        self.host = torch.empty((num_slots, *self.shape), dtype=self.dtype, pin_memory=torch.cuda.is_available())
+        # zeros, not empty: the pages are touched now, not on the first offload inside a step
+        self.host = torch.zeros((num_slots, *self.shape), dtype=self.dtype, pin_memory=torch.cuda.is_available())
 
     def _host(self) -> torch.Tensor:
         if self.host is None:
