@@ -24,6 +24,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _KvMedium:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KvMediumEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KvMedium.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KV_MEDIUM_UNSPECIFIED: _KvMedium.ValueType  # 0
+    """Unset: the device cache (events from publishers that predate tiers)."""
+    KV_MEDIUM_DEVICE: _KvMedium.ValueType  # 1
+    """G1: the engine's own (GPU) KV cache."""
+    KV_MEDIUM_HOST: _KvMedium.ValueType  # 2
+    """G2: host memory."""
+    KV_MEDIUM_DISK: _KvMedium.ValueType  # 3
+    """G3: local disk."""
+
+class KvMedium(_KvMedium, metaclass=_KvMediumEnumTypeWrapper):
+    """Where a KV block lives (vLLM's event "medium"; Dynamo's KVBM tiers G1..G3)."""
+
+KV_MEDIUM_UNSPECIFIED: KvMedium.ValueType  # 0
+"""Unset: the device cache (events from publishers that predate tiers)."""
+KV_MEDIUM_DEVICE: KvMedium.ValueType  # 1
+"""G1: the engine's own (GPU) KV cache."""
+KV_MEDIUM_HOST: KvMedium.ValueType  # 2
+"""G2: host memory."""
+KV_MEDIUM_DISK: KvMedium.ValueType  # 3
+"""G3: local disk."""
+Global___KvMedium: _TypeAlias = KvMedium  # noqa: Y015
+
 class _ActiveSequenceEventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -86,8 +114,11 @@ class BlockStored(_message.Message):
 
     PARENT_HASH_FIELD_NUMBER: _builtins.int
     BLOCKS_FIELD_NUMBER: _builtins.int
+    MEDIUM_FIELD_NUMBER: _builtins.int
     parent_hash: _builtins.int
     """Sequence hash of the block before the first one; unset at the start of a prompt."""
+    medium: Global___KvMedium.ValueType
+    """The tier the blocks entered (unset: device)."""
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredBlock]:
         """The blocks."""
@@ -97,10 +128,11 @@ class BlockStored(_message.Message):
         *,
         parent_hash: _builtins.int | None = ...,
         blocks: _abc.Iterable[Global___StoredBlock] | None = ...,
+        medium: Global___KvMedium.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_parent_hash", b"_parent_hash", "parent_hash", b"parent_hash"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parent_hash", b"_parent_hash", "blocks", b"blocks", "parent_hash", b"parent_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parent_hash", b"_parent_hash", "blocks", b"blocks", "medium", b"medium", "parent_hash", b"parent_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__parent_hash: _TypeAlias = _typing.Literal["parent_hash"]  # noqa: Y015
     _WhichOneofArgType__parent_hash: _TypeAlias = _typing.Literal["_parent_hash", b"_parent_hash"]  # noqa: Y015
@@ -115,6 +147,9 @@ class BlockRemoved(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    MEDIUM_FIELD_NUMBER: _builtins.int
+    medium: Global___KvMedium.ValueType
+    """The tier the blocks left (unset: device)."""
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Sequence hashes of the evicted blocks."""
@@ -123,10 +158,11 @@ class BlockRemoved(_message.Message):
         self,
         *,
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+        medium: Global___KvMedium.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "medium", b"medium"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),
     "pools": ("dynamo_grpc.bench.pools", "global router: one pool of 4 vs 2+2 split by input length (trace replay)"),
     "security": ("dynamo_grpc.bench.security", "mTLS + CURVE vs plaintext: request latency and start-up (mocker)"),
+    "kvbm": ("dynamo_grpc.bench.kvbm", "KV tiers: multi-turn TTFT, G1 vs +G2 host vs +G3 disk; torch onboard"),
     "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
 }
 #: what `all` passes the replay beyond --trace/--json: all three policies on a slice of the trace

@@ -7,6 +7,22 @@ from collections.abc import Iterable
 from dynamo_grpc.events.kv import KvCleared, KvEvent, KvRemoved, KvStored, LoadMetrics, StoredBlock
 from dynamo_grpc.v1 import events_pb2
 
+#: engine medium name <-> events.proto KvMedium (unset reads as device)
+MEDIUM_TO_PB: dict[str, int] = {
+    "device": events_pb2.KV_MEDIUM_DEVICE,
+    "host": events_pb2.KV_MEDIUM_HOST,
+    "disk": events_pb2.KV_MEDIUM_DISK,
+}
+MEDIUM_FROM_PB: dict[int, str] = {v: k for k, v in MEDIUM_TO_PB.items()} | {events_pb2.KV_MEDIUM_UNSPECIFIED: "device"}
+
+
+def medium_name(value: int) -> str:
+    """A KvMedium as the engine's medium name; an unknown (newer) value is refused."""
+    name = MEDIUM_FROM_PB.get(value)
+    if name is None:
+        raise ValueError(f"unknown KV medium {value}")
+    return name
+
 
 def event_to_pb(event: KvEvent) -> events_pb2.KvEvent:
     """One engine event as a protobuf KvEvent."""
@@ -16,9 +32,14 @@ def event_to_pb(event: KvEvent) -> events_pb2.KvEvent:
         )
         if event.parent_hash is not None:
             stored.parent_hash = event.parent_hash
+        if event.medium != "device":
+            stored.medium = events_pb2.KvMedium.ValueType(MEDIUM_TO_PB[event.medium])
         return events_pb2.KvEvent(stored=stored)
     if isinstance(event, KvRemoved):
-        return events_pb2.KvEvent(removed=events_pb2.BlockRemoved(block_hashes=list(event.block_hashes)))
+        removed = events_pb2.BlockRemoved(block_hashes=list(event.block_hashes))
+        if event.medium != "device":
+            removed.medium = events_pb2.KvMedium.ValueType(MEDIUM_TO_PB[event.medium])
+        return events_pb2.KvEvent(removed=removed)
     if isinstance(event, KvCleared):
         return events_pb2.KvEvent(cleared=events_pb2.AllBlocksCleared())
     raise TypeError(f"not a KV event: {event!r}")
@@ -29,9 +50,10 @@ def event_from_pb(msg: events_pb2.KvEvent) -> KvEvent:
     kind = msg.WhichOneof("data")
     if kind == "stored":
         parent = msg.stored.parent_hash if msg.stored.HasField("parent_hash") else None
-        return KvStored(parent, [StoredBlock(b.block_hash, b.tokens_hash) for b in msg.stored.blocks])
+        blocks = [StoredBlock(b.block_hash, b.tokens_hash) for b in msg.stored.blocks]
+        return KvStored(parent, blocks, medium_name(msg.stored.medium))
     if kind == "removed":
-        return KvRemoved(list(msg.removed.block_hashes))
+        return KvRemoved(list(msg.removed.block_hashes), medium_name(msg.removed.medium))
     if kind == "cleared":
         return KvCleared()
     raise ValueError("KvEvent without data")

@@ -23,11 +23,15 @@ class KvStored:
 
     parent_hash: int | None
     blocks: list[StoredBlock]
+    #: the tier the blocks entered: "device" (G1), "host" (G2) or "disk" (G3), as vLLM's ``medium``
+    medium: str = "device"
 
 
 @dataclass
 class KvRemoved:
     block_hashes: list[int]
+    #: the tier the blocks left (an offload is removed from "device" + stored in "host")
+    medium: str = "device"
 
 
 @dataclass

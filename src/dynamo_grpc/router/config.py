@@ -36,6 +36,9 @@ class RouterConfig:
     resync_interval_s: float = 2.0
     #: seed for tie-breaks and sampling (None = random)
     seed: int | None = None
+    #: overlap credit of a block a worker holds in host memory (G2) / on disk (G3); a device block is 1
+    host_overlap_weight: float = 0.75
+    disk_overlap_weight: float = 0.25
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for every out-of-range field: the one place these rules live."""
@@ -48,6 +51,8 @@ class RouterConfig:
             ("busy_threshold", 0 < self.busy_threshold <= 1.0, "in (0, 1]"),
             ("approx_ttl_s", self.approx_ttl_s > 0, "> 0"),
             ("resync_interval_s", self.resync_interval_s >= 0, ">= 0"),
+            ("host_overlap_weight", 0 <= self.host_overlap_weight <= 1.0, "in [0, 1]"),
+            ("disk_overlap_weight", 0 <= self.disk_overlap_weight <= 1.0, "in [0, 1]"),
         ]
         return [(f, f"must be {rule}, got {getattr(self, f)!r}") for f, ok, rule in rules if not ok]
 

@@ -25,6 +25,8 @@ FLAG_OF = {
     "approx_ttl_s": "--router-ttl-secs",
     "resync_interval_s": "--router-resync-interval",
     "seed": "--router-seed",
+    "host_overlap_weight": "--router-host-overlap-weight",
+    "disk_overlap_weight": "--router-disk-overlap-weight",
 }
 
 #: what `--router-mode` takes (approximate KV routing is `--router-mode kv --no-router-kv-events`)
@@ -157,6 +159,20 @@ def add_router_flags(parser: argparse.ArgumentParser, extra_modes: Sequence[str]
         help="kv: seconds between anti-entropy Replays per worker; 0 = off",
     )
     add("--router-seed", "--seed", None, type=int, help="seed for tie-breaks and sampling (default: random)")
+    add(
+        "--router-host-overlap-weight",
+        None,
+        d.host_overlap_weight,
+        type=float,
+        help="kv: overlap credit of a prefix block a worker holds in host memory (G2); a device block is 1",
+    )
+    add(
+        "--router-disk-overlap-weight",
+        None,
+        d.disk_overlap_weight,
+        type=float,
+        help="kv: overlap credit of a prefix block a worker holds on local disk (G3)",
+    )
 
 
 #: the modes (as RouterConfig.mode, plus the frontend's kv-service) in which each flag does something
@@ -171,6 +187,8 @@ USED_IN: dict[str, set[str]] = {
     "router_busy_threshold": _ANY,
     "router_block_size": _ANY,
     "router_seed": _ANY,
+    "router_host_overlap_weight": {"kv"},
+    "router_disk_overlap_weight": {"kv"},
 }
 
 
@@ -220,6 +238,8 @@ def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo",
         model=model,
         resync_interval_s=args.router_resync_interval,
         seed=args.router_seed,
+        host_overlap_weight=args.router_host_overlap_weight,
+        disk_overlap_weight=args.router_disk_overlap_weight,
     )
     bad = cfg.problems()
     if bad:

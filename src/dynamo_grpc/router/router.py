@@ -18,6 +18,7 @@ from dynamo_grpc.router.indexer import KvIndexer
 from dynamo_grpc.router.policy import AllBusy, Choice, NoWorkers, busy_filter
 from dynamo_grpc.router.ranks import RankTable
 from dynamo_grpc.router.selectors import KvSelector, RandomSelector, RoundRobinSelector, Selector
+from dynamo_grpc.router.tiers import TierIndex
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class Router:
             ApproxIndexer(config.approx_ttl_s, config.max_indexed_blocks) if config.mode == "approx" else None
         )
         self.indexer = self.approx.index if self.approx is not None else indexer or KvIndexer(config.max_indexed_blocks)
+        #: per-tier presence (device = self.indexer, plus host and disk) and its overlap credit
+        self.tiers = TierIndex(self.indexer, config.host_overlap_weight, config.disk_overlap_weight)
         self.block_size = config.block_size
         self.active = ActiveSequences(config.block_size or 1, config.active_ttl_s)
         self.workers: dict[str, WorkerInfo] = {}
@@ -138,7 +141,7 @@ class Router:
             return RoundRobinSelector()
         if cfg.mode == "random":
             return RandomSelector(self.rng)
-        overlaps = self.approx.overlaps if self.approx is not None else self.indexer.overlaps
+        overlaps = self.approx.overlaps if self.approx is not None else self.tiers.overlaps
         return KvSelector(overlaps, cfg.prefill_load_scale, cfg.temperature, self.rng)  # type: ignore[arg-type]
 
     # ---- membership ----------------------------------------------------------------------
@@ -197,7 +200,7 @@ class Router:
         self._rank_table = None
         ranks = w.ranks() if w else [k for k in self.indexer.workers if isinstance(k, tuple) and k[0] == instance_id]
         for key in ranks:
-            self.indexer.remove_worker(key)
+            self.tiers.remove_worker(key)
             if self.approx is not None:
                 self.approx.remove_worker(key)
             self.active.remove_worker(key)
@@ -269,9 +272,9 @@ class Router:
         out_blocks = -(-inp.expected_output_tokens // self.block_size) if self.block_size else 0
         decode_new = prompt_blocks + out_blocks
         scale = cfg.prefill_load_scale
-        slot, overlap = self._selector.select(t, ok, hashes)
+        slot, overlap = self._selector.select(t, ok, hashes)  # weighted by tier: may be fractional
         pf = float(t.prefill[slot]) + prompt_blocks - overlap
-        choice = Choice(t.keys[slot], overlap, scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + decode_new)
+        choice = Choice(t.keys[slot], int(overlap), scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + decode_new)
         return self._commit(inp, choice, hashes, prompt_blocks, decode_new, t.addresses[slot])
 
     def _commit(
@@ -347,6 +350,7 @@ class Router:
         """Periodic: sweep retired index slots, expire lost sequences and approx entries."""
         if self.indexer.needs_sweep():
             self.indexer.sweep()
+        self.tiers.sweep()
         self.active.expire()
         if self.approx is not None:
             self.approx.expire()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dynamo_grpc.events.codec import medium_name
 from dynamo_grpc.router.router import Router
 from dynamo_grpc.v1 import events_pb2
 
@@ -21,22 +22,35 @@ class IndexSink:
             r.refuse_rank(key, batch.block_size)
             return
         idx = r.indexer
+        tiers = r.tiers
         for ev in batch.events:
             kind = ev.WhichOneof("data")
             if kind == "stored":
                 s = ev.stored
-                idx.store(key, [b.block_hash for b in s.blocks], s.parent_hash if s.HasField("parent_hash") else None)
+                parent = s.parent_hash if s.HasField("parent_hash") else None
+                hashes = [b.block_hash for b in s.blocks]
+                if s.medium <= events_pb2.KV_MEDIUM_DEVICE:
+                    idx.store(key, hashes, parent)
+                else:
+                    tiers.store(medium_name(s.medium), key, hashes, parent)
             elif kind == "removed":
-                idx.remove(key, ev.removed.block_hashes)
+                rm = ev.removed
+                if rm.medium <= events_pb2.KV_MEDIUM_DEVICE:
+                    idx.remove(key, rm.block_hashes)
+                else:
+                    tiers.remove(medium_name(rm.medium), key, rm.block_hashes)
             elif kind == "cleared":
-                idx.clear_worker(key)
+                tiers.clear_worker(key)
 
     def clear_worker(self, instance_id: str, dp_rank: int) -> None:
-        self.router.indexer.clear_worker((instance_id, dp_rank))
+        self.router.tiers.clear_worker((instance_id, dp_rank))
 
     def remove_worker(self, instance_id: str) -> None:
-        for key in [k for k in self.router.indexer.workers if isinstance(k, tuple) and k[0] == instance_id]:
-            self.router.indexer.remove_worker(key)
+        known = set(self.router.indexer.workers)
+        for idx in self.router.tiers.lower.values():
+            known.update(idx.workers)
+        for key in [k for k in known if isinstance(k, tuple) and k[0] == instance_id]:
+            self.router.tiers.remove_worker(key)
 
     def on_load(self, load: events_pb2.LoadMetrics) -> None:
         self.router.set_load((load.instance_id, load.dp_rank), load.active_blocks, load.total_blocks)

@@ -30,6 +30,7 @@ from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.events.kv import KvEvent, LoadMetrics
 from dynamo_grpc.events.service import KvEventsServicer
+from dynamo_grpc.kvbm.metrics import register_kvbm_metrics
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig
 from dynamo_grpc.transport.addresses import METRICS_META, advertise_host, with_host
@@ -227,6 +228,7 @@ class WorkerApp:
         tls = self.settings.tls
         ctx = tls.ssl_context_server(public=True) if tls is not None else None
         procstats.register(self.metrics.registry)  # tasks, fds, RSS: what a soak run checks
+        register_kvbm_metrics(self.metrics.registry, self.card.name, self.engine)
         self._metrics_server, bound = await serve_app(metrics_app(self.metrics.registry), host, port, ctx)
         self.metrics_address = with_host(f"{host}:{bound}", self.advertised_host)
 

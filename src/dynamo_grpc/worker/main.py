@@ -16,6 +16,7 @@ from dynamo_grpc.engines.trtllm.worker import add_trtllm_flags, build_trtllm
 from dynamo_grpc.engines.trtllm.worker import check_flags as check_trtllm_flags
 from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
+from dynamo_grpc.kvbm.flags import add_kvbm_flags, kvbm_config_from_args
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_source
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracing_flags(p)
     add_curve_flags(p)
     add_trtllm_flags(p)
+    add_kvbm_flags(p)
     add_tls_flags(p, public=False)
     add_address_flags(p, zmq=True)
     add_pool_flag(p)
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
+    kvbm = kvbm_config_from_args(args)  # refuses tier flags the chosen engine cannot honour
     if args.engine == "trtllm":
         return build_trtllm(args)  # imports tensorrt_llm: only for this engine
     check_trtllm_flags(args)
@@ -90,6 +93,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 1024 * 1024,
             dtype=args.dtype,
             max_waiting=args.max_waiting_requests,
+            kvbm=kvbm,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 
@@ -111,6 +115,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
         context_length=card.context_length,
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting_requests,
+        kvbm=kvbm,
     )
     if args.num_gpu_blocks is not None:
         cfg.num_gpu_blocks = args.num_gpu_blocks
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_metrics_port(args.metrics_port)
         advertise_host(args.host, args.advertise_host)
+        kvbm_config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
     if args.max_waiting_requests < 1:

@@ -11,7 +11,7 @@ the engine core owns it, so it is tested on its own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from dynamo_grpc.events.kv import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
@@ -44,6 +44,8 @@ class BlockPool:
         self._cached: dict[int, KvBlock] = {}
         self._events: list[KvEvent] = []
         self.evictions = 0
+        #: told about each cached block just before it is reused (the KV tiers offload it)
+        self.on_evict: Callable[[KvBlock], None] | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -100,6 +102,8 @@ class BlockPool:
                 if self._cached.get(b.block_hash) is b:
                     del self._cached[b.block_hash]
                     evicted.append(b.block_hash)
+                    if self.on_evict is not None:
+                        self.on_evict(b)
                 b.block_hash = b.tokens_hash = b.parent_hash = None
             b.ref_cnt = 1
             out.append(b)
@@ -154,6 +158,17 @@ class BlockPool:
         parent = block_hashes[done - 1] if done else None
         hashes = list(zip(block_hashes[done:full], tokens_hashes[done:full], strict=True))
         self.register(list(table[done:full]), hashes, parent)
+
+    def uncache(self, blocks: Iterable[KvBlock]) -> None:
+        """Withdraw blocks from the prefix cache (their contents cannot be trusted); a KvRemoved."""
+        gone: list[int] = []
+        for b in blocks:
+            if b.block_hash is not None and self._cached.get(b.block_hash) is b:
+                del self._cached[b.block_hash]
+                gone.append(b.block_hash)
+            b.block_hash = b.tokens_hash = b.parent_hash = None
+        if gone:
+            self._events.append(KvRemoved(gone))
 
     def clear(self) -> bool:
         """Forget every cached block; only possible while no block is in use. Emits KvCleared."""

@@ -16,10 +16,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 from dynamo_grpc import errors
 from dynamo_grpc.engines.base import Engine, EngineDead, EngineOutput, EngineOverloaded, EngineRequest
 from dynamo_grpc.events.kv import KvEvent, KvEventSink, KvStored, LoadMetrics
+from dynamo_grpc.kvbm.stats import kvbm_stats
 
 from .engine_core import EngineCore, StepResult
 from .request import Request
@@ -130,6 +132,8 @@ class CoreEngine(Engine):
             self._task = None
         self._running = False
         self._shutdown()
+        with self._state:
+            self.core.close()
 
     def set_event_sink(self, sink: KvEventSink | None) -> None:
         with self._state:
@@ -187,6 +191,11 @@ class CoreEngine(Engine):
 
     def hit_rate(self) -> float:
         return self.core.kv.hit_rate
+
+    def kvbm_stats(self) -> dict[str, Any]:
+        """The KV tiers' counters and gauges (empty without tiers), for metrics and benchmarks."""
+        with self._state:
+            return kvbm_stats(self.core.kv.tiers)
 
     # ------------------------------------------------------------------ the loop
 

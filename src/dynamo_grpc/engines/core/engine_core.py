@@ -25,6 +25,8 @@ from dynamo_grpc.engines.base import (
     check_token_ids,
 )
 from dynamo_grpc.events.kv import KvEvent, KvStored, LoadMetrics
+from dynamo_grpc.kvbm.config import KvbmConfig
+from dynamo_grpc.kvbm.manager import TierManager
 
 from .executor import Executor
 from .kv_manager import KvManager
@@ -48,12 +50,15 @@ class CoreConfig:
     #: waiting requests beyond this are refused with errors.Overloaded (--max-waiting-requests)
     max_waiting: int = 4096
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    #: KV tiers below the device cache (G2 host, G3 disk); disabled by default
+    kvbm: KvbmConfig = field(default_factory=KvbmConfig)
 
     def validate(self) -> None:
         for name in ("block_size", "num_blocks", "context_length", "vocab_size", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.scheduler.validate()
+        self.kvbm.validate()
 
 
 @dataclass
@@ -89,7 +94,13 @@ class EngineCore:
         config.validate()
         self.config = config
         self.executor = executor
-        self.kv = KvManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        tiers = None
+        if config.kvbm.enabled and config.enable_prefix_caching:
+            block_io = getattr(executor, "block_io", None)
+            if block_io is None:
+                raise ValueError("KV tiers (--kv-host-mib / --kv-disk-dir) are not supported by this engine")
+            tiers = TierManager(config.kvbm, block_io(), config.block_size)
+        self.kv = KvManager(config.num_blocks, config.block_size, config.enable_prefix_caching, tiers)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.stats = CoreStats()
         self.max_total_tokens = min(config.context_length, config.num_blocks * config.block_size)
@@ -149,6 +160,15 @@ class EngineCore:
         res = StepResult()
         plan = sched.schedule()
         res.plan = plan
+        try:
+            tier_seconds = self.kv.run_tiers()  # offload evicted blocks, onboard hits, before execute
+        except Exception as e:
+            log.exception("KV tier transfer failed; failing the step's %d requests", len(plan.chunks))
+            for c in plan.chunks:
+                if sched.abort(c.request_id, "error") is not None:
+                    res.failures.append((c.request_id, EngineDead(f"KV tier transfer failed: {type(e).__name__}: {e}")))
+            res.events = self.kv.take_events()
+            return res
         if not plan:
             if not sched.running and sched.waiting and not plan.preempted_ids:
                 # nothing runs and the head cannot be admitted into an empty cache: it never will be
@@ -159,11 +179,16 @@ class EngineCore:
                 self._execute(plan, res)  # lets the executor forget ended requests
             res.events = self.kv.take_events()
             return res
-        self._execute(plan, res)
+        self._execute(plan, res, tier_seconds)
         res.events = self.kv.take_events()
         return res
 
-    def _execute(self, plan: SchedulerOutput, res: StepResult) -> None:
+    def close(self) -> None:
+        """Release what outlives steps (the G3 writer thread; its files stay for the next start)."""
+        if self.kv.tiers is not None:
+            self.kv.tiers.close()
+
+    def _execute(self, plan: SchedulerOutput, res: StepResult, extra_seconds: float = 0.0) -> None:
         t0 = time.perf_counter()
         try:
             result = self.executor.execute(plan)
@@ -180,6 +205,8 @@ class EngineCore:
         st.steps += 1
         st.prefill_tokens += plan.num_prefill_tokens
         st.decode_tokens += plan.num_decodes
+        if extra_seconds:
+            result.step_seconds += extra_seconds  # the mocker's modelled onboarding time
         st.simulated_s += result.step_seconds
         res.ran = True
         res.step_seconds = result.step_seconds

@@ -8,18 +8,31 @@ half-succeeds: it returns False and changes nothing when the free queue cannot c
 from __future__ import annotations
 
 from dynamo_grpc.events.kv import KvEvent, KvStored
+from dynamo_grpc.kvbm.manager import TierManager
+from dynamo_grpc.kvbm.tier import BlockMeta
 
 from .block_pool import BlockPool, KvBlock
 from .request import Request
 
 
 class KvManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, tiers: TierManager | None = None
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        #: G2/G3 below the device pool (kvbm); None: an evicted block is gone
+        self.tiers = tiers if enable_prefix_caching else None
+        #: device blocks onboarded this step (withdrawn from the cache if the copy fails)
+        self._onboarded: list[KvBlock] = []
+        if self.tiers is not None:
+            on_evict = self.tiers.on_evict
+            self.pool.on_evict = lambda b: on_evict(
+                b.block_id, BlockMeta(int(b.block_hash or 0), int(b.tokens_hash or 0), b.parent_hash)
+            )
         #: prompt tokens looked up / found in the prefix cache (hit rate = hit / queried)
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -45,12 +58,63 @@ class KvManager:
             return []
         req.update_block_hashes(self.block_size)
         limit = (req.num_tokens - 1) // self.block_size
-        return self.pool.longest_prefix(req.block_hashes[:limit])
+        prefix = self.pool.longest_prefix(req.block_hashes[:limit])
+        if self.tiers is not None and len(prefix) < limit:
+            rest = req.block_hashes[len(prefix) : limit]
+            lookup = self.pool.lookup
+            hits = self.tiers.lookup(rest)
+            for i, h in enumerate(rest[: len(hits)]):
+                if lookup(h) is not None:  # back on the device under another parent: stop here
+                    del hits[i:]
+                    break
+            req.lower_hits = hits
+        else:
+            req.lower_hits = []
+        return prefix
+
+    def prefix_tokens(self, req: Request, prefix: list[KvBlock]) -> int:
+        """Tokens a fresh request would not compute: the device prefix and the blocks below it."""
+        return (len(prefix) + len(req.lower_hits)) * self.block_size
+
+    def admit(self, req: Request, num_new_tokens: int, prefix: list[KvBlock]) -> int:
+        """Allocate for a request leaving the queue and onboard its lower-tier hits; returns its computed tokens.
+
+        Onboarded blocks are registered at once (their bytes land before the step executes);
+        a G3 block that cannot be read ends the onboarded run, and the rest is computed.
+        """
+        if not self.allocate(req, num_new_tokens, prefix):
+            raise RuntimeError("admit() after can_allocate() said yes must not fail")
+        g1 = len(prefix)
+        hits, req.lower_hits = req.lower_hits, []
+        if not hits or self.tiers is None:
+            return g1 * self.block_size
+        fresh = req.blocks[g1 : g1 + len(hits)]
+        k = self.tiers.fetch(req.block_hashes[g1 : g1 + len(hits)], hits, [b.block_id for b in fresh])
+        if k:
+            self.pool.register_chain(req.blocks, req.block_hashes, req.tokens_hashes, g1, g1 + k)
+            req.num_registered = g1 + k
+            self._onboarded.extend(fresh[:k])
+        return (g1 + k) * self.block_size
+
+    def run_tiers(self) -> float:
+        """Move this step's offloads and onboards (before the executor runs); modelled seconds.
+
+        If the copy fails, the blocks it was filling are withdrawn from the prefix cache (a
+        KvRemoved) and the error propagates: the step's requests fail, no wrong KV is reused.
+        """
+        if self.tiers is None:
+            return 0.0
+        onboarded, self._onboarded = self._onboarded, []
+        try:
+            return self.tiers.run_step()
+        except Exception:
+            self.pool.uncache(onboarded)
+            raise
 
     def _needs(self, req: Request, num_new_tokens: int, prefix: list[KvBlock]) -> tuple[int, int]:
         """(fresh blocks to allocate, prefix blocks to reclaim from the free queue)."""
         held = len(req.blocks)
-        computed = req.num_computed_tokens if held else len(prefix) * self.block_size
+        computed = req.num_computed_tokens if held else (len(prefix) + len(req.lower_hits)) * self.block_size
         need_new = max(self.blocks_for(computed + num_new_tokens) - held - len(prefix), 0)
         reclaim = sum(1 for b in prefix if b.ref_cnt == 0)
         return need_new, reclaim
@@ -101,7 +165,13 @@ class KvManager:
             self.pool.free(reversed(blocks))
 
     def take_events(self) -> list[KvEvent]:
-        return self.pool.take_events()
+        events = self.pool.take_events()
+        if self.tiers is not None:
+            events.extend(self.tiers.take_events())
+        return events
 
     def dump(self) -> list[KvStored]:
-        return self.pool.dump()
+        out = self.pool.dump()
+        if self.tiers is not None:
+            out.extend(self.tiers.dump())
+        return out

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dynamo_grpc.engines.base import SamplingParams
+from dynamo_grpc.kvbm.tier import Medium
 from dynamo_grpc.tokens.block_hash import chain_hashes, local_block_hashes
 
 from .block_pool import KvBlock
@@ -94,6 +95,9 @@ class Request:
     #: sequence and tokens hashes of every full block of all_token_ids
     block_hashes: list[int] = field(default_factory=list)
     tokens_hashes: list[int] = field(default_factory=list)
+    #: tier ("host"/"disk") of each block after the device prefix found below the device at the
+    #: last lookup; onboarded on admission (kvbm)
+    lower_hits: list[Medium] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

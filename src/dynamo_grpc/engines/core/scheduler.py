@@ -102,12 +102,12 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 prefix = kv.find_prefix(req)
-                hit = len(prefix) * kv.block_size
+                hit = kv.prefix_tokens(req, prefix)
                 n = min(req.num_tokens - hit, budget)
                 reserve = self._watermark_blocks if self.running else 0
                 if not kv.can_allocate(req, n, prefix, reserve=reserve):
                     break
-                kv.allocate(req, n, prefix)
+                hit = kv.admit(req, n, prefix)  # less than planned if a lower-tier block was unreadable
                 self.waiting.popleft()
                 req.num_computed_tokens = hit
                 if req.num_cached_tokens < 0:

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from dynamo_grpc.engines.core.engine_core import CoreConfig
 from dynamo_grpc.engines.core.scheduler import SchedulerConfig
+from dynamo_grpc.kvbm.config import KvbmConfig
+
+from .block_io import DEFAULT_KV_BYTES_PER_TOKEN
 
 
 @dataclass
@@ -30,6 +33,10 @@ class MockerConfig:
     watermark: float = 0.01
     #: waiting requests beyond this raise EngineOverloaded (--max-waiting-requests)
     max_waiting: int = 4096
+    #: KV tiers below the simulated device cache (G2 host, G3 disk) and their modelled bandwidths
+    kvbm: KvbmConfig = field(default_factory=KvbmConfig)
+    #: modelled KV bytes per token (tier capacities and transfer times count these)
+    kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
 
     def validate(self) -> None:
         def positive(name: str) -> None:
@@ -45,6 +52,8 @@ class MockerConfig:
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         positive("max_waiting")
+        positive("kv_bytes_per_token")
+        self.kvbm.validate()
         bad = [t for t in self.eos_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"eos_token_ids {bad} outside the vocabulary of {self.vocab_size}")
@@ -60,4 +69,5 @@ class MockerConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             max_waiting=self.max_waiting,
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.watermark),
+            kvbm=self.kvbm,
         )

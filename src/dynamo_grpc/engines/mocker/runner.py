@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dynamo_grpc.engines.core.output import ExecutorOutput, SchedulerOutput
 
+from .block_io import MockerBlockIO
 from .config import MockerConfig
 from .sampler import HashSampler
 from .timing import TimingModel
@@ -23,8 +24,13 @@ class MockerRunner:
     def __init__(self, config: MockerConfig) -> None:
         self.sampler = HashSampler(config.vocab_size, config.eos_token_ids, config.eos_probability, config.seed)
         self.timing = TimingModel(config.speedup_ratio)
+        self._block_io = MockerBlockIO(config.block_size, config.kv_bytes_per_token, config.speedup_ratio)
         #: request id -> (hash key, ignore_eos)
         self._requests: dict[str, tuple[int, bool]] = {}
+
+    def block_io(self) -> MockerBlockIO:
+        """The KV tiers' view of this executor's blocks (modelled bytes)."""
+        return self._block_io
 
     def execute(self, plan: SchedulerOutput) -> ExecutorOutput:
         reqs = self._requests

@@ -17,6 +17,8 @@ import torch
 from dynamo_grpc.engines.core.driver import CoreEngine
 from dynamo_grpc.engines.core.engine_core import CoreConfig, EngineCore
 from dynamo_grpc.engines.core.scheduler import SchedulerConfig
+from dynamo_grpc.kvbm.config import KvbmConfig
+from dynamo_grpc.kvbm.stats import kvbm_stats
 from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
 
 from .kv_cache import KvCache, num_blocks_for_bytes
@@ -46,6 +48,7 @@ class TorchEngine(CoreEngine):
         max_waiting: int = 4096,
         watermark: float = 0.01,
         served_name: str | None = None,
+        kvbm: KvbmConfig | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -84,6 +87,7 @@ class TorchEngine(CoreEngine):
                 enable_prefix_caching=enable_prefix_caching,
                 max_waiting=max_waiting,
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, watermark),
+                kvbm=kvbm or KvbmConfig(),
             ),
             self.runner,
         )
@@ -107,4 +111,5 @@ class TorchEngine(CoreEngine):
                 "step_seconds": st.execute_s,
                 "kv_cache_bytes": self.kv.nbytes,
                 "weight_bytes": self.model.nbytes,
+                **kvbm_stats(self.core.kv.tiers),
             }

@@ -6,6 +6,7 @@ import torch
 
 from dynamo_grpc.engines.core.output import ExecutorOutput, ScheduledChunk, SchedulerOutput
 
+from .block_io import TorchBlockIO, weights_fingerprint
 from .kv_cache import KvCache
 from .model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
 from .sampler import SampleRow, make_generator, sample
@@ -81,6 +82,10 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.seqs: dict[str, _Seq] = {}
+
+    def block_io(self) -> TorchBlockIO:
+        """The KV tiers' access to this runner's paged cache (real tensors)."""
+        return TorchBlockIO(self.kv, self.model.cfg, self.kv.k[0].dtype, weights_fingerprint(self.model.embed))
 
     def prepare(self, plan: SchedulerOutput) -> None:
         """Apply the plan's diffs: forget ended requests, learn new ones, extend block tables."""

@@ -1,0 +1,374 @@
+"""`dynamo-grpc bench kvbm`: what the KV tiers buy on multi-turn traffic, and what onboarding costs on torch.
+
+Part 1, a mocker mesh (consul-dev, a router, N workers, a frontend; the replay's driver): synthetic
+multi-turn conversations (each turn's prompt is the previous one plus a new user turn, Mooncake-style
+512-token hash ids, so prefixes are real block hashes) at the load of docs/benchmarks.md (4 workers,
+speedup 5, outputs <= 64 tokens, --router-prefill-load-scale 2, ~51k prompt tokens/s offered). The
+workers' device cache (G1) holds about a quarter of the slice's unique working set; three configs run
+in interleaved rounds:
+
+- ``g1``: device cache only (an evicted block is recomputed);
+- ``g1+g2``: plus host memory sized for the rest of the working set;
+- ``g1+g2+g3``: host memory for half the rest, local disk for all of it (so G3 has work).
+
+Reported per config and round: TTFT p50/p99 (trace seconds), prefix hit rate per tier (from the
+workers' /metrics), and the median over rounds with the spread (min..max).
+
+Part 2, torch (the default SmolLM2-135M on this CPU, in process): TTFT of a 2k-token prompt whose
+prefix was evicted from the device cache, served from G2, from G3, or recomputed (and a G1 hit for
+reference); the greedy first token must be identical in all four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
+from dynamo_grpc.bench.replay import ReplayConfig, _drive
+from dynamo_grpc.bench.replay_metrics import summarize
+from dynamo_grpc.bench.replay_trace import Trace, TraceRequest
+
+HASH_BLOCK = 512
+ENGINE_BLOCK = 64
+#: the mocker's modelled KV bytes per engine block (Llama-3-8B fp16: 128 KiB per token)
+MOCKER_BLOCK_MIB = ENGINE_BLOCK * 128 // 1024
+CONFIGS = ("g1", "g1+g2", "g1+g2+g3")
+
+
+def conversations(n_conv: int, turns: int, first_blocks: int, add_blocks: int, rate: float, seed: int) -> Trace:
+    """A multi-turn trace: conversation c's turn k shares turn k-1's whole prompt and adds ``add_blocks``.
+
+    Conversation starts are spread so the offered request rate is about ``rate`` per trace second;
+    a conversation's next turn comes a think time (exponential, mean 8 s) after the previous one.
+    """
+    rng = random.Random(seed)
+    reqs: list[tuple[float, int, list[int]]] = []
+    next_id = 0
+    span = n_conv * turns / rate
+    for _c in range(n_conv):
+        t = rng.uniform(0, span * 0.6)
+        blocks: list[int] = []
+        for k in range(turns):
+            grow = first_blocks if k == 0 else add_blocks
+            blocks.extend(range(next_id, next_id + grow))
+            next_id += grow
+            reqs.append((t, len(blocks) * HASH_BLOCK, list(blocks)))
+            t += rng.expovariate(1 / 8.0)
+    reqs.sort(key=lambda r: r[0])
+    t0 = reqs[0][0]
+    return Trace(
+        "synthetic-multi-turn",
+        "mooncake",
+        tuple(TraceRequest(i, a - t0, n, 64, tuple(h)) for i, (a, n, h) in enumerate(reqs)),
+        HASH_BLOCK,
+    )
+
+
+def unique_engine_blocks(trace: Trace) -> int:
+    return len({h for r in trace.requests for h in (r.hash_ids or ())}) * (HASH_BLOCK // ENGINE_BLOCK)
+
+
+def _scrape_tiers(consul: str) -> dict[str, float]:
+    """Sum of the workers' kvbm hit tokens per tier (0 when a worker has no tiers)."""
+    from dynamo_grpc.launch.consul_http import passing_instances
+    from dynamo_grpc.transport.addresses import METRICS_META
+
+    out = {"host": 0.0, "disk": 0.0}
+    for e in passing_instances(consul, "dynamo-worker"):
+        addr = (e["Service"].get("Meta") or {}).get(METRICS_META)
+        if not addr:
+            continue
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith("dynamo_worker_kvbm_hit_tokens_total{"):
+                for tier in out:
+                    if f'tier="{tier}"' in line:
+                        out[tier] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[str, int], work: Path) -> dict[str, Any]:
+    from dynamo_grpc.launch.mesh import Mesh, MeshConfig
+
+    wargs = ["--num-gpu-blocks", str(sizes["g1_blocks"]), "--metrics-port", "0"]
+    if name != "g1":
+        host = sizes["g2_blocks"] if name == "g1+g2" else sizes["g2_blocks"] // 2
+        wargs += ["--kv-host-mib", str(host * MOCKER_BLOCK_MIB)]
+    if name == "g1+g2+g3":
+        d = tempfile.mkdtemp(prefix="g3-", dir=work)
+        wargs += ["--kv-disk-dir", d, "--kv-disk-mib", str(sizes["g3_blocks"] * MOCKER_BLOCK_MIB)]
+    cfg = ReplayConfig(trace.path, ["kv"], workers=args.workers, speedup=args.speedup, rate_scale=1.0)
+    mc = MeshConfig(
+        workers=args.workers,
+        router_mode="kv-service",
+        speedup_ratio=args.speedup,
+        worker_args=wargs,
+        router_args=["--router-prefill-load-scale", "2"],
+        acl=False,
+    )
+    t0 = time.monotonic()
+    with Mesh(mc) as mesh:
+        workers = sorted(str(e["Service"]["ID"]) for e in _instances(mesh.consul))
+        _, records = asyncio.run(_drive(mesh.frontend_grpc, None, trace, cfg))
+        tiers = _scrape_tiers(mesh.consul)
+    s = summarize(records, args.speedup, workers, None)
+    prompt = sum(r.prompt_tokens for r in records if r.ok)
+    cached = sum(r.cached_tokens or 0 for r in records if r.ok)
+    return {
+        "config": name,
+        "worker_args": wargs,
+        "completed": s["completed"],
+        "failed": s["failed"],
+        "ttft_s": s["ttft_s"],
+        "hit_rate": {
+            "total": cached / prompt if prompt else 0.0,
+            "device": (cached - tiers["host"] - tiers["disk"]) / prompt if prompt else 0.0,
+            "host": tiers["host"] / prompt if prompt else 0.0,
+            "disk": tiers["disk"] / prompt if prompt else 0.0,
+        },
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+
+
+def _instances(consul: str) -> list[dict[str, Any]]:
+    from dynamo_grpc.launch.consul_http import passing_instances
+
+    return list(passing_instances(consul, "dynamo-worker"))
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# ---------------------------------------------------------------- torch
+
+
+def torch_onboard(rounds: int, prefix_tokens: int, threads: int, work: Path) -> dict[str, Any]:
+    """TTFT of a ``prefix_tokens`` prompt from G1, G2, G3 or recomputed, on the default model (CPU)."""
+    from dynamo_grpc.engines.base import EngineRequest, SamplingParams
+    from dynamo_grpc.engines.torch import TorchEngine
+    from dynamo_grpc.kvbm import KvbmConfig
+
+    bs = ENGINE_BLOCK
+    g1 = prefix_tokens // bs + 1  # one prompt (prefix + 16 tokens) fits; the next one evicts all of it
+    kinds = {
+        "recompute": KvbmConfig(),
+        "host": KvbmConfig(host_bytes=1 << 30),
+        "disk": KvbmConfig(disk_dir=str(work / "torch-g3"), disk_bytes=1 << 30),
+    }
+    engines = {
+        k: TorchEngine(
+            block_size=bs, num_blocks=g1, num_threads=threads, max_num_batched_tokens=prefix_tokens + bs, kvbm=c
+        )
+        for k, c in kinds.items()
+    }
+    rng = random.Random(7)
+
+    def prompt() -> list[int]:
+        return [rng.randrange(100, 40_000) for _ in range(prefix_tokens + 16)]
+
+    async def first(eng: Any, ids: list[int]) -> tuple[float, int, int]:
+        t0 = time.perf_counter()
+        req = EngineRequest(f"r{rng.random()}", ids, SamplingParams(temperature=0, max_tokens=1))
+        async for out in eng.generate(req):
+            return time.perf_counter() - t0, out.token_ids[0], out.cached_tokens
+        raise RuntimeError("no output")
+
+    async def go() -> dict[str, Any]:
+        for e in engines.values():
+            await e.start()
+        ttft: dict[str, list[float]] = {"g1": [], "host": [], "disk": [], "recompute": []}
+        same = True
+        cached: dict[str, list[int]] = {k: [] for k in ttft}
+        try:
+            await first(engines["recompute"], prompt())  # warm-up (allocator, kernels)
+            for _ in range(rounds):
+                p, evict = prompt(), prompt()
+                toks = []
+                for kind, eng in engines.items():
+                    await first(eng, p)
+                    if kind == "recompute":
+                        t, tok, c = await first(eng, p)  # G1 hit, for reference
+                        ttft["g1"].append(t)
+                        cached["g1"].append(c)
+                        toks.append(tok)
+                    await first(eng, evict)
+                    tiers = eng.core.kv.tiers
+                    if tiers is not None and tiers.disk is not None:
+                        tiers.disk.flush()
+                    t, tok, c = await first(eng, p)
+                    ttft[kind].append(t)
+                    cached[kind].append(c)
+                    toks.append(tok)
+                same = same and len(set(toks)) == 1
+        finally:
+            for e in engines.values():
+                await e.stop()
+        med = {k: statistics.median(v) for k, v in ttft.items()}
+        return {
+            "prefix_tokens": prefix_tokens,
+            "rounds": rounds,
+            "threads": threads,
+            "ttft_s": {k: _spread(v) for k, v in ttft.items()},
+            "cached_tokens": cached,
+            "recompute_over": {k: med["recompute"] / med[k] for k in ("g1", "host", "disk")},
+            "identical_first_token": same,
+        }
+
+    return asyncio.run(go())
+
+
+# ---------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynamo-grpc bench kvbm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every config (default 3)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--speedup", type=float, default=5.0, help="mocker speedup and trace compression (default 5)")
+    p.add_argument("--conversations", type=int, default=96)
+    p.add_argument("--turns", type=int, default=7)
+    p.add_argument("--rate", type=float, default=12.5, help="offered requests per trace second (~51k tokens/s)")
+    p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
+    p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
+    p.add_argument("--torch-prefix", type=int, default=2048, help="prompt tokens of the torch part")
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=default_results_dir() / "kvbm.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    t_start = time.monotonic()
+    report: dict[str, Any] = {"benchmark": "kvbm"}
+    work = Path(tempfile.mkdtemp(prefix="dynamo-kvbm-"))
+    if not args.skip_mocker:
+        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=1)
+        ws = unique_engine_blocks(trace)
+        sizes = {
+            "working_set_blocks": ws,
+            "g1_blocks": -(-ws // 4 // args.workers),
+            "g2_blocks": -(-(ws - ws // 4) * 5 // 4 // args.workers),  # the rest, with a quarter spare
+            "g3_blocks": -(-ws // args.workers) * 2,
+        }
+        report["mocker"] = {
+            "trace": {
+                "conversations": args.conversations,
+                "turns": args.turns,
+                "requests": len(trace.requests),
+                "duration_trace_s": trace.duration_s,
+                "prompt_tokens_mean": statistics.mean(r.input_length for r in trace.requests),
+                "offered_prompt_tokens_per_s": sum(r.input_length for r in trace.requests) / trace.duration_s,
+            },
+            "sizes_per_worker": sizes,
+            "workers": args.workers,
+            "speedup": args.speedup,
+            "runs": [],
+        }
+        for rnd in range(args.rounds):
+            for name in CONFIGS:
+                print(f"== round {rnd + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                r = run_config(name, trace, args, sizes, work)
+                r["round"] = rnd + 1
+                report["mocker"]["runs"].append(r)
+                print(
+                    f"   TTFT p50 {r['ttft_s']['p50']:.3f} p99 {r['ttft_s']['p99']:.3f} trace-s, hit "
+                    + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                write_json(args.json, report)
+        runs = report["mocker"]["runs"]
+        summary: dict[str, Any] = {}
+        for name in CONFIGS:
+            mine = [r for r in runs if r["config"] == name]
+            summary[name] = {
+                "ttft_p50_s": _spread([r["ttft_s"]["p50"] for r in mine]),
+                "ttft_p99_s": _spread([r["ttft_s"]["p99"] for r in mine]),
+                "hit_rate": {t: statistics.median(r["hit_rate"][t] for r in mine) for t in mine[0]["hit_rate"]},
+            }
+        base = summary["g1"]["ttft_p50_s"]["median"]
+        for name in CONFIGS[1:]:
+            summary[name]["ttft_p50_g1_over_this"] = base / summary[name]["ttft_p50_s"]["median"]
+            per_round = [
+                a["ttft_s"]["p50"] / b["ttft_s"]["p50"]
+                for a, b in zip(
+                    [r for r in runs if r["config"] == "g1"], [r for r in runs if r["config"] == name], strict=True
+                )
+            ]
+            summary[name]["ttft_p50_ratio_per_round"] = per_round
+        report["mocker"]["summary"] = summary
+    if not args.skip_torch:
+        print("== torch: 2k-token prefix from G1 / G2 / G3 / recompute", file=sys.stderr, flush=True)
+        report["torch"] = torch_onboard(args.rounds, args.torch_prefix, args.torch_threads, work)
+    report["wall_s"] = round(time.monotonic() - t_start, 1)
+    write_json(args.json, report)
+    print(f"wrote {args.json}", file=sys.stderr)
+    png = save_plot(lambda path: _plot(report, path), args.json.with_suffix(".png"))
+    if png is not None:
+        print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+def _plot(report: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("mocker", "torch") if k in report]
+    fig, axes = plt.subplots(1, len(panels) + ("mocker" in report), figsize=(5 * (len(panels) + 1), 4))
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    i = 0
+    if "mocker" in report:
+        s = report["mocker"]["summary"]
+        ax = axes[i]
+        x = range(len(CONFIGS))
+        for off, key, label in ((-0.2, "ttft_p50_s", "p50"), (0.2, "ttft_p99_s", "p99")):
+            med = [s[c][key]["median"] for c in CONFIGS]
+            lo = [m - s[c][key]["min"] for c, m in zip(CONFIGS, med, strict=True)]
+            hi = [s[c][key]["max"] - m for c, m in zip(CONFIGS, med, strict=True)]
+            ax.bar([v + off for v in x], med, 0.4, yerr=[lo, hi], capsize=3, label=label)
+        ax.set_xticks(list(x), CONFIGS)
+        ax.set_ylabel("TTFT (trace s), median of rounds, min..max")
+        ax.set_title("mocker mesh, multi-turn")
+        ax.legend()
+        i += 1
+        ax = axes[i]
+        bottom = [0.0] * len(CONFIGS)
+        for tier in ("device", "host", "disk"):
+            vals = [100 * s[c]["hit_rate"][tier] for c in CONFIGS]
+            ax.bar(list(x), vals, 0.6, bottom=bottom, label=tier)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.set_xticks(list(x), CONFIGS)
+        ax.set_ylabel("prompt tokens served from cache (%)")
+        ax.set_title("prefix hits by tier")
+        ax.legend()
+        i += 1
+    if "torch" in report:
+        t = report["torch"]
+        ax = axes[i]
+        kinds = ["g1", "host", "disk", "recompute"]
+        med = [t["ttft_s"][k]["median"] for k in kinds]
+        lo = [m - t["ttft_s"][k]["min"] for k, m in zip(kinds, med, strict=True)]
+        hi = [t["ttft_s"][k]["max"] - m for k, m in zip(kinds, med, strict=True)]
+        ax.bar(kinds, med, yerr=[lo, hi], capsize=3)
+        ax.set_ylabel("TTFT (s)")
+        ax.set_title(f"torch, {t['prefix_tokens']}-token prefix (CPU)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
