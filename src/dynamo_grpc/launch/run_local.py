@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 dynamo-grpc is up.
   KServe v2 gRPC : {fe}{" (TLS)" if tls_on else ""}
   OpenAI HTTP    : {f"{scheme}://{mesh.frontend_http}" if mesh.frontend_http else "off"}
-  router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}
+  router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}\
+{f" ({router_kind})" if worker_pools else ""}
   consul         : {mesh.consul}""",
         flush=True,
     )
