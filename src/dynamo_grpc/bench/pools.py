@@ -42,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trace", default=str(trace) if trace else None, help="trace file (default: ../shared/traces)")
     p.add_argument("--workers", type=int, default=4, help="mocker workers (split: half per pool; default 4)")
-    p.add_argument("--split", type=int, default=4096, help="input tokens: below is short, at or above long")
-    p.add_argument("--limit", type=int, default=200, help="replay the first N requests (default 200)")
+    p.add_argument("--split", type=int, default=8192, help="input tokens: below is short, at or above long (8192)")
+    p.add_argument("--limit", type=int, default=400, help="replay the first N requests (default 400)")
     p.add_argument("--speedup", type=float, default=5.0, help="divide trace time and mocker step times (default 5)")
-    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the request rate (default 1)")
+    p.add_argument("--rate-scale", type=float, default=0.5, help="multiply the request rate (default 0.5)")
     p.add_argument("--max-output-tokens", type=int, default=64, help="cap each request's output (default 64)")
     p.add_argument(
         "--busy-prefill-tokens",
