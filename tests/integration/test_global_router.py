@@ -120,6 +120,11 @@ def test_prompts_land_only_in_their_pool_and_the_cache_stays_in_it(mesh: Mesh) -
 
             async def worker(ids: list[int]) -> str:
                 resp = await stub.ModelInfer(infer_request(model, ids), timeout=60)
+                pool = "short" if len(ids) < 128 else "long"
+                # the decision travels to the client in the final response's parameters
+                assert resp.parameters["route_pool"].string_param == pool
+                reason = resp.parameters["route_reason"].string_param
+                assert reason.startswith(f"input {len(ids)} tokens in ") and reason.endswith(f"-> pool {pool}")
                 return str(resp.parameters["worker_id"].string_param)
 
             shorts = await asyncio.gather(*(worker(prompt(10 + s, 40 + 8 * s)) for s in range(6)))
@@ -164,6 +169,8 @@ def test_busy_short_pool_spills_over_to_long(mesh: Mesh) -> None:
                     assert not hog.done(), "the long request ended before the short pool got busy"
                     await asyncio.sleep(0.05)
                 resp = await stub.ModelInfer(infer_request(model, prompt(4, 30)), timeout=60)
+                assert resp.parameters["route_pool"].string_param == "long"
+                assert "spilled over to pool long" in resp.parameters["route_reason"].string_param
                 return str(resp.parameters["worker_id"].string_param)
             finally:
                 hog.cancel()

@@ -174,7 +174,7 @@ async def test_registered_in_consul_with_meta_and_model_card(worker: WorkerProce
     assert inst.meta["zmq_endpoint"] == worker.info["zmq_endpoint"]
     assert inst.meta["block_size"] == "64" and inst.meta["kv_blocks"] == "16384"
     assert inst.meta["engine"] == "mocker" and inst.meta["model"] == MODEL
-    assert set(inst.tags) == {"namespace=dynamo", f"model={MODEL}", "role=worker"}
+    assert set(inst.tags) == {"namespace=dynamo", f"model={MODEL}", "role=worker", "pool=default"}
     card = cards[MODEL][worker.info["instance_id"]]
     assert card["block_size"] == 64 and card["kv_blocks"] == 16384 and card["grpc_address"] == worker.address
     assert card["files"] == {"tokenizer.json": card["tokenizer_sha256"]}

@@ -15,6 +15,7 @@ PARSERS: dict[str, tuple[str, str, str]] = {
     "frontend": ("dynamo_grpc.frontend.main", "build_parser", "DYN_"),
     "worker": ("dynamo_grpc.worker.main", "build_parser", "DYN_"),
     "router": ("dynamo_grpc.router.main", "build_parser", "DYN_"),
+    "global-router": ("dynamo_grpc.router.global_main", "build_parser", "DYN_"),
     "consul-dev": ("dynamo_grpc.consul_dev.main", "build_parser", "CONSUL_DEV_"),
     "run-local": ("dynamo_grpc.launch.run_local", "build_parser", "DYN_"),
 }

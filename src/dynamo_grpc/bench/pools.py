@@ -42,11 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trace", default=str(trace) if trace else None, help="trace file (default: ../shared/traces)")
     p.add_argument("--workers", type=int, default=4, help="mocker workers (split: half per pool; default 4)")
-    p.add_argument("--split", type=int, default=4096, help="input tokens: below is short, at or above long")
-    p.add_argument("--limit", type=int, default=200, help="replay the first N requests (default 200)")
+    p.add_argument("--split", type=int, default=8192, help="input tokens: below is short, at or above long (8192)")
+    p.add_argument("--limit", type=int, default=400, help="replay the first N requests (default 400)")
     p.add_argument("--speedup", type=float, default=5.0, help="divide trace time and mocker step times (default 5)")
-    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the request rate (default 1)")
+    p.add_argument("--rate-scale", type=float, default=0.5, help="multiply the request rate (default 0.5)")
     p.add_argument("--max-output-tokens", type=int, default=64, help="cap each request's output (default 64)")
+    p.add_argument(
+        "--busy-prefill-tokens",
+        type=int,
+        default=None,
+        help="split layout: busy_prefill_tokens of both pools (spill-over on prefill backlog); default off",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs both layouts (default 3)")
     p.add_argument(
         "--worker-arg",
@@ -61,13 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def pools_yaml(layout: str, split: int) -> str:
+def pools_yaml(layout: str, split: int, busy_prefill_tokens: int | None = None) -> str:
     if layout == "one-pool":
         return "default_pool: all\npools:\n  - name: all\n    input_tokens: [0, null]\n"
+    busy = f"    busy_prefill_tokens: {busy_prefill_tokens}\n" if busy_prefill_tokens else ""
     return (
         "default_pool: short\npools:\n"
-        f"  - name: short\n    input_tokens: [0, {split}]\n"
-        f"  - name: long\n    input_tokens: [{split}, null]\n"
+        f"  - name: short\n    input_tokens: [0, {split}]\n{busy}"
+        f"  - name: long\n    input_tokens: [{split}, null]\n{busy}"
     )
 
 
@@ -87,12 +94,12 @@ def ttft_by_class(records: list[RequestRecord], split: int, speedup: float) -> d
 
 
 def run_layout(
-    layout: str, trace: Trace, cfg: ReplayConfig, split: int, mpath: Path | None, work: Path
+    layout: str, trace: Trace, cfg: ReplayConfig, split: int, busy: int | None, mpath: Path | None, work: Path
 ) -> dict[str, Any]:
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
     config = work / f"{layout}.yaml"
-    config.write_text(pools_yaml(layout, split))
+    config.write_text(pools_yaml(layout, split, busy))
     half = cfg.workers // 2
     pools = ["all"] * cfg.workers if layout == "one-pool" else ["short"] * half + ["long"] * (cfg.workers - half)
     mc = MeshConfig(
@@ -164,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trace is None:
         parser.error("--trace: no trace found in ../shared/traces; pass one")
-    for name in ("workers", "limit", "rounds", "split", "max_output_tokens"):
-        if getattr(args, name) <= 0:
+    for name in ("workers", "limit", "rounds", "split", "max_output_tokens", "busy_prefill_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.workers < 2:
         parser.error("--workers must be at least 2 (the split needs a worker per pool)")
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             order = LAYOUTS if i % 2 == 0 else tuple(reversed(LAYOUTS))
             rnd: dict[str, dict[str, Any]] = {}
             for layout in order:
-                res = run_layout(layout, trace, cfg, args.split, mpath, work)
+                res = run_layout(layout, trace, cfg, args.split, args.busy_prefill_tokens, mpath, work)
                 rnd[layout] = res
                 s, lg = res["short"], res["long"]
                 print(
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{Path(trace.path).name}: {len(trace.requests)} requests, {args.workers} mocker workers, one pool vs "
         f"split at {args.split} input tokens, speedup {args.speedup:g}, rate x{args.rate_scale:g}"
+        + (f", busy_prefill_tokens {args.busy_prefill_tokens}" if args.busy_prefill_tokens else "")
     )
     png = save_plot(lambda p: _plot(rounds, p, title), args.plot or args.json.with_suffix(".png"))
     if png is not None:

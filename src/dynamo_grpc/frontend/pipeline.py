@@ -246,9 +246,11 @@ class Pipeline:
                 if chunk is not None:
                     if stream.finish is not None:
                         p.timings.infer_ns = stream.finished_at_ns - t_start
+                        chunk.route_pool, chunk.route_reason = session.route_pool, session.route_reason
                     yield chunk
                 if stream.finish is not None:
                     return
         chunk = stream.out_of_tokens(session.worker_id)
+        chunk.route_pool, chunk.route_reason = session.route_pool, session.route_reason
         p.timings.infer_ns = stream.finished_at_ns - t_start
         yield chunk

@@ -41,6 +41,8 @@ class Pick:
     address: str
     overlap_blocks: int = 0
     cost: float = 0.0  # the router's total cost for this worker (for the route span)
+    pool: str = ""  # the worker pool a global router chose ("" from a plain router)
+    reason: str = ""  # why, in the global router's words (RouteResponse.reason)
 
 
 class Router(Protocol):
@@ -195,7 +197,7 @@ class KvRouterClient:
         if not address:
             self.free(request_id, 0)
             raise errors.Unavailable(f"router chose {resp.worker.instance_id!r} with no address")
-        return Pick(resp.worker.instance_id, address, resp.overlap_blocks, resp.cost.total)
+        return Pick(resp.worker.instance_id, address, resp.overlap_blocks, resp.cost.total, resp.pool, resp.reason)
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None:
         conn = self._owner.get(request_id)

@@ -135,6 +135,8 @@ class RouteSession:
         self.migration_limit = migration_limit
         self.deadline = deadline  # time.monotonic() value, or None
         self.worker_id = ""
+        self.route_pool = ""  # the global router's decision (pool, reason) for the final response
+        self.route_reason = ""
         self.migrations = 0
         self._span: spans.trace.Span | None = None  # the frontend.request span, when tracing
 
@@ -183,6 +185,7 @@ class RouteSession:
                     raise errors.Unavailable(f"worker lost and no other worker left: {e.message}") from e
                 raise
             self.worker_id = pick.instance_id
+            self.route_pool, self.route_reason = pick.pool, pick.reason
             if not p.timings.routed_at_ns:
                 p.timings.routed_at_ns = time.perf_counter_ns()
             placed = route_id  # freed in `finally`, whatever happens to this placement

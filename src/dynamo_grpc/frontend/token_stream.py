@@ -34,6 +34,9 @@ class Chunk:
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     #: sum of the sampled tokens' logprobs so far
     cumulative_logprob: float = 0.0
+    #: on the last chunk: the global router's pool and reason for the last placement ("" without one)
+    route_pool: str = ""
+    route_reason: str = ""
 
 
 class TokenStream:

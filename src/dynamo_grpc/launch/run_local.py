@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="kv",
         help="kv: KV router inside the frontend; kv-service/approx: a separate dynamo-router process",
     )
+    p.add_argument(
+        "--pools",
+        type=Path,
+        default=None,
+        help="a pools YAML: start `dynamo-grpc global-router --config` it and spread the workers over its pools "
+        "(round-robin in file order; implies --router-mode kv-service)",
+    )
     p.add_argument("--grpc-port", type=int, default=8001, help="frontend KServe gRPC port (Triton's default)")
     p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
     p.add_argument(
@@ -99,6 +106,19 @@ def _tls_hints(sec: MeshSecurity, fe: str, http: str, model: str, body: str) -> 
     return "\n".join(lines) + "\n"
 
 
+def pool_assignment(config: Path, workers: int, router_mode: str) -> list[str]:
+    """The pool of each worker for ``--pools``: the config's pools round-robin; ValueError says what is wrong."""
+    from dynamo_grpc.router.pool_config import load_pool_config
+
+    grid = load_pool_config(config)
+    names = list(grid.pools)
+    if router_mode not in ("kv", "kv-service"):
+        raise ValueError(f"--pools runs a global router (kv-service); --router-mode {router_mode} cannot go with it")
+    if workers < len(names):
+        raise ValueError(f"--pools {config}: {len(names)} pools need --workers {len(names)} or more, not {workers}")
+    return [names[i % len(names)] for i in range(workers)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -118,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run-local: could not start a Consul agent: {e}", file=sys.stderr)
         return 1
     consul = agent.address
+    worker_pools: list[str] = []
+    if args.pools is not None:
+        try:
+            worker_pools = pool_assignment(args.pools, args.workers, args.router_mode)
+        except ValueError as e:
+            print(f"run-local: {e}", file=sys.stderr)
+            agent.stop()
+            return 2
+        args.router_mode = "kv-service"
     worker_args: list[str] = []
     if args.engine == "torch":
         # the workers share this machine's cores; torch would otherwise give each all of them
@@ -127,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         sec_dir = Path(tempfile.mkdtemp(prefix="dynamo-security-"))
         security = local_security(sec_dir, tls=args.tls, curve=args.curve)
     cfg = MeshConfig(
+        pools_config=args.pools,
+        worker_pools=worker_pools,
         security=security,
         worker_args=worker_args,
         workers=args.workers,
@@ -143,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         ready_timeout_s=args.ready_timeout,
     )
     mesh = Mesh(cfg)
-    print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({args.router_mode}), frontend")
+    router_kind = args.router_mode
+    if worker_pools:
+        router_kind = f"global router over pools {', '.join(dict.fromkeys(worker_pools))}"
+    print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({router_kind}), frontend")
     print(f"discovery: {agent.kind} at {consul}")
     if agent.token:
         token_file = mesh.log_dir / "consul-management-token"
@@ -177,7 +211,8 @@ dynamo-grpc is up.
   KServe v2 gRPC : {fe}{" (TLS)" if tls_on else ""}
   OpenAI HTTP    : {f"{scheme}://{mesh.frontend_http}" if mesh.frontend_http else "off"}
   metrics        : {f"{scheme}://{mesh.frontend_metrics}/metrics" if mesh.frontend_metrics else "off"}
-  router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}
+  router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}\
+{f" ({router_kind})" if worker_pools else ""}
   consul         : {mesh.consul}""",
         flush=True,
     )

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynamo-grpc global-router",
         description="RouterService over worker pools: a pool grid by input/context length, one KV router per pool.",
     )
-    p.add_argument("--config", type=Path, required=True, help="pools YAML (docs/global-router.md)")
+    p.add_argument("--config", type=Path, default=None, help="pools YAML (docs/global-router.md); required")
     p.add_argument(
         "--reload-interval",
         type=float,
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_tracing("dynamo-global-router", args.trace_file)
     args.tls = use_tls(TlsConfig.from_args(args, parser))
     try:
+        if args.config is None:
+            raise ValueError("--config (or DYN_CONFIG) is required: the pools YAML")
         refuse_unused_flags(parser, args)
         if args.router_busy_threshold != 1.0:
             raise ValueError("--router-busy-threshold: set busy_threshold in the pools config (per pool or for all)")

@@ -99,4 +99,7 @@ class Responder:
             resp.parameters["prompt_tokens"].int64_param = c.prompt_tokens
             resp.parameters["completion_tokens"].int64_param = c.completion_tokens
             resp.parameters["cached_tokens"].int64_param = c.cached_tokens
+            if c.route_pool:  # the global router's decision (docs/global-router.md)
+                resp.parameters["route_pool"].string_param = c.route_pool
+                resp.parameters["route_reason"].string_param = c.route_reason
         return resp
