@@ -3,7 +3,8 @@
 Part 1, a mocker mesh (consul-dev, a router, N workers, a frontend; the replay's driver): synthetic
 multi-turn conversations (each turn's prompt is the previous one plus a new user turn, Mooncake-style
 512-token hash ids, so prefixes are real block hashes) at the load of docs/benchmarks.md (4 workers,
-speedup 5, outputs <= 64 tokens, --router-prefill-load-scale 2, ~51k prompt tokens/s offered). The
+outputs <= 64 tokens, --router-prefill-load-scale 2, ~51k prompt tokens/s offered; speedup 1 by default,
+see --speedup). The
 workers' device cache (G1) holds about a quarter of the slice's unique working set; three configs run
 in interleaved rounds:
 
@@ -44,25 +45,28 @@ MOCKER_BLOCK_MIB = ENGINE_BLOCK * 128 // 1024
 CONFIGS = ("g1", "g1+g2", "g1+g2+g3")
 
 
-def conversations(n_conv: int, turns: int, first_blocks: int, add_blocks: int, rate: float, seed: int) -> Trace:
+def conversations(
+    n_conv: int, turns: int, first_blocks: int, add_blocks: int, rate: float, seed: int, think_s: float = 3.0
+) -> Trace:
     """A multi-turn trace: conversation c's turn k shares turn k-1's whole prompt and adds ``add_blocks``.
 
-    Conversation starts are spread so the offered request rate is about ``rate`` per trace second;
-    a conversation's next turn comes a think time (exponential, mean 8 s) after the previous one.
+    A conversation's next turn comes a think time (exponential, mean ``think_s``) after the previous
+    one; conversation starts are spread so the whole trace lasts about ``requests / rate`` seconds.
     """
     rng = random.Random(seed)
     reqs: list[tuple[float, int, list[int]]] = []
     next_id = 0
-    span = n_conv * turns / rate
+    duration = n_conv * turns / rate
+    starts = max(duration - (turns - 1) * think_s, 0.3 * duration)
     for _c in range(n_conv):
-        t = rng.uniform(0, span * 0.6)
+        t = rng.uniform(0, starts)
         blocks: list[int] = []
         for k in range(turns):
             grow = first_blocks if k == 0 else add_blocks
             blocks.extend(range(next_id, next_id + grow))
             next_id += grow
             reqs.append((t, len(blocks) * HASH_BLOCK, list(blocks)))
-            t += rng.expovariate(1 / 8.0)
+            t += rng.expovariate(1 / think_s)
     reqs.sort(key=lambda r: r[0])
     t0 = reqs[0][0]
     return Trace(
@@ -235,10 +239,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynamo-grpc bench kvbm", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every config (default 3)")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--speedup", type=float, default=5.0, help="mocker speedup and trace compression (default 5)")
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="mocker speedup and trace compression (default 1: on a loaded machine a higher speedup measures "
+        "the processes' CPU contention, multiplied, rather than the modelled engine)",
+    )
     p.add_argument("--conversations", type=int, default=96)
     p.add_argument("--turns", type=int, default=7)
-    p.add_argument("--rate", type=float, default=12.5, help="offered requests per trace second (~51k tokens/s)")
+    p.add_argument(
+        "--rate", type=float, default=18.0, help="requests per trace second while conversations start (18: ~51k tokens/s)"
+    )
     p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
     p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
     p.add_argument("--torch-prefix", type=int, default=2048, help="prompt tokens of the torch part")
