@@ -249,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--conversations", type=int, default=96)
     p.add_argument("--turns", type=int, default=7)
     p.add_argument(
-        "--rate", type=float, default=18.0, help="requests per trace second while conversations start (18: ~51k tokens/s)"
+        "--rate", type=float, default=18.0, help="requests per trace second as conversations start (~51k tokens/s)"
     )
     p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
     p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
