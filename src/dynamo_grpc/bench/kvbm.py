@@ -251,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate", type=float, default=18.0, help="requests per trace second as conversations start (~51k tokens/s)"
     )
+    p.add_argument("--think-s", type=float, default=3.0, help="mean think time between a conversation's turns")
     p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
     p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
     p.add_argument("--torch-prefix", type=int, default=2048, help="prompt tokens of the torch part")
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"benchmark": "kvbm"}
     work = Path(tempfile.mkdtemp(prefix="dynamo-kvbm-"))
     if not args.skip_mocker:
-        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=1)
+        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=1, think_s=args.think_s)
         ws = unique_engine_blocks(trace)
         sizes = {
             "working_set_blocks": ws,
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "trace": {
                 "conversations": args.conversations,
                 "turns": args.turns,
+                "think_s": args.think_s,
                 "requests": len(trace.requests),
                 "duration_trace_s": trace.duration_s,
                 "prompt_tokens_mean": statistics.mean(r.input_length for r in trace.requests),
