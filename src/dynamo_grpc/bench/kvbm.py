@@ -3,7 +3,8 @@
 Part 1, a mocker mesh (consul-dev, a router, N workers, a frontend; the replay's driver): synthetic
 multi-turn conversations (each turn's prompt is the previous one plus a new user turn, Mooncake-style
 512-token hash ids, so prefixes are real block hashes) at the load of docs/benchmarks.md (4 workers,
-speedup 5, outputs <= 64 tokens, --router-prefill-load-scale 2, ~51k prompt tokens/s offered). The
+outputs <= 64 tokens, --router-prefill-load-scale 2, ~51k prompt tokens/s offered; speedup 1 by default,
+see --speedup). The
 workers' device cache (G1) holds about a quarter of the slice's unique working set; three configs run
 in interleaved rounds:
 
@@ -44,25 +45,28 @@ MOCKER_BLOCK_MIB = ENGINE_BLOCK * 128 // 1024
 CONFIGS = ("g1", "g1+g2", "g1+g2+g3")
 
 
-def conversations(n_conv: int, turns: int, first_blocks: int, add_blocks: int, rate: float, seed: int) -> Trace:
+def conversations(
+    n_conv: int, turns: int, first_blocks: int, add_blocks: int, rate: float, seed: int, think_s: float = 3.0
+) -> Trace:
     """A multi-turn trace: conversation c's turn k shares turn k-1's whole prompt and adds ``add_blocks``.
 
-    Conversation starts are spread so the offered request rate is about ``rate`` per trace second;
-    a conversation's next turn comes a think time (exponential, mean 8 s) after the previous one.
+    A conversation's next turn comes a think time (exponential, mean ``think_s``) after the previous
+    one; conversation starts are spread so the whole trace lasts about ``requests / rate`` seconds.
     """
     rng = random.Random(seed)
     reqs: list[tuple[float, int, list[int]]] = []
     next_id = 0
-    span = n_conv * turns / rate
+    duration = n_conv * turns / rate
+    starts = max(duration - (turns - 1) * think_s, 0.3 * duration)
     for _c in range(n_conv):
-        t = rng.uniform(0, span * 0.6)
+        t = rng.uniform(0, starts)
         blocks: list[int] = []
         for k in range(turns):
             grow = first_blocks if k == 0 else add_blocks
             blocks.extend(range(next_id, next_id + grow))
             next_id += grow
             reqs.append((t, len(blocks) * HASH_BLOCK, list(blocks)))
-            t += rng.expovariate(1 / 8.0)
+            t += rng.expovariate(1 / think_s)
     reqs.sort(key=lambda r: r[0])
     t0 = reqs[0][0]
     return Trace(
@@ -150,6 +154,94 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per config: TTFT p50/p99 median and spread over rounds, hit rates, and the ratio to G1 only."""
+    summary: dict[str, Any] = {}
+    for name in CONFIGS:
+        mine = [r for r in runs if r["config"] == name]
+        summary[name] = {
+            "ttft_p50_s": _spread([r["ttft_s"]["p50"] for r in mine]),
+            "ttft_p99_s": _spread([r["ttft_s"]["p99"] for r in mine]),
+            "hit_rate": {t: statistics.median(r["hit_rate"][t] for r in mine) for t in mine[0]["hit_rate"]},
+        }
+    g1 = [r for r in runs if r["config"] == "g1"]
+    for name in CONFIGS[1:]:
+        mine = [r for r in runs if r["config"] == name]
+        per_round = [a["ttft_s"]["p50"] / b["ttft_s"]["p50"] for a, b in zip(g1, mine, strict=True)]
+        summary[name]["ttft_p50_g1_over_this"] = _spread(per_round)
+    return summary
+
+
+# ---------------------------------------------------------------- one engine core on a virtual clock
+
+
+def simulate_core(trace: Trace, name: str, sizes: dict[str, int], work: Path) -> dict[str, Any]:
+    """One worker's share of the trace through one mocker engine core, on a virtual clock.
+
+    No processes and no wall time: requests join at their arrival times, each step advances the clock
+    by the mocker's modelled step time (onboarding included), and TTFT is first token minus arrival.
+    So the result is the timing model's answer, free of this machine's CPU contention.
+    """
+    from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
+    from dynamo_grpc.engines.base import EngineRequest, SamplingParams
+    from dynamo_grpc.engines.core import EngineCore
+    from dynamo_grpc.engines.mocker.config import MockerConfig
+    from dynamo_grpc.engines.mocker.runner import MockerRunner
+    from dynamo_grpc.kvbm import KvbmConfig
+
+    kv = KvbmConfig()
+    if name != "g1":
+        host = sizes["g2_blocks"] if name == "g1+g2" else sizes["g2_blocks"] // 2
+        kv.host_bytes = host * MOCKER_BLOCK_MIB << 20
+    if name == "g1+g2+g3":
+        kv.disk_dir = tempfile.mkdtemp(prefix="g3-core-", dir=work)
+        kv.disk_bytes = sizes["g3_blocks"] * MOCKER_BLOCK_MIB << 20
+    mc = MockerConfig(num_gpu_blocks=sizes["g1_blocks"], vocab_size=DEFAULT_VOCAB_SIZE, kvbm=kv, watermark=0.0)
+    core = EngineCore(mc.core_config(), MockerRunner(mc))
+    arrivals = {}
+    first: dict[str, float] = {}
+    pending = list(trace.requests)
+    clock = 0.0
+    i = 0
+    cached = prompt = 0
+    while i < len(pending) or core.has_work():
+        while i < len(pending) and pending[i].arrival_s <= clock:
+            r = pending[i]
+            ids = prompt_tokens(r, HASH_BLOCK, DEFAULT_VOCAB_SIZE, DEFAULT_LOW_ID, 0).tolist()
+            req = core.make_request(EngineRequest(f"r{r.index}", ids, SamplingParams(max_tokens=r.output_length)))
+            core.add(req)
+            arrivals[req.request_id] = r.arrival_s
+            i += 1
+        if not core.has_work():
+            clock = pending[i].arrival_s
+            continue
+        res = core.step()
+        clock += res.step_seconds
+        for rid, out in res.outputs:
+            if rid not in first:
+                first[rid] = clock - arrivals[rid]
+                cached += out.cached_tokens
+                prompt += out.prompt_tokens
+        if core.kv.tiers is not None and core.kv.tiers.disk is not None:
+            core.kv.tiers.disk.flush()  # the virtual clock does not wait for the writer thread
+    tiers = core.kv.tiers
+    host_hits = tiers.stats.host.hit_tokens if tiers else 0
+    disk_hits = tiers.stats.disk.hit_tokens if tiers else 0
+    core.close()
+    ttft = sorted(first.values())
+    return {
+        "config": name,
+        "requests": len(ttft),
+        "ttft_s": {"p50": ttft[len(ttft) // 2], "p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]},
+        "hit_rate": {
+            "total": cached / prompt,
+            "device": (cached - host_hits - disk_hits) / prompt,
+            "host": host_hits / prompt,
+            "disk": disk_hits / prompt,
+        },
+    }
+
+
 # ---------------------------------------------------------------- torch
 
 
@@ -235,12 +327,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynamo-grpc bench kvbm", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every config (default 3)")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--speedup", type=float, default=5.0, help="mocker speedup and trace compression (default 5)")
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="mocker speedup and trace compression (default 1: on a loaded machine a higher speedup measures "
+        "the processes' CPU contention, multiplied, rather than the modelled engine)",
+    )
     p.add_argument("--conversations", type=int, default=96)
     p.add_argument("--turns", type=int, default=7)
-    p.add_argument("--rate", type=float, default=12.5, help="offered requests per trace second (~51k tokens/s)")
+    p.add_argument(
+        "--rate", type=float, default=18.0, help="requests per trace second as conversations start (~51k tokens/s)"
+    )
+    p.add_argument("--think-s", type=float, default=3.0, help="mean think time between a conversation's turns")
     p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
     p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
+    p.add_argument("--skip-mesh", action="store_true", help="skip the mocker mesh (keep the virtual-clock core part)")
     p.add_argument("--torch-prefix", type=int, default=2048, help="prompt tokens of the torch part")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=default_results_dir() / "kvbm.json")
@@ -253,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"benchmark": "kvbm"}
     work = Path(tempfile.mkdtemp(prefix="dynamo-kvbm-"))
     if not args.skip_mocker:
-        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=1)
+        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=1, think_s=args.think_s)
         ws = unique_engine_blocks(trace)
         sizes = {
             "working_set_blocks": ws,
@@ -265,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "trace": {
                 "conversations": args.conversations,
                 "turns": args.turns,
+                "think_s": args.think_s,
                 "requests": len(trace.requests),
                 "duration_trace_s": trace.duration_s,
                 "prompt_tokens_mean": statistics.mean(r.input_length for r in trace.requests),
@@ -275,7 +378,24 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": args.speedup,
             "runs": [],
         }
+        # one worker's share (conversations / workers at rate / workers) through one core, virtual clock
+        core_runs = []
         for rnd in range(args.rounds):
+            share = conversations(
+                max(args.conversations // args.workers, 1), args.turns, 2, 2, args.rate / args.workers,
+                seed=100 + rnd, think_s=args.think_s,
+            )  # fmt: skip
+            ws1 = unique_engine_blocks(share)
+            one = {"g1_blocks": -(-ws1 // 4), "g2_blocks": -(-(ws1 - ws1 // 4) * 5 // 4), "g3_blocks": ws1 * 2}
+            for name in CONFIGS:
+                r = simulate_core(share, name, one, work)
+                r["round"] = rnd + 1
+                r["sizes"] = one
+                core_runs.append(r)
+                print(f"   core {name} round {rnd + 1}: TTFT p50 {r['ttft_s']['p50']:.3f} s", file=sys.stderr)
+        report["core_virtual_clock"] = {"runs": core_runs, "summary": _summary(core_runs)}
+        write_json(args.json, report)
+        for rnd in range(0 if args.skip_mesh else args.rounds):
             for name in CONFIGS:
                 print(f"== round {rnd + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 r = run_config(name, trace, args, sizes, work)
@@ -288,26 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 write_json(args.json, report)
-        runs = report["mocker"]["runs"]
-        summary: dict[str, Any] = {}
-        for name in CONFIGS:
-            mine = [r for r in runs if r["config"] == name]
-            summary[name] = {
-                "ttft_p50_s": _spread([r["ttft_s"]["p50"] for r in mine]),
-                "ttft_p99_s": _spread([r["ttft_s"]["p99"] for r in mine]),
-                "hit_rate": {t: statistics.median(r["hit_rate"][t] for r in mine) for t in mine[0]["hit_rate"]},
-            }
-        base = summary["g1"]["ttft_p50_s"]["median"]
-        for name in CONFIGS[1:]:
-            summary[name]["ttft_p50_g1_over_this"] = base / summary[name]["ttft_p50_s"]["median"]
-            per_round = [
-                a["ttft_s"]["p50"] / b["ttft_s"]["p50"]
-                for a, b in zip(
-                    [r for r in runs if r["config"] == "g1"], [r for r in runs if r["config"] == name], strict=True
-                )
-            ]
-            summary[name]["ttft_p50_ratio_per_round"] = per_round
-        report["mocker"]["summary"] = summary
+        if report["mocker"]["runs"]:
+            report["mocker"]["summary"] = _summary(report["mocker"]["runs"])
+
     if not args.skip_torch:
         print("== torch: 2k-token prefix from G1 / G2 / G3 / recompute", file=sys.stderr, flush=True)
         report["torch"] = torch_onboard(args.rounds, args.torch_prefix, args.torch_threads, work)
@@ -326,33 +429,39 @@ def _plot(report: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [k for k in ("mocker", "torch") if k in report]
-    fig, axes = plt.subplots(1, len(panels) + ("mocker" in report), figsize=(5 * (len(panels) + 1), 4))
+    ttft_panels: list[tuple[str, dict[str, Any], str]] = []
+    if report.get("mocker", {}).get("summary"):
+        ttft_panels.append(("mocker mesh (trace s)", report["mocker"]["summary"], "TTFT (trace s)"))
+    if "core_virtual_clock" in report:
+        ttft_panels.append(("one core, virtual clock (s)", report["core_virtual_clock"]["summary"], "TTFT (s)"))
+    n = len(ttft_panels) + (1 if ttft_panels else 0) + ("torch" in report)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
     i = 0
-    if "mocker" in report:
-        s = report["mocker"]["summary"]
+    x = list(range(len(CONFIGS)))
+    for title, s, ylabel in ttft_panels:
         ax = axes[i]
-        x = range(len(CONFIGS))
         for off, key, label in ((-0.2, "ttft_p50_s", "p50"), (0.2, "ttft_p99_s", "p99")):
             med = [s[c][key]["median"] for c in CONFIGS]
             lo = [m - s[c][key]["min"] for c, m in zip(CONFIGS, med, strict=True)]
             hi = [s[c][key]["max"] - m for c, m in zip(CONFIGS, med, strict=True)]
             ax.bar([v + off for v in x], med, 0.4, yerr=[lo, hi], capsize=3, label=label)
-        ax.set_xticks(list(x), CONFIGS)
-        ax.set_ylabel("TTFT (trace s), median of rounds, min..max")
-        ax.set_title("mocker mesh, multi-turn")
+        ax.set_xticks(x, CONFIGS)
+        ax.set_ylabel(ylabel + ", median of rounds, min..max")
+        ax.set_title(title)
         ax.legend()
         i += 1
+    if ttft_panels:
+        title, s, _ = ttft_panels[0]
         ax = axes[i]
         bottom = [0.0] * len(CONFIGS)
         for tier in ("device", "host", "disk"):
             vals = [100 * s[c]["hit_rate"][tier] for c in CONFIGS]
-            ax.bar(list(x), vals, 0.6, bottom=bottom, label=tier)
+            ax.bar(x, vals, 0.6, bottom=bottom, label=tier)
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax.set_xticks(list(x), CONFIGS)
+        ax.set_xticks(x, CONFIGS)
         ax.set_ylabel("prompt tokens served from cache (%)")
-        ax.set_title("prefix hits by tier")
+        ax.set_title(f"prefix hits by tier, {title.split(' (')[0]}")
         ax.legend()
         i += 1
     if "torch" in report:

@@ -243,3 +243,38 @@ def test_cancel_after_onboarding_frees_every_block(request: pytest.FixtureReques
     assert core.kv.pool.num_active > 0
     assert core.abort(req.request_id)
     assert core.kv.pool.num_active == 0
+
+
+def test_live_events_and_a_replayed_dump_give_the_router_the_same_tiers(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What a subscriber builds from the live events equals what it rebuilds from the worker's dump."""
+    from dynamo_grpc.events.codec import make_batch
+    from dynamo_grpc.router.config import RouterConfig
+    from dynamo_grpc.router.router import Router, WorkerInfo
+    from dynamo_grpc.router.sync import IndexSink
+
+    def router() -> tuple[Router, IndexSink]:
+        r = Router(RouterConfig(block_size=BS, seed=1))
+        r.set_workers([WorkerInfo("w", "127.0.0.1:1", block_size=BS)])
+        return r, IndexSink(r)
+
+    nb = _block_bytes(request, "mocker")
+    core = make(request, "mocker", KvbmConfig(host_bytes=3 * nb, disk_dir=str(tmp_path), disk_bytes=1 << 30))
+    live, sink = router()
+    events: list[KvEvent] = []
+    for p in (A, B, C, A, _prompt(5), _prompt(6)):
+        run(core, p, events)
+    flush(core)
+    events.extend(core.kv.take_events())  # G3 writes that finished after the last step
+    sink.apply_batch(make_batch("w", 0, 1, 1, BS, events, 0.0))
+    replayed, rsink = router()
+    rsink.apply_batch(make_batch("w", 0, 1, 1, BS, core.cached_blocks(), 0.0))
+    media = {t: replayed.tiers.tiers_of(("w", 0))[t] for t in ("device", "host", "disk")}
+    assert media == {t: live.tiers.tiers_of(("w", 0))[t] for t in ("device", "host", "disk")}
+    assert media["host"] == 3 and media["disk"] > 0 and media["device"] > 0
+    for p in (A, B, C, _prompt(5)):
+        req = core.make_request(EngineRequest("x", p, SamplingParams()))
+        req.update_block_hashes(BS)
+        assert replayed.tiers.overlaps(req.block_hashes) == live.tiers.overlaps(req.block_hashes)
+    core.close()
