@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/events.proto\x12\x0e\x64ynamo_grpc.v1\"6\n\x0bStoredBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x04\x12\x13\n\x0btokens_hash\x18\x02 \x01(\x04\"d\n\x0b\x42lockStored\x12\x18\n\x0bparent_hash\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12+\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1b.dynamo_grpc.v1.StoredBlockB\x0e\n\x0c_parent_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared\"\xa6\x01\n\x07KvEvent\x12-\n\x06stored\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.BlockStoredH\x00\x12/\n\x07removed\x18\x02 \x01(\x0b\x32\x1c.dynamo_grpc.v1.BlockRemovedH\x00\x12\x33\n\x07\x63leared\x18\x03 \x01(\x0b\x32 .dynamo_grpc.v1.AllBlocksClearedH\x00\x42\x06\n\x04\x64\x61ta\"\xa0\x01\n\x0cKvEventBatch\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\'\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x17.dynamo_grpc.v1.KvEvent\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\x95\x01\n\x0bLoadMetrics\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x15\n\ractive_blocks\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\xc8\x01\n\x13\x41\x63tiveSequenceEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32\'.dynamo_grpc.v1.ActiveSequenceEventKind\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x04 \x01(\r\x12\x16\n\x0eprefill_blocks\x18\x05 \x01(\r\x12\x15\n\rdecode_blocks\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"Y\n\x0f\x41\x63tiveSequences\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x33\n\x06\x65vents\x18\x02 \x03(\x0b\x32#.dynamo_grpc.v1.ActiveSequenceEvent\"4\n\rReplayRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\tfull_dump\x18\x02 \x01(\x08\"P\n\x0eReplayResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.KvEventBatch\x12\x11\n\tfull_dump\x18\x02 \x01(\x08*\xbe\x01\n\x17\x41\x63tiveSequenceEventKind\x12*\n&ACTIVE_SEQUENCE_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_ADDED\x10\x01\x12+\n\'ACTIVE_SEQUENCE_EVENT_KIND_PREFILL_DONE\x10\x02\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_FREED\x10\x03\x32^\n\x0fKvEventsService\x12K\n\x06Replay\x12\x1d.dynamo_grpc.v1.ReplayRequest\x1a\x1e.dynamo_grpc.v1.ReplayResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/events.proto\x12\x0e\x64ynamo_grpc.v1\"6\n\x0bStoredBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x04\x12\x13\n\x0btokens_hash\x18\x02 \x01(\x04\"d\n\x0b\x42lockStored\x12\x18\n\x0bparent_hash\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12+\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1b.dynamo_grpc.v1.StoredBlockB\x0e\n\x0c_parent_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared\"\xa6\x01\n\x07KvEvent\x12-\n\x06stored\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.BlockStoredH\x00\x12/\n\x07removed\x18\x02 \x01(\x0b\x32\x1c.dynamo_grpc.v1.BlockRemovedH\x00\x12\x33\n\x07\x63leared\x18\x03 \x01(\x0b\x32 .dynamo_grpc.v1.AllBlocksClearedH\x00\x42\x06\n\x04\x64\x61ta\"\xa0\x01\n\x0cKvEventBatch\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\'\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x17.dynamo_grpc.v1.KvEvent\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\x95\x01\n\x0bLoadMetrics\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x15\n\ractive_blocks\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\xc8\x01\n\x13\x41\x63tiveSequenceEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32\'.dynamo_grpc.v1.ActiveSequenceEventKind\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x04 \x01(\r\x12\x16\n\x0eprefill_blocks\x18\x05 \x01(\r\x12\x15\n\rdecode_blocks\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"k\n\x0f\x41\x63tiveSequences\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x33\n\x06\x65vents\x18\x02 \x03(\x0b\x32#.dynamo_grpc.v1.ActiveSequenceEvent\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\"4\n\rReplayRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\tfull_dump\x18\x02 \x01(\x08\"P\n\x0eReplayResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.KvEventBatch\x12\x11\n\tfull_dump\x18\x02 \x01(\x08*\xbe\x01\n\x17\x41\x63tiveSequenceEventKind\x12*\n&ACTIVE_SEQUENCE_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_ADDED\x10\x01\x12+\n\'ACTIVE_SEQUENCE_EVENT_KIND_PREFILL_DONE\x10\x02\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_FREED\x10\x03\x32^\n\x0fKvEventsService\x12K\n\x06Replay\x12\x1d.dynamo_grpc.v1.ReplayRequest\x1a\x1e.dynamo_grpc.v1.ReplayResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynamo_grpc.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_start=1178
-  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_end=1368
+  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_start=1196
+  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_end=1386
   _globals['_STOREDBLOCK']._serialized_start=47
   _globals['_STOREDBLOCK']._serialized_end=101
   _globals['_BLOCKSTORED']._serialized_start=103
@@ -50,11 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVESEQUENCEEVENT']._serialized_start=748
   _globals['_ACTIVESEQUENCEEVENT']._serialized_end=948
   _globals['_ACTIVESEQUENCES']._serialized_start=950
-  _globals['_ACTIVESEQUENCES']._serialized_end=1039
-  _globals['_REPLAYREQUEST']._serialized_start=1041
-  _globals['_REPLAYREQUEST']._serialized_end=1093
-  _globals['_REPLAYRESPONSE']._serialized_start=1095
-  _globals['_REPLAYRESPONSE']._serialized_end=1175
-  _globals['_KVEVENTSSERVICE']._serialized_start=1370
-  _globals['_KVEVENTSSERVICE']._serialized_end=1464
+  _globals['_ACTIVESEQUENCES']._serialized_end=1057
+  _globals['_REPLAYREQUEST']._serialized_start=1059
+  _globals['_REPLAYREQUEST']._serialized_end=1111
+  _globals['_REPLAYRESPONSE']._serialized_start=1113
+  _globals['_REPLAYRESPONSE']._serialized_end=1193
+  _globals['_KVEVENTSSERVICE']._serialized_start=1388
+  _globals['_KVEVENTSSERVICE']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)
