@@ -91,9 +91,10 @@ async def via_frontend(stub: pb_grpc.GRPCInferenceServiceStub, model: str, i: in
 
 
 async def via_decode(stub: worker_pb2_grpc.DecodeServiceStub, model: str, ids: list[int], i: int) -> int:
+    """One Decode call; returns how many messages it took."""
     n = 0
     async for resp in stub.Decode(decode_request(model, ids, i)):
-        n += len(resp.token_ids)
+        n += 1
         if resp.finish_reason:
             return n
     raise RuntimeError("decode ended without a finish")
@@ -141,11 +142,13 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, int]) -> dict[str, Any]:
     counter = itertools.count()
     lat: list[float] = []
+    messages = 0  # responses (or Decode messages) the client received: each is a write in the server
 
     async def lane(k: int) -> None:
+        nonlocal messages
         while (i := next(counter)) < requests:
             t0 = time.perf_counter()
-            await call(i, k)
+            messages += await call(i, k)
             lat.append(time.perf_counter() - t0)
 
     for i in range(min(20, requests)):  # warm channels, router, tokenizer caches
@@ -165,6 +168,7 @@ async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, i
         "p50_ms": q[49] * 1e3,
         "p99_ms": q[98] * 1e3,
         "mean_ms": statistics.fmean(lat) * 1e3,
+        "messages_per_request": round(messages / max(1, len(lat)), 2),
         "cpu_ms_per_request": {k: round((cpu1[k] - cpu0[k]) / len(lat) * 1e3, 3) for k in cpu0},
     }
 
@@ -194,7 +198,8 @@ def serve_passthrough(workers: list[str]) -> None:
 def start_frontend(
     mesh: Mesh, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Another frontend on the mesh's workers (its own flags and environment); returns it and its address."""
+    """Another frontend on the mesh's workers (its own flags and environment); returns it and its address.
+    With ``--replicas N`` it is the supervisor; ``replica_pids`` reads its replicas' pids."""
     ready = tmp / f"{name}.json"
     cmd = [
         sys.executable, "-m", "dynamo_grpc.cli", "frontend", "--consul", mesh.consul,
@@ -210,6 +215,12 @@ def start_frontend(
         time.sleep(0.1)
     address: str = json.loads(ready.read_text())["grpc_address"]
     return proc, address
+
+
+def replica_pids(tmp: Path, name: str) -> list[int]:
+    """The pids of a `--replicas N` frontend's replicas (from the instance ids in its ready file)."""
+    data = json.loads((tmp / f"{name}.json").read_text())
+    return [int(r["instance_id"].rsplit("-", 2)[1]) for r in data.get("replicas", [])]
 
 
 def start_service_frontend(mesh: Mesh, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -257,7 +268,11 @@ async def run(
     channels: list[grpc.aio.Channel] = []
 
     def stubs(address: str, cls: Any) -> list[Any]:
-        new = [grpc.aio.insecure_channel(address) for _ in range(args.channels)]
+        # a connection per channel: gRPC would otherwise share one subchannel among equal channels, putting
+        # every stream on one connection (past the frontend's --max-concurrent-streams 100 at 64 lanes plus
+        # 64 requests, and on one replica of a --replicas frontend)
+        new = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+               for _ in range(args.channels)]
         channels.extend(new)
         return [cls(c) for c in new]
 
@@ -329,6 +344,28 @@ def tracing_cost(out: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def frontend_cpu(row: dict[str, Any], name: str) -> float:
+    """CPU ms per request of the frontend process(es) that served ``name`` (all replicas of a replica row)."""
+    proc = name.removesuffix("_lanes").replace("_", "-")
+    proc = "frontend" if proc == "frontend-kv" else proc
+    cpu = row["cpu_ms_per_request"]
+    return float(sum(v for k, v in cpu.items() if k == proc or k.startswith(proc + "#")))
+
+
+def floor_ratios(out: dict[str, Any]) -> dict[str, Any]:
+    """Frontend CPU per request over the do-nothing forwarder's, at concurrency 1 and at --concurrency
+    (per-request streams), for every frontend row: the issue's target is <= 1.5."""
+    res: dict[str, Any] = {}
+    for phase in ("latency", "throughput"):
+        rows = out[phase]
+        floor = rows["passthrough"]["cpu_ms_per_request"]["passthrough"]
+        cpus = {n: frontend_cpu(r, n) for n, r in rows.items()
+                if n.startswith("frontend") and not n.endswith("_lanes") and n != "frontend_kv_service"}
+        res[phase] = {"passthrough_cpu_ms": floor, "frontend_cpu_ms": cpus,
+                      "ratio": {n: round(v / floor, 2) for n, v in cpus.items() if floor}}
+    return res
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -381,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure a frontend run from this source tree (e.g. a checkout without tracing: its src/)",
     )
     p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
+    p.add_argument("--replica-rows", type=int, default=0, metavar="N",
+                   help="also measure a `frontend --replicas N` (CPU summed over its replicas)")
     p.add_argument("--serve-passthrough", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_passthrough:
@@ -406,11 +445,19 @@ def main(argv: list[str] | None = None) -> int:
             pids["frontend-kv-service"] = fe_proc.pid
             pids["passthrough"] = forwarder.pid
             extra: dict[str, str] = {}
-            rows = {} if args.no_tracing_rows else tracing_frontends(Path(tmp), args.baseline_src)
+            rows = tracing_frontends(Path(tmp), args.baseline_src)
+            if args.no_tracing_rows:
+                rows = {k: v for k, v in rows.items() if not k.startswith("frontend_trace")}
+            if args.replica_rows > 1:
+                rows[f"frontend_replicas{args.replica_rows}"] = (["--replicas", str(args.replica_rows)], {})
             for name, (fe_args, env) in rows.items():
                 proc, extra[name] = start_frontend(mesh, Path(tmp), name, fe_args, env)
                 started.append(proc)
-                pids[name.replace("_", "-")] = proc.pid
+                kids = replica_pids(Path(tmp), name)
+                for k, pid in enumerate(kids):  # a supervisor: count its replicas' CPU
+                    pids[f"{name.replace('_', '-')}#{k}"] = pid
+                if not kids:
+                    pids[name.replace("_", "-")] = proc.pid
             result = asyncio.run(run(args, mesh, passthrough, fe_service, pids, extra))
         finally:
             for proc in started:
@@ -422,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     result["cpu_count"] = os.cpu_count()
     result["concurrency"] = args.concurrency
+    result["floor_ratio"] = floor_ratios(result)
+    result["settings"] = {"requests": args.requests, "rounds": args.rounds, "latency_requests": args.latency_requests,
+                          "baseline_src": args.baseline_src, "replica_rows": args.replica_rows}
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))
     print(json.dumps(result, indent=2))

@@ -58,9 +58,11 @@ def add_replica_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--router-replica-sync",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="share the embedded KV router's in-flight load with the other frontends in the namespace "
-        "(events on a ZMQ PUB advertised in Consul); on with --replicas > 1",
+        "(events on a ZMQ PUB advertised in Consul); default: on with --replicas > 1, else off "
+        "(--no-router-replica-sync keeps replicas apart, e.g. to measure the herding it prevents)",
     )
     p.add_argument("--replica-group", default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
@@ -73,13 +75,11 @@ def check_replica_args(args: argparse.Namespace) -> None:
     """Refuse what replicas cannot do, before anything starts."""
     if args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
-    if args.replicas > 1 or args.replica_group:
-        if not hasattr(socket, "SO_REUSEPORT"):
-            raise ValueError("--replicas needs SO_REUSEPORT, which this platform does not have")
-        if args.router_mode == "kv-service":
-            log.info("--replicas with --router-mode kv-service: the router process shares load, no sync needed")
-        else:
-            args.router_replica_sync = True
+    replicated = args.replicas > 1 or bool(args.replica_group)
+    if replicated and not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--replicas needs SO_REUSEPORT, which this platform does not have")
+    if args.router_replica_sync is None:  # not set: on for replicas of an embedded router
+        args.router_replica_sync = replicated and args.router_mode != "kv-service"
     if args.router_replica_sync and args.router_mode == "kv-service":
         raise ValueError("--router-replica-sync applies to the embedded router; --router-mode kv-service has none")
 
