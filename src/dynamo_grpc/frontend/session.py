@@ -61,16 +61,9 @@ async def coalesced(
             q.put_nowait(e)
 
     task = asyncio.get_running_loop().create_task(pump())
-    first = True
     try:
         while True:
             batch = [await q.get()]
-            if not first and q.empty():
-                # one loop turn before sending a later token: under load the next tokens are already read
-                # and ride along (one write instead of several); the first token never waits, and an idle
-                # loop comes straight back
-                await asyncio.sleep(0)
-            first = False
             while not q.empty():
                 batch.append(q.get_nowait())
             merged: worker_pb2.DecodeResponse | None = None
