@@ -31,7 +31,14 @@ from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.limits import Limits, add_limit_flags
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
-from dynamo_grpc.frontend.replicas import add_replica_flags, check_replica_args, run_replicas, verify_group
+from dynamo_grpc.frontend.replicas import (
+    REPLICA_WARMUP_S,
+    add_replica_flags,
+    check_replica_args,
+    run_replicas,
+    verify_group,
+    wait_for_models,
+)
 from dynamo_grpc.frontend.routing import KvRouterClient, Router
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
@@ -198,10 +205,12 @@ async def serve(args: argparse.Namespace) -> int:
     server.add(
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
     )
+    tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
+    if args.replica_group:  # the kernel hands a listening replica connections at once: know the models first
+        await wait_for_models(registry, REPLICA_WARMUP_S)
     grpc_address = with_host(await server.start(), advertised)
     procstats.register()  # tasks, fds, RSS on /metrics (prometheus_client's registry): what a soak run checks
     procstats.register_view(view)  # dynamo_discovery_skipped_workers{source} on /metrics
-    tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
     if args.router_mode == "kv-service" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
     if embedded is not None:

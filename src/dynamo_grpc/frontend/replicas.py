@@ -67,6 +67,23 @@ def add_replica_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replica-group", default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
 
+#: how long a replica waits for its first model before it listens anyway (it then answers UNAVAILABLE)
+REPLICA_WARMUP_S = 30.0
+
+
+async def wait_for_models(registry: Any, timeout: float) -> bool:
+    """A replica starts listening once it serves a model (or after ``timeout``): with SO_REUSEPORT the
+    kernel gives a listening replica its share of new connections at once, so one still discovering its
+    workers would answer them "no live worker" while its siblings could serve them."""
+    deadline = time.monotonic() + timeout
+    while not registry.models():
+        if time.monotonic() > deadline:
+            log.warning("no model discovered within %.0fs; listening anyway", timeout)
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
 def lock_path(host: str, port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"dynamo-grpc-frontend-{host.replace(':', '_')}-{port}.lock"
 
