@@ -63,6 +63,26 @@ async def test_sharded_watch_sees_everything_and_parses_one_shard_per_change(con
         assert new.instance_id not in {i.instance_id for i in await _until(a, n)}
 
 
+async def test_sharded_watch_sees_instances_registered_without_shard_tags() -> None:
+    """Another tool's registration (no dyn-shard tag) is still watched: the catch-all query finds it."""
+    from tests.helpers.consul_dev import run_consul_dev
+
+    svc = f"dynamo-test-{uuid.uuid4().hex[:8]}"
+    with run_consul_dev() as agent:
+        settings = ConsulSettings.from_addr(agent.address)
+        async with Discovery(settings) as fleet, Discovery(settings, watch_wait=5) as watcher:
+            await fleet.register(Instance(svc, f"{svc}-ours", "127.0.0.1", 7000, ["m=x"]), ttl=10.0)
+            snaps = watcher.watch(svc)
+            await _until(snaps, 1)
+            async with ConsulHTTP(agent.address) as c:
+                body = {"Name": svc, "ID": f"{svc}-foreign", "Tags": ["m=x"], "Port": 7001,
+                        "Check": {"TTL": "30s", "Status": "passing"}}
+                await c.put("/v1/agent/service/register", body=body)
+            seen = await _until(snaps, 2)
+            assert {i.instance_id for i in seen} == {f"{svc}-ours", f"{svc}-foreign"}
+            assert all(i.tags == ["m=x"] for i in seen)
+
+
 async def test_sharded_watch_keeps_its_view_while_the_agent_restarts() -> None:
     from tests.helpers.consul_dev import run_consul_dev
 

@@ -74,3 +74,21 @@ async def test_query_index_restarts_low_after_agent_restart_so_clients_reset() -
             )
             assert time.monotonic() - t0 < 5  # answered at once: the client sees the lower index
             assert int(headers["X-Consul-Index"]) < before and body == []
+
+
+async def test_tag_filter_expression_and_a_refused_one() -> None:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    with run_consul_dev() as agent:
+        async with ConsulHTTP(agent.address) as c:
+            await c.put("/v1/agent/service/register", body=_reg(name, "ours", "dyn-sharded"))
+            await c.put("/v1/agent/service/register", body=_reg(name, "foreign", "other"))
+            path = f"/v1/health/service/{name}"
+            for expr, ids in [
+                ('Service.Tags not contains "dyn-sharded"', ["foreign"]),
+                ('Service.Tags contains "dyn-sharded"', ["ours"]),
+                ('"dyn-sharded" not in Service.Tags', ["foreign"]),
+            ]:
+                status, _, body = await c.get(path, params={"passing": "1", "filter": expr})
+                assert status == 200 and [e["Service"]["ID"] for e in body] == ids, expr
+            status, _, body = await c.get(path, params={"filter": 'Service.Port > 80'})
+            assert status == 400 and "Service.Port > 80" in str(body)  # refused, never ignored

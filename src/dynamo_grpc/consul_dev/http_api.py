@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -174,7 +175,7 @@ ENTRY_CACHE_KEY: web.AppKey[dict[str, tuple[tuple[int, tuple[tuple[str, int], ..
 SERVICE_ENTRIES_KEY: web.AppKey[dict[str, tuple[int, list[tuple[Service, list[Check], frozenset[str]]]]]] = (
     web.AppKey("service_entries", dict)
 )
-HEALTH_CACHE_KEY: web.AppKey[dict[tuple[str, bool, tuple[str, ...], tuple[str, int]], _Encoded]] = web.AppKey(
+HEALTH_CACHE_KEY: web.AppKey[dict[tuple[Any, ...], _Encoded]] = web.AppKey(
     "health_cache", dict
 )
 
@@ -516,16 +517,40 @@ async def health_service(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     passing = _bool_param(request, "passing")
     tags = tuple(t.lower() for t in request.query.getall("tag", []))
+    tag_filter = _tag_filter(request.query.get("filter", ""))
     index, wait = _blocking(request)
     authz = _authz(request)
 
     def current() -> int:
-        return _health_answer(request, store, authz, name, passing, tags).changed
+        return _health_answer(request, store, authz, name, passing, tags, tag_filter).changed
 
     # A blocking query returns when *its* answer changes, not when any instance of the service does:
     # a watcher of one tag (one shard, one model) sleeps through changes to the others.
     await store.block(current, index, wait)
-    return _health_answer(request, store, authz, name, passing, tags).response(request)
+    return _health_answer(request, store, authz, name, passing, tags, tag_filter).response(request)
+
+
+_TAG_FILTER = re.compile(
+    r'^\s*(?:Service\.Tags\s+(?P<neg1>not\s+)?contains\s+"(?P<t1>[^"\\]*)"'
+    r'|"(?P<t2>[^"\\]*)"\s+(?P<neg2>not\s+)?in\s+Service\.Tags)\s*$'
+)
+
+
+def _tag_filter(expr: str) -> tuple[str, bool] | None:
+    """Consul's ``filter`` for health queries, the one form consul-dev evaluates: a tag in (or not in)
+    ``Service.Tags`` -> (tag, wanted). Anything else is refused (400), never ignored."""
+    if not expr:
+        return None
+    m = _TAG_FILTER.match(expr)
+    if m is None:
+        raise ConsulError(
+            400,
+            f"Failed to create boolean expression evaluator: consul-dev evaluates only "
+            f'Service.Tags [not] contains "tag" (or "tag" [not] in Service.Tags), not {expr!r}',
+        )
+    if m.group("t1") is not None:
+        return m.group("t1").lower(), m.group("neg1") is None
+    return m.group("t2").lower(), m.group("neg2") is None
 
 
 def _service_entries(
@@ -544,13 +569,19 @@ def _service_entries(
 
 
 def _health_answer(
-    request: web.Request, store: Store, authz: Authorizer, name: str, passing: bool, tags: tuple[str, ...]
+    request: web.Request,
+    store: Store,
+    authz: Authorizer,
+    name: str,
+    passing: bool,
+    tags: tuple[str, ...],
+    tag_filter: tuple[str, bool] | None = None,
 ) -> _Encoded:
     """The encoded answer of one health query at the service's current index, built once for all the
     watchers that ask (they wake together), with ``changed`` = the index at which its bytes last changed."""
     idx = store.service_index(name)
     cache = request.app[HEALTH_CACHE_KEY]
-    key = (name, passing, tags, authz.identity)
+    key = (name, passing, tags, tag_filter, authz.identity)
     hit = cache.get(key)
     if hit is not None and hit.index == idx:
         return hit
@@ -560,6 +591,8 @@ def _health_answer(
         fragments = request.app[ENTRY_CACHE_KEY]
         for svc, checks, svc_tags in _service_entries(request, store, name, idx):
             if tags and not all(t in svc_tags for t in tags):
+                continue
+            if tag_filter is not None and (tag_filter[0] in svc_tags) != tag_filter[1]:
                 continue
             if passing and any(c.status != PASSING for c in checks):
                 continue

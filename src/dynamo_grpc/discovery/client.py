@@ -26,7 +26,7 @@ from consul.callback import CB
 
 from dynamo_grpc.discovery.acl import ConsulPermissionDenied, explain
 from dynamo_grpc.discovery.config import ConsulSettings
-from dynamo_grpc.discovery.shards import shard_tags, with_shard_tag, without_shard_tags
+from dynamo_grpc.discovery.shards import UNSHARDED_FILTER, shard_tags, with_shard_tag, without_shard_tags
 from dynamo_grpc.discovery.validate import CARD_SESSION_META, CHECKSUM_KEY, SESSION_KEY, card_problem, seal_card
 
 log = logging.getLogger(__name__)
@@ -370,11 +370,17 @@ class Discovery:
         tags = list(tags or [])
         if not self.sharded_watch:
             return self._watch_query(service, tags)
-        return self._merged(service, [self._watch_query(service, [*tags, t]) for t in shard_tags()])
+        parts = [self._watch_query(service, [*tags, t]) for t in shard_tags()]
+        parts.append(self._watch_query(service, tags, UNSHARDED_FILTER))  # registered by other tools
+        return self._merged(service, parts)
 
-    async def _health_raw(self, service: str, tags: list[str], index: int, wait: str) -> tuple[int, bytes]:
+    async def _health_raw(
+        self, service: str, tags: list[str], index: int, wait: str, filter_expr: str = ""
+    ) -> tuple[int, bytes]:
         """One (blocking) health query, answered as raw bytes so that an unchanged answer is not parsed."""
         params: list[tuple[str, Any]] = [("passing", "1"), *(("tag", t) for t in tags)]
+        if filter_expr:
+            params.append(("filter", filter_expr))
         if index:
             params += [("index", index), ("wait", wait)]
 
@@ -389,13 +395,13 @@ class Discovery:
         )
         return result
 
-    def _watch_query(self, service: str, tags: list[str]) -> AsyncIterator[list[Instance]]:
+    def _watch_query(self, service: str, tags: list[str], filter_expr: str = "") -> AsyncIterator[list[Instance]]:
         digest: bytes | None = None
         view: list[Instance] = []
 
         async def fetch(index: int, wait: str) -> tuple[int, list[Instance]]:
             nonlocal digest, view
-            idx, body = await self._health_raw(service, tags, index, wait)
+            idx, body = await self._health_raw(service, tags, index, wait, filter_expr)
             new = hashlib.blake2b(body, digest_size=16).digest()
             if new != digest:  # a real agent wakes every query of the service; most answers are unchanged
                 view, digest = _instances(body), new

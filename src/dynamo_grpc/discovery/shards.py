@@ -12,8 +12,10 @@ raw answer is hashed before parsing, so an answer whose bytes did not change is 
 - a real Consul agent wakes every query of the service on any change to it (its index is per service);
   the unchanged shards then cost a hash of their bytes (~1 ms per MB), and only the changed one is parsed.
 
-Instances registered by other tools without the tag are not seen by a sharded watch; ``Discovery`` takes
-``watch_shards=0`` to watch the whole service in one query (still with the raw-bytes short-circuit).
+Every registration also carries ``dyn-sharded``, and the watch runs one more query for the instances
+*without* it (``filter=Service.Tags not contains "dyn-sharded"``, a Consul filter expression): instances
+registered by other tools (or by hand) are still seen, while that answer stays empty, and unchanged, in a
+fleet of our own. ``Discovery(sharded_watch=False)`` watches the whole service in one query instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import zlib
 
 SHARDS = 16
 SHARD_TAG = "dyn-shard="
+#: on every registration that carries a shard tag; the catch-all query asks for instances without it
+SHARDED = "dyn-sharded"
+UNSHARDED_FILTER = f'Service.Tags not contains "{SHARDED}"'
 
 
 def shard_of(instance_id: str, shards: int = SHARDS) -> int:
@@ -39,10 +44,10 @@ def shard_tags(shards: int = SHARDS) -> list[str]:
 
 
 def with_shard_tag(tags: list[str], instance_id: str, shards: int = SHARDS) -> list[str]:
-    """``tags`` plus this instance's shard tag (replacing any other shard tag)."""
-    return [t for t in tags if not t.startswith(SHARD_TAG)] + [shard_tag(instance_id, shards)]
+    """``tags`` plus this instance's shard tag (replacing any other) and the ``dyn-sharded`` marker."""
+    return [*without_shard_tags(tags), shard_tag(instance_id, shards), SHARDED]
 
 
 def without_shard_tags(tags: list[str]) -> list[str]:
     """The tags a caller registered: the shard tag is the discovery client's own business."""
-    return [t for t in tags if not t.startswith(SHARD_TAG)]
+    return [t for t in tags if not t.startswith(SHARD_TAG) and t != SHARDED]
