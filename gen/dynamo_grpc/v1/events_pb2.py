@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/events.proto\x12\x0e\x64ynamo_grpc.v1\"6\n\x0bStoredBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x04\x12\x13\n\x0btokens_hash\x18\x02 \x01(\x04\"\x8e\x01\n\x0b\x42lockStored\x12\x18\n\x0bparent_hash\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12+\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1b.dynamo_grpc.v1.StoredBlock\x12(\n\x06medium\x18\x03 \x01(\x0e\x32\x18.dynamo_grpc.v1.KvMediumB\x0e\n\x0c_parent_hash\"N\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12(\n\x06medium\x18\x02 \x01(\x0e\x32\x18.dynamo_grpc.v1.KvMedium\"\x12\n\x10\x41llBlocksCleared\"\xa6\x01\n\x07KvEvent\x12-\n\x06stored\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.BlockStoredH\x00\x12/\n\x07removed\x18\x02 \x01(\x0b\x32\x1c.dynamo_grpc.v1.BlockRemovedH\x00\x12\x33\n\x07\x63leared\x18\x03 \x01(\x0b\x32 .dynamo_grpc.v1.AllBlocksClearedH\x00\x42\x06\n\x04\x64\x61ta\"\xa0\x01\n\x0cKvEventBatch\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\'\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x17.dynamo_grpc.v1.KvEvent\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\x95\x01\n\x0bLoadMetrics\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x15\n\ractive_blocks\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\xc8\x01\n\x13\x41\x63tiveSequenceEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32\'.dynamo_grpc.v1.ActiveSequenceEventKind\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x04 \x01(\r\x12\x16\n\x0eprefill_blocks\x18\x05 \x01(\r\x12\x15\n\rdecode_blocks\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"Y\n\x0f\x41\x63tiveSequences\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x33\n\x06\x65vents\x18\x02 \x03(\x0b\x32#.dynamo_grpc.v1.ActiveSequenceEvent\"4\n\rReplayRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\tfull_dump\x18\x02 \x01(\x08\"P\n\x0eReplayResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.KvEventBatch\x12\x11\n\tfull_dump\x18\x02 \x01(\x08*c\n\x08KvMedium\x12\x19\n\x15KV_MEDIUM_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_MEDIUM_DEVICE\x10\x01\x12\x12\n\x0eKV_MEDIUM_HOST\x10\x02\x12\x12\n\x0eKV_MEDIUM_DISK\x10\x03*\xbe\x01\n\x17\x41\x63tiveSequenceEventKind\x12*\n&ACTIVE_SEQUENCE_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_ADDED\x10\x01\x12+\n\'ACTIVE_SEQUENCE_EVENT_KIND_PREFILL_DONE\x10\x02\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_FREED\x10\x03\x32^\n\x0fKvEventsService\x12K\n\x06Replay\x12\x1d.dynamo_grpc.v1.ReplayRequest\x1a\x1e.dynamo_grpc.v1.ReplayResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/events.proto\x12\x0e\x64ynamo_grpc.v1\"6\n\x0bStoredBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x04\x12\x13\n\x0btokens_hash\x18\x02 \x01(\x04\"\x8e\x01\n\x0b\x42lockStored\x12\x18\n\x0bparent_hash\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12+\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1b.dynamo_grpc.v1.StoredBlock\x12(\n\x06medium\x18\x03 \x01(\x0e\x32\x18.dynamo_grpc.v1.KvMediumB\x0e\n\x0c_parent_hash\"N\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12(\n\x06medium\x18\x02 \x01(\x0e\x32\x18.dynamo_grpc.v1.KvMedium\"\x12\n\x10\x41llBlocksCleared\"\xa6\x01\n\x07KvEvent\x12-\n\x06stored\x18\x01 \x01(\x0b\x32\x1b.dynamo_grpc.v1.BlockStoredH\x00\x12/\n\x07removed\x18\x02 \x01(\x0b\x32\x1c.dynamo_grpc.v1.BlockRemovedH\x00\x12\x33\n\x07\x63leared\x18\x03 \x01(\x0b\x32 .dynamo_grpc.v1.AllBlocksClearedH\x00\x42\x06\n\x04\x64\x61ta\"\xa0\x01\n\x0cKvEventBatch\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\'\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x17.dynamo_grpc.v1.KvEvent\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\x95\x01\n\x0bLoadMetrics\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x15\n\ractive_blocks\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x04\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"\xc8\x01\n\x13\x41\x63tiveSequenceEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32\'.dynamo_grpc.v1.ActiveSequenceEventKind\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x04 \x01(\r\x12\x16\n\x0eprefill_blocks\x18\x05 \x01(\r\x12\x15\n\rdecode_blocks\x18\x06 \x01(\r\x12\x11\n\ttimestamp\x18\x07 \x01(\x01\"k\n\x0f\x41\x63tiveSequences\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x33\n\x06\x65vents\x18\x02 \x03(\x0b\x32#.dynamo_grpc.v1.ActiveSequenceEvent\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\"4\n\rReplayRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x11\n\tfull_dump\x18\x02 \x01(\x08\"P\n\x0eReplayResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.dynamo_grpc.v1.KvEventBatch\x12\x11\n\tfull_dump\x18\x02 \x01(\x08*c\n\x08KvMedium\x12\x19\n\x15KV_MEDIUM_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_MEDIUM_DEVICE\x10\x01\x12\x12\n\x0eKV_MEDIUM_HOST\x10\x02\x12\x12\n\x0eKV_MEDIUM_DISK\x10\x03*\xbe\x01\n\x17\x41\x63tiveSequenceEventKind\x12*\n&ACTIVE_SEQUENCE_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_ADDED\x10\x01\x12+\n\'ACTIVE_SEQUENCE_EVENT_KIND_PREFILL_DONE\x10\x02\x12$\n ACTIVE_SEQUENCE_EVENT_KIND_FREED\x10\x03\x32^\n\x0fKvEventsService\x12K\n\x06Replay\x12\x1d.dynamo_grpc.v1.ReplayRequest\x1a\x1e.dynamo_grpc.v1.ReplayResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dynamo_grpc.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVMEDIUM']._serialized_start=1262
-  _globals['_KVMEDIUM']._serialized_end=1361
-  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_start=1364
-  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_end=1554
+  _globals['_KVMEDIUM']._serialized_start=1280
+  _globals['_KVMEDIUM']._serialized_end=1379
+  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_start=1382
+  _globals['_ACTIVESEQUENCEEVENTKIND']._serialized_end=1572
   _globals['_STOREDBLOCK']._serialized_start=47
   _globals['_STOREDBLOCK']._serialized_end=101
   _globals['_BLOCKSTORED']._serialized_start=104
@@ -52,11 +52,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVESEQUENCEEVENT']._serialized_start=833
   _globals['_ACTIVESEQUENCEEVENT']._serialized_end=1033
   _globals['_ACTIVESEQUENCES']._serialized_start=1035
-  _globals['_ACTIVESEQUENCES']._serialized_end=1124
-  _globals['_REPLAYREQUEST']._serialized_start=1126
-  _globals['_REPLAYREQUEST']._serialized_end=1178
-  _globals['_REPLAYRESPONSE']._serialized_start=1180
-  _globals['_REPLAYRESPONSE']._serialized_end=1260
-  _globals['_KVEVENTSSERVICE']._serialized_start=1556
-  _globals['_KVEVENTSSERVICE']._serialized_end=1650
+  _globals['_ACTIVESEQUENCES']._serialized_end=1142
+  _globals['_REPLAYREQUEST']._serialized_start=1144
+  _globals['_REPLAYREQUEST']._serialized_end=1196
+  _globals['_REPLAYRESPONSE']._serialized_start=1198
+  _globals['_REPLAYRESPONSE']._serialized_end=1278
+  _globals['_KVEVENTSSERVICE']._serialized_start=1574
+  _globals['_KVEVENTSSERVICE']._serialized_end=1668
 # @@protoc_insertion_point(module_scope)

@@ -371,8 +371,14 @@ class ActiveSequences(_message.Message):
 
     ROUTER_ID_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
     """Id of the publishing router replica."""
+    snapshot: _builtins.bool
+    """True: `events` is the publisher's whole active set (each ADDED with its current blocks), sent
+    periodically; a receiver replaces what it holds from `router_id` with it. This is how a replica
+    that starts late (or lost messages) catches up, and its absence is how a dead replica is noticed.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActiveSequenceEvent]:
         """The changes."""
@@ -382,10 +388,11 @@ class ActiveSequences(_message.Message):
         *,
         router_id: _builtins.str = ...,
         events: _abc.Iterable[Global___ActiveSequenceEvent] | None = ...,
+        snapshot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "router_id", b"router_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "router_id", b"router_id", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

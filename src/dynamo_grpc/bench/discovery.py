@@ -1,7 +1,9 @@
 """Discovery plane at scale: 1,000 instances heartbeating into consul-dev, 50 watchers.
 
 Measures (1) the time for a change (an instance joining or leaving) to reach every watcher, with
-blocking queries (ours, ``Discovery.watch``) against 1 s polling (the baseline), and (2) consul-dev's
+sharded blocking queries (ours, ``Discovery.watch``: one query per shard, see discovery/shards.py), one
+blocking query for the whole service (the client before sharding) and 1 s polling (the baseline), and
+(2) consul-dev's
 CPU per heartbeat and per second in each phase. The agent, the heartbeating fleet (a few processes,
 each one ``Discovery`` holding its share of the instances) and the watchers (spread over a few
 processes, as they would be over routers and frontends) are separate processes; arrival times use the
@@ -69,7 +71,8 @@ async def _watchers(addr: str, first: int, count: int, mode: str, poll_interval:
         print(json.dumps({"w": w, "t": time.monotonic(), "n": len(ids), "probes": probes}), flush=True)
 
     async def blocking(w: int) -> None:
-        async with Discovery(ConsulSettings.from_addr(addr), watch_wait=60) as d:
+        sharded = mode == "sharded"
+        async with Discovery(ConsulSettings.from_addr(addr), watch_wait=60, sharded_watch=sharded) as d:
             async for snap in d.watch(SERVICE):
                 report(w, {x.instance_id for x in snap})
 
@@ -82,7 +85,7 @@ async def _watchers(addr: str, first: int, count: int, mode: str, poll_interval:
                 report(w, {e["Service"]["ID"] for e in body})
                 await asyncio.sleep(poll_interval)
 
-    run = blocking if mode == "blocking" else polling
+    run = polling if mode == "polling" else blocking
     tasks = [asyncio.create_task(run(first + i)) for i in range(count)]
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     for t in tasks:
@@ -232,7 +235,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # A generous request timeout: on a loaded machine a timed-out deregistration would leave the
         # probe to its TTL and measure that instead of propagation.
         async with Discovery(ConsulSettings.from_addr(addr), request_timeout=60) as prober:
-            for mode in ("blocking", "polling"):
+            for mode in args.modes.split(","):
                 group = WatcherGroup(args.watchers)
                 t0 = time.monotonic()
                 await group.start(addr, procs, mode, args.poll_interval)
@@ -279,22 +282,24 @@ def plot(result: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = {"sharded": "sharded blocking queries (ours)", "blocking": "one blocking query (before)",
+             "polling": f"polling every {result['poll_interval_s']:g} s"}
     for name, ph in result["phases"].items():
         xs = sorted(ph["latencies_ms"])
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        label = "blocking queries (ours)" if name == "blocking" else f"polling every {result['poll_interval_s']:g} s"
+        label = names.get(name, name)
         ax1.plot(xs, ys, label=f"{label}: p50 {ph['p50_ms']:.0f} ms, p99 {ph['p99_ms']:.0f} ms")
     ax1.set_xlabel("change -> watcher latency (ms)")
     ax1.set_ylabel("fraction of (change, watcher) pairs")
     ax1.set_title(f"{result['instances']} instances, {result['watchers']} watchers")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
-    b, pl = result["phases"]["blocking"], result["phases"]["polling"]
-    labels = ["heartbeats\nonly", "blocking\nquiet", "polling\nquiet", "blocking\nchanges", "polling\nchanges"]
-    agent = [result["agent_heartbeat_cpu_pct"], b["quiet_agent_cpu_pct"], pl["quiet_agent_cpu_pct"],
-             b["agent_cpu_pct"], pl["agent_cpu_pct"]]
-    watchers = [0.0, b["quiet_watchers_cpu_pct"], pl["quiet_watchers_cpu_pct"], b["watchers_cpu_pct"],
-                pl["watchers_cpu_pct"]]
+    phases = result["phases"]
+    labels = ["heartbeats\nonly"] + [f"{n}\nquiet" for n in phases] + [f"{n}\nchanges" for n in phases]
+    agent = ([result["agent_heartbeat_cpu_pct"]] + [ph["quiet_agent_cpu_pct"] for ph in phases.values()]
+             + [ph["agent_cpu_pct"] for ph in phases.values()])
+    watchers = ([0.0] + [ph["quiet_watchers_cpu_pct"] for ph in phases.values()]
+                + [ph["watchers_cpu_pct"] for ph in phases.values()])
     pos = range(len(labels))
     ax2.bar([x - 0.2 for x in pos], agent, width=0.4, label="consul-dev", color="#48c")
     ax2.bar([x + 0.2 for x in pos], watchers, width=0.4, label="50 watchers (all processes)", color="#c84")
@@ -321,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--changes", type=int, default=6, help="changes per phase (joins and leaves alternate)")
     p.add_argument("--gap", type=float, default=0.3, help="seconds between changes")
     p.add_argument("--poll-interval", type=float, default=1.0, help="baseline watchers' polling period")
+    p.add_argument("--modes", default="sharded,blocking,polling",
+                   help="phases, in order: sharded (ours), blocking (one query per watcher), polling")
     p.add_argument("--heartbeat-window", type=float, default=6.0)
     p.add_argument("--quiet-window", type=float, default=4.0, help="seconds watched with no changes")
     p.add_argument("--json", type=Path, default=default_results_dir() / "discovery.json")

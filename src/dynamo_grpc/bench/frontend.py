@@ -92,9 +92,10 @@ async def via_frontend(stub: pb_grpc.GRPCInferenceServiceStub, model: str, i: in
 
 
 async def via_decode(stub: worker_pb2_grpc.DecodeServiceStub, model: str, ids: list[int], i: int) -> int:
+    """One Decode call; returns how many messages it took."""
     n = 0
     async for resp in stub.Decode(decode_request(model, ids, i)):
-        n += len(resp.token_ids)
+        n += 1
         if resp.finish_reason:
             return n
     raise RuntimeError("decode ended without a finish")
@@ -142,11 +143,14 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, int]) -> dict[str, Any]:
     counter = itertools.count()
     lat: list[float] = []
+    messages = 0  # responses (or Decode messages) the client received: each is a write in the server
 
     async def lane(k: int) -> None:
+        nonlocal messages
         while (i := next(counter)) < requests:
             t0 = time.perf_counter()
-            await call(i, k)
+            n = await call(i, k)
+            messages += n  # (not `messages += await ...`: that reads the total before the await)
             lat.append(time.perf_counter() - t0)
 
     for i in range(min(20, requests)):  # warm channels, router, tokenizer caches
@@ -166,6 +170,7 @@ async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, i
         "p50_ms": q[49] * 1e3,
         "p99_ms": q[98] * 1e3,
         "mean_ms": statistics.fmean(lat) * 1e3,
+        "messages_per_request": round(messages / max(1, len(lat)), 2),
         "cpu_ms_per_request": {k: round((cpu1[k] - cpu0[k]) / len(lat) * 1e3, 3) for k in cpu0},
     }
 
@@ -195,7 +200,8 @@ def serve_passthrough(workers: list[str]) -> None:
 def start_frontend(
     mesh: Mesh, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Another frontend on the mesh's workers (its own flags and environment); returns it and its address."""
+    """Another frontend on the mesh's workers (its own flags and environment); returns it and its address.
+    With ``--replicas N`` it is the supervisor; ``replica_pids`` reads its replicas' pids."""
     ready = tmp / f"{name}.json"
     cmd = [
         sys.executable, "-m", "dynamo_grpc.cli", "frontend", "--consul", mesh.consul,
@@ -211,6 +217,12 @@ def start_frontend(
         time.sleep(0.1)
     address: str = json.loads(ready.read_text())["grpc_address"]
     return proc, address
+
+
+def replica_pids(tmp: Path, name: str) -> list[int]:
+    """The pids of a `--replicas N` frontend's replicas (from the instance ids in its ready file)."""
+    data = json.loads((tmp / f"{name}.json").read_text())
+    return [int(r["instance_id"].rsplit("-", 2)[1]) for r in data.get("replicas", [])]
 
 
 def start_service_frontend(mesh: Mesh, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -258,7 +270,11 @@ async def run(
     channels: list[grpc.aio.Channel] = []
 
     def stubs(address: str, cls: Any) -> list[Any]:
-        new = [grpc.aio.insecure_channel(address) for _ in range(args.channels)]
+        # a connection per channel: gRPC would otherwise share one subchannel among equal channels, putting
+        # every stream on one connection (past the frontend's --max-concurrent-streams 100 at 64 lanes plus
+        # 64 requests, and on one replica of a --replicas frontend)
+        new = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+               for _ in range(args.channels)]
         channels.extend(new)
         return [cls(c) for c in new]
 
@@ -278,11 +294,28 @@ async def run(
     def stream_per_request(pool: list[Any]) -> Call:
         return lambda i, k: via_frontend(pool[i % len(pool)], model, i)
 
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     paths: dict[str, Call] = {"direct": decode_via(wk), "passthrough": decode_via(px)}
     paths.update({name: stream_per_request(pool) for name, pool in fe.items()})
+    paths = {n: c for n, c in paths.items() if wanted(n)}
     out: dict[str, Any] = {"workers": len(workers), "prompt_tokens": len(ids), "output_tokens": OUT_TOKENS}
-    out["latency"] = {name: await measure(call, args.latency_requests, 1, pids) for name, call in paths.items()}
-    lanes = {name: [LaneStream(pool[k % len(pool)]) for k in range(args.concurrency)] for name, pool in fe.items()}
+    # concurrency 1 in interleaved rounds too (median by p50), each round's CPU kept for the ratios' spread
+    lat_rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+    for _ in range(args.latency_rounds):
+        for name, call in paths.items():
+            lat_rounds[name].append(await measure(call, args.latency_requests, 1, pids))
+    out["latency"] = {}
+    for name, runs in lat_rounds.items():
+        cpu_rounds = [r["cpu_ms_per_request"] for r in runs]
+        runs.sort(key=lambda r: r["p50_ms"])
+        out["latency"][name] = {**runs[len(runs) // 2], "rounds_p50_ms": [r["p50_ms"] for r in runs],
+                                "rounds_cpu_ms_per_request": cpu_rounds}
+    lanes = {name: [LaneStream(pool[k % len(pool)]) for k in range(args.concurrency)]
+             for name, pool in fe.items() if wanted(f"{name}_lanes")}
     for name, streams in lanes.items():
 
         def lane_call(i: int, k: int, streams: list[LaneStream] = streams) -> Awaitable[int]:
@@ -297,14 +330,17 @@ async def run(
             rounds[name].append(await measure(call, args.requests, args.concurrency, pids))
     out["throughput"] = {}
     for name, runs in rounds.items():
+        cpu_rounds = [r["cpu_ms_per_request"] for r in runs]
         runs.sort(key=lambda r: r["requests_per_s"])
-        out["throughput"][name] = {**runs[len(runs) // 2], "rounds_requests_per_s": [r["requests_per_s"] for r in runs]}
+        out["throughput"][name] = {**runs[len(runs) // 2], "rounds_requests_per_s": [r["requests_per_s"] for r in runs],
+                                   "rounds_cpu_ms_per_request": cpu_rounds}
     for streams in lanes.values():
         for lane in streams:
             await lane.close()
-    base = out["latency"]["direct"]
-    out["added_p50_ms"] = {n: r["p50_ms"] - base["p50_ms"] for n, r in out["latency"].items() if n != "direct"}
-    out["added_p99_ms"] = {n: r["p99_ms"] - base["p99_ms"] for n, r in out["latency"].items() if n != "direct"}
+    base = out["latency"].get("direct")
+    if base is not None:
+        out["added_p50_ms"] = {n: r["p50_ms"] - base["p50_ms"] for n, r in out["latency"].items() if n != "direct"}
+        out["added_p99_ms"] = {n: r["p99_ms"] - base["p99_ms"] for n, r in out["latency"].items() if n != "direct"}
     out["targets"] = {"requests_per_s": 500, "added_p50_ms": 2.0, "tracing_off_cpu_overhead_pct": 2.0}
     out["tracing"] = tracing_cost(out)
     for c in channels:
@@ -333,6 +369,36 @@ def tracing_cost(out: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def frontend_cpu(row: dict[str, Any], name: str) -> float:
+    """CPU ms per request of the frontend process(es) that served ``name`` (all replicas of a replica row)."""
+    proc = name.removesuffix("_lanes").replace("_", "-")
+    proc = "frontend" if proc == "frontend-kv" else proc
+    cpu = row["cpu_ms_per_request"]
+    return float(sum(v for k, v in cpu.items() if k == proc or k.startswith(proc + "#")))
+
+
+def floor_ratios(out: dict[str, Any]) -> dict[str, Any]:
+    """Frontend CPU per request over the do-nothing forwarder's, at concurrency 1 and at --concurrency
+    (per-request streams), for every frontend row: the ratio of each interleaved round (the forwarder's CPU
+    in the same round), their median and range. The issue's target is <= 1.5."""
+    res: dict[str, Any] = {}
+    for phase in ("latency", "throughput"):
+        rows = out[phase]
+        if "passthrough" not in rows:
+            continue
+        floors = [c["passthrough"] for c in rows["passthrough"]["rounds_cpu_ms_per_request"]]
+        phase_res: dict[str, Any] = {"passthrough_cpu_ms_rounds": floors}
+        for n, r in rows.items():
+            if not n.startswith("frontend") or n.endswith("_lanes") or n == "frontend_kv_service":
+                continue
+            cpus = [frontend_cpu({"cpu_ms_per_request": c}, n) for c in r["rounds_cpu_ms_per_request"]]
+            ratios = sorted(round(c / f, 2) for c, f in zip(cpus, floors, strict=True) if f)
+            phase_res[n] = {"cpu_ms_rounds": cpus, "cpu_ms_median": statistics.median(cpus),
+                            "ratio_median": statistics.median(ratios) if ratios else None, "ratio_rounds": ratios}
+        res[phase] = phase_res
+    return res
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -356,11 +422,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     b.bar([i + 0.2 for i in x], [lat[n]["p99_ms"] for n in lnames], 0.4, label="p99")
     b.set_xticks(list(x), [n.replace("_", "\n", 1) for n in lnames], fontsize=7)
     b.set_ylabel("request latency, ms, one at a time")
-    added = result["added_p50_ms"]
+    added = result.get("added_p50_ms", {})
     b.set_title(
-        f"added p50: kv {added['frontend_kv']:.2f} ms, kv-service {added['frontend_kv_service']:.2f} ms, "
-        f"passthrough {added['passthrough']:.2f} ms",
-        fontsize=9,
+        "added p50: " + ", ".join(f"{n} {v:.2f} ms" for n, v in added.items() if not n.startswith("frontend_trace")),
+        fontsize=7,
     )
     b.legend()
     fig.tight_layout()
@@ -375,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="per path and round at --concurrency")
     p.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds; the median is reported")
     p.add_argument("--latency-requests", type=int, default=300)
+    p.add_argument("--latency-rounds", type=int, default=1, help="interleaved rounds at concurrency 1")
+    p.add_argument("--only", default="", help="measure only these paths (comma list, e.g. passthrough,frontend_kv)")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--speedup-ratio", type=float, default=1e6)
@@ -385,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure a frontend run from this source tree (e.g. a checkout without tracing: its src/)",
     )
     p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
+    p.add_argument("--replica-rows", type=int, default=0, metavar="N",
+                   help="also measure a `frontend --replicas N` (CPU summed over its replicas)")
     p.add_argument("--serve-passthrough", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_passthrough:
@@ -410,11 +479,19 @@ def main(argv: list[str] | None = None) -> int:
             pids["frontend-kv-service"] = fe_proc.pid
             pids["passthrough"] = forwarder.pid
             extra: dict[str, str] = {}
-            rows = {} if args.no_tracing_rows else tracing_frontends(Path(tmp), args.baseline_src)
+            rows = tracing_frontends(Path(tmp), args.baseline_src)
+            if args.no_tracing_rows:
+                rows = {k: v for k, v in rows.items() if not k.startswith("frontend_trace")}
+            if args.replica_rows > 1:
+                rows[f"frontend_replicas{args.replica_rows}"] = (["--replicas", str(args.replica_rows)], {})
             for name, (fe_args, env) in rows.items():
                 proc, extra[name] = start_frontend(mesh, Path(tmp), name, fe_args, env)
                 started.append(proc)
-                pids[name.replace("_", "-")] = proc.pid
+                kids = replica_pids(Path(tmp), name)
+                for k, pid in enumerate(kids):  # a supervisor: count its replicas' CPU
+                    pids[f"{name.replace('_', '-')}#{k}"] = pid
+                if not kids:
+                    pids[name.replace("_", "-")] = proc.pid
             result = asyncio.run(run(args, mesh, passthrough, fe_service, pids, extra))
         finally:
             for proc in started:
@@ -426,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     result["cpu_count"] = os.cpu_count()
     result["concurrency"] = args.concurrency
+    result["floor_ratio"] = floor_ratios(result)
+    result["settings"] = {"requests": args.requests, "rounds": args.rounds, "latency_requests": args.latency_requests,
+                          "latency_rounds": args.latency_rounds, "baseline_src": args.baseline_src,
+                          "replica_rows": args.replica_rows, "only": args.only}
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))
     print(json.dumps(result, indent=2))

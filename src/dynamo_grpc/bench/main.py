@@ -28,6 +28,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "security": ("dynamo_grpc.bench.security", "mTLS + CURVE vs plaintext: request latency and start-up (mocker)"),
     "kvbm": ("dynamo_grpc.bench.kvbm", "KV tiers: multi-turn TTFT, G1 vs +G2 host vs +G3 disk; torch onboard"),
     "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
+    "replay-replicas": (
+        "dynamo_grpc.bench.replay_replicas",
+        "trace replay through 1 frontend vs 2 replicas with and without router replica sync",
+    ),
 }
 #: what `all` passes the replay beyond --trace/--json: all three policies on a slice of the trace
 REPLAY_ALL_ARGS = ["--compare", "--limit", "500", "--speedup", "10"]

@@ -61,6 +61,8 @@ class ReplayConfig:
     frontend_args: list[str] = field(default_factory=list)
     request_timeout_s: float = 600.0
     log_dir: str | None = None
+    #: client connections (a `frontend --replicas N` spreads connections, not requests, over its replicas)
+    channels: int = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--router-arg", action="append", default=[], metavar="ARG", help="extra router argument")
     p.add_argument("--frontend-arg", action="append", default=[], metavar="ARG", help="extra frontend argument")
     p.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline, wall seconds")
+    p.add_argument(
+        "--channels", type=int, default=4, help="client connections to the frontend (replicas share by connection)"
+    )
     p.add_argument("--log-dir", default=None, help="keep the mesh's process logs here")
     p.add_argument(
         "--json", type=Path, default=default_results_dir() / "replay.json", help="write the report here"
@@ -160,7 +165,13 @@ async def _drive(address: str, model: str | None, trace: Trace, cfg: ReplayConfi
     finally:
         await probe.close()
     driver = Driver(
-        DriverConfig(address, name, time_scale=cfg.speedup * cfg.rate_scale, request_timeout_s=cfg.request_timeout_s)
+        DriverConfig(
+            address,
+            name,
+            time_scale=cfg.speedup * cfg.rate_scale,
+            request_timeout_s=cfg.request_timeout_s,
+            channels=cfg.channels,
+        )
     )
     try:
         await driver.wait_ready()
@@ -337,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         frontend_args=args.frontend_arg,
         request_timeout_s=args.request_timeout,
         log_dir=args.log_dir,
+        channels=args.channels,
     )
     trace = capped(load_trace(args.trace, args.format, args.limit), cfg.max_input_tokens, cfg.max_output_tokens)
     bound = infinite_cache_bound(trace, cfg.engine_block_size)

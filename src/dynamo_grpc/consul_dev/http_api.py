@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -147,13 +148,15 @@ class _Encoded:
     """One encoded answer, gzipped at most once however many watchers fetch it (Consul, too, gzips
     its HTTP API answers for clients that accept it)."""
 
-    def __init__(self, index: int, body: bytes) -> None:
-        self.index, self.body = index, body
+    def __init__(self, changed: int, body: bytes, index: int | None = None) -> None:
+        # ``changed`` is the X-Consul-Index answered; ``index`` the store index the answer was built at.
+        self.changed, self.body = changed, body
+        self.index = changed if index is None else index
         self._gz: bytes | None = None
 
     def response(self, request: web.Request) -> web.Response:
         headers = {
-            "X-Consul-Index": str(max(1, self.index)),
+            "X-Consul-Index": str(max(1, self.changed)),
             "X-Consul-KnownLeader": "true",
             "X-Consul-LastContact": "0",
         }
@@ -169,7 +172,10 @@ class _Encoded:
 ENTRY_CACHE_KEY: web.AppKey[dict[str, tuple[tuple[int, tuple[tuple[str, int], ...]], bytes]]] = web.AppKey(
     "entry_cache", dict
 )
-HEALTH_CACHE_KEY: web.AppKey[dict[tuple[str, bool, tuple[str, ...], tuple[str, int]], _Encoded]] = web.AppKey(
+SERVICE_ENTRIES_KEY: web.AppKey[dict[str, tuple[int, list[tuple[Service, list[Check], frozenset[str]]]]]] = (
+    web.AppKey("service_entries", dict)
+)
+HEALTH_CACHE_KEY: web.AppKey[dict[tuple[Any, ...], _Encoded]] = web.AppKey(
     "health_cache", dict
 )
 
@@ -510,23 +516,83 @@ async def health_service(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     name = request.match_info["name"]
     passing = _bool_param(request, "passing")
-    tags = [t.lower() for t in request.query.getall("tag", [])]
+    tags = tuple(t.lower() for t in request.query.getall("tag", []))
+    tag_filter = _tag_filter(request.query.get("filter", ""))
     index, wait = _blocking(request)
-    await store.block(lambda: store.service_index(name), index, wait)
-    idx = store.service_index(name)
-    # Many watchers of one service wake together at the same index: encode that answer once.
-    cache = request.app[HEALTH_CACHE_KEY]
     authz = _authz(request)
-    key = (name, passing, tuple(tags), authz.identity)
+
+    def current() -> int:
+        return _health_answer(request, store, authz, name, passing, tags, tag_filter).changed
+
+    # A blocking query returns when *its* answer changes, not when any instance of the service does:
+    # a watcher of one tag (one shard, one model) sleeps through changes to the others.
+    await store.block(current, index, wait)
+    return _health_answer(request, store, authz, name, passing, tags, tag_filter).response(request)
+
+
+_TAG_FILTER = re.compile(
+    r'^\s*(?:Service\.Tags\s+(?P<neg1>not\s+)?contains\s+"(?P<t1>[^"\\]*)"'
+    r'|"(?P<t2>[^"\\]*)"\s+(?P<neg2>not\s+)?in\s+Service\.Tags)\s*$'
+)
+
+
+def _tag_filter(expr: str) -> tuple[str, bool] | None:
+    """Consul's ``filter`` for health queries, the one form consul-dev evaluates: a tag in (or not in)
+    ``Service.Tags`` -> (tag, wanted). Anything else is refused (400), never ignored."""
+    if not expr:
+        return None
+    m = _TAG_FILTER.match(expr)
+    if m is None:
+        raise ConsulError(
+            400,
+            f"Failed to create boolean expression evaluator: consul-dev evaluates only "
+            f'Service.Tags [not] contains "tag" (or "tag" [not] in Service.Tags), not {expr!r}',
+        )
+    if m.group("t1") is not None:
+        return m.group("t1").lower(), m.group("neg1") is None
+    return m.group("t2").lower(), m.group("neg2") is None
+
+
+def _service_entries(
+    request: web.Request, store: Store, name: str, idx: int
+) -> list[tuple[Service, list[Check], frozenset[str]]]:
+    """``store.service_entries`` with lower-cased tags, once per service index for every query of the
+    service (a sharded watch asks 16 differently filtered questions per change)."""
+    cache = request.app[SERVICE_ENTRIES_KEY]
+    hit = cache.get(name)
+    if hit is None or hit[0] != idx:
+        if len(cache) > 1024:
+            cache.clear()
+        rows = [(svc, checks, frozenset(t.lower() for t in svc.tags)) for svc, checks in store.service_entries(name)]
+        cache[name] = hit = (idx, rows)
+    return hit[1]
+
+
+def _health_answer(
+    request: web.Request,
+    store: Store,
+    authz: Authorizer,
+    name: str,
+    passing: bool,
+    tags: tuple[str, ...],
+    tag_filter: tuple[str, bool] | None = None,
+) -> _Encoded:
+    """The encoded answer of one health query at the service's current index, built once for all the
+    watchers that ask (they wake together), with ``changed`` = the index at which its bytes last changed."""
+    idx = store.service_index(name)
+    cache = request.app[HEALTH_CACHE_KEY]
+    key = (name, passing, tags, tag_filter, authz.identity)
     hit = cache.get(key)
     if hit is not None and hit.index == idx:
-        return hit.response(request)
+        return hit
     parts: list[bytes] = []
     # Consul filters what the token may not read: the service (service:read) on a node (node:read).
     if authz.allows("service", Access.READ, name) and authz.allows("node", Access.READ, store.node):
         fragments = request.app[ENTRY_CACHE_KEY]
-        for svc, checks in store.service_entries(name):
-            if tags and not all(t in {x.lower() for x in svc.tags} for t in tags):
+        for svc, checks, svc_tags in _service_entries(request, store, name, idx):
+            if tags and not all(t in svc_tags for t in tags):
+                continue
+            if tag_filter is not None and (tag_filter[0] in svc_tags) != tag_filter[1]:
                 continue
             if passing and any(c.status != PASSING for c in checks):
                 continue
@@ -544,10 +610,14 @@ async def health_service(request: web.Request) -> web.Response:
             parts.append(cached[1])
         if len(fragments) > 4 * len(store.services) + 1024:
             fragments.clear()
-    if len(cache) > 1024:
-        cache.clear()
-    cache[key] = encoded = _Encoded(idx, b"[" + b", ".join(parts) + b"]")
-    return encoded.response(request)
+    if len(cache) > 4096:
+        cache.clear()  # forgetting only costs watchers one spurious wake-up (changed = idx below)
+    body = b"[" + b", ".join(parts) + b"]"
+    # Same bytes as the previous answer to this query: keep the index at which they last changed, so
+    # blocked watchers of it stay asleep. The index never goes backwards for a client (idx only grows).
+    changed = hit.changed if hit is not None and hit.body == body else idx
+    cache[key] = encoded = _Encoded(changed, body, index=idx)
+    return encoded
 
 
 async def catalog_services(request: web.Request) -> web.Response:
@@ -769,6 +839,7 @@ def build_app(store: Store, acl: ACL | None = None) -> web.Application:
     app[ACL_KEY] = acl
     app[HEALTH_CACHE_KEY] = {}
     app[ENTRY_CACHE_KEY] = {}
+    app[SERVICE_ENTRIES_KEY] = {}
     r = app.router
     r.add_put("/v1/agent/service/register", service_register)
     r.add_put("/v1/agent/service/deregister/{service_id}", service_deregister)

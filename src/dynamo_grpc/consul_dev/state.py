@@ -243,7 +243,9 @@ class Store:
                 return
             changed = self._changed
             try:
-                await asyncio.wait_for(changed.wait(), remaining)
+                # asyncio.timeout, not wait_for: no task per wake-up (a change wakes every blocked reader)
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
             except TimeoutError:
                 return
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import json
 import logging
 import random
@@ -20,9 +22,11 @@ from typing import Any, TypeVar
 import aiohttp
 import consul
 import consul.aio
+from consul.callback import CB
 
 from dynamo_grpc.discovery.acl import ConsulPermissionDenied, explain
 from dynamo_grpc.discovery.config import ConsulSettings
+from dynamo_grpc.discovery.shards import UNSHARDED_FILTER, shard_tags, with_shard_tag, without_shard_tags
 from dynamo_grpc.discovery.validate import CARD_SESSION_META, CHECKSUM_KEY, SESSION_KEY, card_problem, seal_card
 
 log = logging.getLogger(__name__)
@@ -110,9 +114,13 @@ def _instance_from_entry(entry: dict[str, Any]) -> Instance:
         instance_id=svc["ID"],
         address=svc.get("Address") or node.get("Address", ""),
         port=int(svc.get("Port") or 0),
-        tags=list(svc.get("Tags") or []),
+        tags=without_shard_tags(list(svc.get("Tags") or [])),
         meta=dict(svc.get("Meta") or {}),
     )
+
+
+def _instances(body: bytes) -> list[Instance]:
+    return sorted((_instance_from_entry(e) for e in json.loads(body) or []), key=lambda i: i.instance_id)
 
 
 class Discovery:
@@ -125,13 +133,17 @@ class Discovery:
         watch_wait: float = 30.0,
         request_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.05, 5.0),
+        sharded_watch: bool = True,
     ) -> None:
         self.settings = settings or ConsulSettings()
         self.watch_wait = watch_wait
         self.backoff = backoff
+        self.sharded_watch = sharded_watch  # see shards.py
         self._ctl = self._client(request_timeout)
         # Blocking queries hang for up to wait + wait/16 (Consul's jitter); give them room beyond that.
-        self._watch = self._client(watch_wait * 17 / 16 + request_timeout)
+        # A sharded watch holds one connection per shard: lift aiohttp's default cap of 100.
+        self._watch = self._client(watch_wait * 17 / 16 + request_timeout, limit=4096)
+        self.parsed_entries = 0  # health entries parsed by watches (unchanged answers are skipped), for benches
         self._regs: dict[str, _Registration] = {}
         self.heartbeats = 0  # TTL passes sent, for metrics and benches
 
@@ -139,7 +151,7 @@ class Discovery:
     def from_env(cls, **kwargs: Any) -> Discovery:
         return cls(ConsulSettings.from_env(), **kwargs)
 
-    def _client(self, timeout: float) -> consul.aio.Consul:
+    def _client(self, timeout: float, limit: int | None = None) -> consul.aio.Consul:
         s = self.settings
         client = consul.aio.Consul(
             host=s.host,
@@ -148,6 +160,7 @@ class Discovery:
             verify=s.verify,
             cert=s.cert,
             connections_timeout=timeout,
+            connections_limit=limit,
         )
         client.token = s.token  # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we do not
         return client
@@ -205,7 +218,7 @@ class Discovery:
             service_id=inst.instance_id,
             address=inst.address or None,
             port=inst.port or None,
-            tags=list(inst.tags) or None,
+            tags=with_shard_tag(list(inst.tags), inst.instance_id),
             meta=dict(inst.meta) or None,
             check=check,
         )
@@ -352,17 +365,85 @@ class Discovery:
 
     def watch(self, service: str, tags: list[str] | None = None) -> AsyncIterator[list[Instance]]:
         """Snapshots of the passing instances of ``service`` (having all ``tags``), sorted by ID. Each
-        snapshot is one complete answer from the agent; nothing is yielded while it is unreachable."""
+        snapshot is one complete answer from the agent (per shard, see shards.py); nothing is yielded
+        while it is unreachable."""
+        tags = list(tags or [])
+        if not self.sharded_watch:
+            return self._watch_query(service, tags)
+        parts = [self._watch_query(service, [*tags, t]) for t in shard_tags()]
+        parts.append(self._watch_query(service, tags, UNSHARDED_FILTER))  # registered by other tools
+        return self._merged(service, parts)
+
+    async def _health_raw(
+        self, service: str, tags: list[str], index: int, wait: str, filter_expr: str = ""
+    ) -> tuple[int, bytes]:
+        """One (blocking) health query, answered as raw bytes so that an unchanged answer is not parsed."""
+        params: list[tuple[str, Any]] = [("passing", "1"), *(("tag", t) for t in tags)]
+        if filter_expr:
+            params.append(("filter", filter_expr))
+        if index:
+            params += [("index", index), ("wait", wait)]
+
+        def answer(response: Any) -> tuple[int, bytes]:
+            CB._status(response, allow_404=False)
+            return int(response.headers.get("X-Consul-Index", 0)), response.body
+
+        http = self._watch.http
+        headers = self._watch.prepare_headers(None)
+        result: tuple[int, bytes] = await http.get(
+            answer, f"/v1/health/service/{service}", params=params, headers=headers, raw=True
+        )
+        return result
+
+    def _watch_query(self, service: str, tags: list[str], filter_expr: str = "") -> AsyncIterator[list[Instance]]:
+        digest: bytes | None = None
+        view: list[Instance] = []
 
         async def fetch(index: int, wait: str) -> tuple[int, list[Instance]]:
-            idx, entries = await self._watch.health.service(
-                service, index=index or None, wait=wait, passing=True, tag=list(tags) if tags else None
-            )
-            return int(idx), sorted(
-                (_instance_from_entry(e) for e in entries or []), key=lambda i: i.instance_id
-            )
+            nonlocal digest, view
+            idx, body = await self._health_raw(service, tags, index, wait, filter_expr)
+            new = hashlib.blake2b(body, digest_size=16).digest()
+            if new != digest:  # a real agent wakes every query of the service; most answers are unchanged
+                view, digest = _instances(body), new
+                self.parsed_entries += len(view)
+            return idx, view
 
-        return self._blocking_loop(fetch, service)
+        return self._blocking_loop(fetch, f"{service}{tags or ''}")
+
+    async def _merged(self, service: str, parts: list[AsyncIterator[list[Instance]]]) -> AsyncIterator[list[Instance]]:
+        """Merge per-shard watches: yield once every shard has answered, then on every change."""
+        views: dict[int, list[Instance]] = {}
+        changed = asyncio.Event()
+        failure: list[BaseException] = []
+
+        async def follow(k: int, part: AsyncIterator[list[Instance]]) -> None:
+            try:
+                async for view in part:
+                    views[k] = view
+                    changed.set()
+            except Exception as exc:  # surfaces in the consumer instead of silently freezing one shard
+                failure.append(exc)
+                changed.set()
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(follow(k, p), name=f"watch:{service}:{k}") for k, p in enumerate(parts)]
+        last: list[Instance] | None = None
+        try:
+            while True:
+                await changed.wait()
+                changed.clear()
+                if failure:
+                    raise failure[0]
+                if len(views) < len(parts):
+                    continue
+                merged = sorted(itertools.chain.from_iterable(views.values()), key=lambda i: i.instance_id)
+                if merged != last:
+                    last = merged
+                    yield merged
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _blocking_loop(
         self, fetch: Callable[[int, str], Awaitable[tuple[int, T]]], what: str

@@ -18,6 +18,7 @@ from dynamo_grpc import errors
 from dynamo_grpc.discovery import Discovery
 from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.events.curve import CurveConfig
+from dynamo_grpc.events.sockets import BoundPub
 from dynamo_grpc.frontend.routing import Pick, WorkerEndpoint
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.metrics import RouterMetrics
@@ -39,8 +40,12 @@ class EmbeddedKvRouter:
         ready_timeout_s: float = 10.0,
         curve: CurveConfig | None = None,
         view: WorkerView | None = None,
+        replica_sync: BoundPub | None = None,
     ) -> None:
         config.validate()
+        #: with replica sync: the PUB (advertised in this frontend's Consul Meta) on which every model's
+        #: node publishes its active sequences; the nodes follow the other `dynamo-frontend`s'
+        self.replica_sync = replica_sync
         self._view = view
         self._curve = curve
         self._discovery = discovery
@@ -67,9 +72,11 @@ class EmbeddedKvRouter:
                 f"{self._router_id}/{model}",
                 self._bind_host,
                 self.metrics,
-                share_active=False,
+                share_active=self.replica_sync is not None,
                 curve=self._curve,
                 view=self._view,
+                peer_service="dynamo-frontend",
+                shared_pub=self.replica_sync,
             )
             n.start()
             self.nodes[model] = n
@@ -139,3 +146,5 @@ class EmbeddedKvRouter:
         await asyncio.gather(*(n.close() for n in self.nodes.values()), return_exceptions=True)
         self.nodes.clear()
         self._owner.clear()
+        if self.replica_sync is not None:
+            self.replica_sync.close()

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.limits import Limits, add_limit_flags
 from dynamo_grpc.frontend.models import ModelRegistry
 from dynamo_grpc.frontend.pipeline import Pipeline
+from dynamo_grpc.frontend.replicas import (
+    REPLICA_WARMUP_S,
+    add_replica_flags,
+    check_replica_args,
+    run_replicas,
+    verify_group,
+    wait_for_models,
+)
 from dynamo_grpc.frontend.routing import KvRouterClient, Router
 from dynamo_grpc.frontend.stats import StatsBook
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_flags(p)  # --- limits and auth: frontend/limits.py ---
     add_tls_flags(p, public=True)  # KServe gRPC, OpenAI HTTP and /metrics; --tls-client-auth for clients
     add_address_flags(p)
+    add_replica_flags(p)  # --replicas, --router-replica-sync: frontend/replicas.py
     return env_defaults(p)
 
 
@@ -157,12 +167,20 @@ async def serve(args: argparse.Namespace) -> int:
     instance_id = f"frontend-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     router: Router
     embedded: EmbeddedKvRouter | None = None
+    advertised = advertise_host(args.host, args.advertise_host)
+    sync_pub = None
     if args.router_mode == "kv-service":
         router = KvRouterClient(router_addr, skipped=lambda: set(view.skipped()))
     else:  # kv, round-robin, random: the router core in this process, with every --router-* flag
         cfg = router_config_from_args(args, namespace=args.namespace)
+        if args.router_replica_sync:  # one PUB for every model's embedded router (router/replicas.py)
+            import zmq.asyncio
+
+            from dynamo_grpc.events.sockets import bind_pub
+
+            sync_pub = bind_pub(zmq.asyncio.Context.instance(), args.host, 0, curve=args.zmq_curve)
         router = embedded = EmbeddedKvRouter(
-            discovery, cfg, instance_id, args.host, curve=args.zmq_curve, view=view
+            discovery, cfg, instance_id, args.host, curve=args.zmq_curve, view=view, replica_sync=sync_pub
         )
     limits: Limits = getattr(args, "limits", None) or Limits.from_args(args)
     pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits)
@@ -170,7 +188,7 @@ async def serve(args: argparse.Namespace) -> int:
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
 
     tls: TlsConfig | None = args.tls
-    advertised = advertise_host(args.host, args.advertise_host)
+    reuse = bool(args.replica_group)  # a replica of `--replicas N` shares the ports (frontend/replicas.py)
     server = GrpcServer(
         ServerOptions(
             args.host,
@@ -181,15 +199,18 @@ async def serve(args: argparse.Namespace) -> int:
             tls=tls,
             public=True,
             health_port=args.health_port,
+            reuse_port=reuse,
         )
     )
     server.add(
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
     )
+    tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
+    if args.replica_group:  # the kernel hands a listening replica connections at once: know the models first
+        await wait_for_models(registry, REPLICA_WARMUP_S)
     grpc_address = with_host(await server.start(), advertised)
     procstats.register()  # tasks, fds, RSS on /metrics (prometheus_client's registry): what a soak run checks
     procstats.register_view(view)  # dynamo_discovery_skipped_workers{source} on /metrics
-    tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
     if args.router_mode == "kv-service" and not args.router:
         tasks.append(asyncio.create_task(router_addr.watch(discovery), name="watch-routers"))
     if embedded is not None:
@@ -202,7 +223,9 @@ async def serve(args: argparse.Namespace) -> int:
         scheme = "https" if tls is not None else "http"
         if args.http_port >= 0:
             ctx = tls.ssl_context_server(public=True) if tls is not None else None
-            runner, http_address = await start_http(args.host, args.http_port, pipeline, stats, ssl_context=ctx)
+            runner, http_address = await start_http(
+                args.host, args.http_port, pipeline, stats, ssl_context=ctx, reuse_port=reuse
+            )
             http_address = with_host(http_address, advertised)
             runners.append(runner)
         if args.metrics_port >= 0:
@@ -224,6 +247,9 @@ async def serve(args: argparse.Namespace) -> int:
     )
     if metrics_address:
         inst.meta[METRICS_META] = metrics_address
+    if sync_pub is not None:  # the other frontends' embedded routers follow this PUB
+        inst.meta.update(sync_pub.meta())
+        inst.meta["zmq_endpoint"] = with_host(sync_pub.endpoint, advertised)
     try:
         await discovery.register(inst, ttl=10.0)
     except Exception as e:  # serving without registration is still useful (and Consul may come back)
@@ -276,11 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.migration_limit < 0:
         raise SystemExit("--migration-limit must be >= 0")
-    ports = [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), (args.metrics_port, "--metrics-port")]
-    ports.append((args.health_port or -1, "--health-port"))
-    check_ports(args.host, ports)  # one line naming the port and its flag, not a bind traceback
     if args.router and args.router_mode == "kv":
         args.router_mode = "kv-service"  # a pinned router address means: use that RouterService
+    try:
+        check_replica_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.replicas == 1:  # a supervisor (--replicas N) checks the ports itself, holding the group's lock
+        ports = [(args.metrics_port, "--metrics-port"), (args.health_port or -1, "--health-port")]
+        if args.replica_group:
+            verify_group(args.host, args.grpc_port, args.replica_group)  # SO_REUSEPORT only inside our group
+        else:
+            ports = [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), *ports]
+        check_ports(args.host, ports)  # one line naming the port and its flag, not a bind traceback
     try:
         refuse_unused_flags(parser, args)
         router_config_from_args(args)
@@ -289,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.zmq_curve is not None and args.router_mode != "kv":
         log.warning("--zmq-curve-secret-key unused: --router-mode %s subscribes to no events", args.router_mode)
-    if args.zmq_curve is not None and args.zmq_curve.allowed is not None:
+    if args.zmq_curve is not None and args.zmq_curve.allowed is not None and not args.router_replica_sync:
         log.warning("--zmq-curve-allow unused: a frontend binds no ZMQ socket (its embedded routers only subscribe)")
     try:
         args.limits = Limits.from_args(args)
     except (ValueError, OSError) as e:
         raise SystemExit(f"dynamo-grpc frontend: {e}") from None
+    if args.replicas > 1:  # every flag checked above; now the supervisor's life (frontend/replicas.py)
+        return run_replicas(args, list(sys.argv[1:] if argv is None else argv))
     try:
         return asyncio.run(serve(args))
     finally:

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pools YAML: start `dynamo-grpc global-router --config` it and spread the workers over its pools "
         "(round-robin in file order; implies --router-mode kv-service)",
     )
+    p.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="frontend processes sharing the ports (frontend --replicas N, router replica sync on; default 1)",
+    )
     p.add_argument("--grpc-port", type=int, default=8001, help="frontend KServe gRPC port (Triton's default)")
     p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
     p.add_argument(
@@ -120,7 +126,10 @@ def pool_assignment(config: Path, workers: int, router_mode: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.frontends < 1:
+        parser.error("--frontends must be >= 1")
     setup_logging(args.log_level, args.log_format)
     os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
     os.environ[LOG_FORMAT_ENV] = args.log_format  # ... and the log format
@@ -166,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         router_mode=args.router_mode,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
-        frontend_args=["--metrics-port", str(args.metrics_port)],
+        frontend_args=["--metrics-port", str(args.metrics_port)]
+        + (["--replicas", str(args.frontends)] if args.frontends > 1 else []),
         consul=consul,
         acl=args.acl,
         consul_token=agent.token,

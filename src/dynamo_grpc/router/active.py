@@ -124,6 +124,17 @@ class ActiveSequences:
             self.free(rid)
         return len(ids)
 
+    def of_router(self, router_id: str) -> list[tuple[str, ActiveSequence]]:
+        """The sequences routed by ``router_id`` (a replica's whole share, for snapshots)."""
+        return [(rid, s) for rid, s in self._seqs.items() if s.router_id == router_id]
+
+    def drop_router(self, router_id: str) -> int:
+        """A replica died: what it routed no longer counts here (its own frees will never come)."""
+        ids = [rid for rid, s in self._seqs.items() if s.router_id == router_id]
+        for rid in ids:
+            self.free(rid)
+        return len(ids)
+
     def expire(self) -> int:
         """Drop sequences not updated within the TTL (insertion order is roughly age order)."""
         cutoff = self.clock() - self.ttl_s

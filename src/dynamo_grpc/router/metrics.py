@@ -84,6 +84,9 @@ class RouterMetrics:
         gaps = counter("event_gaps", "Event seq gaps detected (each answered by a Replay)")
         replays = counter("replays", "Replay calls made")
         full_dumps = counter("full_dumps", "Replays answered with a full dump")
+        remote = gauge("remote_sequences", "Active sequences routed by other replicas (replica sync)")
+        replicas = gauge("replicas", "Other replicas heard from within 3 snapshot intervals (replica sync)")
+        expired = counter("replica_expired_sequences", "Sequences expired because their replica went silent")
         for node in sorted(self._nodes.values(), key=lambda n: n.config.model):
             r, m = node.router, [node.config.model]
             for mode, n in sorted(r.counters.decisions.items()):
@@ -99,7 +102,13 @@ class RouterMetrics:
                 gaps.add_metric(m, node.sub.stats.gaps)
                 replays.add_metric(m, node.sub.stats.replays)
                 full_dumps.add_metric(m, node.sub.stats.full_dumps)
+            sync = node.active_sync
+            if sync is not None:
+                remote.add_metric(m, len(r.active) - len(r.active.of_router(r.router_id)))
+                replicas.add_metric(m, len(sync.last_seen))
+                expired.add_metric(m, sync.expired_sequences)
         yield from (decisions, ready, indexed, workers, refused, active, pruned, events, gaps, replays, full_dumps)
+        yield from (remote, replicas, expired)
         yield from self.overlap.collect()
         yield from self.lag.collect()
 

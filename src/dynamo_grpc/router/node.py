@@ -27,6 +27,7 @@ from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
 from dynamo_grpc.events.curve import CurveConfig, public_key_from_meta
 from dynamo_grpc.events.replay_client import GrpcReplayClient
+from dynamo_grpc.events.sockets import BoundPub
 from dynamo_grpc.events.subscriber import KvEventSubscriber
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.metrics import RouterMetrics
@@ -89,10 +90,16 @@ class RouterNode:
         view: WorkerView | None = None,
         sync_grace_s: float = 3.0,
         pool: str | None = None,
+        peer_service: str = "dynamo-router",
+        shared_pub: BoundPub | None = None,
     ) -> None:
         """``pool``: route only among workers of that pool (the global router's per-pool nodes); None: all."""
         config.validate()
         self.pool = pool
+        #: where the replicas sharing active load register: `dynamo-router` (router processes, one
+        #: model each, tagged model=) or `dynamo-frontend` (embedded routers, every model, one PUB)
+        self.peer_service = peer_service
+        self.shared_pub = shared_pub
         #: fixed port of the active-sequence PUB (router --zmq-port); 0: any free port
         self.sync_port = sync_port
         self.curve = curve
@@ -148,7 +155,9 @@ class RouterNode:
             return
         self.config.model = model
         if self.share_active:
-            self.active_sync = ActiveSync(self.router, model, self.bind_host, self.curve, self.sync_port)
+            self.active_sync = ActiveSync(
+                self.router, model, self.bind_host, self.curve, self.sync_port, shared=self.shared_pub
+            )
             self.router.on_active_change = self.active_sync.publish
             self.active_sync.start()
             self.tasks.append(asyncio.create_task(self._watch_routers(), name="watch-routers"))
@@ -210,11 +219,12 @@ class RouterNode:
 
     async def _watch_routers(self) -> None:
         tags = [f"namespace={self.config.namespace}"]
-        async for snapshot in self.discovery.watch("dynamo-router", tags=tags):
+        per_model = self.peer_service == "dynamo-router"  # a frontend's PUB carries every model's topic
+        async for snapshot in self.discovery.watch(self.peer_service, tags=tags):
             peers = {
                 i.meta.get("zmq_endpoint", ""): public_key_from_meta(i.meta)
                 for i in snapshot
-                if i.instance_id != self.router_id and f"model={self.config.model}" in i.tags
+                if i.instance_id != self.router_id and (not per_model or f"model={self.config.model}" in i.tags)
             }
             if self.active_sync is not None:
                 self.active_sync.set_peers({e: k for e, k in peers.items() if e})

@@ -340,6 +340,21 @@ class Router:
         elif change.kind == "freed":
             self.active.free(change.request_id)
 
+    def apply_remote_snapshot(self, changes: list[ActiveChange], router_id: str) -> None:
+        """A replica's whole active set: replaces what we hold from it (frees we missed included)."""
+        if router_id == self.router_id:
+            return
+        keep = {c.request_id for c in changes}
+        for rid, _ in self.active.of_router(router_id):
+            if rid not in keep:
+                self.active.free(rid)
+        for c in changes:
+            self.apply_remote(c, router_id)
+
+    def drop_replica(self, router_id: str) -> int:
+        """A replica went silent (died): the load it routed is expired here."""
+        return 0 if router_id == self.router_id else self.active.drop_router(router_id)
+
     def set_load(self, key: RankKey, active_blocks: int, total_blocks: int) -> None:
         if key[0] in self.workers and total_blocks > 0:
             self.kv_usage[key] = active_blocks / total_blocks

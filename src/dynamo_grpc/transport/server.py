@@ -53,6 +53,9 @@ class ServerOptions:
     #: plaintext grpc.health.v1-only listener for probes (0 picks a free port); None: no such listener
     health_port: int | None = None
     extra_args: list[tuple[str, int]] = field(default_factory=list)
+    #: share the port with the other replicas of one frontend (SO_REUSEPORT, frontend/replicas.py); off,
+    #: a second process on the port fails to bind instead of silently taking half the connections
+    reuse_port: bool = False
     #: grpc.aio server interceptors (e.g. the frontend's API-key check); the health listener has none
     interceptors: list[Any] = field(default_factory=list)
 
@@ -76,7 +79,7 @@ class GrpcServer:
                 # stream waiting for a long prefill; gRPC's server default tolerates one every 5 minutes
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_ping_strikes", 0),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if o.reuse_port else 0),
             ]
             + o.extra_args,
         )

@@ -286,6 +286,23 @@ def _skeleton(key: tuple[tuple[str, str], ...]) -> pb.ModelInferResponse:
     return skel
 
 
+def raw_scalars(items: Sequence[tuple[str, str, bytes | str | int | float]]) -> list[bytes]:
+    """The raw_output_contents of one-element outputs (their metadata is `output_skeleton`'s)."""
+    chunks: list[bytes] = []
+    for _, datatype, value in items:
+        if datatype == "BYTES":
+            b = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+            chunks.append(_LEN.pack(len(b)) + b)
+        else:
+            chunks.append(_SCALAR_PACK[datatype].pack(value))
+    return chunks
+
+
+def output_skeleton(outputs: Sequence[tuple[str, str]]) -> pb.ModelInferResponse:
+    """A response holding only the metadata of these one-element outputs (shared: copy or merge it)."""
+    return _skeleton(tuple(outputs))
+
+
 def encode_scalars(
     response: pb.ModelInferResponse, items: Sequence[tuple[str, str, bytes | str | int | float]], *, raw: bool
 ) -> None:
@@ -296,14 +313,7 @@ def encode_scalars(
     """
     if raw:
         response.MergeFrom(_skeleton(tuple((name, datatype) for name, datatype, _ in items)))
-        chunks: list[bytes] = []
-        for _, datatype, value in items:
-            if datatype == "BYTES":
-                b = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
-                chunks.append(_LEN.pack(len(b)) + b)
-            else:
-                chunks.append(_SCALAR_PACK[datatype].pack(value))
-        response.raw_output_contents.extend(chunks)
+        response.raw_output_contents.extend(raw_scalars(items))
         return
     for name, datatype, value in items:
         out = response.outputs.add(name=name, datatype=datatype, shape=[1])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dynamo_grpc.frontend import logprobs
 from dynamo_grpc.frontend.collect import Collected
 from dynamo_grpc.frontend.kserve import schema
-from dynamo_grpc.frontend.kserve.codec import encode_scalars
+from dynamo_grpc.frontend.kserve.codec import encode_scalars, output_skeleton, raw_scalars
 from dynamo_grpc.frontend.request import LlmRequest
 from dynamo_grpc.frontend.token_stream import Chunk
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
@@ -45,6 +45,10 @@ class Responder:
         self.prefix = req.prompt if (req.prompt is not None and not req.exclude_input_in_output) else ""
         self.pending_tokens = 0
         self.pending_lps: list[common_pb2.TokenLogprob] = []
+        # raw responses: what every response of this request shares (ids, outputs' metadata, worker_id),
+        # built once per worker and copied (one C-level copy instead of rebuilding it for every token)
+        self._template: pb.ModelInferResponse | None = None
+        self._template_worker = ""
 
     def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
         """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
@@ -91,9 +95,20 @@ class Responder:
             values["logprobs"] = logprobs.triton_json(lps, self.tokenizer)
         if "cumulative_logprob" in outs:
             values["cumulative_logprob"] = c.cumulative_logprob
-        resp = base(self.request)
-        encode_scalars(resp, [(n, schema.OUTPUTS[n][0], values[n]) for n in outs], raw=self.raw)
-        resp.parameters["worker_id"].string_param = c.worker_id  # changes when a request migrates
+        items = [(n, schema.OUTPUTS[n][0], values[n]) for n in outs]
+        if self.raw:
+            if self._template is None or self._template_worker != c.worker_id:  # a migration changes it
+                t = base(self.request)
+                t.MergeFrom(output_skeleton([(n, dt) for n, dt, _ in items]))
+                t.parameters["worker_id"].string_param = c.worker_id
+                self._template, self._template_worker = t, c.worker_id
+            resp = pb.ModelInferResponse()
+            resp.CopyFrom(self._template)
+            resp.raw_output_contents.extend(raw_scalars(items))
+        else:
+            resp = base(self.request)
+            encode_scalars(resp, items, raw=False)
+            resp.parameters["worker_id"].string_param = c.worker_id  # changes when a request migrates
         if c.finish_reason is not None:
             # Per-request token accounting on the last response (benchmarks read them).
             resp.parameters["prompt_tokens"].int64_param = c.prompt_tokens

@@ -285,6 +285,7 @@ async def start_http(
     stats: StatsBook,
     admin_only: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, str]:
     """Serve the OpenAI app (or only /health and /metrics); returns the runner (cleanup() stops it), host:port.
 
@@ -300,7 +301,7 @@ async def start_http(
         lingering_time=min(2.0, pipeline.limits.http_body_timeout_s),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
     await site.start()
     server = site._server
     sockets = getattr(server, "sockets", None) or []
