@@ -144,18 +144,23 @@ class LlamaModel:
         pos = torch.arange(n, dtype=torch.float)
         freqs = torch.outer(pos, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        self._cos = emb.cos().to(self.dtype)
+        # rotate_half(x) * sin == roll(x, half) * [-sin | sin]: one roll instead of slice/neg/cat (same bits)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # transformers' arithmetic, minus the no-op casts
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps))
         xf = x.to(torch.float32)
         var = xf.pow(2).mean(-1, keepdim=True)
         return w * (xf * torch.rsqrt(var + self.cfg.rms_norm_eps)).to(x.dtype)
 
     @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+    def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """HF's ``x·cos + rotate_half(x)·sin`` with the sign folded into the sine table."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     @torch.inference_mode()
     def forward(
@@ -174,11 +179,10 @@ class LlamaModel:
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["in_norm"])
             qkv = w["qkv"](h)
-            q = qkv[:, : nh * hd].view(T, nh, hd)
-            k = qkv[:, nh * hd : (nh + nkv) * hd].view(T, nkv, hd)
+            # RoPE on q and k together: one set of elementwise ops per layer
+            qk = self._rope(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
             kc, vc = kv.k[li], kv.v[li]
             kc.index_copy_(0, batch.slot_mapping, k)
             vc.index_copy_(0, batch.slot_mapping, v)
