@@ -123,3 +123,10 @@ def test_worker_refuses_torch_weights_for_the_mocker() -> None:
     args: argparse.Namespace = build_parser().parse_args(["--engine", "mocker", "--torch-weights", "int4"])
     with pytest.raises(ValueError, match="--torch-weights is a torch flag"):
         build_engine(args)
+
+
+def test_worker_reads_torch_weights_from_its_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynamo_grpc.worker.main import build_parser
+
+    monkeypatch.setenv("DYN_TORCH_WEIGHTS", "int4")
+    assert build_parser().parse_args(["--engine", "torch"]).torch_weights == "int4"
