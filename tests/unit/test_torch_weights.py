@@ -130,3 +130,11 @@ def test_worker_reads_torch_weights_from_its_env(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setenv("DYN_TORCH_WEIGHTS", "int4")
     assert build_parser().parse_args(["--engine", "torch"]).torch_weights == "int4"
+
+
+def test_run_local_refuses_torch_weights_for_the_mocker(capsys: pytest.CaptureFixture[str]) -> None:
+    from dynamo_grpc.launch.run_local import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--engine", "mocker", "--torch-weights", "int4"])
+    assert e.value.code == 2 and "--torch-weights is a torch flag" in capsys.readouterr().err
