@@ -1,16 +1,20 @@
-"""Torch engine benchmark: ours vs transformers ``generate`` on the same model and prompts, same run.
+"""Torch engine benchmark: ours (each weight mode) vs transformers ``generate`` vs llama.cpp, same run.
 
-* Throughput (output tokens/s) at 1, 8 and 32 concurrent requests. Workload: chat prompts of mixed
-  length (rendered with the model's chat template), greedy, each request with its own max_tokens
-  (drawn from [min, max]) and stopping at EOS like a real chat. Ours: ``concurrency`` clients in a
-  closed loop over the engine (continuous batching). Baseline: transformers batched ``generate``
-  with left padding, ``concurrency`` requests per batch, ``max_new_tokens`` = the batch's largest
-  max_tokens; only tokens a request would keep (up to its max_tokens / first EOS) count.
+* Throughput at 1, 8 and 32 concurrent requests, as end-to-end output tokens/s (prefill included) and
+  decode tokens/s (per-stream decode rate after the first token × concurrency). Workload: chat prompts of
+  mixed length (the model's chat template), greedy, each request with its own max_tokens (drawn from
+  [min, max]) and stopping at EOS. Ours: ``concurrency`` clients in a closed loop over the engine
+  (continuous batching), once per ``--modes`` weight format. transformers: batched ``generate`` with left
+  padding, ``concurrency`` requests per batch; only tokens a request would keep count. llama.cpp (with
+  ``--llama-cpp``): ``llama-batched-bench`` on the same GGUF, ``concurrency`` sequences of the workload's
+  mean prompt and output lengths. ``--rounds`` interleaved rounds (systems in rotating order).
+* Accuracy per mode: greedy agreement with fp32 over the same prompts, perplexity of a fixed passage.
+* Limits: memory bandwidth and matmul GFLOP/s on the model's shapes (``engine_limits.py``), and where
+  each mode's single-stream decode sits against them (weight bytes per step ÷ step time).
 * TTFT of a 1,500-token prompt cold versus with a 1,400-token prefix already cached (prefix hit).
-* Memory: the KV cache is sized by ``--kv-cache-mb``; RSS before loading, after loading and its peak
-  over our runs (measured before transformers is imported) against weights + KV cache.
+* Memory: RSS before/after loading the fp32 engine, against weights + KV cache.
 
-    dynamo-grpc bench engine [--out DIR]        (bench/results/engine.json by default)
+    dynamo-grpc bench engine [--modes fp32,int4] [--llama-cpp PATH] [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ from typing import Any
 
 import torch
 
+from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, hf_perplexity, perplexity
+from dynamo_grpc.bench.engine_limits import measure
+from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
+from dynamo_grpc.engines.torch.engine import WEIGHT_MODES
 from dynamo_grpc.models import default_model_path, load_model_source
 from dynamo_grpc.tokens.chat_template import render_chat
 from dynamo_grpc.tokens.tokenizer import Tokenizer
@@ -58,9 +66,7 @@ def _rss_mb(key: str = "VmRSS") -> float:
     return 0.0
 
 
-def build_workload(
-    tok: Tokenizer, template: str, special: dict[str, str], n: int, lo: int, hi: int, seed: int
-):
+def build_workload(tok: Tokenizer, template: str, special: dict[str, str], n: int, lo: int, hi: int, seed: int):
     """``n`` (prompt ids, max_tokens) pairs of mixed prompt length, deterministic for a seed."""
     rng = random.Random(seed)
     out = []
@@ -86,21 +92,37 @@ def _useful(tokens: list[int], max_tokens: int, eos: set[int]) -> list[int]:
     return kept
 
 
-async def run_ours(eng: TorchEngine, work: list[tuple[list[int], int]], concurrency: int) -> dict[str, Any]:
+def _decode_rate(n: int, first: float, last: float) -> float | None:
+    return (n - 1) / (last - first) if n > 1 and last > first else None
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    return ys[len(ys) // 2] if ys else 0.0
+
+
+async def run_ours(eng: TorchEngine, work: list[tuple[list[int], int]], concurrency: int, tag: str) -> dict[str, Any]:
     queue = list(enumerate(work))
     results: dict[int, list[int]] = {}
     ttfts: list[float] = []
+    rates: list[float] = []
 
     async def client() -> None:
         while queue:
             i, (ids, mt) = queue.pop(0)
             t0 = time.perf_counter()
+            first = last = t0
             toks: list[int] = []
             sp = SamplingParams(max_tokens=mt, temperature=0.0)
-            async for o in eng.generate(EngineRequest(f"b{concurrency}-{i}", ids, sp)):
+            async for o in eng.generate(EngineRequest(f"{tag}-{concurrency}-{i}", ids, sp)):
+                last = time.perf_counter()
                 if not toks:
-                    ttfts.append(time.perf_counter() - t0)
+                    first = last
+                    ttfts.append(first - t0)
                 toks += o.token_ids
+            r = _decode_rate(len(toks), first, last)
+            if r is not None:
+                rates.append(r)
             results[i] = toks
 
     t0 = time.perf_counter()
@@ -111,15 +133,29 @@ async def run_ours(eng: TorchEngine, work: list[tuple[list[int], int]], concurre
         "seconds": dt,
         "output_tokens": n_tok,
         "tokens_per_s": n_tok / dt,
+        "decode_tokens_per_s": _median(rates) * concurrency,
+        "decode_tokens_per_s_per_stream": _median(rates),
         "mean_ttft_s": sum(ttfts) / len(ttfts),
         "outputs": [results[i] for i in range(len(work))],
     }
 
 
-def run_hf(
-    hf: Any, work: list[tuple[list[int], int]], concurrency: int, eos: set[int], pad: int
-) -> dict[str, Any]:
+class _StepClock:
+    """A transformers streamer that only timestamps: the prompt, then each generated step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf(hf: Any, work: list[tuple[list[int], int]], concurrency: int, eos: set[int], pad: int) -> dict[str, Any]:
     outputs: list[list[int]] = []
+    rates: list[float] = []
     t0 = time.perf_counter()
     for b in range(0, len(work), concurrency):
         batch = work[b : b + concurrency]
@@ -129,16 +165,28 @@ def run_hf(
         for r, (ids, _) in enumerate(batch):
             ids_t[r, width - len(ids) :] = torch.tensor(ids)
             mask[r, width - len(ids) :] = 1
+        clock = _StepClock()
         with torch.no_grad():
             gen = hf.generate(
                 ids_t, attention_mask=mask, max_new_tokens=max(mt for _, mt in batch), do_sample=False,
-                eos_token_id=sorted(eos), pad_token_id=pad,
+                eos_token_id=sorted(eos), pad_token_id=pad, streamer=clock,
             )  # fmt: skip
-        for r, (_, mt) in enumerate(batch):
-            outputs.append(_useful(gen[r, width:].tolist(), mt, eos))
+        steps = clock.times[1:]  # [0] is the prompt
+        rate = _decode_rate(len(steps), steps[0], steps[-1]) if steps else None
+        if rate is not None:
+            rates.append(rate)
+        for row, (_, mt) in enumerate(batch):
+            outputs.append(_useful(gen[row, width:].tolist(), mt, eos))
     dt = time.perf_counter() - t0
     n_tok = sum(len(o) for o in outputs)
-    return {"seconds": dt, "output_tokens": n_tok, "tokens_per_s": n_tok / dt, "outputs": outputs}
+    return {
+        "seconds": dt,
+        "output_tokens": n_tok,
+        "tokens_per_s": n_tok / dt,
+        "decode_tokens_per_s": _median(rates) * concurrency,
+        "decode_tokens_per_s_per_stream": _median(rates),
+        "outputs": outputs,
+    }
 
 
 async def ttft_prefix(eng: TorchEngine, tok: Tokenizer, vocab: int, reps: int, seed: int) -> dict[str, Any]:
@@ -175,24 +223,33 @@ async def ttft_prefix(eng: TorchEngine, tok: Tokenizer, vocab: int, reps: int, s
     }
 
 
+def _spread(xs: list[float]) -> dict[str, Any]:
+    return {"median": _median(xs), "min": min(xs), "max": max(xs), "rounds": xs} if xs else {}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    levels = [str(x["concurrency"]) for x in result["throughput"]]
-    ours = [x["ours"]["tokens_per_s"] for x in result["throughput"]]
-    hf = [x["transformers"]["tokens_per_s"] if x.get("transformers") else 0 for x in result["throughput"]]
-    xs = range(len(levels))
-    a.bar([x - 0.2 for x in xs], ours, 0.4, label="ours (TorchEngine)")
-    a.bar([x + 0.2 for x in xs], hf, 0.4, label="transformers generate")
-    a.set_xticks(list(xs), levels)
-    a.set_xlabel("concurrent requests")
-    a.set_ylabel("output tokens / s")
-    a.set_title("Throughput, SmolLM2-135M Q4_1 on CPU")
-    a.legend()
+    fig, (a, d, b) = plt.subplots(1, 3, figsize=(16, 4.5))
+    rows = result["throughput"]
+    levels = [str(x["concurrency"]) for x in rows]
+    systems = list(rows[0]["systems"]) if rows else []
+    width = 0.8 / max(1, len(systems))
+    for ax, key, title in ((a, "tokens_per_s", "end-to-end"), (d, "decode_tokens_per_s", "decode only")):
+        for j, name in enumerate(systems):
+            xs = [i - 0.4 + width * (j + 0.5) for i in range(len(levels))]
+            med = [x["systems"][name][key]["median"] for x in rows]
+            lo = [m - x["systems"][name][key]["min"] for m, x in zip(med, rows, strict=True)]
+            hi = [x["systems"][name][key]["max"] - m for m, x in zip(med, rows, strict=True)]
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=name)
+        ax.set_xticks(range(len(levels)), levels)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens / s (median, min-max of rounds)")
+        ax.set_title(f"{title}, SmolLM2-135M Q4_1 GGUF, {result['num_threads']} thread(s)")
+        ax.legend(fontsize=7)
     t = result["ttft"]
     b.bar(["cold 1500", "1400 cached"], [t["cold_median_s"], t["warm_median_s"]], color=["gray", "green"])
     b.set_ylabel("TTFT (s, median)")
@@ -202,81 +259,84 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-async def _ours_phase(args: argparse.Namespace, model: Path, levels: list[int]) -> tuple[dict[str, Any], Any]:
-    rss0 = _rss_mb()
-    eng = TorchEngine(
-        model,
-        kv_cache_bytes=args.kv_cache_mb << 20,
-        max_num_seqs=max(levels),
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.num_threads,
-    )
-    rss_loaded = _rss_mb()
-    card, tok_json = load_model_source(model)
-    tok = Tokenizer.from_card(card, tok_json)
-    assert card.chat_template
-    await eng.start()
-    works = {}
-    per_level = {}
-    try:
-        for c in levels:
-            n = max(c * args.requests_per_client, 4)
-            work = build_workload(
-                tok,
-                card.chat_template,
-                card.special_tokens_map(),
-                n,
-                args.min_tokens,
-                args.max_tokens,
-                args.seed + c,
-            )
-            works[c] = work
-            r = await run_ours(eng, work, c)
-            print(f"ours c={c}: {_fmt(r)}", flush=True)
-            per_level[c] = r
-        ttft = await ttft_prefix(eng, tok, eng.config.vocab_size, args.ttft_reps, args.seed)
-        print(f"ttft cold {ttft['cold_median_s']:.3f}s warm {ttft['warm_median_s']:.3f}s", flush=True)
-        stats = eng.stats()
-    finally:
-        await eng.stop()
-    memory = {
-        "rss_before_load_mb": rss0,
-        "rss_after_load_mb": rss_loaded,
-        "rss_peak_mb": _rss_mb("VmHWM"),
-        "rss_now_mb": _rss_mb(),
-        "weights_mb": stats["weight_bytes"] / 2**20,
-        "kv_cache_mb": stats["kv_cache_bytes"] / 2**20,
-        "kv_cache_flag_mb": args.kv_cache_mb,
-    }
-    memory["rss_growth_over_weights_plus_kv_mb"] = (
-        memory["rss_now_mb"] - rss0 - memory["weights_mb"] - memory["kv_cache_mb"]
-    )
-    return {"per_level": per_level, "ttft": ttft, "memory": memory, "stats": stats, "works": works}, tok
+def _versions(llama_version: str | None) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    for name in ("torch", "transformers", "accelerate", "gguf", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    if llama_version:
+        out["llama.cpp"] = llama_version
+    return out
+
+
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k not in ("outputs", "raw")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
+    p.add_argument("--modes", default="fp32,int4", help="our weight modes to run (fp32,bf16,int8,int4); fp32 first")
     p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the spread is reported)")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-tokens", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--kv-cache-mb", type=int, default=384)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--num-threads", type=int, default=min(os.cpu_count() or 1, 2))
+    p.add_argument("--num-threads", type=int, default=min(os.cpu_count() or 1, 2), help="for every system")
     p.add_argument("--ttft-reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    p.add_argument(
+        "--llama-cpp", default=None, help="llama-batched-bench binary or its folder (else $DYN_LLAMA_CPP, PATH)"
+    )
+    p.add_argument("--no-limits", action="store_true", help="skip the bandwidth and matmul measurements")
     p.add_argument("--json", type=Path, default=default_results_dir() / "engine.json")
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else default_model_path()
     levels = [int(x) for x in args.concurrency.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or modes[0] != "fp32" or any(m not in WEIGHT_MODES for m in modes):
+        p.error(f"--modes must start with fp32 (the reference) and name modes of {sorted(WEIGHT_MODES)}")
     torch.set_num_threads(args.num_threads)
+    llama_bin, llama_skip = (None, "") if model.suffix != ".gguf" else find_binary(args.llama_cpp)
+    if model.suffix != ".gguf":
+        llama_skip = "the model is not a GGUF file: llama.cpp column skipped"
+    if llama_skip:
+        print(llama_skip, flush=True)
 
-    ours, _ = asyncio.run(_ours_phase(args, model, levels))
-    eos = set(load_model_source(model)[0].eos_token_ids)
-
-    hf_results: dict[int, dict[str, Any]] = {}
+    rss0 = _rss_mb()
+    engines: dict[str, TorchEngine] = {}
+    rss_loaded: dict[str, float] = {}
+    for m in modes:
+        before = _rss_mb()
+        engines[m] = TorchEngine(
+            model, weights=m, kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
+            max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
+        )  # fmt: skip
+        rss_loaded[m] = _rss_mb() - before
+    card, tok_json = load_model_source(model)
+    tok = Tokenizer.from_card(card, tok_json)
+    assert card.chat_template
+    eos = set(card.eos_token_ids)
+    works = {
+        c: build_workload(
+            tok,
+            card.chat_template,
+            card.special_tokens_map(),
+            max(c * args.requests_per_client, 4),
+            args.min_tokens,
+            args.max_tokens,
+            args.seed + c,
+        )
+        for c in levels
+    }
+    hf: Any = None
     if not args.no_baseline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import transformers
@@ -287,32 +347,106 @@ def main(argv: list[str] | None = None) -> int:
             hf = transformers.AutoModelForCausalLM.from_pretrained(
                 str(model.parent), gguf_file=model.name, dtype=torch.float32
             ).eval()
-        pad = next(iter(sorted(eos)))
-        for c in levels:
-            r = run_hf(hf, ours["works"][c], c, eos, pad)
-            print(f"transformers c={c}: {_fmt(r)}", flush=True)
-            hf_results[c] = r
+    systems = [f"ours-{m}" for m in modes] + (["transformers"] if hf is not None else [])
+    systems += ["llama.cpp"] if llama_bin is not None else []
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {s: {c: [] for c in levels} for s in systems}
+    pad = min(eos)
+
+    async def ours_phase() -> dict[str, Any]:
+        for e in engines.values():
+            await e.start()
+        try:
+            for rnd in range(args.rounds):
+                order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+                for c in levels:
+                    w = works[c]
+                    for name in order:
+                        if name.startswith("ours-"):
+                            r = await run_ours(engines[name[5:]], w, c, f"{name}-r{rnd}")
+                        elif name == "transformers":
+                            r = run_hf(hf, w, c, eos, pad)
+                        else:
+                            assert llama_bin is not None
+                            mean_p = round(sum(len(ids) for ids, _ in w) / len(w))
+                            mean_o = max(2, round(sum(len(o) for o in runs["ours-fp32"][c][-1]["outputs"]) / len(w)))
+                            r = run_batched(llama_bin, model, mean_p, mean_o, c, args.num_threads, 900)
+                        runs[name][c].append(r)
+                        print(f"round {rnd} {name} c={c}: {_fmt(r)}, decode {r['decode_tokens_per_s']:.1f}", flush=True)
+            fp32 = engines["fp32"]
+            ttft = await ttft_prefix(fp32, tok, fp32.config.vocab_size, args.ttft_reps, args.seed)
+            print(f"ttft cold {ttft['cold_median_s']:.3f}s warm {ttft['warm_median_s']:.3f}s", flush=True)
+            return {"ttft": ttft, "stats": {m: e.stats() for m, e in engines.items()}}
+        finally:
+            for e in engines.values():
+                await e.stop()
+
+    phase = asyncio.run(ours_phase())
+    stats = phase["stats"]
 
     throughput = []
     for c in levels:
-        o = ours["per_level"][c]
-        row: dict[str, Any] = {
-            "concurrency": c,
-            "requests": len(ours["works"][c]),
-            "ours": {k: v for k, v in o.items() if k != "outputs"},
-        }
-        if c in hf_results:
-            h = hf_results[c]
-            row["transformers"] = {k: v for k, v in h.items() if k != "outputs"}
-            row["speedup"] = o["tokens_per_s"] / h["tokens_per_s"]
-            same = sum(a == b for a, b in zip(o["outputs"], h["outputs"], strict=True))
-            row["identical_outputs"] = f"{same}/{len(o['outputs'])}"
+        row: dict[str, Any] = {"concurrency": c, "requests": len(works[c]), "systems": {}}
+        for name in systems:
+            rs = runs[name][c]
+            row["systems"][name] = {
+                "tokens_per_s": _spread([r["tokens_per_s"] for r in rs]),
+                "decode_tokens_per_s": _spread([r["decode_tokens_per_s"] for r in rs]),
+                "per_round": [_row(r) for r in rs],
+            }
+        ratios: dict[str, Any] = {}
+        for name in systems:
+            for base in ("transformers", "llama.cpp"):
+                if name.startswith("ours-") and base in runs:
+                    for key in ("tokens_per_s", "decode_tokens_per_s"):
+                        xs = [a[key] / b[key] for a, b in zip(runs[name][c], runs[base][c], strict=True)]
+                        ratios[f"{name}/{base} {key}"] = _spread(xs)
+        row["ratios_per_round"] = ratios
+        if "transformers" in runs:
+            ref = [o for r in runs["ours-fp32"][c] for o in r["outputs"]]
+            other = [o for r in runs["transformers"][c] for o in r["outputs"]]
+            row["fp32_vs_transformers"] = agreement(ref, other)
         throughput.append(row)
-    ttft = ours["ttft"]
+
+    accuracy: dict[str, Any] = {}
+    text_ids = tok.encode(TEXT)
+    ref_out = [o for c in levels for o in runs["ours-fp32"][c][0]["outputs"]]
+    for m in modes:
+        mine = [o for c in levels for o in runs[f"ours-{m}"][c][0]["outputs"]]
+        accuracy[m] = agreement(ref_out, mine) | {"perplexity": perplexity(engines[m], text_ids)}
+    if hf is not None:
+        accuracy["transformers"] = {"perplexity": hf_perplexity(hf, text_ids)}
+    accuracy["text_tokens"] = len(text_ids)
+
+    limits: dict[str, Any] = {} if args.no_limits else measure(engines["fp32"].config)
+    if limits:
+        read = limits["bandwidth"]["read_gb_s"]
+        limits["modes"] = {}
+        for m in modes:
+            single = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][levels[0]]])
+            wb = stats[m]["weight_bytes"]
+            limits["modes"][m] = {
+                "concurrency": levels[0],
+                "weight_bytes_per_step": wb,
+                "decode_step_s": 1 / single if single else None,
+                "weights_read_gb_s": wb * single / 1e9,
+                "share_of_read_bandwidth": wb * single / 1e9 / read,
+                "bandwidth_floor_tok_s": read * 1e9 / wb,
+            }
+
+    ttft = phase["ttft"]
+    memory = {
+        "rss_before_load_mb": rss0,
+        "rss_growth_per_engine_load_mb": rss_loaded,
+        "weights_mb": {m: stats[m]["weight_bytes"] / 2**20 for m in modes},
+        "kv_cache_mb": stats["fp32"]["kv_cache_bytes"] / 2**20,
+        "kv_cache_flag_mb": args.kv_cache_mb,
+    }
     result = {
         "model": str(model),
         "num_threads": args.num_threads,
-        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "versions": _versions(version(llama_bin) if llama_bin else None),
+        "llama_cpp": str(llama_bin) if llama_bin else llama_skip,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "workload": {
@@ -320,16 +454,25 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_client": args.requests_per_client,
             "greedy": True,
             "stops_at_eos": True,
+            "llama_cpp": "llama-batched-bench: concurrency sequences of the level's mean prompt and output length",
         },
         "throughput": throughput,
+        "accuracy": accuracy,
+        "limits": limits,
         "ttft": ttft | {"speedup": ttft["cold_median_s"] / ttft["warm_median_s"]},
-        "memory": ours["memory"],
-        "engine_stats": ours["stats"],
-        "targets": {"throughput_speedup_at_32": ">= 2x", "ttft_speedup_on_prefix_hit": ">= 5x"},
+        "memory": memory,
+        "engine_stats": stats,
+        "targets": {
+            "fp32 single stream vs transformers": ">= 2x",
+            "fp32 at 32 concurrent vs transformers": ">= 4x",
+            "best mode single stream vs llama.cpp": ">= 0.7x",
+            "ttft_speedup_on_prefix_hit": ">= 5x",
+        },
     }
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.json.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("throughput", "ttft", "memory")}, indent=2))
+    print(json.dumps({"ratios": {t["concurrency"]: t["ratios_per_round"] for t in throughput}, "accuracy": accuracy},
+                     indent=1, default=lambda o: round(o, 3) if isinstance(o, float) else str(o)))  # fmt: skip
     return 0
 
 

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument(
+        "--torch-weights",
+        choices=["fp32", "bf16", "int8", "int4"],
+        default=None,
+        help="torch workers' weight format (fp32: exact, the default; int4: fastest on CPU; docs/torch-engine.md)",
+    )
+    p.add_argument(
         "--router-mode",
         choices=["kv", "kv-service", "round-robin", "random", "approx"],
         default="kv",
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.frontends < 1:
         parser.error("--frontends must be >= 1")
+    if args.torch_weights and args.engine != "torch":
+        parser.error(f"--torch-weights is a torch flag; --engine {args.engine} does not read it")
     setup_logging(args.log_level, args.log_format)
     os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
     os.environ[LOG_FORMAT_ENV] = args.log_format  # ... and the log format
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "torch":
         # the workers share this machine's cores; torch would otherwise give each all of them
         worker_args = ["--num-threads", str(max(1, (os.cpu_count() or 1) // max(1, args.workers)))]
+        if args.torch_weights:
+            worker_args += ["--torch-weights", args.torch_weights]
     security: MeshSecurity | None = None
     if args.tls or args.curve:
         sec_dir = Path(tempfile.mkdtemp(prefix="dynamo-security-"))

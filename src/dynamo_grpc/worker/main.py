@@ -54,7 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch: intra-op threads (default: torch's choice)")
     p.add_argument("--kv-cache-mib", type=int, default=None, help="torch: KV cache size in MiB (default 512)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="torch: dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="torch: compute and KV cache dtype (default float32, or what --torch-weights implies)",
+    )
+    p.add_argument(
+        "--torch-weights",
+        choices=["fp32", "bf16", "int8", "int4"],
+        default=None,
+        help="torch: weight format; fp32 is exact (default), bf16/int8/int4 are faster and change numerics "
+        "(int8/int4 compute in bfloat16; int4 keeps a GGUF's Q4_1 blocks as they are); see docs/torch-engine.md",
+    )
     p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated step times by this")
     p.add_argument("--seed", type=int, default=0, help="mocker: seed of the generated tokens")
     p.add_argument("--eos-probability", type=float, default=0.0, help="mocker: chance per token to draw EOS")
@@ -92,11 +104,15 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             num_threads=args.num_threads,
             kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 1024 * 1024,
             dtype=args.dtype,
+            weights=args.torch_weights,
             max_waiting=args.max_waiting_requests,
             kvbm=kvbm,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 
+    for flag in ("dtype", "torch_weights"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is a torch flag; --engine {args.engine} does not read it")
     from dynamo_grpc.engines.mocker import MockerConfig, MockerEngine
 
     card, tokenizer_json = load_model_source(path, args.model_name)

@@ -27,6 +27,13 @@ from .runner import ModelRunner
 from .weights import load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``weights`` modes: (compute and KV cache dtype, matmul weight format of ``linear.py``)
+WEIGHT_MODES = {
+    "fp32": ("float32", "dense"),
+    "bf16": ("bfloat16", "dense"),
+    "int8": ("bfloat16", "int8"),
+    "int4": ("bfloat16", "int4"),
+}
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 
 
@@ -42,7 +49,8 @@ class TorchEngine(CoreEngine):
         kv_cache_bytes: int | None = None,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 2048,
-        dtype: str = "float32",
+        dtype: str | None = None,
+        weights: str | None = None,
         num_threads: int | None = None,
         enable_prefix_caching: bool = True,
         max_waiting: int = 4096,
@@ -50,8 +58,19 @@ class TorchEngine(CoreEngine):
         served_name: str | None = None,
         kvbm: KvbmConfig | None = None,
     ) -> None:
+        if weights is not None:
+            if weights not in WEIGHT_MODES:
+                raise ValueError(f"weights must be one of {sorted(WEIGHT_MODES)}, got {weights!r}")
+            mode_dtype, fmt = WEIGHT_MODES[weights]
+            if dtype is not None and dtype != mode_dtype:
+                raise ValueError(f"weights={weights!r} computes in {mode_dtype}; it conflicts with dtype={dtype!r}")
+            dtype = mode_dtype
+        else:
+            fmt = "dense"
+        dtype = dtype or "float32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.weights = weights or {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
         if block_size <= 0:
@@ -64,9 +83,10 @@ class TorchEngine(CoreEngine):
         path = Path(model_path) if model_path is not None else default_model_path()
         card, self.tokenizer_json = load_model_source(path, served_name)
         self.dtype = DTYPES[dtype]
-        ckpt = load_checkpoint(path, self.dtype)
+        # quantised formats start from the file's fp32 values (int4: its Q4_1 blocks as they are)
+        ckpt = load_checkpoint(path, self.dtype if fmt == "dense" else torch.float32, keep_q4=fmt == "int4")
         self.config = ckpt.config
-        self.model = LlamaModel(ckpt, self.dtype)
+        self.model = LlamaModel(ckpt, self.dtype, fmt)
         if num_blocks is None:
             num_blocks = num_blocks_for_bytes(
                 self.config, block_size, self.dtype, kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
@@ -112,4 +132,5 @@ class TorchEngine(CoreEngine):
                 "kv_cache_bytes": self.kv.nbytes,
                 "weight_bytes": self.model.nbytes,
                 **kvbm_stats(self.core.kv.tiers),
+                "weights": self.weights,
             }

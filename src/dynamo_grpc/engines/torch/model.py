@@ -11,11 +11,13 @@ logits agree to fp32 rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .kv_cache import KvCache
+from .linear import Dense, Linear, Q4Blocks, Quantised, make_linear
 from .weights import Checkpoint, UnsupportedModel, rope_inv_freq
 
 
@@ -49,10 +51,13 @@ class AttnBatch:
 
 
 class LlamaModel:
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> None:
+    """The decoder's weights and forward pass; ``weights`` is the matmul format (see ``linear.py``)."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, weights: str = "dense") -> None:
         cfg = ckpt.config
         self.cfg = cfg
         self.dtype = dtype
+        self.weights = weights
         t = ckpt.tensors
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise UnsupportedModel("attention heads must be a multiple of KV heads")
@@ -62,36 +67,57 @@ class LlamaModel:
                 raise UnsupportedModel(f"checkpoint lacks tensor {name}")
             return t[name].to(dtype).contiguous()
 
-        self.embed = get("model.embed_tokens.weight")
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in t else get("lm_head.weight")
-        )
+        def raw(name: str) -> torch.Tensor | Q4Blocks:
+            if name in ckpt.q4:
+                return ckpt.q4[name]
+            if name not in t:
+                raise UnsupportedModel(f"checkpoint lacks tensor {name}")
+            return t[name]
+
+        def fused(*names: str) -> Linear:
+            """One matmul for several projections (q|k|v, gate|up): rows concatenated, blocks too."""
+            parts = [raw(n) for n in names]
+            if all(isinstance(x, Q4Blocks) for x in parts) and weights == "int4":
+                qs = [x for x in parts if isinstance(x, Q4Blocks)]
+                cat = Q4Blocks(*(torch.cat([getattr(b, f) for b in qs]) for f in ("q", "scale", "low")))
+                return make_linear(weights, None, cat, dtype)
+            dense = [x.dequantize() if isinstance(x, Q4Blocks) else x.float() for x in parts]
+            return make_linear(weights, torch.cat(dense), None, dtype)
+
+        embed = get("model.embed_tokens.weight") if weights == "dense" else t["model.embed_tokens.weight"]
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in t
+        # the vocabulary matmul (a fifth of the fp32 bytes; Q8_0 in the default file, as llama.cpp keeps it):
+        # int8 in both quantised modes; at 4 bits it cost int4 perplexity 13.41 -> 14.13 (fp32: 13.44)
+        head = "dense" if weights == "dense" else "int8"
+        self.lm_head = make_linear(head, embed if tied else t["lm_head.weight"], None, dtype)
+        if tied and isinstance(self.lm_head, Quantised):
+            self._embed_rows: Quantised | None = self.lm_head
+            self.embed = torch.empty(0)
+        else:
+            self._embed_rows = None
+            self.embed = embed.to(dtype).contiguous()
         self.norm = get("model.norm.weight")
-        self.layers: list[dict[str, torch.Tensor]] = []
+        self.layers: list[dict[str, Any]] = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             self.layers.append(
                 {
                     "in_norm": get(p + "input_layernorm.weight"),
                     "post_norm": get(p + "post_attention_layernorm.weight"),
-                    # fused projections: one matmul for q|k|v and one for gate|up
-                    "qkv": torch.cat(
-                        [
-                            get(p + "self_attn.q_proj.weight"),
-                            get(p + "self_attn.k_proj.weight"),
-                            get(p + "self_attn.v_proj.weight"),
-                        ]
-                    ).contiguous(),
-                    "o": get(p + "self_attn.o_proj.weight"),
-                    "gate_up": torch.cat(
-                        [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-                    ).contiguous(),
-                    "down": get(p + "mlp.down_proj.weight"),
+                    "qkv": fused(
+                        p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"
+                    ),
+                    "o": fused(p + "self_attn.o_proj.weight"),
+                    "gate_up": fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    "down": fused(p + "mlp.down_proj.weight"),
                 }
             )
             for k in list(t):
                 if k.startswith(p):
                     del t[k]  # drop the unfused copies as we go to bound peak memory
+            for k in list(ckpt.q4):
+                if k.startswith(p):
+                    del ckpt.q4[k]
         self.inv_freq = rope_inv_freq(cfg, ckpt.rope_freqs)
         self.scale = cfg.head_dim**-0.5
         self._cos: torch.Tensor | None = None
@@ -100,10 +126,19 @@ class LlamaModel:
 
     @property
     def nbytes(self) -> int:
-        ts = [self.embed, self.norm] + [v for layer in self.layers for v in layer.values()]
-        if self.lm_head is not self.embed:
-            ts.append(self.lm_head)
-        return sum(x.numel() * x.element_size() for x in ts)
+        """Bytes of weights a decode step reads (embedding rows aside, when untied)."""
+        n = self.norm.numel() * self.norm.element_size() + self.lm_head.nbytes
+        for layer in self.layers:
+            for v in layer.values():
+                n += v.nbytes if isinstance(v, Linear) else v.numel() * v.element_size()
+        if self._embed_rows is None and not (isinstance(self.lm_head, Dense) and self.lm_head.w is self.embed):
+            n += self.embed.numel() * self.embed.element_size()
+        return n
+
+    def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._embed_rows is not None:
+            return self._embed_rows.rows(ids).to(self.dtype)
+        return self.embed[ids]
 
     def _ensure_rope(self, n: int) -> None:
         if self._cos is not None and self._cos.shape[0] >= n:
@@ -111,18 +146,23 @@ class LlamaModel:
         pos = torch.arange(n, dtype=torch.float)
         freqs = torch.outer(pos, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        self._cos = emb.cos().to(self.dtype)
+        # rotate_half(x) * sin == roll(x, half) * [-sin | sin]: one roll instead of slice/neg/cat (same bits)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # transformers' arithmetic, minus the no-op casts
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps))
         xf = x.to(torch.float32)
         var = xf.pow(2).mean(-1, keepdim=True)
         return w * (xf * torch.rsqrt(var + self.cfg.rms_norm_eps)).to(x.dtype)
 
     @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+    def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """HF's ``x·cos + rotate_half(x)·sin`` with the sign folded into the sine table."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     @torch.inference_mode()
     def forward(
@@ -137,19 +177,20 @@ class LlamaModel:
         assert self._cos is not None and self._sin is not None
         cos = self._cos[batch.positions].unsqueeze(1)
         sin = self._sin[batch.positions].unsqueeze(1)
-        x = self.embed[input_ids]
+        x = self.embed_rows(input_ids)
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["in_norm"])
-            qkv = F.linear(h, w["qkv"])
-            q = qkv[:, : nh * hd].view(T, nh, hd)
-            k = qkv[:, nh * hd : (nh + nkv) * hd].view(T, nkv, hd)
+            qkv = w["qkv"](h)
+            # RoPE on q and k together: one set of elementwise ops per layer
+            qk = self._rope(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
             kc, vc = kv.k[li], kv.v[li]
             kc.index_copy_(0, batch.slot_mapping, k)
             vc.index_copy_(0, batch.slot_mapping, v)
-            out = torch.empty(T, nh, hd, dtype=x.dtype)
+            # a decode-only step with one group (a single stream, most steps): attention writes the output itself
+            only = len(batch.decodes) == 1 and not batch.prefills
+            out = torch.empty(0) if only else torch.empty(T, nh, hd, dtype=x.dtype)
             # block-granular views: gathering whole blocks is a few memcpys, not one per token
             kb, vb = kc.view(kv.num_blocks, -1), vc.view(kv.num_blocks, -1)
             for dg in batch.decodes:
@@ -160,7 +201,10 @@ class LlamaModel:
                 kd = kb.index_select(0, idx).view(dg.n, -1, nkv, hd).transpose(1, 2)
                 vd = vb.index_select(0, idx).view(dg.n, -1, nkv, hd).transpose(1, 2)
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dg.mask, scale=self.scale)
-                out[rows] = od.reshape(dg.n, nh, hd)
+                if only:
+                    out = od.reshape(dg.n, nh, hd)
+                else:
+                    out[rows] = od.reshape(dg.n, nh, hd)
             for seg in batch.prefills:
                 rows = slice(seg.q_start, seg.q_start + seg.q_len)
                 qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, nh, q, hd]
@@ -179,10 +223,10 @@ class LlamaModel:
                     qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=g > 1
                 )
                 out[rows] = os_[0].transpose(0, 1)
-            x = x + F.linear(out.view(T, nh * hd), w["o"])
+            x = x + w["o"](out.reshape(T, nh * hd))
             h = self._rms(x, w["post_norm"])
-            gu = F.linear(h, w["gate_up"])
+            gu = w["gate_up"](h)
             inter = gu.shape[-1] // 2
-            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w["down"])
+            x = x + w["down"](F.silu(gu[:, :inter]) * gu[:, inter:])
         last = self._rms(x[logits_rows], self.norm)
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()

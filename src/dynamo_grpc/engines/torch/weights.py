@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .linear import Q4Blocks
+
 
 class UnsupportedModel(ValueError):
     """The checkpoint is not a Llama-family model this engine can run."""
@@ -54,6 +56,8 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     #: rope frequency factors shipped in the file (llama3-style GGUF ``rope_freqs.weight``)
     rope_freqs: torch.Tensor | None = None
+    #: GGUF Q4_1 weights as their blocks (``keep_q4=True``), instead of in ``tensors``
+    q4: dict[str, Q4Blocks] = field(default_factory=dict)
 
 
 _GGUF_LAYER_NAMES = {
@@ -75,18 +79,21 @@ _GGUF_TOP_NAMES = {
 _LLAMA_ARCHS = {"llama", "mistral"}
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a ``.gguf`` file or a directory holding ``config.json`` + ``*.safetensors``."""
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, keep_q4: bool = False) -> Checkpoint:
+    """Load a ``.gguf`` file or a directory holding ``config.json`` + ``*.safetensors``.
+
+    ``keep_q4``: a GGUF's Q4_1 layer weights stay as blocks (``Checkpoint.q4``) for the int4 format.
+    """
     p = Path(path)
     if p.is_dir():
         ggufs = sorted(p.glob("*.gguf"))
         if (p / "config.json").exists():
             return _load_safetensors_dir(p, dtype)
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype)
+            return _load_gguf(ggufs[0], dtype, keep_q4)
         raise UnsupportedModel(f"{p}: no config.json + *.safetensors and not exactly one .gguf file")
     if p.suffix == ".gguf":
-        return _load_gguf(p, dtype)
+        return _load_gguf(p, dtype, keep_q4)
     raise UnsupportedModel(f"{p}: expected a .gguf file or a safetensors directory")
 
 
@@ -149,16 +156,34 @@ def gguf_config(reader: Any) -> LlamaConfig:
     )
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+def q4_1_blocks(data: np.ndarray, rows: int, cols: int) -> Q4Blocks:
+    """Split GGUF Q4_1 bytes (per block of 32: fp16 d, fp16 m, 16 bytes of nibbles) into q, d, m."""
+    nb = cols // 32
+    raw = np.ascontiguousarray(data).reshape(rows, nb, 20)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = raw[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)  # low nibbles are 0..15
+    return Q4Blocks(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, keep_q4: bool = False) -> Checkpoint:
     import gguf  # the gguf package is light, but only GGUF users need it
 
     reader = gguf.GGUFReader(str(path))
     cfg = gguf_config(reader)
     tensors: dict[str, torch.Tensor] = {}
+    q4: dict[str, Q4Blocks] = {}
     rope_freqs: torch.Tensor | None = None
     for t in reader.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        arr = np.array(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape.tolist())])
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        blocks = None
+        if keep_q4 and t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and t.name.startswith("blk."):
+            blocks = q4_1_blocks(t.data, shape[0], shape[1])
+            arr = np.empty(0, dtype=np.float32)  # the blocks stand in for it
+        else:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = np.array(arr, dtype=np.float32).reshape(shape)
         name = t.name
         if name == "rope_freqs.weight":
             rope_freqs = torch.from_numpy(arr.copy())
@@ -169,17 +194,22 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
             hf = _GGUF_LAYER_NAMES.get(part)
             if hf is None:
                 raise UnsupportedModel(f"unexpected GGUF tensor {name}")
-            if part == "attn_q":
-                arr = _unpermute(arr, cfg.num_attention_heads)
-            elif part == "attn_k":
-                arr = _unpermute(arr, cfg.num_key_value_heads)
+            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(part)
+            if heads is not None and blocks is None:
+                arr = _unpermute(arr, heads)
+            elif heads is not None and blocks is not None:
+                perm = _unpermute(np.arange(shape[0]), heads)
+                blocks = Q4Blocks(blocks.q[perm], blocks.scale[perm], blocks.low[perm])
             key = f"model.layers.{idx}.{hf}.{suffix}"
         elif name in _GGUF_TOP_NAMES:
             key = _GGUF_TOP_NAMES[name]
         else:
             raise UnsupportedModel(f"unexpected GGUF tensor {name}")
+        if blocks is not None:
+            q4[key] = blocks
+            continue
         tensors[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
-    return Checkpoint(cfg, tensors, rope_freqs)
+    return Checkpoint(cfg, tensors, rope_freqs, q4)
 
 
 # -------------------------------------------------------------------------------- safetensors

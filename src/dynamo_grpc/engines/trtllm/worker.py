@@ -19,7 +19,8 @@ from .config import TrtllmConfig
 _OTHER_ENGINES: dict[str, object] = {
     "num_threads": None,
     "kv_cache_mib": None,
-    "dtype": "float32",
+    "dtype": None,
+    "torch_weights": None,
     "speedup_ratio": 1.0,
     "seed": 0,
     "eos_probability": 0.0,
