@@ -30,6 +30,8 @@ class MockerConfig:
     watermark: float = 0.01
     #: waiting requests beyond this raise EngineOverloaded (--max-waiting-requests)
     max_waiting: int = 4096
+    #: seconds a finished prefill's blocks stay pinned for a decode worker's pull (--kv-lease-seconds)
+    kv_lease_seconds: float = 30.0
 
     def validate(self) -> None:
         def positive(name: str) -> None:
@@ -59,5 +61,6 @@ class MockerConfig:
             eos_token_ids=frozenset(self.eos_token_ids),
             enable_prefix_caching=self.enable_prefix_caching,
             max_waiting=self.max_waiting,
+            kv_lease_seconds=self.kv_lease_seconds,
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.watermark),
         )

@@ -46,6 +46,7 @@ class TorchEngine(CoreEngine):
         max_waiting: int = 4096,
         watermark: float = 0.01,
         served_name: str | None = None,
+        kv_lease_seconds: float = 30.0,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -68,7 +69,15 @@ class TorchEngine(CoreEngine):
             num_blocks = num_blocks_for_bytes(
                 self.config, block_size, self.dtype, kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
             )
-        self.card: ModelCard = dataclasses.replace(card, block_size=block_size, kv_blocks=num_blocks)
+        self.card: ModelCard = dataclasses.replace(
+            card,
+            block_size=block_size,
+            kv_blocks=num_blocks,
+            num_layers=self.config.num_hidden_layers,
+            num_kv_heads=self.config.num_key_value_heads,
+            head_dim=self.config.head_dim,
+            kv_dtype=dtype,
+        )
         eos = card.eos_token_ids or self.config.eos_token_ids
         self.eos_token_ids = frozenset(eos)
 
@@ -84,6 +93,7 @@ class TorchEngine(CoreEngine):
                 enable_prefix_caching=enable_prefix_caching,
                 max_waiting=max_waiting,
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, watermark),
+                kv_lease_seconds=kv_lease_seconds,
             ),
             self.runner,
         )
