@@ -86,8 +86,9 @@ class RecordingRouter(LocalRouter):
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick:
-        pick = await super().route(request_id, model, token_ids, workers, exclude, expected_output_tokens, lora)
+        pick = await super().route(request_id, model, token_ids, workers, exclude, expected_output_tokens, lora, phase)
         self.events.append(("route", f"{request_id}->{pick.instance_id}"))
         return pick
 

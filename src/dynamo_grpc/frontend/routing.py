@@ -21,10 +21,18 @@ from typing import Protocol
 import grpc
 
 from dynamo_grpc import errors
+from dynamo_grpc.discovery.worker_roles import roles_for
 from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: phase name -> RouteRequest.phase
+ROUTE_PHASES = {
+    "aggregated": router_pb2.ROUTE_PHASE_UNSPECIFIED,
+    "prefill": router_pb2.ROUTE_PHASE_PREFILL,
+    "decode": router_pb2.ROUTE_PHASE_DECODE,
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class WorkerEndpoint:
 
     instance_id: str
     address: str
+    #: disaggregation role (discovery/worker_roles.py)
+    role: str = "both"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Router(Protocol):
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick: ...
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None: ...
@@ -97,8 +108,12 @@ class LocalRouter:
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick:
-        live = sorted((w for w in workers if w.instance_id not in exclude), key=lambda w: w.instance_id)
+        allowed = roles_for(phase, (w.role for w in workers))
+        live = sorted(
+            (w for w in workers if w.instance_id not in exclude and w.role in allowed), key=lambda w: w.instance_id
+        )
         if not live:
             raise errors.Unavailable(f"no live worker serves model '{model}'")
         w = self._policy(live)
@@ -224,6 +239,7 @@ class KvRouterClient:
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick:
         conn = self._conn(model)
         conn.ensure_updates()
@@ -234,6 +250,7 @@ class KvRouterClient:
             lora=lora,
             exclude_instance_ids=sorted(exclude | self._skipped()),
             expected_output_tokens=expected_output_tokens,
+            phase=ROUTE_PHASES[phase],
         )
         try:
             resp = await conn.stub().Route(req, timeout=self._timeout)

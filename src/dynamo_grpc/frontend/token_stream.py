@@ -34,6 +34,8 @@ class Chunk:
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     #: sum of the sampled tokens' logprobs so far
     cumulative_logprob: float = 0.0
+    #: the prefill worker when the request was disaggregated ("" otherwise)
+    prefill_worker_id: str = ""
 
 
 class TokenStream:

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a throwaway CA and certificates: mTLS between processes, TLS (with the CA) for clients",
     )
     p.add_argument(
+        "--disagg",
+        action="store_true",
+        help="disaggregated serving: 1 prefill + 1 decode worker (replaces --workers); long prompts are "
+        "prefilled on the prefill worker and their KV pulled by the decode worker (docs/disaggregation.md)",
+    )
+    p.add_argument(
         "--curve",
         action="store_true",
         help="generate ZeroMQ CURVE key pairs (one per role) and an allow-list for the KV event plane",
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run-local: could not start a Consul agent: {e}", file=sys.stderr)
         return 1
     consul = agent.address
+    roles = ["prefill", "decode"] if args.disagg else []
+    if args.disagg:
+        args.workers = 2
     worker_args: list[str] = []
     if args.engine == "torch":
         # the workers share this machine's cores; torch would otherwise give each all of them
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = MeshConfig(
         security=security,
         worker_args=worker_args,
+        worker_roles=roles,
         workers=args.workers,
         engine=args.engine,
         model=args.model,
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         ready_timeout_s=args.ready_timeout,
     )
     mesh = Mesh(cfg)
-    print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({args.router_mode}), frontend")
+    what = "1 prefill + 1 decode" if args.disagg else str(args.workers)
+    print(f"starting a local mesh: {what} {args.engine} worker(s), router ({args.router_mode}), frontend")
     print(f"discovery: {agent.kind} at {consul}")
     if agent.token:
         token_file = mesh.log_dir / "consul-management-token"

@@ -24,6 +24,7 @@ from typing import Any
 from dynamo_grpc.discovery import Discovery, Instance
 from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
+from dynamo_grpc.discovery.worker_roles import role_of
 from dynamo_grpc.events.curve import CurveConfig, public_key_from_meta
 from dynamo_grpc.events.replay_client import GrpcReplayClient
 from dynamo_grpc.events.subscriber import KvEventSubscriber
@@ -54,6 +55,7 @@ def worker_info(inst: Instance) -> WorkerInfo:
         dp_size=num("dp_size", 1),
         kv_blocks=num("kv_blocks", 0),
         zmq_endpoint=m.get("zmq_endpoint", ""),
+        role=role_of(inst.tags, m),
     )
 
 

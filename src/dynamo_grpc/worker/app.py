@@ -24,6 +24,7 @@ from typing import Any
 
 from dynamo_grpc import procstats
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
+from dynamo_grpc.discovery.worker_roles import ROLES
 from dynamo_grpc.engines.base import Engine
 from dynamo_grpc.engines.core.driver import CoreEngine
 from dynamo_grpc.events import KvEventPublisher
@@ -43,8 +44,6 @@ from dynamo_grpc.worker.service import DecodeServicer, ModelFilesServicer, Prefi
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dynamo-worker"
-#: disaggregation roles (Consul tag ``role=<role>``): routers send each phase only to the roles that serve it
-ROLES = ("prefill", "decode", "both")
 #: how often leases past their expiry are freed
 LEASE_SWEEP_S = 0.5
 LOAD_PERIOD_S = 0.1

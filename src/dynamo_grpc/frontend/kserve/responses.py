@@ -99,4 +99,7 @@ class Responder:
             resp.parameters["prompt_tokens"].int64_param = c.prompt_tokens
             resp.parameters["completion_tokens"].int64_param = c.completion_tokens
             resp.parameters["cached_tokens"].int64_param = c.cached_tokens
+            resp.parameters["disaggregated"].bool_param = bool(c.prefill_worker_id)
+            if c.prefill_worker_id:
+                resp.parameters["prefill_worker_id"].string_param = c.prefill_worker_id
         return resp
