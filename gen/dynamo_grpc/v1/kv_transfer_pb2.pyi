@@ -189,8 +189,8 @@ class PullResponse(_message.Message):
     layer: _builtins.int
     """Layer the data belongs to (unused when num_blocks is set: the chunk carries every layer)."""
     data: _builtins.bytes
-    """Raw tensor bytes, laid out as layout says: [num_blocks, layers, 2 (K, V), block_size, kv_heads, head_dim]
-    in row-major order. Empty on engines that move no bytes (the mocker models the transfer time instead).
+    """Raw tensor bytes, laid out as layout says: [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]
+    in row-major order (layer-major: a run of blocks is one slice per layer on both sides). Empty on engines that move no bytes (the mocker models the transfer time instead).
     """
     num_blocks: _builtins.int
     """Blocks in this chunk (consecutive from block_index); the last block of a handle may be partial."""

@@ -3,7 +3,7 @@
 Server side (``KvTransferServicer``): ``Pull`` claims the lease once (a second pull is
 FAILED_PRECONDITION, an unknown or expired lease NOT_FOUND, both through errors.py), streams the
 blocks from ``first_block`` on in chunks of several blocks (every layer, K and V, in one message:
-``[blocks, layers, 2, block_size, kv_heads, head_dim]``), and frees the lease when the stream ends,
+``[layers, 2, blocks, block_size, kv_heads, head_dim]``), and frees the lease when the stream ends,
 whatever way it ends. Only one chunk is copied out of the cache at a time. Engines that hold no
 tensors (the mocker) send empty chunks that take the time the model card's KV size and
 ``--kv-transfer-gbps`` imply. ``Release`` frees a lease early and is idempotent.
@@ -55,7 +55,7 @@ class KvGeometry:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def layout(self, num_blocks: int = 0) -> kv_transfer_pb2.KvLayout:
-        shape = [num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim]
+        shape = [self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim]
         return kv_transfer_pb2.KvLayout(
             dtype=self.dtype,
             shape=shape if num_blocks else [],
@@ -161,6 +161,7 @@ async def pull(
     first_block: int,
     geometry: KvGeometry,
     timeout: float | None = None,
+    blocks_per_chunk: int = 0,
 ) -> PullResult:
     """Pull a handle's blocks from ``first_block`` on into a KvImport (errors.py classes on failure)."""
     if handle.HasField("layout"):
@@ -171,7 +172,8 @@ async def pull(
     kv = KvImport(first_block, handle.num_tokens)
     t0 = time.perf_counter()
     nbytes = 0
-    call = stub.Pull(kv_transfer_pb2.PullRequest(handle=handle, first_block=first_block), timeout=timeout)
+    req = kv_transfer_pb2.PullRequest(handle=handle, first_block=first_block, blocks_per_chunk=blocks_per_chunk)
+    call = stub.Pull(req, timeout=timeout)
     try:
         async for chunk in call:
             why = geometry.mismatch(chunk.layout)

@@ -78,13 +78,14 @@ def test_a_handoff_gives_the_aggregated_tokens(make_core: MakeCore, n: int, seed
     assert decode.kv.pool.num_active == 0
 
 
-def test_the_decoder_pulls_only_what_it_lacks(make_core: MakeCore) -> None:
+@pytest.mark.parametrize("first_block", [2, 0])  # 0: it pulled blocks it turned out to hold; they are skipped
+def test_the_decoder_pulls_only_what_it_lacks(make_core: MakeCore, first_block: int) -> None:
     sp = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
     prompt = _prompt(14)
     agg, _, _ = _run(make_core(), EngineRequest("a", prompt, sp))
     decode = make_core()
     _run(decode, EngineRequest("warm", prompt[:9], SamplingParams(max_tokens=1)))  # caches blocks 0 and 1
-    disagg, _ = _handoff(make_core(), decode, prompt, sp, first_block=2)
+    disagg, _ = _handoff(make_core(), decode, prompt, sp, first_block=first_block)
     assert disagg == agg
 
 

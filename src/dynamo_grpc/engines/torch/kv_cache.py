@@ -40,7 +40,7 @@ class KvCache:
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
-        """One block on the wire: [layers, 2 (K, V), block_size, kv_heads, head_dim]."""
+        """One block on the wire: [layers, 2 (K, V), block_size, kv_heads, head_dim] (see :meth:`export_blocks`)."""
         _, heads, dim = self.k[0].shape
         return (len(self.k), 2, self.block_size, heads, dim)
 
@@ -55,27 +55,48 @@ class KvCache:
         return (base + torch.arange(bs)).reshape(-1)
 
     def export_blocks(self, block_ids: list[int]) -> bytes:
-        """Blocks as row-major [n, layers, 2, block_size, kv_heads, head_dim] bytes (one message, not one per layer)."""
-        n = len(block_ids)
-        if not n:
-            return b""
-        slots = self._slots(block_ids)
-        layers, _, bs, heads, dim = self.block_shape
-        out = torch.empty((n, layers, 2, bs, heads, dim), dtype=self.k[0].dtype)
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            out[:, i, 0] = k.index_select(0, slots).view(n, bs, heads, dim)
-            out[:, i, 1] = v.index_select(0, slots).view(n, bs, heads, dim)
-        return out.view(torch.uint8).numpy().tobytes()
+        """Blocks as row-major [layers, 2 (K, V), n, block_size, kv_heads, head_dim] bytes.
 
-    def import_blocks(self, block_ids: list[int], data: bytes) -> None:
-        """Write blocks exported by :meth:`export_blocks` (same layout) into ``block_ids``."""
+        Layer-major, so a run of consecutive blocks is one contiguous slice of each layer's K and V
+        tensors: the export is one copy of each slice into the message, with no gather.
+        """
+        parts: list[memoryview] = []
+        bs = self.block_size
+        runs = _runs(block_ids)
+        for k, v in zip(self.k, self.v, strict=True):
+            for t in (k, v):
+                raw = t.view(torch.uint8)  # numpy has no bfloat16: move bytes
+                for start, n in runs:
+                    chunk = raw[start * bs : (start + n) * bs].numpy()
+                    parts.append(memoryview(chunk.data).cast("B"))
+        return b"".join(parts)
+
+    def import_blocks(self, block_ids: list[int], data: bytes, skip: int = 0, total: int | None = None) -> None:
+        """Write blocks exported by :meth:`export_blocks` into ``block_ids``.
+
+        ``data`` holds ``total`` blocks (default: ``len(block_ids)``); blocks ``skip ..`` of it are written.
+        """
         n = len(block_ids)
         if not n:
             return
+        total = n if total is None else total
         layers, _, bs, heads, dim = self.block_shape
-        dtype = self.k[0].dtype
-        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).view(n, layers, 2, bs, heads, dim)
+        if len(data) != total * self.block_nbytes:
+            raise ValueError(f"KV chunk of {total} blocks has {len(data)} bytes, expected {total * self.block_nbytes}")
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.k[0].dtype)
+        t = t.view(layers, 2, total, bs, heads, dim)[:, :, skip : skip + n].reshape(layers, 2, n * bs, heads, dim)
         slots = self._slots(block_ids)
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k.index_copy_(0, slots, t[:, i, 0].reshape(n * bs, heads, dim))
-            v.index_copy_(0, slots, t[:, i, 1].reshape(n * bs, heads, dim))
+            k.index_copy_(0, slots, t[i, 0])
+            v.index_copy_(0, slots, t[i, 1])
+
+
+def _runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs

@@ -180,18 +180,13 @@ class ModelRunner:
 
     def import_kv(self, plan: SchedulerOutput) -> None:
         """Install pulled KV bytes into the blocks the scheduler allocated for them."""
-        per_block = self.kv.block_nbytes
         for imp in plan.kv_imports:
             for first, n, data in imp.chunks:
                 lo = max(first, imp.first_block)
                 hi = min(first + n, imp.first_block + len(imp.block_ids))
-                if lo >= hi:
-                    continue
-                if len(data) != n * per_block:
-                    raise ValueError(f"KV chunk of {n} blocks has {len(data)} bytes, expected {n * per_block}")
-                part = data[(lo - first) * per_block : (hi - first) * per_block]
-                ids = imp.block_ids[lo - imp.first_block : hi - imp.first_block]
-                self.kv.import_blocks(ids, part)
+                if lo < hi:
+                    ids = imp.block_ids[lo - imp.first_block : hi - imp.first_block]
+                    self.kv.import_blocks(ids, data, skip=lo - first, total=n)
 
     def execute(self, plan: SchedulerOutput) -> ExecutorOutput:
         self.prepare(plan)
