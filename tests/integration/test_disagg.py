@@ -18,6 +18,7 @@ import signal
 import struct
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -204,3 +205,44 @@ def test_torch_greedy_and_seeded_tokens_survive_the_handoff() -> None:
         out = asyncio.run(infer_all(mesh, reqs))
         assert [r.parameters["disaggregated"].bool_param for r in out] == [True] * len(reqs)
         kill_prefill_and_compare(mesh, reqs, [text_of(r) for r in out])
+
+
+def test_kv_transfer_runs_over_mtls(tmp_path: Path) -> None:
+    """With --tls every hop is mTLS, the decoder's Pull included; KvTransfer refuses a client without a cert."""
+    from dynamo_grpc.launch.security import local_security
+    from dynamo_grpc.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+    sec = local_security(tmp_path / "security", tls=True, curve=False)
+    assert sec.tls is not None
+    cfg = MeshConfig(
+        workers=2,
+        worker_roles=["prefill", "decode"],
+        speedup_ratio=1000.0,
+        frontend_args=["--max-local-prefill-tokens", "0"],
+        security=sec,
+        ready_timeout_s=120.0,
+    )
+    ca = sec.tls.ca.read_bytes()
+    with Mesh(cfg) as mesh:
+        model = mesh.models[0]
+
+        async def go() -> None:
+            async with grpc.aio.secure_channel(mesh.frontend_grpc, grpc.ssl_channel_credentials(ca)) as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                deadline = time.monotonic() + 30
+                while True:  # until the frontend knows the prefill pool
+                    resp = await stub.ModelInfer(request(model, prompt(1, 300)), timeout=30)
+                    if resp.parameters["disaggregated"].bool_param or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                assert resp.parameters["disaggregated"].bool_param
+            prefill = by_role(mesh)["prefill"]["grpc_address"]
+            async with grpc.aio.secure_channel(prefill, grpc.ssl_channel_credentials(ca)) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in kv_transfer_pb2_grpc.KvTransferServiceStub(ch).Pull(
+                        kv_transfer_pb2.PullRequest(handle=kv_transfer_pb2.KvHandle(handle_id="x")), timeout=5
+                    ):
+                        pass
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # no client certificate: no handshake
+
+        asyncio.run(go())

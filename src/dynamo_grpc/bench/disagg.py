@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamo_grpc.bench.output import save_plot, write_json
+from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, percentiles
 from dynamo_grpc.bench.replay_trace import TraceRequest
@@ -319,7 +319,9 @@ def _plot(result: dict[str, Any], png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dynamo-grpc bench disagg", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=None, help="write results here (PNG next to it with --plot)")
+    p.add_argument(
+        "--json", type=Path, default=default_results_dir() / "disagg.json", help="results (PNG next to it with --plot)"
+    )
     p.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sizes", default="1024,4096,16384", help="transfer: prompt tokens per pull")
