@@ -185,12 +185,40 @@ def test_mocker_disaggregated_serving_and_faults() -> None:
         asyncio.run(kv_faults())
         pf = metrics(roles["prefill"][METRICS_META])
         assert metric(pf, "dynamo_worker_kv_leases_ended_total", outcome="expired") == 1
+
+        async def decoder_falls_back() -> None:
+            """A handle whose lease is gone (its prefill worker died or gave up): the decoder prefills locally
+            and continues after the first token exactly as aggregated serving would."""
+            from dynamo_grpc.v1 import common_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+            ids = prompt(11, 330)
+            stop = common_pb2.StopConditions(max_tokens=8, ignore_eos=True)
+            async with grpc.aio.insecure_channel(roles["prefill"]["grpc_address"]) as pch:
+                pre = await worker_pb2_grpc.PrefillServiceStub(pch).Prefill(
+                    worker_pb2.PrefillRequest(model=model, token_ids=ids, stop=stop)
+                )
+                await kv_transfer_pb2_grpc.KvTransferServiceStub(pch).Release(
+                    kv_transfer_pb2.ReleaseRequest(handle_id=pre.kv_handle.handle_id)
+                )
+            async with grpc.aio.insecure_channel(roles["decode"]["grpc_address"]) as dch:
+                dec = worker_pb2_grpc.DecodeServiceStub(dch)
+                agg = [t async for r in dec.Decode(worker_pb2.DecodeRequest(model=model, token_ids=ids, stop=stop))
+                       for t in r.token_ids]  # fmt: skip
+                req = worker_pb2.DecodeRequest(
+                    model=model, token_ids=ids, stop=stop, kv_handle=pre.kv_handle, first_token=pre.first_token
+                )
+                rest = [t async for r in dec.Decode(req) for t in r.token_ids]
+            assert [pre.first_token, *rest] == agg and len(agg) == 8
+
+        asyncio.run(decoder_falls_back())
+        dec = metrics(roles["decode"][METRICS_META])
+        assert metric(dec, "dynamo_worker_kv_pull_fallbacks_total") == 1
         assert metric(pf, "dynamo_worker_kv_leases") == 0
         wait_for(lambda: metric(metrics(roles["prefill"][METRICS_META]), "dynamo_worker_kv_active_blocks") == 0)
 
         kill_prefill_and_compare(mesh, reqs, texts)
         dec = metrics(roles["decode"][METRICS_META])
-        assert metric(dec, "dynamo_worker_kv_pull_fallbacks_total") == 0  # the frontend fell back before any pull
+        assert metric(dec, "dynamo_worker_kv_pull_fallbacks_total") == 1  # the frontend fell back before any pull
 
 
 def test_torch_greedy_and_seeded_tokens_survive_the_handoff() -> None:
