@@ -198,15 +198,13 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
 # ---------------------------------------------------------------------------------------------- interference
 
 
-def interference_trace(
-    n_short: int, n_long: int, long_tokens: int, window_s: float, short_out: int = 64, long_out: int = 4
-) -> list[TraceRequest]:
-    """Short chats (128-token prompts) arriving evenly; long prompts (a few tokens out) among them."""
+def interference_trace(n_short: int, n_long: int, long_tokens: int, window_s: float) -> list[TraceRequest]:
+    """Short chats (128-token prompts, 64 tokens out) arriving evenly; long prompts (4 tokens out) among them."""
     reqs: list[tuple[float, int, int]] = []
     for i in range(n_short):
-        reqs.append((window_s * i / n_short, 128, short_out))
+        reqs.append((window_s * i / n_short, 128, 64))
     for j in range(n_long):
-        reqs.append((window_s * (j + 0.5) / n_long, long_tokens, long_out))
+        reqs.append((window_s * (j + 0.5) / n_long, long_tokens, 4))
     reqs.sort()
     return [TraceRequest(i, t, n, o) for i, (t, n, o) in enumerate(reqs)]
 
@@ -219,28 +217,18 @@ def _gaps(rec: RequestRecord) -> list[float]:
     return out
 
 
-def _run_layout(
-    layout: str, trace: list[TraceRequest], speedup: float, gbps: float, engine: str = "mocker"
-) -> dict[str, Any]:
+def _run_layout(layout: str, trace: list[TraceRequest], speedup: float, gbps: float) -> dict[str, Any]:
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
     roles = ["prefill", "decode"] if layout == "disagg" else []
-    if engine == "torch":  # one intra-op thread per worker: the comparison is about interference, not cores
-        worker_args = ["--num-threads", "1", "--kv-cache-mib", "256"]
-    else:
-        worker_args = ["--kv-transfer-gbps", str(gbps)] if layout == "disagg" else []
+    worker_args = ["--kv-transfer-gbps", str(gbps)] if layout == "disagg" else []
     cfg = MeshConfig(
-        workers=2,
-        worker_roles=roles,
-        engine=engine,
-        speedup_ratio=speedup if engine == "mocker" else None,
-        worker_args=worker_args,
-        ready_timeout_s=300.0,
+        workers=2, worker_roles=roles, speedup_ratio=speedup, worker_args=worker_args, ready_timeout_s=120.0
     )
     with tempfile.TemporaryDirectory() as d, Mesh(MeshConfig(**{**cfg.__dict__, "log_dir": Path(d)})) as mesh:
 
         async def go() -> list[RequestRecord]:
-            driver = Driver(DriverConfig(mesh.frontend_grpc, mesh.models[0], channels=4, request_timeout_s=900))
+            driver = Driver(DriverConfig(mesh.frontend_grpc, mesh.models[0], channels=4))
             try:
                 await driver.wait_ready()
                 await asyncio.sleep(1.0 if layout == "agg" else 2.0)  # the frontend sees both workers (and pools)
@@ -248,9 +236,6 @@ def _run_layout(
 
                 def tokens_for(r: TraceRequest) -> np.ndarray:
                     return rng.integers(100, 40_000, size=r.input_length, dtype=np.int64)
-
-                if engine == "torch":  # load the weights' pages and the kernels before the clock starts
-                    await driver.run([TraceRequest(0, 0.0, 600, 2), TraceRequest(1, 0.0, 64, 2)], tokens_for)
 
                 return await driver.run(trace, tokens_for)
             finally:
@@ -291,32 +276,6 @@ def run_interference(rounds: int, speedup: float, gbps: float, n_short: int, n_l
     return {
         "trace": {"short": n_short, "long": n_long, "long_tokens": 6000, "window_s": WINDOW_S, "speedup": speedup},
         "kv_transfer_gbps": gbps,
-        "runs": runs,
-        "itl_p99_agg_over_disagg": {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)},
-    }
-
-
-def run_torch_interference(rounds: int, n_short: int, n_long: int, long_tokens: int) -> dict[str, Any]:
-    """The real model: short decodes running while long prompts arrive, agg vs disagg, one thread per worker."""
-    window = 24.0
-    trace = interference_trace(n_short, n_long, long_tokens, window, short_out=48, long_out=2)
-    runs: dict[str, list[dict[str, Any]]] = {"agg": [], "disagg": []}
-    for r in range(rounds):
-        for layout in ("agg", "disagg") if r % 2 == 0 else ("disagg", "agg"):
-            res = _run_layout(layout, trace, 1.0, 0.0, engine="torch")
-            runs[layout].append(res)
-            print(
-                f"  round {r + 1} {layout:>6}: ITL p99 {res['itl_short_ms']['p99']:.1f} ms, "
-                f"TTFT p50/p99 {res['ttft_short_ms']['p50']:.1f}/{res['ttft_short_ms']['p99']:.1f} ms, "
-                f"{res['output_tokens_per_s']:.1f} tok/s, errors {len(res['errors'])}",
-                flush=True,
-            )
-    ratios = [
-        a["itl_short_ms"]["p99"] / d["itl_short_ms"]["p99"] for a, d in zip(runs["agg"], runs["disagg"], strict=True)
-    ]
-    return {
-        "trace": {"short": n_short, "long": n_long, "long_tokens": long_tokens, "window_s": window},
-        "worker_threads": 1,
         "runs": runs,
         "itl_p99_agg_over_disagg": {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)},
     }
@@ -378,11 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short", type=int, default=48, help="interference: short requests")
     p.add_argument("--long", type=int, default=8, help="interference: long prompts")
     p.add_argument("--blocks-per-chunk", type=int, default=0, help="transfer: blocks per Pull message (0: server's)")
-    p.add_argument("--only", choices=["transfer", "interference", "torch"], default=None)
-    p.add_argument(
-        "--torch", action="store_true", help="also run the torch interference part (minutes: loads SmolLM2-135M)"
-    )
-    p.add_argument("--torch-rounds", type=int, default=1, help="torch: rounds (each starts two meshes)")
+    p.add_argument("--only", choices=["transfer", "interference"], default=None)
     p.add_argument("--serve-kv", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_kv:
@@ -400,9 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         result["interference"] = run_interference(
             args.rounds, args.speedup, args.kv_transfer_gbps, args.short, args.long
         )
-    if args.only == "torch" or (args.only is None and args.torch):
-        print("torch interference: 2 aggregated vs 1 prefill + 1 decode (SmolLM2-135M, 1 thread per worker)")
-        result["torch_interference"] = run_torch_interference(args.torch_rounds, 6, 2, 4096)
     result["wall_s"] = round(time.time() - t0, 1)
     result["cpus"] = os.cpu_count()
     if args.json is not None:
