@@ -112,7 +112,25 @@ def env_defaults(
         if not raw:
             continue
         try:
-            option.default = _convert(option, raw)
+            value = _convert(option, raw)
         except ValueError as e:
             owner.error(f"{name}={raw!r}: {e} (environment variable for {option.option_strings[0]})")
+        if type(option) is argparse._AppendAction:
+            value = _FromEnv(value)
+            option.__class__ = _ReplaceEnvAppend
+        option.default = value
     return parser
+
+
+class _FromEnv(list):  # type: ignore[type-arg]
+    """A repeatable option's values taken from its variable: the command line's first use replaces them."""
+
+
+class _ReplaceEnvAppend(argparse._AppendAction):
+    """argparse appends a repeated flag to its default; a flag given on the command line must replace the
+    variable's values instead, as every other flag replaces its variable."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        if isinstance(getattr(namespace, self.dest, None), _FromEnv):
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)

@@ -88,7 +88,11 @@ async def infer_all(mesh: Mesh, reqs: list[pb.ModelInferRequest]) -> list[pb.Mod
 
 def wait_both_pools(mesh: Mesh) -> None:
     """The frontend serves the model as soon as one worker is in; wait until it knows both pools."""
-    wait_for(lambda: metric(metrics(mesh.frontend_http), "dynamo_frontend_live_workers") == 2, timeout=60)
+    try:
+        wait_for(lambda: metric(metrics(mesh.frontend_http), "dynamo_frontend_live_workers") == 2, timeout=180)
+    except AssertionError:
+        live = [ln for ln in metrics(mesh.frontend_http).splitlines() if "workers" in ln and not ln.startswith("#")]
+        raise AssertionError(f"the frontend never saw both workers: {live}; registered {mesh.worker_metas()}") from None
 
 
 def mesh_config(engine: str, worker_args: list[str], frontend_args: list[str]) -> MeshConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,7 +80,8 @@ def test_sigkill_of_run_local_takes_every_child_with_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP_")}
     env["PYTHONUNBUFFERED"] = "1"
     argv = [sys.executable, "-m", "dynamo_grpc.cli", "run-local", "--engine", "mocker", "--workers", "1"]
-    argv += ["--grpc-port", "0", "--http-port", "-1", "--log-dir", str(tmp_path), "--ready-timeout", "90"]
+    argv += ["--grpc-port", "0", "--http-port", "-1", "--metrics-port", "0"]
+    argv += ["--log-dir", str(tmp_path), "--ready-timeout", "90"]
     launcher = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     children: set[int] = set()
     try:
@@ -87,10 +89,17 @@ def test_sigkill_of_run_local_takes_every_child_with_it(tmp_path: Path) -> None:
         seen = []
         for line in launcher.stdout:
             seen.append(line)
-            if "dynamo-grpc is up" in line:
+            if line.startswith("Ctrl-C stops everything"):
                 break
         else:
             pytest.fail("run-local never came up:\n" + "".join(seen))
+        # the frontend's /metrics (Triton's port 8002 by default; any free port here) carries Triton's names
+        metrics_url = re.search(r"metrics +: (http://\S+/metrics)", "".join(seen))
+        assert metrics_url, "".join(seen)
+        with urllib.request.urlopen(metrics_url.group(1), timeout=10) as resp:
+            exposition = resp.read().decode()
+        assert "# TYPE nv_inference_request_success counter" in exposition
+        assert "dynamo_frontend_time_to_first_token_seconds" in exposition
         children = _descendants(launcher.pid)
         assert len(children) >= 3, children  # consul-dev, a worker, the frontend
         assert "ACLs: on (default deny)" in "".join(seen)

@@ -6,7 +6,6 @@ import pytest
 
 from dynamo_grpc.discovery.worker_roles import role_of, roles_for
 from dynamo_grpc.frontend.disagg import DisaggConfig, decide
-from dynamo_grpc.frontend.routing import LocalRouter, WorkerEndpoint
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.router import NoWorkers, RouteInput, Router, WorkerInfo
 
@@ -48,14 +47,6 @@ def test_the_decision_rule() -> None:
     assert decide(1, 0, everything).remote  # --max-local-prefill-tokens 0: every prompt goes remote
     with pytest.raises(ValueError, match="--prefill-queue-threshold"):
         DisaggConfig(prefill_queue_threshold=0).validate()
-
-
-async def test_the_local_router_picks_within_the_phase_pool() -> None:
-    ws = [WorkerEndpoint("p", "a:1", "prefill"), WorkerEndpoint("d", "a:2", "decode")]
-    r = LocalRouter()
-    assert {(await r.route("x", "m", [1], ws, set(), 1, "", "prefill")).instance_id for _ in range(4)} == {"p"}
-    assert {(await r.route("x", "m", [1], ws, set(), 1, "", "decode")).instance_id for _ in range(4)} == {"d"}
-    assert {(await r.route("x", "m", [1], ws, set(), 1, "")).instance_id for _ in range(4)} == {"d"}
 
 
 def test_the_kv_router_picks_within_the_phase_pool() -> None:

@@ -141,6 +141,10 @@ def test_list_options_split_on_commas_and_check_choices(monkeypatch: pytest.Monk
     env = {"DYN_TAG": "a, b", "DYN_IDS": "1,2,3", "DYN_OFF": "true"}
     ns = env_defaults(p, env=env).parse_args([])
     assert ns.tag == ["a", "b"] and ns.ids == [1, 2, 3] and ns.on is False
+    # a repeatable flag given on the command line replaces the variable's values (argparse would append)
+    again = argparse.ArgumentParser(prog="t1")
+    again.add_argument("--tag", action="append", choices=["a", "b"])
+    assert env_defaults(again, env=env).parse_args(["--tag", "b", "--tag", "b"]).tag == ["b", "b"]
     with pytest.raises(SystemExit):
         env_defaults(argparse.ArgumentParser(prog="t2"), env={}).parse_args(["--nope"])
     q = argparse.ArgumentParser(prog="t3")

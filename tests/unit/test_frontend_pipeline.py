@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,7 +21,7 @@ from dynamo_grpc.frontend.limits import Limits
 from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
 from dynamo_grpc.frontend.pipeline import Chunk, Pipeline
 from dynamo_grpc.frontend.request import LlmRequest
-from dynamo_grpc.frontend.routing import LocalRouter, Pick, WorkerEndpoint
+from dynamo_grpc.frontend.routing import Pick, WorkerEndpoint
 from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
 from dynamo_grpc.tokens.tokenizer import Tokenizer
 from dynamo_grpc.v1 import common_pb2, worker_pb2
@@ -72,6 +73,47 @@ class FakeWorkers:
             self.closed.append(address)
 
 
+Policy = Callable[[list[WorkerEndpoint]], WorkerEndpoint]
+
+
+def round_robin() -> Policy:
+    """Cycle through the live workers."""
+    counter = itertools.count()
+    return lambda live: live[next(counter) % len(live)]
+
+
+class LocalRouter:
+    """A policy over the live workers of each model, no per-request state: the smallest `Router` the pipeline takes."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self._policy = policy or round_robin()
+
+    async def route(
+        self,
+        request_id: str,
+        model: str,
+        token_ids: Sequence[int],
+        workers: Sequence[WorkerEndpoint],
+        exclude: set[str],
+        expected_output_tokens: int,
+        lora: str,
+    ) -> Pick:
+        live = sorted((w for w in workers if w.instance_id not in exclude), key=lambda w: w.instance_id)
+        if not live:
+            raise errors.Unavailable(f"no live worker serves model '{model}'")
+        w = self._policy(live)
+        return Pick(w.instance_id, w.address)
+
+    def prefill_done(self, request_id: str, output_tokens: int) -> None:
+        pass
+
+    def free(self, request_id: str, output_tokens: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
 class RecordingRouter(LocalRouter):
     def __init__(self) -> None:
         super().__init__()
@@ -86,9 +128,8 @@ class RecordingRouter(LocalRouter):
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
-        phase: str = "aggregated",
     ) -> Pick:
-        pick = await super().route(request_id, model, token_ids, workers, exclude, expected_output_tokens, lora, phase)
+        pick = await super().route(request_id, model, token_ids, workers, exclude, expected_output_tokens, lora)
         self.events.append(("route", f"{request_id}->{pick.instance_id}"))
         return pick
 

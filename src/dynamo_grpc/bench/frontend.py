@@ -37,6 +37,7 @@ import grpc
 
 from dynamo_grpc.bench.cpu import process_cpu_seconds
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
+from dynamo_grpc.bench.tracing_off import off_path_cost
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
@@ -326,6 +327,9 @@ def tracing_cost(out: dict[str, Any]) -> dict[str, Any]:
         base, off = cpu.get("frontend_baseline_build" + suffix), cpu.get("frontend_trace_off" + suffix)
         if base and off:
             res[f"off_vs_baseline_build_pct{suffix}"] = round((off / base - 1) * 100, 1)
+    # the same question answered call by call (stable where the process totals above are noise-bound)
+    off_cpu = cpu.get("frontend_trace_off") or tp.get("frontend_kv", {}).get("cpu_ms_per_request", {}).get("frontend")
+    res["off_path"] = off_path_cost(off_cpu)
     return res
 
 

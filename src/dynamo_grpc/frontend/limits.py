@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,6 @@ MiB = 1024 * 1024
 MAX_CLIENT_ID_BYTES = 256
 #: prompts above this many bytes are tokenised in a worker thread, so the event loop keeps serving others
 OFFLOAD_TOKENISE_BYTES = 16 * 1024
-#: environment variable with API keys (comma or newline separated), as an alternative to --api-key
-API_KEYS_ENV = "DYN_API_KEYS"
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,6 @@ class Limits:
         keys = list(args.api_key or [])
         if args.api_key_file:
             keys += _key_lines(Path(args.api_key_file).read_text())
-        keys += _key_lines(os.environ.get(API_KEYS_ENV, "").replace(",", "\n"))
         limits = cls(
             max_input_bytes=args.max_input_bytes,
             max_prompt_tokens=args.max_prompt_tokens,
@@ -171,7 +167,7 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=[],
-        help=f"accept this API key (repeatable; also --api-key-file, env {API_KEYS_ENV}); none: open",
+        help="accept this API key (repeatable; also --api-key-file); none: open",
     )
     g.add_argument("--api-key-file", default=None, help="file with one API key per line")
     g.add_argument("--metrics-api-key", default=None, help="key required by /metrics (default: open)")

@@ -1,19 +1,17 @@
-"""Picking a worker for a request: a KV router over gRPC (one per model), or a local policy.
+"""Picking a worker for a request: the `Router` the pipeline talks to, and the KV router over gRPC.
 
 `KvRouterClient` (`--router-mode kv-service`) asks the `dynamo-router` that serves the request's model
 (RouterService.Route) and reports progress on that router's long-lived Update stream (PREFILL_DONE after
-the first token, FREE at the end), so each router's active-block accounting stays right. `LocalRouter`
-(`round-robin`, `random`) decides here from the live worker set with one policy function. Progress reports
-are fire-and-forget (`prefill_done`/`free` never block a request). Failures are `dynamo_grpc.errors` classes.
+the first token, FREE at the end), so each router's active-block accounting stays right. The other modes run
+the router core in the frontend (frontend/kv_router.py). Progress reports are fire-and-forget
+(`prefill_done`/`free` never block a request). Failures are `dynamo_grpc.errors` classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,7 +19,6 @@ from typing import Protocol
 import grpc
 
 from dynamo_grpc import errors
-from dynamo_grpc.discovery.worker_roles import roles_for
 from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
@@ -73,60 +70,6 @@ class Router(Protocol):
     def free(self, request_id: str, output_tokens: int) -> None: ...
 
     async def close(self) -> None: ...
-
-
-Policy = Callable[[list[WorkerEndpoint]], WorkerEndpoint]
-
-
-def round_robin() -> Policy:
-    """Cycle through the live workers."""
-    counter = itertools.count()
-    return lambda live: live[next(counter) % len(live)]
-
-
-def uniform_random(seed: int | None = None) -> Policy:
-    """A uniform choice among the live workers."""
-    return random.Random(seed).choice
-
-
-class LocalRouter:
-    """Routes with a policy over the live workers of each model; keeps no per-request state."""
-
-    def __init__(self, policy: Policy | None = None) -> None:
-        self._policy = policy or round_robin()
-
-    @classmethod
-    def for_mode(cls, mode: str) -> LocalRouter:
-        return cls(round_robin() if mode == "round-robin" else uniform_random())
-
-    async def route(
-        self,
-        request_id: str,
-        model: str,
-        token_ids: Sequence[int],
-        workers: Sequence[WorkerEndpoint],
-        exclude: set[str],
-        expected_output_tokens: int,
-        lora: str,
-        phase: str = "aggregated",
-    ) -> Pick:
-        allowed = roles_for(phase, (w.role for w in workers))
-        live = sorted(
-            (w for w in workers if w.instance_id not in exclude and w.role in allowed), key=lambda w: w.instance_id
-        )
-        if not live:
-            raise errors.Unavailable(f"no live worker serves model '{model}'")
-        w = self._policy(live)
-        return Pick(w.instance_id, w.address)
-
-    def prefill_done(self, request_id: str, output_tokens: int) -> None:
-        pass
-
-    def free(self, request_id: str, output_tokens: int) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 _UPDATE_RETRIES = 20  # reopen attempts (0.5 s apart) while updates wait for a router

@@ -89,6 +89,7 @@ class Mesh:
         self.consul: str = ""
         self.frontend_grpc: str = ""
         self.frontend_http: str = ""
+        self.frontend_metrics: str = ""  # host:port of its /metrics (Triton and Dynamo names), "" when off
         self.router_grpc: str = ""
         self.models: list[str] = []
         #: the token the launcher reads Consul with (management when we hold one)
@@ -196,6 +197,7 @@ class Mesh:
             fe = self._wait_service("dynamo-frontend", 1)[0]
             self.frontend_grpc = fe.get("grpc_address", "")
             self.frontend_http = fe.get("http_address", "")
+            self.frontend_metrics = fe.get("metrics_address", "")
             self._wait("the frontend to report ready", self._frontend_ready)
         except BaseException:
             self.stop()

@@ -29,6 +29,7 @@ from dynamo_grpc.logs import FORMAT_ENV as LOG_FORMAT_ENV
 from dynamo_grpc.logs import add_log_flag, setup_logging
 
 DEFAULT_ENGINE = "torch"
+TRITON_METRICS_PORT = 8002  # where Triton users' scrape configs already point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grpc-port", type=int, default=8001, help="frontend KServe gRPC port (Triton's default)")
     p.add_argument("--http-port", type=int, default=8000, help="frontend OpenAI HTTP port (-1: off)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=TRITON_METRICS_PORT,
+        help="frontend Prometheus /metrics port, Triton's nv_inference_* names beside Dynamo's "
+        "(Triton's default 8002; 0: any free port, -1: off)",
+    )
     p.add_argument("--log-dir", type=Path, default=None, help="where process logs go (default: a temp dir)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument(
@@ -103,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[LOG_ENV] = args.log_level  # every process of the mesh inherits the level
     os.environ[LOG_FORMAT_ENV] = args.log_format  # ... and the log format
     try:
-        check_ports("127.0.0.1", [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")])
+        check_ports(
+            "127.0.0.1",
+            [(args.grpc_port, "--grpc-port"), (args.http_port, "--http-port"), (args.metrics_port, "--metrics-port")],
+        )
     except SystemExit as e:
         print(f"run-local: {e}", file=sys.stderr)
         return 1
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         router_mode=args.router_mode,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
+        frontend_args=["--metrics-port", str(args.metrics_port)],
         consul=consul,
         acl=args.acl,
         consul_token=agent.token,
@@ -175,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 dynamo-grpc is up.
   KServe v2 gRPC : {fe}{" (TLS)" if tls_on else ""}
   OpenAI HTTP    : {f"{scheme}://{mesh.frontend_http}" if mesh.frontend_http else "off"}
+  metrics        : {f"{scheme}://{mesh.frontend_metrics}/metrics" if mesh.frontend_metrics else "off"}
   router         : {mesh.router_grpc or ("in the frontend" if args.router_mode == "kv" else "-")}
   consul         : {mesh.consul}""",
         flush=True,

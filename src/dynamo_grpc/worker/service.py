@@ -11,11 +11,12 @@ frees the request's KV blocks, and releases the drain gate and the in-flight gau
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import NoReturn
 
 import grpc
@@ -126,7 +127,7 @@ class _Requests:
         context: grpc.aio.ServicerContext,
         sp: spans.trace.Span | None = None,
         leases: list[EngineOutput] | None = None,
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         """Engine outputs as DecodeResponses, with deadline, drain and error handling.
 
         Every engine error (raised at the first ``__anext__`` or later) ends the stream with its own
@@ -188,14 +189,14 @@ class _Requests:
                         outcome = "cancelled"
                         failure = errors.Cancelled("the engine stopped the request")
                     break
+                if out.finish_reason is not None:  # before the yield: a client that has the finish may close here
+                    outcome = out.finish_reason
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.token_ids,
                     finish_reason=FINISH_REASONS.get(out.finish_reason, FINISH_REASONS["error"]),
                     usage=usage_pb(out, completion),
                     logprobs=logprobs_pb(out),
                 )
-                if out.finish_reason is not None:
-                    outcome = out.finish_reason
         except errors.DynamoError as e:
             failure = e
             outcome = e.name
@@ -234,8 +235,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
             await self._continue_prefill(request, req, context)
         attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
         with spans.span("decode", request_id=req.request_id, **attrs) as sp:
-            async for resp in self._stream(req, context, sp):
-                yield resp
+            # closed here, not by the garbage collector: when the client stops reading (it has the finish), the
+            # stream's cleanup (gate, gauges, the span's output_tokens/finish_reason) runs before the span ends
+            async with contextlib.aclosing(self._stream(req, context, sp)) as stream:
+                async for resp in stream:
+                    yield resp
 
     async def _continue_prefill(
         self, request: worker_pb2.DecodeRequest, req: EngineRequest, context: grpc.aio.ServicerContext
