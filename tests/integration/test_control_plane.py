@@ -66,7 +66,7 @@ def _rogue(iid: str, model: str, grpc_address: str, zmq: str, block_size: str, *
         "ID": iid,
         "Address": host,
         "Port": int(port),
-        "Tags": ["namespace=dynamo", f"model={model}", "role=worker"],
+        "Tags": ["namespace=dynamo", f"model={model}", "role=both"],
         "Meta": {"grpc_address": grpc_address, "zmq_endpoint": f"tcp://{zmq}", "model": model,
                  "block_size": block_size, "kv_blocks": "1024", "dp_size": "1", **meta},
         "Check": {"TTL": "3600s", "Status": "passing"},

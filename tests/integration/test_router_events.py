@@ -59,7 +59,7 @@ async def main():
     meta = {"grpc_address": addr, **pub.meta(), "model": "m", "block_size": str(bs),
             "kv_blocks": "100000", "engine": "test", "dp_size": "1"}
     await d.register(Instance("dynamo-worker", iid, "127.0.0.1", int(addr.rsplit(":", 1)[1]),
-                              tags=["namespace=dynamo", "model=m", "role=worker"], meta=meta), ttl=10)
+                              tags=["namespace=dynamo", "model=m", "role=both"], meta=meta), ttl=10)
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     while True:

@@ -22,7 +22,15 @@ import zmq.asyncio
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery
 from dynamo_grpc.tokens.block_hash import block_hash_list
-from dynamo_grpc.v1 import common_pb2, events_pb2, events_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dynamo_grpc.v1 import (
+    common_pb2,
+    events_pb2,
+    events_pb2_grpc,
+    kv_transfer_pb2,
+    kv_transfer_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from tests.helpers.consul_dev import ConsulDevProcess, run_consul_dev
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +182,7 @@ async def test_registered_in_consul_with_meta_and_model_card(worker: WorkerProce
     assert inst.meta["zmq_endpoint"] == worker.info["zmq_endpoint"]
     assert inst.meta["block_size"] == "64" and inst.meta["kv_blocks"] == "16384"
     assert inst.meta["engine"] == "mocker" and inst.meta["model"] == MODEL
-    assert set(inst.tags) == {"namespace=dynamo", f"model={MODEL}", "role=worker", "pool=default"}
+    assert set(inst.tags) == {"namespace=dynamo", f"model={MODEL}", "role=both", "pool=default"}
     card = cards[MODEL][worker.info["instance_id"]]
     assert card["block_size"] == 64 and card["kv_blocks"] == 16384 and card["grpc_address"] == worker.address
     assert card["files"] == {"tokenizer.json": card["tokenizer_sha256"]}
@@ -322,6 +330,15 @@ async def test_prefill_returns_first_token_and_block_handle(worker: WorkerProces
     assert list(resp.kv_handle.block_hashes) == block_hash_list(prompt, 64)
     assert resp.kv_handle.num_tokens == 150 and resp.kv_handle.instance_id == worker.info["instance_id"]
     assert resp.usage.completion_tokens == 1
+    # the blocks stay pinned under the lease until a decoder pulls or releases it (here: released)
+    kv = kv_transfer_pb2_grpc.KvTransferServiceStub(channel)
+    release = kv_transfer_pb2.ReleaseRequest(handle_id=resp.kv_handle.handle_id)
+    await kv.Release(release)
+    await kv.Release(release)  # idempotent
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in kv.Pull(kv_transfer_pb2.PullRequest(handle=resp.kv_handle)):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "released" in (err.value.details() or "")
 
 
 async def test_metrics_endpoint_reports_requests_latency_and_kv(

@@ -24,12 +24,34 @@ class KvHandle(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EngineParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     HANDLE_ID_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRY_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ENGINE_PARAMS_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """Worker instance holding the blocks."""
     address: _builtins.str
@@ -44,6 +66,16 @@ class KvHandle(_message.Message):
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Sequence hashes of the full blocks held, in order."""
 
+    @_builtins.property
+    def engine_params(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """Engine-specific parameters the decoding engine needs to continue (e.g. TensorRT-LLM's
+        disaggregated params), opaque to everything in between.
+        """
+
+    @_builtins.property
+    def layout(self) -> Global___KvLayout:
+        """Layout of the blocks the lease holds (what Pull will send), so a decoder can refuse a mismatch early."""
+
     def __init__(
         self,
         *,
@@ -53,10 +85,12 @@ class KvHandle(_message.Message):
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         num_tokens: _builtins.int = ...,
         lease_expiry_unix_ms: _builtins.int = ...,
+        engine_params: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+        layout: Global___KvLayout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_hashes", b"block_hashes", "handle_id", b"handle_id", "instance_id", b"instance_id", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "num_tokens", b"num_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_hashes", b"block_hashes", "engine_params", b"engine_params", "handle_id", b"handle_id", "instance_id", b"instance_id", "layout", b"layout", "lease_expiry_unix_ms", b"lease_expiry_unix_ms", "num_tokens", b"num_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -113,6 +147,12 @@ class PullRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    FIRST_BLOCK_FIELD_NUMBER: _builtins.int
+    BLOCKS_PER_CHUNK_FIELD_NUMBER: _builtins.int
+    first_block: _builtins.int
+    """First block (index into the handle's blocks) to send: the decoder already holds the ones before it."""
+    blocks_per_chunk: _builtins.int
+    """Blocks per message the decoder wants (0: the server's choice, sized for throughput)."""
     @_builtins.property
     def handle(self) -> Global___KvHandle:
         """The handle the prefill worker returned."""
@@ -121,10 +161,12 @@ class PullRequest(_message.Message):
         self,
         *,
         handle: Global___KvHandle | None = ...,
+        first_block: _builtins.int = ...,
+        blocks_per_chunk: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_per_chunk", b"blocks_per_chunk", "first_block", b"first_block", "handle", b"handle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,12 +182,20 @@ class PullResponse(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
     block_index: _builtins.int
-    """Index of the block within the handle."""
+    """Index of the first block of this chunk within the handle."""
     layer: _builtins.int
-    """Layer the data belongs to."""
+    """Layer the data belongs to (unused when num_blocks is set: the chunk carries every layer)."""
     data: _builtins.bytes
-    """Raw tensor bytes (K then V), laid out as layout says."""
+    """Raw tensor bytes, laid out as layout says: [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]
+    in row-major order (layer-major: a run of blocks is one slice per layer on both sides). Empty on engines that move no bytes (the mocker models the transfer time instead).
+    """
+    num_blocks: _builtins.int
+    """Blocks in this chunk (consecutive from block_index); the last block of a handle may be partial."""
+    nbytes: _builtins.int
+    """Bytes the chunk stands for (len(data) on engines that move bytes; the modelled size on the mocker)."""
     @_builtins.property
     def layout(self) -> Global___KvLayout:
         """Layout of data."""
@@ -157,10 +207,12 @@ class PullResponse(_message.Message):
         layer: _builtins.int = ...,
         data: _builtins.bytes = ...,
         layout: Global___KvLayout | None = ...,
+        num_blocks: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_index", b"block_index", "data", b"data", "layer", b"layer", "layout", b"layout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_index", b"block_index", "data", b"data", "layer", b"layer", "layout", b"layout", "nbytes", b"nbytes", "num_blocks", b"num_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,14 +52,15 @@ class KvTransferServiceServicer:
     """
 
     def Pull(self, request, context):
-        """Stream the blocks a handle names; the lease is released when the stream completes.
+        """Stream the blocks a handle names (those from first_block on); the lease is released when the stream
+        completes. A lease already pulled: FAILED_PRECONDITION; unknown or expired: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Release a handle without pulling it (the decode side gave up).
+        """Release a handle without pulling it (the decode side gave up). Idempotent: unknown ids are not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,9 +34,11 @@ class KvTransferServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KvTransferServiceAsyncStub: ...
     Pull: _grpc.UnaryStreamMultiCallable[_kv_transfer_pb2.PullRequest, _kv_transfer_pb2.PullResponse]
-    """Stream the blocks a handle names; the lease is released when the stream completes."""
+    """Stream the blocks a handle names (those from first_block on); the lease is released when the stream
+    completes. A lease already pulled: FAILED_PRECONDITION; unknown or expired: NOT_FOUND.
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_kv_transfer_pb2.ReleaseRequest, _kv_transfer_pb2.ReleaseResponse]
-    """Release a handle without pulling it (the decode side gave up)."""
+    """Release a handle without pulling it (the decode side gave up). Idempotent: unknown ids are not an error."""
 
 @_typing.type_check_only
 class KvTransferServiceAsyncStub(KvTransferServiceStub):
@@ -44,9 +46,11 @@ class KvTransferServiceAsyncStub(KvTransferServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Pull: _aio.UnaryStreamMultiCallable[_kv_transfer_pb2.PullRequest, _kv_transfer_pb2.PullResponse]  # type: ignore[assignment]
-    """Stream the blocks a handle names; the lease is released when the stream completes."""
+    """Stream the blocks a handle names (those from first_block on); the lease is released when the stream
+    completes. A lease already pulled: FAILED_PRECONDITION; unknown or expired: NOT_FOUND.
+    """
     Release: _aio.UnaryUnaryMultiCallable[_kv_transfer_pb2.ReleaseRequest, _kv_transfer_pb2.ReleaseResponse]  # type: ignore[assignment]
-    """Release a handle without pulling it (the decode side gave up)."""
+    """Release a handle without pulling it (the decode side gave up). Idempotent: unknown ids are not an error."""
 
 class KvTransferServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves a prefill worker's KV blocks to the decode worker that continues the request."""
@@ -57,7 +61,9 @@ class KvTransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kv_transfer_pb2.PullRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_kv_transfer_pb2.PullResponse], _abc.AsyncIterator[_kv_transfer_pb2.PullResponse]]:
-        """Stream the blocks a handle names; the lease is released when the stream completes."""
+        """Stream the blocks a handle names (those from first_block on); the lease is released when the stream
+        completes. A lease already pulled: FAILED_PRECONDITION; unknown or expired: NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def Release(
@@ -65,6 +71,6 @@ class KvTransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kv_transfer_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kv_transfer_pb2.ReleaseResponse, _abc.Awaitable[_kv_transfer_pb2.ReleaseResponse]]:
-        """Release a handle without pulling it (the decode side gave up)."""
+        """Release a handle without pulling it (the decode side gave up). Idempotent: unknown ids are not an error."""
 
 def add_KvTransferServiceServicer_to_server(servicer: KvTransferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from dynamo_grpc.v1 import common_pb2 as dynamo__grpc_dot_v1_dot_common__pb2
 from dynamo_grpc.v1 import kv_transfer_pb2 as dynamo__grpc_dot_v1_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/worker.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\x1a dynamo_grpc/v1/kv_transfer.proto\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12\x0c\n\x04lora\x18\x06 \x01(\t\"y\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12+\n\tkv_handle\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\"\xe1\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12+\n\tkv_handle\x18\x06 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x0c\n\x04lora\x18\x07 \x01(\t\"\xae\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\"B\n\x13GetModelFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"H\n\x14GetModelFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32^\n\x0ePrefillService\x12L\n\x07Prefill\x12\x1e.dynamo_grpc.v1.PrefillRequest\x1a\x1f.dynamo_grpc.v1.PrefillResponse\"\x00\x32\\\n\rDecodeService\x12K\n\x06\x44\x65\x63ode\x12\x1d.dynamo_grpc.v1.DecodeRequest\x1a\x1e.dynamo_grpc.v1.DecodeResponse\"\x00\x30\x01\x32r\n\x11ModelFilesService\x12]\n\x0cGetModelFile\x12#.dynamo_grpc.v1.GetModelFileRequest\x1a$.dynamo_grpc.v1.GetModelFileResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/worker.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\x1a dynamo_grpc/v1/kv_transfer.proto\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12\x0c\n\x04lora\x18\x06 \x01(\t\"\xe3\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12+\n\tkv_handle\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12\x33\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\"\xf6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12+\n\tkv_handle\x18\x06 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x0c\n\x04lora\x18\x07 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x08 \x01(\r\"\xae\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\"B\n\x13GetModelFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"H\n\x14GetModelFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32^\n\x0ePrefillService\x12L\n\x07Prefill\x12\x1e.dynamo_grpc.v1.PrefillRequest\x1a\x1f.dynamo_grpc.v1.PrefillResponse\"\x00\x32\\\n\rDecodeService\x12K\n\x06\x44\x65\x63ode\x12\x1d.dynamo_grpc.v1.DecodeRequest\x1a\x1e.dynamo_grpc.v1.DecodeResponse\"\x00\x30\x01\x32r\n\x11ModelFilesService\x12]\n\x0cGetModelFile\x12#.dynamo_grpc.v1.GetModelFileRequest\x1a$.dynamo_grpc.v1.GetModelFileResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=111
   _globals['_PREFILLREQUEST']._serialized_end=292
-  _globals['_PREFILLRESPONSE']._serialized_start=294
-  _globals['_PREFILLRESPONSE']._serialized_end=415
-  _globals['_DECODEREQUEST']._serialized_start=418
-  _globals['_DECODEREQUEST']._serialized_end=643
-  _globals['_DECODERESPONSE']._serialized_start=646
-  _globals['_DECODERESPONSE']._serialized_end=820
-  _globals['_GETMODELFILEREQUEST']._serialized_start=822
-  _globals['_GETMODELFILEREQUEST']._serialized_end=888
-  _globals['_GETMODELFILERESPONSE']._serialized_start=890
-  _globals['_GETMODELFILERESPONSE']._serialized_end=962
-  _globals['_PREFILLSERVICE']._serialized_start=964
-  _globals['_PREFILLSERVICE']._serialized_end=1058
-  _globals['_DECODESERVICE']._serialized_start=1060
-  _globals['_DECODESERVICE']._serialized_end=1152
-  _globals['_MODELFILESSERVICE']._serialized_start=1154
-  _globals['_MODELFILESSERVICE']._serialized_end=1268
+  _globals['_PREFILLRESPONSE']._serialized_start=295
+  _globals['_PREFILLRESPONSE']._serialized_end=522
+  _globals['_DECODEREQUEST']._serialized_start=525
+  _globals['_DECODEREQUEST']._serialized_end=771
+  _globals['_DECODERESPONSE']._serialized_start=774
+  _globals['_DECODERESPONSE']._serialized_end=948
+  _globals['_GETMODELFILEREQUEST']._serialized_start=950
+  _globals['_GETMODELFILEREQUEST']._serialized_end=1016
+  _globals['_GETMODELFILERESPONSE']._serialized_start=1018
+  _globals['_GETMODELFILERESPONSE']._serialized_end=1090
+  _globals['_PREFILLSERVICE']._serialized_start=1092
+  _globals['_PREFILLSERVICE']._serialized_end=1186
+  _globals['_DECODESERVICE']._serialized_start=1188
+  _globals['_DECODESERVICE']._serialized_end=1280
+  _globals['_MODELFILESSERVICE']._serialized_start=1282
+  _globals['_MODELFILESSERVICE']._serialized_end=1396
 # @@protoc_insertion_point(module_scope)

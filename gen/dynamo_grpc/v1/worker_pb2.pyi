@@ -77,8 +77,14 @@ class PrefillResponse(_message.Message):
     FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     KV_HANDLE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    FIRST_LOGPROB_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     first_token: _builtins.int
     """The first generated token."""
+    finish_reason: _common_pb2.FinishReason.ValueType
+    """Set when the first token already ends the request (EOS/stop token, or max_tokens 1): no decode follows,
+    and the lease is released.
+    """
     @_builtins.property
     def kv_handle(self) -> _kv_transfer_pb2.KvHandle:
         """Where the KV blocks can be pulled from."""
@@ -87,16 +93,22 @@ class PrefillResponse(_message.Message):
     def usage(self) -> _common_pb2.Usage:
         """Token accounting."""
 
+    @_builtins.property
+    def first_logprob(self) -> _common_pb2.TokenLogprob:
+        """Logprob of first_token, when the sampling options asked for logprobs."""
+
     def __init__(
         self,
         *,
         first_token: _builtins.int = ...,
         kv_handle: _kv_transfer_pb2.KvHandle | None = ...,
         usage: _common_pb2.Usage | None = ...,
+        first_logprob: _common_pb2.TokenLogprob | None = ...,
+        finish_reason: _common_pb2.FinishReason.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kv_handle", b"kv_handle", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_logprob", b"first_logprob", "kv_handle", b"kv_handle", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "kv_handle", b"kv_handle", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "first_logprob", b"first_logprob", "first_token", b"first_token", "kv_handle", b"kv_handle", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -115,12 +127,15 @@ class DecodeRequest(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     KV_HANDLE_FIELD_NUMBER: _builtins.int
     LORA_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Request id."""
     model: _builtins.str
     """Model name."""
     lora: _builtins.str
     """LoRA adapter name; empty for the base model."""
+    first_token: _builtins.int
+    """With kv_handle: the first token the prefill worker sampled (the decoder continues after it)."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Prompt token ids (after migration: the prompt plus the tokens generated so far)."""
@@ -147,10 +162,11 @@ class DecodeRequest(_message.Message):
         stop: _common_pb2.StopConditions | None = ...,
         kv_handle: _kv_transfer_pb2.KvHandle | None = ...,
         lora: _builtins.str = ...,
+        first_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kv_handle", b"kv_handle", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_handle", b"kv_handle", "lora", b"lora", "model", b"model", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token", b"first_token", "kv_handle", b"kv_handle", "lora", b"lora", "model", b"model", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "pools": ("dynamo_grpc.bench.pools", "global router: one pool of 4 vs 2+2 split by input length (trace replay)"),
     "security": ("dynamo_grpc.bench.security", "mTLS + CURVE vs plaintext: request latency and start-up (mocker)"),
     "kvbm": ("dynamo_grpc.bench.kvbm", "KV tiers: multi-turn TTFT, G1 vs +G2 host vs +G3 disk; torch onboard"),
+    "disagg": ("dynamo_grpc.bench.disagg", "disaggregation: KV transfer vs a socket bound; ITL p99 agg vs disagg"),
     "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
     "replay-replicas": (
         "dynamo_grpc.bench.replay_replicas",

@@ -116,6 +116,20 @@ _OPTION_NAMES = ("logprobs", "bad_words", "allowed_token_ids", "logit_bias")
 
 
 @dataclass
+class KvImport:
+    """KV blocks of the prompt computed elsewhere (a prefill worker), to install instead of recomputing.
+
+    ``chunks`` are (first block index, number of blocks, raw bytes) in the layout of
+    ``KvTransferService.Pull`` (empty bytes on engines that move none, e.g. the mocker); they cover the
+    prompt's blocks from ``start_block`` to the last (maybe partial) one.
+    """
+
+    start_block: int
+    num_tokens: int
+    chunks: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+
+@dataclass
 class EngineRequest:
     """A generation request in token space."""
 
@@ -123,6 +137,22 @@ class EngineRequest:
     token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     lora: str | None = None
+    #: keep the prompt's KV blocks pinned under a lease when the request finishes (a prefill worker)
+    hold_kv: bool = False
+    #: output tokens already generated elsewhere (the prefill worker's first token): generation continues after them
+    prefilled: list[int] = field(default_factory=list)
+    #: the prompt's KV, pulled from a prefill worker
+    kv_import: KvImport | None = None
+
+
+@dataclass
+class LeaseInfo:
+    """What a finished ``hold_kv`` request leaves: a lease on its prompt's blocks (see engines/core/leases.py)."""
+
+    lease_id: str
+    num_tokens: int
+    block_hashes: list[int]
+    expiry_unix_ms: int
 
 
 @dataclass
@@ -146,6 +176,8 @@ class EngineOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None
+    #: on the last output of a ``hold_kv`` request: the lease on its blocks
+    lease: LeaseInfo | None = None
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:

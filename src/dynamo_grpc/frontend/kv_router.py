@@ -97,6 +97,7 @@ class EmbeddedKvRouter:
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick:
         node = self.node(model)
         router = node.router
@@ -111,6 +112,7 @@ class EmbeddedKvRouter:
             lora=lora,
             exclude=sorted(exclude),
             expected_output_tokens=expected_output_tokens,
+            phase=phase,
         )
         try:
             res = router.route(inp)

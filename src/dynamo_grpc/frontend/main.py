@@ -25,6 +25,7 @@ from dynamo_grpc import procstats
 from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.frontend.auth import ApiKeyInterceptor
+from dynamo_grpc.frontend.disagg import DisaggConfig, DisaggPlanner, add_disagg_flags
 from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--router", default=None, help="RouterService address for kv-service (implies it); default: one from Consul"
     )
     p.add_argument("--migration-limit", type=int, default=3, help="re-routes after a worker dies mid-request")
+    add_disagg_flags(p)
     p.add_argument("--ready-file", default=None, help="write {grpc_address, http_address} JSON here when serving")
     p.add_argument(
         "--with-simple-model",
@@ -183,7 +185,10 @@ async def serve(args: argparse.Namespace) -> int:
             discovery, cfg, instance_id, args.host, curve=args.zmq_curve, view=view, replica_sync=sync_pub
         )
     limits: Limits = getattr(args, "limits", None) or Limits.from_args(args)
-    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits)
+    disagg = DisaggPlanner(DisaggConfig.from_args(args), router)
+    pipeline = Pipeline(
+        registry, router, workers, migration_limit=args.migration_limit, limits=limits, disagg=disagg
+    )
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
 
@@ -277,6 +282,7 @@ async def serve(args: argparse.Namespace) -> int:
         for runner in runners:
             await runner.cleanup()
         await router.close()
+        await disagg.close()
         await workers.pool.close()
         await discovery.close()
 
@@ -298,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_metrics_port(args.metrics_port)
         advertise_host(args.host, args.advertise_host)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        DisaggConfig.from_args(args)
     except ValueError as e:
         parser.error(str(e))
     if args.migration_limit < 0:

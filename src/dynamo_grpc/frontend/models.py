@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
+from dynamo_grpc.discovery.worker_roles import role_of
 from dynamo_grpc.frontend.routing import WorkerEndpoint
 from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.tokens.tokenizer import Tokenizer
@@ -150,7 +151,8 @@ class ModelRegistry:
                     model = next((t[6:] for t in inst.tags or [] if t.startswith("model=")), "")
                 if not model:
                     continue
-                by_model.setdefault(model, []).append(WorkerEndpoint(inst.instance_id, _worker_address(inst)))
+                role = role_of(inst.tags, inst.meta)
+                by_model.setdefault(model, []).append(WorkerEndpoint(inst.instance_id, _worker_address(inst), role))
             for name, workers in by_model.items():
                 entry = self._models.get(name)
                 if entry is None:

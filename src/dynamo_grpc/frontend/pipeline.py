@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dynamo_grpc import errors
 from dynamo_grpc.frontend.admission import Admission
+from dynamo_grpc.frontend.disagg import DisaggPlanner
 from dynamo_grpc.frontend.limits import OFFLOAD_TOKENISE_BYTES, Limits
 from dynamo_grpc.frontend.models import ModelRegistry, ServedModel
 from dynamo_grpc.frontend.request import LlmRequest
@@ -138,8 +139,11 @@ class Pipeline:
         workers: DecodeClient,
         migration_limit: int = 3,
         limits: Limits | None = None,
+        disagg: DisaggPlanner | None = None,
     ) -> None:
         self.registry = registry
+        #: conditional disaggregation (frontend/disagg.py); None: every request is aggregated
+        self.disagg = disagg
         self.router = router
         self.workers = workers
         self.migration_limit = migration_limit
@@ -238,12 +242,15 @@ class Pipeline:
         deadline = None if timeout is None else time.monotonic() + timeout
         t_start = time.perf_counter_ns()
         stream = TokenStream(req, p.prompt_ids, p.max_tokens, p.model.tokenizer)
-        session = RouteSession(self.router, self.workers, p, req.lora, rid, self.migration_limit, deadline)
+        session = RouteSession(
+            self.router, self.workers, p, req.lora, rid, self.migration_limit, deadline, self.disagg
+        )
         responses = session.responses(stream.generated)
         async with contextlib.aclosing(responses):
             async for resp in responses:
                 chunk = stream.add(resp, session.worker_id, session.migrations == 0)
                 if chunk is not None:
+                    chunk.prefill_worker_id = session.prefill_worker_id
                     if stream.finish is not None:
                         p.timings.infer_ns = stream.finished_at_ns - t_start
                         chunk.route_pool, chunk.route_reason = session.route_pool, session.route_reason
@@ -252,5 +259,6 @@ class Pipeline:
                     return
         chunk = stream.out_of_tokens(session.worker_id)
         chunk.route_pool, chunk.route_reason = session.route_pool, session.route_reason
+        chunk.prefill_worker_id = session.prefill_worker_id
         p.timings.infer_ns = stream.finished_at_ns - t_start
         yield chunk

@@ -24,6 +24,13 @@ from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+#: phase name -> RouteRequest.phase
+ROUTE_PHASES = {
+    "aggregated": router_pb2.ROUTE_PHASE_UNSPECIFIED,
+    "prefill": router_pb2.ROUTE_PHASE_PREFILL,
+    "decode": router_pb2.ROUTE_PHASE_DECODE,
+}
+
 
 @dataclass(frozen=True)
 class WorkerEndpoint:
@@ -31,6 +38,8 @@ class WorkerEndpoint:
 
     instance_id: str
     address: str
+    #: disaggregation role (discovery/worker_roles.py)
+    role: str = "both"
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Router(Protocol):
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick: ...
 
     def prefill_done(self, request_id: str, output_tokens: int) -> None: ...
@@ -174,6 +184,7 @@ class KvRouterClient:
         exclude: set[str],
         expected_output_tokens: int,
         lora: str,
+        phase: str = "aggregated",
     ) -> Pick:
         conn = self._conn(model)
         conn.ensure_updates()
@@ -184,6 +195,7 @@ class KvRouterClient:
             lora=lora,
             exclude_instance_ids=sorted(exclude | self._skipped()),
             expected_output_tokens=expected_output_tokens,
+            phase=ROUTE_PHASES[phase],
         )
         try:
             resp = await conn.stub().Route(req, timeout=self._timeout)

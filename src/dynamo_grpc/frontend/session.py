@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from dynamo_grpc import errors
+from dynamo_grpc.frontend.disagg import DisaggPlanner, Prefilled, first_response, with_handle
 from dynamo_grpc.frontend.routing import Router
 from dynamo_grpc.logs import request_id_var
 from dynamo_grpc.observability import spans, tracing
@@ -126,8 +127,12 @@ class RouteSession:
         request_id: str,
         migration_limit: int,
         deadline: float | None,
+        disagg: DisaggPlanner | None = None,
     ) -> None:
         self.router = router
+        self.disagg = disagg
+        #: the prefill worker of a disaggregated request ("" when it was prefilled where it decodes)
+        self.prefill_worker_id = ""
         self.workers = workers
         self.p = p
         self.lora = lora
@@ -170,10 +175,13 @@ class RouteSession:
             if not m.workers and not exclude:
                 raise errors.Unavailable(f"model '{m.name}' has no live worker")
             try:
+                # the phase only when disaggregated, so routers written before phases existed keep working
+                phase = self.disagg.phase(m.workers) if self.disagg is not None else "aggregated"
+                kw = {"phase": phase} if phase != "aggregated" else {}
                 with spans.span("route", request_id=route_id, model=m.name, excluded=len(exclude)) as rs:
                     pick = await self.router.route(
                         route_id, m.name, [*p.prompt_ids, *generated], m.workers, exclude,
-                        p.max_tokens - len(generated), self.lora,
+                        p.max_tokens - len(generated), self.lora, **kw,
                     )  # fmt: skip
                     spans.set_attributes(
                         rs, worker=pick.instance_id, overlap_blocks=pick.overlap_blocks, cost=pick.cost
@@ -191,11 +199,28 @@ class RouteSession:
             placed = route_id  # freed in `finally`, whatever happens to this placement
             remaining = None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
             first = True
+            prefilled: Prefilled | None = None
+            pulled = False
             try:
                 request = decode_request(route_id, p, self.lora, generated)  # inside: the route is freed if it fails
+                if self.disagg is not None and not generated and not self.migrations and overloaded is None:
+                    prefilled = await self.disagg.prefill(
+                        self.request_id, m.name, m.workers, pick, m.card.block_size, request, self.deadline
+                    )
+                if prefilled is not None:
+                    self.prefill_worker_id = prefilled.worker_id
+                    request = with_handle(request, prefilled)
+                    head = first_response(prefilled)
+                    self._count_tokens(time.perf_counter_ns(), 1)
+                    if not p.timings.first_token_ns:
+                        p.timings.first_token_ns = time.perf_counter_ns() - t_start
+                    yield head
+                    if head.finish_reason:
+                        return
                 stream = coalesced(self.workers.decode(pick.address, request, remaining))
                 async with contextlib.aclosing(stream):
                     async for resp in stream:
+                        pulled = True
                         now = time.perf_counter_ns()
                         self._count_tokens(now, len(resp.token_ids))
                         if first:
@@ -230,6 +255,8 @@ class RouteSession:
                     return
             finally:
                 self.router.free(placed, len(generated))
+                if prefilled is not None and not pulled and self.disagg is not None:
+                    self.disagg.release_later(prefilled)  # the decoder never answered: free the prefill's blocks
 
     def _count_tokens(self, now_ns: int, n: int) -> None:
         """Token times for the metrics (TTFT, ITL per token) and the span's first-token event."""

@@ -37,6 +37,8 @@ class Chunk:
     #: on the last chunk: the global router's pool and reason for the last placement ("" without one)
     route_pool: str = ""
     route_reason: str = ""
+    #: the prefill worker when the request was disaggregated ("" otherwise)
+    prefill_worker_id: str = ""
 
 
 class TokenStream:

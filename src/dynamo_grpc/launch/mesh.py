@@ -55,6 +55,8 @@ class MeshConfig:
     consul_token: str | None = None
     namespace: str = "dynamo"
     worker_args: list[str] = field(default_factory=list)
+    #: --role of each worker (prefill | decode | both), in order; empty: every worker is "both"
+    worker_roles: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
     frontend_args: list[str] = field(default_factory=list)
     #: also start a `dynamo-router` process; None: only when router_mode needs one (kv-service, approx)
@@ -153,6 +155,10 @@ class Mesh:
         self._wait(f"{count} passing {service}", ready)
         return metas
 
+    def worker_metas(self) -> list[dict[str, str]]:
+        """Consul Meta of the passing workers now (grpc_address, role, metrics address, ...)."""
+        return [service_meta(e) for e in passing_instances(self.consul, "dynamo-worker", token=self.consul_token)]
+
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Mesh:
         c = self.config
@@ -176,6 +182,8 @@ class Mesh:
                     args += ["--speedup-ratio", str(c.speedup_ratio)]
                 if i < len(c.worker_pools):
                     args += ["--pool", c.worker_pools[i]]
+                if i < len(c.worker_roles):
+                    args += ["--role", c.worker_roles[i]]
                 self._spawn(f"worker-{i}", [*args, *c.worker_args], "worker")
             if c.pools_config is not None:
                 gr = ["global-router", *common, "--config", str(c.pools_config), "--port", "0", *c.router_args]

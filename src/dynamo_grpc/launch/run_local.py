@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a throwaway CA and certificates: mTLS between processes, TLS (with the CA) for clients",
     )
     p.add_argument(
+        "--disagg",
+        action="store_true",
+        help="disaggregated serving: 1 prefill + 1 decode worker (replaces --workers); long prompts are "
+        "prefilled on the prefill worker and their KV pulled by the decode worker (docs/disaggregation.md)",
+    )
+    p.add_argument(
         "--curve",
         action="store_true",
         help="generate ZeroMQ CURVE key pairs (one per role) and an allow-list for the KV event plane",
@@ -136,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.frontends < 1:
         parser.error("--frontends must be >= 1")
+    if args.disagg and args.pools is not None:
+        # a pools file places every worker itself; disaggregated pools go in it (docs/global-router.md)
+        parser.error("--disagg starts its own 1 prefill + 1 decode workers; it cannot go with --pools")
     if args.torch_weights and args.engine != "torch":
         parser.error(f"--torch-weights is a torch flag; --engine {args.engine} does not read it")
     setup_logging(args.log_level, args.log_format)
@@ -164,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             agent.stop()
             return 2
         args.router_mode = "kv-service"
+    roles = ["prefill", "decode"] if args.disagg else []
+    if args.disagg:
+        args.workers = 2
     worker_args: list[str] = []
     if args.engine == "torch":
         # the workers share this machine's cores; torch would otherwise give each all of them
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_pools=worker_pools,
         security=security,
         worker_args=worker_args,
+        worker_roles=roles,
         workers=args.workers,
         engine=args.engine,
         model=args.model,
@@ -197,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     router_kind = args.router_mode
     if worker_pools:
         router_kind = f"global router over pools {', '.join(dict.fromkeys(worker_pools))}"
-    print(f"starting a local mesh: {args.workers} {args.engine} worker(s), router ({router_kind}), frontend")
+    what = "1 prefill + 1 decode" if args.disagg else str(args.workers)
+    print(f"starting a local mesh: {what} {args.engine} worker(s), router ({router_kind}), frontend")
     print(f"discovery: {agent.kind} at {consul}")
     if agent.token:
         token_file = mesh.log_dir / "consul-management-token"

@@ -56,6 +56,17 @@ class ModelCard:
     unk_token: str | None = None
     add_bos_token: bool = False
     add_eos_token: bool = False
+    #: KV geometry, so the mocker and routers know bytes per block without the weights (0/"" = unknown)
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    #: element type of the KV cache ("float32", "bfloat16", ...); the serving worker sets it
+    kv_dtype: str = ""
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes one token takes in the cache (0 when the geometry is unknown)."""
+        elem = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}.get(self.kv_dtype, 0)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
     def special_tokens_map(self) -> dict[str, str]:
         """The strings a chat template sees as `bos_token`, `eos_token`, ... (as transformers passes them)."""
@@ -228,7 +239,27 @@ def _load_gguf(path: Path, name: str) -> tuple[ModelCard, bytes]:
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
     )
-    return card, tok_json
+    return _with_geometry(card, _gguf_kv_geometry(meta, arch)), tok_json
+
+
+def _with_geometry(card: ModelCard, g: dict[str, int]) -> ModelCard:
+    if not g:
+        return card
+    return dataclasses.replace(card, num_layers=g["num_layers"], num_kv_heads=g["num_kv_heads"], head_dim=g["head_dim"])
+
+
+def _gguf_kv_geometry(meta: dict[str, Any], arch: str) -> dict[str, int]:
+    """Layers, KV heads and head size from GGUF metadata (what KV bytes per token need)."""
+    try:
+        layers = int(meta.get(f"{arch}.block_count", 0))
+        heads = int(meta.get(f"{arch}.attention.head_count", 0))
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+        dim = int(meta.get(f"{arch}.attention.key_length", 0)) or (
+            int(meta.get(f"{arch}.embedding_length", 0)) // heads if heads else 0
+        )
+    except (TypeError, ValueError):
+        return {}
+    return {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": dim}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -336,4 +367,15 @@ def _load_hf_dir(path: Path, name: str) -> tuple[ModelCard, bytes]:
         add_bos_token=bool(tcfg.get("add_bos_token", False)),
         add_eos_token=bool(tcfg.get("add_eos_token", False)),
     )
-    return card, tok_json
+    return _with_geometry(card, _hf_kv_geometry(config)), tok_json
+
+
+def _hf_kv_geometry(config: dict[str, Any]) -> dict[str, int]:
+    try:
+        layers = int(config.get("num_hidden_layers") or 0)
+        heads = int(config.get("num_attention_heads") or 0)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        dim = int(config.get("head_dim") or (int(config.get("hidden_size") or 0) // heads if heads else 0))
+    except (TypeError, ValueError):
+        return {}
+    return {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": dim}

@@ -25,6 +25,7 @@ from dynamo_grpc.discovery import Discovery, Instance
 from dynamo_grpc.discovery.pools import pool_of
 from dynamo_grpc.discovery.usable import WorkerView
 from dynamo_grpc.discovery.validate import RegistrationFilter, card_problem
+from dynamo_grpc.discovery.worker_roles import role_of
 from dynamo_grpc.events.curve import CurveConfig, public_key_from_meta
 from dynamo_grpc.events.replay_client import GrpcReplayClient
 from dynamo_grpc.events.sockets import BoundPub
@@ -56,6 +57,7 @@ def worker_info(inst: Instance) -> WorkerInfo:
         dp_size=num("dp_size", 1),
         kv_blocks=num("kv_blocks", 0),
         zmq_endpoint=m.get("zmq_endpoint", ""),
+        role=role_of(inst.tags, m),
     )
 
 

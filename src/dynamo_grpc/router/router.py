@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from dynamo_grpc.discovery.worker_roles import roles_for
 from dynamo_grpc.router.active import ActiveSequences
 from dynamo_grpc.router.approx import ApproxIndexer
 from dynamo_grpc.router.config import RouterConfig
@@ -43,6 +44,8 @@ class WorkerInfo:
     dp_size: int = 1
     kv_blocks: int = 0
     zmq_endpoint: str = ""
+    #: disaggregation role (discovery/worker_roles.py): prefill | decode | both
+    role: str = "both"
 
     def ranks(self) -> list[RankKey]:
         return [(self.instance_id, r) for r in range(max(self.dp_size, 1))]
@@ -58,6 +61,8 @@ class RouteInput:
     exclude: Sequence[str] = ()
     expected_output_tokens: int = 0
     dry_run: bool = False
+    #: aggregated | prefill | decode: only workers whose role serves the phase are candidates
+    phase: str = "aggregated"
 
 
 @dataclass
@@ -261,7 +266,8 @@ class Router:
         if not self.ready:
             raise NotReady("router is rebuilding its index from the workers' Replay")
         t = self._table()
-        ok = t.allowed(inp.exclude) if inp.exclude else None
+        exclude = list(inp.exclude) + self._other_roles(inp.phase)
+        ok = t.allowed(exclude) if exclude else None
         if not t.n or (ok is not None and not ok.any()):
             raise NoWorkers(f"no live worker for model {inp.model or self.config.model or '?'}")
         hashes = self.hashes_for(inp)
@@ -276,6 +282,14 @@ class Router:
         pf = float(t.prefill[slot]) + prompt_blocks - overlap
         choice = Choice(t.keys[slot], int(overlap), scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + decode_new)
         return self._commit(inp, choice, hashes, prompt_blocks, decode_new, t.addresses[slot])
+
+    def _other_roles(self, phase: str) -> list[str]:
+        """Workers whose role does not serve ``phase`` (worker_roles.roles_for picks the pool)."""
+        workers = self.workers.values()
+        if phase == "aggregated" and all(w.role == "both" for w in workers):
+            return []  # the common case: no disaggregation
+        allowed = roles_for(phase, (w.role for w in workers if self.usable(w.instance_id)))
+        return [w.instance_id for w in workers if w.role not in allowed]
 
     def _commit(
         self,

@@ -14,6 +14,14 @@ from dynamo_grpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+#: RouteRequest.phase -> the router's phase name
+PHASE_NAMES = {
+    router_pb2.ROUTE_PHASE_UNSPECIFIED: "aggregated",
+    router_pb2.ROUTE_PHASE_PREFILL: "prefill",
+    router_pb2.ROUTE_PHASE_DECODE: "decode",
+}
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     """Thin adapter: no routing logic here."""
 
@@ -39,7 +47,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             exclude=list(request.exclude_instance_ids),
             expected_output_tokens=request.expected_output_tokens,
             dry_run=request.dry_run,
+            phase=PHASE_NAMES.get(request.phase, ""),
         )
+        if not inp.phase:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {request.phase}")
         try:
             with spans.span("router.decide", request_id=request.request_id, model=request.model) as sp:
                 res = r.route(inp)

@@ -25,7 +25,9 @@ from typing import Any
 from dynamo_grpc import procstats
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.discovery.pools import DEFAULT_POOL, pool_tag
+from dynamo_grpc.discovery.worker_roles import ROLES
 from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.engines.core.driver import CoreEngine
 from dynamo_grpc.events import KvEventPublisher
 from dynamo_grpc.events.curve import CurveConfig
 from dynamo_grpc.events.kv import KvEvent, LoadMetrics
@@ -35,14 +37,17 @@ from dynamo_grpc.models.card import TOKENIZER_FILE, ModelCard
 from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig
 from dynamo_grpc.transport.addresses import METRICS_META, advertise_host, with_host
 from dynamo_grpc.transport.http import metrics_app, serve_app
-from dynamo_grpc.v1 import events_pb2_grpc, worker_pb2_grpc
+from dynamo_grpc.v1 import events_pb2_grpc, kv_transfer_pb2_grpc, worker_pb2_grpc
 from dynamo_grpc.worker.drain import DrainGate
+from dynamo_grpc.worker.kv_transfer import KvTransferServicer, geometry_for
 from dynamo_grpc.worker.metrics import WorkerMetrics
 from dynamo_grpc.worker.service import DecodeServicer, ModelFilesServicer, PrefillServicer, WorkerContext
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dynamo-worker"
+#: how often leases past their expiry are freed
+LEASE_SWEEP_S = 0.5
 LOAD_PERIOD_S = 0.1
 LOAD_POLL_S = 0.02
 
@@ -74,6 +79,8 @@ class WorkerSettings:
     advertise_host: str | None = None  # what Consul gets (default: host; with 0.0.0.0 the first non-loopback IP)
     zmq_port: int = 0  # fixed KV event PUB port (0: any free port)
     pool: str = DEFAULT_POOL  # worker pool (Consul tag pool=NAME; discovery/pools.py)
+    role: str = "both"  # prefill | decode | both (Consul tag role=<role>)
+    kv_transfer_gbps: float = 0.0  # mocker: modelled KV transfer speed, GB/s (0: instant)
 
 
 class WorkerApp:
@@ -93,7 +100,12 @@ class WorkerApp:
             gate=self.gate,
             metrics=self.metrics,
             instance_id=self.instance_id,
+            role=settings.role,
+            geometry=geometry_for(engine, self.card),
         )
+        if settings.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {settings.role!r}")
+        self._lease_task: asyncio.Task[None] | None = None
         self.publisher: KvEventPublisher | None = None
         self.server: GrpcServer | None = None
         self.discovery: Discovery | None = None
@@ -155,6 +167,15 @@ class WorkerApp:
             KvEventsServicer(self.publisher, self.engine.cached_blocks),
             "dynamo_grpc.v1.KvEventsService",
         )
+        if isinstance(self.engine, CoreEngine) and self.ctx.geometry is not None:
+            _add(
+                self.server,
+                kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server,
+                KvTransferServicer(self.engine, self.ctx.geometry, s.kv_transfer_gbps),
+                "dynamo_grpc.v1.KvTransferService",
+            )
+            self.metrics.watch_leases(self.engine.lease_counts)
+            self._lease_task = asyncio.create_task(self._lease_loop(self.engine), name="worker-leases")
         await self.server.start()
         self.ctx.grpc_address = self.grpc_address
 
@@ -189,6 +210,7 @@ class WorkerApp:
             "kv_blocks": str(self.engine.num_blocks),
             "engine": s.engine_name,
             "dp_size": "1",
+            "role": s.role,
         }
         if self.metrics_address:
             meta[METRICS_META] = self.metrics_address
@@ -198,7 +220,7 @@ class WorkerApp:
             instance_id=self.instance_id,
             address=self.advertised_host,
             port=self.server.port,
-            tags=[f"namespace={s.namespace}", f"model={self.card.name}", "role=worker"],
+            tags=[f"namespace={s.namespace}", f"model={self.card.name}", f"role={s.role}"],
             meta=meta,
         )
         inst.tags.append(pool_tag(s.pool))  # the global router's per-pool routers follow this tag
@@ -250,6 +272,14 @@ class WorkerApp:
                 last, last_t = load, now
             await asyncio.sleep(LOAD_POLL_S)
 
+    async def _lease_loop(self, engine: CoreEngine) -> None:
+        """Free the blocks of leases nobody pulled or released in time."""
+        while True:
+            await asyncio.sleep(LEASE_SWEEP_S)
+            n = engine.expire_leases()
+            if n:
+                log.info("%d KV leases expired unpulled; their blocks are free", n)
+
     # ------------------------------------------------------------------ drain
 
     async def drain(self) -> None:
@@ -276,10 +306,12 @@ class WorkerApp:
         log.info("worker %s drained", self.instance_id)
 
     async def _close(self) -> None:
-        if self._load_task is not None:
-            self._load_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._load_task
+        for task in (self._load_task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.ctx.kv_channels.close()
         if self.server is not None:
             await self.server.stop(1.0)
         await self.engine.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -23,7 +24,10 @@ from dynamo_grpc.models.card import ModelCard, default_model_path, load_model_so
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
 from dynamo_grpc.transport import TlsConfig, add_tls_flags, run_until_signal, use_tls
 from dynamo_grpc.transport.addresses import add_address_flags, advertise_host, check_metrics_port
-from dynamo_grpc.worker.app import WorkerApp, WorkerSettings
+from dynamo_grpc.worker.app import ROLES, WorkerApp, WorkerSettings
+
+#: the mocker models a GPU engine's bf16 KV cache when it computes bytes per block
+MOCKER_KV_DTYPE = "bfloat16"
 
 log = logging.getLogger("dynamo_grpc.worker")
 
@@ -70,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated step times by this")
     p.add_argument("--seed", type=int, default=0, help="mocker: seed of the generated tokens")
     p.add_argument("--eos-probability", type=float, default=0.0, help="mocker: chance per token to draw EOS")
+    p.add_argument(
+        "--role",
+        choices=list(ROLES),
+        default="both",
+        help="disaggregation role, registered as Consul tag role=<role>: prefill workers get the prompts a "
+        "frontend sends to remote prefill, decode workers the decodes (pulling KV), both = aggregated",
+    )
+    p.add_argument(
+        "--kv-lease-seconds",
+        type=float,
+        default=30.0,
+        help="how long a prefill's KV blocks stay pinned for a decode worker's pull before they are freed",
+    )
+    p.add_argument(
+        "--kv-transfer-gbps",
+        type=float,
+        default=0.0,
+        help="mocker: modelled KV transfer speed in gigabytes per second (0: transfers take no time); "
+        "refused on other engines, which move real bytes",
+    )
     p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
@@ -107,6 +131,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             weights=args.torch_weights,
             max_waiting=args.max_waiting_requests,
             kvbm=kvbm,
+            kv_lease_seconds=args.kv_lease_seconds,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 
@@ -116,6 +141,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
     from dynamo_grpc.engines.mocker import MockerConfig, MockerEngine
 
     card, tokenizer_json = load_model_source(path, args.model_name)
+    card = dataclasses.replace(card, kv_dtype=card.kv_dtype or MOCKER_KV_DTYPE)
     vocab = card.vocab_size
     if vocab <= 0:
         from dynamo_grpc.tokens.tokenizer import Tokenizer
@@ -132,6 +158,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting_requests,
         kvbm=kvbm,
+        kv_lease_seconds=args.kv_lease_seconds,
     )
     if args.num_gpu_blocks is not None:
         cfg.num_gpu_blocks = args.num_gpu_blocks
@@ -162,6 +189,8 @@ async def serve(args: argparse.Namespace) -> int:
         advertise_host=args.advertise_host,
         zmq_port=args.zmq_port,
         pool=args.pool,
+        role=args.role,
+        kv_transfer_gbps=args.kv_transfer_gbps,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
@@ -188,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.max_waiting_requests < 1:
         build_parser().error("--max-waiting-requests must be >= 1")
+    if args.kv_lease_seconds <= 0:
+        parser.error("--kv-lease-seconds must be positive")
+    if args.kv_transfer_gbps < 0:
+        parser.error("--kv-transfer-gbps must be >= 0")
+    if args.kv_transfer_gbps and args.engine != "mocker":
+        parser.error(f"--kv-transfer-gbps models the transfer on the mocker; the {args.engine} engine moves real bytes")
     for name in ("drain_grace", "ttl", "speedup_ratio"):
         if getattr(args, name) <= 0 and name != "drain_grace":
             build_parser().error(f"--{name.replace('_', '-')} must be positive")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dynamo_grpc.events.kv import LoadMetrics
 
@@ -49,6 +52,23 @@ class WorkerMetrics:
             registry=r,
         )
         self.draining = Gauge("dynamo_worker_draining", "1 while draining", ["model"], registry=r)
+        self.kv_pulled_bytes = Counter(
+            "dynamo_worker_kv_pulled_bytes", "KV bytes pulled from prefill workers", ["model"], registry=r
+        )
+        self.kv_pull_seconds = Histogram(
+            "dynamo_worker_kv_pull_seconds", "Time to pull one request's KV", ["model"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.kv_pull_fallbacks = Counter(
+            "dynamo_worker_kv_pull_fallbacks",
+            "Disaggregated decodes that prefilled locally because the KV pull failed",
+            ["model"],
+            registry=r,
+        )
+
+    def watch_leases(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Export the engine's KV leases (``CoreEngine.lease_counts``) on every scrape."""
+        self.registry.register(_LeaseCollector(self.model, counts))
 
     def observe_load(self, load: LoadMetrics, hit_rate: float | None) -> None:
         m = self.model
@@ -59,3 +79,29 @@ class WorkerMetrics:
         self.kv_usage.labels(m).set(load.active_blocks / load.total_blocks if load.total_blocks else 0.0)
         if hit_rate is not None:
             self.hit_rate.labels(m).set(hit_rate)
+
+
+class _LeaseCollector:
+    def __init__(self, model: str, counts: Callable[[], dict[str, int]]) -> None:
+        self.model = model
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counts()
+        active = GaugeMetricFamily("dynamo_worker_kv_leases", "KV leases held now (prefill blocks awaiting a pull)",
+                                   labels=["model"])  # fmt: skip
+        active.add_metric([self.model], c["active"])
+        pinned = GaugeMetricFamily("dynamo_worker_kv_leased_blocks", "KV blocks pinned by leases", labels=["model"])
+        pinned.add_metric([self.model], c["pinned_blocks"])
+        ended = CounterMetricFamily(
+            "dynamo_worker_kv_leases_ended", "KV leases by how they ended", labels=["model", "outcome"]
+        )
+        for outcome in ("pulled", "released", "expired"):
+            ended.add_metric([self.model, outcome], c[outcome])
+        created = CounterMetricFamily("dynamo_worker_kv_leases_created", "KV leases created", labels=["model"])
+        created.add_metric([self.model], c["created"])
+        refused = CounterMetricFamily(
+            "dynamo_worker_kv_pulls_refused", "Pulls refused (twice, unknown, expired)", labels=["model"]
+        )
+        refused.add_metric([self.model], c["refused"])
+        yield from (active, pinned, ended, created, refused)

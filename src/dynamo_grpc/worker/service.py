@@ -23,11 +23,13 @@ import grpc
 
 from dynamo_grpc import errors
 from dynamo_grpc.engines.base import Engine, EngineOutput, EngineRequest
+from dynamo_grpc.engines.core.driver import CoreEngine
 from dynamo_grpc.logs import request_id_var
 from dynamo_grpc.models.card import ModelCard, sha256_hex
 from dynamo_grpc.observability import spans
 from dynamo_grpc.tokens.block_hash import block_hash_list
 from dynamo_grpc.v1 import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from dynamo_grpc.worker import kv_transfer
 from dynamo_grpc.worker.convert import (
     FINISH_REASONS,
     logprobs_pb,
@@ -35,6 +37,7 @@ from dynamo_grpc.worker.convert import (
     usage_pb,
 )
 from dynamo_grpc.worker.drain import DrainGate
+from dynamo_grpc.worker.kv_transfer import KvGeometry
 from dynamo_grpc.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,14 @@ class WorkerContext:
     instance_id: str = ""
     grpc_address: str = ""
     file_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: prefill | decode | both (--role): what routers send here; every role serves every RPC
+    role: str = "both"
+    #: KV block geometry, when the engine can lease and move blocks (the engine core); None otherwise
+    geometry: KvGeometry | None = None
+    #: channels to peers' KvTransferService (decode side)
+    kv_channels: kv_transfer.Channels = dataclasses.field(default_factory=kv_transfer.Channels)
+    #: KV pulls that failed, so the decoder prefilled locally instead
+    pull_fallbacks: int = 0
 
     def __post_init__(self) -> None:
         self.file_sha256 = {name: sha256_hex(data) for name, data in self.files.items()}
@@ -86,6 +97,7 @@ class _Requests:
         request: worker_pb2.DecodeRequest | worker_pb2.PrefillRequest,
         context: grpc.aio.ServicerContext,
         max_tokens: int | None = None,
+        hold_kv: bool = False,
     ) -> EngineRequest:
         ctx = self.ctx
         if request.model and request.model != ctx.model:
@@ -97,6 +109,7 @@ class _Requests:
             stop = type(stop)()
             stop.CopyFrom(request.stop)
             stop.max_tokens = max_tokens
+            stop.min_tokens = min(stop.min_tokens, max_tokens)
         # the engine checks the tokens and sampling (SamplingParams.validate) when generate() starts
         token_ids = list(request.token_ids)
         sampling = sampling_from_pb(request.sampling, stop)
@@ -105,10 +118,15 @@ class _Requests:
             token_ids=token_ids,
             sampling=sampling,
             lora=request.lora or None,
+            hold_kv=hold_kv,
         )
 
     async def _stream(
-        self, req: EngineRequest, context: grpc.aio.ServicerContext, sp: spans.trace.Span | None = None
+        self,
+        req: EngineRequest,
+        context: grpc.aio.ServicerContext,
+        sp: spans.trace.Span | None = None,
+        leases: list[EngineOutput] | None = None,
     ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         """Engine outputs as DecodeResponses, with deadline, drain and error handling.
 
@@ -137,7 +155,8 @@ class _Requests:
             timer = asyncio.get_running_loop().call_later(max(remaining, 0.0), expire)
         start = time.monotonic()
         last = start
-        completion = 0
+        completion = len(req.prefilled)  # a disaggregated decode continues after the prefill's first token
+        first_out = True
         outcome = "error"
         failure: errors.DynamoError | None = None
         agen: AsyncIterator[EngineOutput] | None = None
@@ -145,8 +164,11 @@ class _Requests:
             agen = ctx.engine.generate(req)
             async for out in agen:
                 now = time.monotonic()
+                if out.lease is not None and leases is not None:
+                    leases.append(out)
                 if out.token_ids:
-                    if completion == 0:
+                    if first_out:
+                        first_out = False
                         m.ttft.labels(model).observe(now - start)
                         m.prompt_tokens.labels(model).inc(out.prompt_tokens)
                         m.cached_tokens.labels(model).inc(out.cached_tokens)
@@ -155,6 +177,8 @@ class _Requests:
                     last = now
                     completion += len(out.token_ids)
                     m.generated_tokens.labels(model).inc(len(out.token_ids))
+                elif out.finish_reason is not None:
+                    first_out = False
                 if out.finish_reason == "cancelled":
                     if ctx.gate.handing_back:
                         outcome = "handed_back"
@@ -206,14 +230,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        if request.HasField("kv_handle"):
-            await self._refuse(
-                context,
-                errors.Unimplemented(
-                    f"worker {self.ctx.instance_id} does not pull KV over KvTransfer; send Decode without kv_handle"
-                ),
-            )
         req = await self._build(request, context)
+        if request.HasField("kv_handle"):
+            await self._continue_prefill(request, req, context)
         attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
         with spans.span("decode", request_id=req.request_id, **attrs) as sp:
             # closed here, not by the garbage collector: when the client stops reading (it has the finish), the
@@ -222,9 +241,57 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
                 async for resp in stream:
                     yield resp
 
+    async def _continue_prefill(
+        self, request: worker_pb2.DecodeRequest, req: EngineRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Pull the blocks of ``kv_handle`` this cache lacks; on any pull failure prefill locally instead.
+
+        Either way the request continues after the prefill's first token, so the client sees the same
+        tokens; only the time to the second token differs.
+        """
+        ctx = self.ctx
+        handle = request.kv_handle
+        if ctx.geometry is None or not isinstance(ctx.engine, CoreEngine):
+            await self._refuse(
+                context,
+                errors.Unimplemented(
+                    f"worker {ctx.instance_id} cannot pull KV over KvTransfer; send Decode without kv_handle"
+                ),
+            )
+        want = block_hash_list(req.token_ids, ctx.engine.block_size, req.lora)
+        if handle.num_tokens != len(req.token_ids) or list(handle.block_hashes) != want:
+            await self._refuse(
+                context,
+                errors.InvalidArgument(
+                    f"kv_handle {handle.handle_id!r} covers {handle.num_tokens} other tokens than this prompt "
+                    f"of {len(req.token_ids)}"
+                ),
+            )
+        req.prefilled = [request.first_token]
+        first_block = ctx.engine.prefix_blocks(req.token_ids, req.lora)
+        with spans.span(
+            "kv_transfer", request_id=req.request_id, source=handle.instance_id, first_block=first_block
+        ) as sp:
+            try:
+                res = await kv_transfer.pull(
+                    ctx.kv_channels.get(handle.address), handle, first_block, ctx.geometry, context.time_remaining()
+                )
+            except errors.DynamoError as e:
+                ctx.pull_fallbacks += 1
+                ctx.metrics.kv_pull_fallbacks.labels(ctx.model).inc()
+                log.warning("request %s: KV pull failed (%s); prefilling locally", req.request_id, e.message)
+                spans.set_attributes(sp, fallback=e.name)
+                await kv_transfer.release(ctx.kv_channels.get(handle.address), handle)
+                return
+            spans.set_attributes(sp, bytes=res.bytes, seconds=res.seconds)
+        ctx.metrics.kv_pulled_bytes.labels(ctx.model).inc(res.bytes)
+        ctx.metrics.kv_pull_seconds.labels(ctx.model).observe(res.seconds)
+        req.kv_import = res.kv
+
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):
-    """Prefill = run the prompt and sample one token; the blocks stay in this worker's prefix cache."""
+    """Prefill = run the prompt and sample one token; the prompt's blocks stay pinned under a lease
+    (``--kv-lease-seconds``) until a decode worker pulls them over KvTransferService."""
 
     def __init__(self, ctx: WorkerContext) -> None:
         _Requests.__init__(self, ctx, "prefill")
@@ -232,27 +299,49 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        req = await self._build(request, context, max_tokens=1)
+        ctx = self.ctx
+        leasing = ctx.geometry is not None
+        req = await self._build(request, context, max_tokens=1, hold_kv=leasing)
         first: worker_pb2.DecodeResponse | None = None
-        attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
+        leases: list[EngineOutput] = []
+        attrs = {"model": ctx.model, "prompt_tokens": len(req.token_ids)}
         with spans.span("prefill", request_id=req.request_id, **attrs) as sp:
-            async for resp in self._stream(req, context, sp):
+            async for resp in self._stream(req, context, sp, leases):
                 if first is None:
                     first = resp
                 else:
                     first.token_ids.extend(resp.token_ids)
                     first.usage.CopyFrom(resp.usage)
+        lease = leases[-1].lease if leases else None
         if first is None or not first.token_ids:
+            if lease is not None and isinstance(ctx.engine, CoreEngine):
+                ctx.engine.release_lease(lease.lease_id)
             await _abort(context, errors.Internal("the engine produced no token"))
-        hashes = block_hash_list(req.token_ids, self.ctx.engine.block_size, req.lora)
+        token = first.token_ids[0]
+        # the first token ends the request by itself: max_tokens 1, or a stop token once min_tokens allows
+        finish = FINISH_REASONS[None]
+        if request.stop.max_tokens == 1:
+            finish = FINISH_REASONS["length"]
+        elif first.finish_reason == FINISH_REASONS["stop"] and request.stop.min_tokens <= 1:
+            finish = FINISH_REASONS["stop"]
         handle = kv_transfer_pb2.KvHandle(
-            instance_id=self.ctx.instance_id,
-            address=self.ctx.grpc_address,
-            handle_id=req.request_id,
-            block_hashes=hashes,
+            instance_id=ctx.instance_id,
+            address=ctx.grpc_address,
+            handle_id=lease.lease_id if lease is not None else req.request_id,
+            block_hashes=lease.block_hashes
+            if lease is not None
+            else block_hash_list(req.token_ids, ctx.engine.block_size, req.lora),
             num_tokens=len(req.token_ids),
+            lease_expiry_unix_ms=lease.expiry_unix_ms if lease is not None else 0,
         )
-        return worker_pb2.PrefillResponse(first_token=first.token_ids[0], kv_handle=handle, usage=first.usage)
+        if ctx.geometry is not None:
+            handle.layout.CopyFrom(ctx.geometry.layout())
+        if lease is not None and finish and isinstance(ctx.engine, CoreEngine):
+            ctx.engine.release_lease(lease.lease_id)  # nothing will pull it
+        lp = first.logprobs[0] if first.logprobs else None
+        return worker_pb2.PrefillResponse(
+            first_token=token, kv_handle=handle, usage=first.usage, first_logprob=lp, finish_reason=finish
+        )
 
 
 class ModelFilesServicer(worker_pb2_grpc.ModelFilesServiceServicer):

@@ -24,6 +24,7 @@ from dynamo_grpc.events.kv import KvEvent, KvEventSink, KvStored, LoadMetrics
 from dynamo_grpc.kvbm.stats import kvbm_stats
 
 from .engine_core import EngineCore, StepResult
+from .leases import Lease
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,62 @@ class CoreEngine(Engine):
         """The KV tiers' counters and gauges (empty without tiers), for metrics and benchmarks."""
         with self._state:
             return kvbm_stats(self.core.kv.tiers)
+    # ------------------------------------------------------------------ KV leases (disaggregation)
+
+    def begin_pull(self, lease_id: str) -> Lease:
+        """Claim a lease for one pull (errors.NotFound / FailedPrecondition); call ``end_pull`` after."""
+        with self._state:
+            return self.core.leases.begin_pull(lease_id)
+
+    def end_pull(self, lease_id: str) -> bool:
+        with self._state:
+            done = self.core.leases.end_pull(lease_id)
+        self._blocks_freed()
+        return done
+
+    def release_lease(self, lease_id: str) -> bool:
+        with self._state:
+            done = self.core.leases.release(lease_id)
+        self._blocks_freed()
+        return done
+
+    def expire_leases(self) -> int:
+        with self._state:
+            n = self.core.leases.expire()
+        if n:
+            self._blocks_freed()
+        return n
+
+    def lease_counts(self) -> dict[str, int]:
+        """Leases now and so far, for /metrics."""
+        with self._state:
+            t = self.core.leases
+            st = t.stats
+            return {
+                "active": t.num_active,
+                "pinned_blocks": t.num_blocks,
+                "created": st.created,
+                "pulled": st.pulled,
+                "released": st.released,
+                "expired": st.expired,
+                "refused": st.refused,
+            }
+
+    def prefix_blocks(self, token_ids: list[int], lora: str | None = None) -> int:
+        with self._state:
+            return self.core.prefix_blocks(token_ids, lora)
+
+    def export_blocks(self, block_ids: list[int]) -> bytes:
+        """Raw KV bytes of pinned blocks (executors that hold no tensors return b"")."""
+        export = getattr(self.core.executor, "export_blocks", None)
+        return export(block_ids) if export is not None else b""
+
+    def _blocks_freed(self) -> None:
+        """Blocks went back to the pool: a waiting request may fit now."""
+        with self._cv:
+            self._cv.notify()
+        if not self.threaded:
+            self._wake.set()
 
     # ------------------------------------------------------------------ the loop
 
@@ -315,6 +372,7 @@ class CoreEngine(Engine):
                 inbox, self._inbox = self._inbox, []
                 self._aborts.clear()
             pending = self.core.abort_all() + [r.request_id for r in inbox]
+            self.core.leases.release_all()
             self._emit(self.core.kv.take_events())
             with self._cv:
                 streams = [(self._streams.pop(rid, None), rid) for rid in pending]

@@ -20,6 +20,7 @@ from dynamo_grpc.engines.base import (
     EngineDead,
     EngineOutput,
     EngineRequest,
+    LeaseInfo,
     PromptTooLong,
     check_prompt_fits,
     check_token_ids,
@@ -30,6 +31,7 @@ from dynamo_grpc.kvbm.manager import TierManager
 
 from .executor import Executor
 from .kv_manager import KvManager
+from .leases import Lease, LeaseTable
 from .output import SchedulerOutput
 from .request import Request
 from .scheduler import Scheduler, SchedulerConfig
@@ -52,8 +54,12 @@ class CoreConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     #: KV tiers below the device cache (G2 host, G3 disk); disabled by default
     kvbm: KvbmConfig = field(default_factory=KvbmConfig)
+    #: how long a finished prefill's blocks wait for a decode worker's pull (--kv-lease-seconds)
+    kv_lease_seconds: float = 30.0
 
     def validate(self) -> None:
+        if not self.kv_lease_seconds > 0:
+            raise ValueError(f"kv_lease_seconds must be positive, got {self.kv_lease_seconds}")
         for name in ("block_size", "num_blocks", "context_length", "vocab_size", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -102,6 +108,7 @@ class EngineCore:
             tiers = TierManager(config.kvbm, block_io(), config.block_size)
         self.kv = KvManager(config.num_blocks, config.block_size, config.enable_prefix_caching, tiers)
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.leases = LeaseTable(self.kv.pool, config.kv_lease_seconds)
         self.stats = CoreStats()
         self.max_total_tokens = min(config.context_length, config.num_blocks * config.block_size)
         self._ids = itertools.count()
@@ -121,6 +128,13 @@ class EngineCore:
         if request.lora and not ex.supports_lora:
             raise errors.FailedPrecondition(f"LoRA adapter {request.lora!r}: this engine serves no LoRA adapters")
         check_prompt_fits(len(request.token_ids), cfg.context_length, cfg.num_blocks, cfg.block_size)
+        check_token_ids(request.prefilled or [0], cfg.vocab_size)
+        imp = request.kv_import
+        if imp is not None and (imp.num_tokens != len(request.token_ids) or not request.prefilled):
+            raise errors.InvalidArgument(
+                f"pulled KV covers {imp.num_tokens} tokens but the prompt has {len(request.token_ids)}"
+                + ("" if request.prefilled else " and no first token was given")
+            )
 
     def make_request(self, request: EngineRequest) -> Request:
         """The core's request for a checked EngineRequest, under a fresh internal id."""
@@ -132,6 +146,9 @@ class EngineCore:
             lora=request.lora or None,
             max_total_tokens=self.max_total_tokens,
             external_id=request.request_id,
+            hold_kv=request.hold_kv,
+            prefilled=list(request.prefilled),
+            kv_import=request.kv_import,
         )
 
     # ------------------------------------------------------------------ engine side
@@ -223,6 +240,24 @@ class EngineCore:
             if reason is not None:
                 finished += 1
         st.finished += finished
+        held, self.scheduler.held = self.scheduler.held, []
+        for req in held:
+            lease = self._lease(req)
+            for rid, out in reversed(outputs):
+                if rid == req.request_id:
+                    out.lease = LeaseInfo(lease.lease_id, lease.num_tokens, lease.block_hashes, lease.expiry_unix_ms)
+                    break
+
+    def _lease(self, req: Request) -> Lease:
+        """Move a finished prefill's prompt blocks into a lease (any block past the prompt is freed)."""
+        n = req.num_prompt_tokens
+        keep = self.kv.blocks_for(n)
+        blocks, req.blocks = req.blocks, []
+        if len(blocks) > keep:
+            self.kv.pool.free(reversed(blocks[keep:]))
+        req.update_block_hashes(self.config.block_size)
+        hashes = req.block_hashes[: n // self.config.block_size]
+        return self.leases.create(req.request_id, blocks[:keep], n, hashes)
 
     # ------------------------------------------------------------------ introspection
 
@@ -237,3 +272,11 @@ class EngineCore:
 
     def cached_blocks(self) -> list[KvStored]:
         return self.kv.dump()
+
+    def prefix_blocks(self, token_ids: list[int], lora: str | None) -> int:
+        """Leading full blocks of a prompt this cache holds now (a decoder pulls only the rest)."""
+        if not self.kv.enable_prefix_caching:
+            return 0
+        probe = Request("probe", list(token_ids), lora=lora)
+        probe.update_block_hashes(self.config.block_size)
+        return len(self.kv.pool.longest_prefix(probe.block_hashes))

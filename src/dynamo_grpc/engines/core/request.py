@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dynamo_grpc.engines.base import SamplingParams
+from dynamo_grpc.engines.base import KvImport, SamplingParams
 from dynamo_grpc.kvbm.tier import Medium
 from dynamo_grpc.tokens.block_hash import chain_hashes, local_block_hashes
 
@@ -98,9 +98,15 @@ class Request:
     #: tier ("host"/"disk") of each block after the device prefix found below the device at the
     #: last lookup; onboarded on admission (kvbm)
     lower_hits: list[Medium] = field(default_factory=list)
+    #: pin the prompt's blocks under a lease at the finish (prefill for a decode worker)
+    hold_kv: bool = False
+    #: output tokens generated elsewhere before this request started here
+    prefilled: list[int] = field(default_factory=list)
+    #: the prompt's KV pulled from a prefill worker; consumed at admission (dropped if it cannot be used)
+    kv_import: KvImport | None = None
 
     def __post_init__(self) -> None:
-        self.all_token_ids = list(self.prompt_token_ids)
+        self.all_token_ids = [*self.prompt_token_ids, *self.prefilled]
 
     @property
     def num_tokens(self) -> int:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .kv_manager import KvManager
-from .output import ExecutorOutput, NewRequest, ScheduledChunk, SchedulerOutput
+from .output import ExecutorOutput, KvImportPlan, NewRequest, ScheduledChunk, SchedulerOutput
 from .request import Request, Status
 
 
@@ -48,6 +48,8 @@ class Scheduler:
         self.num_preemptions = 0
         self._watermark_blocks = int(config.watermark * kv.num_blocks)
         self._forget: list[str] = []
+        #: finished ``hold_kv`` requests whose blocks the engine core turns into leases (not freed here)
+        self.held: list[Request] = []
 
     # ------------------------------------------------------------------ queue
 
@@ -102,14 +104,32 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 prefix = kv.find_prefix(req)
-                hit = kv.prefix_tokens(req, prefix)
-                n = min(req.num_tokens - hit, budget)
+                hit = len(prefix) * kv.block_size
+                imp = req.kv_import
+                if imp is not None and not (len(prefix) >= imp.start_block and hit < imp.num_tokens):
+                    req.kv_import = imp = None  # the prefix it continues was evicted meanwhile: recompute
+                if imp is not None:
+                    req.lower_hits = []  # the pulled KV covers what the lower tiers hold
+                else:
+                    hit = kv.prefix_tokens(req, prefix)  # the device prefix and the blocks below it (kvbm)
+                # with pulled KV, blocks for every token are allocated but only the tokens after it are fed
+                done = imp.num_tokens if imp is not None else hit
+                n = min(req.num_tokens - done, budget)
                 reserve = self._watermark_blocks if self.running else 0
-                if not kv.can_allocate(req, n, prefix, reserve=reserve):
+                if not kv.can_allocate(req, n + done - hit, prefix, reserve=reserve):
                     break
-                hit = kv.admit(req, n, prefix)  # less than planned if a lower-tier block was unreadable
+                if imp is not None:
+                    kv.allocate(req, n + done - hit, prefix)
+                else:
+                    done = hit = kv.admit(req, n, prefix)  # less than planned if a lower-tier block was unreadable
                 self.waiting.popleft()
-                req.num_computed_tokens = hit
+                if imp is not None:
+                    table = req.blocks[len(prefix) : kv.blocks_for(imp.num_tokens)]
+                    out.kv_imports.append(
+                        KvImportPlan(req.request_id, [b.block_id for b in table], len(prefix), imp.chunks)
+                    )
+                    req.kv_import = None
+                req.num_computed_tokens = done
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = min(hit, req.num_prompt_tokens)
                     kv.record_lookup(req, hit)
@@ -132,7 +152,11 @@ class Scheduler:
             rid = req.request_id
             if not req.sent:
                 req.sent = True
-                new_requests.append(NewRequest(rid, req.prompt_token_ids, req.sampling, req.eos_token_ids, req.lora))
+                new_requests.append(
+                    NewRequest(
+                        rid, req.prompt_token_ids, req.sampling, req.eos_token_ids, req.lora, list(req.prefilled)
+                    )
+                )
             start = req.num_computed_tokens
             end = start + n
             tokens = req.all_token_ids
@@ -153,6 +177,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.kv_import = None
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = Status.PREEMPTED
@@ -190,7 +215,10 @@ class Scheduler:
         return appended
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.kv.free(req)
+        if req.hold_kv and reason in ("stop", "length") and req.blocks:
+            self.held.append(req)  # the engine core moves its blocks into a lease
+        else:
+            self.kv.free(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)

@@ -37,6 +37,8 @@ class MockerConfig:
     kvbm: KvbmConfig = field(default_factory=KvbmConfig)
     #: modelled KV bytes per token (tier capacities and transfer times count these)
     kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
+    #: seconds a finished prefill's blocks stay pinned for a decode worker's pull (--kv-lease-seconds)
+    kv_lease_seconds: float = 30.0
 
     def validate(self) -> None:
         def positive(name: str) -> None:
@@ -68,6 +70,7 @@ class MockerConfig:
             eos_token_ids=frozenset(self.eos_token_ids),
             enable_prefix_caching=self.enable_prefix_caching,
             max_waiting=self.max_waiting,
+            kv_lease_seconds=self.kv_lease_seconds,
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.watermark),
             kvbm=self.kvbm,
         )

@@ -57,6 +57,7 @@ class TorchEngine(CoreEngine):
         watermark: float = 0.01,
         served_name: str | None = None,
         kvbm: KvbmConfig | None = None,
+        kv_lease_seconds: float = 30.0,
     ) -> None:
         if weights is not None:
             if weights not in WEIGHT_MODES:
@@ -91,7 +92,15 @@ class TorchEngine(CoreEngine):
             num_blocks = num_blocks_for_bytes(
                 self.config, block_size, self.dtype, kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
             )
-        self.card: ModelCard = dataclasses.replace(card, block_size=block_size, kv_blocks=num_blocks)
+        self.card: ModelCard = dataclasses.replace(
+            card,
+            block_size=block_size,
+            kv_blocks=num_blocks,
+            num_layers=self.config.num_hidden_layers,
+            num_kv_heads=self.config.num_key_value_heads,
+            head_dim=self.config.head_dim,
+            kv_dtype=dtype,
+        )
         eos = card.eos_token_ids or self.config.eos_token_ids
         self.eos_token_ids = frozenset(eos)
 
@@ -108,6 +117,7 @@ class TorchEngine(CoreEngine):
                 max_waiting=max_waiting,
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, watermark),
                 kvbm=kvbm or KvbmConfig(),
+                kv_lease_seconds=kv_lease_seconds,
             ),
             self.runner,
         )

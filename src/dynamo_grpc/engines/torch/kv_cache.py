@@ -37,3 +37,66 @@ class KvCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """One block on the wire: [layers, 2 (K, V), block_size, kv_heads, head_dim] (see :meth:`export_blocks`)."""
+        _, heads, dim = self.k[0].shape
+        return (len(self.k), 2, self.block_size, heads, dim)
+
+    @property
+    def block_nbytes(self) -> int:
+        layers, two, bs, heads, dim = self.block_shape
+        return layers * two * bs * heads * dim * self.k[0].element_size()
+
+    def _slots(self, block_ids: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        base = torch.tensor(block_ids, dtype=torch.long).unsqueeze(1) * bs
+        return (base + torch.arange(bs)).reshape(-1)
+
+    def export_blocks(self, block_ids: list[int]) -> bytes:
+        """Blocks as row-major [layers, 2 (K, V), n, block_size, kv_heads, head_dim] bytes.
+
+        Layer-major, so a run of consecutive blocks is one contiguous slice of each layer's K and V
+        tensors: the export is one copy of each slice into the message, with no gather.
+        """
+        parts: list[memoryview] = []
+        bs = self.block_size
+        runs = _runs(block_ids)
+        for k, v in zip(self.k, self.v, strict=True):
+            for t in (k, v):
+                raw = t.view(torch.uint8)  # numpy has no bfloat16: move bytes
+                for start, n in runs:
+                    chunk = raw[start * bs : (start + n) * bs].numpy()
+                    parts.append(memoryview(chunk.data).cast("B"))
+        return b"".join(parts)
+
+    def import_blocks(self, block_ids: list[int], data: bytes, skip: int = 0, total: int | None = None) -> None:
+        """Write blocks exported by :meth:`export_blocks` into ``block_ids``.
+
+        ``data`` holds ``total`` blocks (default: ``len(block_ids)``); blocks ``skip ..`` of it are written.
+        """
+        n = len(block_ids)
+        if not n:
+            return
+        total = n if total is None else total
+        layers, _, bs, heads, dim = self.block_shape
+        if len(data) != total * self.block_nbytes:
+            raise ValueError(f"KV chunk of {total} blocks has {len(data)} bytes, expected {total * self.block_nbytes}")
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.k[0].dtype)
+        t = t.view(layers, 2, total, bs, heads, dim)[:, :, skip : skip + n].reshape(layers, 2, n * bs, heads, dim)
+        slots = self._slots(block_ids)
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k.index_copy_(0, slots, t[i, 0])
+            v.index_copy_(0, slots, t[i, 1])
+
+
+def _runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs

@@ -9,7 +9,7 @@ from dynamo_grpc.engines.core.output import ExecutorOutput, ScheduledChunk, Sche
 from .block_io import TorchBlockIO, weights_fingerprint
 from .kv_cache import KvCache
 from .model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
-from .sampler import SampleRow, make_generator, sample
+from .sampler import SampleRow, make_generator, needs_sampling, sample
 
 #: most decode groups per step; each costs a gather + attention call per layer
 MAX_DECODE_GROUPS = 4
@@ -93,8 +93,15 @@ class ModelRunner:
         for rid in plan.finished_ids:
             seqs.pop(rid, None)
         for nr in plan.new_requests:
+            gen = make_generator(nr.sampling.seed)
+            if nr.output_token_ids and needs_sampling(nr.sampling):
+                # the tokens sampled elsewhere (the prefill worker's first) each took one draw: skip them, so a
+                # seeded request gives the same tokens disaggregated as aggregated
+                dummy = torch.ones(self.model.cfg.vocab_size)
+                for _ in nr.output_token_ids:
+                    torch.multinomial(dummy, 1, generator=gen)
             seqs[nr.request_id] = _Seq(
-                SampleRow(nr.sampling, nr.prompt_token_ids, [], nr.eos_token_ids, make_generator(nr.sampling.seed))
+                SampleRow(nr.sampling, nr.prompt_token_ids, list(nr.output_token_ids), nr.eos_token_ids, gen)
             )
         for c in plan.chunks:
             seq = seqs[c.request_id]
@@ -173,8 +180,23 @@ class ModelRunner:
             return [], torch.empty(0)
         return sampling, self.model.forward(ids, batch, self.kv, rows)
 
+    def export_blocks(self, block_ids: list[int]) -> bytes:
+        return self.kv.export_blocks(block_ids)
+
+    def import_kv(self, plan: SchedulerOutput) -> None:
+        """Install pulled KV bytes into the blocks the scheduler allocated for them."""
+        for imp in plan.kv_imports:
+            for first, n, data in imp.chunks:
+                lo = max(first, imp.first_block)
+                hi = min(first + n, imp.first_block + len(imp.block_ids))
+                if lo < hi:
+                    ids = imp.block_ids[lo - imp.first_block : hi - imp.first_block]
+                    self.kv.import_blocks(ids, data, skip=lo - first, total=n)
+
     def execute(self, plan: SchedulerOutput) -> ExecutorOutput:
         self.prepare(plan)
+        if plan.kv_imports:
+            self.import_kv(plan)
         sampling, logits = self.forward(plan)
         if not sampling:
             return ExecutorOutput()

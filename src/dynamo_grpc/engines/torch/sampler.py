@@ -40,7 +40,7 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def _needs_sampling(sp: SamplingParams) -> bool:
+def needs_sampling(sp: SamplingParams) -> bool:
     return sp.temperature >= _EPS and sp.top_k != 1
 
 
@@ -113,7 +113,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
     simple = [
         i
         for i, r in enumerate(rows)
-        if not _needs_sampling(r.sampling)
+        if not needs_sampling(r.sampling)
         and r.sampling.repetition_penalty == 1.0
         and not r.sampling.frequency_penalty
         and not r.sampling.presence_penalty
@@ -138,7 +138,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
             banned = {b for b in banned if 0 <= b < row.numel()}
             if banned:
                 row[torch.tensor(sorted(banned), dtype=torch.long)] = float("-inf")
-        if not _needs_sampling(sp):
+        if not needs_sampling(sp):
             tokens[i] = int(row.argmax())
             continue
         probs = _filter(row, sp)

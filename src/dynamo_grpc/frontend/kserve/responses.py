@@ -117,4 +117,7 @@ class Responder:
             if c.route_pool:  # the global router's decision (docs/global-router.md)
                 resp.parameters["route_pool"].string_param = c.route_pool
                 resp.parameters["route_reason"].string_param = c.route_reason
+            resp.parameters["disaggregated"].bool_param = bool(c.prefill_worker_id)
+            if c.prefill_worker_id:
+                resp.parameters["prefill_worker_id"].string_param = c.prefill_worker_id
         return resp

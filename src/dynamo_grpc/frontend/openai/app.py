@@ -70,6 +70,8 @@ class _StatsCollector:
         router_metrics = getattr(self.pipeline.router, "metric_families", None)
         if router_metrics is not None:  # the KV router runs in this process
             yield from router_metrics()
+        if self.pipeline.disagg is not None:
+            yield from self.pipeline.disagg.metric_families()
 
 
 class OpenAiApp:

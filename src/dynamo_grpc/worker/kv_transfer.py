@@ -1,0 +1,219 @@
+"""KvTransferService: a prefill worker serves its leased KV blocks; a decode worker pulls them.
+
+Server side (``KvTransferServicer``): ``Pull`` claims the lease once (a second pull is
+FAILED_PRECONDITION, an unknown or expired lease NOT_FOUND, both through errors.py), streams the
+blocks from ``first_block`` on in chunks of several blocks (every layer, K and V, in one message:
+``[layers, 2, blocks, block_size, kv_heads, head_dim]``), and frees the lease when the stream ends,
+whatever way it ends. Only one chunk is copied out of the cache at a time. Engines that hold no
+tensors (the mocker) send empty chunks that take the time the model card's KV size and
+``--kv-transfer-gbps`` imply. ``Release`` frees a lease early and is idempotent.
+
+Client side (``pull``): checks the handle's layout against the decoder's own, then collects the chunks
+into a :class:`~dynamo_grpc.engines.base.KvImport` for the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from dynamo_grpc import errors
+from dynamo_grpc.engines.base import KvImport
+from dynamo_grpc.engines.core.driver import CoreEngine
+from dynamo_grpc.models.card import ModelCard
+from dynamo_grpc.observability import spans
+from dynamo_grpc.transport import ChannelOptions, open_channel
+from dynamo_grpc.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: target bytes per Pull message (measured in `dynamo-grpc bench disagg`: several MiB keeps the stream
+#: near the socket bound; one message per block per layer does not)
+CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class KvGeometry:
+    """What one block is on the wire; a decoder refuses a handle whose layout differs from its own."""
+
+    dtype: str
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    #: whether the engine moves real bytes (torch) or models the transfer time (mocker)
+    moves_bytes: bool = True
+
+    @property
+    def block_nbytes(self) -> int:
+        elem = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}.get(self.dtype, 0)
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def layout(self, num_blocks: int = 0) -> kv_transfer_pb2.KvLayout:
+        shape = [self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim]
+        return kv_transfer_pb2.KvLayout(
+            dtype=self.dtype,
+            shape=shape if num_blocks else [],
+            num_layers=self.num_layers,
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
+
+    def mismatch(self, layout: kv_transfer_pb2.KvLayout) -> str | None:
+        """Why KV in ``layout`` cannot go into this cache, or None."""
+        mine = self.layout()
+        for name in ("dtype", "num_layers", "block_size", "num_kv_heads", "head_dim"):
+            theirs, ours = getattr(layout, name), getattr(mine, name)
+            if theirs != ours:
+                return f"{name} {theirs!r} there, {ours!r} here"
+        return None
+
+
+class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
+    """Pull and Release over an engine core's leases."""
+
+    def __init__(self, engine: CoreEngine, geometry: KvGeometry, transfer_gbps: float = 0.0) -> None:
+        self.engine = engine
+        self.geometry = geometry
+        #: mocker: modelled link speed in GB/s (0: transfers take no time)
+        self.transfer_gbps = transfer_gbps
+        self.blocks_sent = 0
+        self.bytes_sent = 0
+
+    async def Pull(
+        self, request: kv_transfer_pb2.PullRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kv_transfer_pb2.PullResponse]:
+        lease_id = request.handle.handle_id
+        try:
+            lease = self.engine.begin_pull(lease_id)
+        except errors.DynamoError as e:
+            await errors.abort(context, e)
+        try:
+            g = self.geometry
+            total = len(lease.blocks)
+            first = request.first_block
+            if first > total:
+                await errors.abort(
+                    context, errors.InvalidArgument(f"first_block {first} is past the lease's {total} blocks")
+                )
+            per = request.blocks_per_chunk or max(1, CHUNK_BYTES // max(g.block_nbytes, 1))
+            ids = lease.block_ids
+            with spans.span("kv_transfer.send", request_id=lease_id, blocks=total - first):
+                for start in range(first, total, per):
+                    part = ids[start : start + per]
+                    n = len(part)
+                    if g.moves_bytes:
+                        data = await asyncio.to_thread(self.engine.export_blocks, part)
+                        nbytes = len(data)
+                    else:
+                        data, nbytes = b"", n * g.block_nbytes
+                        if self.transfer_gbps > 0:
+                            await asyncio.sleep(nbytes / (self.transfer_gbps * 1e9))
+                    self.blocks_sent += n
+                    self.bytes_sent += nbytes
+                    yield kv_transfer_pb2.PullResponse(
+                        block_index=start, data=data, layout=g.layout(n), num_blocks=n, nbytes=nbytes
+                    )
+        finally:
+            self.engine.end_pull(lease_id)  # pulled, failed or cancelled: the blocks go back either way
+
+    async def Release(
+        self, request: kv_transfer_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> kv_transfer_pb2.ReleaseResponse:
+        self.engine.release_lease(request.handle_id)
+        return kv_transfer_pb2.ReleaseResponse()
+
+
+class Channels:
+    """One channel per peer KvTransfer address (TLS from the process default, like every client here)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = open_channel(address, ChannelOptions())
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close(None)
+        self._channels.clear()
+
+
+@dataclass
+class PullResult:
+    kv: KvImport
+    bytes: int
+    seconds: float
+
+
+async def pull(
+    channel: grpc.aio.Channel,
+    handle: kv_transfer_pb2.KvHandle,
+    first_block: int,
+    geometry: KvGeometry,
+    timeout: float | None = None,
+    blocks_per_chunk: int = 0,
+) -> PullResult:
+    """Pull a handle's blocks from ``first_block`` on into a KvImport (errors.py classes on failure)."""
+    if handle.HasField("layout"):
+        why = geometry.mismatch(handle.layout)
+        if why is not None:
+            raise errors.FailedPrecondition(f"KV layout of handle {handle.handle_id!r} does not fit: {why}")
+    stub = kv_transfer_pb2_grpc.KvTransferServiceStub(channel)
+    kv = KvImport(first_block, handle.num_tokens)
+    t0 = time.perf_counter()
+    nbytes = 0
+    req = kv_transfer_pb2.PullRequest(handle=handle, first_block=first_block, blocks_per_chunk=blocks_per_chunk)
+    call = stub.Pull(req, timeout=timeout)
+    try:
+        async for chunk in call:
+            why = geometry.mismatch(chunk.layout)
+            if why is not None:
+                raise errors.FailedPrecondition(f"KV chunk from {handle.address} does not fit: {why}")
+            kv.chunks.append((chunk.block_index, chunk.num_blocks, chunk.data))
+            nbytes += chunk.nbytes
+    except grpc.aio.AioRpcError as e:
+        raise errors.from_grpc(e, f"KV pull from {handle.address}") from None
+    finally:
+        call.cancel()
+    expected = -(-handle.num_tokens // geometry.block_size) - first_block
+    got = sum(n for _, n, _ in kv.chunks)
+    if got != expected:
+        raise errors.Unavailable(f"KV pull from {handle.address} ended after {got} of {expected} blocks")
+    return PullResult(kv, nbytes, time.perf_counter() - t0)
+
+
+async def release(channel: grpc.aio.Channel, handle: kv_transfer_pb2.KvHandle, timeout: float = 5.0) -> None:
+    """Release a lease (best effort: the lease expires anyway)."""
+    stub = kv_transfer_pb2_grpc.KvTransferServiceStub(channel)
+    try:
+        await stub.Release(kv_transfer_pb2.ReleaseRequest(handle_id=handle.handle_id), timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+        log.info("release of KV lease %s at %s failed: %s", handle.handle_id, handle.address, e.code().name)
+
+
+def geometry_for(engine: object, card: ModelCard) -> KvGeometry | None:
+    """The block geometry of an engine that can lease and move blocks (the engine core), else None.
+
+    The torch engine's cache says it exactly; the mocker holds no tensors and takes it from the model
+    card (layers, KV heads, head size, KV dtype), which is all the transfer-time model needs.
+    """
+    if not isinstance(engine, CoreEngine):
+        return None
+    cache = getattr(engine, "kv", None)
+    shape = getattr(cache, "block_shape", None)
+    if shape is not None:
+        layers, _, bs, heads, dim = shape
+        return KvGeometry(card.kv_dtype, layers, bs, heads, dim, moves_bytes=True)
+    return KvGeometry(
+        card.kv_dtype, card.num_layers, engine.block_size, card.num_kv_heads, card.head_dim, moves_bytes=False
+    )
