@@ -3,7 +3,8 @@
 A KServe client (gRPC metadata) and an OpenAI client (HTTP header) each send a W3C `traceparent`; every
 process (frontend, `dynamo-router`, worker) must continue that trace: client span → frontend server span →
 frontend.request → route → (router process) router.decide, and frontend.request → Decode client span →
-worker server span → decode, parents intact, the request id on every span of ours.
+worker server span → decode, parents intact, the request id on every span of ours. Disaggregated, the same
+trace carries the remote prefill, the decode worker's KV pull and the prefill worker's send.
 """
 
 from __future__ import annotations
@@ -167,3 +168,72 @@ async def test_untraced_request_starts_its_own_trace(traced_mesh: Mesh, receiver
         time.sleep(0.1)
     spans = receiver.wait_for(roots[-1].trace_id, OURS)
     assert {s.service for s in spans} == {"dynamo-frontend", "dynamo-router", "dynamo-worker"}
+
+
+# -- disaggregated: prefill -> KV transfer -> decode in the same trace ---------------------------------------
+
+DISAGG = {"frontend.request", "prefill.route", "prefill.remote", "prefill", "kv_transfer", "kv_transfer.send", "decode"}
+
+
+@pytest.fixture(scope="module")
+def traced_disagg_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cfg = MeshConfig(
+        workers=2,
+        worker_roles=["prefill", "decode"],
+        speedup_ratio=1000.0,
+        frontend_args=["--max-local-prefill-tokens", "0"],  # every prompt is prefilled remotely
+        ready_timeout_s=90.0,
+    )
+    try:
+        with Mesh(cfg) as m:
+            yield m
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ancestors(spans: list[ReceivedSpan], s: ReceivedSpan) -> list[ReceivedSpan]:
+    by_id = {x.span_id: x for x in spans}
+    out = []
+    while s.parent_span_id in by_id:
+        s = by_id[s.parent_span_id]
+        out.append(s)
+    return out
+
+
+async def test_disaggregated_request_is_one_trace_prefill_transfer_decode(
+    traced_disagg_mesh: Mesh, receiver: OtlpReceiverProcess
+) -> None:
+    header, trace_id, client_span = _traceparent()
+    req = _infer_request(traced_disagg_mesh.models[0])
+    text = b"why was this request slow? " * 12  # several KV blocks to move
+    req.raw_input_contents[0] = struct.pack("<I", len(text)) + text
+    async with grpc.aio.insecure_channel(traced_disagg_mesh.frontend_grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        resp = await stub.ModelInfer(req, metadata=(("traceparent", header),), timeout=30)
+    assert resp.parameters["disaggregated"].bool_param  # it really went prefill worker -> decode worker
+    spans = receiver.wait_for(trace_id, DISAGG)
+    request = _one(spans, "frontend.request")
+    assert all(s.trace_id == trace_id for s in spans)
+    # the prefill worker's span hangs under the frontend's remote-prefill span
+    prefill = _one(spans, "prefill")
+    assert prefill.service == "dynamo-worker" and _one(spans, "prefill.remote") in _ancestors(spans, prefill)
+    assert request in _ancestors(spans, prefill)
+    # the decode worker pulls the KV: its kv_transfer span, then the prefill worker's send span under it
+    transfer, send = _one(spans, "kv_transfer"), _one(spans, "kv_transfer.send")
+    assert transfer in _ancestors(spans, send) and request in _ancestors(spans, transfer)
+    assert transfer.attributes["dynamo.bytes"] > 0 and "dynamo.fallback" not in transfer.attributes
+    decode = _one(spans, "decode")
+    assert request in _ancestors(spans, decode)
+    assert decode.attributes["dynamo.request_id"] == transfer.attributes["dynamo.request_id"]
+    assert client_span in {s.parent_span_id for s in spans}  # the client's trace, continued
