@@ -18,10 +18,15 @@ ROLES: dict[str, tuple[str, str]] = {
     "worker": ("dynamo_grpc.worker.main", "worker hosting an engine (mocker | torch) behind Prefill/Decode"),
     "consul-dev": ("dynamo_grpc.consul_dev.main", "embedded Consul-compatible dev agent (HTTP API subset)"),
     "run-local": ("dynamo_grpc.launch.run_local", "start a whole mesh on this machine and print how to call it"),
+    "profile": (
+        "dynamo_grpc.planner.profiler",
+        "sweep one worker (TTFT vs input length, ITL vs concurrency) for planner",
+    ),
+    "planner": ("dynamo_grpc.planner.main", "SLA planner: forecast load, scale worker pools (local | kubernetes)"),
     "bench": ("dynamo_grpc.bench.main", "benchmarks: router, frontend, engine, discovery, replay, or all"),
 }
 
-PLANNED = ("global-router", "planner")
+PLANNED = ("global-router",)
 
 
 def command_lines(table: dict[str, tuple[str, str]]) -> list[str]:
@@ -42,7 +47,7 @@ def load_main(module_name: str, command: str) -> Callable[[list[str]], int]:
             raise
         raise SystemExit(
             f"dynamo-grpc {command}: needs the {e.name!r} package, which is not installed "
-            "(an optional extra: torch, bench or plot; see README)"
+            "(an optional extra: torch, bench, plot or planner; see README)"
         ) from None
     fn: Callable[[list[str]], int] = module.main
     return fn

@@ -11,9 +11,7 @@ from dynamo_grpc.cli import PLANNED, ROLES
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynamo_grpc.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "dynamo_grpc.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_top_level_help_lists_every_role() -> None:
@@ -47,8 +45,10 @@ def test_base_roles_do_not_import_torch() -> None:
 def test_unknown_and_planned_roles_fail_clearly() -> None:
     res = _run("nope")
     assert res.returncode == 2 and "unknown role 'nope'" in res.stderr
-    res = _run("planner")
+    res = _run("global-router")
     assert res.returncode == 2 and "planned" in res.stderr
+    res = _run("planner")  # a role now: without its required --profile it says so
+    assert res.returncode == 2 and "--profile" in res.stderr
 
 
 def test_missing_extra_is_named_not_a_traceback() -> None:
