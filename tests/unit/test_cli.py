@@ -11,7 +11,9 @@ from dynamo_grpc.cli import PLANNED, ROLES
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dynamo_grpc.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dynamo_grpc.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_top_level_help_lists_every_role() -> None:

@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="agg",
         help="agg: one pool 'worker'; disagg: pools 'prefill' and 'decode' sized separately",
     )
-    p.add_argument("--connector", choices=["local", "kubernetes"], default="local")
+    p.add_argument(
+        "--connector",
+        choices=["local", "kubernetes", "virtual"],
+        default="local",
+        help="local: worker processes here; kubernetes: Deployments; virtual: decide and export only (dry run)",
+    )
     p.add_argument("--adjustment-interval", type=float, default=180.0, help="seconds between decisions")
     p.add_argument("--ttft-target", type=float, default=0.5, help="seconds, mean time to first token")
     p.add_argument("--itl-target", type=float, default=0.05, help="seconds, mean inter-token latency")
@@ -189,6 +194,10 @@ async def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         connector = LocalConnector(
             {k: shlex.split(v) for k, v in commands.items()}, _consul(args), args.namespace, args.log_dir
         )
+    elif args.connector == "virtual":
+        from dynamo_grpc.planner.connectors.virtual import VirtualConnector
+
+        connector = VirtualConnector(cfg.pools)
     else:
         from dynamo_grpc.planner.connectors.kubernetes import KubernetesConnector, api_client
 
