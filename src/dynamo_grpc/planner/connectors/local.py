@@ -43,6 +43,8 @@ class LocalWorker:
     log: Path
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
+    #: when the connector saw it exit (monotonic); None while it lives
+    ended_at: float | None = None
 
     def info(self) -> dict[str, str] | None:
         """The worker's ready file (instance_id, grpc_address, metrics_address), or None while it starts."""
@@ -92,6 +94,8 @@ class LocalConnector:
         self.env = env
         self.stop_timeout_s = stop_timeout_s
         self.workers: list[LocalWorker] = []
+        #: every worker ever started, live or gone (worker-seconds = sum of their lifetimes)
+        self.history: list[LocalWorker] = []
         self._seq = 0
         self._reapers: set[asyncio.Task[None]] = set()
         #: (pool, instance_id or name, exit code) of every worker that has left
@@ -111,6 +115,7 @@ class LocalConnector:
                 why = f"exited with code {w.popen.returncode} (log: {w.log})"
                 log.warning("worker %s of pool %s %s", w.name, w.pool, why)
                 self.workers.remove(w)
+                w.ended_at = time.monotonic()
                 self.stopped.append((w.pool, (w.info() or {}).get("instance_id", w.name), w.popen.returncode))
 
     # -- acting ----------------------------------------------------------------------------
@@ -166,6 +171,7 @@ class LocalConnector:
             )  # fmt: skip
         w = LocalWorker(name, pool, popen, ready, logf)
         self.workers.append(w)
+        self.history.append(w)
         log.info("pool %s: started %s (pid %d)", pool, name, popen.pid)
         return w
 
@@ -187,9 +193,22 @@ class LocalConnector:
             log.error("worker %s did not drain in %.0fs; killing it", w.name, self.stop_timeout_s)
             w.popen.kill()
             await asyncio.to_thread(w.popen.wait)
+        w.ended_at = time.monotonic()
         self.stopped.append((w.pool, (w.info() or {}).get("instance_id", w.name), w.popen.returncode))
         with contextlib.suppress(ValueError):
             self.workers.remove(w)
+
+    def worker_seconds(self, start: float, end: float) -> float:
+        """Seconds of worker life (starting, serving or draining) inside the monotonic window [start, end]."""
+        total = 0.0
+        for w in self.history:
+            stop = w.ended_at if w.ended_at is not None else end
+            total += max(0.0, min(stop, end) - max(w.started_at, start))
+        return total
+
+    def alive_at(self, t: float) -> int:
+        """Workers alive (starting, serving or draining) at monotonic time ``t``."""
+        return sum(1 for w in self.history if w.started_at <= t and (w.ended_at is None or w.ended_at > t))
 
     async def wait_drained(self) -> None:
         """Until every worker told to drain has exited."""
