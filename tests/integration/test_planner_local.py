@@ -8,7 +8,10 @@ would carry `--role prefill` once worker roles exist.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +117,37 @@ def test_scale_down_drains_in_flight_streams_without_failing_one(consul: AgentHa
             await conn.close()
 
     asyncio.run(go())
+
+
+def test_workers_die_with_a_killed_planner(consul: AgentHandle, tmp_path: Path) -> None:
+    """A SIGKILLed planner leaves no worker behind (the kernel SIGTERMs them: PR_SET_PDEATHSIG)."""
+    code = (
+        "import asyncio, sys, time\n"
+        "from pathlib import Path\n"
+        "from dynamo_grpc.planner.connectors.local import LocalConnector\n"
+        "async def go():\n"
+        f"    c = LocalConnector({{'worker': {POOL_CMD!r}}}, {consul.address!r}, log_dir=Path({str(tmp_path)!r}))\n"
+        "    await c.scale('worker', 1)\n"
+        "    while c.workers[0].info() is None: await asyncio.sleep(0.1)\n"
+        "    print(c.workers[0].popen.pid, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(go())\n"
+    )
+    planner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert planner.stdout is not None
+        pid = int(planner.stdout.readline())
+        os.kill(pid, 0)  # the worker runs
+    finally:
+        planner.kill()
+        planner.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) counts as gone
+            return f.read().split(")")[-1].split()[0] == "Z"
+
+    wait_for("the orphaned worker to exit", gone, timeout=60)

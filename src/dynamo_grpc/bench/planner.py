@@ -34,6 +34,7 @@ from dynamo_grpc.planner.profile import Profile
 from dynamo_grpc.planner.scaling import AGG, Bounds, Load, Targets, needs, replicas_for
 
 DEFAULT_WORKER_ARGS = ["--num-gpu-blocks=96"]
+TRACE = "azure_llm_2023_conv.csv"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=8)
     p.add_argument("--goal", type=float, default=0.95, help="attainment the peak fleet must reach")
-    p.add_argument("--probe-s", type=float, default=30.0, help="seconds of each peak-fleet probe")
+    p.add_argument("--probe-s", type=float, default=40.0, help="seconds of each peak-fleet probe")
     p.add_argument("--settle-s", type=float, default=60.0, help="after the replay: time the planner gets to reach min")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three runs")
     p.add_argument("--json", type=Path, default=None)
@@ -217,6 +218,16 @@ async def run_once(
     return out
 
 
+def default_trace() -> Path | None:
+    """../shared/traces/azure_llm_2023_conv.csv next to the checkout (or next to its worktree folder)."""
+    root = checkout_root() or Path.cwd()
+    for base in (root.parent, root.parent.parent):
+        path = base / "shared" / "traces" / TRACE
+        if path.is_file():
+            return path
+    return None
+
+
 # -- the benchmark ------------------------------------------------------------------------------------------
 def _profile(args: argparse.Namespace, out_dir: Path) -> tuple[Profile, Path]:
     if args.profile is not None:
@@ -251,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.worker_args = args.worker_arg if args.worker_arg is not None else list(DEFAULT_WORKER_ARGS)
     out_json = args.json or default_results_dir() / "planner.json"
-    trace_path = args.trace
-    if trace_path is None:
-        root = checkout_root() or Path.cwd()
-        trace_path = root.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
+    trace_path = args.trace or default_trace()
+    if trace_path is None or not trace_path.is_file():
+        print(f"bench planner: no trace at {trace_path}; pass --trace FILE", file=sys.stderr)
+        return 2
     trace = load_trace(trace_path, limit=args.limit)
     env = Envelope(args.base_rate, args.peak_factor, args.low, args.ramp, args.hold, args.tail)
     requests = workload(trace, env, args.max_input, args.max_output)

@@ -28,10 +28,21 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dynamo_grpc.launch.children import die_with_parent
 from dynamo_grpc.planner.connectors.base import ConnectorError
 
 log = logging.getLogger("dynamo_grpc.planner.local")
+
+#: The planner spawns workers while its own process runs gRPC threads (a benchmark's client, for one); running
+#: Python in a forked child (``preexec_fn``) can then abort inside gRPC's fork handlers. So the child is spawned
+#: plainly (vfork + exec) and ties itself to us after exec: prctl(PR_SET_PDEATHSIG, SIGTERM), then exec the worker.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    "    if os.getppid() != int(sys.argv[1]):\n"
+    "        sys.exit(0)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
 
 
 @dataclass
@@ -155,7 +166,8 @@ class LocalConnector:
         logf = self.log_dir / f"{name}.log"
         ready.unlink(missing_ok=True)
         argv = [
-            sys.executable, "-m", "dynamo_grpc.cli", *self.commands[pool],
+            sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+            "-m", "dynamo_grpc.cli", *self.commands[pool],
             "--consul", self.consul, "--namespace", self.namespace,
             "--port", "0", "--metrics-port", "0", "--ready-file", str(ready),
         ]  # fmt: skip
@@ -167,7 +179,7 @@ class LocalConnector:
         with open(logf, "wb") as fh:
             popen = subprocess.Popen(
                 argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=die_with_parent(),
+                start_new_session=True,
             )  # fmt: skip
         w = LocalWorker(name, pool, popen, ready, logf)
         self.workers.append(w)
