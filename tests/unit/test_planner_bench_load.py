@@ -33,3 +33,11 @@ def test_workload_caps_lengths_and_says_when_the_slice_is_short() -> None:
     assert {(r.input_length, r.output_length) for r in w} == {(2048, 64)}
     with pytest.raises(ValueError, match="trace slice has 5"):
         workload(Trace("t", "azure", reqs[:5], None), env, 2048, 64)
+
+
+def test_a_quiet_trace_start_does_not_thin_the_envelope() -> None:
+    # a trace whose first 50 gaps are 10x longer than the rest: the envelope still sets the rate everywhere
+    gaps = [10.0] * 50 + [1.0] * 500
+    env = Envelope(base_rate=2.0, peak_factor=1.0, low_s=20, ramp_s=0, hold_s=0, tail_s=0)
+    times = arrivals(env, gaps)
+    assert sum(1 for t in times if t < 10) == pytest.approx(20, abs=3)

@@ -62,13 +62,14 @@ def test_scrape_differences_two_frontends() -> None:
         assert src.observe().duration_s == 0.0  # the baseline
         finish(a, 0.2, 0.01, 1000, 11)
         finish(b, 0.4, 0.03, 3000, 11)
+        a.started("m")  # one more arrived and is still being served: it counts as an arrival
         obs = src.observe()
-    assert obs.requests == 2
+    assert obs.requests == 3
     assert obs.ttft_s == pytest.approx(0.3)
     assert obs.itl_s == pytest.approx(0.02)
     assert obs.isl == pytest.approx(2000)
     assert obs.osl == pytest.approx(11)
-    assert obs.duration_s > 0 and obs.rate == pytest.approx(2 / obs.duration_s)
+    assert obs.duration_s > 0 and obs.rate == pytest.approx(3 / obs.duration_s)
 
 
 def test_scrape_with_every_frontend_down_says_so() -> None:
@@ -91,6 +92,9 @@ def test_prometheus_queries_increase_over_the_interval() -> None:
         assert url.path == "/api/v1/query"
         q = urllib.parse.parse_qs(url.query)["query"][0]
         asked.append(q)
+        if q.startswith("sum(delta("):  # the in-flight gauge's change: 4 more in flight than a minute ago
+            return 200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+                {"metric": {}, "value": [1700000000.0, "4"]}]}}).encode()  # fmt: skip
         name = q.split("increase(dynamo_frontend_", 1)[1].split("{", 1)[0]
         # Prometheus' documented instant-vector shape: value is [unix time, "string"]
         body = {"status": "success", "data": {"resultType": "vector", "result": [
@@ -102,7 +106,8 @@ def test_prometheus_queries_increase_over_the_interval() -> None:
     with serve(api) as host:
         obs = PrometheusSource(f"http://{host}", 60.0, '{namespace="dynamo"}').observe()
     assert f'sum(increase({SERIES["requests"]}{{namespace="dynamo"}}[60s]))' in asked
-    assert obs.rate == pytest.approx(2.0)
+    assert 'sum(delta(dynamo_frontend_inflight_requests{namespace="dynamo"}[60s]))' in asked
+    assert obs.rate == pytest.approx((120 + 4) / 60)
     assert obs.ttft_s == pytest.approx(0.3)
     assert obs.itl_s == pytest.approx(0.05)
     assert obs.isl == pytest.approx(1000)

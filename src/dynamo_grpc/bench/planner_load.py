@@ -52,12 +52,30 @@ class Envelope:
         return area / self.duration_s
 
 
+#: gaps averaged around each one to find the trace's local rate
+LOCAL_WINDOW = 21
+
+
+def local_unit_gaps(gaps: list[float]) -> np.ndarray:
+    """The gaps divided by their local mean (a centred window): the trace's own rate changes (a quiet start, a
+    busy hour) are taken out, so the envelope alone sets the rate while the short-term burstiness stays."""
+    g = np.clip(np.asarray(gaps, dtype=np.float64), 0.0, None)
+    if g.size == 0 or g.sum() <= 0:
+        return np.ones(max(1, g.size))
+    k = min(LOCAL_WINDOW, g.size)
+    kernel = np.ones(k) / k
+    padded = np.pad(g, (k // 2, k - 1 - k // 2), mode="edge")
+    local = np.convolve(padded, kernel, mode="valid")
+    local[local <= 0] = g.mean()
+    return g / local
+
+
 def arrivals(env: Envelope, gaps: list[float], dt: float = 0.01) -> list[float]:
-    """Arrival times in [0, duration): the unit-rate process of ``gaps`` (normalised) warped through ``env``."""
+    """Arrival times in [0, duration): the unit-rate process of ``gaps`` (locally normalised) warped through
+    ``env``."""
     if not gaps:
         raise ValueError("need at least one inter-arrival gap")
-    g = np.asarray(gaps, dtype=np.float64)
-    g = g / g.mean() if g.mean() > 0 else np.ones_like(g)
+    g = local_unit_gaps(gaps)
     grid = np.arange(0.0, env.duration_s + dt, dt)
     rates = np.interp(grid, *env.knots())
     cum = np.concatenate([[0.0], np.cumsum((rates[1:] + rates[:-1]) / 2 * dt)])

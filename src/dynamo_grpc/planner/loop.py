@@ -217,7 +217,10 @@ class Planner:
             low = self.config.bounds[pool].min
             if current.get(pool, 0) < low:
                 await self.connector.scale(pool, low)
-        await asyncio.to_thread(self.source.observe)  # the baseline the first interval is measured from
+        try:
+            await asyncio.to_thread(self.source.observe)  # the baseline the first interval is measured from
+        except ObserveError as e:  # no frontend yet: the first decision observes again
+            log.warning("planner: %s", e)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.config.interval_s)

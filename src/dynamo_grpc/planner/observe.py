@@ -35,6 +35,9 @@ SERIES = {
     "osl_sum": P + "output_sequence_tokens_sum",
     "osl_count": P + "output_sequence_tokens_count",
 }
+#: a gauge: requests being served. Arrivals over an interval = finished + the change in this, so the rate the
+#: planner sees is the arrival rate, not the completion rate (which lags a ramp by a request's duration)
+INFLIGHT = P + "inflight_requests"
 
 
 class ObserveError(RuntimeError):
@@ -44,6 +47,7 @@ class ObserveError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class Observation:
     duration_s: float
+    #: requests that arrived in the interval (finished ones + the change in those in flight)
     requests: float
     ttft_s: float | None  # None: no request finished in the interval
     itl_s: float | None
@@ -70,7 +74,7 @@ def observation(totals: dict[str, float], duration_s: float) -> Observation:
     t = totals
     return Observation(
         duration_s=duration_s,
-        requests=t.get("requests", 0.0),
+        requests=max(0.0, t.get("requests", 0.0) + t.get("inflight_delta", 0.0)),
         ttft_s=_ratio(t.get("ttft_sum", 0.0), t.get("ttft_count", 0.0)),
         itl_s=_ratio(t.get("itl_sum", 0.0), t.get("itl_count", 0.0)),
         isl=_ratio(t.get("isl_sum", 0.0), t.get("isl_count", 0.0)),
@@ -81,6 +85,7 @@ def observation(totals: dict[str, float], duration_s: float) -> Observation:
 def parse_totals(text: str) -> dict[str, float]:
     """The planner's series summed over labels, from one Prometheus text exposition."""
     by_name = {v: k for k, v in SERIES.items()}
+    by_name[INFLIGHT] = "inflight"
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -130,7 +135,12 @@ class ScrapeSource:
             prev = self._last.get(target)
             if prev is None:
                 continue
+            restarted = cur.get("requests", 0.0) < prev.get("requests", 0.0)
             for key, value in cur.items():
+                if key == "inflight":  # a gauge: its change, not an increase
+                    change = value - (0.0 if restarted else prev.get(key, 0.0))
+                    summed["inflight_delta"] = summed.get("inflight_delta", 0.0) + change
+                    continue
                 delta = value - prev.get(key, 0.0)
                 summed[key] = summed.get(key, 0.0) + (delta if delta >= 0 else value)
         if not seen and errors:
@@ -163,4 +173,5 @@ class PrometheusSource:
     def observe(self) -> Observation:
         window = f"{max(1, round(self.interval_s))}s"
         totals = {key: self.query(f"sum(increase({name}{self.selector}[{window}]))") for key, name in SERIES.items()}
+        totals["inflight_delta"] = self.query(f"sum(delta({INFLIGHT}{self.selector}[{window}]))")
         return observation(totals, float(max(1, round(self.interval_s))))
