@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     isl = float(np.mean([r.input_length for r in requests]))
     osl = float(np.mean([r.output_length for r in requests]))
     profile, profile_path = _profile(args, out_json.parent)
-    work = out_json.parent / ".planner-work"
+    work = Path(tempfile.mkdtemp(prefix="dynamo-bench-planner-"))  # worker and mesh logs of every run
+    print(f"logs: {work}", file=sys.stderr, flush=True)
 
     async def bench() -> dict[str, Any]:
         avg_n = agg_replicas(profile, env.mean_rate(), isl, osl, args)
