@@ -247,6 +247,8 @@ def _profile(args: argparse.Namespace, out_dir: Path) -> tuple[Profile, Path]:
         "512,1024,2048",
         "--json",
         str(path),
+        "--log-level",
+        "warning",  # the benchmark's report is its output
     ]
     argv += [f"--worker-arg={a}" for a in args.worker_args]
     print("== profiling the worker", file=sys.stderr, flush=True)
