@@ -199,6 +199,10 @@ async def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
         connector = VirtualConnector(cfg.pools)
     else:
+        try:
+            import kubernetes  # noqa: F401
+        except ImportError:
+            parser.error("--connector kubernetes needs the kubernetes client: pip install 'dynamo-grpc[planner]'")
         from dynamo_grpc.planner.connectors.kubernetes import KubernetesConnector, api_client
 
         names = _per_pool(args.deployment, DEFAULT_DEPLOYMENTS, cfg.pools, "--deployment", parser)
@@ -216,7 +220,12 @@ async def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             with open(args.decisions, "a", encoding="utf-8") as f:
                 f.write(d.to_json() + "\n")
 
-    planner = Planner(cfg, profile, source, connector, on_decision=record)
+    try:
+        planner = Planner(cfg, profile, source, connector, on_decision=record)
+    except ImportError as e:
+        parser.error(
+            f"--predictor {args.predictor} needs {e.name or 'statsmodels'}: pip install 'dynamo-grpc[planner]'"
+        )
     runner = None
     if args.metrics_port >= 0:
         from dynamo_grpc.transport.http import metrics_app, serve_app
