@@ -51,6 +51,12 @@ def test_trend_predictors_answer_last_value_until_they_can_fit(name: str) -> Non
     assert feed(name, [3.0, 9.0][: MIN_FIT_POINTS - 1]) == 9.0
 
 
+def test_trend_extrapolates_the_last_window() -> None:
+    assert feed("trend", [1.0, 1.0, 2.0, 3.0]) == pytest.approx(4.0)  # the line through 1, 2, 3 goes on to 4
+    assert feed("trend", [5.0]) == 5.0  # one point: no slope yet
+    assert feed("trend", [9.0, 4.0, 0.0]) == 0.0  # a fall is clamped at zero
+
+
 def test_unknown_predictor_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="constant, moving-average, arima, holt"):
+    with pytest.raises(ValueError, match="constant, moving-average, trend, arima, holt"):
         make_predictor("prophet")

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input", type=int, default=2048)
     p.add_argument("--max-output", type=int, default=64)
     p.add_argument("--interval", type=float, default=10.0, help="planner adjustment interval (time-compressed)")
-    p.add_argument("--predictor", default="constant")
+    p.add_argument("--predictor", default="trend", help="the planner's forecast (a 20 s ramp is two 10 s intervals)")
     p.add_argument("--scale-down-after", type=int, default=2)
     p.add_argument("--ttft-target", type=float, default=0.5)
     p.add_argument("--itl-target", type=float, default=0.05)

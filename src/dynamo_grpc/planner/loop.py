@@ -176,6 +176,14 @@ class Planner:
         if not self.config.correction or obs.requests < MIN_REQUESTS_FOR_CORRECTION or obs.isl is None:
             return
         pools = self.config.pools
+        # an overloaded pool queues for KV blocks as well as for prefill: its latencies say "too few replicas",
+        # which the sizing already answers, not "the profile is off"; learn only from pools the profile says
+        # were below 90 % of their capacity
+        seen = needs(
+            self.profile, Load(obs.rate, obs.isl, obs.osl or 0.0), self.config.targets, self.corrections, pools
+        )
+        if any(current.get(p, 0) <= 0 or seen[p] / current[p] >= 0.9 for p in pools):
+            return
         n_prefill = current.get(PREFILL if PREFILL in pools else AGG, 0)
         n_decode = current.get(DECODE if DECODE in pools else AGG, 0)
         if obs.ttft_s is not None and n_prefill > 0:

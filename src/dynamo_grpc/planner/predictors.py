@@ -1,6 +1,7 @@
 """Forecast the next interval's value of a series (request rate, ISL, OSL) from the ones observed so far.
 
-``constant`` (the last value), ``moving-average`` (mean of the last ``window``), and two model-based ones from
+``constant`` (the last value), ``moving-average`` (mean of the last ``window``), ``trend`` (a least-squares line
+through the last ``window``, one step ahead), and two model-based ones from
 statsmodels (the ``planner`` extra): ``arima`` (ARIMA(1,1,0) with drift: follows a ramp) and ``holt`` (Holt's
 linear trend, exponential smoothing). The model-based ones need a few points; until they have them, and when a
 fit fails, they answer as ``constant`` does. A forecast is never negative.
@@ -64,6 +65,29 @@ class MovingAveragePredictor(_History):
         return max(0.0, sum(tail) / len(tail)) if tail else 0.0
 
 
+class TrendPredictor(_History):
+    """Least-squares line through the last ``window`` values, one step ahead: follows a ramp from its second
+    point (the model-based ones need five), at the price of overshooting a ramp's end by one step."""
+
+    name = "trend"
+
+    def __init__(self, window: int = 3) -> None:
+        super().__init__()
+        if window < 2:
+            raise ValueError("the trend predictor needs a window of at least 2")
+        self.window = window
+
+    def predict(self) -> float:
+        tail = list(self.values)[-self.window :]
+        if len(tail) < 2:
+            return max(0.0, self.last())
+        n = len(tail)
+        mean_x, mean_y = (n - 1) / 2.0, sum(tail) / n
+        sxx = sum((i - mean_x) ** 2 for i in range(n))
+        slope = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(tail)) / sxx
+        return max(0.0, mean_y + slope * (n - mean_x))
+
+
 class ArimaPredictor(_History):
     """ARIMA(1,1,0) with drift (statsmodels): a ramp continues, a level stays."""
 
@@ -112,7 +136,7 @@ class HoltPredictor(_History):
         return max(0.0, value)
 
 
-PREDICTORS = ("constant", "moving-average", "arima", "holt")
+PREDICTORS = ("constant", "moving-average", "trend", "arima", "holt")
 
 
 def make_predictor(name: str, window: int = 3) -> Predictor:
@@ -121,6 +145,8 @@ def make_predictor(name: str, window: int = 3) -> Predictor:
         return ConstantPredictor()
     if name == "moving-average":
         return MovingAveragePredictor(window)
+    if name == "trend":
+        return TrendPredictor(max(2, window))
     if name == "arima":
         return ArimaPredictor()
     if name == "holt":
