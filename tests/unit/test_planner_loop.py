@@ -66,3 +66,28 @@ def test_decisions_are_exported_as_metrics() -> None:
     assert 'dynamo_planner_target_replicas{pool="worker"} 5.0' in text
     assert 'dynamo_planner_predicted{quantity="rate"} 8.0' in text
     assert 'dynamo_planner_decisions_total{direction="up",pool="worker"} 1.0' in text
+
+
+class Latencies:
+    """Observations with given TTFT and ITL at a given rate (isl 950, osl 100)."""
+
+    def __init__(self, rows: list[tuple[float, float, float]]) -> None:
+        self.obs = [Observation(60.0, r * 60.0, ttft, itl, 950, 100) for r, ttft, itl in rows]
+
+    def observe(self) -> Observation:
+        return self.obs.pop(0)
+
+
+def test_corrections_learn_from_a_healthy_pool_and_not_from_an_overloaded_one() -> None:
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=1)
+    # 1 req/s on 4 workers (need 0.6): the profile expects ~0.1 s TTFT and ~20 ms ITL; twice that is observed
+    conn = VirtualConnector(cfg.pools, 4)
+    planner = Planner(cfg, profile(), Latencies([(1.0, 0.2, 0.04)]), conn)
+    asyncio.run(planner.step())
+    assert planner.corrections[PREFILL] > 1.4 and planner.corrections[DECODE] > 1.4
+    # 8 req/s on 2 workers (need 5): queueing, not a profile error; the corrections stay where they were
+    conn = VirtualConnector(cfg.pools, 2)
+    planner = Planner(cfg, profile(), Latencies([(8.0, 3.0, 0.09)]), conn)
+    asyncio.run(planner.step())
+    assert planner.corrections == {PREFILL: 1.0, DECODE: 1.0}
+    assert planner.decisions[0].target == {AGG: 5}
