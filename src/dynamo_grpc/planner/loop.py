@@ -52,7 +52,10 @@ class PlannerConfig:
     bounds: dict[str, Bounds] = field(default_factory=dict)
     budget: int | None = None
     interval_s: float = 180.0
+    #: forecasts the request rate
     predictor: str = "constant"
+    #: forecasts ISL and OSL: properties of the request mix, which a trend would chase through noise
+    length_predictor: str = "moving-average"
     window: int = 3
     #: decisions in a row that must ask for fewer replicas before a pool shrinks
     down_after: int = 2
@@ -113,7 +116,9 @@ class Planner:
         self.metrics = metrics or PlannerMetrics()
         self.on_decision = on_decision
         self.predictors: dict[str, Predictor] = {
-            q: make_predictor(config.predictor, config.window) for q in ("rate", "isl", "osl")
+            "rate": make_predictor(config.predictor, config.window),
+            "isl": make_predictor(config.length_predictor, config.window),
+            "osl": make_predictor(config.length_predictor, config.window),
         }
         self.corrections = {PREFILL: 1.0, DECODE: 1.0}
         self.hysteresis = Hysteresis(config.down_after)

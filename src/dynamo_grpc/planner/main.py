@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--predictor", choices=PREDICTORS, default="constant", help="load forecast (arima/holt: planner extra)"
     )
+    p.add_argument(
+        "--length-predictor",
+        choices=PREDICTORS,
+        default="moving-average",
+        help="forecast of the mean input/output lengths (a trend would chase noise there)",
+    )
     p.add_argument("--predictor-window", type=int, default=3, help="moving-average: intervals averaged")
     p.add_argument("--min-replicas", type=int, default=1, help="per pool, unless --bounds says otherwise")
     p.add_argument("--max-replicas", type=int, default=8, help="per pool, unless --bounds says otherwise")
@@ -137,6 +143,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             budget=args.max_total_replicas,
             interval_s=args.adjustment_interval,
             predictor=args.predictor,
+            length_predictor=args.length_predictor,
             window=args.predictor_window,
             down_after=args.scale_down_after,
             correction=args.correction,
