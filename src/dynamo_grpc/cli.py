@@ -22,10 +22,14 @@ ROLES: dict[str, tuple[str, str]] = {
     "worker": ("dynamo_grpc.worker.main", "worker hosting an engine (mocker | torch) behind Prefill/Decode"),
     "consul-dev": ("dynamo_grpc.consul_dev.main", "embedded Consul-compatible dev agent (HTTP API subset)"),
     "run-local": ("dynamo_grpc.launch.run_local", "start a whole mesh on this machine and print how to call it"),
+    "profile": (
+        "dynamo_grpc.planner.profiler",
+        "sweep one worker (TTFT vs input length, ITL vs concurrency) for planner",
+    ),
+    "planner": ("dynamo_grpc.planner.main", "SLA planner: forecast load, scale worker pools (local | kubernetes)"),
     "bench": ("dynamo_grpc.bench.main", "benchmarks: router, frontend, engine, discovery, replay, or all"),
 }
 
-PLANNED = ("planner",)
 
 
 def command_lines(table: dict[str, tuple[str, str]]) -> list[str]:
@@ -46,7 +50,7 @@ def load_main(module_name: str, command: str) -> Callable[[list[str]], int]:
             raise
         raise SystemExit(
             f"dynamo-grpc {command}: needs the {e.name!r} package, which is not installed "
-            "(an optional extra: torch, bench or plot; see README)"
+            "(an optional extra: torch, bench, plot or planner; see README)"
         ) from None
     fn: Callable[[list[str]], int] = module.main
     return fn
@@ -61,7 +65,6 @@ def _usage() -> str:
         "roles:",
         *command_lines(ROLES),
         "",
-        f"planned roles (DESIGN.md), not in this release: {', '.join(PLANNED)}",
         "Run `dynamo-grpc <role> --help` for a role's options.",
     ]
     return "\n".join(lines)
@@ -82,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dynamo-grpc {__version__}")
         return 0
     role, rest = args[0], args[1:]
-    if role in PLANNED:
-        print(f"dynamo-grpc: role '{role}' is planned but not in this release", file=sys.stderr)
-        return 2
     if role not in ROLES:
         print(f"dynamo-grpc: unknown role '{role}'\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "security": ("dynamo_grpc.bench.security", "mTLS + CURVE vs plaintext: request latency and start-up (mocker)"),
     "kvbm": ("dynamo_grpc.bench.kvbm", "KV tiers: multi-turn TTFT, G1 vs +G2 host vs +G3 disk; torch onboard"),
     "disagg": ("dynamo_grpc.bench.disagg", "disaggregation: KV transfer vs a socket bound; ITL p99 agg vs disagg"),
+    "planner": ("dynamo_grpc.bench.planner", "SLA planner vs average/peak fixed fleets on a x4 ramp (mocker mesh)"),
     "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
     "replay-replicas": (
         "dynamo_grpc.bench.replay_replicas",

@@ -1,0 +1,243 @@
+"""The planner loop: observe -> predict -> size -> clamp -> hysteresis -> connector, every interval.
+
+Each decision is one :class:`Decision` (logged as a JSON line with all its inputs, exported as metrics, and kept
+in ``Planner.decisions``), so a scaling action can always be traced back to the numbers that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from dynamo_grpc.planner.connectors.base import Connector, ConnectorError
+from dynamo_grpc.planner.metrics import PlannerMetrics
+from dynamo_grpc.planner.observe import Observation, ObserveError
+from dynamo_grpc.planner.predictors import Predictor, make_predictor
+from dynamo_grpc.planner.profile import Profile
+from dynamo_grpc.planner.scaling import (
+    AGG,
+    DECODE,
+    PREFILL,
+    Bounds,
+    Hysteresis,
+    Load,
+    Targets,
+    expected_ttft_s,
+    fit_budget,
+    needs,
+    replicas_for,
+)
+
+log = logging.getLogger("dynamo_grpc.planner")
+
+#: a correction is learnt only from intervals with at least this many finished requests
+MIN_REQUESTS_FOR_CORRECTION = 5
+CORRECTION_RANGE = (0.5, 2.0)
+
+
+class Source(Protocol):
+    def observe(self) -> Observation: ...
+
+
+@dataclass
+class PlannerConfig:
+    pools: list[str]
+    targets: Targets = field(default_factory=Targets)
+    bounds: dict[str, Bounds] = field(default_factory=dict)
+    budget: int | None = None
+    interval_s: float = 180.0
+    #: forecasts the request rate
+    predictor: str = "constant"
+    #: forecasts ISL and OSL: properties of the request mix, which a trend would chase through noise
+    length_predictor: str = "moving-average"
+    window: int = 3
+    #: decisions in a row that must ask for fewer replicas before a pool shrinks
+    down_after: int = 2
+    correction: bool = True
+
+    def __post_init__(self) -> None:
+        for pool in self.pools:
+            self.bounds.setdefault(pool, Bounds())
+        for pool, b in self.bounds.items():
+            if pool not in self.pools:
+                raise ValueError(f"bounds for unknown pool {pool!r} (pools: {', '.join(self.pools)})")
+            if not 0 <= b.min <= b.max:
+                raise ValueError(f"pool {pool}: need 0 <= min ({b.min}) <= max ({b.max})")
+        if self.budget is not None and self.budget < sum(self.bounds[p].min for p in self.pools):
+            raise ValueError(f"--max-total-replicas {self.budget} is below the pools' minimums together")
+        if self.interval_s <= 0:
+            raise ValueError("the adjustment interval must be positive")
+        if self.targets.ttft_s <= 0 or self.targets.itl_s <= 0:
+            raise ValueError("TTFT and ITL targets must be positive")
+
+
+@dataclass
+class Decision:
+    at: float
+    observed: dict[str, Any]
+    predicted: dict[str, float]
+    corrections: dict[str, float]
+    needs: dict[str, float]
+    current: dict[str, int]
+    target: dict[str, int]
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["needs"] = {k: (None if math.isinf(v) else round(v, 3)) for k, v in self.needs.items()}
+        return json.dumps(d, sort_keys=True)
+
+
+def _clamp(x: float) -> float:
+    lo, hi = CORRECTION_RANGE
+    return max(lo, min(hi, x))
+
+
+class Planner:
+    def __init__(
+        self,
+        config: PlannerConfig,
+        profile: Profile,
+        source: Source,
+        connector: Connector,
+        metrics: PlannerMetrics | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.source = source
+        self.connector = connector
+        self.metrics = metrics or PlannerMetrics()
+        self.on_decision = on_decision
+        self.predictors: dict[str, Predictor] = {
+            "rate": make_predictor(config.predictor, config.window),
+            "isl": make_predictor(config.length_predictor, config.window),
+            "osl": make_predictor(config.length_predictor, config.window),
+        }
+        self.corrections = {PREFILL: 1.0, DECODE: 1.0}
+        self.hysteresis = Hysteresis(config.down_after)
+        self.decisions: list[Decision] = []
+
+    # -- one decision --------------------------------------------------------------------------
+    async def step(self) -> Decision:
+        errors: list[str] = []
+        obs: Observation | None = None
+        try:
+            obs = await asyncio.to_thread(self.source.observe)
+        except ObserveError as e:
+            errors.append(str(e))
+            self.metrics.errors.labels("observe").inc()
+            log.warning("planner: %s", e)
+        current = await self.connector.replicas()
+        if obs is not None and obs.duration_s > 0:
+            self._learn(obs, current)
+        pred = Load(*(self.predictors[q].predict() for q in ("rate", "isl", "osl")))
+        need = needs(self.profile, pred, self.config.targets, self.corrections, self.config.pools)
+        raw = {p: replicas_for(need[p], self.config.bounds[p]) for p in self.config.pools}
+        raw = fit_budget(raw, self.config.bounds, self.config.budget)
+        target = self.hysteresis.apply(current, raw)
+        for pool, n in target.items():
+            have = current.get(pool, 0)
+            direction = "up" if n > have else "down" if n < have else "hold"
+            self.metrics.decisions.labels(pool, direction).inc()
+            if n == have:
+                continue
+            try:
+                await self.connector.scale(pool, n)
+            except ConnectorError as e:
+                errors.append(str(e))
+                self.metrics.errors.labels("scale").inc()
+                log.error("planner: %s", e)
+        decision = Decision(
+            at=time.time(),
+            observed={} if obs is None else {**asdict(obs), "rate": obs.rate},
+            predicted={"rate": pred.rate, "isl": pred.isl, "osl": pred.osl},
+            corrections=dict(self.corrections),
+            needs=need,
+            current=current,
+            target=target,
+            errors=errors,
+        )
+        self._export(decision, obs, pred)
+        log.info("planner decision %s", decision.to_json())
+        self.decisions.append(decision)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        return decision
+
+    def _learn(self, obs: Observation, current: dict[str, int]) -> None:
+        """Feed the predictors, and update the corrections from what latency the profile expected."""
+        self.predictors["rate"].add(obs.rate)
+        if obs.isl is not None:
+            self.predictors["isl"].add(obs.isl)
+        if obs.osl is not None:
+            self.predictors["osl"].add(obs.osl)
+        if not self.config.correction or obs.requests < MIN_REQUESTS_FOR_CORRECTION or obs.isl is None:
+            return
+        pools = self.config.pools
+        # an overloaded pool queues for KV blocks as well as for prefill: its latencies say "too few replicas",
+        # which the sizing already answers, not "the profile is off"; learn only from pools the profile says
+        # were below 90 % of their capacity
+        seen = needs(
+            self.profile, Load(obs.rate, obs.isl, obs.osl or 0.0), self.config.targets, self.corrections, pools
+        )
+        if any(current.get(p, 0) <= 0 or seen[p] / current[p] >= 0.9 for p in pools):
+            return
+        n_prefill = current.get(PREFILL if PREFILL in pools else AGG, 0)
+        n_decode = current.get(DECODE if DECODE in pools else AGG, 0)
+        if obs.ttft_s is not None and n_prefill > 0:
+            service = self.profile.ttft_s(obs.isl)
+            rho = obs.rate * obs.isl / (n_prefill * self.profile.prefill_tokens_per_s(obs.isl))
+            expected = expected_ttft_s(service, rho)
+            if rho < 0.9 and math.isfinite(expected):
+                c = _clamp(obs.ttft_s / expected)
+                self.corrections[PREFILL] = 0.5 * self.corrections[PREFILL] + 0.5 * c
+        if obs.itl_s is not None and obs.osl and n_decode > 0:
+            ttft = obs.ttft_s or 0.0
+            concurrency = obs.rate * (ttft + obs.osl * obs.itl_s) / n_decode
+            expected_itl = self.profile.itl_s(obs.isl + obs.osl / 2.0, max(1.0, concurrency))
+            c = _clamp(obs.itl_s / expected_itl)
+            self.corrections[DECODE] = 0.5 * self.corrections[DECODE] + 0.5 * c
+
+    def _export(self, d: Decision, obs: Observation | None, pred: Load) -> None:
+        m = self.metrics
+        for pool in self.config.pools:
+            m.replicas.labels(pool).set(d.current.get(pool, 0))
+            m.target.labels(pool).set(d.target[pool])
+            m.need.labels(pool).set(d.needs[pool] if math.isfinite(d.needs[pool]) else -1)
+        for q, v in d.predicted.items():
+            m.predicted.labels(q).set(v)
+        if obs is not None:
+            m.observed.labels("rate").set(obs.rate)
+            for q in ("isl", "osl", "ttft_s", "itl_s"):
+                v = getattr(obs, q)
+                if v is not None:
+                    m.observed.labels(q.removesuffix("_s")).set(v)
+        for phase, c in self.corrections.items():
+            m.correction.labels(phase).set(c)
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Bring every pool to its minimum, then decide every interval until ``stop`` is set."""
+        current = await self.connector.replicas()
+        for pool in self.config.pools:
+            low = self.config.bounds[pool].min
+            if current.get(pool, 0) < low:
+                await self.connector.scale(pool, low)
+        try:
+            await asyncio.to_thread(self.source.observe)  # the baseline the first interval is measured from
+        except ObserveError as e:  # no frontend yet: the first decision observes again
+            log.warning("planner: %s", e)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.interval_s)
+                break
+            except TimeoutError:
+                pass
+            await self.step()

@@ -1,0 +1,148 @@
+"""Replicas from a profile, a load and the SLA targets: the planner's arithmetic, with no I/O (docs/planner.md).
+
+Prefill: a replica serves prompts one batch after another, so a queue forms in front of it. With service time
+``S`` (the profiled TTFT at the ISL, times the prefill correction) the mean TTFT of an M/D/1 queue at utilisation
+``rho`` is ``S + rho*S / (2*(1 - rho))``; keeping it within the target ``T`` caps the utilisation at
+``rho_max = 2*(T - S) / (2*T - S)``. One replica then carries ``rho_max * isl / S`` prompt tokens/s and
+``prefill_need = rate * isl / that``.
+
+Decode: the profile's highest-throughput concurrency whose ITL (times the decode correction) meets the target,
+at the context ``isl + osl/2`` a stream holds on average: ``decode_need = rate * osl / tokens_per_s``.
+
+Aggregated workers do both, so their need is the sum of the two fractions. Replicas are ``ceil(need)``, clamped
+to the pool's bounds and the total budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dynamo_grpc.planner.profile import Profile
+
+PREFILL, DECODE, AGG = "prefill", "decode", "worker"
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Traffic over one adjustment interval: requests/s and mean input/output tokens per request."""
+
+    rate: float
+    isl: float
+    osl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    ttft_s: float = 0.5
+    itl_s: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    min: int = 1
+    max: int = 8
+
+
+def prefill_utilisation_limit(service_s: float, target_s: float) -> float:
+    """Highest utilisation whose M/D/1 mean TTFT stays within ``target_s`` (0 when one prompt alone is too slow)."""
+    if service_s >= target_s:
+        return 0.0
+    return 2.0 * (target_s - service_s) / (2.0 * target_s - service_s)
+
+
+def expected_ttft_s(service_s: float, rho: float) -> float:
+    """M/D/1 mean time in system; inf at or beyond saturation."""
+    if rho >= 1.0:
+        return math.inf
+    return service_s + rho * service_s / (2.0 * (1.0 - rho))
+
+
+def prefill_need(profile: Profile, load: Load, targets: Targets, correction: float = 1.0) -> float:
+    """Prefill replicas (fractional) for ``load``; inf when the TTFT target is out of reach at this ISL."""
+    if load.rate <= 0:
+        return 0.0
+    isl = max(load.isl, 1.0)
+    service = profile.ttft_s(isl) * correction
+    rho = prefill_utilisation_limit(service, targets.ttft_s)
+    if rho <= 0:
+        return math.inf
+    per_replica = rho * isl / service
+    return load.rate * isl / per_replica
+
+
+def decode_need(profile: Profile, load: Load, targets: Targets, correction: float = 1.0) -> float:
+    """Decode replicas (fractional) for ``load``; inf when even one stream misses the ITL target."""
+    if load.rate <= 0 or load.osl <= 0:
+        return 0.0
+    tokens_per_s, _ = profile.decode_capacity(load.isl + load.osl / 2.0, targets.itl_s / correction)
+    if tokens_per_s <= 0:
+        return math.inf
+    return load.rate * load.osl / tokens_per_s
+
+
+def replicas_for(need: float, bounds: Bounds) -> int:
+    """``ceil(need)`` within the pool's bounds (an unreachable target asks for the maximum)."""
+    if math.isinf(need):
+        return bounds.max
+    return max(bounds.min, min(bounds.max, math.ceil(need - _EPS)))
+
+
+def fit_budget(replicas: dict[str, int], bounds: dict[str, Bounds], budget: int | None) -> dict[str, int]:
+    """Take replicas away, one at a time from the pool furthest above its minimum, until the total fits."""
+    out = dict(replicas)
+    if budget is None:
+        return out
+    while sum(out.values()) > budget:
+        spare = {p: n - bounds[p].min for p, n in out.items() if n > bounds[p].min}
+        if not spare:
+            break  # the minimums alone exceed the budget; the CLI refuses that configuration up front
+        pool = max(spare, key=lambda p: (spare[p], p))
+        out[pool] -= 1
+    return out
+
+
+def needs(
+    profile: Profile, load: Load, targets: Targets, corrections: dict[str, float], pools: list[str]
+) -> dict[str, float]:
+    """Fractional replicas per pool: ``prefill``/``decode`` (disaggregated) or ``worker`` (aggregated)."""
+    p = prefill_need(profile, load, targets, corrections.get(PREFILL, 1.0))
+    d = decode_need(profile, load, targets, corrections.get(DECODE, 1.0))
+    out: dict[str, float] = {}
+    for pool in pools:
+        if pool == PREFILL:
+            out[pool] = p
+        elif pool == DECODE:
+            out[pool] = d
+        else:
+            out[pool] = p + d
+    return out
+
+
+class Hysteresis:
+    """Scale up at once; scale down only after ``down_after`` decisions in a row asked for fewer replicas,
+    and then only to the largest of those asks (a brief dip never sheds capacity the next interval needs)."""
+
+    def __init__(self, down_after: int = 2) -> None:
+        if down_after < 1:
+            raise ValueError("down_after must be >= 1")
+        self.down_after = down_after
+        self._lower: dict[str, list[int]] = {}
+
+    def apply(self, current: dict[str, int], desired: dict[str, int]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pool, want in desired.items():
+            have = current.get(pool, 0)
+            if want >= have:
+                self._lower.pop(pool, None)
+                out[pool] = want
+                continue
+            asks = self._lower.setdefault(pool, [])
+            asks.append(want)
+            if len(asks) >= self.down_after:
+                out[pool] = max(asks[-self.down_after :])
+                self._lower.pop(pool, None)
+            else:
+                out[pool] = have
+        return out

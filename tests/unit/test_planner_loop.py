@@ -1,0 +1,93 @@
+"""The planner loop's decisions over a load that ramps up and back down: up at once, down after the cool-down,
+every decision carrying its inputs and exported as metrics. The load comes from a recorded observation sequence,
+the replicas go to the virtual connector (the dry-run connector of `--connector virtual`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import generate_latest
+
+from dynamo_grpc.planner.connectors.virtual import VirtualConnector
+from dynamo_grpc.planner.loop import Planner, PlannerConfig
+from dynamo_grpc.planner.observe import Observation
+from dynamo_grpc.planner.scaling import AGG, DECODE, PREFILL, Bounds
+from tests.unit.test_planner_scaling import profile
+
+
+class Recorded:
+    """Observations as the frontends' metrics would give them, one per interval."""
+
+    def __init__(self, rates: list[float], isl: float = 950, osl: float = 100) -> None:
+        self.obs = [Observation(60.0, r * 60.0, None, None, isl, osl) for r in rates]
+
+    def observe(self) -> Observation:
+        return self.obs.pop(0)
+
+
+def run(cfg: PlannerConfig, rates: list[float], initial: int = 1) -> tuple[Planner, VirtualConnector]:
+    conn = VirtualConnector(cfg.pools, initial)
+    planner = Planner(cfg, profile(), Recorded(rates), conn)
+
+    async def go() -> None:
+        for _ in rates:
+            await planner.step()
+
+    asyncio.run(go())
+    return planner, conn
+
+
+def test_aggregated_pool_follows_a_ramp_up_and_back_down() -> None:
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=2, correction=False)
+    # 2 req/s needs 2 replicas (0.225 prefill + 1.0 decode); 8 req/s: 0.9 + 4.0 -> 5
+    planner, conn = run(cfg, [2, 8, 8, 2, 2, 2, 0, 0])
+    targets = [d.target[AGG] for d in planner.decisions]
+    assert targets == [2, 5, 5, 5, 2, 2, 2, 1]
+    d = planner.decisions[1]
+    assert d.observed["rate"] == 8 and d.predicted["rate"] == 8 and d.current == {AGG: 2}
+    assert conn.counts == {AGG: 1}  # back at the minimum after the ramp
+
+
+def test_disaggregated_pools_are_sized_separately_within_the_budget() -> None:
+    bounds = {PREFILL: Bounds(1, 4), DECODE: Bounds(1, 8)}
+    cfg = PlannerConfig([PREFILL, DECODE], bounds=bounds, budget=6, interval_s=60, correction=False)
+    planner, conn = run(cfg, [2, 8])
+    assert planner.decisions[0].target == {PREFILL: 1, DECODE: 1}
+    # 8 req/s: prefill 0.9 -> 1, decode 4.0 -> 4
+    assert planner.decisions[1].target == {PREFILL: 1, DECODE: 4}
+    planner, conn = run(cfg, [40])  # prefill 4.5 -> 4 (max), decode 20 -> 8 (max); budget 6 -> 3 + 3
+    assert conn.counts == {PREFILL: 3, DECODE: 3}
+
+
+def test_decisions_are_exported_as_metrics() -> None:
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    planner, _ = run(cfg, [8])
+    text = generate_latest(planner.metrics.registry).decode()
+    assert 'dynamo_planner_target_replicas{pool="worker"} 5.0' in text
+    assert 'dynamo_planner_predicted{quantity="rate"} 8.0' in text
+    assert 'dynamo_planner_decisions_total{direction="up",pool="worker"} 1.0' in text
+
+
+class Latencies:
+    """Observations with given TTFT and ITL at a given rate (isl 950, osl 100)."""
+
+    def __init__(self, rows: list[tuple[float, float, float]]) -> None:
+        self.obs = [Observation(60.0, r * 60.0, ttft, itl, 950, 100) for r, ttft, itl in rows]
+
+    def observe(self) -> Observation:
+        return self.obs.pop(0)
+
+
+def test_corrections_learn_from_a_healthy_pool_and_not_from_an_overloaded_one() -> None:
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=1)
+    # 1 req/s on 4 workers (need 0.6): the profile expects ~0.1 s TTFT and ~20 ms ITL; twice that is observed
+    conn = VirtualConnector(cfg.pools, 4)
+    planner = Planner(cfg, profile(), Latencies([(1.0, 0.2, 0.04)]), conn)
+    asyncio.run(planner.step())
+    assert planner.corrections[PREFILL] > 1.4 and planner.corrections[DECODE] > 1.4
+    # 8 req/s on 2 workers (need 5): queueing, not a profile error; the corrections stay where they were
+    conn = VirtualConnector(cfg.pools, 2)
+    planner = Planner(cfg, profile(), Latencies([(8.0, 3.0, 0.09)]), conn)
+    asyncio.run(planner.step())
+    assert planner.corrections == {PREFILL: 1.0, DECODE: 1.0}
+    assert planner.decisions[0].target == {AGG: 5}
