@@ -106,7 +106,7 @@ class EmbeddedKvRouter:
             expected_output_tokens=expected_output_tokens,
         )
         try:
-            res = router.route(inp)
+            res = await router.route_wait(inp)
         except (NotReady, NoWorkers) as e:
             raise errors.Unavailable(f"router: {e}") from None
         except AllBusy as e:
