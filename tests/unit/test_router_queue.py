@@ -252,3 +252,26 @@ def test_equal_costs_go_to_the_worker_reporting_the_shortest_queue() -> None:
         r.set_load(("w1", 0), 10, 10_000, waiting=0, running=1)
         r.set_load(("w2", 0), 10, 10_000, waiting=1, running=2)
         assert r.route(RouteInput("a", token_ids=prompt(2, seed), dry_run=True)).instance_id == "w1"
+
+
+async def test_queue_depth_and_refusals_are_exported() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from dynamo_grpc.router.metrics import RouterMetrics
+
+    r = make_router(1, queue_threshold=1.0, max_num_batched_tokens=4 * BS, queue_size=1, predicted_ttl_s=0)
+    m = RouterMetrics()
+    m.track(SimpleNamespace(router=r, config=SimpleNamespace(model="m"), router_id="x", sub=None))  # type: ignore[arg-type]
+    r.route(RouteInput("a", token_ids=prompt(5, 1)))
+    waiting = asyncio.create_task(r.route_wait(RouteInput("b", token_ids=prompt(1, 2))))
+    await _settle()
+    with pytest.raises(AllBusy):
+        await r.route_wait(RouteInput("c", token_ids=prompt(1, 3)))
+    text = generate_latest(m.registry()).decode()
+    assert 'dynamo_router_queue_depth{model="m"} 1.0' in text
+    assert 'dynamo_router_queue_refused_total{model="m"} 1.0' in text
+    r.free("a")
+    await asyncio.wait_for(waiting, 1.0)
+    assert 'dynamo_router_queue_dispatched_total{model="m"} 1.0' in generate_latest(m.registry()).decode()

@@ -84,6 +84,9 @@ class RouterMetrics:
         gaps = counter("event_gaps", "Event seq gaps detected (each answered by a Replay)")
         replays = counter("replays", "Replay calls made")
         full_dumps = counter("full_dumps", "Replays answered with a full dump")
+        queued = gauge("queue_depth", "Requests waiting in the router queue for a worker under its busy threshold")
+        queue_refused = counter("queue_refused", "Requests refused because the router queue was full")
+        queue_dispatched = counter("queue_dispatched", "Requests placed after waiting in the router queue")
         for node in sorted(self._nodes.values(), key=lambda n: n.config.model):
             r, m = node.router, [node.config.model]
             for mode, n in sorted(r.counters.decisions.items()):
@@ -94,12 +97,17 @@ class RouterMetrics:
             refused.add_metric(m, len(r.refused))
             active.add_metric(m, len(r.active))
             pruned.add_metric(m, r.indexer.stats.pruned_blocks)
+            if r.queue is not None:
+                queued.add_metric(m, len(r.queue))
+                queue_refused.add_metric(m, r.queue.refused)
+                queue_dispatched.add_metric(m, r.queue.dispatched)
             if node.sub is not None:
                 events.add_metric(m, node.sub.stats.events_applied)
                 gaps.add_metric(m, node.sub.stats.gaps)
                 replays.add_metric(m, node.sub.stats.replays)
                 full_dumps.add_metric(m, node.sub.stats.full_dumps)
         yield from (decisions, ready, indexed, workers, refused, active, pruned, events, gaps, replays, full_dumps)
+        yield from (queued, queue_refused, queue_dispatched)
         yield from self.overlap.collect()
         yield from self.lag.collect()
 
