@@ -41,6 +41,8 @@ from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, 
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest, load_trace
 
 ROUTERS = ("kv", "round-robin", "random")
+#: also accepted by --routers: KV routing in its own `dynamo-grpc router` process (Route + Update over gRPC)
+EXTRA_ROUTERS = ("kv-service",)
 
 
 @dataclass
@@ -84,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--routers",
         default=None,
-        help="comma-separated routers to run back to back (of kv, round-robin, random and the --variant labels)",
+        help="comma-separated routers to run back to back: kv, round-robin, random, kv-service (KV routing in "
+        "its own router process) and the --variant labels",
     )
     p.add_argument(
         "--rounds",
@@ -268,6 +271,7 @@ def run_one(
             router_mode="kv" if kv else router,
             speedup_ratio=cfg.speedup,
             worker_args=list(cfg.worker_args),
+            router_args=list(cfg.router_args) if router == "kv-service" else [],
             frontend_args=[*cfg.frontend_args, *router_flags],
             log_dir=log_dir,
             acl=False,  # the replay reads Consul and starts nothing else: no per-role tokens needed
@@ -422,12 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, list[str]] = {}
     for v in args.variant:
         label, sep, flags = v.partition("=")
-        if not sep or not label or label in ROUTERS:
+        if not sep or not label or label in (*ROUTERS, *EXTRA_ROUTERS):
             _parser().error(f"--variant {v!r}: expected LABEL=FLAGS with a new label")
         variants[label] = shlex.split(flags)
     if args.routers:
         routers = [r.strip() for r in args.routers.split(",") if r.strip()]
-        bad = [r for r in routers if r not in ROUTERS and r not in variants]
+        bad = [r for r in routers if r not in (*ROUTERS, *EXTRA_ROUTERS) and r not in variants]
         if bad or not routers:
             _parser().error(
                 f"--routers: unknown {', '.join(bad) or '(none)'}; expected {', '.join(ROUTERS)} or a --variant label"
