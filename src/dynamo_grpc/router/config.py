@@ -28,8 +28,9 @@ class RouterConfig:
     #: queue, or RESOURCE_EXHAUSTED without one). 1.0 disables it
     busy_threshold: float = 0.95
     #: a rank whose pending prefill tokens exceed this many times ``max_num_batched_tokens`` is busy too
-    #: (Dynamo's --router-queue-threshold); 0 disables it
-    queue_threshold: float = 2.0
+    #: (Dynamo's --router-queue-threshold); 0 disables it. Off by default: at 2 it cost TTFT on the Azure code
+    #: trace and most of the cache hits on the Mooncake slice (docs/router.md, "Defaults, measured")
+    queue_threshold: float = 0.0
     #: the workers' prefill budget per engine step, the unit of ``queue_threshold``
     max_num_batched_tokens: int = 8192
     #: requests that may wait in the router while every rank is busy; past it RESOURCE_EXHAUSTED; 0 = no queue
