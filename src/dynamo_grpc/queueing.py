@@ -59,6 +59,10 @@ class WaitQueue(Generic[T]):
         self.refused = 0
         self.dispatched = 0
 
+    def has_waiters(self) -> bool:
+        """Cheap check for the owner's hot path (may count a just-cancelled entry until the next poke)."""
+        return bool(self._heap)
+
     def __len__(self) -> int:
         return sum(1 for e in self._heap if not e.future.done())
 

@@ -381,7 +381,7 @@ class Router:
     def _wake(self) -> None:
         """Load dropped or workers changed: place what waits in the router queue."""
         q = self.queue
-        if q is not None and q._heap:
+        if q is not None and q.has_waiters():
             q.poke()
 
     # ---- progress ------------------------------------------------------------------------
