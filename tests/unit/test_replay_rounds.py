@@ -52,3 +52,22 @@ def test_dispatch_quality_counts_decisions_onto_a_longer_prefill_backlog() -> No
     assert dispatch_quality(recs, ["a", "b"])["share_with_excess"] == 0
     recs = [_rec(0, 0.0, 5.0, "a", cached=1000), _rec(1, 1.0, 6.0, "a")]
     assert dispatch_quality(recs, ["a", "b"])["mean_excess_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "0"], "--rounds must be positive"),
+        (["--routers", "kv,fastest"], "--routers: unknown fastest"),
+        (["--variant", "kv=--router-temperature=1"], "expected LABEL=FLAGS with a new label"),
+        (["--variant", "nolabel"], "expected LABEL=FLAGS"),
+    ],
+)
+def test_replay_refuses_bad_rounds_routers_and_variants(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynamo_grpc.bench.replay import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--trace", "unused.csv", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
