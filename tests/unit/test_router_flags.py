@@ -101,7 +101,7 @@ def test_frontend_only_mode_is_refused_by_the_router() -> None:
     ("parser", "argv", "named"),
     [
         (router_parser, ["--router-mode", "round-robin", "--router-temperature", "0.5"], "--router-temperature"),
-        (router_parser, ["--mode", "random", "--prefill-load-scale", "2"], "--router-prefill-load-scale"),
+        (router_parser, ["--mode", "random", "--prefill-load-scale", "3"], "--router-prefill-load-scale"),
         (router_parser, ["--router-ttl-secs", "30"], "--router-ttl-secs: no effect with --router-mode kv"),
         (
             frontend_parser,

@@ -25,7 +25,7 @@ def make_router(n: int = 4, **kw: object) -> Router:
 
 
 def test_shared_system_prompt_does_not_herd_and_longer_prefix_is_followed() -> None:
-    r = make_router(4)
+    r = make_router(4, busy_threshold=1.0)  # nothing is freed here: the default threshold would refuse
     rng = random.Random(1)
     system = [rng.randrange(50_000) for _ in range(2048)]
     placed: Counter[str] = Counter()
@@ -51,7 +51,7 @@ def test_overlap_reported_and_cost_breakdown() -> None:
     r.indexer.store(("w1", 0), block_hash_list(tokens, BS)[:3])
     res = r.route(RouteInput("a", token_ids=tokens))
     assert (res.instance_id, res.overlap_blocks, res.prompt_blocks) == ("w1", 3, 4)
-    assert res.prefill_cost == 2.0 * (4 - 3) and res.decode_cost == 4
+    assert res.prefill_cost == 2.0 * (4 - 3) and res.decode_cost == 4 - 3  # its 3 cached blocks are shared
     # a dry run does not add load; a real one does
     before = r.active.load(("w1", 0)).decode_blocks
     r.route(RouteInput("b", token_ids=tokens, dry_run=True))
@@ -206,7 +206,13 @@ def _reference_choices(r: Router, hashes: list[int], exclude: set[str], out_toke
 def test_vectorised_decision_matches_reference_policy(seed: int) -> None:
     """Random loads, usage, cached prefixes, dp ranks, exclusions: the chosen rank is a reference argmin."""
     rng = random.Random(seed)
-    r = Router(RouterConfig(block_size=BS, seed=seed, busy_threshold=0.8, prefill_load_scale=rng.choice([1.0, 0.7])))
+    scale = rng.choice([1.0, 0.7])
+    # the reference is the bare cost: no prefill queue threshold, no predicted prefixes
+    r = Router(
+        RouterConfig(
+            block_size=BS, seed=seed, busy_threshold=0.8, prefill_load_scale=scale, queue_threshold=0, predicted_ttl_s=0
+        )
+    )
     r.set_workers([WorkerInfo(f"w{i}", f"h:{i}", "m", BS, rng.choice([1, 2]), rng.choice([0, 400])) for i in range(7)])
     r.ready = True
     ranks = [k for w in r.workers.values() for k in w.ranks()]

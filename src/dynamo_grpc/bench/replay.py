@@ -18,7 +18,9 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,12 +34,15 @@ import numpy as np
 from dynamo_grpc.bench.cpu import process_cpu_seconds
 from dynamo_grpc.bench.output import default_results_dir, save_plot
 from dynamo_grpc.bench.replay_bound import infinite_cache_bound
+from dynamo_grpc.bench.replay_dispatch import dispatch_quality
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, markdown_table, summarize
 from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest, load_trace
 
 ROUTERS = ("kv", "round-robin", "random")
+#: also accepted by --routers: KV routing in its own `dynamo-grpc router` process (Route + Update over gRPC)
+EXTRA_ROUTERS = ("kv-service",)
 
 
 @dataclass
@@ -63,6 +68,10 @@ class ReplayConfig:
     log_dir: str | None = None
     #: client connections (a `frontend --replicas N` spreads connections, not requests, over its replicas)
     channels: int = 4
+    #: interleaved rounds: round 1 runs every router, then round 2, ...; the report gives each round and the spread
+    rounds: int = 1
+    #: extra KV runs: label -> router flags (e.g. the previous defaults), run in every round next to ``kv``
+    variants: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +85,27 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--router", choices=ROUTERS, default="kv", help="routing policy to measure (default kv)")
     g.add_argument("--compare", action="store_true", help="run kv, round-robin and random back to back")
+    g.add_argument(
+        "--routers",
+        default=None,
+        help="comma-separated routers to run back to back: kv, round-robin, random, kv-service (KV routing in "
+        "its own router process) and the --variant labels",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the routers this many times, interleaved (kv, rr, ..., kv, rr, ...); the report keeps "
+        "every round and the median and spread of its figures (default 1)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=FLAGS",
+        help="also run KV routing under LABEL with these extra router flags, e.g. "
+        "'kv-scale1=--router-prefill-load-scale=1' (repeat; add LABEL to --routers)",
+    )
     p.add_argument("--workers", type=int, default=4, help="mocker workers (default 4)")
     p.add_argument(
         "--speedup", type=float, default=10.0, help="divide trace time and the mocker's step times by this (default 10)"
@@ -122,9 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         "--channels", type=int, default=4, help="client connections to the frontend (replicas share by connection)"
     )
     p.add_argument("--log-dir", default=None, help="keep the mesh's process logs here")
-    p.add_argument(
-        "--json", type=Path, default=default_results_dir() / "replay.json", help="write the report here"
-    )
+    p.add_argument("--json", type=Path, default=default_results_dir() / "replay.json", help="write the report here")
     p.add_argument(
         "--plot",
         type=Path,
@@ -231,7 +259,11 @@ def _process_cpu(mesh: Any) -> dict[str, float]:
 def run_one(
     router: str, trace: Trace, cfg: ReplayConfig, bound: float, model_path: Path | None = None
 ) -> tuple[list[RequestRecord], dict[str, Any]]:
-    """Start a mesh with ``router``, replay, stop the mesh; return the records and the summary."""
+    """Start a mesh with ``router``, replay, stop the mesh; return the records and the summary.
+
+    KV routing runs inside the frontend (the default deployment, as Dynamo's), so it pays no more
+    gRPC hops than round-robin and random do; the router flags go to the frontend then.
+    """
     t_start = time.monotonic()
     cpu: dict[str, float] = {}
     if cfg.frontend:
@@ -241,16 +273,17 @@ def run_one(
         from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
         log_dir = Path(cfg.log_dir) / router if cfg.log_dir else None
+        kv = router == "kv" or router in cfg.variants
+        router_flags = [*cfg.router_args, *cfg.variants.get(router, [])] if kv else []
         mc = MeshConfig(
             workers=cfg.workers,
             engine="mocker",
             model=str(model_path) if model_path else None,
-            # kv runs the router as its own process, so --router-arg flags reach it
-            router_mode="kv-service" if router == "kv" else router,
+            router_mode="kv" if kv else router,
             speedup_ratio=cfg.speedup,
             worker_args=list(cfg.worker_args),
-            router_args=list(cfg.router_args),
-            frontend_args=list(cfg.frontend_args),
+            router_args=list(cfg.router_args) if router == "kv-service" else [],
+            frontend_args=[*cfg.frontend_args, *router_flags],
             log_dir=log_dir,
             acl=False,  # the replay reads Consul and starts nothing else: no per-role tokens needed
         )
@@ -261,6 +294,7 @@ def run_one(
             cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in _process_cpu(mesh).items()}
     summary = summarize(records, cfg.speedup, workers, bound)
     summary["process_cpu_s"] = cpu
+    summary["dispatch"] = dispatch_quality(records, workers)
     summary["router"] = router
     summary["model"] = model
     summary["workers"] = workers
@@ -285,7 +319,55 @@ def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list
     }
 
 
-def _write_report(out: Path, cfg: ReplayConfig, trace_info: dict[str, Any], runs: dict[str, Any]) -> dict[str, Any]:
+#: the figures whose median and spread over rounds the report gives, as paths into a run's summary
+SPREAD_FIGURES = {
+    "ttft_p50_s": ("ttft_s", "p50"),
+    "ttft_p99_s": ("ttft_s", "p99"),
+    "e2e_p50_s": ("e2e_s", "p50"),
+    "hit_rate": ("prefix_cache", "hit_rate"),
+}
+
+
+def spread(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per router and figure: the value in each round, their median, min and max; and per KV run its
+    ratio to round-robin in each round (round-robin / kv for latencies, so > 1 means KV is better)."""
+    out: dict[str, Any] = {}
+    routers = [r for r in rounds[0]] if rounds else []
+    for name in routers:
+        figs: dict[str, Any] = {}
+        for fig, (a, b) in SPREAD_FIGURES.items():
+            vals = [rd[name][a][b] for rd in rounds if name in rd and rd[name][a][b] is not None]
+            figs[fig] = {
+                "rounds": vals,
+                "median": statistics.median(vals) if vals else None,
+                "min": min(vals, default=None),
+                "max": max(vals, default=None),
+            }
+        if name != "round-robin" and "round-robin" in routers:
+            for fig in ("ttft_p50_s", "ttft_p99_s"):
+                a, b = SPREAD_FIGURES[fig]
+                ratios = [
+                    rd["round-robin"][a][b] / rd[name][a][b]
+                    for rd in rounds
+                    if name in rd and "round-robin" in rd and rd[name][a][b] and rd["round-robin"][a][b]
+                ]
+                figs[f"round_robin_over_this_{fig}"] = {
+                    "rounds": ratios,
+                    "median": statistics.median(ratios) if ratios else None,
+                    "min": min(ratios, default=None),
+                    "max": max(ratios, default=None),
+                }
+        out[name] = figs
+    return out
+
+
+def _write_report(
+    out: Path,
+    cfg: ReplayConfig,
+    trace_info: dict[str, Any],
+    runs: dict[str, Any],
+    rounds: list[dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "replay",
         "config": {**asdict(cfg), "engine": "mocker", "host": platform.node(), "python": platform.python_version()},
@@ -295,6 +377,9 @@ def _write_report(out: Path, cfg: ReplayConfig, trace_info: dict[str, Any], runs
     if "kv" in runs and "round-robin" in runs:
         kv, rr = runs["kv"]["ttft_s"]["p50"], runs["round-robin"]["ttft_s"]["p50"]
         report["kv_vs_round_robin_p50_ttft"] = (rr / kv) if kv and rr else None
+    if rounds:
+        report["rounds"] = rounds
+        report["spread"] = spread(rounds)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(compact_json(report))
     return report
@@ -305,6 +390,26 @@ def compact_json(obj: Any) -> str:
     text = json.dumps(obj, indent=1)
     # JSON strings never hold raw newlines, so a newline inside a bracket pair is layout only.
     return re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\n\s*", " ", m.group(0)), text) + "\n"
+
+
+def spread_table(sp: dict[str, Any]) -> str:
+    """Markdown: per router, the median [min–max] over rounds of TTFT p50/p99 and the ratios to round-robin."""
+
+    def cell(d: dict[str, Any] | None, fmt: str = "{:.2f}") -> str:
+        if not d or d["median"] is None:
+            return "–"
+        return f"{fmt.format(d['median'])} [{fmt.format(d['min'])}–{fmt.format(d['max'])}]"
+
+    rows = [
+        "| router | TTFT p50 (s) | TTFT p99 (s) | hit rate | RR/this p50 | RR/this p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, f in sp.items():
+        rows.append(
+            f"| {name} | {cell(f['ttft_p50_s'])} | {cell(f['ttft_p99_s'])} | {cell(f['hit_rate'])} "
+            f"| {cell(f.get('round_robin_over_this_ttft_p50_s'))} | {cell(f.get('round_robin_over_this_ttft_p99_s'))} |"
+        )
+    return "\n".join(rows)
 
 
 def _f(x: float | None) -> str:
@@ -327,7 +432,24 @@ def main(argv: list[str] | None = None) -> int:
             _parser().error(f"--{name.replace('_', '-')} must be positive")
     if args.speedup <= 0 or args.rate_scale <= 0:
         _parser().error("--speedup and --rate-scale must be positive")
-    routers = list(ROUTERS) if args.compare else [args.router]
+    if args.rounds <= 0:
+        _parser().error("--rounds must be positive")
+    variants: dict[str, list[str]] = {}
+    for v in args.variant:
+        label, sep, flags = v.partition("=")
+        if not sep or not label or label in (*ROUTERS, *EXTRA_ROUTERS):
+            _parser().error(f"--variant {v!r}: expected LABEL=FLAGS with a new label")
+        variants[label] = shlex.split(flags)
+    if args.routers:
+        routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+        bad = [r for r in routers if r not in (*ROUTERS, *EXTRA_ROUTERS) and r not in variants]
+        if bad or not routers:
+            _parser().error(
+                f"--routers: unknown {', '.join(bad) or '(none)'}; expected {', '.join(ROUTERS)} or a --variant label"
+            )
+    else:
+        routers = list(ROUTERS) if args.compare else [args.router]
+        routers += [v for v in variants if v not in routers]
     cfg = ReplayConfig(
         trace=args.trace,
         routers=routers,
@@ -349,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_s=args.request_timeout,
         log_dir=args.log_dir,
         channels=args.channels,
+        rounds=args.rounds,
+        variants=variants,
     )
     trace = capped(load_trace(args.trace, args.format, args.limit), cfg.max_input_tokens, cfg.max_output_tokens)
     bound = infinite_cache_bound(trace, cfg.engine_block_size)
@@ -372,30 +496,37 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     runs: dict[str, Any] = {}
+    rounds: list[dict[str, dict[str, Any]]] = []
     ttfts: dict[str, list[float]] = {}
     work = Path(tempfile.mkdtemp(prefix="dynamo-replay-"))
     mpath = None if cfg.frontend else model_dir(cfg, trace, work)
     trace_info["context_length"] = needed_context(trace)
     try:
-        for router in routers:
-            print(f"== router {router}", file=sys.stderr, flush=True)
-            records, summary = run_one(router, trace, cfg, bound.engine_token_weighted, mpath)
-            runs[router] = {**summary, "per_request": _per_request(records, cfg.speedup)}
-            ttfts[router] = [r.ttft * cfg.speedup for r in records if r.ok]
-            _write_report(Path(args.json), cfg, trace_info, runs)  # partial results survive an interrupted run
-            t = summary["ttft_s"]
-            hit = summary["prefix_cache"]["hit_rate"]
-            print(
-                f"   {router}: completed {summary['completed']}/{summary['requests']}, "
-                f"TTFT p50 {_f(t['p50'])} p99 {_f(t['p99'])} trace-s, hit rate {_f(hit)}, "
-                f"requests CV {summary['load_balance']['requests_cv']}",
-                file=sys.stderr,
-                flush=True,
-            )
+        for rnd in range(cfg.rounds):
+            rounds.append({})
+            for router in routers:
+                print(f"== round {rnd + 1}/{cfg.rounds}: router {router}", file=sys.stderr, flush=True)
+                records, summary = run_one(router, trace, cfg, bound.engine_token_weighted, mpath)
+                rounds[-1][router] = summary
+                runs[router] = {**summary, "per_request": _per_request(records, cfg.speedup)}  # the last round's
+                ttfts[router] = [r.ttft * cfg.speedup for r in records if r.ok]
+                # partial results survive an interrupted run
+                _write_report(Path(args.json), cfg, trace_info, runs, rounds if cfg.rounds > 1 else None)
+                t = summary["ttft_s"]
+                hit = summary["prefix_cache"]["hit_rate"]
+                print(
+                    f"   {router}: completed {summary['completed']}/{summary['requests']}, "
+                    f"TTFT p50 {_f(t['p50'])} p99 {_f(t['p99'])} trace-s, hit rate {_f(hit)}, "
+                    f"requests CV {summary['load_balance']['requests_cv']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write_report(Path(args.json), cfg, trace_info, runs)
+    report = _write_report(Path(args.json), cfg, trace_info, runs, rounds if cfg.rounds > 1 else None)
     print(markdown_table(runs), file=sys.stderr)
+    if "spread" in report:
+        print(spread_table(report["spread"]), file=sys.stderr)
     print(f"wrote {args.json}", file=sys.stderr)
     title = (
         f"{Path(trace.path).name}: {len(reqs)} requests, {cfg.workers} mocker workers, "

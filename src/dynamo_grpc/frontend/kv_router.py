@@ -115,7 +115,7 @@ class EmbeddedKvRouter:
             phase=phase,
         )
         try:
-            res = router.route(inp)
+            res = await router.route_wait(inp)
         except (NotReady, NoWorkers) as e:
             raise errors.Unavailable(f"router: {e}") from None
         except AllBusy as e:

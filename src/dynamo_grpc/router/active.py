@@ -24,6 +24,8 @@ class ActiveSequence:
     prompt_tokens: int
     router_id: str
     updated: float
+    #: prompt blocks already cached there when routed: shared, so not counted in decode_blocks
+    shared_blocks: int = 0
 
 
 @dataclass
@@ -65,10 +67,13 @@ class ActiveSequences:
         decode_blocks: int,
         prompt_tokens: int = 0,
         router_id: str = "",
+        shared_blocks: int = 0,
     ) -> None:
-        """A sequence was routed (replaces an earlier entry with the same id)."""
+        """A sequence was routed (replaces an earlier entry with the same id: a migration moves its load)."""
         self.free(request_id)
-        seq = ActiveSequence(worker, prefill_blocks, decode_blocks, prompt_tokens, router_id, self.clock())
+        seq = ActiveSequence(
+            worker, prefill_blocks, decode_blocks, prompt_tokens, router_id, self.clock(), shared_blocks
+        )
         self._seqs[request_id] = seq
         w = self._per_worker.setdefault(worker, WorkerActive())
         w.prefill_blocks += prefill_blocks
@@ -95,6 +100,7 @@ class ActiveSequences:
         if seq is None:
             return False
         blocks = -(-(seq.prompt_tokens + output_tokens) // self.block_size) if self.block_size else 0
+        blocks -= seq.shared_blocks
         if blocks > seq.decode_blocks:
             self._per_worker[seq.worker].decode_blocks += blocks - seq.decode_blocks
             if self.on_delta is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("kv", "round-robin", "random", "approx")
+QUEUE_POLICIES = ("fcfs", "wspt")
 
 
 @dataclass
@@ -19,11 +20,26 @@ class RouterConfig:
     max_indexed_blocks: int = 4_000_000
     #: 0 = argmin of cost (random tie-break); > 0 = softmax sampling over normalised costs
     temperature: float = 0.0
-    #: weight of new prefill blocks against active decode blocks in the cost
-    prefill_load_scale: float = 1.0
-    #: a worker rank whose active/total KV blocks exceed this is busy; all busy -> RESOURCE_EXHAUSTED.
-    #: 1.0 disables it
-    busy_threshold: float = 1.0
+    #: weight of new prefill blocks against active decode blocks in the cost. A prefill block costs a
+    #: worker far more time before the next first token than a block of decode context does (docs/router.md,
+    #: "Why the KV router lost to round-robin"), so prefill weighs double by default
+    prefill_load_scale: float = 2.0
+    #: a worker rank whose active/total KV blocks exceed this is busy (skipped; all busy -> the router
+    #: queue, or RESOURCE_EXHAUSTED without one). 1.0 disables it
+    busy_threshold: float = 0.95
+    #: a rank whose pending prefill tokens exceed this many times ``max_num_batched_tokens`` is busy too
+    #: (Dynamo's --router-queue-threshold); 0 disables it. Off by default: at 2 it cost TTFT on the Azure code
+    #: trace and most of the cache hits on the Mooncake slice (docs/router.md, "Defaults, measured")
+    queue_threshold: float = 0.0
+    #: the workers' prefill budget per engine step, the unit of ``queue_threshold``
+    max_num_batched_tokens: int = 8192
+    #: requests that may wait in the router while every rank is busy; past it RESOURCE_EXHAUSTED; 0 = no queue
+    queue_size: int = 1024
+    #: order of the router queue: fcfs (arrival) or wspt (fewest uncached prompt tokens first)
+    queue_policy: str = "fcfs"
+    #: kv mode: seconds a routed prompt counts as cached on its worker before that worker's KV events
+    #: confirm it (predicted prefixes: a burst sharing a new prefix stays together); 0 disables it
+    predicted_ttl_s: float = 5.0
     #: approx mode: how long a routed prefix is assumed cached
     approx_ttl_s: float = 120.0
     #: active sequences with no Update for this long are dropped (lost FREE)
@@ -49,6 +65,11 @@ class RouterConfig:
             ("temperature", self.temperature >= 0, ">= 0"),
             ("prefill_load_scale", self.prefill_load_scale >= 0, ">= 0"),
             ("busy_threshold", 0 < self.busy_threshold <= 1.0, "in (0, 1]"),
+            ("queue_threshold", self.queue_threshold >= 0, ">= 0"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens > 0, "> 0"),
+            ("queue_size", self.queue_size >= 0, ">= 0"),
+            ("queue_policy", self.queue_policy in QUEUE_POLICIES, f"one of {', '.join(QUEUE_POLICIES)}"),
+            ("predicted_ttl_s", self.predicted_ttl_s >= 0, ">= 0"),
             ("approx_ttl_s", self.approx_ttl_s > 0, "> 0"),
             ("resync_interval_s", self.resync_interval_s >= 0, ">= 0"),
             ("host_overlap_weight", 0 <= self.host_overlap_weight <= 1.0, "in [0, 1]"),

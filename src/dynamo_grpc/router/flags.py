@@ -27,6 +27,11 @@ FLAG_OF = {
     "seed": "--router-seed",
     "host_overlap_weight": "--router-host-overlap-weight",
     "disk_overlap_weight": "--router-disk-overlap-weight",
+    "queue_threshold": "--router-queue-threshold",
+    "max_num_batched_tokens": "--router-max-num-batched-tokens",
+    "queue_size": "--router-queue-size",
+    "queue_policy": "--router-queue-policy",
+    "predicted_ttl_s": "--router-predicted-ttl-secs",
 }
 
 #: what `--router-mode` takes (approximate KV routing is `--router-mode kv --no-router-kv-events`)
@@ -128,7 +133,45 @@ def add_router_flags(parser: argparse.ArgumentParser, extra_modes: Sequence[str]
         "--busy-threshold",
         d.busy_threshold,
         type=float,
-        help="KV usage fraction over which a worker is skipped; all busy = RESOURCE_EXHAUSTED; 1 = off",
+        help="KV usage fraction over which a worker is skipped; all busy = wait in the router queue "
+        "(RESOURCE_EXHAUSTED without one); 1 = off",
+    )
+    add(
+        "--router-queue-threshold",
+        None,
+        d.queue_threshold,
+        type=float,
+        help="kv: a worker with more pending prefill tokens than this many times "
+        "--router-max-num-batched-tokens is busy too; 0 = off",
+    )
+    add(
+        "--router-max-num-batched-tokens",
+        None,
+        d.max_num_batched_tokens,
+        type=int,
+        help="kv: the workers' prefill tokens per engine step, the unit of --router-queue-threshold",
+    )
+    add(
+        "--router-queue-size",
+        None,
+        d.queue_size,
+        type=int,
+        help="requests that may wait in the router while every worker is busy; beyond it RESOURCE_EXHAUSTED; "
+        "0 = no queue (RESOURCE_EXHAUSTED at once)",
+    )
+    add(
+        "--router-queue-policy",
+        None,
+        d.queue_policy,
+        choices=["fcfs", "wspt"],
+        help="order of the router queue: fcfs (arrival) or wspt (fewest uncached prompt tokens first)",
+    )
+    add(
+        "--router-predicted-ttl-secs",
+        None,
+        d.predicted_ttl_s,
+        type=float,
+        help="kv: seconds a routed prompt counts as cached on its worker until its KV events confirm it; 0 = off",
     )
     add(
         "--router-block-size",
@@ -185,6 +228,11 @@ USED_IN: dict[str, set[str]] = {
     "router_ttl_secs": {"approx"},
     "router_resync_interval": {"kv"},
     "router_busy_threshold": _ANY,
+    "router_queue_threshold": {"kv", "approx"},
+    "router_max_num_batched_tokens": {"kv", "approx"},
+    "router_queue_size": _ANY,
+    "router_queue_policy": _ANY,
+    "router_predicted_ttl_secs": {"kv"},
     "router_block_size": _ANY,
     "router_seed": _ANY,
     "router_host_overlap_weight": {"kv"},
@@ -233,6 +281,11 @@ def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo",
         temperature=args.router_temperature,
         prefill_load_scale=args.router_prefill_load_scale,
         busy_threshold=args.router_busy_threshold,
+        queue_threshold=args.router_queue_threshold,
+        max_num_batched_tokens=args.router_max_num_batched_tokens,
+        queue_size=args.router_queue_size,
+        queue_policy=args.router_queue_policy,
+        predicted_ttl_s=args.router_predicted_ttl_secs,
         approx_ttl_s=args.router_ttl_secs,
         namespace=namespace,
         model=model,

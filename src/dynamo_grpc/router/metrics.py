@@ -87,6 +87,9 @@ class RouterMetrics:
         remote = gauge("remote_sequences", "Active sequences routed by other replicas (replica sync)")
         replicas = gauge("replicas", "Other replicas heard from within 3 snapshot intervals (replica sync)")
         expired = counter("replica_expired_sequences", "Sequences expired because their replica went silent")
+        queued = gauge("queue_depth", "Requests waiting in the router queue for a worker under its busy threshold")
+        queue_refused = counter("queue_refused", "Requests refused because the router queue was full")
+        queue_dispatched = counter("queue_dispatched", "Requests placed after waiting in the router queue")
         for node in sorted(self._nodes.values(), key=lambda n: n.config.model):
             r, m = node.router, [node.config.model]
             for mode, n in sorted(r.counters.decisions.items()):
@@ -97,6 +100,10 @@ class RouterMetrics:
             refused.add_metric(m, len(r.refused))
             active.add_metric(m, len(r.active))
             pruned.add_metric(m, r.indexer.stats.pruned_blocks)
+            if r.queue is not None:
+                queued.add_metric(m, len(r.queue))
+                queue_refused.add_metric(m, r.queue.refused)
+                queue_dispatched.add_metric(m, r.queue.dispatched)
             if node.sub is not None:
                 events.add_metric(m, node.sub.stats.events_applied)
                 gaps.add_metric(m, node.sub.stats.gaps)
@@ -109,6 +116,7 @@ class RouterMetrics:
                 expired.add_metric(m, sync.expired_sequences)
         yield from (decisions, ready, indexed, workers, refused, active, pruned, events, gaps, replays, full_dumps)
         yield from (remote, replicas, expired)
+        yield from (queued, queue_refused, queue_dispatched)
         yield from self.overlap.collect()
         yield from self.lag.collect()
 

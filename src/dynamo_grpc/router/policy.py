@@ -3,9 +3,11 @@
 cost(w) = prefill_load_scale * max(prefill_blocks_if_routed(w) - overlap(w), 0) + decode_blocks(w)
 
 where prefill_blocks_if_routed is the worker's pending prefill plus this prompt's blocks and
-decode_blocks is what it is decoding plus this request. The load term is what stops herding:
-a shared system prompt cached on one worker stops winning once that worker's decode load
-exceeds the prefill it saves.
+decode_blocks is what it is decoding plus the blocks this request would add there: its prompt and
+expected output less the overlap, since cached prefix blocks are shared in the paged cache rather
+than copied (as Dynamo's active-sequence accounting counts unique blocks). The load term is what
+stops herding: a shared system prompt cached on one worker stops winning once that worker's load
+exceeds what it saves.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def costs(cands: Sequence[Candidate], prompt_blocks: int, decode_new: int, scale
     out = []
     for c in cands:
         pf = c.pending_prefill + prompt_blocks - c.overlap
-        out.append(Choice(c.key, c.overlap, scale * pf if pf > 0 else 0.0, float(c.decode_blocks + decode_new)))
+        dec = float(c.decode_blocks + max(decode_new - c.overlap, 0))
+        out.append(Choice(c.key, c.overlap, scale * pf if pf > 0 else 0.0, dec))
     return out
 
 
@@ -105,22 +108,24 @@ def cost_scores(
 ) -> FloatArray:
     """Per rank, the cost of :func:`costs` minus ``scale * prompt_blocks + decode_new`` (the same for all).
 
-    ``scale * (prefill + prompt - overlap) + decode + decode_new``: the clamp at 0 of :func:`costs`
-    never applies here, since a rank's overlap is at most the prompt's blocks and its pending
-    prefill is never negative. Dropping the common constant changes neither the argmin nor the
-    min-max-normalised softmax, and saves an array op per decision. Overlap is sparse (only the
-    ranks that hold the first block), so it comes as (slot, depth) lists.
+    ``scale * (prefill + prompt - overlap) + decode + decode_new - overlap``: the clamps at 0 of
+    :func:`costs` never apply here, since a rank's overlap is at most the prompt's blocks (and so at
+    most ``decode_new``) and its pending prefill is never negative. Dropping the common constant
+    changes neither the argmin nor the min-max-normalised softmax, and saves an array op per
+    decision. Overlap is sparse (only the ranks that hold the first block), so it comes as
+    (slot, depth) lists.
     """
     if scale == 1.0:
         score = prefill + decode
     else:
         score = prefill * scale
         score += decode
+    credit = scale + 1.0  # a cached block is neither prefilled nor newly held
     if len(overlap_slots) <= 8:  # element updates beat building index arrays for a few ranks
         for slot, depth in zip(overlap_slots, overlap_depths, strict=True):
-            score[slot] -= scale * depth
+            score[slot] -= credit * depth
     else:
-        score[np.array(overlap_slots)] -= np.array(overlap_depths, dtype=np.float64) * scale
+        score[np.array(overlap_slots)] -= np.array(overlap_depths, dtype=np.float64) * credit
     return score
 
 
@@ -140,9 +145,32 @@ def busy_filter(ok: BoolArray | None, usage: FloatArray, busy_threshold: float) 
     return free
 
 
-def pick_slot(score: FloatArray, ok: BoolArray | None, temperature: float, rng: random.Random) -> int:
-    """:func:`pick` over the slots where ``ok`` (None: all): argmin with a random tie-break, or softmax.
+def prefill_busy_filter(ok: BoolArray | None, prefill_blocks: FloatArray, limit_blocks: float) -> BoolArray | None:
+    """``ok`` minus ranks whose pending prefill exceeds ``limit_blocks`` (Dynamo's router queue threshold).
 
+    AllBusy if none is left: the caller queues the request in the router rather than adding to an
+    engine's prefill backlog that is already longer than ``limit_blocks``.
+    """
+    free = prefill_blocks <= limit_blocks
+    if ok is not None:
+        free &= ok
+    if not free.any():
+        n = len(prefill_blocks) if ok is None else int(ok.sum())
+        raise AllBusy(f"all {n} workers have more than {limit_blocks:g} blocks of prefill pending")
+    return free
+
+
+def pick_slot(
+    score: FloatArray,
+    ok: BoolArray | None,
+    temperature: float,
+    rng: random.Random,
+    tiebreak: FloatArray | None = None,
+) -> int:
+    """:func:`pick` over the slots where ``ok`` (None: all): argmin, or softmax.
+
+    Ties at temperature 0 go to the slot with the lowest ``tiebreak`` (the workers' reported waiting +
+    running requests: what the router's own accounting cannot see), then at random.
     ``score`` may be modified (masked slots are set to +inf).
     """
     if ok is not None:
@@ -152,6 +180,9 @@ def pick_slot(score: FloatArray, ok: BoolArray | None, temperature: float, rng: 
         raise NoWorkers("no live worker")
     if temperature <= 0:
         ties = (score == best).nonzero()[0]
+        if len(ties) > 1 and tiebreak is not None:
+            tb = tiebreak[ties]
+            ties = ties[tb == tb.min()]
         return int(ties[0]) if len(ties) == 1 else int(ties[rng.randrange(len(ties))])
     slots = (score != np.inf).nonzero()[0]
     t = score[slots]

@@ -28,6 +28,7 @@ class RankTable:
         ranks: Iterable[tuple[RankKey, str, int]],
         load_of: Callable[[RankKey], tuple[int, int]] = lambda _k: (0, 0),
         usage_of: Mapping[RankKey, float] | None = None,
+        reported_of: Mapping[RankKey, int] | None = None,
     ) -> None:
         """``ranks``: (key, grpc_address, kv_blocks) per rank; ``load_of``: its current (prefill, decode)."""
         rows = list(ranks)
@@ -44,11 +45,16 @@ class RankTable:
         self.decode: FloatArray = np.zeros(n)
         self.capacity: FloatArray = np.array([float(c) for _, _, c in rows], dtype=np.float64)
         self.usage: FloatArray = np.full(n, np.nan)
+        #: waiting + running requests each rank last reported (LoadMetrics); the tie-break
+        self.reported: FloatArray = np.zeros(n)
         for i, key in enumerate(self.keys):
             self.prefill[i], self.decode[i] = load_of(key)
         if usage_of:
             for rank, frac in usage_of.items():
                 self.set_usage(rank, frac)
+        if reported_of:
+            for rank, queued in reported_of.items():
+                self.set_reported(rank, queued)
         self.all_slots: BoolArray = np.ones(n, dtype=np.bool_)
 
     def add_load(self, key: Hashable, d_prefill: int, d_decode: int) -> None:
@@ -62,6 +68,11 @@ class RankTable:
         slot = self.slot_of.get(key)  # type: ignore[call-overload]
         if slot is not None:
             self.usage[slot] = fraction
+
+    def set_reported(self, key: Hashable, queued: int) -> None:
+        slot = self.slot_of.get(key)  # type: ignore[call-overload]
+        if slot is not None:
+            self.reported[slot] = queued
 
     def allowed(self, exclude: Iterable[str]) -> BoolArray:
         """Slots not belonging to an excluded instance (a fresh array; the shared one when none)."""

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from dynamo_grpc.discovery.worker_roles import roles_for
+from dynamo_grpc.queueing import QueueFull, WaitQueue
 from dynamo_grpc.router.active import ActiveSequences
 from dynamo_grpc.router.approx import ApproxIndexer
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.indexer import KvIndexer
-from dynamo_grpc.router.policy import AllBusy, Choice, NoWorkers, busy_filter
+from dynamo_grpc.router.policy import AllBusy, Choice, NoWorkers, busy_filter, prefill_busy_filter
 from dynamo_grpc.router.ranks import RankTable
 from dynamo_grpc.router.selectors import KvSelector, RandomSelector, RoundRobinSelector, Selector
 from dynamo_grpc.router.tiers import TierIndex
@@ -116,12 +117,22 @@ class Router:
         self.on_active_change = on_active_change
         self.rng = random.Random(config.seed)
         #: approximate mode: the index is fed by our own decisions, with a TTL
-        self.approx = (
-            ApproxIndexer(config.approx_ttl_s, config.max_indexed_blocks) if config.mode == "approx" else None
-        )
+        self.approx = ApproxIndexer(config.approx_ttl_s, config.max_indexed_blocks) if config.mode == "approx" else None
         self.indexer = self.approx.index if self.approx is not None else indexer or KvIndexer(config.max_indexed_blocks)
         #: per-tier presence (device = self.indexer, plus host and disk) and its overlap credit
         self.tiers = TierIndex(self.indexer, config.host_overlap_weight, config.disk_overlap_weight)
+        #: kv mode: predicted prefixes (Dynamo's predicted-TTL side index): what we just routed counts as
+        #: cached on its worker until that worker's KV events catch up, so a burst sharing a new prefix
+        #: is not scattered by the event delay
+        self.predicted = (
+            ApproxIndexer(config.predicted_ttl_s, config.max_indexed_blocks)
+            if config.mode == "kv" and config.predicted_ttl_s > 0
+            else None
+        )
+        #: requests waiting for a worker under its busy threshold (None: no queue, AllBusy is raised)
+        self.queue: WaitQueue[RouteResult] | None = (
+            WaitQueue(config.queue_size, config.queue_policy, busy=AllBusy) if config.queue_size > 0 else None
+        )
         self.block_size = config.block_size
         self.active = ActiveSequences(config.block_size or 1, config.active_ttl_s)
         self.workers: dict[str, WorkerInfo] = {}
@@ -129,6 +140,8 @@ class Router:
         self.refused: dict[str, str] = {}
         #: (instance_id, dp_rank) -> fraction of KV in use, from LoadMetrics
         self.kv_usage: dict[RankKey, float] = {}
+        #: (instance_id, dp_rank) -> waiting + running requests, from LoadMetrics (the tie-break)
+        self.reported: dict[RankKey, int] = {}
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
         self._selector = self._make_selector()
@@ -146,8 +159,26 @@ class Router:
             return RoundRobinSelector()
         if cfg.mode == "random":
             return RandomSelector(self.rng)
-        overlaps = self.approx.overlaps if self.approx is not None else self.tiers.overlaps
+        overlaps: Callable[[Sequence[int]], dict[Hashable, float]] = (
+            self.approx.overlaps if self.approx is not None else self.tiers.overlaps  # type: ignore[assignment]
+        )
+        if self.predicted is not None:
+            overlaps = self._overlaps_with_predicted
         return KvSelector(overlaps, cfg.prefill_load_scale, cfg.temperature, self.rng)  # type: ignore[arg-type]
+
+    def _overlaps_with_predicted(self, hashes: Sequence[int]) -> dict[Hashable, float]:
+        """Per worker, the deeper of what its KV events say (every tier, weighted) and what we routed to it
+        within the TTL."""
+        found: dict[Hashable, float] = dict(self.tiers.overlaps(hashes))
+        assert self.predicted is not None
+        pred = self.predicted.overlaps(hashes)
+        if not pred:
+            return found
+        merged: dict[Hashable, float] = dict(found)
+        for k, depth in pred.items():
+            if depth > merged.get(k, 0):
+                merged[k] = depth
+        return merged
 
     # ---- membership ----------------------------------------------------------------------
     def set_block_size(self, block_size: int) -> None:
@@ -193,11 +224,13 @@ class Router:
                 self.remove_worker(iid)
         self.workers = new
         self._rank_table = None
+        self._wake()
         return accepted
 
     def usable_changed(self) -> None:
         """The usable set changed: rebuild the rank table before the next decision."""
         self._rank_table = None
+        self._wake()
 
     def remove_worker(self, instance_id: str) -> None:
         """A worker is gone: forget its blocks, load and active sequences."""
@@ -210,6 +243,9 @@ class Router:
                 self.approx.remove_worker(key)
             self.active.remove_worker(key)
             self.kv_usage.pop(key, None)
+            self.reported.pop(key, None)
+            if self.predicted is not None:
+                self.predicted.remove_worker(key)
 
     def refuse_rank(self, key: RankKey, block_size: int) -> None:
         """An event batch said a different block size than the model's: refuse the worker."""
@@ -236,6 +272,7 @@ class Router:
                 ),
                 self._active_load,
                 self.kv_usage,
+                self.reported,
             )
             self._rank_table, self._table_of, self._table_size = t, self.workers, len(self.workers)
         return t
@@ -274,14 +311,18 @@ class Router:
         cfg = self.config
         if cfg.busy_threshold < 1.0:
             ok = busy_filter(ok, t.estimated_usage(), cfg.busy_threshold)
+        if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
+            limit = cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
+            ok = prefill_busy_filter(ok, t.prefill, limit)
         prompt_blocks = len(hashes)
         out_blocks = -(-inp.expected_output_tokens // self.block_size) if self.block_size else 0
         decode_new = prompt_blocks + out_blocks
         scale = cfg.prefill_load_scale
         slot, overlap = self._selector.select(t, ok, hashes)  # weighted by tier: may be fractional
         pf = float(t.prefill[slot]) + prompt_blocks - overlap
-        choice = Choice(t.keys[slot], int(overlap), scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + decode_new)
-        return self._commit(inp, choice, hashes, prompt_blocks, decode_new, t.addresses[slot])
+        held = max(decode_new - int(overlap), 0)  # blocks this request adds there (its cached prefix is shared)
+        choice = Choice(t.keys[slot], int(overlap), scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + held)
+        return self._commit(inp, choice, hashes, prompt_blocks, held, t.addresses[slot])
 
     def _other_roles(self, phase: str) -> list[str]:
         """Workers whose role does not serve ``phase`` (worker_roles.roles_for picks the pool)."""
@@ -306,9 +347,11 @@ class Router:
         new_prefill = max(prompt_blocks - choice.overlap, 0)
         if not inp.dry_run:
             prompt_tokens = len(inp.token_ids) or prompt_blocks * (self.block_size or 1)
-            self.active.add(inp.request_id, key, new_prefill, decode_new, prompt_tokens, self.router_id)
+            self.active.add(inp.request_id, key, new_prefill, decode_new, prompt_tokens, self.router_id, choice.overlap)
             if self.approx is not None:
                 self.approx.record(key, hashes)
+            if self.predicted is not None:
+                self.predicted.record(key, hashes)
             if self.on_active_change is not None:
                 self.on_active_change(ActiveChange("added", inp.request_id, iid, rank, new_prefill, decode_new))
         mode = self.config.mode
@@ -321,6 +364,45 @@ class Router:
             self.on_decision(res)
         return res
 
+    async def route_wait(self, inp: RouteInput) -> RouteResult:
+        """:meth:`route`, but while every worker is busy the request waits in the router queue (in its
+        order) and is placed when load drops; AllBusy (RESOURCE_EXHAUSTED) when the queue is full.
+
+        A caller that goes away while waiting leaves the queue, and a placement it can no longer take is
+        freed, so no load is left behind.
+        """
+        if self.queue is None or inp.dry_run:
+            return self.route(inp)
+        cost = 0.0
+        if self.queue.policy == "wspt" and self.ready:
+            hashes = self.hashes_for(inp)
+            found = self._selector_overlaps(hashes)
+            cost = float(len(hashes) - max(found.values(), default=0))
+        try:
+            return await self.queue.admit(
+                lambda: self.route(inp), cost, release=lambda _res: self._release(inp.request_id)
+            )
+        except QueueFull as exc:
+            raise AllBusy(str(exc)) from None
+
+    def _selector_overlaps(self, hashes: Sequence[int]) -> dict[Hashable, float]:
+        if self.config.mode not in ("kv", "approx"):
+            return {}
+        if self.predicted is not None:
+            return self._overlaps_with_predicted(hashes)
+        if self.approx is not None:
+            return dict(self.approx.overlaps(hashes))
+        return dict(self.tiers.overlaps(hashes))
+
+    def _release(self, request_id: str) -> None:
+        self.free(request_id)
+
+    def _wake(self) -> None:
+        """Load dropped or workers changed: place what waits in the router queue."""
+        q = self.queue
+        if q is not None and q.has_waiters():
+            q.poke()
+
     # ---- progress ------------------------------------------------------------------------
     def prefill_done(self, request_id: str, output_tokens: int = 0) -> bool:
         ok = self.active.prefill_done(request_id)
@@ -328,12 +410,14 @@ class Router:
             self.active.grow(request_id, output_tokens)
         if ok and self.on_active_change is not None:
             self.on_active_change(ActiveChange("prefill_done", request_id))
+        self._wake()
         return ok
 
     def free(self, request_id: str) -> bool:
         ok = self.active.free(request_id)
         if ok and self.on_active_change is not None:
             self.on_active_change(ActiveChange("freed", request_id))
+        self._wake()
         return ok
 
     def apply_remote(self, change: ActiveChange, router_id: str) -> None:
@@ -351,8 +435,10 @@ class Router:
                 )
         elif change.kind == "prefill_done":
             self.active.prefill_done(change.request_id)
+            self._wake()
         elif change.kind == "freed":
             self.active.free(change.request_id)
+            self._wake()
 
     def apply_remote_snapshot(self, changes: list[ActiveChange], router_id: str) -> None:
         """A replica's whole active set: replaces what we hold from it (frees we missed included)."""
@@ -369,11 +455,15 @@ class Router:
         """A replica went silent (died): the load it routed is expired here."""
         return 0 if router_id == self.router_id else self.active.drop_router(router_id)
 
-    def set_load(self, key: RankKey, active_blocks: int, total_blocks: int) -> None:
+    def set_load(self, key: RankKey, active_blocks: int, total_blocks: int, waiting: int = 0, running: int = 0) -> None:
+        """A worker's LoadMetrics: KV usage (the busy threshold) and waiting + running (the tie-break)."""
         if key[0] in self.workers and total_blocks > 0:
             self.kv_usage[key] = active_blocks / total_blocks
+            self.reported[key] = waiting + running
             if self._rank_table is not None:
                 self._rank_table.set_usage(key, active_blocks / total_blocks)
+                self._rank_table.set_reported(key, waiting + running)
+            self._wake()
 
     def housekeeping(self) -> None:
         """Periodic: sweep retired index slots, expire lost sequences and approx entries."""
@@ -383,6 +473,9 @@ class Router:
         self.active.expire()
         if self.approx is not None:
             self.approx.expire()
+        if self.predicted is not None:
+            self.predicted.expire()
+        self._wake()
 
     def indexed_blocks(self) -> int:
         return len(self.indexer)

@@ -44,7 +44,7 @@ class KvSelector:
                     slots.append(s)
                     depths.append(depth)
         score = cost_scores(table.prefill, table.decode, slots, depths, self.scale)
-        slot = pick_slot(score, ok, self.temperature, self.rng)
+        slot = pick_slot(score, ok, self.temperature, self.rng, table.reported)
         return slot, found.get(table.keys[slot], 0) if found else 0
 
 

@@ -53,7 +53,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {request.phase}")
         try:
             with spans.span("router.decide", request_id=request.request_id, model=request.model) as sp:
-                res = r.route(inp)
+                res = await r.route_wait(inp)
                 spans.set_attributes(
                     sp, worker=res.instance_id, overlap_blocks=res.overlap_blocks, cost=res.total_cost, mode=res.mode
                 )

@@ -53,4 +53,6 @@ class IndexSink:
             self.router.tiers.remove_worker(key)
 
     def on_load(self, load: events_pb2.LoadMetrics) -> None:
-        self.router.set_load((load.instance_id, load.dp_rank), load.active_blocks, load.total_blocks)
+        self.router.set_load(
+            (load.instance_id, load.dp_rank), load.active_blocks, load.total_blocks, load.waiting, load.running
+        )
