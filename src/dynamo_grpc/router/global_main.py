@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is None:
             raise ValueError("--config (or DYN_CONFIG) is required: the pools YAML")
         refuse_unused_flags(parser, args)
-        if args.router_busy_threshold != 1.0:
+        if args.router_busy_threshold != RouterConfig().busy_threshold:  # given: it has no meaning here
             raise ValueError("--router-busy-threshold: set busy_threshold in the pools config (per pool or for all)")
         if args.reload_interval < 0:
             raise ValueError("--reload-interval must be >= 0")
