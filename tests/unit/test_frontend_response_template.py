@@ -24,6 +24,7 @@ def _expected(request: pb.ModelInferRequest, outs: list[str], text: str, finish:
         resp.parameters["prompt_tokens"].int64_param = c.prompt_tokens
         resp.parameters["completion_tokens"].int64_param = c.completion_tokens
         resp.parameters["cached_tokens"].int64_param = c.cached_tokens
+        resp.parameters["disaggregated"].bool_param = bool(c.prefill_worker_id)  # the final response says it
     resp.parameters[FINAL].bool_param = final
     return resp
 

@@ -263,7 +263,7 @@ async def test_queue_depth_and_refusals_are_exported() -> None:
 
     r = make_router(1, queue_threshold=1.0, max_num_batched_tokens=4 * BS, queue_size=1, predicted_ttl_s=0)
     m = RouterMetrics()
-    m.track(SimpleNamespace(router=r, config=SimpleNamespace(model="m"), router_id="x", sub=None))  # type: ignore[arg-type]
+    m.track(SimpleNamespace(router=r, config=SimpleNamespace(model="m"), router_id="x", sub=None, active_sync=None))  # type: ignore[arg-type]
     r.route(RouteInput("a", token_ids=prompt(5, 1)))
     waiting = asyncio.create_task(r.route_wait(RouteInput("b", token_ids=prompt(1, 2))))
     await _settle()
