@@ -9,6 +9,7 @@ trace carries the remote prefill, the decode worker's KV pull and the prefill wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -39,16 +40,16 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OtlpReceiverP
         r.stop()
 
 
-@pytest.fixture(scope="module")
-def traced_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
+@contextlib.contextmanager
+def _traced(receiver: OtlpReceiverProcess, cfg: MeshConfig) -> Iterator[Mesh]:
+    """A mesh whose processes export to the receiver, configured by the standard variables, nothing of ours."""
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # the standard variables, nothing of ours
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the mesh's processes inherit them
-    cfg = MeshConfig(workers=1, speedup_ratio=1000.0, router_mode="kv-service", http_port=0, ready_timeout_s=90.0)
     try:
         with Mesh(cfg) as m:
             yield m
@@ -58,6 +59,13 @@ def traced_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
+    cfg = MeshConfig(workers=1, speedup_ratio=1000.0, router_mode="kv-service", http_port=0, ready_timeout_s=90.0)
+    with _traced(receiver, cfg) as m:
+        yield m
 
 
 def _traceparent() -> tuple[str, str, str]:
@@ -177,13 +185,6 @@ DISAGG = {"frontend.request", "prefill.route", "prefill.remote", "prefill", "kv_
 
 @pytest.fixture(scope="module")
 def traced_disagg_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     cfg = MeshConfig(
         workers=2,
         worker_roles=["prefill", "decode"],
@@ -191,15 +192,8 @@ def traced_disagg_mesh(receiver: OtlpReceiverProcess) -> Iterator[Mesh]:
         frontend_args=["--max-local-prefill-tokens", "0"],  # every prompt is prefilled remotely
         ready_timeout_s=90.0,
     )
-    try:
-        with Mesh(cfg) as m:
-            yield m
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _traced(receiver, cfg) as m:
+        yield m
 
 
 def _ancestors(spans: list[ReceivedSpan], s: ReceivedSpan) -> list[ReceivedSpan]:

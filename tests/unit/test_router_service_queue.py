@@ -64,3 +64,33 @@ async def test_route_waits_in_the_router_queue_and_a_full_queue_is_resource_exha
             assert router.queue is not None and len(router.queue) == 0 and "late" not in router.active
     finally:
         await server.stop(None)
+
+
+async def test_bad_route_requests_name_what_is_wrong() -> None:
+    """A pool on a router without pools, an unknown phase, no tokens, another model: each a clear status."""
+    router = Router(RouterConfig(block_size=BS, model="m", seed=1))
+    router.set_workers([WorkerInfo("w0", "127.0.0.1:1", "m", BS, 1, 10_000)])
+    router.ready = True
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = router_pb2_grpc.RouterServiceStub(ch)
+            ok = dict(request_id="r", model="m", token_ids=list(range(BS)))
+            cases = [
+                (dict(ok, pool="short"), grpc.StatusCode.INVALID_ARGUMENT, "global-router"),
+                (dict(ok, phase=7), grpc.StatusCode.INVALID_ARGUMENT, "phase 7"),
+                (dict(ok, token_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids or block_hashes"),
+                (dict(ok, model="other"), grpc.StatusCode.NOT_FOUND, "'other'"),
+            ]
+            for fields, code, words in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Route(router_pb2.RouteRequest(**fields))  # type: ignore[arg-type]
+                assert err.value.code() == code and words in (err.value.details() or ""), fields
+            # the default pool is every worker here: it is honoured, not refused
+            res = await stub.Route(router_pb2.RouteRequest(**dict(ok, pool="default")))  # type: ignore[arg-type]
+            assert res.worker.instance_id == "w0"
+    finally:
+        await server.stop(None)

@@ -15,13 +15,8 @@ from dynamo_grpc import errors
 from dynamo_grpc.observability import spans
 from dynamo_grpc.router.global_router import GlobalRouter, UnknownPool
 from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput
-from dynamo_grpc.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-PHASE_NAMES = {
-    router_pb2.ROUTE_PHASE_UNSPECIFIED: "aggregated",
-    router_pb2.ROUTE_PHASE_PREFILL: "prefill",
-    router_pb2.ROUTE_PHASE_DECODE: "decode",
-}
+from dynamo_grpc.router.service import PHASE_NAMES, apply_updates, route_response
+from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 
 class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -65,30 +60,9 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
             await errors.abort(context, errors.Overloaded(str(exc)))
         except (NoWorkers, NotReady) as exc:
             await errors.abort(context, errors.Unavailable(str(exc)))
-        res = d.result
-        return router_pb2.RouteResponse(
-            worker=common_pb2.WorkerId(instance_id=res.instance_id, dp_rank=res.dp_rank),
-            address=res.address,
-            overlap_blocks=res.overlap_blocks,
-            prompt_blocks=res.prompt_blocks,
-            cost=router_pb2.CostBreakdown(
-                prefill_cost=res.prefill_cost, decode_cost=res.decode_cost, total=res.total_cost
-            ),
-            mode=res.mode,
-            pool=d.pool,
-            reason=d.reason,
-        )
+        return route_response(d.result, d.pool, d.reason)
 
     async def Update(
         self, request_iterator: AsyncIterator[router_pb2.UpdateRequest], context: grpc.aio.ServicerContext
     ) -> router_pb2.UpdateResponse:
-        applied = 0
-        async for ev in request_iterator:
-            if ev.kind == router_pb2.SEQUENCE_EVENT_KIND_PREFILL_DONE:
-                ok = self.router.prefill_done(ev.request_id, ev.output_tokens)
-            elif ev.kind == router_pb2.SEQUENCE_EVENT_KIND_FREE:
-                ok = self.router.free(ev.request_id)
-            else:
-                await errors.abort(context, errors.InvalidArgument(f"unknown sequence event kind {ev.kind}"))
-            applied += int(ok)
-        return router_pb2.UpdateResponse(applied=applied)
+        return await apply_updates(self.router, request_iterator, context)

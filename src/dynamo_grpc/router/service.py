@@ -1,14 +1,20 @@
-"""RouterService: protobuf <-> the plain Router, and router errors -> gRPC status codes."""
+"""RouterService: protobuf <-> the plain Router, and router errors -> dynamo_grpc.errors.
+
+`route_response` and `apply_updates` are shared with the global router's servicer (global_service.py).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 
+from dynamo_grpc import errors
+from dynamo_grpc.discovery.pools import DEFAULT_POOL
 from dynamo_grpc.observability import spans
-from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput, Router
+from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput, Router, RouteResult
 from dynamo_grpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,11 +39,18 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.RouteResponse:
         r = self.router
         if r.config.model and request.model and request.model != r.config.model:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"this router serves model {r.config.model!r}, not {request.model!r}"
+            await errors.abort(
+                context, errors.ModelNotFound(f"this router serves model {r.config.model!r}, not {request.model!r}")
             )
         if not request.token_ids and not request.block_hashes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids or block_hashes is required")
+            await errors.abort(context, errors.InvalidArgument("token_ids or block_hashes is required"))
+        if request.pool and request.pool != DEFAULT_POOL:
+            await errors.abort(
+                context,
+                errors.InvalidArgument(
+                    f"pool {request.pool!r}: this router has no pools (dynamo-grpc global-router routes over pools)"
+                ),
+            )
         inp = RouteInput(
             request_id=request.request_id,
             model=request.model,
@@ -50,42 +63,58 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             phase=PHASE_NAMES.get(request.phase, ""),
         )
         if not inp.phase:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown phase {request.phase}")
+            await errors.abort(context, errors.InvalidArgument(f"phase {request.phase}: unknown RoutePhase value"))
         try:
             with spans.span("router.decide", request_id=request.request_id, model=request.model) as sp:
                 res = await r.route_wait(inp)
                 spans.set_attributes(
                     sp, worker=res.instance_id, overlap_blocks=res.overlap_blocks, cost=res.total_cost, mode=res.mode
                 )
-        except NotReady as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except NoWorkers as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (NotReady, NoWorkers) as exc:
+            await errors.abort(context, errors.Unavailable(str(exc)))
         except AllBusy as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await errors.abort(context, errors.Overloaded(str(exc)))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return router_pb2.RouteResponse(
-            worker=common_pb2.WorkerId(instance_id=res.instance_id, dp_rank=res.dp_rank),
-            address=res.address,
-            overlap_blocks=res.overlap_blocks,
-            prompt_blocks=res.prompt_blocks,
-            cost=router_pb2.CostBreakdown(
-                prefill_cost=res.prefill_cost, decode_cost=res.decode_cost, total=res.total_cost
-            ),
-            mode=res.mode,
-        )
+            await errors.abort(context, errors.InvalidArgument(str(exc)))
+        return route_response(res)
 
     async def Update(
         self, request_iterator: AsyncIterator[router_pb2.UpdateRequest], context: grpc.aio.ServicerContext
     ) -> router_pb2.UpdateResponse:
-        applied = 0
-        async for ev in request_iterator:
-            if ev.kind == router_pb2.SEQUENCE_EVENT_KIND_PREFILL_DONE:
-                ok = self.router.prefill_done(ev.request_id, ev.output_tokens)
-            elif ev.kind == router_pb2.SEQUENCE_EVENT_KIND_FREE:
-                ok = self.router.free(ev.request_id)
-            else:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown sequence event kind {ev.kind}")
-            applied += int(ok)
-        return router_pb2.UpdateResponse(applied=applied)
+        return await apply_updates(self.router, request_iterator, context)
+
+
+def route_response(res: RouteResult, pool: str = "", reason: str = "") -> router_pb2.RouteResponse:
+    """A RouteResult as the contract's RouteResponse (the global router adds its pool and reason)."""
+    return router_pb2.RouteResponse(
+        worker=common_pb2.WorkerId(instance_id=res.instance_id, dp_rank=res.dp_rank),
+        address=res.address,
+        overlap_blocks=res.overlap_blocks,
+        prompt_blocks=res.prompt_blocks,
+        cost=router_pb2.CostBreakdown(prefill_cost=res.prefill_cost, decode_cost=res.decode_cost, total=res.total_cost),
+        mode=res.mode,
+        pool=pool,
+        reason=reason,
+    )
+
+
+class _Updatable(Protocol):
+    def prefill_done(self, request_id: str, output_tokens: int) -> bool: ...
+
+    def free(self, request_id: str) -> bool: ...
+
+
+async def apply_updates(
+    router: _Updatable, request_iterator: AsyncIterator[router_pb2.UpdateRequest], context: grpc.aio.ServicerContext
+) -> router_pb2.UpdateResponse:
+    """One Update stream: progress events applied to the router that routed them; an unknown kind ends it."""
+    applied = 0
+    async for ev in request_iterator:
+        if ev.kind == router_pb2.SEQUENCE_EVENT_KIND_PREFILL_DONE:
+            ok = router.prefill_done(ev.request_id, ev.output_tokens)
+        elif ev.kind == router_pb2.SEQUENCE_EVENT_KIND_FREE:
+            ok = router.free(ev.request_id)
+        else:
+            await errors.abort(context, errors.InvalidArgument(f"unknown sequence event kind {ev.kind}"))
+        applied += int(ok)
+    return router_pb2.UpdateResponse(applied=applied)
