@@ -24,21 +24,21 @@ from typing import Any
 
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.envflags import env_defaults
-from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
-from dynamo_grpc.logs import add_log_flag, setup_logging
-from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
+from dynamo_grpc.events.curve import CurveConfig
+from dynamo_grpc.logs import setup_logging
+from dynamo_grpc.observability import setup_tracing, shutdown_tracing
 from dynamo_grpc.router.config import RouterConfig
-from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
+from dynamo_grpc.router.flags import refuse_unused_flags, router_config_from_args
 from dynamo_grpc.router.global_router import GlobalRouter
 from dynamo_grpc.router.global_service import GlobalRouterServicer
+from dynamo_grpc.router.main import add_router_process_flags
 from dynamo_grpc.router.node import RouterNode
 from dynamo_grpc.router.pool_config import PoolConfigError, PoolGrid, PoolSpec, load_pool_config
 from dynamo_grpc.router.pool_metrics import PoolMetrics
 from dynamo_grpc.router.router import Router
-from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig, add_tls_flags, run_until_signal, use_tls
+from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig, run_until_signal, use_tls
 from dynamo_grpc.transport.addresses import (
     METRICS_META,
-    add_address_flags,
     advertise_host,
     check_metrics_port,
     with_host,
@@ -54,7 +54,6 @@ EMPTY_POOL_GRACE_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = RouterConfig()
     p = argparse.ArgumentParser(
         prog="dynamo-grpc global-router",
         description="RouterService over worker pools: a pool grid by input/context length, one KV router per pool.",
@@ -66,17 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds between checks of the config file for changes (SIGHUP always reloads); 0: SIGHUP only",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind gRPC and HTTP on")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = ephemeral)")
-    p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"))
-    p.add_argument("--namespace", default=d.namespace)
-    p.add_argument("--model", default=d.model, help="model to route for (default: the workers' model)")
-    add_router_flags(p)
-    add_log_flag(p)
-    add_tracing_flags(p)
-    add_curve_flags(p)
-    add_tls_flags(p, public=False)
-    add_address_flags(p)
+    add_router_process_flags(p, zmq=False)
     return env_defaults(p)
 
 

@@ -41,9 +41,15 @@ SERVICE = "dynamo_grpc.v1.RouterService"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = RouterConfig()
     p = argparse.ArgumentParser(prog="dynamo-grpc router", description="KV-cache-aware router (RouterService).")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind gRPC, ZMQ and HTTP on")
+    add_router_process_flags(p, zmq=True)  # --metrics-port also serves /dump-index; --zmq-port: the active-sequence PUB
+    return env_defaults(p)
+
+
+def add_router_process_flags(p: argparse.ArgumentParser, zmq: bool) -> None:
+    """The flags of a process serving RouterService: the router's and the global router's."""
+    d = RouterConfig()
+    p.add_argument("--host", default="127.0.0.1", help=f"address to bind gRPC{', ZMQ' if zmq else ''} and HTTP on")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = ephemeral)")
     p.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"))
     p.add_argument("--namespace", default=d.namespace)
@@ -53,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracing_flags(p)
     add_curve_flags(p)
     add_tls_flags(p, public=False)
-    add_address_flags(p, zmq=True)  # --metrics-port also serves /dump-index; --zmq-port: the active-sequence PUB
-    return env_defaults(p)
+    add_address_flags(p, zmq=zmq)
 
 
 class RouterProcess:
