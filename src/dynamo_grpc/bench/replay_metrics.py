@@ -126,6 +126,8 @@ def summarize(
         "completed": len(ok),
         "failed": len(failed),
         "errors": dict(errors),
+        # one message per kind, so a failed run says why without its logs
+        "error_examples": {k: next(r.error for r in failed if (r.error or "unfinished").startswith(k)) for k in errors},
         "latency_unit": "trace seconds (wall seconds x speedup)",
         "ttft_s": percentiles((r.ttft for r in ok), speedup),
         "itl_s": percentiles((r.itl for r in ok), speedup),
