@@ -39,8 +39,14 @@ RECV_BYTES = 4 << 20
 PATHS = ("grpc", "socket")
 
 
-def _tcp(sock: socket.socket) -> None:
+def _tcp(sock: socket.socket, timeout: float = IO_TIMEOUT_S) -> None:
+    """Blocking mode with the stall limit in the kernel (SO_SNDTIMEO/SO_RCVTIMEO): a Python-level
+    timeout turns every large send into poll + partial-send rounds, several times slower on loopback."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
 
 class DataListener:
@@ -77,7 +83,6 @@ class DataListener:
             conn.close()
             self.refused += 1
             return None
-        conn.settimeout(IO_TIMEOUT_S)
         _tcp(conn)
         return conn
 
@@ -114,6 +119,16 @@ class Received:
     started: bool
 
 
+def _recv_into(conn: socket.socket, view: memoryview) -> None:
+    n = len(view)
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:], min(RECV_BYTES, n - got))
+        if not k:
+            raise ConnectionError(f"data socket closed after {got} of {n} bytes")
+        got += k
+
+
 def _recv_exact(conn: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -127,9 +142,17 @@ def _recv_exact(conn: socket.socket, n: int) -> bytearray:
 
 
 def receive(
-    host: str, port: int, token: bytes, blocks: int, tls: TlsConfig | None, timeout: float = IO_TIMEOUT_S
+    host: str,
+    port: int,
+    token: bytes,
+    blocks: int,
+    tls: TlsConfig | None,
+    timeout: float = IO_TIMEOUT_S,
+    expect_bytes: int = 0,
 ) -> Received:
     """Connect, authenticate and read chunks until ``blocks`` blocks arrived (blocking: run in a thread).
+
+    ``expect_bytes``: the pull's size when known; the chunks are then slices of one buffer.
 
     Raises OSError (ConnectionError, ssl.SSLError, TimeoutError); ``started`` on the exception's
     ``received`` attribute says whether any chunk had arrived.
@@ -141,16 +164,22 @@ def receive(
         if tls is not None:
             conn = tls.ssl_context_client().wrap_socket(raw, server_hostname=tls.server_name or host.strip("[]"))
         with conn:
-            conn.settimeout(timeout)
-            _tcp(conn)
+            _tcp(conn, timeout)
             conn.sendall(token)
-            got = 0
+            whole = memoryview(bytearray(expect_bytes))  # one allocation for the pull; chunks are slices
+            pos = got = 0
             while got < blocks:
                 head = _recv_exact(conn, HEADER.size)
                 out.started = True
                 index, n, nbytes, length = HEADER.unpack(head)
                 # no bytes() copy: the engine reads chunks through the buffer protocol only
-                data = cast(bytes, _recv_exact(conn, length)) if length else b""
+                if pos + length <= len(whole):
+                    view = whole[pos : pos + length]
+                    _recv_into(conn, view)
+                    pos += length
+                    data = cast(bytes, view)
+                else:
+                    data = cast(bytes, _recv_exact(conn, length)) if length else b""
                 out.chunks.append((index, n, data))
                 out.nbytes += nbytes
                 got += n

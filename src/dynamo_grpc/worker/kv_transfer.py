@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -129,6 +130,14 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
             self.bytes_sent += nbytes
             yield start, n, data, nbytes
 
+    def _send_all(self, conn: socket.socket, ids: list[int], first: int, per: int) -> None:
+        for start in range(first, len(ids), per):
+            part = ids[start : start + per]
+            data = self.engine.export_blocks(part)
+            kv_socket.send_chunk(conn, start, len(part), len(data), data)
+            self.blocks_sent += len(part)
+            self.bytes_sent += len(data)
+
     async def _over_socket(
         self, listener: kv_socket.DataListener, ids: list[int], first: int, per: int, context: grpc.aio.ServicerContext
     ) -> bool:
@@ -140,8 +149,11 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
             return False
         self.socket_pulls += 1
         try:
-            async for start, n, data, nbytes in self._chunks(ids, first, per):
-                await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
+            if self.geometry.moves_bytes:  # one thread copies and writes every chunk: no loop hop per chunk
+                await asyncio.to_thread(self._send_all, conn, ids, first, per)
+            else:
+                async for start, n, data, nbytes in self._chunks(ids, first, per):
+                    await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
         except OSError as e:
             await errors.abort(context, errors.Unavailable(f"KV data socket broke: {e}"))
         finally:
@@ -252,7 +264,8 @@ async def pull(
             if why is not None:
                 raise errors.FailedPrecondition(f"KV chunk from {handle.address} does not fit: {why}")
             if chunk.HasField("data_socket"):
-                over = await _receive(handle.address, chunk.data_socket, expected, timeout)
+                size = expected * geometry.block_nbytes if geometry.moves_bytes else 0
+                over = await _receive(handle.address, chunk.data_socket, expected, timeout, size)
                 if over is not None:
                     kv.chunks.extend(over.chunks)
                     nbytes += over.nbytes
@@ -270,13 +283,20 @@ async def pull(
 
 
 async def _receive(
-    address: str, offer: kv_transfer_pb2.DataSocket, blocks: int, timeout: float | None
+    address: str, offer: kv_transfer_pb2.DataSocket, blocks: int, timeout: float | None, expect_bytes: int
 ) -> kv_socket.Received | None:
     """The chunks over the offered data socket; None when it could not be reached (the server falls back)."""
     host = address.rsplit(":", 1)[0]
     try:
         return await asyncio.to_thread(
-            kv_socket.receive, host, offer.port, offer.token, blocks, default_tls(), timeout or kv_socket.IO_TIMEOUT_S
+            kv_socket.receive,
+            host,
+            offer.port,
+            offer.token,
+            blocks,
+            default_tls(),
+            timeout or kv_socket.IO_TIMEOUT_S,
+            expect_bytes,
         )
     except OSError as e:
         got: kv_socket.Received | None = getattr(e, "received", None)
