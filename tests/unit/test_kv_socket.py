@@ -178,3 +178,15 @@ async def test_the_data_socket_uses_mtls(tmp_path: Path) -> None:
     finally:
         use_tls(None)
         await server.stop()
+
+
+async def test_a_server_on_the_grpc_path_streams_even_when_asked_for_a_socket() -> None:
+    """--kv-transfer-path grpc on the prefill side: no data socket is offered; the decoder takes the stream."""
+    server, servicer, address = await _serve(path="grpc")
+    try:
+        reference = await _pull(address, "lease-0", "grpc")
+        res = await _pull(address, "lease-1", "socket")
+        assert _joined(res) == _joined(reference)
+        assert (servicer.socket_pulls, servicer.socket_fallbacks) == (0, 0)
+    finally:
+        await server.stop()

@@ -140,10 +140,14 @@ async def _pull_once(
         await ch.close(None)
 
 
-def _socket_once(port: int, nbytes: int) -> float:
+def _socket_once(port: int, nbytes: int, alloc_in_timer: bool = False) -> float:
+    """The bound: receive ``nbytes`` into a buffer allocated (and zero-filled, so resident) before the
+    timer starts, or, with ``alloc_in_timer``, inside it, as a pull that must get fresh memory does."""
+    t0 = time.perf_counter()
     buf = bytearray(nbytes)
     view = memoryview(buf)
-    t0 = time.perf_counter()
+    if not alloc_in_timer:
+        t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(nbytes.to_bytes(8, "little"))
         got = 0
@@ -163,7 +167,8 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
         rows: dict[str, dict[str, list[float]]] = {
-            str(s): {"grpc_s": [], "pull_socket_s": [], "socket_s": [], "bytes": []} for s in sizes
+            str(s): {"grpc_s": [], "pull_socket_s": [], "socket_s": [], "socket_alloc_s": [], "bytes": []}
+            for s in sizes
         }
         for r in range(rounds):
             for size in sizes:
@@ -176,10 +181,12 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
                 assert nb2 == nbytes, (nb2, nbytes)
                 row["pull_socket_s"].append(secs2)
                 row["socket_s"].append(_socket_once(info["socket"], nbytes))
+                row["socket_alloc_s"].append(_socket_once(info["socket"], nbytes, alloc_in_timer=True))
                 print(
                     f"  round {r + 1} {size:>6} tokens {nbytes / 1e6:8.1f} MB: Pull/gRPC {nbytes / secs / 1e6:8.1f} "
                     f"MB/s, Pull/data socket {nbytes / secs2 / 1e6:8.1f} MB/s, "
-                    f"raw socket {nbytes / row['socket_s'][-1] / 1e6:8.1f} MB/s",
+                    f"raw socket {nbytes / row['socket_s'][-1] / 1e6:8.1f} MB/s "
+                    f"({nbytes / row['socket_alloc_s'][-1] / 1e6:.1f} with its buffer allocated in the timer)",
                     flush=True,
                 )
     finally:
@@ -193,6 +200,8 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
         k = [total / s / 1e6 for s in row["socket_s"]]
         ratios = [a / b for a, b in zip(g, k, strict=True)]
         dratios = [a / b for a, b in zip(d, k, strict=True)]
+        ka = [total / s / 1e6 for s in row["socket_alloc_s"]]
+        aratios = [a / b for a, b in zip(d, ka, strict=True)]
         out[key] = {
             "bytes": total,
             "grpc_ms": [s * 1e3 for s in row["grpc_s"]],
@@ -207,6 +216,12 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
             "pull_socket_ratio_median": float(np.median(dratios)),
             "pull_socket_ratio_min": min(dratios),
             "pull_socket_ratio_max": max(dratios),
+            # the bound again, the receive buffer's allocation (page faults) counted as a pull counts it
+            "socket_alloc_ms": [s * 1e3 for s in row["socket_alloc_s"]],
+            "socket_alloc_MBps_median": float(np.median(ka)),
+            "pull_socket_vs_alloc_ratio_median": float(np.median(aratios)),
+            "pull_socket_vs_alloc_ratio_min": min(aratios),
+            "pull_socket_vs_alloc_ratio_max": max(aratios),
         }
     return out
 
@@ -375,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.time() - t0, 1)
     result["cpus"] = os.cpu_count()
     if args.json is not None:
+        if args.only is not None and args.json.exists():  # one part re-run: keep the other part's results
+            result = {**json.loads(args.json.read_text()), **result}
         write_json(args.json, result)
         print(f"wrote {args.json}")
         if args.plot:
