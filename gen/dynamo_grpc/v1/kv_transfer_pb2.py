@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n dynamo_grpc/v1/kv_transfer.proto\x12\x0e\x64ynamo_grpc.v1\"\xad\x02\n\x08KvHandle\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\thandle_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x04\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x1c\n\x14lease_expiry_unix_ms\x18\x06 \x01(\x03\x12\x41\n\rengine_params\x18\x07 \x03(\x0b\x32*.dynamo_grpc.v1.KvHandle.EngineParamsEntry\x12(\n\x06layout\x18\x08 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvLayout\x1a\x33\n\x11\x45ngineParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"x\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\"f\n\x0bPullRequest\x12(\n\x06handle\x18\x01 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x18\n\x10\x62locks_per_chunk\x18\x03 \x01(\r\"\x8e\x01\n\x0cPullResponse\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12(\n\x06layout\x18\x04 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvLayout\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\"#\n\x0eReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\xa8\x01\n\x11KvTransferService\x12\x45\n\x04Pull\x12\x1b.dynamo_grpc.v1.PullRequest\x1a\x1c.dynamo_grpc.v1.PullResponse\"\x00\x30\x01\x12L\n\x07Release\x12\x1e.dynamo_grpc.v1.ReleaseRequest\x1a\x1f.dynamo_grpc.v1.ReleaseResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n dynamo_grpc/v1/kv_transfer.proto\x12\x0e\x64ynamo_grpc.v1\"\xad\x02\n\x08KvHandle\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\thandle_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x04\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x1c\n\x14lease_expiry_unix_ms\x18\x06 \x01(\x03\x12\x41\n\rengine_params\x18\x07 \x03(\x0b\x32*.dynamo_grpc.v1.KvHandle.EngineParamsEntry\x12(\n\x06layout\x18\x08 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvLayout\x1a\x33\n\x11\x45ngineParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"x\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\"{\n\x0bPullRequest\x12(\n\x06handle\x18\x01 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x18\n\x10\x62locks_per_chunk\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x61ta_socket\x18\x04 \x01(\x08\")\n\nDataSocket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\"\xbf\x01\n\x0cPullResponse\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12(\n\x06layout\x18\x04 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvLayout\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12/\n\x0b\x64\x61ta_socket\x18\x07 \x01(\x0b\x32\x1a.dynamo_grpc.v1.DataSocket\"#\n\x0eReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\xa8\x01\n\x11KvTransferService\x12\x45\n\x04Pull\x12\x1b.dynamo_grpc.v1.PullRequest\x1a\x1c.dynamo_grpc.v1.PullResponse\"\x00\x30\x01\x12L\n\x07Release\x12\x1e.dynamo_grpc.v1.ReleaseRequest\x1a\x1f.dynamo_grpc.v1.ReleaseResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=356
   _globals['_KVLAYOUT']._serialized_end=476
   _globals['_PULLREQUEST']._serialized_start=478
-  _globals['_PULLREQUEST']._serialized_end=580
-  _globals['_PULLRESPONSE']._serialized_start=583
-  _globals['_PULLRESPONSE']._serialized_end=725
-  _globals['_RELEASEREQUEST']._serialized_start=727
-  _globals['_RELEASEREQUEST']._serialized_end=762
-  _globals['_RELEASERESPONSE']._serialized_start=764
-  _globals['_RELEASERESPONSE']._serialized_end=781
-  _globals['_KVTRANSFERSERVICE']._serialized_start=784
-  _globals['_KVTRANSFERSERVICE']._serialized_end=952
+  _globals['_PULLREQUEST']._serialized_end=601
+  _globals['_DATASOCKET']._serialized_start=603
+  _globals['_DATASOCKET']._serialized_end=644
+  _globals['_PULLRESPONSE']._serialized_start=647
+  _globals['_PULLRESPONSE']._serialized_end=838
+  _globals['_RELEASEREQUEST']._serialized_start=840
+  _globals['_RELEASEREQUEST']._serialized_end=875
+  _globals['_RELEASERESPONSE']._serialized_start=877
+  _globals['_RELEASERESPONSE']._serialized_end=894
+  _globals['_KVTRANSFERSERVICE']._serialized_start=897
+  _globals['_KVTRANSFERSERVICE']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

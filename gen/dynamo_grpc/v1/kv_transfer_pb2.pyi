@@ -149,10 +149,16 @@ class PullRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     FIRST_BLOCK_FIELD_NUMBER: _builtins.int
     BLOCKS_PER_CHUNK_FIELD_NUMBER: _builtins.int
+    DATA_SOCKET_FIELD_NUMBER: _builtins.int
     first_block: _builtins.int
     """First block (index into the handle's blocks) to send: the decoder already holds the ones before it."""
     blocks_per_chunk: _builtins.int
     """Blocks per message the decoder wants (0: the server's choice, sized for throughput)."""
+    data_socket: _builtins.bool
+    """Ask for the bytes over a one-shot data socket beside the stream (as NIXL moves bytes beside its control
+    plane): the first response then carries data_socket and no data. A server with the socket path off
+    streams the chunks as usual.
+    """
     @_builtins.property
     def handle(self) -> Global___KvHandle:
         """The handle the prefill worker returned."""
@@ -163,14 +169,44 @@ class PullRequest(_message.Message):
         handle: Global___KvHandle | None = ...,
         first_block: _builtins.int = ...,
         blocks_per_chunk: _builtins.int = ...,
+        data_socket: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_per_chunk", b"blocks_per_chunk", "first_block", b"first_block", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_per_chunk", b"blocks_per_chunk", "data_socket", b"data_socket", "first_block", b"first_block", "handle", b"handle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PullRequest: _TypeAlias = PullRequest  # noqa: Y015
+
+@_typing.final
+class DataSocket(_message.Message):
+    """Where and how to fetch a Pull's bytes over the data socket (TLS, mTLS with a CA, like the gRPC listener).
+    Wire: the client sends token; the server then writes, per chunk, a 24-byte little-endian header
+    (uint32 block_index, uint32 num_blocks, uint64 nbytes, uint64 data length) and the data, and closes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    """TCP port on the host of the handle's address; it accepts one connection with the right token."""
+    token: _builtins.bytes
+    """One-time secret bound to this Pull (32 random bytes); a connection that presents another is closed."""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataSocket: _TypeAlias = DataSocket  # noqa: Y015
 
 @_typing.final
 class PullResponse(_message.Message):
@@ -184,6 +220,7 @@ class PullResponse(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    DATA_SOCKET_FIELD_NUMBER: _builtins.int
     block_index: _builtins.int
     """Index of the first block of this chunk within the handle."""
     layer: _builtins.int
@@ -200,6 +237,12 @@ class PullResponse(_message.Message):
     def layout(self) -> Global___KvLayout:
         """Layout of data."""
 
+    @_builtins.property
+    def data_socket(self) -> Global___DataSocket:
+        """Set on the first response when the bytes come over a data socket (layout then gives the whole pull);
+        the stream ends once the server has written them. Unset: the chunks follow on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -209,10 +252,11 @@ class PullResponse(_message.Message):
         layout: Global___KvLayout | None = ...,
         num_blocks: _builtins.int = ...,
         nbytes: _builtins.int = ...,
+        data_socket: Global___DataSocket | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_socket", b"data_socket", "layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_index", b"block_index", "data", b"data", "layer", b"layer", "layout", b"layout", "nbytes", b"nbytes", "num_blocks", b"num_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_index", b"block_index", "data", b"data", "data_socket", b"data_socket", "layer", b"layer", "layout", b"layout", "nbytes", b"nbytes", "num_blocks", b"num_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

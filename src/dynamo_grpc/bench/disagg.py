@@ -84,7 +84,7 @@ def _serve_kv(args: argparse.Namespace) -> int:
     handles: dict[str, list[str]] = {}
     for size in sizes:
         part = blocks[: -(-size // BLOCK)]
-        for r in range(args.rounds):
+        for r in range(2 * args.rounds):  # one lease per path per round
             core.kv.pool.touch(part)
             lease = core.leases.create(f"kv-{size}-{r}", part, size, [])
             handles.setdefault(str(size), []).append(lease.lease_id)
@@ -122,7 +122,9 @@ def _serve_kv(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _pull_once(address: str, handle_id: str, tokens: int, dtype: str, per: int = 0) -> tuple[int, float]:
+async def _pull_once(
+    address: str, handle_id: str, tokens: int, dtype: str, per: int = 0, path: str = "grpc"
+) -> tuple[int, float]:
     from dynamo_grpc.transport import ChannelOptions, open_channel
     from dynamo_grpc.v1 import kv_transfer_pb2
     from dynamo_grpc.worker.kv_transfer import KvGeometry, pull
@@ -132,16 +134,20 @@ async def _pull_once(address: str, handle_id: str, tokens: int, dtype: str, per:
     try:
         handle = kv_transfer_pb2.KvHandle(handle_id=handle_id, address=address, num_tokens=tokens)
         t0 = time.perf_counter()
-        res = await pull(ch, handle, 0, geometry, timeout=600, blocks_per_chunk=per)
+        res = await pull(ch, handle, 0, geometry, timeout=600, blocks_per_chunk=per, path=path)
         return res.bytes, time.perf_counter() - t0
     finally:
         await ch.close(None)
 
 
-def _socket_once(port: int, nbytes: int) -> float:
+def _socket_once(port: int, nbytes: int, alloc_in_timer: bool = False) -> float:
+    """The bound: receive ``nbytes`` into a buffer allocated (and zero-filled, so resident) before the
+    timer starts, or, with ``alloc_in_timer``, inside it, as a pull that must get fresh memory does."""
+    t0 = time.perf_counter()
     buf = bytearray(nbytes)
     view = memoryview(buf)
-    t0 = time.perf_counter()
+    if not alloc_in_timer:
+        t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(nbytes.to_bytes(8, "little"))
         got = 0
@@ -160,17 +166,27 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
-        rows: dict[str, dict[str, list[float]]] = {str(s): {"grpc_s": [], "socket_s": [], "bytes": []} for s in sizes}
+        rows: dict[str, dict[str, list[float]]] = {
+            str(s): {"grpc_s": [], "pull_socket_s": [], "socket_s": [], "socket_alloc_s": [], "bytes": []}
+            for s in sizes
+        }
         for r in range(rounds):
             for size in sizes:
-                nbytes, secs = asyncio.run(_pull_once(info["grpc"], info["handles"][str(size)][r], size, dtype, per))
+                ids = info["handles"][str(size)]
+                nbytes, secs = asyncio.run(_pull_once(info["grpc"], ids[2 * r], size, dtype, per, "grpc"))
                 row = rows[str(size)]
                 row["grpc_s"].append(secs)
                 row["bytes"].append(nbytes)
+                nb2, secs2 = asyncio.run(_pull_once(info["grpc"], ids[2 * r + 1], size, dtype, per, "socket"))
+                assert nb2 == nbytes, (nb2, nbytes)
+                row["pull_socket_s"].append(secs2)
                 row["socket_s"].append(_socket_once(info["socket"], nbytes))
+                row["socket_alloc_s"].append(_socket_once(info["socket"], nbytes, alloc_in_timer=True))
                 print(
-                    f"  round {r + 1} {size:>6} tokens {nbytes / 1e6:8.1f} MB: gRPC {nbytes / secs / 1e6:8.1f} MB/s, "
-                    f"socket {nbytes / row['socket_s'][-1] / 1e6:8.1f} MB/s",
+                    f"  round {r + 1} {size:>6} tokens {nbytes / 1e6:8.1f} MB: Pull/gRPC {nbytes / secs / 1e6:8.1f} "
+                    f"MB/s, Pull/data socket {nbytes / secs2 / 1e6:8.1f} MB/s, "
+                    f"raw socket {nbytes / row['socket_s'][-1] / 1e6:8.1f} MB/s "
+                    f"({nbytes / row['socket_alloc_s'][-1] / 1e6:.1f} with its buffer allocated in the timer)",
                     flush=True,
                 )
     finally:
@@ -180,17 +196,32 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dic
     for key, row in rows.items():
         total = row["bytes"][0]
         g = [total / s / 1e6 for s in row["grpc_s"]]
+        d = [total / s / 1e6 for s in row["pull_socket_s"]]
         k = [total / s / 1e6 for s in row["socket_s"]]
         ratios = [a / b for a, b in zip(g, k, strict=True)]
+        dratios = [a / b for a, b in zip(d, k, strict=True)]
+        ka = [total / s / 1e6 for s in row["socket_alloc_s"]]
+        aratios = [a / b for a, b in zip(d, ka, strict=True)]
         out[key] = {
             "bytes": total,
             "grpc_ms": [s * 1e3 for s in row["grpc_s"]],
+            "pull_socket_ms": [s * 1e3 for s in row["pull_socket_s"]],
             "socket_ms": [s * 1e3 for s in row["socket_s"]],
             "grpc_MBps_median": float(np.median(g)),
+            "pull_socket_MBps_median": float(np.median(d)),
             "socket_MBps_median": float(np.median(k)),
             "ratio_median": float(np.median(ratios)),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "pull_socket_ratio_median": float(np.median(dratios)),
+            "pull_socket_ratio_min": min(dratios),
+            "pull_socket_ratio_max": max(dratios),
+            # the bound again, the receive buffer's allocation (page faults) counted as a pull counts it
+            "socket_alloc_ms": [s * 1e3 for s in row["socket_alloc_s"]],
+            "socket_alloc_MBps_median": float(np.median(ka)),
+            "pull_socket_vs_alloc_ratio_median": float(np.median(aratios)),
+            "pull_socket_vs_alloc_ratio_min": min(aratios),
+            "pull_socket_vs_alloc_ratio_max": max(aratios),
         }
     return out
 
@@ -295,8 +326,9 @@ def _plot(result: dict[str, Any], png: Path) -> None:
     if tr:
         sizes = list(tr)
         x = np.arange(len(sizes))
-        axes[0].bar(x - 0.2, [tr[s]["grpc_MBps_median"] for s in sizes], 0.4, label="KvTransfer.Pull (gRPC)")
-        axes[0].bar(x + 0.2, [tr[s]["socket_MBps_median"] for s in sizes], 0.4, label="raw TCP socket (bound)")
+        axes[0].bar(x - 0.27, [tr[s]["grpc_MBps_median"] for s in sizes], 0.27, label="Pull, gRPC stream")
+        axes[0].bar(x, [tr[s].get("pull_socket_MBps_median", 0) for s in sizes], 0.27, label="Pull, data socket")
+        axes[0].bar(x + 0.27, [tr[s]["socket_MBps_median"] for s in sizes], 0.27, label="raw TCP socket (bound)")
         axes[0].set_xticks(x, [f"{int(s) // 1024}k tokens" for s in sizes])
         axes[0].set_ylabel("MB/s (median of rounds)")
         axes[0].set_title("KV transfer, loopback")
@@ -358,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.time() - t0, 1)
     result["cpus"] = os.cpu_count()
     if args.json is not None:
+        if args.only is not None and args.json.exists():  # one part re-run: keep the other part's results
+            result = {**json.loads(args.json.read_text()), **result}
         write_json(args.json, result)
         print(f"wrote {args.json}")
         if args.plot:

@@ -81,6 +81,7 @@ class WorkerSettings:
     pool: str = DEFAULT_POOL  # worker pool (Consul tag pool=NAME; discovery/pools.py)
     role: str = "both"  # prefill | decode | both (Consul tag role=<role>)
     kv_transfer_gbps: float = 0.0  # mocker: modelled KV transfer speed, GB/s (0: instant)
+    kv_transfer_path: str = "socket"  # KV bytes over a one-shot data socket (socket) or the Pull stream (grpc)
 
 
 class WorkerApp:
@@ -102,6 +103,7 @@ class WorkerApp:
             instance_id=self.instance_id,
             role=settings.role,
             geometry=geometry_for(engine, self.card),
+            kv_transfer_path=settings.kv_transfer_path,
         )
         if settings.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {settings.role!r}")
@@ -171,7 +173,9 @@ class WorkerApp:
             _add(
                 self.server,
                 kv_transfer_pb2_grpc.add_KvTransferServiceServicer_to_server,
-                KvTransferServicer(self.engine, self.ctx.geometry, s.kv_transfer_gbps),
+                KvTransferServicer(
+                    self.engine, self.ctx.geometry, s.kv_transfer_gbps, s.kv_transfer_path, host=s.host, tls=s.tls
+                ),
                 "dynamo_grpc.v1.KvTransferService",
             )
             self.metrics.watch_leases(self.engine.lease_counts)

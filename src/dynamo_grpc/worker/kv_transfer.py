@@ -10,12 +10,18 @@ tensors (the mocker) send empty chunks that take the time the model card's KV si
 
 Client side (``pull``): checks the handle's layout against the decoder's own, then collects the chunks
 into a :class:`~dynamo_grpc.engines.base.KvImport` for the engine.
+
+Byte path (``--kv-transfer-path``, default socket): the decoder asks for a data socket; the server's
+first response names a one-shot port and token (kv_socket.py) and the chunks go over that socket, TLS
+like the gRPC listener. When the decoder cannot connect, the server streams the chunks over gRPC after
+``accept_timeout_s``; a server or client with the path set to grpc never opens one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +34,10 @@ from dynamo_grpc.engines.core.driver import CoreEngine
 from dynamo_grpc.models.card import ModelCard
 from dynamo_grpc.observability import spans
 from dynamo_grpc.transport import ChannelOptions, open_channel
+from dynamo_grpc.transport.channel import default_tls
+from dynamo_grpc.transport.tls import TlsConfig
 from dynamo_grpc.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+from dynamo_grpc.worker import kv_socket
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +87,78 @@ class KvGeometry:
 class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
     """Pull and Release over an engine core's leases."""
 
-    def __init__(self, engine: CoreEngine, geometry: KvGeometry, transfer_gbps: float = 0.0) -> None:
+    def __init__(
+        self,
+        engine: CoreEngine,
+        geometry: KvGeometry,
+        transfer_gbps: float = 0.0,
+        path: str = "socket",
+        host: str = "127.0.0.1",
+        tls: TlsConfig | None = None,
+        accept_timeout_s: float = 3.0,
+    ) -> None:
         self.engine = engine
         self.geometry = geometry
         #: mocker: modelled link speed in GB/s (0: transfers take no time)
         self.transfer_gbps = transfer_gbps
+        #: "socket": offer a data socket to decoders that ask; "grpc": always stream over gRPC
+        self.path = path
+        #: where data sockets listen (the gRPC listener's host) and their TLS (the listener's)
+        self.host = host
+        self.tls = tls
+        #: how long a data socket waits for its decoder before the chunks go over gRPC instead
+        self.accept_timeout_s = accept_timeout_s
         self.blocks_sent = 0
         self.bytes_sent = 0
+        self.socket_pulls = 0
+        self.socket_fallbacks = 0
+
+    async def _chunks(self, ids: list[int], first: int, per: int) -> AsyncIterator[tuple[int, int, bytes, int]]:
+        """(block index, blocks, data, nbytes) per chunk, one chunk copied out of the cache at a time."""
+        g = self.geometry
+        for start in range(first, len(ids), per):
+            part = ids[start : start + per]
+            n = len(part)
+            if g.moves_bytes:
+                data = await asyncio.to_thread(self.engine.export_blocks, part)
+                nbytes = len(data)
+            else:
+                data, nbytes = b"", n * g.block_nbytes
+                if self.transfer_gbps > 0:
+                    await asyncio.sleep(nbytes / (self.transfer_gbps * 1e9))
+            self.blocks_sent += n
+            self.bytes_sent += nbytes
+            yield start, n, data, nbytes
+
+    def _send_all(self, conn: socket.socket, ids: list[int], first: int, per: int) -> None:
+        for start in range(first, len(ids), per):
+            part = ids[start : start + per]
+            data = self.engine.export_blocks(part)
+            kv_socket.send_chunk(conn, start, len(part), len(data), data)
+            self.blocks_sent += len(part)
+            self.bytes_sent += len(data)
+
+    async def _over_socket(
+        self, listener: kv_socket.DataListener, ids: list[int], first: int, per: int, context: grpc.aio.ServicerContext
+    ) -> bool:
+        """Send over the data socket; False when no decoder connected in time (the caller falls back)."""
+        conn = await listener.accept(self.accept_timeout_s)
+        if conn is None:
+            self.socket_fallbacks += 1
+            log.warning("KV data socket on port %d: no decoder came; streaming over gRPC", listener.port)
+            return False
+        self.socket_pulls += 1
+        try:
+            if self.geometry.moves_bytes:  # one thread copies and writes every chunk: no loop hop per chunk
+                await asyncio.to_thread(self._send_all, conn, ids, first, per)
+            else:
+                async for start, n, data, nbytes in self._chunks(ids, first, per):
+                    await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
+        except OSError as e:
+            await errors.abort(context, errors.Unavailable(f"KV data socket broke: {e}"))
+        finally:
+            conn.close()
+        return True
 
     async def Pull(
         self, request: kv_transfer_pb2.PullRequest, context: grpc.aio.ServicerContext
@@ -103,20 +177,22 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
                     context, errors.InvalidArgument(f"first_block {first} is past the lease's {total} blocks")
                 )
             per = request.blocks_per_chunk or max(1, CHUNK_BYTES // max(g.block_nbytes, 1))
-            ids = lease.block_ids
-            with spans.span("kv_transfer.send", request_id=lease_id, blocks=total - first):
-                for start in range(first, total, per):
-                    part = ids[start : start + per]
-                    n = len(part)
-                    if g.moves_bytes:
-                        data = await asyncio.to_thread(self.engine.export_blocks, part)
-                        nbytes = len(data)
-                    else:
-                        data, nbytes = b"", n * g.block_nbytes
-                        if self.transfer_gbps > 0:
-                            await asyncio.sleep(nbytes / (self.transfer_gbps * 1e9))
-                    self.blocks_sent += n
-                    self.bytes_sent += nbytes
+            ids = list(lease.block_ids)
+            with spans.span("kv_transfer.send", request_id=lease_id, blocks=total - first) as sp:
+                if request.data_socket and self.path == "socket" and first < total:
+                    listener = kv_socket.DataListener(self.host, self.tls)
+                    try:
+                        offer = kv_transfer_pb2.DataSocket(port=listener.port, token=listener.token)
+                        yield kv_transfer_pb2.PullResponse(
+                            block_index=first, layout=g.layout(total - first), data_socket=offer
+                        )
+                        sent = await self._over_socket(listener, ids, first, per, context)
+                    finally:
+                        listener.close()
+                    spans.set_attributes(sp, path="socket" if sent else "grpc-fallback")
+                    if sent:
+                        return
+                async for start, n, data, nbytes in self._chunks(ids, first, per):
                     yield kv_transfer_pb2.PullResponse(
                         block_index=start, data=data, layout=g.layout(n), num_blocks=n, nbytes=nbytes
                     )
@@ -162,8 +238,13 @@ async def pull(
     geometry: KvGeometry,
     timeout: float | None = None,
     blocks_per_chunk: int = 0,
+    path: str = "socket",
 ) -> PullResult:
-    """Pull a handle's blocks from ``first_block`` on into a KvImport (errors.py classes on failure)."""
+    """Pull a handle's blocks from ``first_block`` on into a KvImport (errors.py classes on failure).
+
+    ``path="socket"`` asks for the data socket (TLS from the process default, like the channel); when
+    connecting fails before any byte arrived the server's gRPC fallback stream is read instead.
+    """
     if handle.HasField("layout"):
         why = geometry.mismatch(handle.layout)
         if why is not None:
@@ -172,24 +253,57 @@ async def pull(
     kv = KvImport(first_block, handle.num_tokens)
     t0 = time.perf_counter()
     nbytes = 0
-    req = kv_transfer_pb2.PullRequest(handle=handle, first_block=first_block, blocks_per_chunk=blocks_per_chunk)
+    expected = -(-handle.num_tokens // geometry.block_size) - first_block
+    req = kv_transfer_pb2.PullRequest(
+        handle=handle, first_block=first_block, blocks_per_chunk=blocks_per_chunk, data_socket=path == "socket"
+    )
     call = stub.Pull(req, timeout=timeout)
     try:
         async for chunk in call:
             why = geometry.mismatch(chunk.layout)
             if why is not None:
                 raise errors.FailedPrecondition(f"KV chunk from {handle.address} does not fit: {why}")
+            if chunk.HasField("data_socket"):
+                size = expected * geometry.block_nbytes if geometry.moves_bytes else 0
+                over = await _receive(handle.address, chunk.data_socket, expected, timeout, size)
+                if over is not None:
+                    kv.chunks.extend(over.chunks)
+                    nbytes += over.nbytes
+                continue
             kv.chunks.append((chunk.block_index, chunk.num_blocks, chunk.data))
             nbytes += chunk.nbytes
     except grpc.aio.AioRpcError as e:
         raise errors.from_grpc(e, f"KV pull from {handle.address}") from None
     finally:
         call.cancel()
-    expected = -(-handle.num_tokens // geometry.block_size) - first_block
     got = sum(n for _, n, _ in kv.chunks)
     if got != expected:
         raise errors.Unavailable(f"KV pull from {handle.address} ended after {got} of {expected} blocks")
     return PullResult(kv, nbytes, time.perf_counter() - t0)
+
+
+async def _receive(
+    address: str, offer: kv_transfer_pb2.DataSocket, blocks: int, timeout: float | None, expect_bytes: int
+) -> kv_socket.Received | None:
+    """The chunks over the offered data socket; None when it could not be reached (the server falls back)."""
+    host = address.rsplit(":", 1)[0]
+    try:
+        return await asyncio.to_thread(
+            kv_socket.receive,
+            host,
+            offer.port,
+            offer.token,
+            blocks,
+            default_tls(),
+            timeout or kv_socket.IO_TIMEOUT_S,
+            expect_bytes,
+        )
+    except OSError as e:
+        got: kv_socket.Received | None = getattr(e, "received", None)
+        if got is not None and got.started:
+            raise errors.Unavailable(f"KV data socket {host}:{offer.port} broke mid-transfer: {e}") from None
+        log.warning("KV data socket %s:%d unreachable (%s); reading the gRPC fallback", host, offer.port, e)
+        return None
 
 
 async def release(channel: grpc.aio.Channel, handle: kv_transfer_pb2.KvHandle, timeout: float = 5.0) -> None:

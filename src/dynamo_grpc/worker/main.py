@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mocker: modelled KV transfer speed in gigabytes per second (0: transfers take no time); "
         "refused on other engines, which move real bytes",
     )
+    p.add_argument(
+        "--kv-transfer-path",
+        choices=["socket", "grpc"],
+        default="socket",
+        help="how KV bytes move between prefill and decode workers: socket = a one-shot TCP connection beside "
+        "the Pull stream (TLS like gRPC; falls back to the stream when it cannot connect), grpc = the stream",
+    )
     p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
@@ -191,6 +198,7 @@ async def serve(args: argparse.Namespace) -> int:
         pool=args.pool,
         role=args.role,
         kv_transfer_gbps=args.kv_transfer_gbps,
+        kv_transfer_path=args.kv_transfer_path,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:

@@ -61,6 +61,8 @@ class WorkerContext:
     role: str = "both"
     #: KV block geometry, when the engine can lease and move blocks (the engine core); None otherwise
     geometry: KvGeometry | None = None
+    #: "socket": ask prefill workers for a data socket; "grpc": take the bytes on the Pull stream
+    kv_transfer_path: str = "socket"
     #: channels to peers' KvTransferService (decode side)
     kv_channels: kv_transfer.Channels = dataclasses.field(default_factory=kv_transfer.Channels)
     #: KV pulls that failed, so the decoder prefilled locally instead
@@ -274,7 +276,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
         ) as sp:
             try:
                 res = await kv_transfer.pull(
-                    ctx.kv_channels.get(handle.address), handle, first_block, ctx.geometry, context.time_remaining()
+                    ctx.kv_channels.get(handle.address),
+                    handle,
+                    first_block,
+                    ctx.geometry,
+                    context.time_remaining(),
+                    path=ctx.kv_transfer_path,
                 )
             except errors.DynamoError as e:
                 ctx.pull_fallbacks += 1
