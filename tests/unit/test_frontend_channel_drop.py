@@ -10,7 +10,7 @@ DecodeService on loopback streams slowly; the ``yields`` place the departure ins
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 import pytest
@@ -105,3 +105,18 @@ async def test_a_call_cancelled_by_its_channel_closing_is_worker_lost_not_silenc
         assert client.pool.inflight(address) == 0
     finally:
         await client.pool.close()
+
+
+async def test_a_worker_stream_cancelled_under_the_reader_is_worker_lost() -> None:
+    """Whatever cancels a worker stream on this side (not the reader closing it), the reader hears of it."""
+
+    async def cut() -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+        yield worker_pb2.DecodeResponse(token_ids=[7])
+        raise asyncio.CancelledError  # what grpc.aio raises for a call cancelled on this side
+
+    got: list[int] = []
+    with pytest.raises(errors.WorkerLost, match="cancelled on this side"):
+        async with asyncio.timeout(WAIT_S):
+            async for resp in coalesced(cut()):
+                got.extend(resp.token_ids)
+    assert got == [7]
