@@ -33,10 +33,8 @@ class Slow(worker_pb2_grpc.DecodeServiceServicer):
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         for i in range(TOKENS):
             await asyncio.sleep(0.05)
-            last = i == TOKENS - 1
-            yield worker_pb2.DecodeResponse(
-                token_ids=[i], finish_reason=common_pb2.FINISH_REASON_LENGTH if last else 0
-            )
+            reason = common_pb2.FINISH_REASON_LENGTH if i == TOKENS - 1 else common_pb2.FINISH_REASON_UNSPECIFIED
+            yield worker_pb2.DecodeResponse(token_ids=[i], finish_reason=reason)
 
 
 @pytest.fixture
