@@ -78,3 +78,34 @@ async def test_a_replaced_card_is_not_trusted_and_its_worker_is_skipped(agent: s
         served = registry.get("m-trust")
         assert served is not None and [w.instance_id for w in served.workers] == ["w-a"]
         assert served.card.context_length == 2048
+
+
+async def test_a_queued_reapply_does_not_bring_back_an_older_registration(agent: str) -> None:
+    """A worker registers, then re-registers naming its card session. A re-apply queued while the reader
+    still had the first registration must apply the newest one when it runs, or the worker stays skipped."""
+    async with _discovery(agent) as worker, _discovery(agent) as reader:
+        await worker.register(Instance("dynamo-worker", "w-late", "127.0.0.1", 7001, meta={"model": "m-late"}))
+        await worker.put_model_card("m-late", "w-late", {**CARD, "name": "m-late"})
+        fresh = await asyncio.wait_for(reader.watch("dynamo-worker", tags=[]).__anext__(), 10)
+        fresh = [i for i in fresh if i.instance_id == "w-late"]
+        assert fresh and CARD_SESSION_META in fresh[0].meta
+        stale = [Instance("dynamo-worker", "w-late", "127.0.0.1", 7001, tags=list(fresh[0].tags),
+                          meta={k: v for k, v in fresh[0].meta.items() if k != CARD_SESSION_META})]  # fmt: skip
+
+        async def no_fetch(*_: str) -> bytes:
+            raise AssertionError("the tokenizer is cached")
+
+        async def load(model: str) -> object:
+            return await reader.get_model_card_entries(model)
+
+        registry = ModelRegistry(no_fetch, load)
+        registry.add(ServedModel("m-late", ModelCard.from_dict({**CARD, "name": "m-late"}), tokenizer=object()))  # type: ignore[arg-type]
+        await registry.apply_workers(stale)  # the first registration: no card_session yet, skipped
+        served = registry.get("m-late")
+        assert served is not None and served.workers == []
+        registry._view_changed()  # another component changed the shared view: a re-apply is queued...
+        await registry.apply_workers(fresh)  # ...and the re-registration arrives before it runs
+        registry._cards_changed = True  # as the card watch marks it: the re-apply re-checks every card
+        assert registry._reapply is not None
+        await registry._reapply
+        assert [w.instance_id for w in served.workers] == ["w-late"]

@@ -129,13 +129,22 @@ class ModelRegistry:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._reapply = loop.create_task(self.apply_workers(self._last), name="registry-reapply")
+        self._reapply = loop.create_task(self.apply_workers(), name="registry-reapply")
 
-    async def apply_workers(self, instances: Iterable[InstanceLike]) -> None:
-        """Bring the model table in line with a snapshot of passing `dynamo-worker` instances."""
+    async def apply_workers(self, instances: Iterable[InstanceLike] | None = None) -> None:
+        """Bring the model table in line with a snapshot of passing `dynamo-worker` instances (None: the
+        newest one received again).
+
+        Whatever snapshot a call brings, the newest one received is what gets applied: a re-apply queued
+        behind the lock must not bring back an older registration (one without its card_session, say) after
+        a newer one was applied, or that worker stays skipped until something else changes.
+        """
+        if instances is not None:
+            self._last = list(instances)
         async with self._lock:
-            snapshot = list(instances)
-            self._last = snapshot
+            if self._last is None:
+                return
+            snapshot = self._last
             valid = self.registrations.valid(snapshot)
             for iid, why in self.registrations.reasons.items():
                 self.view.skip(iid, "registration", why)
@@ -276,7 +285,7 @@ class ModelRegistry:
         async for _ in discovery.watch_model_cards():
             if not first and self._last is not None:
                 self._cards_changed = True
-                await self.apply_workers(self._last)
+                await self.apply_workers()
             first = False
 
     def _pending(self, snapshot: list[Any]) -> bool:
@@ -289,4 +298,4 @@ class ModelRegistry:
         while self._pending(snapshot):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-            await self.apply_workers(snapshot)
+            await self.apply_workers()  # the newest snapshot, not the one this retry started from
