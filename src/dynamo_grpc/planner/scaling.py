@@ -146,3 +146,36 @@ class Hysteresis:
             else:
                 out[pool] = have
         return out
+
+
+#: a between-interval check acts only on a window with at least this many arrivals: fewer is Poisson noise
+#: (10 arrivals: +-30 %), and a burst at the base rate must not buy workers
+SURGE_MIN_REQUESTS = 10
+
+
+def surge_targets(
+    profile: Profile,
+    window: Load,
+    arrivals: float,
+    targets: Targets,
+    corrections: dict[str, float],
+    current: dict[str, int],
+    bounds: dict[str, Bounds],
+    budget: int | None,
+) -> dict[str, int]:
+    """Emergency scale-up between intervals (docs/planner.md "Surges"): the pools whose short window of traffic
+    already needs more replicas than they have, with the count each should grow to.
+
+    A pool that falls short grows to ``ceil(need) + 1``: the load is rising (it outran the interval's forecast),
+    so by the time a new worker is up it needs more than the window shows. Never shrinks a pool; the interval
+    decision and its hysteresis do that."""
+    if arrivals < SURGE_MIN_REQUESTS:
+        return {}
+    need = needs(profile, window, targets, corrections, list(current))
+    grown = dict(current)
+    for pool, n in need.items():
+        want = replicas_for(n, bounds[pool])
+        if want > current[pool]:
+            grown[pool] = min(bounds[pool].max, want + 1)
+    grown = fit_budget(grown, bounds, budget)
+    return {p: n for p, n in grown.items() if n > current[p]}
