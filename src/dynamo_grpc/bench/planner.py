@@ -7,7 +7,8 @@ the same requests, each on a fresh mesh (consul-dev, a frontend, workers started
 * ``average``: a fixed fleet sized by the profile for the envelope's mean rate;
 * ``peak``: the smallest fixed fleet that meets the attainment goal at the peak rate, found by probing the peak
   alone with growing fleets (so the cost comparison is not against a needlessly large fleet);
-* ``planner``: the planner with the local connector, from ``--min-replicas``.
+* ``planner``: the planner with the local connector, from ``--min-replicas``, with surge checks every
+  ``--surge-check`` s (default a quarter of the interval).
 
 Per run: SLA attainment (requests with TTFT <= target and mean ITL <= target, over all sent), worker-seconds over the
 replay (a worker counts from spawn to exit: starting and draining cost too), failed requests, and a plot of load,

@@ -139,6 +139,7 @@ class Planner:
         #: a second reader of the same metrics (its own baseline), for the surge checks; None: no surge checks
         self.surge_source = surge_source if config.surge_every_s > 0 else None
         self._surge_window: list[Observation] = []
+        self._surge_quiet = 0
 
     # -- one decision --------------------------------------------------------------------------
     async def step(self) -> Decision:
@@ -188,7 +189,8 @@ class Planner:
         return decision
 
     async def surge_check(self) -> Decision | None:
-        """Between intervals: grow the pools the last two short windows' arrivals already overload."""
+        """Between intervals: grow the pools the last two short windows already overload (their rate, or the
+        latest one's latencies); then skip two checks while the new workers start."""
         if self.surge_source is None:
             return None
         try:
@@ -200,6 +202,9 @@ class Planner:
         if obs.duration_s <= 0:
             return None
         self._surge_window = [*self._surge_window[-1:], obs]
+        if self._surge_quiet > 0:  # the last surge's workers are starting: its window still shows the shortfall
+            self._surge_quiet -= 1
+            return None
         duration = sum(o.duration_s for o in self._surge_window)
         arrivals = sum(o.requests for o in self._surge_window)
         lengths = Load(0.0, self.predictors["isl"].predict(), self.predictors["osl"].predict())
@@ -216,9 +221,12 @@ class Planner:
             {p: current.get(p, 0) for p in self.config.pools},
             self.config.bounds,
             self.config.budget,
+            obs.ttft_s,
+            obs.itl_s,
         )
         if not grow:
             return None
+        self._surge_quiet = 2
         errors: list[str] = []
         for pool, n in grow.items():
             self.metrics.decisions.labels(pool, "surge").inc()
@@ -231,7 +239,13 @@ class Planner:
         need = needs(self.profile, window, self.config.targets, self.corrections, self.config.pools)
         decision = Decision(
             at=time.time(),
-            observed={"rate": window.rate, "requests": arrivals, "duration_s": duration},
+            observed={
+                "rate": window.rate,
+                "requests": arrivals,
+                "duration_s": duration,
+                "ttft_s": obs.ttft_s,
+                "itl_s": obs.itl_s,
+            },
             predicted={"rate": window.rate, "isl": window.isl, "osl": window.osl},
             corrections=dict(self.corrections),
             needs=need,
