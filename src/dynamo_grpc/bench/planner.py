@@ -7,7 +7,8 @@ the same requests, each on a fresh mesh (consul-dev, a frontend, workers started
 * ``average``: a fixed fleet sized by the profile for the envelope's mean rate;
 * ``peak``: the smallest fixed fleet that meets the attainment goal at the peak rate, found by probing the peak
   alone with growing fleets (so the cost comparison is not against a needlessly large fleet);
-* ``planner``: the planner with the local connector, from ``--min-replicas``.
+* ``planner``: the planner with the local connector, from ``--min-replicas``, with surge checks every
+  ``--surge-check`` s (default a quarter of the interval).
 
 Per run: SLA attainment (requests with TTFT <= target and mean ITL <= target, over all sent), worker-seconds over the
 replay (a worker counts from spawn to exit: starting and draining cost too), failed requests, and a plot of load,
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=10.0, help="planner adjustment interval (time-compressed)")
     p.add_argument("--predictor", default="trend", help="the planner's forecast (a 20 s ramp is two 10 s intervals)")
     p.add_argument("--scale-down-after", type=int, default=2)
+    p.add_argument(
+        "--surge-check", type=float, default=None, help="planner emergency-check period (default interval/4; 0: off)"
+    )
+    p.add_argument("--peak-fleet", type=int, default=None, help="skip the probes: the peak fleet a previous run found")
+
     p.add_argument("--ttft-target", type=float, default=0.5)
     p.add_argument("--itl-target", type=float, default=0.05)
     p.add_argument("--min-replicas", type=int, default=1)
@@ -163,8 +169,9 @@ async def run_once(
                 interval_s=args.interval,
                 predictor=args.predictor,
                 down_after=args.scale_down_after,
+                surge_check_s=args.surge_check,
             )
-            planner = Planner(cfg, profile, ScrapeSource(lambda: fe), conn)
+            planner = Planner(cfg, profile, ScrapeSource(lambda: fe), conn, surge_source=ScrapeSource(lambda: fe))
             tasks.append(asyncio.create_task(planner.run(stop)))
         records = await driver.run(requests, lambda r: prompt_tokens(r, None, salt=11))
         t_end = time.monotonic()
@@ -182,6 +189,7 @@ async def run_once(
             out["decisions"] = [
                 {
                     "t": round(d.at - wall0, 1),
+                    "kind": d.kind,
                     "observed_rate": d.observed.get("rate"),
                     "predicted_rate": round(d.predicted["rate"], 3),
                     "need": round(d.needs[AGG], 2),
@@ -284,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         probe_env = Envelope(env.peak_rate, 1.0, args.probe_s, 0.0, 0.0, 0.0)
         probe_reqs = workload(trace, probe_env, args.max_input, args.max_output)
         n = max(1, agg_replicas(profile, env.peak_rate, isl, osl, args) - 1)
-        probes = []
-        while True:
+        probes: list[dict[str, Any]] = []
+        if args.peak_fleet is not None:
+            n = args.peak_fleet
+        while args.peak_fleet is None:
             print(f"== peak-fleet probe: {n} workers at {env.peak_rate:.2f} req/s", file=sys.stderr, flush=True)
             r = await run_once(f"probe-{n}", probe_reqs, args, profile, n, work)
             probes.append(
@@ -355,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             "min": args.min_replicas,
             "max": args.max_replicas,
             "scale_down_after": args.scale_down_after,
+            "surge_check_s": args.interval / 4.0 if args.surge_check is None else args.surge_check,
         },
         "worker_args": args.worker_args,
         "profile": str(profile_path),
         "average_fleet": res["average_fleet"],
         "peak_fleet": res["peak_fleet"],
-        "peak_probes": res["peak_probes"],
+        "peak_probes": res["peak_probes"] or f"skipped: --peak-fleet {args.peak_fleet}",
         "summary": {
             run: {k: spread(run, k) for k in ("sla_attainment", "ttft_attainment", "worker_seconds", "failed")}
             for run in ("average", "peak", "planner")

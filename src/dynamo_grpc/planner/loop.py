@@ -32,6 +32,7 @@ from dynamo_grpc.planner.scaling import (
     fit_budget,
     needs,
     replicas_for,
+    surge_targets,
 )
 
 log = logging.getLogger("dynamo_grpc.planner")
@@ -60,6 +61,13 @@ class PlannerConfig:
     #: decisions in a row that must ask for fewer replicas before a pool shrinks
     down_after: int = 2
     correction: bool = True
+    #: seconds between emergency checks of the short-window load (docs/planner.md "Surges"); None: a quarter of
+    #: the interval; 0: off
+    surge_check_s: float | None = None
+
+    @property
+    def surge_every_s(self) -> float:
+        return self.interval_s / 4.0 if self.surge_check_s is None else self.surge_check_s
 
     def __post_init__(self) -> None:
         for pool in self.pools:
@@ -75,6 +83,8 @@ class PlannerConfig:
             raise ValueError("the adjustment interval must be positive")
         if self.targets.ttft_s <= 0 or self.targets.itl_s <= 0:
             raise ValueError("TTFT and ITL targets must be positive")
+        if self.surge_check_s is not None and not 0 <= self.surge_check_s < self.interval_s:
+            raise ValueError("the surge check period must be >= 0 (0: off) and shorter than the interval")
 
 
 @dataclass
@@ -87,6 +97,8 @@ class Decision:
     current: dict[str, int]
     target: dict[str, int]
     errors: list[str] = field(default_factory=list)
+    #: "interval" (the regular decision) or "surge" (an emergency scale-up between intervals)
+    kind: str = "interval"
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -108,6 +120,7 @@ class Planner:
         connector: Connector,
         metrics: PlannerMetrics | None = None,
         on_decision: Callable[[Decision], None] | None = None,
+        surge_source: Source | None = None,
     ) -> None:
         self.config = config
         self.profile = profile
@@ -123,6 +136,10 @@ class Planner:
         self.corrections = {PREFILL: 1.0, DECODE: 1.0}
         self.hysteresis = Hysteresis(config.down_after)
         self.decisions: list[Decision] = []
+        #: a second reader of the same metrics (its own baseline), for the surge checks; None: no surge checks
+        self.surge_source = surge_source if config.surge_every_s > 0 else None
+        self._surge_window: list[Observation] = []
+        self._surge_quiet = 0
 
     # -- one decision --------------------------------------------------------------------------
     async def step(self) -> Decision:
@@ -166,6 +183,78 @@ class Planner:
         )
         self._export(decision, obs, pred)
         log.info("planner decision %s", decision.to_json())
+        self.decisions.append(decision)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        return decision
+
+    async def surge_check(self) -> Decision | None:
+        """Between intervals: grow the pools the last two short windows already overload (their rate, or the
+        latest one's latencies); then skip two checks while the new workers start."""
+        if self.surge_source is None:
+            return None
+        try:
+            obs = await asyncio.to_thread(self.surge_source.observe)
+        except ObserveError as e:
+            self.metrics.errors.labels("observe").inc()
+            log.warning("planner surge check: %s", e)
+            return None
+        if obs.duration_s <= 0:
+            return None
+        self._surge_window = [*self._surge_window[-1:], obs]
+        if self._surge_quiet > 0:  # the last surge's workers are starting: its window still shows the shortfall
+            self._surge_quiet -= 1
+            return None
+        duration = sum(o.duration_s for o in self._surge_window)
+        arrivals = sum(o.requests for o in self._surge_window)
+        lengths = Load(0.0, self.predictors["isl"].predict(), self.predictors["osl"].predict())
+        if lengths.isl <= 0:  # no interval finished yet: the window's own lengths
+            lengths = obs.load(lengths)
+        window = Load(arrivals / duration, lengths.isl, lengths.osl)
+        current = await self.connector.replicas()
+        grow = surge_targets(
+            self.profile,
+            window,
+            arrivals,
+            self.config.targets,
+            self.corrections,
+            {p: current.get(p, 0) for p in self.config.pools},
+            self.config.bounds,
+            self.config.budget,
+            obs.ttft_s,
+            obs.itl_s,
+        )
+        if not grow:
+            return None
+        self._surge_quiet = 2
+        errors: list[str] = []
+        for pool, n in grow.items():
+            self.metrics.decisions.labels(pool, "surge").inc()
+            try:
+                await self.connector.scale(pool, n)
+            except ConnectorError as e:
+                errors.append(str(e))
+                self.metrics.errors.labels("scale").inc()
+                log.error("planner: %s", e)
+        need = needs(self.profile, window, self.config.targets, self.corrections, self.config.pools)
+        decision = Decision(
+            at=time.time(),
+            observed={
+                "rate": window.rate,
+                "requests": arrivals,
+                "duration_s": duration,
+                "ttft_s": obs.ttft_s,
+                "itl_s": obs.itl_s,
+            },
+            predicted={"rate": window.rate, "isl": window.isl, "osl": window.osl},
+            corrections=dict(self.corrections),
+            needs=need,
+            current=current,
+            target={**current, **grow},
+            errors=errors,
+            kind="surge",
+        )
+        log.warning("planner surge %s", decision.to_json())
         self.decisions.append(decision)
         if self.on_decision is not None:
             self.on_decision(decision)
@@ -230,14 +319,25 @@ class Planner:
             low = self.config.bounds[pool].min
             if current.get(pool, 0) < low:
                 await self.connector.scale(pool, low)
-        try:
-            await asyncio.to_thread(self.source.observe)  # the baseline the first interval is measured from
-        except ObserveError as e:  # no frontend yet: the first decision observes again
-            log.warning("planner: %s", e)
-        while not stop.is_set():
+        for src in (self.source, self.surge_source):
+            if src is None:
+                continue
             try:
-                await asyncio.wait_for(stop.wait(), self.config.interval_s)
+                await asyncio.to_thread(src.observe)  # the baseline the first interval is measured from
+            except ObserveError as e:  # no frontend yet: the first decision observes again
+                log.warning("planner: %s", e)
+        loop = asyncio.get_running_loop()
+        every = self.config.surge_every_s if self.surge_source is not None else self.config.interval_s
+        next_decision = loop.time() + self.config.interval_s
+        while not stop.is_set():
+            wake = min(next_decision, loop.time() + every)
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, wake - loop.time()))
                 break
             except TimeoutError:
                 pass
-            await self.step()
+            if loop.time() >= next_decision - 1e-3:
+                next_decision += self.config.interval_s
+                await self.step()
+            else:
+                await self.surge_check()

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: worker processes here; kubernetes: Deployments; virtual: decide and export only (dry run)",
     )
     p.add_argument("--adjustment-interval", type=float, default=180.0, help="seconds between decisions")
+    p.add_argument(
+        "--surge-check",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between emergency scale-up checks of the last two such windows' load "
+        "(default: a quarter of --adjustment-interval; 0: off)",
+    )
     p.add_argument("--ttft-target", type=float, default=0.5, help="seconds, mean time to first token")
     p.add_argument("--itl-target", type=float, default=0.05, help="seconds, mean inter-token latency")
     p.add_argument(
@@ -147,6 +155,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             window=args.predictor_window,
             down_after=args.scale_down_after,
             correction=args.correction,
+            surge_check_s=args.surge_check,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -221,6 +230,14 @@ async def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         if args.prometheus
         else ScrapeSource(lambda: _frontend_targets(args))
     )
+    surge_every = cfg.surge_every_s
+    surge_source = (
+        None
+        if surge_every <= 0
+        else PrometheusSource(args.prometheus, surge_every, args.prometheus_selector)
+        if args.prometheus
+        else ScrapeSource(lambda: _frontend_targets(args))
+    )
 
     def record(d: Decision) -> None:
         if args.decisions is not None:
@@ -228,7 +245,7 @@ async def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                 f.write(d.to_json() + "\n")
 
     try:
-        planner = Planner(cfg, profile, source, connector, on_decision=record)
+        planner = Planner(cfg, profile, source, connector, on_decision=record, surge_source=surge_source)
     except ImportError as e:
         parser.error(
             f"--predictor {args.predictor} needs {e.name or 'statsmodels'}: pip install 'dynamo-grpc[planner]'"

@@ -26,6 +26,9 @@ class PlannerMetrics:
             p + "correction", "Observed/expected latency ratio applied (prefill, decode)", ["phase"], registry=r
         )
         self.decisions = Counter(
-            p + "decisions", "Decisions by pool and direction (up, down, hold)", ["pool", "direction"], registry=r
+            p + "decisions",
+            "Decisions by pool and direction (up, down, hold; surge: an emergency scale-up between intervals)",
+            ["pool", "direction"],
+            registry=r,
         )
         self.errors = Counter(p + "errors", "Failed observations or scaling actions", ["stage"], registry=r)

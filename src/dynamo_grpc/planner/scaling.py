@@ -146,3 +146,44 @@ class Hysteresis:
             else:
                 out[pool] = have
         return out
+
+
+#: a between-interval check acts only on a window with at least this many arrivals: fewer is Poisson noise
+#: (10 arrivals: +-30 %), and a burst at the base rate must not buy workers
+SURGE_MIN_REQUESTS = 10
+#: the window's rate must overload a pool by this many replicas' worth before it grows on the rate alone
+SURGE_MARGIN = 0.5
+
+
+def surge_targets(
+    profile: Profile,
+    window: Load,
+    arrivals: float,
+    targets: Targets,
+    corrections: dict[str, float],
+    current: dict[str, int],
+    bounds: dict[str, Bounds],
+    budget: int | None,
+    ttft_s: float | None = None,
+    itl_s: float | None = None,
+) -> dict[str, int]:
+    """Emergency scale-up between intervals (docs/planner.md "Surges"): the pools a short window of traffic already
+    overloads, with the count each should grow to.
+
+    A pool is overloaded when the window's mean latency of its phase is over target (TTFT: prefill, ITL: decode,
+    either: aggregated), or when the window's rate needs ``SURGE_MARGIN`` more replicas than it has. It grows to
+    ``max(ceil(need), current) + 1``: the load is rising (it outran the interval's forecast), so by the time a new
+    worker is up it needs more than the window shows. Never shrinks a pool; the interval decision does that."""
+    if arrivals < SURGE_MIN_REQUESTS:
+        return {}
+    need = needs(profile, window, targets, corrections, list(current))
+    ttft_over = ttft_s is not None and ttft_s > targets.ttft_s
+    itl_over = itl_s is not None and itl_s > targets.itl_s
+    slow = {PREFILL: ttft_over, DECODE: itl_over, AGG: ttft_over or itl_over}
+    grown = dict(current)
+    for pool, n in need.items():
+        have = current[pool]
+        if slow.get(pool, False) or n >= have + SURGE_MARGIN:
+            grown[pool] = min(bounds[pool].max, max(replicas_for(n, bounds[pool]), have) + 1)
+    grown = fit_budget(grown, bounds, budget)
+    return {p: n for p, n in grown.items() if n > current[p]}

@@ -1,0 +1,99 @@
+"""Emergency scale-up between intervals (docs/planner.md "Surges"): a short window whose arrivals already need more
+replicas than a pool has grows it at once, plus one of headroom; too few arrivals, or enough replicas, do nothing;
+a surge never shrinks a pool and stays within the bounds and the budget. The short-window load comes from recorded
+observations, the replicas go to the virtual connector (the dry-run connector of `--connector virtual`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import generate_latest
+
+from dynamo_grpc.planner.connectors.virtual import VirtualConnector
+from dynamo_grpc.planner.loop import Planner, PlannerConfig
+from dynamo_grpc.planner.main import build_parser, config_from_args
+from dynamo_grpc.planner.observe import Observation
+from dynamo_grpc.planner.scaling import AGG, DECODE, PREFILL, SURGE_MIN_REQUESTS, Bounds, Load, Targets, surge_targets
+from tests.unit.test_planner_scaling import profile
+
+T = Targets()
+
+
+def test_a_window_that_outgrows_the_pool_adds_its_need_plus_one() -> None:
+    # 8 req/s (isl 950, osl 100) needs 0.9 + 4.0 = 4.9 aggregated replicas -> 5, plus one of headroom
+    got = surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, {AGG: Bounds(1, 10)}, None)
+    assert got == {AGG: 6}
+
+
+def test_too_few_arrivals_or_enough_replicas_change_nothing() -> None:
+    b = {AGG: Bounds(1, 10)}
+    assert surge_targets(profile(), Load(8, 950, 100), SURGE_MIN_REQUESTS - 1, T, {}, {AGG: 2}, b, None) == {}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 5}, b, None) == {}
+    # a pool above the window's need is not shrunk by a surge check
+    assert surge_targets(profile(), Load(2, 950, 100), 40, T, {}, {AGG: 7}, b, None) == {}
+
+
+def test_a_burst_within_the_margin_buys_nothing() -> None:
+    # 2 req/s needs 1.225 replicas: over the one there is, but by less than SURGE_MARGIN (Poisson noise at the base)
+    assert surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 1}, {AGG: Bounds(1, 10)}, None) == {}
+
+
+def test_latency_over_target_grows_the_pool_of_its_phase_by_one() -> None:
+    b = {AGG: Bounds(1, 10)}
+    # 2 req/s fits 2 replicas by the profile, but the window's ITL says they are not keeping up
+    assert surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 2}, b, None, itl_s=0.06) == {AGG: 3}
+    assert surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 2}, b, None, itl_s=0.04, ttft_s=0.4) == {}
+    bounds = {PREFILL: Bounds(1, 4), DECODE: Bounds(1, 8)}
+    cur = {PREFILL: 1, DECODE: 2}
+    assert surge_targets(profile(), Load(2, 950, 100), 10, T, {}, cur, bounds, None, ttft_s=0.8) == {PREFILL: 2}
+    assert surge_targets(profile(), Load(2, 950, 100), 10, T, {}, cur, bounds, None, itl_s=0.08) == {DECODE: 3}
+
+
+def test_surge_stays_within_bounds_and_budget() -> None:
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, {AGG: Bounds(1, 4)}, None) == {AGG: 4}
+    bounds = {PREFILL: Bounds(1, 4), DECODE: Bounds(1, 8)}
+    # 8 req/s: decode 4.0 -> 4 (+1 = 5); prefill 0.9 -> 1, already there; a budget of 5 leaves decode at 4
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {PREFILL: 1, DECODE: 2}, bounds, 6) == {DECODE: 5}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {PREFILL: 1, DECODE: 2}, bounds, 5) == {DECODE: 4}
+
+
+class Windows:
+    """Short-window observations as the second metrics reader would give them."""
+
+    def __init__(self, rows: list[tuple[float, float]]) -> None:
+        self.obs = [Observation(d, n, None, None, 950, 100) for d, n in rows]
+
+    def observe(self) -> Observation:
+        return self.obs.pop(0)
+
+
+def test_planner_surge_check_scales_up_between_intervals_over_two_windows() -> None:
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    conn = VirtualConnector(cfg.pools, 1)
+    # 2.5 s windows: 6 arrivals (too few alone), then 14: 20 over 5 s = 4 req/s -> need 2.45 -> 3, +1 -> 4
+    planner = Planner(cfg, profile(), Windows([]), conn, surge_source=Windows([(2.5, 6), (2.5, 14), (2.5, 2)]))
+
+    async def go() -> list[object]:
+        return [await planner.surge_check() for _ in range(3)]
+
+    first, second, third = asyncio.run(go())
+    assert second is not None
+    assert first is None and third is None  # the check after a surge is skipped while its workers start
+    assert conn.counts == {AGG: 4}
+    d = planner.decisions[-1]
+    assert d.kind == "surge" and d.current == {AGG: 1} and d.target == {AGG: 4} and d.observed["requests"] == 20
+    text = generate_latest(planner.metrics.registry).decode()
+    assert 'dynamo_planner_decisions_total{direction="surge",pool="worker"} 1.0' in text
+
+
+def test_surge_check_flag_defaults_to_a_quarter_interval_and_zero_turns_it_off() -> None:
+    p = build_parser()
+    base = ["--profile", "p.json", "--adjustment-interval", "60"]
+    assert config_from_args(p.parse_args(base), p).surge_every_s == 15.0
+    off = config_from_args(p.parse_args([*base, "--surge-check", "0"]), p)
+    assert (
+        Planner(off, profile(), Windows([]), VirtualConnector([AGG], 1), surge_source=Windows([])).surge_source is None
+    )
+    with pytest.raises(SystemExit):
+        config_from_args(p.parse_args([*base, "--surge-check", "60"]), p)
