@@ -210,5 +210,10 @@ async def test_prometheus_scrapes_every_process_and_charts_ttft(mesh: Mesh, prom
     assert 0 < p90 < 5, p90  # a real quantile of a sped-up mocker's first tokens, not NaN/+Inf
     # the workers' and the router's series came through Consul too
     for metric in ("dynamo_worker_kv_usage_ratio", "dynamo_router_decisions_total"):
-        res = _query(prometheus, "/api/v1/query", query=f"count({metric})")["result"]
-        assert res and float(res[0]["value"][1]) >= 1, metric
+
+        def scraped(m: str = metric) -> bool:
+            res = _query(prometheus, "/api/v1/query", query=f"count({m})")["result"]
+            return bool(res) and float(res[0]["value"][1]) >= 1
+
+        # each target has its own scrape phase: the router's decisions may land a scrape after the frontend's TTFT
+        _wait(f"{metric} in Prometheus", scraped)
