@@ -7,6 +7,7 @@ carries the pool and the decision's reason.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -14,8 +15,8 @@ import grpc
 from dynamo_grpc import errors
 from dynamo_grpc.observability import spans
 from dynamo_grpc.router.global_router import GlobalRouter, UnknownPool
-from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput
-from dynamo_grpc.router.service import PHASE_NAMES, apply_updates, route_response
+from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers
+from dynamo_grpc.router.service import apply_updates, route_input, route_response
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 
@@ -29,27 +30,8 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
-        served = self.model()
-        if served and request.model and request.model != served:
-            await errors.abort(
-                context, errors.ModelNotFound(f"this router serves model {served!r}, not {request.model!r}")
-            )
-        if not request.token_ids and not request.block_hashes:
-            await errors.abort(context, errors.InvalidArgument("token_ids or block_hashes is required"))
-        phase = PHASE_NAMES.get(request.phase)
-        if phase is None:
-            await errors.abort(context, errors.InvalidArgument(f"phase {request.phase}: unknown RoutePhase value"))
-        assert phase is not None
-        inp = RouteInput(
-            request_id=request.request_id,
-            model=request.model,
-            token_ids=request.token_ids,
-            block_hashes=list(request.block_hashes) or None,
-            lora=request.lora,
-            exclude=list(request.exclude_instance_ids),
-            expected_output_tokens=request.expected_output_tokens,
-            dry_run=request.dry_run,
-        )
+        inp = await route_input(request, context, self.model())
+        phase, inp = inp.phase, dataclasses.replace(inp, phase="aggregated")  # the phase picks the grid only
         try:
             with spans.span("global_router.decide", request_id=request.request_id, model=request.model) as sp:
                 d = self.router.route(inp, phase, request.pool)

@@ -38,12 +38,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
         r = self.router
-        if r.config.model and request.model and request.model != r.config.model:
-            await errors.abort(
-                context, errors.ModelNotFound(f"this router serves model {r.config.model!r}, not {request.model!r}")
-            )
-        if not request.token_ids and not request.block_hashes:
-            await errors.abort(context, errors.InvalidArgument("token_ids or block_hashes is required"))
+        inp = await route_input(request, context, r.config.model)
         if request.pool and request.pool != DEFAULT_POOL:
             await errors.abort(
                 context,
@@ -51,19 +46,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     f"pool {request.pool!r}: this router has no pools (dynamo-grpc global-router routes over pools)"
                 ),
             )
-        inp = RouteInput(
-            request_id=request.request_id,
-            model=request.model,
-            token_ids=request.token_ids,
-            block_hashes=list(request.block_hashes) or None,
-            lora=request.lora,
-            exclude=list(request.exclude_instance_ids),
-            expected_output_tokens=request.expected_output_tokens,
-            dry_run=request.dry_run,
-            phase=PHASE_NAMES.get(request.phase, ""),
-        )
-        if not inp.phase:
-            await errors.abort(context, errors.InvalidArgument(f"phase {request.phase}: unknown RoutePhase value"))
         try:
             with spans.span("router.decide", request_id=request.request_id, model=request.model) as sp:
                 res = await r.route_wait(inp)
@@ -82,6 +64,33 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request_iterator: AsyncIterator[router_pb2.UpdateRequest], context: grpc.aio.ServicerContext
     ) -> router_pb2.UpdateResponse:
         return await apply_updates(self.router, request_iterator, context)
+
+
+async def route_input(
+    request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext, served_model: str
+) -> RouteInput:
+    """A RouteRequest checked (the model served, tokens given, a known phase) and decoded: the same rules for
+    the router and the global router; a bad one ends the call with its status."""
+    if served_model and request.model and request.model != served_model:
+        await errors.abort(
+            context, errors.ModelNotFound(f"this router serves model {served_model!r}, not {request.model!r}")
+        )
+    if not request.token_ids and not request.block_hashes:
+        await errors.abort(context, errors.InvalidArgument("token_ids or block_hashes is required"))
+    phase = PHASE_NAMES.get(request.phase, "")
+    if not phase:
+        await errors.abort(context, errors.InvalidArgument(f"phase {request.phase}: unknown RoutePhase value"))
+    return RouteInput(
+        request_id=request.request_id,
+        model=request.model,
+        token_ids=request.token_ids,
+        block_hashes=list(request.block_hashes) or None,
+        lora=request.lora,
+        exclude=list(request.exclude_instance_ids),
+        expected_output_tokens=request.expected_output_tokens,
+        dry_run=request.dry_run,
+        phase=phase,
+    )
 
 
 def route_response(res: RouteResult, pool: str = "", reason: str = "") -> router_pb2.RouteResponse:
