@@ -6,8 +6,11 @@ so the route session reads from the error itself whether to migrate, re-route or
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -24,28 +27,69 @@ def worker_error(e: grpc.aio.AioRpcError, address: str) -> errors.DynamoError:
     return err
 
 
+@dataclass(eq=False)
+class _Peer:
+    """A peer's channel and the calls on it now (``idle`` is set when the last one ends)."""
+
+    channel: grpc.aio.Channel
+    inflight: int = 0
+    idle: asyncio.Event | None = None
+
+
 class ChannelPool:
-    """One channel per peer address, closed together."""
+    """One channel per peer address, closed together.
+
+    A channel is closed only once the calls on it ended (or ``drop``'s grace ran out): grpc.aio's own
+    close grace cannot see a streaming call, and it *cancels* a call that is just starting, whose reader
+    then gets a bare CancelledError. A worker leaves discovery as it starts draining, exactly when its
+    last requests are still starting, so closing on its departure cut them (the request hang of
+    docs/frontend.md, "A worker that leaves").
+    """
 
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, _Peer] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = open_channel(address, ChannelOptions())
-            self._channels[address] = ch
-        return ch
+        peer = self._channels.get(address)
+        if peer is None:
+            peer = self._channels[address] = _Peer(open_channel(address, ChannelOptions()))
+        return peer.channel
+
+    @contextlib.contextmanager
+    def lease(self, address: str) -> Iterator[grpc.aio.Channel]:
+        """The channel to ``address``, counted as in use until the block ends (``drop`` waits for it)."""
+        self.get(address)
+        peer = self._channels[address]
+        peer.inflight += 1
+        try:
+            yield peer.channel
+        finally:
+            peer.inflight -= 1
+            if not peer.inflight and peer.idle is not None:
+                peer.idle.set()
+
+    def inflight(self, address: str) -> int:
+        peer = self._channels.get(address)
+        return peer.inflight if peer is not None else 0
 
     async def drop(self, address: str, grace: float | None = None) -> None:
-        """Close the channel to a peer that left; calls still on it get ``grace`` seconds to finish."""
-        ch = self._channels.pop(address, None)
-        if ch is not None:
-            await ch.close(grace)
+        """Close the channel to a peer that left; calls still on it get ``grace`` seconds to finish.
+
+        New calls to the address open a fresh channel at once. A call still running past the grace is
+        cancelled, and its caller gets WorkerLost (migrate), never silence.
+        """
+        peer = self._channels.pop(address, None)
+        if peer is None:
+            return
+        if peer.inflight and grace:
+            peer.idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(peer.idle.wait(), grace)
+        await peer.channel.close(None)
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close(None)
+        for peer in self._channels.values():
+            await peer.channel.close(None)
         self._channels.clear()
 
 
@@ -59,15 +103,22 @@ class WorkerClient:
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
     ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         """Stream a worker's Decode responses; closing the iterator cancels the call (the worker frees KV)."""
-        stub = worker_pb2_grpc.DecodeServiceStub(self.pool.get(address))
-        call = stub.Decode(request, timeout=timeout, wait_for_ready=False)
-        try:
-            async for resp in call:
-                yield resp
-        except grpc.aio.AioRpcError as e:
-            raise worker_error(e, address) from None
-        finally:
-            call.cancel()
+        with self.pool.lease(address) as channel:
+            call = worker_pb2_grpc.DecodeServiceStub(channel).Decode(request, timeout=timeout, wait_for_ready=False)
+            try:
+                async for resp in call:
+                    yield resp
+            except grpc.aio.AioRpcError as e:
+                raise worker_error(e, address) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller went away
+                # grpc.aio ends a call cancelled on this side (its channel closed) with a bare CancelledError:
+                # re-raised, it would end the reader silently and leave the request waiting forever
+                raise errors.WorkerLost(f"worker {address}: the call was cancelled as its channel closed") from None
+            finally:
+                call.cancel()
 
     async def get_file(self, address: str, model: str, name: str, sha256: str, timeout: float = 30.0) -> bytes:
         """A model file from a worker, checked against the card's sha256."""

@@ -57,7 +57,12 @@ async def coalesced(
                 q.put_nowait(r)
             q.put_nowait(_END)
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the consumer closed us
+            # the worker stream was cancelled under us (not by the consumer): the consumer must hear of it,
+            # or it waits on the queue forever
+            q.put_nowait(errors.WorkerLost("the worker stream was cancelled on this side"))
         except BaseException as e:  # handed to the consumer, in order
             q.put_nowait(e)
 
