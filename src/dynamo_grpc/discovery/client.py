@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CARD_PREFIX = "dynamo/models/"
 KV_MAX_VALUE_SIZE = 512 * 1024
+#: connections to the agent for everything but watches (see Discovery.__init__)
+CONTROL_CONNECTIONS = 1
 _TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, OSError, consul.ConsulException)
 T = TypeVar("T")
 
@@ -139,7 +141,11 @@ class Discovery:
         self.watch_wait = watch_wait
         self.backoff = backoff
         self.sharded_watch = sharded_watch  # see shards.py
-        self._ctl = self._client(request_timeout)
+        # One keep-alive connection for the short calls (heartbeats, cards, sessions), which queue on it:
+        # aiohttp reuses pooled connections first-in first-out, so a pool that grew while two calls
+        # overlapped would keep its extra socket forever (a heartbeat every ttl/3 touches each in turn
+        # well within the 15 s keep-alive), and an idle process would not hold the same fds twice.
+        self._ctl = self._client(request_timeout, limit=CONTROL_CONNECTIONS)
         # Blocking queries hang for up to wait + wait/16 (Consul's jitter); give them room beyond that.
         # A sharded watch holds one connection per shard: lift aiohttp's default cap of 100.
         self._watch = self._client(watch_wait * 17 / 16 + request_timeout, limit=4096)
