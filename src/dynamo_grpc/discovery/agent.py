@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -97,10 +97,10 @@ def wait_ready(
     raise TimeoutError(f"agent at {address} not ready after {timeout}s ({last})")
 
 
-def _preexec() -> Callable[[], None] | None:
-    from dynamo_grpc.launch.children import die_with_parent  # launch imports this module: import late
+def _with_parent_death(argv: list[str]) -> list[str]:
+    from dynamo_grpc.launch.children import with_parent_death  # launch imports this module: import late
 
-    return die_with_parent()
+    return with_parent_death(argv)
 
 
 def start_consul_dev(
@@ -146,11 +146,10 @@ def start_consul_dev(
     child_env.pop("CONSUL_DEV_ACL_TOKEN", None)
     child_env.pop("CONSUL_DEV_ACL_BOOTSTRAP_TOKEN", None)
     proc = subprocess.Popen(
-        argv,
+        _with_parent_death(argv),
         env=child_env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        preexec_fn=_preexec(),
     )
     try:
         deadline = time.monotonic() + timeout
@@ -188,11 +187,10 @@ def start_consul_binary(binary: str, *, timeout: float = 30.0) -> AgentHandle:
         "-dns-port=-1",
     ]
     proc = subprocess.Popen(
-        argv,
+        _with_parent_death(argv),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=_preexec(),
     )
     address = f"http://127.0.0.1:{port}"
     try:

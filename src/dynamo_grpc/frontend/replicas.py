@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from dynamo_grpc.launch.children import check_ports, die_with_parent
+from dynamo_grpc.launch.children import check_ports, with_parent_death
 
 log = logging.getLogger("dynamo_grpc.frontend.replicas")
 
@@ -208,8 +208,8 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / f"ready-{i}.json").unlink()
         self.procs[i] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dynamo_grpc.frontend.main", *self._argv(i),
-            stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent(),
+            *with_parent_death([sys.executable, "-m", "dynamo_grpc.frontend.main", *self._argv(i)]),
+            stdin=asyncio.subprocess.DEVNULL,
         )
         log.info("frontend replica %d started (pid %d)", i, self.procs[i].pid)
 

@@ -1,42 +1,51 @@
 """Process hygiene for launchers: children die with their parent, ports are checked before anything
 starts, and a child's failure is reported by its own last line.
 
-``die_with_parent`` is a ``preexec_fn`` for ``subprocess.Popen``. On Linux it asks the kernel
-(``prctl(PR_SET_PDEATHSIG, SIGTERM)``) to send the child SIGTERM when the process that started it dies,
-however it dies (SIGKILL included), so a killed run-local never leaves a frontend holding its ports. The
-children handle SIGTERM as a graceful stop (workers deregister). Other platforms have no such call: there
-the children outlive a SIGKILLed launcher (a clean stop or Ctrl-C still stops them).
+``with_parent_death(argv)`` is the command line to give ``subprocess.Popen`` instead of ``argv``: a short
+Python trampoline that asks the kernel (``prctl(PR_SET_PDEATHSIG, SIGTERM)``) to send it SIGTERM when the
+process that started it dies, however it dies (SIGKILL included), then execs ``argv`` in place (same pid;
+the setting survives exec), so a killed run-local never leaves a frontend holding its ports. The children
+handle SIGTERM as a graceful stop (workers deregister). Other platforms have no such call: there the
+children outlive a SIGKILLed launcher (a clean stop or Ctrl-C still stops them).
+
+Why not a ``preexec_fn``: it makes ``subprocess`` fork() (instead of vfork) and run Python in the child,
+and fork() runs gRPC's at-fork handlers, which restart its poller thread in the child; ``close_fds`` then
+closes that poller's epoll fd and the child aborts before exec with "epoll_wait: Bad file descriptor"
+(exit -6; grpc/grpc#43055, grpcio 1.80 to 1.83). Any launcher with live gRPC calls (a benchmark's client,
+the planner's probes) hit it now and then. Without a ``preexec_fn`` ``subprocess`` uses vfork, which runs
+no at-fork handlers.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import signal
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
 
-def _set_pdeathsig(prctl: Callable[..., int], parent: int) -> None:
-    if prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        os.write(2, b"warning: prctl(PR_SET_PDEATHSIG) failed; this process will outlive its launcher\n")
-    if os.getppid() != parent:  # the launcher died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+#: argv[1]: the launcher's pid, argv[2:]: the command to exec (``python -I -S``: no site, no PYTHON* variables;
+#: the command still gets the whole environment)
+_TRAMPOLINE = f"""
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    if ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0) != 0:
+        os.write(2, b"warning: prctl(PR_SET_PDEATHSIG) failed; this process will outlive its launcher\\n")
+    if os.getppid() != int(sys.argv[1]):  # the launcher died before prctl took effect
+        sys.exit(0)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that ties the child's life to this process (Linux); None elsewhere. libc is
-    loaded here, before the fork: the child only makes the one system call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    parent = os.getpid()
-    return lambda: _set_pdeathsig(prctl, parent)
+def with_parent_death(argv: Sequence[str]) -> list[str]:
+    """``argv`` run through the trampoline above: it dies (SIGTERM) with this process. Give the result
+    to ``subprocess.Popen`` (or asyncio's ``create_subprocess_exec``) without a ``preexec_fn``."""
+    if not argv:
+        raise ValueError("with_parent_death needs a command")
+    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -3,7 +3,7 @@
 Readiness is what a client would observe: every process has registered in Consul with a
 passing check, and the frontend answers ServerReady. Processes are stopped with SIGTERM
 (so workers drain and deregister) and killed if they do not exit in time; on Linux they also get
-SIGTERM from the kernel if the launcher dies (``launch.children.die_with_parent``).
+SIGTERM from the kernel if the launcher dies (``launch.children.with_parent_death``).
 
 ACLs: the consul-dev the mesh starts runs with ACLs on (deny by default) and each process gets its
 role's token (``discovery.roles``) as ``CONSUL_HTTP_TOKEN``; the launcher's own reads use the
@@ -28,7 +28,7 @@ import grpc
 
 from dynamo_grpc.discovery.agent import AgentHandle, start_consul_dev
 from dynamo_grpc.discovery.roles import RoleToken, create_role_tokens
-from dynamo_grpc.launch.children import die_with_parent, last_line
+from dynamo_grpc.launch.children import last_line, with_parent_death
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.security import MeshSecurity
 from dynamo_grpc.logs import ENV as LOG_ENV
@@ -115,15 +115,15 @@ class Mesh:
         if role in self.role_tokens:
             full_env.pop("CONSUL_HTTP_TOKEN_FILE", None)
             full_env["CONSUL_HTTP_TOKEN"] = self.role_tokens[role].secret_id
+        argv = with_parent_death([sys.executable, "-m", "dynamo_grpc.cli", *args])  # a killed launcher takes them along
         with open(log, "wb") as fh:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "dynamo_grpc.cli", *args],
+                argv,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=full_env,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops children in order
-                preexec_fn=die_with_parent(),  # ...and a killed launcher takes them with it
             )
         proc = _Proc(name, popen, log)
         self.procs.append(proc)

@@ -28,21 +28,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynamo_grpc.launch.children import with_parent_death
 from dynamo_grpc.planner.connectors.base import ConnectorError
 
 log = logging.getLogger("dynamo_grpc.planner.local")
 
-#: The planner spawns workers while its own process runs gRPC threads (a benchmark's client, for one); running
-#: Python in a forked child (``preexec_fn``) can then abort inside gRPC's fork handlers. So the child is spawned
-#: plainly (vfork + exec) and ties itself to us after exec: prctl(PR_SET_PDEATHSIG, SIGTERM), then exec the worker.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "if sys.platform.startswith('linux'):\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
-    "    if os.getppid() != int(sys.argv[1]):\n"
-    "        sys.exit(0)\n"
-    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
-)
 
 
 @dataclass
@@ -165,12 +155,13 @@ class LocalConnector:
         ready = self.log_dir / f"{name}.ready.json"
         logf = self.log_dir / f"{name}.log"
         ready.unlink(missing_ok=True)
-        argv = [
-            sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
-            "-m", "dynamo_grpc.cli", *self.commands[pool],
+        # the planner runs gRPC threads (a benchmark's client, for one): spawned without a preexec_fn
+        # (launch/children.py), dying with us all the same
+        argv = with_parent_death([
+            sys.executable, "-m", "dynamo_grpc.cli", *self.commands[pool],
             "--consul", self.consul, "--namespace", self.namespace,
             "--port", "0", "--metrics-port", "0", "--ready-file", str(ready),
-        ]  # fmt: skip
+        ])  # fmt: skip
         # the pool's settings are on its command line: DYN_<FLAG> variables of the planner's own
         # environment (DYN_METRICS_PORT, ...) must not reach the workers
         base = self.env if self.env is not None else os.environ
