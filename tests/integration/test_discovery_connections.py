@@ -15,6 +15,8 @@ import os
 import uuid
 from urllib.parse import urlsplit
 
+import pytest
+
 from dynamo_grpc.discovery import ConsulSettings, Discovery, Instance
 from dynamo_grpc.discovery.client import CONTROL_CONNECTIONS
 from dynamo_grpc.discovery.shards import SHARDS, with_shard_tag
@@ -94,3 +96,8 @@ async def test_agent_connections_and_tasks_are_back_after_a_worker_leaves_and_re
     # one long poll per shard and one for the instances without shard tags, plus the control connection
     assert idle[0] == SHARDS + 1 + CONTROL_CONNECTIONS
     assert after == idle
+
+
+def test_control_connections_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="control_connections"):
+        Discovery(ConsulSettings.from_addr("http://127.0.0.1:8500"), control_connections=0)

@@ -49,7 +49,7 @@ def _pct(values: list[float], q: float) -> float:
 
 async def _fleet(addr: str, first: int, n: int, ttl: float) -> None:
     """Register n instances through one Discovery and heartbeat them until stdin closes."""
-    async with Discovery(ConsulSettings.from_addr(addr)) as d:
+    async with Discovery(ConsulSettings.from_addr(addr), control_connections=32) as d:  # n heartbeats a period
         gate = asyncio.Semaphore(32)
 
         async def one(i: int) -> None:

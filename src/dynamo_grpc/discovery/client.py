@@ -136,6 +136,7 @@ class Discovery:
         request_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.05, 5.0),
         sharded_watch: bool = True,
+        control_connections: int = CONTROL_CONNECTIONS,
     ) -> None:
         self.settings = settings or ConsulSettings()
         self.watch_wait = watch_wait
@@ -145,7 +146,10 @@ class Discovery:
         # aiohttp reuses pooled connections first-in first-out, so a pool that grew while two calls
         # overlapped would keep its extra socket forever (a heartbeat every ttl/3 touches each in turn
         # well within the 15 s keep-alive), and an idle process would not hold the same fds twice.
-        self._ctl = self._client(request_timeout, limit=CONTROL_CONNECTIONS)
+        # More only for a process that registers many instances itself (the discovery bench's fleet).
+        if control_connections < 1:
+            raise ValueError("control_connections must be >= 1")
+        self._ctl = self._client(request_timeout, limit=control_connections)
         # Blocking queries hang for up to wait + wait/16 (Consul's jitter); give them room beyond that.
         # A sharded watch holds one connection per shard: lift aiohttp's default cap of 100.
         self._watch = self._client(watch_wait * 17 / 16 + request_timeout, limit=4096)
