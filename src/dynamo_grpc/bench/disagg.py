@@ -79,6 +79,9 @@ def _serve_kv(args: argparse.Namespace) -> int:
         def export_blocks(self, block_ids: list[int]) -> bytes:
             return cache.export_blocks(block_ids)
 
+        def export_views(self, block_ids: list[int]) -> list[memoryview]:  # as the torch runner
+            return cache.export_views(block_ids)
+
     core = EngineCore(CoreConfig(BLOCK, nblocks, 1 << 30, 2, kv_lease_seconds=3600.0), _CacheOnly())
     blocks = core.kv.pool.allocate(nblocks)
     handles: dict[str, list[str]] = {}
@@ -133,6 +136,7 @@ async def _pull_once(
     ch = open_channel(address, ChannelOptions())
     try:
         handle = kv_transfer_pb2.KvHandle(handle_id=handle_id, address=address, num_tokens=tokens)
+        await ch.channel_ready()  # a decode worker keeps one channel per prefill peer (kv_transfer.Channels)
         t0 = time.perf_counter()
         res = await pull(ch, handle, 0, geometry, timeout=600, blocks_per_chunk=per, path=path)
         return res.bytes, time.perf_counter() - t0
@@ -159,7 +163,10 @@ def _socket_once(port: int, nbytes: int, alloc_in_timer: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dict[str, Any]:
+def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0, pool_mb: int = 1024) -> dict[str, Any]:
+    from dynamo_grpc.worker import kv_socket
+
+    kv_socket.RECEIVE_POOL.cap_bytes = pool_mb << 20  # this process is the decode worker: its --kv-recv-pool-mb
     cmd = [sys.executable, "-m", "dynamo_grpc.bench.disagg", "--serve-kv", "--sizes", ",".join(map(str, sizes))]
     cmd += ["--rounds", str(rounds), "--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -369,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short", type=int, default=48, help="interference: short requests")
     p.add_argument("--long", type=int, default=8, help="interference: long prompts")
     p.add_argument("--blocks-per-chunk", type=int, default=0, help="transfer: blocks per Pull message (0: server's)")
+    p.add_argument(
+        "--recv-pool-mb",
+        type=int,
+        default=1024,
+        help="transfer: the pulling side's receive buffer pool (the worker's --kv-recv-pool-mb; 0: none)",
+    )
     p.add_argument("--only", choices=["transfer", "interference"], default=None)
     p.add_argument("--serve-kv", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -379,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "transfer"):
         print("transfer: KvTransfer.Pull vs a raw loopback socket", flush=True)
         sizes = [int(s) for s in args.sizes.split(",")]
-        result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk)
+        result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk, args.recv_pool_mb)
+        result["recv_pool_mb"] = args.recv_pool_mb
         result["blocks_per_chunk"] = args.blocks_per_chunk or "server default (8 MiB)"
         result["transfer_dtype"] = args.dtype
     if args.only in (None, "interference"):
