@@ -274,3 +274,12 @@ async def test_a_socket_pull_lands_in_the_pool_and_frees_it_for_the_next(
     assert _joined(await _pull(address, "lease-2", "socket")) == reference
     assert (pool.reused, pool.allocated) == (1, 1)
     assert pool.held_bytes == 11 * GEOMETRY.block_nbytes
+
+
+def test_a_negative_receive_pool_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from dynamo_grpc.worker.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--kv-recv-pool-mb", "-1"])
+    assert exc.value.code == 2
+    assert "--kv-recv-pool-mb must be >= 0" in capsys.readouterr().err

@@ -9,8 +9,8 @@
    short decoders at the same arrival rate, on 2 aggregated workers vs 1 prefill + 1 decode worker:
    ITL p99 of the short requests, TTFT p50/p99, achieved output tokens/s. Rounds interleave the layouts.
 
-The torch interference run (4k prompts arriving while decodes run, one pinned core per worker) is not
-part of this benchmark yet (docs/disaggregation.md says so).
+3. **torch**: on the real torch engine, ITL of running decodes while 4k-token prompts arrive, 2 aggregated
+   workers vs 1 prefill + 1 decode, one thread and one pinned core per worker (bench/disagg_torch.py).
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     tr = result.get("transfer") or {}
     if tr:
         sizes = list(tr)
@@ -352,6 +352,19 @@ def _plot(result: dict[str, Any], png: Path) -> None:
         axes[1].set_ylabel("ms (median of rounds)")
         axes[1].set_title("Prefill interference (mocker)")
         axes[1].legend()
+    torch_part = (result.get("torch") or {}).get("medians") or {}
+    if torch_part:
+        labels = ["ITL p99 (decodes)", "TTFT p50 (decodes)", "TTFT p99 (decodes)", "TTFT p50 (4k)"]
+        names = ["itl_decode_p99_ms", "ttft_decode_p50_ms", "ttft_decode_p99_ms", "ttft_long_p50_ms"]
+        x = np.arange(len(labels))
+        for off, layout in ((-0.2, "agg"), (0.2, "disagg")):
+            vals = [torch_part[layout][k] or 0.0 for k in names]
+            axes[2].bar(x + off, vals, 0.4, label="2 aggregated" if layout == "agg" else "1 prefill + 1 decode")
+        axes[2].set_xticks(x, labels, fontsize=8)
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("ms (median of rounds, log)")
+        axes[2].set_title("Prefill interference (torch, 1 pinned core per worker)")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
@@ -382,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         default=1024,
         help="transfer: the pulling side's receive buffer pool (the worker's --kv-recv-pool-mb; 0: none)",
     )
-    p.add_argument("--only", choices=["transfer", "interference"], default=None)
+    p.add_argument("--torch-decodes", type=int, default=4, help="torch: decodes running while long prompts arrive")
+    p.add_argument("--torch-decode-tokens", type=int, default=400, help="torch: output tokens of each decode")
+    p.add_argument("--torch-long-tokens", type=int, default=4096, help="torch: prompt tokens of the long prompts")
+    p.add_argument("--torch-long", type=int, default=2, help="torch: long prompts (1 s, then 4 s apart)")
+    p.add_argument(
+        "--torch-timeout", type=float, default=300.0, help="torch: client-side deadline of each request, seconds"
+    )
+    p.add_argument("--only", choices=["transfer", "interference", "torch"], default=None)
     p.add_argument("--serve-kv", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_kv:
@@ -401,6 +421,20 @@ def main(argv: list[str] | None = None) -> int:
         result["interference"] = run_interference(
             args.rounds, args.speedup, args.kv_transfer_gbps, args.short, args.long
         )
+    if args.only in (None, "torch"):
+        from dynamo_grpc.bench.disagg_torch import run_torch_interference
+
+        print("torch: decodes while 4k prompts arrive, 2 aggregated vs 1 prefill + 1 decode (1 core each)", flush=True)
+        t1 = time.time()
+        result["torch"] = run_torch_interference(
+            args.rounds,
+            n_decodes=args.torch_decodes,
+            decode_tokens=args.torch_decode_tokens,
+            n_long=args.torch_long,
+            long_tokens=args.torch_long_tokens,
+            timeout_s=args.torch_timeout,
+        )
+        result["torch"]["wall_s"] = round(time.time() - t1, 1)
     result["wall_s"] = round(time.time() - t0, 1)
     result["cpus"] = os.cpu_count()
     if args.json is not None:
