@@ -395,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1024,
         help="transfer: the pulling side's receive buffer pool (the worker's --kv-recv-pool-mb; 0: none)",
     )
+    p.add_argument("--torch-rounds", type=int, default=None, help="torch: rounds (default: --rounds)")
     p.add_argument("--torch-decodes", type=int, default=4, help="torch: decodes running while long prompts arrive")
-    p.add_argument("--torch-decode-tokens", type=int, default=400, help="torch: output tokens of each decode")
+    p.add_argument("--torch-decode-tokens", type=int, default=200, help="torch: output tokens of each decode")
     p.add_argument("--torch-long-tokens", type=int, default=4096, help="torch: prompt tokens of the long prompts")
     p.add_argument("--torch-long", type=int, default=2, help="torch: long prompts (1 s, then 4 s apart)")
     p.add_argument(
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print("torch: decodes while 4k prompts arrive, 2 aggregated vs 1 prefill + 1 decode (1 core each)", flush=True)
         t1 = time.time()
         result["torch"] = run_torch_interference(
-            args.rounds,
+            args.torch_rounds or args.rounds,
             n_decodes=args.torch_decodes,
             decode_tokens=args.torch_decode_tokens,
             n_long=args.torch_long,

@@ -96,7 +96,7 @@ def run_torch_interference(
     rounds: int,
     n_decodes: int = 4,
     decode_prompt: int = 64,
-    decode_tokens: int = 400,
+    decode_tokens: int = 200,
     n_long: int = 2,
     long_tokens: int = 4096,
     gap_s: float = 4.0,
@@ -105,8 +105,9 @@ def run_torch_interference(
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
     trace = torch_trace(n_decodes, decode_prompt, decode_tokens, n_long, long_tokens, gap_s)
-    # --ttl 60: a worker whose one core is busy prefilling on a loaded box may miss a 10 s heartbeat
-    worker_args = ["--num-threads", "1", "--ttl", "60"]
+    # --ttl 600: on a loaded box a worker pinned to one busy core missed its heartbeats for minutes and Consul
+    # dropped it mid-run ("no live worker"); this run measures latency, not liveness
+    worker_args = ["--num-threads", "1", "--ttl", "600"]
     common = dict(workers=2, engine="torch", worker_args=worker_args, ready_timeout_s=900.0)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in LAYOUTS}
     pinned: dict[str, Any] = {}
@@ -115,7 +116,9 @@ def run_torch_interference(
         for layout in LAYOUTS:
             roles = ["prefill", "decode"] if layout == "disagg" else []
             cfg = MeshConfig(**common, worker_roles=roles, log_dir=Path(d) / layout)  # type: ignore[arg-type]
+            # one after the other from this thread: the children die with the thread that started them
             meshes[layout] = stack.enter_context(Mesh(cfg))
+        for layout in LAYOUTS:
             pinned[layout] = pin_workers(meshes[layout], ["worker-0", "worker-1"])
         for r in range(rounds):
             for layout in LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]:

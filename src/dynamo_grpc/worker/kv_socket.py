@@ -24,6 +24,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -92,8 +93,14 @@ class DataListener:
         _tcp(conn)
         return conn
 
-    async def accept(self, timeout: float) -> socket.socket | None:
-        """The authenticated connection, or None when none came within ``timeout`` seconds."""
+    async def accept(
+        self, timeout: float, then: Callable[[socket.socket], None] | None = None
+    ) -> socket.socket | None:
+        """The authenticated connection, or None when none came within ``timeout`` seconds.
+
+        ``then``: run on the connection in the handshake's thread, which then closes it (one thread hop
+        fewer per pull: on a loaded box each hop waits for a core); its OSError propagates.
+        """
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -101,10 +108,19 @@ class DataListener:
                 conn, _ = await asyncio.wait_for(loop.sock_accept(self.sock), left)
             except TimeoutError:
                 return None
-            ok = await asyncio.to_thread(self._handshake, conn, deadline)
+            ok = await asyncio.to_thread(self._handshake_then, conn, deadline, then)
             if ok is not None:
                 return ok
         return None
+
+    def _handshake_then(
+        self, conn: socket.socket, deadline: float, then: Callable[[socket.socket], None] | None
+    ) -> socket.socket | None:
+        ok = self._handshake(conn, deadline)
+        if ok is not None and then is not None:
+            with ok:
+                then(ok)
+        return ok
 
     def close(self) -> None:
         self.sock.close()

@@ -146,18 +146,25 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
         self, listener: kv_socket.DataListener, ids: list[int], first: int, per: int, context: grpc.aio.ServicerContext
     ) -> bool:
         """Send over the data socket; False when no decoder connected in time (the caller falls back)."""
-        conn = await listener.accept(self.accept_timeout_s)
+
+        def send_all(conn: socket.socket) -> None:  # the handshake's thread copies nothing and writes every chunk
+            self._send_all(conn, ids, first, per)
+
+        try:
+            conn = await listener.accept(self.accept_timeout_s, send_all if self.geometry.moves_bytes else None)
+        except OSError as e:  # from send_all: the handshake's own failures only refuse that connection
+            self.socket_pulls += 1
+            await errors.abort(context, errors.Unavailable(f"KV data socket broke: {e}"))
         if conn is None:
             self.socket_fallbacks += 1
             log.warning("KV data socket on port %d: no decoder came; streaming over gRPC", listener.port)
             return False
         self.socket_pulls += 1
+        if self.geometry.moves_bytes:
+            return True  # sent and closed in the handshake's thread
         try:
-            if self.geometry.moves_bytes:  # one thread copies and writes every chunk: no loop hop per chunk
-                await asyncio.to_thread(self._send_all, conn, ids, first, per)
-            else:
-                async for start, n, data, nbytes in self._chunks(ids, first, per):
-                    await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
+            async for start, n, data, nbytes in self._chunks(ids, first, per):
+                await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
         except OSError as e:
             await errors.abort(context, errors.Unavailable(f"KV data socket broke: {e}"))
         finally:
