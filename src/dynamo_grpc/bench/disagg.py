@@ -397,11 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--torch-rounds", type=int, default=None, help="torch: rounds (default: --rounds)")
     p.add_argument("--torch-decodes", type=int, default=4, help="torch: decodes running while long prompts arrive")
-    p.add_argument("--torch-decode-tokens", type=int, default=200, help="torch: output tokens of each decode")
+    p.add_argument("--torch-decode-tokens", type=int, default=64, help="torch: output tokens of each decode")
     p.add_argument("--torch-long-tokens", type=int, default=4096, help="torch: prompt tokens of the long prompts")
     p.add_argument("--torch-long", type=int, default=2, help="torch: long prompts (1 s, then 4 s apart)")
     p.add_argument(
-        "--torch-timeout", type=float, default=300.0, help="torch: client-side deadline of each request, seconds"
+        "--torch-timeout", type=float, default=600.0, help="torch: client-side deadline of each request, seconds"
     )
     p.add_argument("--only", choices=["transfer", "interference", "torch"], default=None)
     p.add_argument("--serve-kv", action="store_true", help=argparse.SUPPRESS)
@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print("torch: decodes while 4k prompts arrive, 2 aggregated vs 1 prefill + 1 decode (1 core each)", flush=True)
         t1 = time.time()
+
+        def save_round(part: dict[str, Any]) -> None:  # a run cut short keeps its finished rounds
+            if args.json is not None:
+                old = json.loads(args.json.read_text()) if args.json.exists() else {}
+                write_json(args.json, {**old, "torch": {**part, "partial": True}})
+
         result["torch"] = run_torch_interference(
             args.torch_rounds or args.rounds,
             n_decodes=args.torch_decodes,
@@ -434,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             n_long=args.torch_long,
             long_tokens=args.torch_long_tokens,
             timeout_s=args.torch_timeout,
+            on_round=save_round,
         )
         result["torch"]["wall_s"] = round(time.time() - t1, 1)
     result["wall_s"] = round(time.time() - t0, 1)

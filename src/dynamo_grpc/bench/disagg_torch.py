@@ -9,7 +9,8 @@ frontend, Consul and this client are not pinned.
 
 Both meshes start once (torch workers take a while to load) and stay up; rounds alternate the layouts,
 each round with fresh random prompts so no prefix cache carries over. Every request has a client-side
-deadline, so a stream that never finishes ends the round as an error naming its request and worker.
+deadline, so the bench always ends; a request that did not finish is listed under ``unfinished`` with
+the tokens it had streamed (their gaps still count in the ITL).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -74,20 +76,28 @@ async def _replay(mesh: Any, trace: list[TraceRequest], seed: int, timeout_s: fl
 
 
 def _summary(records: list[RequestRecord], long_tokens: int) -> dict[str, Any]:
-    decodes = [r for r in records if r.ok and r.prompt_tokens < long_tokens]
-    longs = [r for r in records if r.ok and r.prompt_tokens >= long_tokens]
+    """Latencies over every token that arrived, finished or not (a decode cut by its deadline still
+    streamed its tokens: their gaps are what a user saw); ``unfinished`` names the ones that did not end."""
+    decodes = [r for r in records if r.prompt_tokens < long_tokens]
+    longs = [r for r in records if r.prompt_tokens >= long_tokens]
     t0 = min(r.sent_s for r in records)
-    t1 = max((r.end_s for r in records if r.ok), default=t0)
+    t1 = max((r.chunks[-1][0] for r in records if r.chunks), default=t0)
     return {
-        "errors": [
-            {"request": r.index, "prompt_tokens": r.prompt_tokens, "worker": r.worker_id, "error": r.error}
+        "unfinished": [
+            {
+                "request": r.index,
+                "prompt_tokens": r.prompt_tokens,
+                "tokens_seen": sum(n for _, n in r.chunks),
+                "worker": r.worker_id,
+                "error": r.error,
+            }
             for r in records
             if not r.ok
         ],
         "itl_decode_ms": percentiles((g for r in decodes for g in _gaps(r)), 1e3),
-        "ttft_decode_ms": percentiles((r.ttft for r in decodes), 1e3),
-        "ttft_long_ms": percentiles((r.ttft for r in longs), 1e3),
-        "output_tokens_per_s": sum(r.output_tokens for r in records if r.ok) / max(t1 - t0, 1e-9),
+        "ttft_decode_ms": percentiles((r.ttft for r in decodes if r.chunks), 1e3),
+        "ttft_long_ms": percentiles((r.ttft for r in longs if r.chunks), 1e3),
+        "output_tokens_per_s": sum(n for r in records for _, n in r.chunks) / max(t1 - t0, 1e-9),
         "wall_s": t1 - t0,
     }
 
@@ -96,12 +106,15 @@ def run_torch_interference(
     rounds: int,
     n_decodes: int = 4,
     decode_prompt: int = 64,
-    decode_tokens: int = 200,
+    decode_tokens: int = 64,
     n_long: int = 2,
     long_tokens: int = 4096,
     gap_s: float = 4.0,
-    timeout_s: float = 300.0,
+    timeout_s: float = 600.0,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """The runs, medians and the agg/disagg ITL p99 ratio; ``on_round`` gets the summary so far after
+    each round (the caller saves it: a run cut short keeps its finished rounds)."""
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
     trace = torch_trace(n_decodes, decode_prompt, decode_tokens, n_long, long_tokens, gap_s)
@@ -125,31 +138,40 @@ def run_torch_interference(
                 records = asyncio.run(_replay(meshes[layout], trace, seed=1000 + r, timeout_s=timeout_s))
                 res = _summary(records, long_tokens)
                 runs[layout].append(res)
+                if on_round is not None:
+                    on_round(_result(runs, pinned, trace, long_tokens))
                 itl, ttft, long = res["itl_decode_ms"], res["ttft_decode_ms"], res["ttft_long_ms"]
                 print(
                     f"  round {r + 1} {layout:>6}: decode ITL p99 {itl['p99'] or 0:.0f} ms, decode TTFT p50/p99 "
                     f"{ttft['p50'] or 0:.0f}/{ttft['p99'] or 0:.0f} ms, 4k TTFT p50 {long['p50'] or 0:.0f} ms, "
-                    f"{res['output_tokens_per_s']:.1f} tok/s, errors {res['errors'] or 0}",
+                    f"{res['output_tokens_per_s']:.1f} tok/s, unfinished {res['unfinished'] or 0}",
                     flush=True,
                 )
 
+    return _result(runs, pinned, trace, long_tokens)
+
+
+def _result(
+    runs: dict[str, list[dict[str, Any]]], pinned: dict[str, Any], trace: list[TraceRequest], long_tokens: int
+) -> dict[str, Any]:
     def med(layout: str, key: str, p: str) -> float | None:
         vals = [x[key][p] for x in runs[layout] if x[key][p] is not None]
         return float(np.median(vals)) if vals else None
 
     ratios = [
         a["itl_decode_ms"]["p99"] / b["itl_decode_ms"]["p99"]
-        for a, b in zip(runs["agg"], runs["disagg"], strict=True)
+        for a, b in zip(runs["agg"], runs["disagg"], strict=False)
         if a["itl_decode_ms"]["p99"] and b["itl_decode_ms"]["p99"]
     ]
+    decodes = [r for r in trace if r.input_length < long_tokens]
     return {
         "trace": {
-            "decodes": n_decodes,
-            "decode_prompt_tokens": decode_prompt,
-            "decode_output_tokens": decode_tokens,
-            "long_prompts": n_long,
+            "decodes": len(decodes),
+            "decode_prompt_tokens": decodes[0].input_length if decodes else 0,
+            "decode_output_tokens": decodes[0].output_length if decodes else 0,
+            "long_prompts": len(trace) - len(decodes),
             "long_prompt_tokens": long_tokens,
-            "long_arrivals_s": [r.arrival_s for r in trace if r.input_length == long_tokens],
+            "long_arrivals_s": [r.arrival_s for r in trace if r.input_length >= long_tokens],
         },
         "worker_threads": 1,
         "pinned_cores": pinned,
@@ -157,6 +179,7 @@ def run_torch_interference(
         "medians": {
             layout: {
                 "itl_decode_p99_ms": med(layout, "itl_decode_ms", "p99"),
+                "itl_decode_p50_ms": med(layout, "itl_decode_ms", "p50"),
                 "ttft_decode_p50_ms": med(layout, "ttft_decode_ms", "p50"),
                 "ttft_decode_p99_ms": med(layout, "ttft_decode_ms", "p99"),
                 "ttft_long_p50_ms": med(layout, "ttft_long_ms", "p50"),
