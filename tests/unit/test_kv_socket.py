@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ def _engine() -> CoreEngine:
 
         def export_blocks(self, block_ids: list[int]) -> bytes:
             return cache.export_blocks(block_ids)
+
+        def export_views(self, block_ids: list[int]) -> list[memoryview]:  # as the torch runner: no copy
+            return cache.export_views(block_ids)
 
     core = EngineCore(CoreConfig(BLOCK, NBLOCKS, 1 << 20, 2, kv_lease_seconds=600.0), _CacheOnly())
     blocks = core.kv.pool.allocate(-(-TOKENS // BLOCK))
@@ -190,3 +194,92 @@ async def test_a_server_on_the_grpc_path_streams_even_when_asked_for_a_socket() 
         assert (servicer.socket_pulls, servicer.socket_fallbacks) == (0, 0)
     finally:
         await server.stop()
+
+
+# ------------------------------------------------------------------ the copy-free paths
+
+
+def test_export_views_are_export_blocks_without_the_copy() -> None:
+    """The zero-copy views hold the same bytes as the joined export, also for scattered block ids."""
+    from dynamo_grpc.engines.torch.kv_cache import KvCache
+
+    cache = KvCache(_Geometry(), NBLOCKS, BLOCK, torch.bfloat16)  # type: ignore[arg-type]
+    for t in (*cache.k, *cache.v):
+        t.normal_()
+    ids = [7, 2, 3, 4, 9]
+    views = cache.export_views(ids)
+    before = cache.export_blocks(ids)
+    assert b"".join(views) == before
+    assert sum(len(v) for v in views) == len(ids) * cache.block_nbytes
+    cache.k[0][2 * BLOCK].fill_(1.0)  # views, not copies: a write to the cache shows through
+    assert b"".join(views) != before
+    assert b"".join(views) == cache.export_blocks(ids)
+
+
+def test_send_views_survives_partial_gather_writes() -> None:
+    """A small send buffer makes every sendmsg partial; the reader still gets header + bytes in order."""
+    payload = [memoryview(bytes([i]) * (1000 + 37 * i)) for i in range(40)]
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        want = b"".join(payload)
+        got = bytearray()
+
+        def read() -> None:
+            need = kv_socket.HEADER.size + len(want)
+            while len(got) < need:
+                got.extend(b.recv(need - len(got)))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert kv_socket.send_views(a, 5, 3, payload) == len(want)
+        reader.join(10)
+    index, n, nbytes, length = kv_socket.HEADER.unpack(bytes(got[: kv_socket.HEADER.size]))
+    assert (index, n, nbytes, length) == (5, 3, len(want), len(want))
+    assert bytes(got[kv_socket.HEADER.size :]) == want
+
+
+def test_the_receive_pool_reuses_a_buffer_only_once_its_views_are_gone() -> None:
+    pool = kv_socket.ReceivePool(cap_bytes=1000)
+    first = pool.take(600)
+    first[:3] = b"abc"
+    second = pool.take(500)  # the first is still viewed (a pull's chunks): a new buffer
+    assert (pool.reused, pool.allocated) == (0, 2)
+    assert pool.held_bytes <= 1000  # the second did not fit under the cap beside the first: not kept
+    second[:3] = b"xyz"
+    assert bytes(first[:3]) == b"abc"
+    chunk = first[100:200]  # a chunk sliced from the pull's buffer keeps it in use
+    del first
+    pool.take(300)
+    assert pool.reused == 0
+    del chunk
+    again = pool.take(300)  # no view of the kept buffer left: reused, no new allocation
+    assert (pool.reused, pool.allocated, len(again)) == (1, 3, 300)
+    assert pool.take(5000) is not None and pool.held_bytes <= 1000  # larger than the cap: never kept
+    assert kv_socket.ReceivePool(0).take(10) is not None and kv_socket.ReceivePool(0).held_bytes == 0
+
+
+async def test_a_socket_pull_lands_in_the_pool_and_frees_it_for_the_next(
+    served: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two socket pulls in a row: the second lands in the first's buffer (the chunks are gone by then),
+    and the bytes still match the gRPC stream's."""
+    pool = kv_socket.ReceivePool(cap_bytes=1 << 20)
+    monkeypatch.setattr(kv_socket, "RECEIVE_POOL", pool)
+    _, address = served
+    reference = _joined(await _pull(address, "lease-0", "grpc"))
+    assert _joined(await _pull(address, "lease-1", "socket")) == reference
+    assert (pool.reused, pool.allocated) == (0, 1)
+    assert _joined(await _pull(address, "lease-2", "socket")) == reference
+    assert (pool.reused, pool.allocated) == (1, 1)
+    assert pool.held_bytes == 11 * GEOMETRY.block_nbytes
+
+
+def test_a_negative_receive_pool_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from dynamo_grpc.worker.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--kv-recv-pool-mb", "-1"])
+    assert exc.value.code == 2
+    assert "--kv-recv-pool-mb must be >= 0" in capsys.readouterr().err

@@ -9,8 +9,8 @@
    short decoders at the same arrival rate, on 2 aggregated workers vs 1 prefill + 1 decode worker:
    ITL p99 of the short requests, TTFT p50/p99, achieved output tokens/s. Rounds interleave the layouts.
 
-The torch interference run (4k prompts arriving while decodes run, one pinned core per worker) is not
-part of this benchmark yet (docs/disaggregation.md says so).
+3. **torch**: on the real torch engine, ITL of running decodes while 4k-token prompts arrive, 2 aggregated
+   workers vs 1 prefill + 1 decode, one thread and one pinned core per worker (bench/disagg_torch.py).
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def _serve_kv(args: argparse.Namespace) -> int:
         def export_blocks(self, block_ids: list[int]) -> bytes:
             return cache.export_blocks(block_ids)
 
+        def export_views(self, block_ids: list[int]) -> list[memoryview]:  # as the torch runner
+            return cache.export_views(block_ids)
+
     core = EngineCore(CoreConfig(BLOCK, nblocks, 1 << 30, 2, kv_lease_seconds=3600.0), _CacheOnly())
     blocks = core.kv.pool.allocate(nblocks)
     handles: dict[str, list[str]] = {}
@@ -133,6 +136,7 @@ async def _pull_once(
     ch = open_channel(address, ChannelOptions())
     try:
         handle = kv_transfer_pb2.KvHandle(handle_id=handle_id, address=address, num_tokens=tokens)
+        await ch.channel_ready()  # a decode worker keeps one channel per prefill peer (kv_transfer.Channels)
         t0 = time.perf_counter()
         res = await pull(ch, handle, 0, geometry, timeout=600, blocks_per_chunk=per, path=path)
         return res.bytes, time.perf_counter() - t0
@@ -159,7 +163,10 @@ def _socket_once(port: int, nbytes: int, alloc_in_timer: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dict[str, Any]:
+def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0, pool_mb: int = 1024) -> dict[str, Any]:
+    from dynamo_grpc.worker import kv_socket
+
+    kv_socket.RECEIVE_POOL.cap_bytes = pool_mb << 20  # this process is the decode worker: its --kv-recv-pool-mb
     cmd = [sys.executable, "-m", "dynamo_grpc.bench.disagg", "--serve-kv", "--sizes", ",".join(map(str, sizes))]
     cmd += ["--rounds", str(rounds), "--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -321,7 +328,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     tr = result.get("transfer") or {}
     if tr:
         sizes = list(tr)
@@ -345,6 +352,19 @@ def _plot(result: dict[str, Any], png: Path) -> None:
         axes[1].set_ylabel("ms (median of rounds)")
         axes[1].set_title("Prefill interference (mocker)")
         axes[1].legend()
+    torch_part = (result.get("torch") or {}).get("medians") or {}
+    if torch_part:
+        labels = ["ITL p99 (decodes)", "TTFT p50 (decodes)", "TTFT p99 (decodes)", "TTFT p50 (4k)"]
+        names = ["itl_decode_p99_ms", "ttft_decode_p50_ms", "ttft_decode_p99_ms", "ttft_long_p50_ms"]
+        x = np.arange(len(labels))
+        for off, layout in ((-0.2, "agg"), (0.2, "disagg")):
+            vals = [torch_part[layout][k] or 0.0 for k in names]
+            axes[2].bar(x + off, vals, 0.4, label="2 aggregated" if layout == "agg" else "1 prefill + 1 decode")
+        axes[2].set_xticks(x, labels, fontsize=8)
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("ms (median of rounds, log)")
+        axes[2].set_title("Prefill interference (torch, 1 pinned core per worker)")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
@@ -369,7 +389,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short", type=int, default=48, help="interference: short requests")
     p.add_argument("--long", type=int, default=8, help="interference: long prompts")
     p.add_argument("--blocks-per-chunk", type=int, default=0, help="transfer: blocks per Pull message (0: server's)")
-    p.add_argument("--only", choices=["transfer", "interference"], default=None)
+    p.add_argument(
+        "--recv-pool-mb",
+        type=int,
+        default=1024,
+        help="transfer: the pulling side's receive buffer pool (the worker's --kv-recv-pool-mb; 0: none)",
+    )
+    p.add_argument("--torch-rounds", type=int, default=None, help="torch: rounds (default: --rounds)")
+    p.add_argument("--torch-decodes", type=int, default=4, help="torch: decodes running while long prompts arrive")
+    p.add_argument("--torch-decode-tokens", type=int, default=64, help="torch: output tokens of each decode")
+    p.add_argument("--torch-long-tokens", type=int, default=4096, help="torch: prompt tokens of the long prompts")
+    p.add_argument("--torch-long", type=int, default=2, help="torch: long prompts (1 s, then 4 s apart)")
+    p.add_argument(
+        "--torch-timeout", type=float, default=600.0, help="torch: client-side deadline of each request, seconds"
+    )
+    p.add_argument("--only", choices=["transfer", "interference", "torch"], default=None)
     p.add_argument("--serve-kv", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_kv:
@@ -379,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "transfer"):
         print("transfer: KvTransfer.Pull vs a raw loopback socket", flush=True)
         sizes = [int(s) for s in args.sizes.split(",")]
-        result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk)
+        result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk, args.recv_pool_mb)
+        result["recv_pool_mb"] = args.recv_pool_mb
         result["blocks_per_chunk"] = args.blocks_per_chunk or "server default (8 MiB)"
         result["transfer_dtype"] = args.dtype
     if args.only in (None, "interference"):
@@ -387,6 +422,27 @@ def main(argv: list[str] | None = None) -> int:
         result["interference"] = run_interference(
             args.rounds, args.speedup, args.kv_transfer_gbps, args.short, args.long
         )
+    if args.only in (None, "torch"):
+        from dynamo_grpc.bench.disagg_torch import run_torch_interference
+
+        print("torch: decodes while 4k prompts arrive, 2 aggregated vs 1 prefill + 1 decode (1 core each)", flush=True)
+        t1 = time.time()
+
+        def save_round(part: dict[str, Any]) -> None:  # a run cut short keeps its finished rounds
+            if args.json is not None:
+                old = json.loads(args.json.read_text()) if args.json.exists() else {}
+                write_json(args.json, {**old, "torch": {**part, "partial": True}})
+
+        result["torch"] = run_torch_interference(
+            args.torch_rounds or args.rounds,
+            n_decodes=args.torch_decodes,
+            decode_tokens=args.torch_decode_tokens,
+            n_long=args.torch_long,
+            long_tokens=args.torch_long_tokens,
+            timeout_s=args.torch_timeout,
+            on_round=save_round,
+        )
+        result["torch"]["wall_s"] = round(time.time() - t1, 1)
     result["wall_s"] = round(time.time() - t0, 1)
     result["cpus"] = os.cpu_count()
     if args.json is not None:

@@ -8,7 +8,9 @@ plane. On this box a gRPC stream tops out near 500 MB/s while a loopback socket 
 Server side (:class:`DataListener`): listens on an ephemeral port of the gRPC listener's host, accepts
 until one connection presents the token (others are closed), then the caller writes chunks. Client side
 (:func:`receive`): connects, sends the token, reads chunks until it has the blocks it expects. Blocking
-sockets run in threads: ``recv_into`` a preallocated buffer is what makes the raw socket fast.
+sockets run in threads. No copy on either side beyond the kernel's: the server gathers the cache's own
+memory into each write (:func:`send_views`), the client receives (``recv_into``) into a resident buffer kept from the
+previous pull (:class:`ReceivePool`), since a fresh one costs as much in page faults as the transfer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import secrets
 import socket
 import ssl
 import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -35,6 +39,9 @@ TOKEN_BYTES = 32
 IO_TIMEOUT_S = 60.0
 #: largest single recv: big reads keep the per-call overhead negligible
 RECV_BYTES = 4 << 20
+
+#: buffers per gather write (Linux's IOV_MAX)
+IOV_MAX = 1024
 
 PATHS = ("grpc", "socket")
 
@@ -86,8 +93,14 @@ class DataListener:
         _tcp(conn)
         return conn
 
-    async def accept(self, timeout: float) -> socket.socket | None:
-        """The authenticated connection, or None when none came within ``timeout`` seconds."""
+    async def accept(
+        self, timeout: float, then: Callable[[socket.socket], None] | None = None
+    ) -> socket.socket | None:
+        """The authenticated connection, or None when none came within ``timeout`` seconds.
+
+        ``then``: run on the connection in the handshake's thread, which then closes it (one thread hop
+        fewer per pull: on a loaded box each hop waits for a core); its OSError propagates.
+        """
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -95,10 +108,19 @@ class DataListener:
                 conn, _ = await asyncio.wait_for(loop.sock_accept(self.sock), left)
             except TimeoutError:
                 return None
-            ok = await asyncio.to_thread(self._handshake, conn, deadline)
+            ok = await asyncio.to_thread(self._handshake_then, conn, deadline, then)
             if ok is not None:
                 return ok
         return None
+
+    def _handshake_then(
+        self, conn: socket.socket, deadline: float, then: Callable[[socket.socket], None] | None
+    ) -> socket.socket | None:
+        ok = self._handshake(conn, deadline)
+        if ok is not None and then is not None:
+            with ok:
+                then(ok)
+        return ok
 
     def close(self) -> None:
         self.sock.close()
@@ -109,6 +131,104 @@ def send_chunk(conn: socket.socket, block_index: int, num_blocks: int, nbytes: i
     conn.sendall(HEADER.pack(block_index, num_blocks, nbytes, len(data)))
     if data:
         conn.sendall(data)
+
+
+def send_views(conn: socket.socket, block_index: int, num_blocks: int, views: list[memoryview]) -> int:
+    """Write one chunk whose bytes are ``views`` in order, without joining them (blocking: run it in a
+    thread). On a plain socket one gather write (``sendmsg``) sends the header and the cache's own
+    memory; TLS encrypts anyway, so there each view is written in turn. Returns the data length."""
+    length = sum(len(v) for v in views)
+    head = memoryview(HEADER.pack(block_index, num_blocks, length, length))
+    if isinstance(conn, ssl.SSLSocket):  # no sendmsg on TLS sockets
+        conn.sendall(head)
+        for v in views:
+            conn.sendall(v)
+        return length
+    _sendmsg_all(conn, [head, *views])
+    return length
+
+
+def _sendmsg_all(conn: socket.socket, bufs: list[memoryview]) -> None:
+    """``sendall`` for a list of buffers: gather writes until every byte went (a write may be partial)."""
+    pending = [b for b in bufs if len(b)]
+    while pending:
+        sent = conn.sendmsg(pending[:IOV_MAX])
+        if sent <= 0:
+            raise ConnectionError("data socket accepted no bytes")
+        done = 0
+        while done < len(pending) and sent >= len(pending[done]):
+            sent -= len(pending[done])
+            done += 1
+        pending = pending[done:]
+        if sent:
+            pending[0] = pending[0][sent:]
+
+
+class ReceivePool:
+    """Receive buffers kept from one pull for the next, up to ``cap_bytes`` in all (0: keep none).
+
+    Why: a fresh buffer for a 16k-token pull is ~377 MB of new pages, and faulting them in costs as much
+    as moving the bytes (``dynamo-grpc bench disagg``: the raw socket with its buffer allocated inside
+    the timer is 2-3x slower). A kept buffer is already resident. A buffer is free again once no view of
+    it lives (the pull's chunks and the tensors the engine read them through): a ``bytearray`` refuses to
+    resize while any view exists, which is the test. Pulls larger than what is left of the cap get a
+    buffer of their own that goes when its views go, so memory stays bounded by the cap plus the pulls
+    in flight.
+    """
+
+    def __init__(self, cap_bytes: int = 0) -> None:
+        self.cap_bytes = cap_bytes
+        self._bufs: list[bytearray] = []
+        self._lock = threading.Lock()
+        #: pulls served from a kept buffer / given a new one
+        self.reused = 0
+        self.allocated = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(b) for b in self._bufs)
+
+    def take(self, nbytes: int) -> memoryview:
+        """A writable view of ``nbytes`` (thread-safe: pulls run in threads)."""
+        if nbytes <= 0:
+            return memoryview(bytearray(0))
+        with self._lock:
+            fits = [b for b in self._bufs if len(b) >= nbytes and _unviewed(b)]
+            if fits:
+                self.reused += 1
+                return memoryview(min(fits, key=len))[:nbytes]
+            self.allocated += 1
+            buf = bytearray(nbytes)
+            if self.cap_bytes > 0:
+                idle = [b for b in self._bufs if _unviewed(b)]
+                # make room: drop idle kept buffers (smallest first) until this one fits under the cap
+                for old in sorted(idle, key=len):
+                    if self.held_bytes + nbytes <= self.cap_bytes:
+                        break
+                    self._bufs.remove(old)
+                if self.held_bytes + nbytes <= self.cap_bytes:
+                    self._bufs.append(buf)
+            return memoryview(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+
+def _unviewed(buf: bytearray) -> bool:
+    """Whether no view of ``buf`` exists: resizing a viewed bytearray raises BufferError (O(1) probe:
+    dropping the last byte keeps the allocation, and putting it back fits in it)."""
+    try:
+        last = buf[-1]
+        del buf[-1:]
+    except BufferError:
+        return False
+    buf.append(last)
+    return True
+
+
+#: the process's pool (a decode worker sets the cap from --kv-recv-pool-mb)
+RECEIVE_POOL = ReceivePool()
 
 
 @dataclass
@@ -166,7 +286,7 @@ def receive(
         with conn:
             _tcp(conn, timeout)
             conn.sendall(token)
-            whole = memoryview(bytearray(expect_bytes))  # one allocation for the pull; chunks are slices
+            whole = RECEIVE_POOL.take(expect_bytes)  # one buffer for the pull; chunks are slices of it
             pos = got = 0
             while got < blocks:
                 head = _recv_exact(conn, HEADER.size)

@@ -4,12 +4,16 @@ Server side (``KvTransferServicer``): ``Pull`` claims the lease once (a second p
 FAILED_PRECONDITION, an unknown or expired lease NOT_FOUND, both through errors.py), streams the
 blocks from ``first_block`` on in chunks of several blocks (every layer, K and V, in one message:
 ``[layers, 2, blocks, block_size, kv_heads, head_dim]``), and frees the lease when the stream ends,
-whatever way it ends. Only one chunk is copied out of the cache at a time. Engines that hold no
+whatever way it ends. On the gRPC stream one chunk at a time is copied out of the cache into a message;
+on the data socket nothing is: each chunk is written straight from the cache's memory (``export_views``,
+a gather write). Engines that hold no
 tensors (the mocker) send empty chunks that take the time the model card's KV size and
 ``--kv-transfer-gbps`` imply. ``Release`` frees a lease early and is idempotent.
 
 Client side (``pull``): checks the handle's layout against the decoder's own, then collects the chunks
-into a :class:`~dynamo_grpc.engines.base.KvImport` for the engine.
+into a :class:`~dynamo_grpc.engines.base.KvImport` for the engine. Over the data socket the chunks are
+slices of one receive buffer from ``kv_socket.RECEIVE_POOL`` (kept between pulls, ``--kv-recv-pool-mb``),
+which the torch cache reads in place.
 
 Byte path (``--kv-transfer-path``, default socket): the decoder asks for a data socket; the server's
 first response names a one-shot port and token (kv_socket.py) and the chunks go over that socket, TLS
@@ -131,29 +135,36 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
             yield start, n, data, nbytes
 
     def _send_all(self, conn: socket.socket, ids: list[int], first: int, per: int) -> None:
+        """Every chunk straight from the cache's memory (the lease keeps those blocks unwritten)."""
         for start in range(first, len(ids), per):
             part = ids[start : start + per]
-            data = self.engine.export_blocks(part)
-            kv_socket.send_chunk(conn, start, len(part), len(data), data)
+            length = kv_socket.send_views(conn, start, len(part), self.engine.export_views(part))
             self.blocks_sent += len(part)
-            self.bytes_sent += len(data)
+            self.bytes_sent += length
 
     async def _over_socket(
         self, listener: kv_socket.DataListener, ids: list[int], first: int, per: int, context: grpc.aio.ServicerContext
     ) -> bool:
         """Send over the data socket; False when no decoder connected in time (the caller falls back)."""
-        conn = await listener.accept(self.accept_timeout_s)
+
+        def send_all(conn: socket.socket) -> None:  # the handshake's thread copies nothing and writes every chunk
+            self._send_all(conn, ids, first, per)
+
+        try:
+            conn = await listener.accept(self.accept_timeout_s, send_all if self.geometry.moves_bytes else None)
+        except OSError as e:  # from send_all: the handshake's own failures only refuse that connection
+            self.socket_pulls += 1
+            await errors.abort(context, errors.Unavailable(f"KV data socket broke: {e}"))
         if conn is None:
             self.socket_fallbacks += 1
             log.warning("KV data socket on port %d: no decoder came; streaming over gRPC", listener.port)
             return False
         self.socket_pulls += 1
+        if self.geometry.moves_bytes:
+            return True  # sent and closed in the handshake's thread
         try:
-            if self.geometry.moves_bytes:  # one thread copies and writes every chunk: no loop hop per chunk
-                await asyncio.to_thread(self._send_all, conn, ids, first, per)
-            else:
-                async for start, n, data, nbytes in self._chunks(ids, first, per):
-                    await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
+            async for start, n, data, nbytes in self._chunks(ids, first, per):
+                await asyncio.to_thread(kv_socket.send_chunk, conn, start, n, nbytes, data)
         except OSError as e:
             await errors.abort(context, errors.Unavailable(f"KV data socket broke: {e}"))
         finally:

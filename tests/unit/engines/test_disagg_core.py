@@ -15,6 +15,7 @@ from dynamo_grpc.engines.core import EngineCore
 from dynamo_grpc.engines.core.block_pool import BlockPool
 from dynamo_grpc.engines.core.leases import LeaseTable
 from dynamo_grpc.events.kv import KvStored
+from dynamo_grpc.worker import kv_socket
 from tests.unit.engines.conftest import MakeCore
 
 
@@ -46,29 +47,45 @@ def _prompt(n: int, base: int = 3) -> list[int]:
 
 
 def _handoff(
-    prefill: EngineCore, decode: EngineCore, prompt: list[int], sp: SamplingParams, first_block: int = 0
+    prefill: EngineCore,
+    decode: EngineCore,
+    prompt: list[int],
+    sp: SamplingParams,
+    first_block: int = 0,
+    pooled: bool = False,
 ) -> tuple[list[int], list[object]]:
-    """Prefill on one core, pull its lease's blocks from ``first_block``, continue on the other."""
+    """Prefill on one core, pull its lease's blocks from ``first_block``, continue on the other.
+
+    ``pooled``: the bytes arrive as the data socket hands them over, a writable view of a kept receive
+    buffer, which the torch cache reads in place instead of copying."""
     first_sp = SamplingParams(**{**sp.__dict__, "max_tokens": 1})
     first, out, _ = _run(prefill, EngineRequest("p", prompt, first_sp, hold_kv=True))
     assert out.lease is not None and out.lease.num_tokens == len(prompt)
     lease = prefill.leases.begin_pull(out.lease.lease_id)
     ids = lease.block_ids[first_block:]
-    imp = KvImport(first_block, len(prompt), [(first_block, len(ids), _export(prefill, ids))])
+    data = _export(prefill, ids)
+    if pooled:
+        view = kv_socket.ReceivePool(1 << 20).take(len(data))
+        view[:] = data
+        data = view  # type: ignore[assignment]
+    imp = KvImport(first_block, len(prompt), [(first_block, len(ids), data)])
     prefill.leases.end_pull(out.lease.lease_id)
     assert prefill.kv.pool.num_active == 0  # pulled: the prefill side's blocks are back
     rest, _, events = _run(decode, EngineRequest("d", prompt, sp, prefilled=first, kv_import=imp))
     return first + rest, events
 
 
-@pytest.mark.parametrize("n", [10, 12, 17])  # partial last block, exact blocks, several blocks + partial
-@pytest.mark.parametrize("seeded", [False, True])
-def test_a_handoff_gives_the_aggregated_tokens(make_core: MakeCore, n: int, seeded: bool) -> None:
+@pytest.mark.parametrize(
+    ("n", "seeded", "pooled"),
+    [(10, False, False), (12, False, False), (17, False, False), (10, True, False), (12, True, False)]
+    + [(17, True, False), (17, False, True), (10, True, True)],  # partial last block, exact blocks, several + partial
+)
+def test_a_handoff_gives_the_aggregated_tokens(make_core: MakeCore, n: int, seeded: bool, pooled: bool) -> None:
     sp = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8 if seeded else 0.0, seed=11 if seeded else None)
     prompt = _prompt(n)
     agg, _, _ = _run(make_core(), EngineRequest("a", prompt, sp))
     decode = make_core()
-    disagg, events = _handoff(make_core(), decode, prompt, sp)
+    disagg, events = _handoff(make_core(), decode, prompt, sp, pooled=pooled)
     assert disagg == agg
     # the decoder announced the pulled blocks and holds them: a follow-up sharing the prefix is a local hit
     stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]

@@ -54,11 +54,11 @@ class KvCache:
         base = torch.tensor(block_ids, dtype=torch.long).unsqueeze(1) * bs
         return (base + torch.arange(bs)).reshape(-1)
 
-    def export_blocks(self, block_ids: list[int]) -> bytes:
-        """Blocks as row-major [layers, 2 (K, V), n, block_size, kv_heads, head_dim] bytes.
+    def export_views(self, block_ids: list[int]) -> list[memoryview]:
+        """Blocks as :meth:`export_blocks` lays them out, as views of the cache's own memory (no copy).
 
-        Layer-major, so a run of consecutive blocks is one contiguous slice of each layer's K and V
-        tensors: the export is one copy of each slice into the message, with no gather.
+        For a socket's gather write (``sendmsg``): the views are valid while the blocks stay pinned
+        (a lease), which is what keeps the cache from writing them meanwhile.
         """
         parts: list[memoryview] = []
         bs = self.block_size
@@ -69,7 +69,15 @@ class KvCache:
                 for start, n in runs:
                     chunk = raw[start * bs : (start + n) * bs].numpy()
                     parts.append(memoryview(chunk.data).cast("B"))
-        return b"".join(parts)
+        return parts
+
+    def export_blocks(self, block_ids: list[int]) -> bytes:
+        """Blocks as row-major [layers, 2 (K, V), n, block_size, kv_heads, head_dim] bytes.
+
+        Layer-major, so a run of consecutive blocks is one contiguous slice of each layer's K and V
+        tensors: the export is one copy of each slice into the message, with no gather.
+        """
+        return b"".join(self.export_views(block_ids))
 
     def import_blocks(self, block_ids: list[int], data: bytes, skip: int = 0, total: int | None = None) -> None:
         """Write blocks exported by :meth:`export_blocks` into ``block_ids``.
@@ -83,7 +91,10 @@ class KvCache:
         layers, _, bs, heads, dim = self.block_shape
         if len(data) != total * self.block_nbytes:
             raise ValueError(f"KV chunk of {total} blocks has {len(data)} bytes, expected {total * self.block_nbytes}")
-        t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.k[0].dtype)
+        # a writable buffer (the data socket's receive buffer) is read in place; bytes (a gRPC message) are
+        # copied once, as torch.frombuffer wants writable memory
+        buf = data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
+        t = torch.frombuffer(buf, dtype=torch.uint8).view(self.k[0].dtype)
         t = t.view(layers, 2, total, bs, heads, dim)[:, :, skip : skip + n].reshape(layers, 2, n * bs, heads, dim)
         slots = self._slots(block_ids)
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):

@@ -183,6 +183,9 @@ class ModelRunner:
     def export_blocks(self, block_ids: list[int]) -> bytes:
         return self.kv.export_blocks(block_ids)
 
+    def export_views(self, block_ids: list[int]) -> list[memoryview]:
+        return self.kv.export_views(block_ids)
+
     def import_kv(self, plan: SchedulerOutput) -> None:
         """Install pulled KV bytes into the blocks the scheduler allocated for them."""
         for imp in plan.kv_imports:
