@@ -206,8 +206,8 @@ def test_the_phase_picks_the_workers_of_its_role_inside_the_pool() -> None:
     assert "pool short has no live worker serving prefill; spilled over to pool long" in d.reason
 
 
-def test_a_pool_takes_spill_over_only_onto_nearly_idle_workers() -> None:
-    # one-directional spill: long prompts borrow an idle short worker, never queue behind short ones
+def test_a_pool_takes_spill_over_only_while_it_is_nearly_idle() -> None:
+    # one-directional spill: long prompts borrow an idle short pool, never queue behind short ones
     config = {
         "default_pool": "short",
         "pools": [
@@ -217,21 +217,23 @@ def test_a_pool_takes_spill_over_only_onto_nearly_idle_workers() -> None:
     }
     g = make_global(config, workers={"short": 2, "long": 1})
     assert g.route(RouteInput("l1", token_ids=tokens(400, 1))).pool == "long"  # the long worker: 400 pending
-    g.route(RouteInput("s1", token_ids=tokens(200, 2)))  # one short worker: 200 pending (<= 250, still idle enough)
-    d = g.route(RouteInput("l2", token_ids=tokens(400, 3)))  # long backed up: spills to an idle short worker
+    g.route(RouteInput("s1", token_ids=tokens(200, 2)))  # the short pool: 192 pending (12 full blocks), below 250
+    d = g.route(RouteInput("l2", token_ids=tokens(400, 3)))  # long backed up: spills to the idle short pool
     assert d.pool == "short" and d.spilled_from == "long"
     assert d.reason.endswith(
         "pool long busy (every worker above 300 pending prefill tokens); spilled over to pool short "
-        "(a worker with at most 250 pending prefill tokens)"
+        "(at most 250 prefill tokens pending there)"
     )
-    # now both short workers hold more than 250 pending tokens: the next long prompt waits in its own pool
-    g.route(RouteInput("s2", token_ids=tokens(200, 4)))
-    r = g.pools["short"].router
-    loads = [r.active.load(k).prefill_blocks * BS for w in r.workers.values() for k in w.ranks()]
-    assert all(x > 250 for x in loads), loads
+    # the short pool now has 592 tokens to prefill: the next long prompt waits in its own pool
     d = g.route(RouteInput("l3", token_ids=tokens(400, 5)))
     assert d.pool == "long" and d.spilled_from == ""
-    assert "pool short takes no spill-over (every worker above 250 pending prefill tokens)" in d.reason
+    assert "pool short takes no spill-over (592 pending prefill tokens, above 250)" in d.reason
     assert d.reason.endswith("no pool has headroom: queued in pool long")
-    # the short pool's own requests are not limited by the threshold
-    assert g.route(RouteInput("s3", token_ids=tokens(100, 6))).pool == "short"
+    # the short pool's own requests are not limited by it
+    assert g.route(RouteInput("s2", token_ids=tokens(100, 6))).pool == "short"
+    # once the spilled prompt and s1 are prefilled the short pool takes spill-over again
+    g.prefill_done("l2")
+    g.prefill_done("s1")
+    g.prefill_done("s2")
+    assert g.route(RouteInput("l4", token_ids=tokens(400, 7))).spilled_from == "long"
+    assert g.pools["long"].counters.spilled_out == 2 and g.pools["short"].counters.spilled_in == 2

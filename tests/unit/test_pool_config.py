@@ -174,7 +174,7 @@ def test_accept_spill_prefill_tokens_is_a_positive_integer_and_off_by_default() 
         }
     )
     assert ok.pools["short"].accept_spill_prefill_tokens == 4096
-    assert "takes spill-over up to 4096 pending prefill tokens" in ok.describe()[0]
+    assert "takes spill-over while at most 4096 prefill tokens are pending" in ok.describe()[0]
     assert parse_pool_config(grid()).pools["short"].accept_spill_prefill_tokens is None
     msg = errors_of({"default_pool": "x", "pools": [{"name": "x", "accept_spill_prefill_tokens": True}]})
     assert "pool x: accept_spill_prefill_tokens: expected a positive integer or null, got True" in msg

@@ -80,22 +80,16 @@ class PoolState:
         if ranks and all(r.active.load(k).prefill_blocks * r.block_size > cap for k in ranks):
             raise PrefillBusy(f"every worker above {cap} pending prefill tokens")
 
-    def spill_exclusions(self) -> list[str]:
-        """Workers too backed up to take a spilled request (all ranks above accept_spill_prefill_tokens);
-        SpillRefused when that is every usable worker."""
+    def check_accepts_spill(self) -> None:
+        """SpillRefused when the prompt tokens routed to the pool and not yet prefilled (all workers together)
+        exceed accept_spill_prefill_tokens: a spilled long prefill may borrow an idle pool, never queue in it."""
         cap = self.spec.accept_spill_prefill_tokens
         r = self.router
         if cap is None or not r.block_size:
-            return []
-        usable = [w for w in r.workers.values() if r.usable(w.instance_id)]
-        over = [
-            w.instance_id
-            for w in usable
-            if all(r.active.load(k).prefill_blocks * r.block_size > cap for k in w.ranks())
-        ]
-        if usable and len(over) == len(usable):
-            raise SpillRefused(f"every worker above {cap} pending prefill tokens")
-        return over
+            return
+        pending = sum(r.active.load(k).prefill_blocks for w in r.workers.values() for k in w.ranks()) * r.block_size
+        if pending > cap:
+            raise SpillRefused(f"{pending} pending prefill tokens, above {cap}")
 
 
 class PrefillBusy(AllBusy):
@@ -108,10 +102,7 @@ class SpillRefused(PrefillBusy):
 
 def _why(name: str, spec: PoolSpec, exc: Exception, phase: str = "aggregated") -> str:
     if isinstance(exc, SpillRefused):
-        return (
-            f"pool {name} takes no spill-over (every worker above {spec.accept_spill_prefill_tokens} "
-            "pending prefill tokens)"
-        )
+        return f"pool {name} takes no spill-over ({exc})"
     if isinstance(exc, PrefillBusy):
         return f"pool {name} busy (every worker above {spec.busy_prefill_tokens} pending prefill tokens)"
     if isinstance(exc, AllBusy):
@@ -198,12 +189,9 @@ class GlobalRouter:
                 continue
             try:
                 ps.check_prefill_backlog()
-                spill_inp = inp
                 if name != sel.pool:
-                    over = ps.spill_exclusions()
-                    if over:
-                        spill_inp = replace(inp, exclude=[*inp.exclude, *over])
-                res = ps.router.route(spill_inp)
+                    ps.check_accepts_spill()
+                res = ps.router.route(inp)
             except (AllBusy, NoWorkers, NotReady) as exc:
                 ps.counters.refusals += 1
                 refusals.append((name, exc))
@@ -247,7 +235,7 @@ class GlobalRouter:
             ps.counters.spilled_in += 1
             reason = f"{sel.reason}; {whys}; spilled over to pool {name}"
             if ps.spec.accept_spill_prefill_tokens is not None and not queued:
-                reason += f" (a worker with at most {ps.spec.accept_spill_prefill_tokens} pending prefill tokens)"
+                reason += f" (at most {ps.spec.accept_spill_prefill_tokens} prefill tokens pending there)"
         elif whys:
             reason = f"{sel.reason}; {whys}"
         if not inp.dry_run:

@@ -11,8 +11,8 @@ overlap. A phase whose grid is empty goes to ``default_pool``. ``ttft_target_s``
 metadata for the planner, not selection rules. ``busy_threshold`` (default 0.9, per pool or for all) is the
 estimated KV use above which a worker is busy; a pool whose every worker is busy spills over to the
 nearest range with headroom (``spill_over: false`` turns that off); ``busy_prefill_tokens`` also calls a pool
-busy on its prefill backlog, and ``accept_spill_prefill_tokens`` makes a pool take spilled requests only onto
-nearly idle workers (one-directional spill: long prompts borrow an idle short pool, never queue in it).
+busy on its prefill backlog, and ``accept_spill_prefill_tokens`` makes a pool take spilled requests only while
+it is nearly idle (one-directional spill: long prompts borrow an idle short pool, never queue in it).
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class PoolSpec:
     #: a worker with more prompt tokens routed and not yet prefilled than this is busy too (None: off);
     #: the TTFT-side signal: a pool backed up with prefill work spills over before its KV fills
     busy_prefill_tokens: int | None = None
-    #: take a request another pool spilled only onto a worker with at most this many pending prefill tokens
-    #: (None: any worker that is not busy); low on a short pool, long prompts spill into it only while it idles
+    #: take a request another pool spilled only while the pool's workers together have at most this many
+    #: prompt tokens routed and not yet prefilled (None: whenever it is not busy); low on a short pool, long
+    #: prompts spill into it only while it idles
     accept_spill_prefill_tokens: int | None = None
 
     def range_on(self, axis: str) -> TokenRange | None:
@@ -152,7 +153,7 @@ class PoolGrid:
             if p.busy_prefill_tokens is not None:
                 busy += f" or {p.busy_prefill_tokens} pending prefill tokens"
             if p.accept_spill_prefill_tokens is not None:
-                busy += f"; takes spill-over up to {p.accept_spill_prefill_tokens} pending prefill tokens"
+                busy += f"; takes spill-over while at most {p.accept_spill_prefill_tokens} prefill tokens are pending"
             out.append(f"pool {p.name}{dflt}: {where}; {busy}")
         return out
 
