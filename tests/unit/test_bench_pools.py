@@ -48,10 +48,12 @@ def test_split_specs_become_the_pools_config_the_global_router_loads() -> None:
     both = parse_pool_config(yaml.safe_load(pools_yaml(parse_split("8192,busy=49152"))))
     assert both.pools["short"].busy_prefill_tokens == both.pools["long"].busy_prefill_tokens == 49152
     assert list(parse_pool_config(yaml.safe_load(pools_yaml(None))).pools) == ["all"]
+    assert parse_split("auto:0.05", t).split == 40000  # the only cut that leaves a request on each side
     for bad, msg in [
         ("fast", "positive token count or 'auto'"),
         ("8192,spil=1", "unknown option 'spil'"),
         ("8192,accept=0", "accept must be a positive token count"),
+        ("auto:1.5", "SHARE in \\(0, 1\\)"),
     ]:
         with pytest.raises(ValueError, match=msg):
             parse_split(bad, t)

@@ -32,6 +32,9 @@ from dynamo_grpc.bench.replay_metrics import RequestRecord
 from dynamo_grpc.bench.replay_trace import Trace, load_trace
 
 ONE_POOL = "one-pool"
+#: the layouts of bench/results/pools.json: the old 8,192 cut, half the work each side, and a cut at 30 % of the
+#: work with one-directional spill-over (long -> short only while the short pool is nearly idle)
+DEFAULT_SPLITS = ("8192", "auto", "auto:0.3,spill=8192,accept=8192")
 #: --split spec keys -> what they set in the split layout's pools.yaml
 SPEC_KEYS = {
     "spill": "long pool busy_prefill_tokens (long prompts spill to the short pool when the long one is backed up)",
@@ -58,12 +61,16 @@ class SplitSpec:
 
 
 def parse_split(text: str, trace: Trace | None = None) -> SplitSpec:
-    """``N|auto[,spill=N][,accept=N][,busy=N]``; ValueError naming the bad part."""
+    """``N|auto[:SHARE][,spill=N][,accept=N][,busy=N]``; ValueError naming the bad part."""
     head, *opts = [p.strip() for p in text.split(",")]
-    if head == "auto":
+    if head == "auto" or head.startswith("auto:"):
         if trace is None:
             raise ValueError("split auto needs the trace")
-        split, auto = work_balanced_split(trace), True
+        try:
+            share = float(head[5:]) if head != "auto" else 0.5
+            split, auto = work_balanced_split(trace, share), True
+        except ValueError as e:
+            raise ValueError(f"--split {text!r}: auto[:SHARE] with SHARE in (0, 1): {e}") from None
     elif head.isdigit() and int(head) > 0:
         split, auto = int(head), False
     else:
@@ -95,14 +102,20 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="SPEC",
-        help="a split layout (repeat for several, all in the same rounds): N|auto[,spill=N][,accept=N][,busy=N] — "
-        "prompts below N input tokens go to the short pool ('auto': the length that gives each pool half of the "
-        "trace's prefill work); spill=N: the long pool spills to the short one above N pending prefill tokens "
-        "per worker; accept=N: the short pool takes spill-over only onto a worker with at most N pending; "
-        "busy=N: both pools spill at N (default: 8192)",
+        help="a split layout (repeat for several, all in the same rounds): N|auto[:SHARE][,spill=N][,accept=N]"
+        "[,busy=N] — prompts below N input tokens go to the short pool ('auto': the length that gives the short "
+        "pool SHARE, default 0.5, of the trace's prefill work); spill=N: the long pool spills to the short one "
+        "when every long worker has over N pending prefill tokens; accept=N: the short pool takes spill-over "
+        f"only while at most N are pending on it; busy=N: both pools spill at N (default: {' '.join(DEFAULT_SPLITS)})",
     )
     p.add_argument("--limit", type=int, default=400, help="replay the first N requests (default 400)")
-    p.add_argument("--speedup", type=float, default=5.0, help="divide trace time and mocker step times (default 5)")
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=2.5,
+        help="divide trace time and mocker step times (default 2.5: a host CPU stall counts less in trace "
+        "seconds than at 5, which matters for a p99 on a shared machine)",
+    )
     p.add_argument("--rate-scale", type=float, default=0.5, help="multiply the request rate (default 0.5)")
     p.add_argument("--max-output-tokens", type=int, default=64, help="cap each request's output (default 64)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every layout (default 3)")
@@ -259,7 +272,7 @@ def _plot(summary: dict[str, Any], png: Path, title: str) -> None:
     ax.set_xlim(left=0.5)
     ax.set_ylim(bottom=0.5, top=max(3.0, *(summary[n]["short_p99_one_over_split"]["max"] or 0 for n in names)) + 0.2)
     ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=7, wrap=True)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -290,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     trace = capped(load_trace(args.trace, "auto", args.limit), None, cfg.max_output_tokens)
     try:
-        specs = [parse_split(t, trace) for t in (args.split or ["8192"])]
+        specs = [parse_split(t, trace) for t in (args.split or DEFAULT_SPLITS)]
     except ValueError as e:
         parser.error(str(e))
     if len({s.name for s in specs}) != len(specs):
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report.get("summary", {}), indent=1), file=sys.stderr)
     print(f"wrote {args.json}", file=sys.stderr)
     title = (
-        f"{Path(trace.path).name}: {len(trace.requests)} requests, {args.workers} mocker workers, one pool vs "
+        f"{Path(trace.path).name}: {len(trace.requests)} requests, {args.workers} mocker workers,\none pool vs "
         f"split layouts, {args.rounds} rounds (median, min-max), speedup {args.speedup:g}, rate x{args.rate_scale:g}"
     )
     if report:
