@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from dynamo_grpc.bench.pools import parse_split, pools_yaml, summarize_rounds
-from dynamo_grpc.bench.pools_split import prefill_work_ms, uncached_tokens, work_balanced_split
+from dynamo_grpc.bench.pools_split import (
+    cross_pool_prefix_tokens,
+    prefill_work_ms,
+    uncached_tokens,
+    work_balanced_split,
+)
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest
 from dynamo_grpc.engines.mocker.timing import prefill_ms
 from dynamo_grpc.router.pool_config import parse_pool_config
@@ -73,3 +78,10 @@ def test_the_summary_compares_each_split_with_one_pool_at_the_same_cut() -> None
     assert s["short_p99_one_over_split"]["per_round"] == [2.0, 1.0, 3.0]
     assert s["short_p99_one_over_split"]["median"] == 2.0 and s["target_short_p99_gain_1_5x"]
     assert s["long_p50_split_over_one"]["median"] == pytest.approx(1.1) and s["target_long_p50_cost_le_20pct"]
+
+
+def test_a_conversation_that_crosses_the_split_recomputes_its_history() -> None:
+    # turn 1 (1,024 tokens) is short; turn 2 re-uses its two blocks but is long at a 1,500 cut, not at 2,000
+    t = trace([(1024, (1, 2)), (1536, (1, 2, 3)), (600, (9, 10))])
+    assert cross_pool_prefix_tokens(t, 1500) == 1024
+    assert cross_pool_prefix_tokens(t, 2000) == 0

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dynamo_grpc.bench.output import default_results_dir, save_plot
-from dynamo_grpc.bench.pools_split import work_balanced_split
+from dynamo_grpc.bench.pools_split import cross_pool_prefix_tokens, uncached_tokens, work_balanced_split
 from dynamo_grpc.bench.replay import ReplayConfig, _drive, capped, compact_json, model_dir, needed_context
 from dynamo_grpc.bench.replay_metrics import RequestRecord
 from dynamo_grpc.bench.replay_trace import Trace, load_trace
@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                 "trace": {
                     "requests": len(trace.requests),
                     "short_requests": {str(c): sum(1 for r in trace.requests if r.input_length < c) for c in splits},
+                    "uncached_prompt_tokens": sum(uncached_tokens(trace)),
+                    # prefill a split adds by moving a conversation away from its cached prefix
+                    "cross_pool_prefix_tokens": {str(c): cross_pool_prefix_tokens(trace, c) for c in splits},
                     "duration_s": trace.duration_s,
                     "context_length": needed_context(trace),
                 },

@@ -62,3 +62,25 @@ def work_balanced_split(trace: Trace, short_share: float = 0.5) -> int:
         if cut > by_len[i - 1][0] and abs(acc - target) < best_gap:  # requests below ``cut`` are short
             best, best_gap = cut, abs(acc - target)
     return best
+
+
+def cross_pool_prefix_tokens(trace: Trace, split: int) -> int:
+    """Prompt tokens whose prefix an earlier request cached on the other side of ``split``: the prefill a split
+    by length adds over one pool (a conversation's turn that crosses the cut recomputes its history)."""
+    bs = trace.hash_block_size
+    if not bs:
+        return 0
+    owner: dict[tuple[int, ...], bool] = {}  # prefix -> cached by a short request
+    lost = 0
+    for r in trace.requests:
+        short = r.input_length < split
+        hit, side = 0, short
+        for k in range(1, len(r.hash_ids or ()) + 1):
+            prefix = (r.hash_ids or ())[:k]
+            if prefix in owner:
+                hit, side = k, owner[prefix]
+            else:
+                owner[prefix] = short
+        if hit and side != short:
+            lost += min(hit * bs, r.input_length)
+    return lost
