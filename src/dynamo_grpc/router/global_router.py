@@ -97,7 +97,7 @@ class PrefillBusy(AllBusy):
 
 
 class SpillRefused(PrefillBusy):
-    """A pool takes spilled requests only onto workers with at most accept_spill_prefill_tokens pending."""
+    """A pool takes spilled requests only while its pending prefill tokens are at most accept_spill_prefill_tokens."""
 
 
 def _why(name: str, spec: PoolSpec, exc: Exception, phase: str = "aggregated") -> str:
