@@ -176,3 +176,64 @@ def test_when_every_pool_is_backed_up_the_request_queues_at_home_instead_of_fail
     assert d.pool == "long" and d.spilled_from == ""
     assert d.reason.endswith("no pool has headroom: queued in pool long")
     assert "pool short busy (every worker above 100 pending prefill tokens)" in d.reason
+
+
+def test_the_phase_picks_the_workers_of_its_role_inside_the_pool() -> None:
+    config = {
+        "default_pool": "short",
+        "pools": [
+            {"name": "short", "input_tokens": [0, 256], "context_tokens": [0, 256]},
+            {"name": "long", "input_tokens": [256, None], "context_tokens": [256, None]},
+        ],
+    }
+
+    def make(spec: PoolSpec) -> Router:
+        r = Router(RouterConfig(block_size=BS, seed=1, busy_threshold=spec.busy_threshold))
+        roles = ("prefill", "decode") if spec.name == "long" else ("decode",)
+        r.set_workers(
+            [WorkerInfo(f"{spec.name}-{role}", "127.0.0.1:9000", "m", BS, 1, 1024, role=role) for role in roles]
+        )
+        r.ready = True
+        return r
+
+    g = GlobalRouter(parse_pool_config(config), make)
+    for i in range(4):  # whatever the load, a prefill goes to the pool's prefill worker, a decode to its decode one
+        assert g.route(RouteInput(f"p{i}", token_ids=tokens(300, i)), "prefill").result.instance_id == "long-prefill"
+        assert g.route(RouteInput(f"d{i}", token_ids=tokens(300, i)), "decode").result.instance_id == "long-decode"
+    # a pool with no worker serving the phase is skipped like an empty one, and the reason names the phase
+    d = g.route(RouteInput("s", token_ids=tokens(100, 9)), "prefill")
+    assert d.pool == "long" and d.result.instance_id == "long-prefill"
+    assert "pool short has no live worker serving prefill; spilled over to pool long" in d.reason
+
+
+def test_a_pool_takes_spill_over_only_while_it_is_nearly_idle() -> None:
+    # one-directional spill: long prompts borrow an idle short pool, never queue behind short ones
+    config = {
+        "default_pool": "short",
+        "pools": [
+            {"name": "short", "input_tokens": [0, 256], "accept_spill_prefill_tokens": 250},
+            {"name": "long", "input_tokens": [256, None], "busy_prefill_tokens": 300},
+        ],
+    }
+    g = make_global(config, workers={"short": 2, "long": 1})
+    assert g.route(RouteInput("l1", token_ids=tokens(400, 1))).pool == "long"  # the long worker: 400 pending
+    g.route(RouteInput("s1", token_ids=tokens(200, 2)))  # the short pool: 192 pending (12 full blocks), below 250
+    d = g.route(RouteInput("l2", token_ids=tokens(400, 3)))  # long backed up: spills to the idle short pool
+    assert d.pool == "short" and d.spilled_from == "long"
+    assert d.reason.endswith(
+        "pool long busy (every worker above 300 pending prefill tokens); spilled over to pool short "
+        "(at most 250 prefill tokens pending there)"
+    )
+    # the short pool now has 592 tokens to prefill: the next long prompt waits in its own pool
+    d = g.route(RouteInput("l3", token_ids=tokens(400, 5)))
+    assert d.pool == "long" and d.spilled_from == ""
+    assert "pool short takes no spill-over (592 pending prefill tokens, above 250)" in d.reason
+    assert d.reason.endswith("no pool has headroom: queued in pool long")
+    # the short pool's own requests are not limited by it
+    assert g.route(RouteInput("s2", token_ids=tokens(100, 6))).pool == "short"
+    # once the spilled prompt and s1 are prefilled the short pool takes spill-over again
+    g.prefill_done("l2")
+    g.prefill_done("s1")
+    g.prefill_done("s2")
+    assert g.route(RouteInput("l4", token_ids=tokens(400, 7))).spilled_from == "long"
+    assert g.pools["long"].counters.spilled_out == 2 and g.pools["short"].counters.spilled_in == 2

@@ -164,3 +164,17 @@ def test_busy_prefill_tokens_is_a_positive_integer() -> None:
     assert ok.pools["short"].busy_prefill_tokens == 8192
     msg = errors_of({"default_pool": "x", "pools": [{"name": "x", "busy_prefill_tokens": 0}]})
     assert "busy_prefill_tokens: expected a positive integer or null, got 0" in msg
+
+
+def test_accept_spill_prefill_tokens_is_a_positive_integer_and_off_by_default() -> None:
+    ok = parse_pool_config(
+        {
+            **grid(),
+            "pools": [{"name": "short", "input_tokens": [0, None], "accept_spill_prefill_tokens": 4096}],
+        }
+    )
+    assert ok.pools["short"].accept_spill_prefill_tokens == 4096
+    assert "takes spill-over while at most 4096 prefill tokens are pending" in ok.describe()[0]
+    assert parse_pool_config(grid()).pools["short"].accept_spill_prefill_tokens is None
+    msg = errors_of({"default_pool": "x", "pools": [{"name": "x", "accept_spill_prefill_tokens": True}]})
+    assert "pool x: accept_spill_prefill_tokens: expected a positive integer or null, got True" in msg

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dynamo_grpc.router.pool_config import PoolGrid, PoolSpec, Selection
 from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput, Router, RouteResult
@@ -80,19 +80,36 @@ class PoolState:
         if ranks and all(r.active.load(k).prefill_blocks * r.block_size > cap for k in ranks):
             raise PrefillBusy(f"every worker above {cap} pending prefill tokens")
 
+    def check_accepts_spill(self) -> None:
+        """SpillRefused when the prompt tokens routed to the pool and not yet prefilled (all workers together)
+        exceed accept_spill_prefill_tokens: a spilled long prefill may borrow an idle pool, never queue in it."""
+        cap = self.spec.accept_spill_prefill_tokens
+        r = self.router
+        if cap is None or not r.block_size:
+            return
+        pending = sum(r.active.load(k).prefill_blocks for w in r.workers.values() for k in w.ranks()) * r.block_size
+        if pending > cap:
+            raise SpillRefused(f"{pending} pending prefill tokens, above {cap}")
+
 
 class PrefillBusy(AllBusy):
     """Every worker of a pool has more pending prefill tokens than the pool's busy_prefill_tokens."""
 
 
-def _why(name: str, spec: PoolSpec, exc: Exception) -> str:
+class SpillRefused(PrefillBusy):
+    """A pool takes spilled requests only while its pending prefill tokens are at most accept_spill_prefill_tokens."""
+
+
+def _why(name: str, spec: PoolSpec, exc: Exception, phase: str = "aggregated") -> str:
+    if isinstance(exc, SpillRefused):
+        return f"pool {name} takes no spill-over ({exc})"
     if isinstance(exc, PrefillBusy):
         return f"pool {name} busy (every worker above {spec.busy_prefill_tokens} pending prefill tokens)"
     if isinstance(exc, AllBusy):
         return f"pool {name} busy (every worker above {spec.busy_threshold:g} KV use)"
     if isinstance(exc, NotReady):
         return f"pool {name} not ready (rebuilding its index)"
-    return f"pool {name} has no live worker"
+    return f"pool {name} has no live worker" + ("" if phase == "aggregated" else f" serving {phase}")
 
 
 class GlobalRouter:
@@ -157,11 +174,14 @@ class GlobalRouter:
         return self.grid.select(phase, n_in, n_ctx)
 
     def route(self, inp: RouteInput, phase: str = "aggregated", pool: str = "") -> PoolDecision:
-        """Pick a pool, then a worker in it. Raises UnknownPool / ValueError (bad input), else the last
-        pool's AllBusy (any pool tried was busy), NotReady or NoWorkers, naming every pool tried."""
+        """Pick a pool, then a worker in it whose role serves ``phase`` (a prefill prefers the pool's
+        ``role=prefill`` workers, as in ``dynamo-grpc router``). Raises UnknownPool / ValueError (bad input), else
+        the last pool's AllBusy (any pool tried was busy), NotReady or NoWorkers, naming every pool tried."""
         if not inp.request_id:
             raise ValueError("request_id is required")
         sel = self.select(inp, phase, pool)
+        if inp.phase != phase:
+            inp = replace(inp, phase=phase)
         refusals: list[tuple[str, Exception]] = []
         for name in (sel.pool, *sel.spill_order):
             ps = self.pools.get(name)
@@ -169,6 +189,8 @@ class GlobalRouter:
                 continue
             try:
                 ps.check_prefill_backlog()
+                if name != sel.pool:
+                    ps.check_accepts_spill()
                 res = ps.router.route(inp)
             except (AllBusy, NoWorkers, NotReady) as exc:
                 ps.counters.refusals += 1
@@ -184,21 +206,27 @@ class GlobalRouter:
             except (AllBusy, NoWorkers, NotReady) as exc:
                 refusals.append((backlogged, exc))
             else:
-                d = self._decided(inp, sel, backlogged, res, refusals)
+                d = self._decided(inp, sel, backlogged, res, refusals, queued=True)
                 d.reason += f"; no pool has headroom: queued in pool {backlogged}"
                 return d
-        whys = "; ".join(_why(n, self.pools[n].spec, e) for n, e in refusals)
+        whys = "; ".join(_why(n, self.pools[n].spec, e, inp.phase) for n, e in refusals)
         kinds = [type(e) for _, e in refusals]
         err: type[Exception] = AllBusy if AllBusy in kinds else NotReady if NotReady in kinds else NoWorkers
         raise err(f"{sel.reason}; {whys}" + ("" if sel.spill_order or pool else " (spill-over off)"))
 
     def _decided(
-        self, inp: RouteInput, sel: Selection, name: str, res: RouteResult, refusals: list[tuple[str, Exception]]
+        self,
+        inp: RouteInput,
+        sel: Selection,
+        name: str,
+        res: RouteResult,
+        refusals: list[tuple[str, Exception]],
+        queued: bool = False,
     ) -> PoolDecision:
         ps = self.pools[name]
         ps.counters.decisions += 1
         reason, spilled_from = sel.reason, ""
-        whys = "; ".join(_why(n, self.pools[n].spec, e) for n, e in refusals)
+        whys = "; ".join(_why(n, self.pools[n].spec, e, inp.phase) for n, e in refusals)
         if name != sel.pool:
             spilled_from = sel.pool
             home = self.pools.get(sel.pool)
@@ -206,6 +234,8 @@ class GlobalRouter:
                 home.counters.spilled_out += 1
             ps.counters.spilled_in += 1
             reason = f"{sel.reason}; {whys}; spilled over to pool {name}"
+            if ps.spec.accept_spill_prefill_tokens is not None and not queued:
+                reason += f" (at most {ps.spec.accept_spill_prefill_tokens} prefill tokens pending there)"
         elif whys:
             reason = f"{sel.reason}; {whys}"
         if not inp.dry_run:

@@ -1,13 +1,13 @@
 """RouterService for the global router: protobuf <-> GlobalRouter, its errors -> dynamo_grpc.errors.
 
 The same contract as ``dynamo-grpc router``, so a frontend needs no special mode; ``RouteRequest.pool``
-pins a pool (unknown: INVALID_ARGUMENT), ``RouteRequest.phase`` picks the grid, and ``RouteResponse``
-carries the pool and the decision's reason.
+pins a pool (unknown: INVALID_ARGUMENT), ``RouteRequest.phase`` picks the grid and, inside the pool, the
+workers whose role serves it (as ``dynamo-grpc router``), and ``RouteResponse`` carries the pool and the
+decision's reason.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -31,10 +31,9 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
         inp = await route_input(request, context, self.model())
-        phase, inp = inp.phase, dataclasses.replace(inp, phase="aggregated")  # the phase picks the grid only
         try:
             with spans.span("global_router.decide", request_id=request.request_id, model=request.model) as sp:
-                d = self.router.route(inp, phase, request.pool)
+                d = self.router.route(inp, inp.phase, request.pool)
                 spans.set_attributes(sp, pool=d.pool, worker=d.result.instance_id, reason=d.reason)
         except (UnknownPool, ValueError) as exc:
             await errors.abort(context, errors.InvalidArgument(str(exc)))

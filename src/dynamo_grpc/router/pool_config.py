@@ -10,7 +10,9 @@ Ranges are ``[lo, hi)``, ``hi: null`` is open-ended; a grid in use must cover ``
 overlap. A phase whose grid is empty goes to ``default_pool``. ``ttft_target_s`` / ``itl_target_s`` are
 metadata for the planner, not selection rules. ``busy_threshold`` (default 0.9, per pool or for all) is the
 estimated KV use above which a worker is busy; a pool whose every worker is busy spills over to the
-nearest range with headroom (``spill_over: false`` turns that off).
+nearest range with headroom (``spill_over: false`` turns that off); ``busy_prefill_tokens`` also calls a pool
+busy on its prefill backlog, and ``accept_spill_prefill_tokens`` makes a pool take spilled requests only while
+it is nearly idle (one-directional spill: long prompts borrow an idle short pool, never queue in it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _POOL_KEYS = {
     "itl_target_s",
     "busy_threshold",
     "busy_prefill_tokens",
+    "accept_spill_prefill_tokens",
 }
 
 
@@ -76,6 +79,10 @@ class PoolSpec:
     #: a worker with more prompt tokens routed and not yet prefilled than this is busy too (None: off);
     #: the TTFT-side signal: a pool backed up with prefill work spills over before its KV fills
     busy_prefill_tokens: int | None = None
+    #: take a request another pool spilled only while the pool's workers together have at most this many
+    #: prompt tokens routed and not yet prefilled (None: whenever it is not busy); low on a short pool, long
+    #: prompts spill into it only while it idles
+    accept_spill_prefill_tokens: int | None = None
 
     def range_on(self, axis: str) -> TokenRange | None:
         return self.input_tokens if axis == INPUT else self.context_tokens
@@ -145,6 +152,8 @@ class PoolGrid:
             busy = f"busy above {p.busy_threshold:g} KV use"
             if p.busy_prefill_tokens is not None:
                 busy += f" or {p.busy_prefill_tokens} pending prefill tokens"
+            if p.accept_spill_prefill_tokens is not None:
+                busy += f"; takes spill-over while at most {p.accept_spill_prefill_tokens} prefill tokens are pending"
             out.append(f"pool {p.name}{dflt}: {where}; {busy}")
         return out
 
@@ -175,6 +184,15 @@ def _number(raw: object, where: str, problems: list[str], lo: float, hi: float, 
         problems.append(f"{where}: must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {raw!r}")
         return None
     return float(raw)
+
+
+def _tokens(raw: dict[Any, Any], key: str, where: str, problems: list[str]) -> int | None:
+    """A token count key of a pool: a positive integer, or null (off)."""
+    v = raw.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+        problems.append(f"{where}: {key}: expected a positive integer or null, got {v!r}")
+        return None
+    return v
 
 
 def _coverage(axis: str, specs: list[PoolSpec], problems: list[str]) -> None:
@@ -247,13 +265,9 @@ def parse_pool_config(data: object, source: str = "pools config") -> PoolGrid:
             problems.append(f"{where}: itl_target_s needs context_tokens (an ITL target is for the decode grid)")
         busy = _number(raw.get("busy_threshold"), f"{where}: busy_threshold", problems, 0.0, 1.0)
         threshold = busy if busy is not None else busy_all if busy_all is not None else DEFAULT_BUSY_THRESHOLD
-        prefill_cap = raw.get("busy_prefill_tokens")
-        if prefill_cap is not None and (
-            isinstance(prefill_cap, bool) or not isinstance(prefill_cap, int) or prefill_cap <= 0
-        ):
-            problems.append(f"{where}: busy_prefill_tokens: expected a positive integer or null, got {prefill_cap!r}")
-            prefill_cap = None
-        specs.append(PoolSpec(name, inp, ctx, ttft, itl, threshold, prefill_cap))
+        prefill_cap = _tokens(raw, "busy_prefill_tokens", where, problems)
+        accept_cap = _tokens(raw, "accept_spill_prefill_tokens", where, problems)
+        specs.append(PoolSpec(name, inp, ctx, ttft, itl, threshold, prefill_cap, accept_cap))
     default = data.get("default_pool", DEFAULT_POOL)
     if specs and default not in seen:
         problems.append(f"default_pool: {default!r} is not one of the pools ({', '.join(p.name for p in specs)})")
