@@ -31,6 +31,7 @@ from dynamo_grpc.planner.scaling import (
     expected_ttft_s,
     fit_budget,
     needs,
+    prefill_busy,
     replicas_for,
     surge_targets,
 )
@@ -291,6 +292,9 @@ class Planner:
             ttft = obs.ttft_s or 0.0
             concurrency = obs.rate * (ttft + obs.osl * obs.itl_s) / n_decode
             expected_itl = self.profile.itl_s(obs.isl + obs.osl / 2.0, max(1.0, concurrency))
+            if AGG in pools:  # its own prefill steps stretch an aggregated worker's ITL (scaling.aggregated_need)
+                rho = prefill_busy(self.profile, Load(obs.rate, obs.isl, obs.osl), self.corrections[PREFILL])
+                expected_itl /= max(0.1, 1.0 - rho / n_decode)
             c = _clamp(obs.itl_s / expected_itl)
             self.corrections[DECODE] = 0.5 * self.corrections[DECODE] + 0.5 * c
 
