@@ -1,5 +1,5 @@
 """Emergency scale-up between intervals (docs/planner.md "Surges"): a short window whose arrivals already need more
-replicas than a pool has grows it at once, to exactly that need; too few arrivals, or enough replicas, do nothing;
+replicas than a pool has grows it at once, plus one of headroom; too few arrivals, or enough replicas, do nothing;
 a surge never shrinks a pool and stays within the bounds and the budget. The short-window load comes from recorded
 observations, the replicas go to the virtual connector (the dry-run connector of `--connector virtual`)."""
 
@@ -20,10 +20,10 @@ from tests.unit.test_planner_scaling import profile
 T = Targets()
 
 
-def test_a_window_that_outgrows_the_pool_grows_it_to_exactly_its_need() -> None:
-    # 8 req/s (isl 950, osl 100) needs 4.8 aggregated replicas (test_planner_scaling) -> 5, no headroom on top
+def test_a_window_that_outgrows_the_pool_adds_its_need_plus_one() -> None:
+    # 8 req/s (isl 950, osl 100) needs 4.8 aggregated replicas (test_planner_scaling) -> 5, plus one of headroom
     got = surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, {AGG: Bounds(1, 10)}, None)
-    assert got == {AGG: 5}
+    assert got == {AGG: 6}
 
 
 def test_too_few_arrivals_or_enough_replicas_change_nothing() -> None:
@@ -53,9 +53,9 @@ def test_latency_over_target_grows_the_pool_of_its_phase_by_one() -> None:
 def test_surge_stays_within_bounds_and_budget() -> None:
     assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, {AGG: Bounds(1, 4)}, None) == {AGG: 4}
     bounds = {PREFILL: Bounds(1, 4), DECODE: Bounds(1, 8)}
-    # 8 req/s: decode 4.0 -> 4; prefill 0.9 -> 1, already there; a budget of 4 leaves decode at 3
-    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {PREFILL: 1, DECODE: 2}, bounds, 6) == {DECODE: 4}
-    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {PREFILL: 1, DECODE: 2}, bounds, 4) == {DECODE: 3}
+    # 8 req/s: decode 4.0 -> 4 (+1 = 5); prefill 0.9 -> 1, already there; a budget of 5 leaves decode at 4
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {PREFILL: 1, DECODE: 2}, bounds, 6) == {DECODE: 5}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {PREFILL: 1, DECODE: 2}, bounds, 5) == {DECODE: 4}
 
 
 class Windows:
@@ -71,7 +71,7 @@ class Windows:
 def test_planner_surge_check_scales_up_between_intervals_over_two_windows() -> None:
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
     conn = VirtualConnector(cfg.pools, 1)
-    # 2.5 s windows: 6 arrivals (too few alone), then 14: 20 over 5 s = 4 req/s -> need 2.4 -> 3
+    # 2.5 s windows: 6 arrivals (too few alone), then 14: 20 over 5 s = 4 req/s -> need 2.4 -> 3, +1 -> 4
     planner = Planner(cfg, profile(), Windows([]), conn, surge_source=Windows([(2.5, 6), (2.5, 14), (2.5, 2)]))
 
     async def go() -> list[object]:
@@ -80,9 +80,9 @@ def test_planner_surge_check_scales_up_between_intervals_over_two_windows() -> N
     first, second, third = asyncio.run(go())
     assert second is not None
     assert first is None and third is None  # the check after a surge is skipped while its workers start
-    assert conn.counts == {AGG: 3}
+    assert conn.counts == {AGG: 4}
     d = planner.decisions[-1]
-    assert d.kind == "surge" and d.current == {AGG: 1} and d.target == {AGG: 3} and d.observed["requests"] == 20
+    assert d.kind == "surge" and d.current == {AGG: 1} and d.target == {AGG: 4} and d.observed["requests"] == 20
     text = generate_latest(planner.metrics.registry).decode()
     assert 'dynamo_planner_decisions_total{direction="surge",pool="worker"} 1.0' in text
 
