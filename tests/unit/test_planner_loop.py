@@ -107,3 +107,25 @@ def test_an_aggregated_workers_itl_is_expected_stretched_by_its_own_prefills() -
     asyncio.run(planner.step())
     assert planner.corrections[PREFILL] == pytest.approx(1.0, abs=1e-4)
     assert planner.corrections[DECODE] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_nothing_is_learnt_from_an_interval_in_which_the_pool_was_scaled() -> None:
+    # 1 req/s on 4 workers with twice the profile's latencies: learnt (as in the test above). 3 req/s then scales
+    # the pool up; the next interval (new workers starting) shows latencies far over the profile's at 1 req/s, a
+    # load it would learn from: not learnt. The one after that, with no scaling in it, is learnt again.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=5)
+    rows = [(1.0, 0.2, 0.04), (3.0, 0.2, 0.04), (1.0, 3.0, 0.2), (1.0, 0.1, 0.02)]
+    planner = Planner(cfg, profile(), Latencies(rows), VirtualConnector(cfg.pools, 4))
+
+    async def go() -> list[dict[str, float]]:
+        seen = []
+        for _ in rows:
+            await planner.step()
+            seen.append(dict(planner.corrections))
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen[0][DECODE] > 1.4  # learnt
+    assert planner.decisions[1].target[AGG] > planner.decisions[1].current[AGG]  # the second interval scaled up
+    assert seen[2] == seen[1]  # the interval with the new workers starting: nothing learnt
+    assert seen[3] != seen[2]  # a steady interval again: learnt
