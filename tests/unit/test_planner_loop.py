@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prometheus_client import generate_latest
 
 from dynamo_grpc.planner.connectors.virtual import VirtualConnector
@@ -91,3 +92,40 @@ def test_corrections_learn_from_a_healthy_pool_and_not_from_an_overloaded_one() 
     asyncio.run(planner.step())
     assert planner.corrections == {PREFILL: 1.0, DECODE: 1.0}
     assert planner.decisions[0].target == {AGG: 5}
+
+
+def test_an_aggregated_workers_itl_is_expected_stretched_by_its_own_prefills() -> None:
+    # 4 req/s (isl 950 -> S = 0.1 s, osl 100) on 4 aggregated workers: each spends rho = 4 * 0.1 / 4 = 0.1 of its
+    # time prefilling. Expected TTFT (M/D/1 at 0.1): 0.1 + 0.1 * 0.1 / 1.8 = 0.10556 s. With an observed ITL of
+    # 28.398 ms, Little's law gives 0.10556 + 100 * 0.028398 = 2.945 streams per worker; the 1000 curve says
+    # 20 + 20 * 1.945 / 7 = 25.558 ms for them, stretched by 1 / (1 - 0.1): 28.398 ms, exactly what was observed.
+    # So nothing is learnt (the sizing already counts that stretch); learning it too would count it twice.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60)
+    planner = Planner(
+        cfg, profile(), Latencies([(4.0, 0.1 + 0.01 / 1.8, 0.0174444 / (0.9 - 2 / 7))]), VirtualConnector(cfg.pools, 4)
+    )
+    asyncio.run(planner.step())
+    assert planner.corrections[PREFILL] == pytest.approx(1.0, abs=1e-4)
+    assert planner.corrections[DECODE] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_nothing_is_learnt_from_an_interval_in_which_the_pool_was_scaled() -> None:
+    # 1 req/s on 4 workers with twice the profile's latencies: learnt (as in the test above). 3 req/s then scales
+    # the pool up; the next interval (new workers starting) shows latencies far over the profile's at 1 req/s, a
+    # load it would learn from: not learnt. The one after that, with no scaling in it, is learnt again.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=5)
+    rows = [(1.0, 0.2, 0.04), (3.0, 0.2, 0.04), (1.0, 3.0, 0.2), (1.0, 0.1, 0.02)]
+    planner = Planner(cfg, profile(), Latencies(rows), VirtualConnector(cfg.pools, 4))
+
+    async def go() -> list[dict[str, float]]:
+        seen = []
+        for _ in rows:
+            await planner.step()
+            seen.append(dict(planner.corrections))
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen[0][DECODE] > 1.4  # learnt
+    assert planner.decisions[1].target[AGG] > planner.decisions[1].current[AGG]  # the second interval scaled up
+    assert seen[2] == seen[1]  # the interval with the new workers starting: nothing learnt
+    assert seen[3] != seen[2]  # a steady interval again: learnt

@@ -15,10 +15,12 @@ from dynamo_grpc.planner.scaling import (
     Hysteresis,
     Load,
     Targets,
+    aggregated_need,
     decode_need,
     expected_ttft_s,
     fit_budget,
     needs,
+    prefill_busy,
     prefill_need,
     prefill_utilisation_limit,
     replicas_for,
@@ -80,10 +82,37 @@ def test_correction_tightens_the_itl_limit() -> None:
     assert need == pytest.approx(4.0)
 
 
-def test_aggregated_need_is_the_sum_of_both_phases() -> None:
-    got = needs(profile(), Load(2.0, 950, 100), Targets(0.5, 0.05), {}, [AGG])  # 0.225 prefill + 1.0 decode
-    assert got[AGG] == pytest.approx(0.225 + 1.0)
+def test_aggregated_decode_meets_a_tighter_itl_while_it_shares_the_worker_with_prefill() -> None:
+    # 2 req/s of isl 950: S = 0.1 s, prefill busy = 0.2 s/s; at n replicas rho = 0.2/n and the decode limit is
+    # 50 ms * (1 - 0.2/n): c=8 (40 ms, 200 tok/s) fits for n >= 1; 2 * 100 / n <= (1 - 0.2/n) * 200 <=> n >= 1.2
+    # (summing the phases, 0.225 + 1.0 = 1.225, counted the prefill's time but not its stretch of the ITL)
+    got = needs(profile(), Load(2.0, 950, 100), Targets(0.5, 0.05), {}, [AGG])
+    assert got[AGG] == pytest.approx(1.2)
     assert replicas_for(got[AGG], Bounds(1, 8)) == 2
+    # 8 req/s: busy 0.8; c=8 fits for 1 - 0.8/n >= 0.8 <=> n >= 4, and 800 / n <= (1 - 0.8/n) * 200 <=> n >= 4.8
+    assert aggregated_need(profile(), Load(8.0, 950, 100), Targets(0.5, 0.05)) == pytest.approx(4.8)
+    # 20 req/s of isl 1000 and 1 output token: busy 2.0; even one stream (20 ms) needs 1 - 2/n >= 0.4, n >= 3.33
+    assert aggregated_need(profile(), Load(20.0, 1000, 1), Targets(0.5, 0.05)) == pytest.approx(10 / 3)
+    # with a loose ITL target the prefill need (2.25, test_prefill_replicas_hand_computed) is the floor
+    assert aggregated_need(profile(), Load(20.0, 1000, 1), Targets(0.5, 1.0)) == pytest.approx(2.25)
+    assert prefill_busy(profile(), Load(20.0, 1000, 1), correction=1.5) == pytest.approx(3.0)
+
+
+def test_kv_cache_caps_the_decode_capacity() -> None:
+    # the 1000 curve allows 200 tok/s at 40 ms within 50 ms; a cache of 4032 tokens in blocks of 64 holds
+    # 4032 / (1000 + 32) = 3.907 streams of context 1000, which make 3.907 / 0.04 = 97.7 tok/s
+    p = profile()
+    kv = Profile(p.engine, p.prefill, p.decode, kv_tokens=4032, block_size=64)
+    assert kv.kv_streams(1000) == pytest.approx(4032 / 1032)
+    tokens_per_s, itl = kv.decode_capacity(1000, 0.05)
+    assert itl == pytest.approx(0.04)
+    assert tokens_per_s == pytest.approx(4032 / 1032 / 0.04)
+    # 2 req/s * 100 tokens = 200 tok/s -> 2.05 decode replicas where the ITL curve alone said 1.0
+    assert decode_need(kv, Load(2.0, 950, 100), Targets(0.5, 0.05)) == pytest.approx(200 / (4032 / 1032 / 0.04))
+    # a cache that holds more than the curve's best point changes nothing; unknown (None) neither
+    roomy = Profile(p.engine, p.prefill, p.decode, kv_tokens=10**6, block_size=64)
+    assert roomy.decode_capacity(1000, 0.05)[0] == pytest.approx(200.0)
+    assert math.isinf(p.kv_streams(1000))
 
 
 def test_unreachable_targets_ask_for_the_maximum() -> None:
@@ -114,6 +143,26 @@ def test_hysteresis_scales_up_at_once_and_down_only_when_asked_twice() -> None:
     assert h.apply({AGG: 4}, {AGG: 1}) == {AGG: 4}
 
 
+def test_a_streak_of_low_asks_survives_a_scale_down() -> None:
+    # after a ramp the load falls over several intervals: 5 -> (asks 4, 1) -> 4 -> (ask 1: the streak's last two
+    # are 1, 1) -> 1, one interval after the first step down instead of two
+    h = Hysteresis(down_after=2)
+    assert h.apply({AGG: 5}, {AGG: 4}) == {AGG: 5}
+    assert h.apply({AGG: 5}, {AGG: 1}) == {AGG: 4}
+    assert h.apply({AGG: 4}, {AGG: 1}) == {AGG: 1}
+    # an ask at the current count ends the streak: the next low ask starts a new one
+    h = Hysteresis(down_after=2)
+    assert h.apply({AGG: 5}, {AGG: 3}) == {AGG: 5}
+    assert h.apply({AGG: 5}, {AGG: 5}) == {AGG: 5}
+    assert h.apply({AGG: 5}, {AGG: 2}) == {AGG: 5}
+    assert h.apply({AGG: 5}, {AGG: 2}) == {AGG: 2}
+    # the streak never raises a pool: an old ask above the current count does not count as "down"
+    h = Hysteresis(down_after=2)
+    assert h.apply({AGG: 6}, {AGG: 5}) == {AGG: 6}
+    assert h.apply({AGG: 6}, {AGG: 4}) == {AGG: 5}
+    assert h.apply({AGG: 3}, {AGG: 2}) == {AGG: 3}  # connector says 3 (a surge raced): last two asks 4, 2 -> hold
+
+
 def test_profile_round_trips_and_refuses_bad_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = profile().save(tmp_path / "p.json")
     again = Profile.load(path)
@@ -123,3 +172,13 @@ def test_profile_round_trips_and_refuses_bad_files(tmp_path) -> None:  # type: i
         Profile.load(path)
     with pytest.raises(ProfileError, match="positive"):
         Profile("m", [PrefillPoint(0, 0.1)], [DecodePoint(1, 1, 0.1, 1.0)])
+
+
+def test_profile_keeps_its_kv_cache_and_older_profiles_load_without_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = profile()
+    kv = Profile(p.engine, p.prefill, p.decode, kv_tokens=6144, block_size=64)
+    again = Profile.load(kv.save(tmp_path / "kv.json"))
+    assert (again.kv_tokens, again.block_size) == (6144, 64)
+    assert Profile.load(p.save(tmp_path / "old.json")).kv_tokens is None
+    with pytest.raises(ProfileError, match="kv_tokens"):
+        Profile(p.engine, p.prefill, p.decode, kv_tokens=0)

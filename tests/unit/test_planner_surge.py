@@ -21,7 +21,7 @@ T = Targets()
 
 
 def test_a_window_that_outgrows_the_pool_adds_its_need_plus_one() -> None:
-    # 8 req/s (isl 950, osl 100) needs 0.9 + 4.0 = 4.9 aggregated replicas -> 5, plus one of headroom
+    # 8 req/s (isl 950, osl 100) needs 4.8 aggregated replicas (test_planner_scaling) -> 5, plus one of headroom
     got = surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, {AGG: Bounds(1, 10)}, None)
     assert got == {AGG: 6}
 
@@ -71,7 +71,7 @@ class Windows:
 def test_planner_surge_check_scales_up_between_intervals_over_two_windows() -> None:
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
     conn = VirtualConnector(cfg.pools, 1)
-    # 2.5 s windows: 6 arrivals (too few alone), then 14: 20 over 5 s = 4 req/s -> need 2.45 -> 3, +1 -> 4
+    # 2.5 s windows: 6 arrivals (too few alone), then 14: 20 over 5 s = 4 req/s -> need 2.4 -> 3, +1 -> 4
     planner = Planner(cfg, profile(), Windows([]), conn, surge_source=Windows([(2.5, 6), (2.5, 14), (2.5, 2)]))
 
     async def go() -> list[object]:

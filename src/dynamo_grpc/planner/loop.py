@@ -31,6 +31,7 @@ from dynamo_grpc.planner.scaling import (
     expected_ttft_s,
     fit_budget,
     needs,
+    prefill_busy,
     replicas_for,
     surge_targets,
 )
@@ -140,6 +141,8 @@ class Planner:
         self.surge_source = surge_source if config.surge_every_s > 0 else None
         self._surge_window: list[Observation] = []
         self._surge_quiet = 0
+        #: a pool was scaled since the last decision: the interval it observes has workers starting or draining
+        self._scaled = False
 
     # -- one decision --------------------------------------------------------------------------
     async def step(self) -> Decision:
@@ -165,6 +168,7 @@ class Planner:
             self.metrics.decisions.labels(pool, direction).inc()
             if n == have:
                 continue
+            self._scaled = True
             try:
                 await self.connector.scale(pool, n)
             except ConnectorError as e:
@@ -230,6 +234,7 @@ class Planner:
         errors: list[str] = []
         for pool, n in grow.items():
             self.metrics.decisions.labels(pool, "surge").inc()
+            self._scaled = True
             try:
                 await self.connector.scale(pool, n)
             except ConnectorError as e:
@@ -267,7 +272,12 @@ class Planner:
             self.predictors["isl"].add(obs.isl)
         if obs.osl is not None:
             self.predictors["osl"].add(obs.osl)
+        scaled, self._scaled = self._scaled, False
         if not self.config.correction or obs.requests < MIN_REQUESTS_FOR_CORRECTION or obs.isl is None:
+            return
+        # workers started or drained in the interval: its latencies carry the transient (a queue built while the
+        # pool was short, new workers' start-up competing for the host), not the profile's error
+        if scaled:
             return
         pools = self.config.pools
         # an overloaded pool queues for KV blocks as well as for prefill: its latencies say "too few replicas",
@@ -291,6 +301,9 @@ class Planner:
             ttft = obs.ttft_s or 0.0
             concurrency = obs.rate * (ttft + obs.osl * obs.itl_s) / n_decode
             expected_itl = self.profile.itl_s(obs.isl + obs.osl / 2.0, max(1.0, concurrency))
+            if AGG in pools:  # its own prefill steps stretch an aggregated worker's ITL (scaling.aggregated_need)
+                rho = prefill_busy(self.profile, Load(obs.rate, obs.isl, obs.osl), self.corrections[PREFILL])
+                expected_itl /= max(0.1, 1.0 - rho / n_decode)
             c = _clamp(obs.itl_s / expected_itl)
             self.corrections[DECODE] = 0.5 * self.corrections[DECODE] + 0.5 * c
 

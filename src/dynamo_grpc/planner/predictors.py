@@ -1,7 +1,7 @@
 """Forecast the next interval's value of a series (request rate, ISL, OSL) from the ones observed so far.
 
-``constant`` (the last value), ``moving-average`` (mean of the last ``window``), ``trend`` (a least-squares line
-through the last ``window``, one step ahead), and two model-based ones from
+``constant`` (the last value), ``moving-average`` (mean of the last ``window``), ``trend`` (the last value plus
+half the least-squares slope of the last ``window``, none once the last step turns), and two model-based ones from
 statsmodels (the ``planner`` extra): ``arima`` (ARIMA(1,1,0) with drift: follows a ramp) and ``holt`` (Holt's
 linear trend, exponential smoothing). The model-based ones need a few points; until they have them, and when a
 fit fails, they answer as ``constant`` does. A forecast is never negative.
@@ -65,17 +65,28 @@ class MovingAveragePredictor(_History):
         return max(0.0, sum(tail) / len(tail)) if tail else 0.0
 
 
+#: share of the fitted slope the ``trend`` forecast adds to the last value (a damped trend, Gardner & McKenzie):
+#: a full step overshoots a ramp's end by a whole interval's rise
+TREND_DAMPING = 0.5
+
+
 class TrendPredictor(_History):
-    """Least-squares line through the last ``window`` values, one step ahead: follows a ramp from its second
-    point (the model-based ones need five), at the price of overshooting a ramp's end by one step."""
+    """A damped trend: the last value plus ``damping`` x the least-squares slope of the last ``window`` values.
+
+    It follows a ramp from its second point (the model-based ones need five). Two rules keep it from overshooting a
+    ramp's end, which costs workers for nothing: the slope is damped, and it is dropped (the forecast is the last
+    value) when the last step went the other way (the ramp has turned, or a level was reached)."""
 
     name = "trend"
 
-    def __init__(self, window: int = 3) -> None:
+    def __init__(self, window: int = 3, damping: float = TREND_DAMPING) -> None:
         super().__init__()
         if window < 2:
             raise ValueError("the trend predictor needs a window of at least 2")
+        if not 0.0 <= damping <= 1.0:
+            raise ValueError("the trend damping must be in [0, 1]")
         self.window = window
+        self.damping = damping
 
     def predict(self) -> float:
         tail = list(self.values)[-self.window :]
@@ -85,7 +96,10 @@ class TrendPredictor(_History):
         mean_x, mean_y = (n - 1) / 2.0, sum(tail) / n
         sxx = sum((i - mean_x) ** 2 for i in range(n))
         slope = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(tail)) / sxx
-        return max(0.0, mean_y + slope * (n - mean_x))
+        step = tail[-1] - tail[-2]
+        if slope * step <= 0:  # the last step turned (or stood still): no trend left to follow
+            return max(0.0, tail[-1])
+        return max(0.0, tail[-1] + self.damping * slope)
 
 
 class ArimaPredictor(_History):

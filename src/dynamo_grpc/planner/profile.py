@@ -6,12 +6,17 @@ A profile holds two sweeps of one worker, in seconds as a client of the frontend
 * decode: ITL and output tokens/s with ``concurrency`` streams of ``context`` tokens each.
 
 Lookups interpolate linearly between measured points and clamp at the ends (never extrapolate).
+
+The worker's KV cache (``kv_tokens``: blocks x block size, read from its registration) bounds how many streams it can
+hold at once, whatever its ITL curve says: like Dynamo's profiler, the decode sweep stops at the concurrency the
+cache holds, and the decode capacity at a context is capped at ``kv_streams(context) / ITL``.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,10 @@ class Profile:
     decode: list[DecodePoint]
     #: how the profiled worker ran (command line, speedup ratio, KV blocks): serve with the same
     worker: dict[str, Any] = field(default_factory=dict)
+    #: the worker's KV cache in tokens (kv_blocks x block_size); None: unknown (an older profile), no KV cap
+    kv_tokens: int | None = None
+    #: the worker's KV block size: a stream's tokens are held in whole blocks
+    block_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:
@@ -59,6 +68,8 @@ class Profile:
         for d in self.decode:
             if d.concurrency <= 0 or d.context <= 0 or d.itl_s <= 0 or d.tokens_per_s <= 0:
                 raise ProfileError(f"decode point {d}: every field must be positive")
+        if (self.kv_tokens is not None and self.kv_tokens <= 0) or self.block_size <= 0:
+            raise ProfileError(f"kv_tokens ({self.kv_tokens}) and block_size ({self.block_size}) must be positive")
         self.prefill.sort(key=lambda p: p.isl)
         self.decode.sort(key=lambda d: (d.context, d.concurrency))
 
@@ -77,19 +88,31 @@ class Profile:
     def decode_curve(self, context: int) -> list[DecodePoint]:
         return [d for d in self.decode if d.context == context]
 
+    def kv_streams(self, context: float) -> float:
+        """Streams of ``context`` tokens the worker's KV cache holds at once (each in whole blocks: half a block
+        more than its tokens on average); inf when the profile does not know the cache."""
+        if self.kv_tokens is None:
+            return math.inf
+        return self.kv_tokens / (max(context, 1.0) + self.block_size / 2.0)
+
     def decode_capacity(self, context: float, itl_limit_s: float) -> tuple[float, float]:
         """(output tokens/s, ITL) of one replica at the highest measured concurrency whose ITL stays within
-        ``itl_limit_s``, interpolated between the two measured contexts around ``context``; (0, itl) when even
-        one stream is too slow."""
+        ``itl_limit_s``, interpolated between the two measured contexts around ``context``, and capped at what
+        the KV cache lets it run: ``kv_streams(context)`` streams at that ITL. (0, itl) when even one stream is
+        too slow."""
         ctxs = self.contexts()
         lo = max([c for c in ctxs if c <= context], default=ctxs[0])
         hi = min([c for c in ctxs if c >= context], default=ctxs[-1])
         tl, il = self._best(lo, itl_limit_s)
         th, ih = self._best(hi, itl_limit_s)
         if hi == lo:
-            return tl, il
-        w = (context - lo) / (hi - lo)
-        return tl + w * (th - tl), il + w * (ih - il)
+            tokens_per_s, itl = tl, il
+        else:
+            w = (context - lo) / (hi - lo)
+            tokens_per_s, itl = tl + w * (th - tl), il + w * (ih - il)
+        if tokens_per_s > 0:
+            tokens_per_s = min(tokens_per_s, self.kv_streams(context) / itl)
+        return tokens_per_s, itl
 
     def itl_s(self, context: float, concurrency: float) -> float:
         """ITL of one replica serving ``concurrency`` streams of ``context`` tokens (nearest measured context)."""
@@ -108,10 +131,12 @@ class Profile:
 
     # -- files -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        kv = {} if self.kv_tokens is None else {"kv_tokens": self.kv_tokens, "block_size": self.block_size}
         return {
             "format": FORMAT,
             "engine": self.engine,
             "worker": self.worker,
+            **kv,
             "prefill": [asdict(p) | {"tokens_per_s": p.tokens_per_s} for p in self.prefill],
             "decode": [asdict(d) for d in self.decode],
         }
@@ -134,7 +159,12 @@ class Profile:
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"{where}: bad or missing field ({e})") from None
         try:
-            return cls(str(d.get("engine", "")), prefill, decode, dict(d.get("worker") or {}))
+            kv_tokens = None if d.get("kv_tokens") is None else int(d["kv_tokens"])
+            block_size = int(d.get("block_size") or 1)
+        except (TypeError, ValueError) as e:
+            raise ProfileError(f"{where}: bad kv_tokens or block_size ({e})") from None
+        try:
+            return cls(str(d.get("engine", "")), prefill, decode, dict(d.get("worker") or {}), kv_tokens, block_size)
         except ProfileError as e:
             raise ProfileError(f"{where}: {e}") from None
 

@@ -6,7 +6,10 @@ client sees through the frontend's KServe stream:
 * prefill: TTFT of a lone request per input length (``--isl``), median of ``--repeats`` (distinct prompts, so
   the prefix cache never helps);
 * decode: ``c`` streams sent at once (``--concurrency``) with ``--contexts`` prompt tokens and ``--decode-osl``
-  output tokens: mean ITL and the output tokens/s the worker delivered over the point.
+  output tokens: mean ITL and the output tokens/s the worker delivered over the point. As Dynamo's profiler does,
+  the sweep stops at the streams the worker's KV cache holds (``kv_blocks`` x ``block_size`` from its
+  registration, over the blocks one stream of ``context + decode_osl`` tokens takes): beyond that, streams queue
+  for blocks and the point measures the queue, not the decode. That largest concurrency is always measured.
 
 Profile with the settings you serve with (engine, KV size, speedup ratio): the planner trusts these numbers.
 """
@@ -66,7 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     return env_defaults(p)
 
 
-async def sweep(address: str, args: argparse.Namespace) -> tuple[list[PrefillPoint], list[DecodePoint]]:
+def kv_concurrency(kv_blocks: int, block_size: int, context: int, osl: int) -> int:
+    """Streams of ``context`` prompt and ``osl`` output tokens a cache of ``kv_blocks`` blocks holds at once (each
+    stream takes whole blocks)."""
+    return kv_blocks // math.ceil((context + osl) / block_size)
+
+
+def decode_concurrencies(wanted: list[int], kv_max: int | None) -> list[int]:
+    """The decode sweep's concurrencies at one context: those the KV cache holds, and its limit itself."""
+    if kv_max is None:
+        return sorted(set(wanted))
+    kept = {c for c in wanted if c <= kv_max}
+    if max(wanted) > kv_max:
+        kept.add(kv_max)
+    return sorted(kept)
+
+
+def worker_kv(metas: list[dict[str, str]]) -> tuple[int, int] | None:
+    """(kv_blocks, block_size) from the profiled worker's registration; None when it does not say."""
+    for meta in metas:
+        try:
+            return int(meta["kv_blocks"]), int(meta["block_size"])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+async def sweep(
+    address: str, args: argparse.Namespace, kv: tuple[int, int] | None = None
+) -> tuple[list[PrefillPoint], list[DecodePoint]]:
     from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
     from dynamo_grpc.bench.replay_tokens import prompt_tokens
     from dynamo_grpc.bench.replay_trace import TraceRequest
@@ -97,7 +128,13 @@ async def sweep(address: str, args: argparse.Namespace) -> tuple[list[PrefillPoi
             prefill.append(PrefillPoint(isl, statistics.median(ttfts)))
             print(f"  prefill isl={isl}: ttft {prefill[-1].ttft_s * 1e3:.1f} ms", file=sys.stderr, flush=True)
         for ctx in args.contexts:
-            for c in args.concurrency:
+            kv_max = None if kv is None else kv_concurrency(kv[0], kv[1], ctx, args.decode_osl)
+            if kv_max == 0:
+                raise RuntimeError(
+                    f"decode sweep: context {ctx} + {args.decode_osl} output tokens does not fit the worker's KV "
+                    f"cache ({kv[0] if kv else 0} blocks); lower --contexts or give the worker more blocks"
+                )
+            for c in decode_concurrencies(args.concurrency, kv_max):
                 reqs = [TraceRequest(next(seq), 0.0, ctx, args.decode_osl) for _ in range(c)]
                 recs = await driver.run(reqs, tokens)
                 bad = [r.error for r in recs if not r.ok]
@@ -137,7 +174,8 @@ def profile_worker(args: argparse.Namespace) -> Profile:
     )
     t0 = time.monotonic()
     with Mesh(mc) as mesh:
-        prefill, decode = asyncio.run(sweep(mesh.frontend_grpc, args))
+        kv = worker_kv(mesh.worker_metas())
+        prefill, decode = asyncio.run(sweep(mesh.frontend_grpc, args, kv))
     worker: dict[str, Any] = {
         "engine": args.engine,
         "role": args.role,
@@ -145,7 +183,9 @@ def profile_worker(args: argparse.Namespace) -> Profile:
         "speedup_ratio": args.speedup_ratio if args.engine == "mocker" else None,
         "sweep_s": round(time.monotonic() - t0, 1),
     }
-    return Profile(args.engine, prefill, decode, worker)
+    if kv is None:
+        return Profile(args.engine, prefill, decode, worker)
+    return Profile(args.engine, prefill, decode, worker, kv_tokens=kv[0] * kv[1], block_size=kv[1])
 
 
 def plot(profile: Profile, png: Path) -> None:

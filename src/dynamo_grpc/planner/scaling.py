@@ -9,8 +9,8 @@ Prefill: a replica serves prompts one batch after another, so a queue forms in f
 Decode: the profile's highest-throughput concurrency whose ITL (times the decode correction) meets the target,
 at the context ``isl + osl/2`` a stream holds on average: ``decode_need = rate * osl / tokens_per_s``.
 
-Aggregated workers do both, so their need is the sum of the two fractions. Replicas are ``ceil(need)``, clamped
-to the pool's bounds and the total budget.
+Aggregated workers do both: their prefill steps stall the streams they decode, so the decode must meet a tighter
+ITL (``aggregated_need``). Replicas are ``ceil(need)``, clamped to the pool's bounds and the total budget.
 """
 
 from __future__ import annotations
@@ -82,6 +82,59 @@ def decode_need(profile: Profile, load: Load, targets: Targets, correction: floa
     return load.rate * load.osl / tokens_per_s
 
 
+def prefill_busy(profile: Profile, load: Load, correction: float = 1.0) -> float:
+    """Seconds of prefill per second the load brings, over all replicas: ``rate * S`` (``S``: one prompt's
+    profiled TTFT at the ISL, times the correction)."""
+    if load.rate <= 0:
+        return 0.0
+    return load.rate * profile.ttft_s(max(load.isl, 1.0)) * correction
+
+
+def aggregated_need(
+    profile: Profile, load: Load, targets: Targets, c_prefill: float = 1.0, c_decode: float = 1.0
+) -> float:
+    """Aggregated replicas (fractional): the fewest ``n`` whose decode keeps up while it shares each worker with
+    prefill, and never fewer than the prefill need.
+
+    A worker that also prefills spends ``rho = prefill_busy / n`` of its time in prefill steps, and every stream it
+    decodes waits through them: streams see ``ITL_decode / (1 - rho)`` and get ``(1 - rho)`` of the decode
+    throughput. So the decode runs at the profile's best point within ``T_itl * (1 - rho) / c_decode`` and ``n``
+    must satisfy ``rate * osl / n <= (1 - rho) * tokens_per_s``; found by bisection (the left side falls and the
+    right side grows with ``n``). Summing the two phases' needs, the first rule, missed the stretched ITL: the
+    profile rated a worker of the bench at 1.6 req/s of decode where it carries about 1.2 with its prefills."""
+    if load.rate <= 0:
+        return 0.0
+    p = prefill_need(profile, load, targets, c_prefill)
+    if math.isinf(p) or load.osl <= 0:
+        return p
+    busy = prefill_busy(profile, load, c_prefill)
+    ctx = load.isl + load.osl / 2.0
+    demand = load.rate * load.osl
+
+    def short(n: float) -> bool:
+        rho = busy / n
+        if rho >= 1.0:
+            return True
+        tokens_per_s, _ = profile.decode_capacity(ctx, targets.itl_s * (1.0 - rho) / c_decode)
+        return demand / n > (1.0 - rho) * tokens_per_s
+
+    lo = max(p, busy)
+    if not short(lo):
+        return lo
+    hi = max(2.0 * lo, 1.0)
+    while short(hi):
+        hi *= 2.0
+        if hi > 1e6:
+            return math.inf
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        if short(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def replicas_for(need: float, bounds: Bounds) -> int:
     """``ceil(need)`` within the pool's bounds (an unreachable target asks for the maximum)."""
     if math.isinf(need):
@@ -107,22 +160,26 @@ def needs(
     profile: Profile, load: Load, targets: Targets, corrections: dict[str, float], pools: list[str]
 ) -> dict[str, float]:
     """Fractional replicas per pool: ``prefill``/``decode`` (disaggregated) or ``worker`` (aggregated)."""
-    p = prefill_need(profile, load, targets, corrections.get(PREFILL, 1.0))
-    d = decode_need(profile, load, targets, corrections.get(DECODE, 1.0))
+    c_p, c_d = corrections.get(PREFILL, 1.0), corrections.get(DECODE, 1.0)
     out: dict[str, float] = {}
     for pool in pools:
         if pool == PREFILL:
-            out[pool] = p
+            out[pool] = prefill_need(profile, load, targets, c_p)
         elif pool == DECODE:
-            out[pool] = d
+            out[pool] = decode_need(profile, load, targets, c_d)
         else:
-            out[pool] = p + d
+            out[pool] = aggregated_need(profile, load, targets, c_p, c_d)
     return out
 
 
 class Hysteresis:
     """Scale up at once; scale down only after ``down_after`` decisions in a row asked for fewer replicas,
-    and then only to the largest of those asks (a brief dip never sheds capacity the next interval needs)."""
+    and then only to the largest of the last ``down_after`` asks (a brief dip never sheds capacity the next
+    interval needs).
+
+    The streak of low asks survives a scale-down: after a ramp the load falls over several intervals, and each
+    further step down should come with the next low ask, not wait for a new streak (that wait kept a fleet sized
+    for the peak through two more intervals). Any ask at or above the current count ends the streak."""
 
     def __init__(self, down_after: int = 2) -> None:
         if down_after < 1:
@@ -140,11 +197,8 @@ class Hysteresis:
                 continue
             asks = self._lower.setdefault(pool, [])
             asks.append(want)
-            if len(asks) >= self.down_after:
-                out[pool] = max(asks[-self.down_after :])
-                self._lower.pop(pool, None)
-            else:
-                out[pool] = have
+            del asks[: -self.down_after]
+            out[pool] = min(have, max(asks)) if len(asks) >= self.down_after else have
         return out
 
 
@@ -173,7 +227,9 @@ def surge_targets(
     A pool is overloaded when the window's mean latency of its phase is over target (TTFT: prefill, ITL: decode,
     either: aggregated), or when the window's rate needs ``SURGE_MARGIN`` more replicas than it has. It grows to
     ``max(ceil(need), current) + 1``: the load is rising (it outran the interval's forecast), so by the time a new
-    worker is up it needs more than the window shows. Never shrinks a pool; the interval decision does that."""
+    worker is up it needs more than the window shows. (Growing to exactly the window's need was measured: the
+    fleet stayed a worker short through the ramp, queues built on the busy workers, and attainment fell to 49-67 %
+    in the bench; docs/benchmarks.md "Planner".) Never shrinks a pool; the interval decision does that."""
     if arrivals < SURGE_MIN_REQUESTS:
         return {}
     need = needs(profile, window, targets, corrections, list(current))
