@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dynamo_grpc.bench.replay_metrics import RequestRecord
-from dynamo_grpc.bench.replay_tail import tail_analysis
+from dynamo_grpc.bench.replay_tail import router_view, tail_analysis
 
 
 def _rec(i: int, sent: float, first: float, end: float, worker: str, prompt: int = 1000) -> RequestRecord:
@@ -47,3 +47,17 @@ def test_failed_requests_and_a_single_worker_give_no_figures() -> None:
     bad = _rec(0, 0.0, 1.0, 2.0, "a")
     bad.error = "UNAVAILABLE"
     assert tail_analysis([bad, _rec(1, 0.0, 1.0, 2.0, "a")], ["a"])["share_avoidable_prefill_wait"] is None
+
+
+def test_router_view_reads_the_routers_decision_log() -> None:
+    log = [
+        "2026-12-01 12:00:00,000 INFO dynamo_grpc.frontend: serving",
+        '2026-12-01 12:00:01,000 DEBUG dynamo_grpc.router.decisions: {"rid": "a", "t": 1.0, "chosen": "w0/0", '
+        '"prompt_blocks": 16, "ranks": {"w0/0": [16.0, 20.0, 1.0], "w1/0": [0.0, 90.0, 3.0]}}',
+        '2026-12-01 12:00:01,500 DEBUG dynamo_grpc.router.decisions: {"rid": "b", "t": 1.5, "chosen": "w1/0", '
+        '"prompt_blocks": 16, "ranks": {"w0/0": [16.0, 20.0, 1.0], "w1/0": [0.0, 90.0, 3.0]}}',
+        '2026-12-01 12:00:02,000 DEBUG dynamo_grpc.router.decisions: {"rid": "a", "t": 2.0, "prefill_done": true}',
+    ]
+    v = router_view(log)
+    assert v == {"decisions": 2, "share_avoidable_prefill_wait": 0.5, "mean_decode_gap_blocks": 70.0}
+    assert router_view(log[:1]) is None

@@ -3,6 +3,8 @@ without reuse"): a prompt still to prefill delays the next first token; a sequen
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 
 import pytest
@@ -83,3 +85,16 @@ def test_a_cached_prefix_is_still_worth_a_short_queue() -> None:
 @pytest.mark.parametrize("parser", [router_parser, frontend_parser], ids=["router", "frontend"])
 def test_the_router_service_and_the_embedded_router_share_the_default(parser) -> None:  # type: ignore[no-untyped-def]
     assert router_config_from_args(parser().parse_args([])).prefill_load_scale == 8.0
+
+
+def test_each_decision_is_logged_with_what_the_router_believed(caplog: pytest.LogCaptureFixture) -> None:
+    r = _router()
+    rng = random.Random(4)
+    _place(r, "queued", _prompt(rng, 1000), "w0", prefilled=False)
+    with caplog.at_level(logging.DEBUG, logger="dynamo_grpc.router.decisions"):
+        res = r.route(RouteInput("new", token_ids=_prompt(rng, 1000), expected_output_tokens=64))
+        r.prefill_done("new")
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "dynamo_grpc.router.decisions"]
+    assert lines[0]["rid"] == "new" and lines[0]["chosen"] == f"{res.instance_id}/0" == "w1/0"
+    assert lines[0]["ranks"] == {"w0/0": [15.0, 16.0, 0.0], "w1/0": [0.0, 0.0, 0.0]}  # prefill, decode, reported
+    assert lines[1] == {"rid": "new", "t": lines[1]["t"], "prefill_done": True}

@@ -37,7 +37,7 @@ from dynamo_grpc.bench.replay_bound import infinite_cache_bound
 from dynamo_grpc.bench.replay_dispatch import dispatch_quality
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, markdown_table, summarize
-from dynamo_grpc.bench.replay_tail import tail_analysis
+from dynamo_grpc.bench.replay_tail import router_view, tail_analysis
 from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest, load_trace
 
@@ -267,6 +267,7 @@ def run_one(
     """
     t_start = time.monotonic()
     cpu: dict[str, float] = {}
+    view: dict[str, Any] | None = None  # the router's own view of its decisions, from its debug log
     if cfg.frontend:
         model, records = asyncio.run(_drive(cfg.frontend, cfg.model, trace, cfg))
         workers = sorted({r.worker_id for r in records if r.worker_id})
@@ -293,10 +294,15 @@ def run_one(
             cpu0 = _process_cpu(mesh)
             model, records = asyncio.run(_drive(mesh.frontend_grpc, cfg.model, trace, cfg))
             cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in _process_cpu(mesh).items()}
+        if log_dir is not None and (log_dir / "frontend.log").exists():
+            with open(log_dir / "frontend.log", encoding="utf-8", errors="replace") as f:
+                view = router_view(f)
     summary = summarize(records, cfg.speedup, workers, bound)
     summary["process_cpu_s"] = cpu
     summary["dispatch"] = dispatch_quality(records, workers)
     summary["tail"] = tail_analysis(records, workers, cfg.speedup)
+    if view is not None:
+        summary["router_view"] = view
     summary["router"] = router
     summary["model"] = model
     summary["workers"] = workers

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamo_grpc.bench.output import default_results_dir
+from dynamo_grpc.bench.output import default_results_dir, save_plot
 from dynamo_grpc.bench.replay import capped, compact_json
 from dynamo_grpc.bench.replay_bound import infinite_cache_bound
 from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
@@ -273,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         label, _, flags = v.partition("=")
         setups[label] = flags.split()
     runs: dict[str, Any] = {}
+    ttfts: dict[str, list[float]] = {}
     for name, flags in setups.items():
         reqs = simulate(trace, _config(flags), args.workers, 64, args.num_gpu_blocks, args.rate_scale)
+        ttfts[name] = [r.first_token - r.arrival for r in reqs]
         runs[name] = {"flags": flags, **summarize_sim(reqs, args.workers)}
         s = runs[name]
         print(
@@ -294,6 +296,27 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(compact_json(report))
     print(f"wrote {args.json}", file=sys.stderr)
+    shaped = {  # the real replay's summary shape, for its plot
+        n: {
+            "ttft_s": s["ttft_s"],
+            "prefix_cache": {"hit_rate": s["hit_rate"], "infinite_cache_bound": bound},
+            "load_balance": {"requests_cv": s["requests_cv"]},
+        }
+        for n, s in runs.items()
+    }
+    title = (
+        f"simulated time: {Path(args.trace).name}, {len(trace.requests)} requests, {args.workers} workers, "
+        f"rate x{args.rate_scale:g}"
+    )
+
+    def draw(png: Path) -> None:
+        from dynamo_grpc.bench.replay_plot import plot_replay  # matplotlib: the optional `plot` extra
+
+        plot_replay(ttfts, shaped, png, title)
+
+    png = save_plot(draw, args.json.with_suffix(".png"))
+    if png is not None:
+        print(f"wrote {png}", file=sys.stderr)
     return 0
 
 

@@ -14,8 +14,9 @@ traces without reuse") is what these figures showed.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dynamo_grpc.bench.replay_metrics import RequestRecord
@@ -79,3 +80,37 @@ def tail_analysis(
         "tail_mean_prompt_tokens": sum(ok[i].prompt_tokens for i in order) / n_tail,
         "slowest": slowest,
     }
+
+
+def router_view(log_lines: Iterable[str]) -> dict[str, Any] | None:
+    """The same question from the router's side: its decision log (``dynamo_grpc.router.decisions`` at
+    DEBUG, `bench replay --log-dir DIR --frontend-arg=--log-level=info,dynamo_grpc.router.decisions=debug`)
+    gives, per decision, the prefill and decode blocks it believed each rank held. None when the log has none.
+
+    ``share_avoidable_prefill_wait``: decisions onto a rank with prefill pending while another had none, in
+    the router's own accounting (the client-side figure adds the timing skew of a loaded box);
+    ``mean_decode_gap_blocks`` on those: how many more decode blocks the avoided ranks held (what the
+    cost traded the wait for)."""
+    n = avoid = 0
+    gaps: list[float] = []
+    for line in log_lines:
+        if _DECISIONS not in line or '"ranks"' not in line:
+            continue
+        d = json.loads(line[line.index("{") :])
+        ranks: dict[str, list[float]] = d["ranks"]
+        chosen = ranks[d["chosen"]]
+        n += 1
+        idle = [v for v in ranks.values() if v[0] == 0]
+        if chosen[0] > 0 and idle:
+            avoid += 1
+            gaps.append(min(v[1] for v in idle) - chosen[1])
+    if not n:
+        return None
+    return {
+        "decisions": n,
+        "share_avoidable_prefill_wait": avoid / n,
+        "mean_decode_gap_blocks": sum(gaps) / len(gaps) if gaps else None,
+    }
+
+
+_DECISIONS = "dynamo_grpc.router.decisions"
