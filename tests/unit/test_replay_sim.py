@@ -61,3 +61,20 @@ def test_the_report_compares_variants_with_round_robin(tmp_path: Path) -> None:
     assert rep["runs"]["round-robin"]["round_robin_over_this"] == {"p50": 1.0, "p99": 1.0}
     assert rep["runs"]["kv-prev"]["flags"] == ["--router-prefill-load-scale=2"]
     assert rep["runs"]["kv"]["requests"] == 60
+
+
+def test_windows_give_the_spread_of_the_ratios(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    rows += [f"{i * 0.05:.2f},{300 + 53 * i % 2000},10" for i in range(40)]
+    trace.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "sim.json"
+    argv = ["--trace", str(trace), "--limit", "20", "--windows", "2", "--json", str(out)]
+    assert main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert [w["offset"] for w in rep["windows"]] == [0, 20] and rep["windows"][1]["requests"] == 20
+    rr = rep["spread"]["round-robin"]["round_robin_over_this_p50"]
+    assert rr["windows"] == [1.0, 1.0] and rr["within_5_percent"] == 2
+    assert len(rep["spread"]["kv"]["round_robin_over_this_p99"]["windows"]) == 2
+    with pytest.raises(SystemExit, match="--windows needs --limit"):
+        main(["--trace", str(trace), "--windows", "2", "--json", str(out)])

@@ -21,7 +21,7 @@ import math
 import statistics
 import sys
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +238,19 @@ def _parser() -> argparse.ArgumentParser:
         "timing model (no processes, no noise); compares round-robin, KV routing and --variant costs.",
     )
     p.add_argument("--trace", required=True, help="trace file (Mooncake JSONL or Azure CSV)")
-    p.add_argument("--limit", type=int, default=None, help="the first N requests")
+    p.add_argument("--limit", type=int, default=None, help="the first N requests (after --offset)")
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="skip this many requests first (another window of the trace, its arrivals re-based to 0)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=1,
+        help="also replay the next windows of --limit requests (the spread of the RR/KV ratios over them)",
+    )
     p.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the request rate (default 1)")
     p.add_argument("--max-output-tokens", type=int, default=None, help="cap each request's output length")
@@ -255,6 +267,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def window(trace: Trace, offset: int, limit: int | None) -> Trace:
+    """Requests ``offset`` .. ``offset + limit`` of ``trace``, renumbered, arrivals re-based to the first."""
+    reqs = trace.requests[offset : None if limit is None else offset + limit]
+    if not reqs:
+        raise SystemExit(f"--offset {offset}: the trace has only {len(trace.requests)} requests")
+    t0 = reqs[0].arrival_s
+    out = tuple(replace(r, index=i, arrival_s=r.arrival_s - t0) for i, r in enumerate(reqs))
+    return Trace(trace.path, trace.fmt, out, trace.hash_block_size)
+
+
 def _config(flags: list[str]) -> RouterConfig:
     rp = argparse.ArgumentParser()
     add_router_flags(rp)
@@ -264,49 +286,89 @@ def _config(flags: list[str]) -> RouterConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    trace = capped(load_trace(args.trace, limit=args.limit), None, args.max_output_tokens)
-    bound = infinite_cache_bound(trace, 64).engine_token_weighted
-    setups: dict[str, list[str]] = {"round-robin": ["--router-mode", "round-robin"], "kv": []}
-    for v in args.variant:
-        label, _, flags = v.partition("=")
-        setups[label] = flags.split()
+def _run_window(trace: Trace, setups: dict[str, list[str]], args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """Every router setup over one window: (summaries, TTFTs per setup)."""
     runs: dict[str, Any] = {}
     ttfts: dict[str, list[float]] = {}
     for name, flags in setups.items():
         reqs = simulate(trace, _config(flags), args.workers, 64, args.num_gpu_blocks, args.rate_scale)
         ttfts[name] = [r.first_token - r.arrival for r in reqs]
         runs[name] = {"flags": flags, **summarize_sim(reqs, args.workers)}
-        s = runs[name]
-        print(
-            f"{name}: TTFT p50 {s['ttft_s']['p50']:.3f} p99 {s['ttft_s']['p99']:.3f} trace-s, "
-            f"hit rate {s['hit_rate']:.3f}, avoidable prefill waits {s['share_avoidable_prefill_wait']:.3f}",
-            file=sys.stderr,
-        )
     rr = runs["round-robin"]["ttft_s"]
     for s in runs.values():
         s["round_robin_over_this"] = {q: rr[q] / s["ttft_s"][q] for q in ("p50", "p99")}
-    report = {
+    return runs, ttfts
+
+
+def _spread(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per setup: RR/this at p50 and p99 over the windows (median, min, max) and how many were within 5 %."""
+    out: dict[str, Any] = {}
+    for name in windows[0]["runs"]:
+        figs: dict[str, Any] = {}
+        for q in ("p50", "p99"):
+            v = [w["runs"][name]["round_robin_over_this"][q] for w in windows]
+            figs[f"round_robin_over_this_{q}"] = {
+                "windows": v,
+                "median": statistics.median(v),
+                "min": min(v),
+                "max": max(v),
+                "within_5_percent": sum(1 for x in v if x >= 1 / 1.05),
+            }
+        out[name] = figs
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.offset < 0 or args.windows < 1:
+        raise SystemExit("--offset must be >= 0 and --windows >= 1")
+    if args.windows > 1 and args.limit is None:
+        raise SystemExit("--windows needs --limit (the window length)")
+    full = load_trace(args.trace)
+    setups: dict[str, list[str]] = {"round-robin": ["--router-mode", "round-robin"], "kv": []}
+    for v in args.variant:
+        label, _, flags = v.partition("=")
+        setups[label] = flags.split()
+    windows: list[dict[str, Any]] = []
+    first: tuple[Trace, float, Any] | None = None
+    for w in range(args.windows):
+        offset = args.offset + w * (args.limit or 0)
+        trace = capped(window(full, offset, args.limit), None, args.max_output_tokens)
+        bound = infinite_cache_bound(trace, 64).engine_token_weighted
+        runs, ttfts = _run_window(trace, setups, args)
+        windows.append({"offset": offset, "requests": len(trace.requests), "infinite_cache_bound": bound, "runs": runs})
+        first = first or (trace, bound, ttfts)
+        for name, s in runs.items():
+            print(
+                f"[{offset}] {name}: TTFT p50 {s['ttft_s']['p50']:.3f} p99 {s['ttft_s']['p99']:.3f} trace-s, "
+                f"hit rate {s['hit_rate']:.3f}, avoidable prefill waits {s['share_avoidable_prefill_wait']:.3f}",
+                file=sys.stderr,
+            )
+    assert first is not None
+    trace, bound, ttfts = first
+    report: dict[str, Any] = {
         "benchmark": "replay-sim",
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
         "trace": {"path": str(args.trace), "requests": len(trace.requests), "infinite_cache_bound": bound},
-        "runs": runs,
+        "runs": windows[0]["runs"],
     }
+    if args.windows > 1:
+        report["windows"] = windows
+        report["spread"] = _spread(windows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(compact_json(report))
     print(f"wrote {args.json}", file=sys.stderr)
-    shaped = {  # the real replay's summary shape, for its plot
+    shaped = {  # the real replay's summary shape, for its plot (the first window)
         n: {
             "ttft_s": s["ttft_s"],
             "prefix_cache": {"hit_rate": s["hit_rate"], "infinite_cache_bound": bound},
             "load_balance": {"requests_cv": s["requests_cv"]},
         }
-        for n, s in runs.items()
+        for n, s in report["runs"].items()
     }
     title = (
-        f"simulated time: {Path(args.trace).name}, {len(trace.requests)} requests, {args.workers} workers, "
-        f"rate x{args.rate_scale:g}"
+        f"simulated time: {Path(args.trace).name}, {len(trace.requests)} requests from #{args.offset}, "
+        f"{args.workers} workers, rate x{args.rate_scale:g}"
     )
 
     def draw(png: Path) -> None:
