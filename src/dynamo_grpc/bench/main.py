@@ -30,6 +30,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "disagg": ("dynamo_grpc.bench.disagg", "disaggregation: KV transfer vs a socket bound; ITL p99 agg vs disagg"),
     "planner": ("dynamo_grpc.bench.planner", "SLA planner vs average/peak fixed fleets on a x4 ramp (mocker mesh)"),
     "soak": ("dynamo_grpc.bench.soak", "10,000 streams with cancels, deadlines, a kill -9: outcomes, back to idle"),
+    "replay-sim": (
+        "dynamo_grpc.bench.replay_sim",
+        "trace replay in simulated time: the real router over mocker-timed engines (no box noise)",
+    ),
     "replay-replicas": (
         "dynamo_grpc.bench.replay_replicas",
         "trace replay through 1 frontend vs 2 replicas with and without router replica sync",
@@ -91,13 +95,13 @@ def _run_all(out: Path, trace: str | None, rest: list[str]) -> int:
     for name in BENCHMARKS:
         print(f"== bench {name}", flush=True)
         argv = ["--json", str(out / f"{name}.json")]
-        if name == "replay":
+        if name in ("replay", "replay-sim"):
             path = trace or default_trace()
             if path is None:
-                print("bench replay: no trace found in ../shared/traces; pass --trace FILE", file=sys.stderr)
+                print(f"bench {name}: no trace found in ../shared/traces; pass --trace FILE", file=sys.stderr)
                 rc = 1
                 continue
-            argv += ["--trace", str(path), *REPLAY_ALL_ARGS]
+            argv += ["--trace", str(path), *(REPLAY_ALL_ARGS if name == "replay" else ["--limit", "500"])]
         try:
             rc |= int(_entry(name)(argv) or 0)
         except SystemExit as e:  # one benchmark that cannot run does not stop the others

@@ -37,6 +37,7 @@ from dynamo_grpc.bench.replay_bound import infinite_cache_bound
 from dynamo_grpc.bench.replay_dispatch import dispatch_quality
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, markdown_table, summarize
+from dynamo_grpc.bench.replay_tail import router_view, tail_analysis
 from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest, load_trace
 
@@ -266,6 +267,7 @@ def run_one(
     """
     t_start = time.monotonic()
     cpu: dict[str, float] = {}
+    view: dict[str, Any] | None = None  # the router's own view of its decisions, from its debug log
     if cfg.frontend:
         model, records = asyncio.run(_drive(cfg.frontend, cfg.model, trace, cfg))
         workers = sorted({r.worker_id for r in records if r.worker_id})
@@ -292,9 +294,15 @@ def run_one(
             cpu0 = _process_cpu(mesh)
             model, records = asyncio.run(_drive(mesh.frontend_grpc, cfg.model, trace, cfg))
             cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in _process_cpu(mesh).items()}
+        if log_dir is not None and (log_dir / "frontend.log").exists():
+            with open(log_dir / "frontend.log", encoding="utf-8", errors="replace") as f:
+                view = router_view(f)
     summary = summarize(records, cfg.speedup, workers, bound)
     summary["process_cpu_s"] = cpu
     summary["dispatch"] = dispatch_quality(records, workers)
+    summary["tail"] = tail_analysis(records, workers, cfg.speedup)
+    if view is not None:
+        summary["router_view"] = view
     summary["router"] = router
     summary["model"] = model
     summary["workers"] = workers
@@ -307,6 +315,7 @@ def _per_request(records: list[RequestRecord], speedup: float) -> dict[str, list
         return round(x * speedup, 4) if math.isfinite(x) else None
 
     return {
+        "sent_s": [num(r.sent_s - records[0].scheduled_s) if records else None for r in records],
         "ttft_s": [num(r.ttft) if r.ok else None for r in records],
         "itl_s": [num(r.itl) if r.ok else None for r in records],
         "e2e_s": [num(r.e2e) if r.ok else None for r in records],
@@ -325,6 +334,7 @@ SPREAD_FIGURES = {
     "ttft_p99_s": ("ttft_s", "p99"),
     "e2e_p50_s": ("e2e_s", "p50"),
     "hit_rate": ("prefix_cache", "hit_rate"),
+    "avoidable_prefill_wait": ("tail", "share_avoidable_prefill_wait"),
 }
 
 
@@ -336,7 +346,8 @@ def spread(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     for name in routers:
         figs: dict[str, Any] = {}
         for fig, (a, b) in SPREAD_FIGURES.items():
-            vals = [rd[name][a][b] for rd in rounds if name in rd and rd[name][a][b] is not None]
+            got = [(rd[name].get(a) or {}).get(b) for rd in rounds if name in rd]  # older reports lack "tail"
+            vals = [v for v in got if v is not None]
             figs[fig] = {
                 "rounds": vals,
                 "median": statistics.median(vals) if vals else None,

@@ -20,10 +20,12 @@ class RouterConfig:
     max_indexed_blocks: int = 4_000_000
     #: 0 = argmin of cost (random tie-break); > 0 = softmax sampling over normalised costs
     temperature: float = 0.0
-    #: weight of new prefill blocks against active decode blocks in the cost. A prefill block costs a
-    #: worker far more time before the next first token than a block of decode context does (docs/router.md,
-    #: "Why the KV router lost to round-robin"), so prefill weighs double by default
-    prefill_load_scale: float = 2.0
+    #: weight of new prefill blocks against active decode blocks in the cost. A block of prefill queued on a
+    #: worker delays the next first token by a prefill's worth of compute; a block of decode context barely
+    #: (docs/router.md, "Tail latency on traces without reuse"): at 2, a worker decoding one long sequence
+    #: looked dearer than one with a whole prompt still to prefill. 8 was best of 2–16 on the Azure and
+    #: Mooncake slices in simulated time (`bench replay-sim`), where no box noise hides a 5 % change
+    prefill_load_scale: float = 8.0
     #: a worker rank whose active/total KV blocks exceed this is busy (skipped; all busy -> the router
     #: queue, or RESOURCE_EXHAUSTED without one). 1.0 disables it
     busy_threshold: float = 0.95

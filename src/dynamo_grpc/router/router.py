@@ -6,8 +6,10 @@ feeds KV events, ``replicas.py`` shares active sequences with other router repli
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,9 @@ from dynamo_grpc.router.tiers import TierIndex
 from dynamo_grpc.tokens.block_hash import block_hash_list
 
 log = logging.getLogger(__name__)
+#: one JSON line per decision at DEBUG (``--log-level info,dynamo_grpc.router.decisions=debug``): what the
+#: router believed each rank held, for docs/router.md's tail-latency analysis (`bench replay --log-dir`)
+decision_log = logging.getLogger("dynamo_grpc.router.decisions")
 
 RankKey = tuple[str, int]  # (instance_id, dp_rank)
 
@@ -319,10 +324,22 @@ class Router:
         decode_new = prompt_blocks + out_blocks
         scale = cfg.prefill_load_scale
         slot, overlap = self._selector.select(t, ok, hashes)  # weighted by tier: may be fractional
+        if decision_log.isEnabledFor(logging.DEBUG):
+            self._log_decision(inp, t, slot, prompt_blocks)
         pf = float(t.prefill[slot]) + prompt_blocks - overlap
         held = max(decode_new - int(overlap), 0)  # blocks this request adds there (its cached prefix is shared)
         choice = Choice(t.keys[slot], int(overlap), scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + held)
         return self._commit(inp, choice, hashes, prompt_blocks, held, t.addresses[slot])
+
+    def _log_decision(self, inp: RouteInput, t: RankTable, slot: int, prompt_blocks: int) -> None:
+        """The rank table as this decision saw it: own prefill/decode blocks, reported waiting + running."""
+        now = time.monotonic()
+        ranks = {
+            f"{k[0]}/{k[1]}": [float(t.prefill[i]), float(t.decode[i]), float(t.reported[i])]
+            for i, k in enumerate(t.keys)
+        }
+        rec = {"rid": inp.request_id, "t": now, "chosen": f"{t.keys[slot][0]}/{t.keys[slot][1]}"}
+        decision_log.debug("%s", json.dumps({**rec, "prompt_blocks": prompt_blocks, "ranks": ranks}))
 
     def _other_roles(self, phase: str) -> list[str]:
         """Workers whose role does not serve ``phase`` (worker_roles.roles_for picks the pool)."""
@@ -406,6 +423,8 @@ class Router:
     # ---- progress ------------------------------------------------------------------------
     def prefill_done(self, request_id: str, output_tokens: int = 0) -> bool:
         ok = self.active.prefill_done(request_id)
+        if decision_log.isEnabledFor(logging.DEBUG):
+            decision_log.debug("%s", json.dumps({"rid": request_id, "t": time.monotonic(), "prefill_done": ok}))
         if output_tokens:
             self.active.grow(request_id, output_tokens)
         if ok and self.on_active_change is not None:
@@ -415,6 +434,8 @@ class Router:
 
     def free(self, request_id: str) -> bool:
         ok = self.active.free(request_id)
+        if decision_log.isEnabledFor(logging.DEBUG):
+            decision_log.debug("%s", json.dumps({"rid": request_id, "t": time.monotonic(), "free": ok}))
         if ok and self.on_active_change is not None:
             self.on_active_change(ActiveChange("freed", request_id))
         self._wake()
