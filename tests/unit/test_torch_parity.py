@@ -18,6 +18,7 @@ import torch
 
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
+from dynamo_grpc.engines.torch.exact_gemv import ExactBlocks, kernels
 from dynamo_grpc.engines.torch.model import LlamaModel
 from dynamo_grpc.engines.torch.weights import load_checkpoint
 from dynamo_grpc.models import ModelSourceError, default_model_path, load_model_source
@@ -90,8 +91,11 @@ def hf_greedy(hf_model: Any, chat_ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def test_last_token_logits_match_transformers(model_path: Path, hf_model: Any) -> None:
-    model = LlamaModel(load_checkpoint(model_path))
+@pytest.mark.parametrize("blocks", [True, False], ids=["block-kernels", "dense"])
+def test_last_token_logits_match_transformers(model_path: Path, hf_model: Any, blocks: bool) -> None:
+    """Both fp32 paths: the file's blocks for few rows (the engine's default when a C compiler is present), dense."""
+    model = LlamaModel(load_checkpoint(model_path, keep_q4=blocks, keep_q8=blocks))
+    assert isinstance(model.lm_head, ExactBlocks) == (blocks and kernels() is not None)
     core, runner = torch_core(model, 40, 64, 256)  # 700 tokens: three chunks over the cached prefix
     g = torch.Generator().manual_seed(0)
     for n in (1, 63, 64, 65, 700):
@@ -130,6 +134,8 @@ async def test_greedy_matches_transformers_batched_prefix_hit_and_preempted(
     assert sum(len(x) for x in hf_greedy) > 3 * MAX_NEW  # mostly long answers, not early EOS
 
     eng = TorchEngine(model_path, num_blocks=64, max_num_batched_tokens=256, num_threads=2)
+    if kernels() is not None:  # decodes (1..5 rows) read the file's blocks; prefill chunks run dense
+        assert eng.stats()["fp32_kernels"] == "block kernels"
     await eng.start()
     try:
         cold = await _generate(eng, chat_ids, "cold")

@@ -14,7 +14,7 @@
 * TTFT of a 1,500-token prompt cold versus with a 1,400-token prefix already cached (prefix hit).
 * Memory: RSS before/after loading the fp32 engine, against weights + KV cache.
 
-    dynamo-grpc bench engine [--modes fp32,int4] [--llama-cpp PATH] [--rounds 3] [--json FILE]
+    dynamo-grpc bench engine [--modes fp32,int4] [--fp32-dense] [--llama-cpp PATH] [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers")
     p.add_argument(
+        "--fp32-dense",
+        action="store_true",
+        help="also run fp32 without the block kernels (ours-fp32-dense: the dense path, for before/after)",
+    )
+    p.add_argument(
         "--llama-cpp", default=None, help="llama-batched-bench binary or its folder (else $DYN_LLAMA_CPP, PATH)"
     )
     p.add_argument("--no-limits", action="store_true", help="skip the bandwidth and matmul measurements")
@@ -303,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or modes[0] != "fp32" or any(m not in WEIGHT_MODES for m in modes):
         p.error(f"--modes must start with fp32 (the reference) and name modes of {sorted(WEIGHT_MODES)}")
+    if args.fp32_dense:
+        modes.insert(1, "fp32-dense")
     torch.set_num_threads(args.num_threads)
     llama_bin, llama_skip = (None, "") if model.suffix != ".gguf" else find_binary(args.llama_cpp)
     if model.suffix != ".gguf":
@@ -316,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         before = _rss_mb()
         engines[m] = TorchEngine(
-            model, weights=m, kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
+            model, weights=m.removesuffix("-dense"), kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
             max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
+            block_kernels=not m.endswith("-dense"),
         )  # fmt: skip
         rss_loaded[m] = _rss_mb() - before
     card, tok_json = load_model_source(model)

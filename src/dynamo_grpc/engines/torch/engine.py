@@ -21,6 +21,7 @@ from dynamo_grpc.kvbm.config import KvbmConfig
 from dynamo_grpc.kvbm.stats import kvbm_stats
 from dynamo_grpc.models import ModelCard, default_model_path, load_model_source
 
+from .exact_gemv import ExactBlocks, kernels, status
 from .kv_cache import KvCache, num_blocks_for_bytes
 from .model import LlamaModel
 from .runner import ModelRunner
@@ -58,6 +59,7 @@ class TorchEngine(CoreEngine):
         served_name: str | None = None,
         kvbm: KvbmConfig | None = None,
         kv_lease_seconds: float = 30.0,
+        block_kernels: bool = True,
     ) -> None:
         if weights is not None:
             if weights not in WEIGHT_MODES:
@@ -85,9 +87,19 @@ class TorchEngine(CoreEngine):
         card, self.tokenizer_json = load_model_source(path, served_name)
         self.dtype = DTYPES[dtype]
         # quantised formats start from the file's fp32 values (int4: its Q4_1 blocks as they are)
-        ckpt = load_checkpoint(path, self.dtype if fmt == "dense" else torch.float32, keep_q4=fmt == "int4")
+        # fp32 keeps a GGUF's blocks too when the block kernels are built (exact_gemv.py: same weights, fewer bytes)
+        blocks = block_kernels and fmt == "dense" and self.dtype == torch.float32 and kernels() is not None
+        ckpt = load_checkpoint(
+            path, self.dtype if fmt == "dense" else torch.float32, keep_q4=fmt == "int4" or blocks, keep_q8=blocks
+        )
         self.config = ckpt.config
         self.model = LlamaModel(ckpt, self.dtype, fmt)
+        #: how fp32 few-row matmuls run: "block kernels" (the file's blocks), else "dense: <why>"
+        self.fp32_kernels = "n/a"
+        if self.weights == "fp32":
+            used = any(isinstance(v, ExactBlocks) for layer in self.model.layers for v in layer.values())
+            why = status() if block_kernels else "block_kernels=False"
+            self.fp32_kernels = "block kernels" if used else f"dense: {why if not blocks else 'no Q4_1/Q8_0 blocks'}"
         if num_blocks is None:
             num_blocks = num_blocks_for_bytes(
                 self.config, block_size, self.dtype, kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
@@ -143,4 +155,5 @@ class TorchEngine(CoreEngine):
                 "weight_bytes": self.model.nbytes,
                 **kvbm_stats(self.core.kv.tiers),
                 "weights": self.weights,
+                "fp32_kernels": self.fp32_kernels,
             }

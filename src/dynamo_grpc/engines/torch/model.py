@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .exact_gemv import ExactBlocks, kernels
 from .kv_cache import KvCache
 from .linear import Dense, Linear, Q4Blocks, Quantised, make_linear
 from .weights import Checkpoint, UnsupportedModel, rope_inv_freq
@@ -74,13 +75,16 @@ class LlamaModel:
                 raise UnsupportedModel(f"checkpoint lacks tensor {name}")
             return t[name]
 
+        # fp32 from a GGUF's blocks: few-row matmuls read the blocks, same weights (exact_gemv.py)
+        lib = kernels() if weights == "dense" and dtype == torch.float32 and (ckpt.q4 or ckpt.q8) else None
+
         def fused(*names: str) -> Linear:
             """One matmul for several projections (q|k|v, gate|up): rows concatenated, blocks too."""
             parts = [raw(n) for n in names]
-            if all(isinstance(x, Q4Blocks) for x in parts) and weights == "int4":
+            if all(isinstance(x, Q4Blocks) for x in parts) and (weights == "int4" or lib is not None):
                 qs = [x for x in parts if isinstance(x, Q4Blocks)]
                 cat = Q4Blocks(*(torch.cat([getattr(b, f) for b in qs]) for f in ("q", "scale", "low")))
-                return make_linear(weights, None, cat, dtype)
+                return ExactBlocks(lib, cat) if lib is not None else make_linear(weights, None, cat, dtype)
             dense = [x.dequantize() if isinstance(x, Q4Blocks) else x.float() for x in parts]
             return make_linear(weights, torch.cat(dense), None, dtype)
 
@@ -89,7 +93,11 @@ class LlamaModel:
         # the vocabulary matmul (a fifth of the fp32 bytes; Q8_0 in the default file, as llama.cpp keeps it):
         # int8 in both quantised modes; at 4 bits it cost int4 perplexity 13.41 -> 14.13 (fp32: 13.44)
         head = "dense" if weights == "dense" else "int8"
-        self.lm_head = make_linear(head, embed if tied else t["lm_head.weight"], None, dtype)
+        head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        if lib is not None and head_name in ckpt.q8:
+            self.lm_head: Linear = ExactBlocks(lib, ckpt.q8.pop(head_name), embed if tied else t[head_name])
+        else:
+            self.lm_head = make_linear(head, embed if tied else t["lm_head.weight"], None, dtype)
         if tied and isinstance(self.lm_head, Quantised):
             self._embed_rows: Quantised | None = self.lm_head
             self.embed = torch.empty(0)
@@ -131,7 +139,8 @@ class LlamaModel:
         for layer in self.layers:
             for v in layer.values():
                 n += v.nbytes if isinstance(v, Linear) else v.numel() * v.element_size()
-        if self._embed_rows is None and not (isinstance(self.lm_head, Dense) and self.lm_head.w is self.embed):
+        shared = isinstance(self.lm_head, Dense | ExactBlocks) and self.lm_head.w is self.embed
+        if self._embed_rows is None and not shared:
             n += self.embed.numel() * self.embed.element_size()
         return n
 

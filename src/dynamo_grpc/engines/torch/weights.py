@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .exact_gemv import Q8Blocks
 from .linear import Q4Blocks
 
 
@@ -58,6 +59,8 @@ class Checkpoint:
     rope_freqs: torch.Tensor | None = None
     #: GGUF Q4_1 weights as their blocks (``keep_q4=True``), instead of in ``tensors``
     q4: dict[str, Q4Blocks] = field(default_factory=dict)
+    #: GGUF Q8_0 tables as their blocks (``keep_q8=True``), *besides* their fp32 values in ``tensors``
+    q8: dict[str, Q8Blocks] = field(default_factory=dict)
 
 
 _GGUF_LAYER_NAMES = {
@@ -79,10 +82,13 @@ _GGUF_TOP_NAMES = {
 _LLAMA_ARCHS = {"llama", "mistral"}
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, keep_q4: bool = False) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, keep_q4: bool = False, keep_q8: bool = False
+) -> Checkpoint:
     """Load a ``.gguf`` file or a directory holding ``config.json`` + ``*.safetensors``.
 
-    ``keep_q4``: a GGUF's Q4_1 layer weights stay as blocks (``Checkpoint.q4``) for the int4 format.
+    ``keep_q4``: a GGUF's Q4_1 layer weights stay as blocks (``Checkpoint.q4``) for the int4 format and
+    the fp32 block kernels; ``keep_q8``: its Q8_0 embedding/output tables are also kept as blocks.
     """
     p = Path(path)
     if p.is_dir():
@@ -90,10 +96,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, keep_q
         if (p / "config.json").exists():
             return _load_safetensors_dir(p, dtype)
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype, keep_q4)
+            return _load_gguf(ggufs[0], dtype, keep_q4, keep_q8)
         raise UnsupportedModel(f"{p}: no config.json + *.safetensors and not exactly one .gguf file")
     if p.suffix == ".gguf":
-        return _load_gguf(p, dtype, keep_q4)
+        return _load_gguf(p, dtype, keep_q4, keep_q8)
     raise UnsupportedModel(f"{p}: expected a .gguf file or a safetensors directory")
 
 
@@ -167,13 +173,22 @@ def q4_1_blocks(data: np.ndarray, rows: int, cols: int) -> Q4Blocks:
     return Q4Blocks(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, keep_q4: bool = False) -> Checkpoint:
+def q8_0_blocks(data: np.ndarray, rows: int, cols: int) -> Q8Blocks:
+    """Split GGUF Q8_0 bytes (per block of 32: fp16 d, 32 int8) into q and d."""
+    raw = np.ascontiguousarray(data).reshape(rows, cols // 32, 34)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = raw[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    return Q8Blocks(torch.from_numpy(q), torch.from_numpy(d))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, keep_q4: bool = False, keep_q8: bool = False) -> Checkpoint:
     import gguf  # the gguf package is light, but only GGUF users need it
 
     reader = gguf.GGUFReader(str(path))
     cfg = gguf_config(reader)
     tensors: dict[str, torch.Tensor] = {}
     q4: dict[str, Q4Blocks] = {}
+    q8: dict[str, Q8Blocks] = {}
     rope_freqs: torch.Tensor | None = None
     for t in reader.tensors:
         shape = [int(x) for x in reversed(t.shape.tolist())]
@@ -208,8 +223,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_q4: bool = False) -> Checkpo
         if blocks is not None:
             q4[key] = blocks
             continue
+        if keep_q8 and t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and not name.startswith("blk."):
+            q8[key] = q8_0_blocks(t.data, shape[0], shape[1])
         tensors[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
-    return Checkpoint(cfg, tensors, rope_freqs, q4)
+    return Checkpoint(cfg, tensors, rope_freqs, q4, q8)
 
 
 # -------------------------------------------------------------------------------- safetensors
