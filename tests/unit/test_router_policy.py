@@ -86,7 +86,7 @@ def test_busy_threshold_exhausts_only_when_all_busy() -> None:
     assert r.route(RouteInput("a", token_ids=list(range(BS)))).instance_id == "w1"
     r.set_load(("w1", 0), 990, 1000)
     with pytest.raises(AllBusy):
-        r.route(RouteInput("b", token_ids=list(range(BS, 2 * BS))))  # a prompt neither holds
+        r.route(RouteInput("b", token_ids=list(range(BS))))
 
 
 def test_not_ready_no_workers_and_bad_input() -> None:
@@ -197,8 +197,8 @@ def _reference_choices(r: Router, hashes: list[int], exclude: set[str], out_toke
     overlaps = r.indexer.overlaps(hashes, touch=False)
     for c in cands:
         c.overlap = overlaps.get(c.key, 0)
+    free = not_busy(cands, r.config.busy_threshold)
     prompt = len(hashes)
-    free = not_busy(cands, r.config.busy_threshold, r.config.busy_exempt_overlap * prompt)
     return costs(free, prompt, prompt + -(-out_tokens // BS), r.config.prefill_load_scale)
 
 

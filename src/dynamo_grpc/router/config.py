@@ -27,11 +27,6 @@ class RouterConfig:
     #: a worker rank whose active/total KV blocks exceed this is busy (skipped; all busy -> the router
     #: queue, or RESOURCE_EXHAUSTED without one). 1.0 disables it
     busy_threshold: float = 0.95
-    #: kv modes: a rank that holds at least this fraction of a request's prompt blocks (its tier-weighted
-    #: overlap credit) is never skipped as busy for it: elsewhere that prefix would be recomputed, and when
-    #: every worker sits at the threshold (a small device cache under load) the first to drop under it would
-    #: take every request whatever its cache holds (docs/kvbm.md); 0 = off
-    busy_exempt_overlap: float = 0.5
     #: a rank whose pending prefill tokens exceed this many times ``max_num_batched_tokens`` is busy too
     #: (Dynamo's --router-queue-threshold); 0 disables it. Off by default: at 2 it cost TTFT on the Azure code
     #: trace and most of the cache hits on the Mooncake slice (docs/router.md, "Defaults, measured")
@@ -70,7 +65,6 @@ class RouterConfig:
             ("temperature", self.temperature >= 0, ">= 0"),
             ("prefill_load_scale", self.prefill_load_scale >= 0, ">= 0"),
             ("busy_threshold", 0 < self.busy_threshold <= 1.0, "in (0, 1]"),
-            ("busy_exempt_overlap", 0 <= self.busy_exempt_overlap <= 1.0, "in [0, 1]"),
             ("queue_threshold", self.queue_threshold >= 0, ">= 0"),
             ("max_num_batched_tokens", self.max_num_batched_tokens > 0, "> 0"),
             ("queue_size", self.queue_size >= 0, ">= 0"),

@@ -22,7 +22,6 @@ FLAG_OF = {
     "temperature": "--router-temperature",
     "prefill_load_scale": "--router-prefill-load-scale",
     "busy_threshold": "--router-busy-threshold",
-    "busy_exempt_overlap": "--router-busy-exempt-overlap",
     "approx_ttl_s": "--router-ttl-secs",
     "resync_interval_s": "--router-resync-interval",
     "seed": "--router-seed",
@@ -138,14 +137,6 @@ def add_router_flags(parser: argparse.ArgumentParser, extra_modes: Sequence[str]
         "(RESOURCE_EXHAUSTED without one); 1 = off",
     )
     add(
-        "--router-busy-exempt-overlap",
-        None,
-        d.busy_exempt_overlap,
-        type=float,
-        help="kv: a busy worker that holds at least this fraction of a request's prompt (tier-weighted) is "
-        "still a candidate for it, rather than the request recomputing its prefix elsewhere; 0 = off",
-    )
-    add(
         "--router-queue-threshold",
         None,
         d.queue_threshold,
@@ -237,7 +228,6 @@ USED_IN: dict[str, set[str]] = {
     "router_ttl_secs": {"approx"},
     "router_resync_interval": {"kv"},
     "router_busy_threshold": _ANY,
-    "router_busy_exempt_overlap": {"kv", "approx"},
     "router_queue_threshold": {"kv", "approx"},
     "router_max_num_batched_tokens": {"kv", "approx"},
     "router_queue_size": _ANY,
@@ -291,7 +281,6 @@ def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo",
         temperature=args.router_temperature,
         prefill_load_scale=args.router_prefill_load_scale,
         busy_threshold=args.router_busy_threshold,
-        busy_exempt_overlap=args.router_busy_exempt_overlap,
         queue_threshold=args.router_queue_threshold,
         max_num_batched_tokens=args.router_max_num_batched_tokens,
         queue_size=args.router_queue_size,

@@ -56,18 +56,13 @@ class Choice:
         return self.prefill_cost + self.decode_cost
 
 
-def not_busy(cands: Sequence[Candidate], busy_threshold: float, exempt_blocks: float = 0.0) -> list[Candidate]:
-    """Candidates under the threshold, or holding at least ``exempt_blocks`` (> 0) of the prompt; AllBusy if
-    there were some and none is."""
+def not_busy(cands: Sequence[Candidate], busy_threshold: float) -> list[Candidate]:
+    """Candidates under the threshold; AllBusy if there were some and none is."""
     if not cands:
         raise NoWorkers("no live worker")
     if busy_threshold >= 1.0:
         return cands if isinstance(cands, list) else list(cands)
-    free = [
-        c
-        for c in cands
-        if c.kv_usage is None or c.kv_usage <= busy_threshold or (exempt_blocks > 0 and c.overlap >= exempt_blocks)
-    ]
+    free = [c for c in cands if c.kv_usage is None or c.kv_usage <= busy_threshold]
     if not free:
         raise AllBusy(f"all {len(cands)} workers are over the busy threshold {busy_threshold:.2f}")
     return free
@@ -134,18 +129,14 @@ def cost_scores(
     return score
 
 
-def busy_filter(
-    ok: BoolArray | None, usage: FloatArray, busy_threshold: float, exempt: BoolArray | None = None
-) -> BoolArray | None:
+def busy_filter(ok: BoolArray | None, usage: FloatArray, busy_threshold: float) -> BoolArray | None:
     """``ok`` (None: every rank) minus ranks over the threshold (NaN usage: unknown, never busy).
 
-    Ranks in ``exempt`` (those holding the request's prefix) are never busy. AllBusy if none is left.
+    AllBusy if none is left.
     """
     if busy_threshold >= 1.0:
         return ok
     free = ~(usage > busy_threshold)
-    if exempt is not None:
-        free |= exempt
     if ok is not None:
         free &= ok
     if not free.any():
@@ -154,17 +145,13 @@ def busy_filter(
     return free
 
 
-def prefill_busy_filter(
-    ok: BoolArray | None, prefill_blocks: FloatArray, limit_blocks: float, exempt: BoolArray | None = None
-) -> BoolArray | None:
+def prefill_busy_filter(ok: BoolArray | None, prefill_blocks: FloatArray, limit_blocks: float) -> BoolArray | None:
     """``ok`` minus ranks whose pending prefill exceeds ``limit_blocks`` (Dynamo's router queue threshold).
 
-    Ranks in ``exempt`` are never busy. AllBusy if none is left: the caller queues the request in the
-    router rather than adding to an engine's prefill backlog that is already longer than ``limit_blocks``.
+    AllBusy if none is left: the caller queues the request in the router rather than adding to an
+    engine's prefill backlog that is already longer than ``limit_blocks``.
     """
     free = prefill_blocks <= limit_blocks
-    if exempt is not None:
-        free |= exempt
     if ok is not None:
         free &= ok
     if not free.any():

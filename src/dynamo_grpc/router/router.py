@@ -11,8 +11,6 @@ import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from dynamo_grpc.discovery.worker_roles import roles_for
 from dynamo_grpc.queueing import QueueFull, WaitQueue
 from dynamo_grpc.router.active import ActiveSequences
@@ -20,7 +18,7 @@ from dynamo_grpc.router.approx import ApproxIndexer
 from dynamo_grpc.router.config import RouterConfig
 from dynamo_grpc.router.indexer import KvIndexer
 from dynamo_grpc.router.policy import AllBusy, Choice, NoWorkers, busy_filter, prefill_busy_filter
-from dynamo_grpc.router.ranks import BoolArray, RankTable
+from dynamo_grpc.router.ranks import RankTable
 from dynamo_grpc.router.selectors import KvSelector, RandomSelector, RoundRobinSelector, Selector
 from dynamo_grpc.router.tiers import TierIndex
 from dynamo_grpc.tokens.block_hash import block_hash_list
@@ -311,18 +309,11 @@ class Router:
             raise NoWorkers(f"no live worker for model {inp.model or self.config.model or '?'}")
         hashes = self.hashes_for(inp)
         cfg = self.config
-        limit = 0.0
+        if cfg.busy_threshold < 1.0:
+            ok = busy_filter(ok, t.estimated_usage(), cfg.busy_threshold)
         if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
             limit = cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
-        if cfg.busy_threshold < 1.0 or limit:
-            usage = t.estimated_usage()
-            exempt = None
-            if (usage > cfg.busy_threshold).any() or (limit and (t.prefill > limit).any()):
-                exempt = self._prefix_holders(t, hashes)
-            if cfg.busy_threshold < 1.0:
-                ok = busy_filter(ok, usage, cfg.busy_threshold, exempt)
-            if limit:
-                ok = prefill_busy_filter(ok, t.prefill, limit, exempt)
+            ok = prefill_busy_filter(ok, t.prefill, limit)
         prompt_blocks = len(hashes)
         out_blocks = -(-inp.expected_output_tokens // self.block_size) if self.block_size else 0
         decode_new = prompt_blocks + out_blocks
@@ -332,23 +323,6 @@ class Router:
         held = max(decode_new - int(overlap), 0)  # blocks this request adds there (its cached prefix is shared)
         choice = Choice(t.keys[slot], int(overlap), scale * pf if pf > 0 else 0.0, float(t.decode[slot]) + held)
         return self._commit(inp, choice, hashes, prompt_blocks, held, t.addresses[slot])
-
-    def _prefix_holders(self, t: RankTable, hashes: Sequence[int]) -> BoolArray | None:
-        """Ranks holding at least ``busy_exempt_overlap`` of the prompt (tier-weighted): never busy for it.
-
-        Only asked when some rank is over a busy threshold, so the common path walks the index once.
-        """
-        frac = self.config.busy_exempt_overlap
-        if frac <= 0 or self.config.mode not in ("kv", "approx") or not hashes:
-            return None
-        need = frac * len(hashes)
-        found = self._selector_overlaps(hashes)
-        slots = [t.slot_of[k] for k, depth in found.items() if depth >= need and k in t.slot_of]  # type: ignore[index, operator]
-        if not slots:
-            return None
-        mask = np.zeros(t.n, dtype=bool)
-        mask[slots] = True
-        return mask
 
     def _other_roles(self, phase: str) -> list[str]:
         """Workers whose role does not serve ``phase`` (worker_roles.roles_for picks the pool)."""
