@@ -4,7 +4,7 @@ Part 1, a mocker mesh (consul-dev, a router, N workers, a frontend; the replay's
 multi-turn conversations (each turn's prompt is the previous one plus a new user turn, Mooncake-style
 512-token hash ids, so prefixes are real block hashes) at the load of docs/benchmarks.md (4 workers,
 outputs <= 64 tokens, --router-prefill-load-scale 2, ~51k prompt tokens/s offered; speedup 1 by default,
-see --speedup). The
+see --speedup; the router's busy threshold off by default, see --router-busy-threshold). The
 workers' device cache (G1) holds about a quarter of the slice's unique working set; three configs run
 in interleaved rounds:
 
@@ -117,7 +117,7 @@ def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[st
         router_mode="kv-service",
         speedup_ratio=args.speedup,
         worker_args=wargs,
-        router_args=["--router-prefill-load-scale", "2"],
+        router_args=["--router-prefill-load-scale", "2", "--router-busy-threshold", str(args.router_busy_threshold)],
         acl=False,
     )
     t0 = time.monotonic()
@@ -339,6 +339,14 @@ def _parser() -> argparse.ArgumentParser:
         help="mocker speedup and trace compression (default 1: on a loaded machine a higher speedup measures "
         "the processes' CPU contention, multiplied, rather than the modelled engine)",
     )
+    p.add_argument(
+        "--router-busy-threshold",
+        type=float,
+        default=1.0,
+        help="the router's KV busy threshold (default 1 = off, Dynamo's default; the router's own default 0.95 "
+        "keeps every worker of this small device cache 'busy' under load, and the router queue then places each "
+        "request on whichever worker dips under it first, whatever its cache holds: docs/kvbm.md)",
+    )
     p.add_argument("--conversations", type=int, default=96)
     p.add_argument("--turns", type=int, default=7)
     p.add_argument(
@@ -381,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             "sizes_per_worker": sizes,
             "workers": args.workers,
             "speedup": args.speedup,
+            "router_args": [
+                "--router-prefill-load-scale",
+                "2",
+                "--router-busy-threshold",
+                str(args.router_busy_threshold),
+            ],
             "runs": [],
         }
         # one worker's share (conversations / workers at rate / workers) through one core, virtual clock
