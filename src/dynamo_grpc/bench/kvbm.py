@@ -101,6 +101,11 @@ def _scrape_tiers(consul: str) -> dict[str, float]:
     return out
 
 
+def router_args(args: argparse.Namespace) -> list[str]:
+    """The router's flags in the mesh runs (every config alike): the load's prefill scale, and the busy threshold."""
+    return ["--router-prefill-load-scale", "2", "--router-busy-threshold", str(args.router_busy_threshold)]
+
+
 def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[str, int], work: Path) -> dict[str, Any]:
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
@@ -117,7 +122,7 @@ def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[st
         router_mode="kv-service",
         speedup_ratio=args.speedup,
         worker_args=wargs,
-        router_args=["--router-prefill-load-scale", "2", "--router-busy-threshold", str(args.router_busy_threshold)],
+        router_args=router_args(args),
         acl=False,
     )
     t0 = time.monotonic()
@@ -389,12 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             "sizes_per_worker": sizes,
             "workers": args.workers,
             "speedup": args.speedup,
-            "router_args": [
-                "--router-prefill-load-scale",
-                "2",
-                "--router-busy-threshold",
-                str(args.router_busy_threshold),
-            ],
+            "router_args": router_args(args),
             "runs": [],
         }
         # one worker's share (conversations / workers at rate / workers) through one core, virtual clock
