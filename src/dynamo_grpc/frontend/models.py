@@ -256,6 +256,7 @@ class ModelRegistry:
                     last = e
             if tok is None:
                 raise LookupError(f"could not fetch {TOKENIZER_FILE} for {model}: {last}")
+            await asyncio.to_thread(tok.ascii_pieces)  # the detokeniser's table, built before the first request
             self._tokenizers[sha] = tok
         return ServedModel(model, card, tok)
 

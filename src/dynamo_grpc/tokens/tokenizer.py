@@ -41,6 +41,8 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(
             i for i, t in inner.get_added_tokens_decoder().items() if t.special
         )
+        self._ascii: dict[int, str] | None = None
+        self._ascii_built = False
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -117,6 +119,23 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_token_ids
+
+    def ascii_pieces(self) -> dict[int, str] | None:
+        """Each plain vocabulary token whose text is pure ASCII, by id; None unless the decoder is byte-level.
+
+        A byte-level decoder (GPT-2 style BPE) decodes a sequence to the UTF-8 of its tokens' bytes laid end
+        to end, so after text that ended on a whole character, a run of these ids decodes to their pieces
+        joined: `IncrementalDetokenizer` streams such runs without calling the decoder. Added (special or
+        user) tokens are left out. Built once, on first use.
+        """
+        if not self._ascii_built:
+            self._ascii_built = True
+            if type(self._tok.decoder).__name__ == "ByteLevel":
+                added = set(self._tok.get_added_tokens_decoder())
+                ids = [i for i in range(self._tok.get_vocab_size(with_added_tokens=False)) if i not in added]
+                texts = self._tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
+                self._ascii = {i: t for i, t in zip(ids, texts, strict=True) if t and t.isascii()}
+        return self._ascii
 
     # -- encode/decode ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

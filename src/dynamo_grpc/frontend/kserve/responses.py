@@ -49,6 +49,27 @@ class Responder:
         # built once per worker and copied (one C-level copy instead of rebuilding it for every token)
         self._template: pb.ModelInferResponse | None = None
         self._template_worker = ""
+        # on a stream, each response is built inside the ModelStreamInferResponse that carries it (wrapping
+        # a finished response would copy it again): `wrapped` hands that carrier back
+        self._holder: pb.ModelStreamInferResponse | None = None
+
+    def _new(self) -> pb.ModelInferResponse:
+        if not self.stream_rpc:
+            return pb.ModelInferResponse()
+        self._holder = pb.ModelStreamInferResponse()
+        return self._holder.infer_response
+
+    def _base(self) -> pb.ModelInferResponse:
+        resp = self._new()
+        resp.model_name, resp.model_version, resp.id = self.request.model_name, "1", self.request.id
+        return resp
+
+    def wrapped(self, resp: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+        """The stream message carrying ``resp`` (the one it was built in, else a copy in a new one)."""
+        holder = self._holder
+        if holder is not None and holder.infer_response is resp:
+            return holder
+        return pb.ModelStreamInferResponse(infer_response=resp)
 
     def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
         """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
@@ -76,7 +97,7 @@ class Responder:
         """After the last data response of a stream: the empty final response, when the client asked for it."""
         if not (self.stream_rpc and self.req.empty_final_response):
             return None
-        empty = base(self.request)
+        empty = self._base()
         empty.parameters[FINAL].bool_param = True
         return empty
 
@@ -102,11 +123,11 @@ class Responder:
                 t.MergeFrom(output_skeleton([(n, dt) for n, dt, _ in items]))
                 t.parameters["worker_id"].string_param = c.worker_id
                 self._template, self._template_worker = t, c.worker_id
-            resp = pb.ModelInferResponse()
+            resp = self._new()
             resp.CopyFrom(self._template)
             resp.raw_output_contents.extend(raw_scalars(items))
         else:
-            resp = base(self.request)
+            resp = self._base()
             encode_scalars(resp, items, raw=False)
             resp.parameters["worker_id"].string_param = c.worker_id  # changes when a request migrates
         if c.finish_reason is not None:
