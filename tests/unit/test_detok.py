@@ -14,7 +14,9 @@ from dynamo_grpc.tokens.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.from_model_source(default_model_path())
+    t = Tokenizer.from_model_source(default_model_path())
+    t.ascii_pieces()  # built, as the frontend does in a thread once a model is served
+    return t
 
 
 def stream(d: IncrementalDetokenizer, ids: list[int], step: int = 1) -> list[str]:
@@ -179,7 +181,8 @@ class _DecoderOnly:
 
 def test_ascii_pieces_are_the_decoders_own_text(tok: Tokenizer) -> None:
     pieces = tok.ascii_pieces()
-    assert pieces is not None and len(pieces) > tok.vocab_size // 2  # byte-level BPE: most tokens are ASCII
+    assert pieces is not None and tok.ascii_table is pieces
+    assert len(pieces) > tok.vocab_size // 2  # byte-level BPE: most tokens are ASCII
     for i in [*list(pieces)[:300], *list(pieces)[-300:]]:
         assert tok.decode([i]) == pieces[i] and pieces[i].isascii()
     assert not set(pieces) & tok.special_token_ids

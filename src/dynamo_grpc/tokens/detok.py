@@ -24,9 +24,9 @@ class _Decoder(Protocol):
 
 
 def _ascii_pieces(tokenizer: _Decoder) -> dict[int, str] | None:
-    """The tokenizer's ASCII token texts when it has them (`Tokenizer.ascii_pieces`; other decoders: None)."""
-    pieces = getattr(tokenizer, "ascii_pieces", None)
-    return pieces() if callable(pieces) else None
+    """The tokenizer's ASCII token texts when built (`Tokenizer.ascii_table`; other decoders: None)."""
+    table: dict[int, str] | None = getattr(tokenizer, "ascii_table", None)
+    return table
 
 
 class IncrementalDetokenizer:
