@@ -8,7 +8,8 @@ the rest (asyncio and gRPC's event-loop machinery, anything unlisted). cProfile 
 than C code, so the split is a guide to where to cut, not a measurement of the unprofiled cost (that is
 `bench frontend`'s CPU per request).
 
-    dynamo-grpc bench frontend-profile [--requests N] [--json FILE]   (bench/results/frontend-profile.json)
+    dynamo-grpc bench frontend-profile [--requests N] [--frontend-src DIR] [--json FILE]
+                                                           (bench/results/frontend-profile.json)
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from dynamo_grpc.models import default_model_path, load_model_source
 STAGES: dict[str, list[tuple[str, str, str]]] = {
     "parse": [
         ("kserve/codec.py", "decode_inputs", "cum"),
-        ("kserve/codec.py", "parameters_dict", "cum"),
         ("kserve/parse.py", "parse_request", "cum"),
         ("kserve/parse.py", "requested_outputs", "cum"),
     ],
@@ -61,6 +61,8 @@ STAGES: dict[str, list[tuple[str, str, str]]] = {
         ("frontend/session.py", "_placements", "tot"),
         ("frontend/session.py", "_count_tokens", "cum"),
         ("frontend/session.py", "decode_request", "cum"),
+        ("frontend/session.py", "coalesced", "tot"),  # the read-ahead task and queue (before this change)
+        ("frontend/session.py", "pump", "tot"),
     ],
     "detokenise": [("frontend/token_stream.py", "add", "cum"), ("frontend/token_stream.py", "out_of_tokens", "cum")],
     "response_build": [
@@ -118,23 +120,80 @@ async def load(address: str, model: str, requests: int, concurrency: int) -> Non
         await c.close()
 
 
-def profiled_frontend(argv: list[str]) -> int:
-    """The frontend's main under cProfile; the stats are written when it exits (SIGTERM drains it)."""
-    import cProfile
+#: the profiled frontend's whole process: cProfile around `dynamo-grpc frontend` (only `dynamo_grpc.cli` is
+#: imported, so `--frontend-src` can point it at another checkout's src/ for a before/after in one harness)
+PROFILED_FRONTEND = """
+import cProfile, os, sys, time
+from dynamo_grpc import cli
+prof = cProfile.Profile(time.thread_time)  # CPU of the event-loop thread: wall time would count waits
+prof.enable()
+try:
+    cli.main(["frontend", *sys.argv[1:]])
+except SystemExit:
+    pass
+finally:
+    prof.disable()
+    prof.dump_stats(os.environ["DYN_BENCH_PROFILE_OUT"])
+"""
 
-    from dynamo_grpc import cli
+#: the synchronous per-request path without gRPC or the event loop (KServe parse, tokenise, 16 tokens through
+#: the token stream and the response builder, each response serialised), `K` tokens per worker message:
+#: process CPU time, best of 5 x 1,000 requests, so it resolves small changes that the loaded mesh cannot
+SYNC_PATH = """
+import json, sys, time
+from dynamo_grpc.bench.frontend import kserve_request
+from dynamo_grpc.frontend.kserve.codec import decode_inputs, parameters_dict
+from dynamo_grpc.frontend.kserve.parse import parse_request, requested_outputs
+from dynamo_grpc.frontend.kserve.responses import Responder
+from dynamo_grpc.frontend.token_stream import TokenStream
+from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
+from dynamo_grpc.models import default_model_path, load_model_source
+from dynamo_grpc.tokens.tokenizer import Tokenizer
+from dynamo_grpc.v1 import common_pb2, worker_pb2
 
-    out = os.environ["DYN_BENCH_PROFILE_OUT"]
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        cli.main(["frontend", *argv])
-    except SystemExit:
-        pass
-    finally:
-        prof.disable()
-        prof.dump_stats(out)
-    return 0
+card, tj = load_model_source(default_model_path())
+tok = Tokenizer.from_card(card, tj)
+getattr(tok, "ascii_pieces", lambda: None)()  # as a serving frontend has it
+text = " The quick brown fox jumps over the lazy dog, and then it runs far away again."
+out_ids = tok.encode(text, add_special_tokens=False)[:16]
+res = {}
+for k in (1, 2, 4):
+    def one(i):
+        request = kserve_request(card.name, i)
+        inputs = decode_inputs(request)
+        req = parse_request(inputs, parameters_dict(request.parameters), requested_outputs(request.outputs),
+                            stream_rpc=True)
+        ids = tok.encode(req.prompt, add_special_tokens=True)
+        stream, responder = TokenStream(req, ids, 16, tok), Responder(request, req, tok, True)
+        for j in range(0, 16, k):
+            r = worker_pb2.DecodeResponse(token_ids=out_ids[j : j + k])
+            if j + k >= 16:
+                r.finish_reason = common_pb2.FINISH_REASON_LENGTH
+            c = stream.add(r, "worker-1", True)
+            out = responder.chunk(c) if c is not None else None
+            if out is not None:
+                wrapped = getattr(responder, "wrapped", None)  # a tree before it wrapped by copying
+                msg = wrapped(out) if wrapped else pb.ModelStreamInferResponse(infer_response=out)
+                msg.SerializeToString()
+    for i in range(200):
+        one(i)
+    best = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for i in range(1000):
+            one(i)
+        best.append(time.process_time() - t0)
+    res[f"tokens_per_message_{k}"] = round(min(best), 4)  # seconds per 1,000 = ms per request
+print(json.dumps(res))
+"""
+
+
+def sync_path(src: str | None) -> dict[str, float]:
+    """`SYNC_PATH`'s ms per request, run in a fresh process on ``src`` (None: this checkout)."""
+    env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
+    out = subprocess.run([sys.executable, "-c", SYNC_PATH], env=env, capture_output=True, text=True, check=True)
+    res: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,26 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--profile-out", type=Path, default=None, help="also keep the raw cProfile stats here")
-    p.add_argument("--serve-profiled", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--frontend-src", default=None, metavar="DIR",
+                   help="profile the frontend of another source tree (its src/), e.g. before a change")
     args = p.parse_args(argv)
-    if args.serve_profiled is not None:
-        return profiled_frontend(args.serve_profiled)
     card, _ = load_model_source(default_model_path())
     cfg = MeshConfig(workers=2, speedup_ratio=1e6, router_mode="kv", start_router=False, acl=False)
     with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "fe.json"
         prof = args.profile_out or Path(tmp) / "fe.prof"
         cmd = [
-            sys.executable, "-m", "dynamo_grpc.bench.frontend_profile", "--serve-profiled", "--consul", mesh.consul,
+            sys.executable, "-c", PROFILED_FRONTEND, "--consul", mesh.consul,
             "--namespace", mesh.config.namespace, "--grpc-port", "0", "--ready-file", str(ready),
         ]  # fmt: skip
         env = {**os.environ, "DYN_BENCH_PROFILE_OUT": str(prof), "OTEL_TRACES_EXPORTER": "none"}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if args.frontend_src:
+            env["PYTHONPATH"] = args.frontend_src
+        log = Path(tmp) / "fe.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180  # slow under the profiler on a loaded box
             while not ready.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the profiled frontend did not start")
+                    tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                    raise RuntimeError("the profiled frontend did not start: " + " | ".join(tail))
                 time.sleep(0.1)
             address = json.loads(ready.read_text())["grpc_address"]
             cpu0, t0 = process_cpu_seconds(proc.pid), time.perf_counter()
@@ -179,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             "frontend_cpu_ms_per_request_profiled": round(cpu_ms, 3),
             # the warm-up and start-up are in the profile too: spread over the measured requests (20 of 3,000)
             "split_ms_per_request_profiled": split(prof, args.requests, cpu_ms),
+            "frontend_src": args.frontend_src or "this checkout",
+            "sync_path_ms_per_request": sync_path(args.frontend_src),
             "loadavg_1m": os.getloadavg()[0],
             "cpu_count": os.cpu_count(),
         }
