@@ -34,7 +34,11 @@ def start_mesh(**overrides: Any) -> Mesh:
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    return Mesh(cfg).start()
+    mesh = Mesh(cfg).start()
+    # with --with-simple-model the frontend reports ready before the LLM is served (the worker's card can land
+    # in KV seconds later): a test's first request must not get "unknown model" (a stream test then waits forever)
+    mesh._wait(f"{MODEL} served", lambda: mesh._frontend_ready() and MODEL in mesh.models)
+    return mesh
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,9 @@ from dynamo_grpc.tokens.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.from_model_source(default_model_path())
+    t = Tokenizer.from_model_source(default_model_path())
+    t.ascii_pieces()  # built, as the frontend does in a thread once a model is served
+    return t
 
 
 def stream(d: IncrementalDetokenizer, ids: list[int], step: int = 1) -> list[str]:
@@ -168,3 +170,37 @@ def test_stop_property(tok: Tokenizer, text: str, stop: str, step: int) -> None:
     else:
         assert out == full and not d.stopped
     assert not any("\ufffd" in p for p in pieces)
+
+
+class _DecoderOnly:
+    """The same tokenizer without `ascii_pieces`: every piece goes through the decoder (the reference)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.decode = tok.decode
+
+
+def test_ascii_pieces_are_the_decoders_own_text(tok: Tokenizer) -> None:
+    pieces = tok.ascii_pieces()
+    assert pieces is not None and tok.ascii_table is pieces
+    assert len(pieces) > tok.vocab_size // 2  # byte-level BPE: most tokens are ASCII
+    for i in [*list(pieces)[:300], *list(pieces)[-300:]]:
+        assert tok.decode([i]) == pieces[i] and pieces[i].isascii()
+    assert not set(pieces) & tok.special_token_ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from([*TEXTS, " plain ascii", "🦊", "über", "\n\n"]), min_size=1, max_size=6),
+    extra=st.lists(st.integers(0, 49151), max_size=4),
+    step=st.integers(1, 4),
+    skip=st.booleans(),
+)
+def test_ascii_fast_path_streams_what_the_decoder_streams(
+    tok: Tokenizer, parts: list[str], extra: list[int], step: int, skip: bool
+) -> None:
+    """Runs of ASCII tokens skip the decoder; the pieces released, one by one, are exactly the decoder's,
+    across multi-byte characters, special tokens (kept or skipped) and arbitrary ids."""
+    ids = tok.encode("".join(parts)) + [i for i in extra if i < tok.vocab_size]
+    fast = stream(IncrementalDetokenizer(tok, [1, 2, 3], skip_special_tokens=skip), ids, step)
+    slow = stream(IncrementalDetokenizer(_DecoderOnly(tok), [1, 2, 3], skip_special_tokens=skip), ids, step)
+    assert fast == slow

@@ -10,14 +10,13 @@ DecodeService on loopback streams slowly; the ``yields`` place the departure ins
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from dynamo_grpc import errors
 from dynamo_grpc.frontend.engine_client import WorkerClient
-from dynamo_grpc.frontend.session import coalesced
 from dynamo_grpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 TOKENS = 8
@@ -49,7 +48,7 @@ async def address() -> AsyncIterator[str]:
 
 async def _read(client: WorkerClient, address: str, got: list[int]) -> None:
     request = worker_pb2.DecodeRequest(request_id="r", token_ids=[1, 2, 3])
-    async for resp in coalesced(client.decode(address, request, timeout=WAIT_S)):
+    async for resp in client.decode(address, request, timeout=WAIT_S):
         got.extend(resp.token_ids)
 
 
@@ -104,17 +103,3 @@ async def test_a_call_cancelled_by_its_channel_closing_is_worker_lost_not_silenc
     finally:
         await client.pool.close()
 
-
-async def test_a_worker_stream_cancelled_under_the_reader_is_worker_lost() -> None:
-    """Whatever cancels a worker stream on this side (not the reader closing it), the reader hears of it."""
-
-    async def cut() -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
-        yield worker_pb2.DecodeResponse(token_ids=[7])
-        raise asyncio.CancelledError  # what grpc.aio raises for a call cancelled on this side
-
-    got: list[int] = []
-    with pytest.raises(errors.WorkerLost, match="cancelled on this side"):
-        async with asyncio.timeout(WAIT_S):
-            async for resp in coalesced(cut()):
-                got.extend(resp.token_ids)
-    assert got == [7]

@@ -21,6 +21,10 @@ from dynamo_grpc.logs import setup_logging
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "router": ("dynamo_grpc.bench.router", "KV index and routing decisions: ours vs per-candidate and naive"),
     "frontend": ("dynamo_grpc.bench.frontend", "frontend overhead: KServe stream via frontend vs worker directly"),
+    "frontend-profile": (
+        "dynamo_grpc.bench.frontend_profile",
+        "frontend CPU per streamed request split by stage (parse, route, detok, write...) under cProfile",
+    ),
     "engine": ("dynamo_grpc.bench.engine", "torch engine vs transformers generate (extras: torch, bench)"),
     "discovery": ("dynamo_grpc.bench.discovery", "consul-dev + discovery: 1,000 instances, 50 watchers"),
     "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),

@@ -94,6 +94,7 @@ class ModelRegistry:
         self.namespace = namespace
         self._models: dict[str, ServedModel] = {}
         self._tokenizers: dict[str, Tokenizer] = {}  # by sha256
+        self._background: set[asyncio.Future[Any]] = set()  # tokenizer tables being built in a thread
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()
         self.view = view or WorkerView()
@@ -256,6 +257,10 @@ class ModelRegistry:
                     last = e
             if tok is None:
                 raise LookupError(f"could not fetch {TOKENIZER_FILE} for {model}: {last}")
+            # the detokeniser's ASCII table, in a thread: the model is served at once (decoder's way until built)
+            built = asyncio.ensure_future(asyncio.to_thread(tok.ascii_pieces))
+            self._background.add(built)
+            built.add_done_callback(self._background.discard)
             self._tokenizers[sha] = tok
         return ServedModel(model, card, tok)
 

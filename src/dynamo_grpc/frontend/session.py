@@ -12,7 +12,6 @@ Every route is freed exactly once (`Router.free` in the attempt's `finally`), on
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -36,70 +35,6 @@ class DecodeClient(Protocol):
     def decode(
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
     ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]: ...
-
-
-_END = object()
-
-
-async def coalesced(
-    stream: AsyncGenerator[worker_pb2.DecodeResponse, None],
-) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
-    """The worker's responses, with those that arrived while we were busy merged into one.
-
-    Under load this turns many one-token messages into fewer client responses (each costs a gRPC write),
-    and at low load it changes nothing. Errors surface in order; closing this closes the worker stream.
-    """
-    q: asyncio.Queue[object] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for r in stream:
-                q.put_nowait(r)
-            q.put_nowait(_END)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the consumer closed us
-            # the worker stream was cancelled under us (not by the consumer): the consumer must hear of it,
-            # or it waits on the queue forever
-            q.put_nowait(errors.WorkerLost("the worker stream was cancelled on this side"))
-        except BaseException as e:  # handed to the consumer, in order
-            q.put_nowait(e)
-
-    task = asyncio.get_running_loop().create_task(pump())
-    try:
-        while True:
-            batch = [await q.get()]
-            while not q.empty():
-                batch.append(q.get_nowait())
-            merged: worker_pb2.DecodeResponse | None = None
-            for item in batch:
-                if item is _END or isinstance(item, BaseException):
-                    if merged is not None:
-                        yield merged
-                    if isinstance(item, BaseException):
-                        raise item
-                    return
-                assert isinstance(item, worker_pb2.DecodeResponse)
-                if merged is None:
-                    merged = item
-                else:
-                    merged.token_ids.extend(item.token_ids)
-                    merged.logprobs.extend(item.logprobs)
-                    merged.finish_reason = item.finish_reason
-                    if item.HasField("usage"):
-                        merged.usage.CopyFrom(item.usage)
-                if merged.finish_reason:
-                    break
-            assert merged is not None
-            yield merged
-            if merged.finish_reason:
-                return
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await stream.aclose()
 
 
 def decode_request(route_id: str, p: Prepared, lora: str, generated: Sequence[int]) -> worker_pb2.DecodeRequest:
@@ -222,7 +157,10 @@ class RouteSession:
                     yield head
                     if head.finish_reason:
                         return
-                stream = coalesced(self.workers.decode(pick.address, request, remaining))
+                # read directly (no read-ahead task): the worker already sends in one message the tokens an
+                # engine step made ready, so a frontend-side merge saved almost no writes and cost a task
+                # and a queue hop per message (docs/scale-out.md, "The frontend's hot path")
+                stream = self.workers.decode(pick.address, request, remaining)
                 async with contextlib.aclosing(stream):
                     async for resp in stream:
                         pulled = True

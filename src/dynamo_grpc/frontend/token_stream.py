@@ -67,7 +67,7 @@ class TokenStream:
         if overshoot > 0:  # a worker that ignores max_tokens is cut here
             new = new[: len(new) - overshoot]
         self.generated.extend(new)
-        lps = list(resp.logprobs[: len(new)])
+        lps = list(resp.logprobs[: len(new)]) if resp.logprobs else []
         for lp in lps:
             self.cumulative += lp.logprob
         if first_placement and resp.HasField("usage"):

@@ -23,6 +23,12 @@ class _Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
+def _ascii_pieces(tokenizer: _Decoder) -> dict[int, str] | None:
+    """The tokenizer's ASCII token texts when built (`Tokenizer.ascii_table`; other decoders: None)."""
+    table: dict[int, str] | None = getattr(tokenizer, "ascii_table", None)
+    return table
+
+
 class IncrementalDetokenizer:
     """Turns a stream of generated ids into a stream of final text pieces.
 
@@ -45,6 +51,7 @@ class IncrementalDetokenizer:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._ascii = _ascii_pieces(tokenizer)
         self._stops = stops
         self._max_stop = max((len(s) for s in stops), default=0)
         self._include_stop = include_stop_str
@@ -72,7 +79,23 @@ class IncrementalDetokenizer:
         """Feed generated ids; returns text that is now final."""
         if self.stopped:
             return ""
-        self._ids.extend(new_ids)
+        ids = self._ids
+        pieces = self._ascii
+        if pieces is not None and self._read_offset == len(ids):  # the text so far ends on a whole character
+            new = new_ids if isinstance(new_ids, list) else list(new_ids)
+            try:
+                text = "".join([pieces[i] for i in new])
+            except KeyError:  # not a plain ASCII token: the decoder's way
+                pass
+            else:  # what `_decode_new` would release, without two decodes of the window
+                ids.extend(new)
+                self._prefix_offset = self._read_offset
+                self._read_offset = len(ids)
+                self._pending += text
+                return self._release(final=False)
+            ids.extend(new)
+        else:
+            ids.extend(new_ids)
         self._pending += self._decode_new()
         return self._release(final=False)
 

@@ -159,10 +159,8 @@ def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) ->
     want = count * dt.itemsize
     if len(raw) != want:
         raise TensorError(name, f"raw {datatype} data is {len(raw)} bytes, shape {list(shape)} needs {want}")
-    if datatype == "BOOL":
-        u = np.frombuffer(raw, dtype=np.uint8)
-        if np.any(u > 1):
-            raise TensorError(name, "raw BOOL data has bytes other than 0 and 1")
+    if datatype == "BOOL" and bytes(raw).translate(None, b"\x00\x01"):  # a byte left: not 0 or 1 (no ufunc call)
+        raise TensorError(name, "raw BOOL data has bytes other than 0 and 1")
     return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
 
 

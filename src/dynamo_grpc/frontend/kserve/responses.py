@@ -21,6 +21,8 @@ from dynamo_grpc.tokens.tokenizer import Tokenizer
 from dynamo_grpc.v1 import common_pb2
 
 FINAL = "triton_final_response"
+#: outputs whose value differs in (nearly) every response: packed each time, never kept
+_PACKED_EACH_TIME = frozenset({"text_output", "logprobs", "cumulative_logprob"})
 
 
 def used_raw(request: pb.ModelInferRequest) -> bool:
@@ -49,6 +51,31 @@ class Responder:
         # built once per worker and copied (one C-level copy instead of rebuilding it for every token)
         self._template: pb.ModelInferResponse | None = None
         self._template_worker = ""
+        # on a stream, each response is built inside the ModelStreamInferResponse that carries it (wrapping
+        # a finished response would copy it again): `wrapped` hands that carrier back
+        self._holder: pb.ModelStreamInferResponse | None = None
+        self._types = [(n, schema.OUTPUTS[n][0]) for n in req.requested_outputs]
+        # raw contents of the outputs that repeat from response to response (token counts, an empty
+        # finish_reason), packed once per value; text and logprobs are packed each time
+        self._packed: dict[tuple[str, object], bytes] = {}
+
+    def _new(self) -> pb.ModelInferResponse:
+        if not self.stream_rpc:
+            return pb.ModelInferResponse()
+        self._holder = pb.ModelStreamInferResponse()
+        return self._holder.infer_response
+
+    def _base(self) -> pb.ModelInferResponse:
+        resp = self._new()
+        resp.model_name, resp.model_version, resp.id = self.request.model_name, "1", self.request.id
+        return resp
+
+    def wrapped(self, resp: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+        """The stream message carrying ``resp`` (the one it was built in, else a copy in a new one)."""
+        holder = self._holder
+        if holder is not None and holder.infer_response is resp:
+            return holder
+        return pb.ModelStreamInferResponse(infer_response=resp)
 
     def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
         """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
@@ -62,7 +89,8 @@ class Responder:
         resp = self._response(text, c.finish_reason or "", c, self.pending_tokens, self.pending_lps)
         self.pending_tokens = 0
         self.pending_lps = []
-        resp.parameters[FINAL].bool_param = final and not self.req.empty_final_response
+        if final or not self.raw:  # a raw response's template already says false
+            resp.parameters[FINAL].bool_param = final and not self.req.empty_final_response
         return resp
 
     def unary(self, r: Collected) -> pb.ModelInferResponse:
@@ -76,9 +104,18 @@ class Responder:
         """After the last data response of a stream: the empty final response, when the client asked for it."""
         if not (self.stream_rpc and self.req.empty_final_response):
             return None
-        empty = base(self.request)
+        empty = self._base()
         empty.parameters[FINAL].bool_param = True
         return empty
+
+    def _raw(self, name: str, datatype: str, value: bytes | str | int | float) -> bytes:
+        if name in _PACKED_EACH_TIME:
+            return raw_scalars([(name, datatype, value)])[0]
+        key = (name, value)
+        b = self._packed.get(key)
+        if b is None:
+            b = self._packed[key] = raw_scalars([(name, datatype, value)])[0]
+        return b
 
     def _response(
         self, text: str, finish: str, c: Chunk, new_tokens: int, lps: Sequence[common_pb2.TokenLogprob]
@@ -95,19 +132,20 @@ class Responder:
             values["logprobs"] = logprobs.triton_json(lps, self.tokenizer)
         if "cumulative_logprob" in outs:
             values["cumulative_logprob"] = c.cumulative_logprob
-        items = [(n, schema.OUTPUTS[n][0], values[n]) for n in outs]
         if self.raw:
             if self._template is None or self._template_worker != c.worker_id:  # a migration changes it
                 t = base(self.request)
-                t.MergeFrom(output_skeleton([(n, dt) for n, dt, _ in items]))
+                t.MergeFrom(output_skeleton(self._types))
                 t.parameters["worker_id"].string_param = c.worker_id
+                if self.stream_rpc:  # false on every response but the last (set below)
+                    t.parameters[FINAL].bool_param = False
                 self._template, self._template_worker = t, c.worker_id
-            resp = pb.ModelInferResponse()
+            resp = self._new()
             resp.CopyFrom(self._template)
-            resp.raw_output_contents.extend(raw_scalars(items))
+            resp.raw_output_contents.extend([self._raw(n, dt, values[n]) for n, dt in self._types])
         else:
-            resp = base(self.request)
-            encode_scalars(resp, items, raw=False)
+            resp = self._base()
+            encode_scalars(resp, [(n, dt, values[n]) for n, dt in self._types], raw=False)
             resp.parameters["worker_id"].string_param = c.worker_id  # changes when a request migrates
         if c.finish_reason is not None:
             # Per-request token accounting on the last response (benchmarks read them).

@@ -161,8 +161,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------------------
     async def _infer(
         self, request: pb.ModelInferRequest, timeout: float | None, stream_rpc: bool
-    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
-        """Responses for one request: one (ModelInfer or stream=false) or one per chunk (decoupled).
+    ) -> AsyncGenerator[pb.ModelInferResponse | pb.ModelStreamInferResponse, None]:
+        """Responses for one request: one (ModelInfer or stream=false) or one per chunk (decoupled); for
+        ModelStreamInfer (``stream_rpc``) each already inside its ModelStreamInferResponse.
 
         Statistics are recorded here, once per request, for a model this frontend knows.
         """
@@ -181,7 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 encode_outputs(resp, simple_model.run(inputs, [o.name for o in request.outputs]), raw=used_raw(request))
                 if stream_rpc:
                     resp.parameters[FINAL].bool_param = True
-                yield resp
+                yield pb.ModelStreamInferResponse(infer_response=resp) if stream_rpc else resp
                 total = time.perf_counter_ns() - t0
                 self.stats.record_success(name, total, 0, total, 0, 0, 1)
                 self.stats.metrics.finished(name, "kserve", endpoint, stream_rpc, "success", total, None)
@@ -206,18 +207,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             out = responder.chunk(chunk)
                             out_ns += time.perf_counter_ns() - t1
                             if out is not None:
-                                yield out
+                                yield responder.wrapped(out) if stream_rpc else out
                                 responses += 1
                 else:
                     result = await collect(chunks)
                     t1 = time.perf_counter_ns()
                     whole = responder.unary(result)
                     out_ns = time.perf_counter_ns() - t1
-                    yield whole
+                    yield responder.wrapped(whole) if stream_rpc else whole
                     responses += 1
                 final = responder.empty_final()
                 if final is not None:
-                    yield final
+                    yield responder.wrapped(final) if stream_rpc else final
             finally:
                 admission.release()
         except BaseException as e:
@@ -243,6 +244,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             gen = self._infer(request, _timeout(context), stream_rpc=False)
             async with contextlib.aclosing(gen):
                 async for resp in gen:
+                    assert isinstance(resp, pb.ModelInferResponse)
                     last = resp
         except Exception as e:
             await errors.abort(context, _error(e))
@@ -279,7 +281,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 gen = self._infer(request, timeout, stream_rpc=True)
                 async with contextlib.aclosing(gen):
                     async for resp in gen:
-                        await write(pb.ModelStreamInferResponse(infer_response=resp))
+                        assert isinstance(resp, pb.ModelStreamInferResponse)
+                        await write(resp)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
