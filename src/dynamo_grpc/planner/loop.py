@@ -233,6 +233,7 @@ class Planner:
         self._surge_quiet = 2
         errors: list[str] = []
         for pool, n in grow.items():
+            self.hysteresis.reset(pool)  # the low asks before the surge must not shrink what it just added
             self.metrics.decisions.labels(pool, "surge").inc()
             self._scaled = True
             try:

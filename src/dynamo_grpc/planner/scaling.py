@@ -187,6 +187,10 @@ class Hysteresis:
         self.down_after = down_after
         self._lower: dict[str, list[int]] = {}
 
+    def reset(self, pool: str) -> None:
+        """End the pool's streak of low asks (a surge just found it short: the asks before it were wrong)."""
+        self._lower.pop(pool, None)
+
     def apply(self, current: dict[str, int], desired: dict[str, int]) -> dict[str, int]:
         out: dict[str, int] = {}
         for pool, want in desired.items():
