@@ -1,6 +1,6 @@
 """A request's text from its worker's tokens: detokenise, cut at stop strings and max_tokens, keep logprobs.
 
-Protocol-neutral and synchronous: `TokenStream.add` turns one (coalesced) worker response into at most
+Protocol-neutral and synchronous: `TokenStream.add` turns one worker response (an engine step's tokens) into at most
 one `Chunk`, so the streaming path costs no extra generator or task per token. The route session hands
 it responses from whichever worker currently holds the request; the tokens it keeps (`generated`) are
 what a migration resends.
