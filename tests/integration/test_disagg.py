@@ -111,12 +111,15 @@ def mesh_config(engine: str, worker_args: list[str], frontend_args: list[str]) -
 def kill_prefill_and_compare(mesh: Mesh, reqs: list[pb.ModelInferRequest], before: list[str]) -> None:
     """SIGKILL the prefill worker (still registered until its TTL): the frontend prefills on the decoder."""
     prefill_pid = next(p.popen.pid for p in mesh.procs if p.name == "worker-0")
+    remote_before = metric(metrics(mesh.frontend_http), "dynamo_frontend_disagg_decisions_total", decision="remote")
     os.kill(prefill_pid, signal.SIGKILL)
     after = asyncio.run(infer_all(mesh, reqs))
     assert [r.parameters["disaggregated"].bool_param for r in after] == [False] * len(reqs)
     assert [text_of(r) for r in after] == before
+    # no request went remote; whether each one counted a local fallback or found the prefill pool already empty
+    # (the dead worker dropped from discovery) depends on timing, so the local count is not asserted
     fe = metrics(mesh.frontend_http)
-    assert metric(fe, "dynamo_frontend_disagg_decisions_total", decision="local") >= len(reqs)
+    assert metric(fe, "dynamo_frontend_disagg_decisions_total", decision="remote") == remote_before
 
 
 def test_mocker_disaggregated_serving_and_faults() -> None:
