@@ -106,7 +106,14 @@ class WorkerClient:
         with self.pool.lease(address) as channel:
             call = worker_pb2_grpc.DecodeServiceStub(channel).Decode(request, timeout=timeout, wait_for_ready=False)
             try:
-                async for resp in call:
+                responses = call.__aiter__()
+                async for resp in responses:
+                    if resp.finish_reason:
+                        # the worker's OK status follows its last message at once: read the call to its end, so
+                        # it ends OK (on the worker's metrics, and its client span closes) before the reader's
+                        # close could cancel it
+                        async for _ in responses:
+                            pass
                     yield resp
             except grpc.aio.AioRpcError as e:
                 raise worker_error(e, address) from None
