@@ -101,8 +101,9 @@ def test_surge_check_flag_defaults_to_a_quarter_interval_and_zero_turns_it_off()
 
 def test_a_surge_ends_the_streak_of_low_asks() -> None:
     # 3 workers; an interval at 1 req/s asks for 1 (first low ask: hold); a surge window at 6 req/s (need 3.6)
-    # grows the pool to 4 + 1 = 5; the next interval at 1 req/s asks for 1 again. Without the surge ending the streak, those two low asks
-    # would shrink the pool it had just grown (what the bench saw mid-ramp); with it, one low ask holds.
+    # grows the pool to 4 + 1 = 5; the next interval at 1 req/s asks for 1 again. Without the surge ending the
+    # streak, those two low asks would shrink the pool it had just grown (what the bench saw mid-ramp); with it,
+    # one low ask holds.
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=2, correction=False)
     conn = VirtualConnector(cfg.pools, 3)
     planner = Planner(cfg, profile(), Windows([(60, 60), (60, 60)]), conn, surge_source=Windows([(2.5, 8), (2.5, 22)]))
