@@ -119,3 +119,22 @@ def test_a_surge_ends_the_streak_of_low_asks() -> None:
     asyncio.run(go())
     assert conn.counts == {AGG: 5}
     assert planner.decisions[-1].target == {AGG: 5}
+
+
+def test_an_interval_scale_up_quiets_the_next_two_surge_checks() -> None:
+    # 2 workers; an interval at 4 req/s (need 2.4) scales to 3. The next surge windows show the ITL over target
+    # (the shortfall the new worker is starting to absorb): two checks are skipped, as after a surge; the third acts.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    conn = VirtualConnector(cfg.pools, 2)
+    windows = Windows([])
+    windows.obs = [Observation(2.5, 10, None, 0.08, 950, 100) for _ in range(3)]
+    planner = Planner(cfg, profile(), Windows([(60, 240)]), conn, surge_source=windows)
+
+    async def go() -> list[object]:
+        await planner.step()
+        assert conn.counts == {AGG: 3}
+        return [await planner.surge_check() for _ in range(3)]
+
+    first, second, third = asyncio.run(go())
+    assert first is None and second is None
+    assert third is not None and conn.counts == {AGG: 4}
