@@ -101,8 +101,9 @@ def test_surge_check_flag_defaults_to_a_quarter_interval_and_zero_turns_it_off()
 
 def test_a_surge_ends_the_streak_of_low_asks() -> None:
     # 3 workers; an interval at 1 req/s asks for 1 (first low ask: hold); a surge window at 6 req/s (need 3.6)
-    # grows the pool to 4 + 1 = 5; the next interval at 1 req/s asks for 1 again. Without the surge ending the streak, those two low asks
-    # would shrink the pool it had just grown (what the bench saw mid-ramp); with it, one low ask holds.
+    # grows the pool to 4 + 1 = 5; the next interval at 1 req/s asks for 1 again. Without the surge ending the
+    # streak, those two low asks would shrink the pool it had just grown (what the bench saw mid-ramp); with it,
+    # one low ask holds.
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=2, correction=False)
     conn = VirtualConnector(cfg.pools, 3)
     planner = Planner(cfg, profile(), Windows([(60, 60), (60, 60)]), conn, surge_source=Windows([(2.5, 8), (2.5, 22)]))
@@ -118,3 +119,22 @@ def test_a_surge_ends_the_streak_of_low_asks() -> None:
     asyncio.run(go())
     assert conn.counts == {AGG: 5}
     assert planner.decisions[-1].target == {AGG: 5}
+
+
+def test_an_interval_scale_up_quiets_the_next_two_surge_checks() -> None:
+    # 2 workers; an interval at 4 req/s (need 2.4) scales to 3. The next surge windows show the ITL over target
+    # (the shortfall the new worker is starting to absorb): two checks are skipped, as after a surge; the third acts.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    conn = VirtualConnector(cfg.pools, 2)
+    windows = Windows([])
+    windows.obs = [Observation(2.5, 10, None, 0.08, 950, 100) for _ in range(3)]
+    planner = Planner(cfg, profile(), Windows([(60, 240)]), conn, surge_source=windows)
+
+    async def go() -> list[object]:
+        await planner.step()
+        assert conn.counts == {AGG: 3}
+        return [await planner.surge_check() for _ in range(3)]
+
+    first, second, third = asyncio.run(go())
+    assert first is None and second is None
+    assert third is not None and conn.counts == {AGG: 4}

@@ -41,6 +41,9 @@ log = logging.getLogger("dynamo_grpc.planner")
 #: a correction is learnt only from intervals with at least this many finished requests
 MIN_REQUESTS_FOR_CORRECTION = 5
 CORRECTION_RANGE = (0.5, 2.0)
+#: decisions after a scaling action that learn no correction (the interval of the action and the next one: new
+#: workers take seconds to start, and the queue built while the pool was short drains over the next interval)
+UNSTEADY_INTERVALS = 2
 
 
 class Source(Protocol):
@@ -141,8 +144,9 @@ class Planner:
         self.surge_source = surge_source if config.surge_every_s > 0 else None
         self._surge_window: list[Observation] = []
         self._surge_quiet = 0
-        #: a pool was scaled since the last decision: the interval it observes has workers starting or draining
-        self._scaled = False
+        #: decisions still to learn nothing: a pool was scaled, and the interval it happened in and the next one
+        #: have workers starting or draining, and the queue built while the pool was short
+        self._unsteady = 0
 
     # -- one decision --------------------------------------------------------------------------
     async def step(self) -> Decision:
@@ -168,7 +172,9 @@ class Planner:
             self.metrics.decisions.labels(pool, direction).inc()
             if n == have:
                 continue
-            self._scaled = True
+            self._unsteady = UNSTEADY_INTERVALS
+            if n > have:  # like a surge's: the next checks' windows show the shortfall the new workers now absorb
+                self._surge_quiet = 2
             try:
                 await self.connector.scale(pool, n)
             except ConnectorError as e:
@@ -235,7 +241,7 @@ class Planner:
         for pool, n in grow.items():
             self.hysteresis.reset(pool)  # the low asks before the surge must not shrink what it just added
             self.metrics.decisions.labels(pool, "surge").inc()
-            self._scaled = True
+            self._unsteady = UNSTEADY_INTERVALS
             try:
                 await self.connector.scale(pool, n)
             except ConnectorError as e:
@@ -273,12 +279,13 @@ class Planner:
             self.predictors["isl"].add(obs.isl)
         if obs.osl is not None:
             self.predictors["osl"].add(obs.osl)
-        scaled, self._scaled = self._scaled, False
+        unsteady = self._unsteady > 0
+        self._unsteady = max(0, self._unsteady - 1)
         if not self.config.correction or obs.requests < MIN_REQUESTS_FOR_CORRECTION or obs.isl is None:
             return
         # workers started or drained in the interval: its latencies carry the transient (a queue built while the
         # pool was short, new workers' start-up competing for the host), not the profile's error
-        if scaled:
+        if unsteady:
             return
         pools = self.config.pools
         # an overloaded pool queues for KV blocks as well as for prefill: its latencies say "too few replicas",
