@@ -138,3 +138,15 @@ def test_run_local_refuses_torch_weights_for_the_mocker(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as e:
         main(["--engine", "mocker", "--torch-weights", "int4"])
     assert e.value.code == 2 and "--torch-weights is a torch flag" in capsys.readouterr().err
+
+
+def test_worker_torch_kernels_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--torch-kernels off reaches the engine as block_kernels=False; the mocker refuses the flag by name."""
+    from dynamo_grpc.worker.main import build_engine, build_parser
+
+    assert build_parser().parse_args(["--engine", "torch"]).torch_kernels is None  # auto
+    monkeypatch.setenv("DYN_TORCH_KERNELS", "off")
+    assert build_parser().parse_args(["--engine", "torch"]).torch_kernels == "off"
+    args = build_parser().parse_args(["--engine", "mocker", "--torch-kernels", "off"])
+    with pytest.raises(ValueError, match="--torch-kernels is a torch flag"):
+        build_engine(args)

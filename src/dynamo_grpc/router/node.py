@@ -136,7 +136,20 @@ class RouterNode:
         self._ready = asyncio.Event()
 
     def _routable(self, instance_id: str) -> bool:
-        return self.view.usable(instance_id) and instance_id not in self._fresh
+        """Usable, and its first Replay is in, unless no settled worker of its role could take its requests:
+        a worker that just joined is left out while its index is unknown, but the only worker of a role
+        (the decode worker of a fresh disaggregated mesh, a pool's one worker) is routed to rather than
+        the request failing with "no live worker" or leaving its pool."""
+        if not self.view.usable(instance_id):
+            return False
+        if instance_id not in self._fresh:
+            return True
+        me = self.router.workers.get(instance_id)
+        role = me.role if me is not None else None
+        return not any(
+            w.role == role and w.instance_id not in self._fresh and self.view.usable(w.instance_id)
+            for w in self.router.workers.values()
+        )
 
     def start(self) -> None:
         self.tasks.append(asyncio.create_task(self._watch_workers(), name="watch-workers"))

@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch: weight format; fp32 is exact (default), bf16/int8/int4 are faster and change numerics "
         "(int8/int4 compute in bfloat16; int4 keeps a GGUF's Q4_1 blocks as they are); see docs/torch-engine.md",
     )
+    p.add_argument(
+        "--torch-kernels",
+        choices=["auto", "off"],
+        default=None,
+        help="torch fp32: decode matmuls read the GGUF's Q4_1/Q8_0 blocks through a C kernel built on first use "
+        "(auto, the default: same weights, fewer bytes per step; dense fallback without a C compiler) or off "
+        "(dense fp32 matmuls); see docs/torch-engine.md",
+    )
     p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated step times by this")
     p.add_argument("--seed", type=int, default=0, help="mocker: seed of the generated tokens")
     p.add_argument("--eos-probability", type=float, default=0.0, help="mocker: chance per token to draw EOS")
@@ -143,13 +151,14 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * 1024 * 1024,
             dtype=args.dtype,
             weights=args.torch_weights,
+            block_kernels=args.torch_kernels != "off",
             max_waiting=args.max_waiting_requests,
             kvbm=kvbm,
             kv_lease_seconds=args.kv_lease_seconds,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 
-    for flag in ("dtype", "torch_weights"):
+    for flag in ("dtype", "torch_weights", "torch_kernels"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} is a torch flag; --engine {args.engine} does not read it")
     from dynamo_grpc.engines.mocker import MockerConfig, MockerEngine

@@ -21,6 +21,7 @@ _OTHER_ENGINES: dict[str, object] = {
     "kv_cache_mib": None,
     "dtype": None,
     "torch_weights": None,
+    "torch_kernels": None,
     "speedup_ratio": 1.0,
     "seed": 0,
     "eos_probability": 0.0,
