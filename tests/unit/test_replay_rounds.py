@@ -71,3 +71,24 @@ def test_replay_refuses_bad_rounds_routers_and_variants(
     with pytest.raises(SystemExit) as e:
         main(["--trace", "unused.csv", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_variant_runs_even_when_routers_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--routers kv,round-robin --variant kv-prev=...` runs kv-prev too (it was dropped without a word)."""
+    from dynamo_grpc.bench import replay
+
+    def stop(*_: object, **__: object) -> None:
+        raise RuntimeError("stop before the mesh")
+
+    monkeypatch.setattr(replay, "load_trace", stop)
+    seen: list[list[str]] = []
+    real = replay.ReplayConfig
+
+    def capture(**kw: object) -> object:
+        seen.append(list(kw["routers"]))  # type: ignore[call-overload]
+        return real(**kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(replay, "ReplayConfig", capture)
+    with pytest.raises(RuntimeError):
+        replay.main(["--trace", "t.csv", "--routers", "kv,round-robin", "--variant", "kv-prev=--router-temperature=1"])
+    assert seen == [["kv", "round-robin", "kv-prev"]]

@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     else:
         routers = list(ROUTERS) if args.compare else [args.router]
-        routers += [v for v in variants if v not in routers]
+    routers += [v for v in variants if v not in routers]  # a variant runs in every round, named or not
     cfg = ReplayConfig(
         trace=args.trace,
         routers=routers,
