@@ -12,7 +12,7 @@ import pytest
 
 from dynamo_grpc import errors
 from dynamo_grpc.frontend.engine_client import WorkerClient
-from dynamo_grpc.v1 import worker_pb2, worker_pb2_grpc
+from dynamo_grpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 RAISED: dict[str, errors.DynamoError | grpc.StatusCode] = {
     "overloaded": errors.Overloaded("queue full"),
@@ -29,6 +29,9 @@ class Failing(worker_pb2_grpc.DecodeServiceServicer):
     async def Decode(  # type: ignore[override]
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        if request.request_id == "finished_then_failed":  # the whole answer, then a late failure
+            yield worker_pb2.DecodeResponse(token_ids=[1, 2], finish_reason=common_pb2.FINISH_REASON_LENGTH)
+            await context.abort(grpc.StatusCode.INTERNAL, "teardown failed")
         yield worker_pb2.DecodeResponse(token_ids=[1])
         what = RAISED[request.request_id]
         if isinstance(what, errors.DynamoError):
@@ -69,5 +72,17 @@ async def test_worker_status_becomes_the_error_class(address: str, case: str) ->
         if case == "refused":
             assert "bad_words" in ei.value.message
         assert ei.value.spec.migrate == (case in ("draining", "internal", "bare_unknown"))
+    finally:
+        await client.pool.close()
+
+
+async def test_a_failure_after_the_finish_message_loses_nothing(address: str) -> None:
+    """The client reads a Decode call to its end after the finish (so it ends OK and its span closes); a status
+    that goes wrong after the whole answer arrived is not a lost worker: the answer is delivered as it is."""
+    client = WorkerClient()
+    try:
+        got = [r async for r in client.decode(address, worker_pb2.DecodeRequest(request_id="finished_then_failed"))]
+        assert [list(r.token_ids) for r in got] == [[1, 2]]
+        assert got[0].finish_reason == common_pb2.FINISH_REASON_LENGTH
     finally:
         await client.pool.close()

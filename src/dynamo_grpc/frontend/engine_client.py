@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import grpc
 from dynamo_grpc import errors
 from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 def worker_error(e: grpc.aio.AioRpcError, address: str) -> errors.DynamoError:
@@ -112,8 +115,11 @@ class WorkerClient:
                         # the worker's OK status follows its last message at once: read the call to its end, so
                         # it ends OK (on the worker's metrics, and its client span closes) before the reader's
                         # close could cancel it
-                        async for _ in responses:
-                            pass
+                        try:
+                            async for _ in responses:
+                                pass
+                        except grpc.aio.AioRpcError as e:  # the answer is whole: a late failure loses nothing
+                            log.debug("worker %s: Decode ended %s after its last message", address, e.code())
                     yield resp
             except grpc.aio.AioRpcError as e:
                 raise worker_error(e, address) from None
