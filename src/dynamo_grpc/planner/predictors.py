@@ -102,7 +102,25 @@ class TrendPredictor(_History):
         return max(0.0, tail[-1] + self.damping * slope)
 
 
-class ArimaPredictor(_History):
+class _Fitted(_History):
+    """A statsmodels model refit on the history each interval; too short, flat or unfittable: the last value."""
+
+    def _forecast(self, values: list[float]) -> float:
+        raise NotImplementedError
+
+    def predict(self) -> float:
+        if len(self.values) < MIN_FIT_POINTS or len(set(self.values)) == 1:
+            return max(0.0, self.last())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence chatter on short series
+                value = self._forecast(list(self.values))
+        except (ValueError, ArithmeticError, IndexError):
+            return max(0.0, self.last())
+        return max(0.0, value)
+
+
+class ArimaPredictor(_Fitted):
     """ARIMA(1,1,0) with drift (statsmodels): a ramp continues, a level stays."""
 
     name = "arima"
@@ -111,22 +129,13 @@ class ArimaPredictor(_History):
         super().__init__()
         from statsmodels.tsa.arima.model import ARIMA  # noqa: F401  (fail at construction if the extra is missing)
 
-    def predict(self) -> float:
-        if len(self.values) < MIN_FIT_POINTS or len(set(self.values)) == 1:
-            return max(0.0, self.last())
+    def _forecast(self, values: list[float]) -> float:
         from statsmodels.tsa.arima.model import ARIMA
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # convergence chatter on short series
-                fit = ARIMA(list(self.values), order=(1, 1, 0), trend="t").fit()
-                value = float(fit.forecast(1)[0])
-        except (ValueError, ArithmeticError, IndexError):
-            return max(0.0, self.last())
-        return max(0.0, value)
+        return float(ARIMA(values, order=(1, 1, 0), trend="t").fit().forecast(1)[0])
 
 
-class HoltPredictor(_History):
+class HoltPredictor(_Fitted):
     """Holt's linear trend (statsmodels ExponentialSmoothing, additive trend)."""
 
     name = "holt"
@@ -135,19 +144,10 @@ class HoltPredictor(_History):
         super().__init__()
         from statsmodels.tsa.holtwinters import ExponentialSmoothing  # noqa: F401
 
-    def predict(self) -> float:
-        if len(self.values) < MIN_FIT_POINTS or len(set(self.values)) == 1:
-            return max(0.0, self.last())
+    def _forecast(self, values: list[float]) -> float:
         from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fit = ExponentialSmoothing(list(self.values), trend="add").fit()
-                value = float(fit.forecast(1)[0])
-        except (ValueError, ArithmeticError, IndexError):
-            return max(0.0, self.last())
-        return max(0.0, value)
+        return float(ExponentialSmoothing(values, trend="add").fit().forecast(1)[0])
 
 
 PREDICTORS = ("constant", "moving-average", "trend", "arima", "holt")
