@@ -37,27 +37,14 @@ class _Geometry:
 
 
 def _engine() -> CoreEngine:
+    from dynamo_grpc.bench.disagg import LeaseOnlyExecutor
     from dynamo_grpc.engines.torch.kv_cache import KvCache
 
     cache = KvCache(_Geometry(), NBLOCKS, BLOCK, torch.float32)  # type: ignore[arg-type]
     for t in (*cache.k, *cache.v):
         t.normal_()
 
-    class _CacheOnly:
-        unsupported_options: frozenset[str] = frozenset()
-        supports_lora = False
-        refusal = ""
-
-        def execute(self, plan: Any) -> Any:
-            raise RuntimeError("serves leases only")
-
-        def export_blocks(self, block_ids: list[int]) -> bytes:
-            return cache.export_blocks(block_ids)
-
-        def export_views(self, block_ids: list[int]) -> list[memoryview]:  # as the torch runner: no copy
-            return cache.export_views(block_ids)
-
-    core = EngineCore(CoreConfig(BLOCK, NBLOCKS, 1 << 20, 2, kv_lease_seconds=600.0), _CacheOnly())
+    core = EngineCore(CoreConfig(BLOCK, NBLOCKS, 1 << 20, 2, kv_lease_seconds=600.0), LeaseOnlyExecutor(cache))
     blocks = core.kv.pool.allocate(-(-TOKENS // BLOCK))
     for i in range(4):
         core.kv.pool.touch(blocks)

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.bench.replay_driver import Driver, DriverConfig
 from dynamo_grpc.bench.replay_metrics import RequestRecord, percentiles
 from dynamo_grpc.bench.replay_trace import TraceRequest
+
+if TYPE_CHECKING:
+    from dynamo_grpc.engines.torch.kv_cache import KvCache
 
 #: SmolLM2-135M's KV geometry (the default model)
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 64
@@ -44,6 +47,27 @@ WINDOW_S = 8.0
 
 
 # ---------------------------------------------------------------------------------------------- transfer
+
+
+class LeaseOnlyExecutor:
+    """An engine-core executor that runs no model and only exports a KV cache's blocks to pulls, as the torch
+    runner does (the transfer bench's prefill side, and the data-socket tests)."""
+
+    unsupported_options: frozenset[str] = frozenset()
+    supports_lora = False
+    refusal = ""
+
+    def __init__(self, cache: KvCache) -> None:
+        self.cache = cache
+
+    def execute(self, plan: Any) -> Any:
+        raise RuntimeError("this server only serves leases")
+
+    def export_blocks(self, block_ids: list[int]) -> bytes:
+        return self.cache.export_blocks(block_ids)
+
+    def export_views(self, block_ids: list[int]) -> list[memoryview]:  # no copy
+        return self.cache.export_views(block_ids)
 
 
 def _serve_kv(args: argparse.Namespace) -> int:
@@ -68,21 +92,7 @@ def _serve_kv(args: argparse.Namespace) -> int:
     for t in (*cache.k, *cache.v):
         t.normal_()
 
-    class _CacheOnly:
-        unsupported_options: frozenset[str] = frozenset()
-        supports_lora = False
-        refusal = ""
-
-        def execute(self, plan: Any) -> Any:
-            raise RuntimeError("this server only serves leases")
-
-        def export_blocks(self, block_ids: list[int]) -> bytes:
-            return cache.export_blocks(block_ids)
-
-        def export_views(self, block_ids: list[int]) -> list[memoryview]:  # as the torch runner
-            return cache.export_views(block_ids)
-
-    core = EngineCore(CoreConfig(BLOCK, nblocks, 1 << 30, 2, kv_lease_seconds=3600.0), _CacheOnly())
+    core = EngineCore(CoreConfig(BLOCK, nblocks, 1 << 30, 2, kv_lease_seconds=3600.0), LeaseOnlyExecutor(cache))
     blocks = core.kv.pool.allocate(nblocks)
     handles: dict[str, list[str]] = {}
     for size in sizes:
