@@ -3,8 +3,10 @@
 1. **transfer**: KvTransferService.Pull of 1k/4k/16k tokens of SmolLM2-135M's KV (30 layers, 3 KV heads,
    head dim 64; --dtype, default bfloat16) from a server process (a real engine core's leases over a
    paged cache filled with random values: the bytes and the code path of a torch prefill worker, without
-   spending minutes prefilling on CPU) to this process, against a raw loopback TCP socket moving the same
-   bytes in the same run — the bound. Rounds interleave gRPC and socket so both see the same machine.
+   spending minutes prefilling on CPU) into blocks reserved in this process's own engine core and paged
+   cache (the decode worker's path: the chunks land in the cache as they arrive), against a raw loopback
+   TCP socket moving the same bytes in the same run — the bound. Rounds interleave gRPC and socket so both
+   see the same machine.
 2. **interference**: on the mocker (its timing model, --speedup), one trace mixing long prompts with many
    short decoders at the same arrival rate, on 2 aggregated workers vs 1 prefill + 1 decode worker:
    ITL p99 of the short requests, TTFT p50/p99, achieved output tokens/s. Rounds interleave the layouts.
@@ -69,30 +71,40 @@ class LeaseOnlyExecutor:
     def export_views(self, block_ids: list[int]) -> list[memoryview]:  # no copy
         return self.cache.export_views(block_ids)
 
+    def import_views(self, block_ids: list[int]) -> list[memoryview]:  # the decode side: pulls land here
+        return self.cache.import_views(block_ids)
 
-def _serve_kv(args: argparse.Namespace) -> int:
-    """The server process: an engine core's leases over a random-filled cache, KvTransfer + a raw socket."""
+
+def lease_only_engine(nblocks: int, dtype: str, lease_seconds: float = 3600.0) -> tuple[Any, KvCache]:
+    """An engine core (not started: leases and reservations need no loop) over a zero-filled paged cache
+    of SmolLM2-135M's geometry."""
     import torch
 
     from dynamo_grpc.engines.core import CoreConfig, EngineCore
     from dynamo_grpc.engines.core.driver import CoreEngine
     from dynamo_grpc.engines.torch.kv_cache import KvCache
+
+    class _Geometry:
+        num_hidden_layers, num_key_value_heads, head_dim = LAYERS, KV_HEADS, HEAD_DIM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    cache = KvCache(_Geometry(), nblocks, BLOCK, torch_dtype)  # type: ignore[arg-type]
+    config = CoreConfig(BLOCK, nblocks, 1 << 30, 2, kv_lease_seconds=lease_seconds)
+    return CoreEngine(EngineCore(config, LeaseOnlyExecutor(cache)), threaded=True), cache
+
+
+def _serve_kv(args: argparse.Namespace) -> int:
+    """The server process: an engine core's leases over a random-filled cache, KvTransfer + a raw socket."""
     from dynamo_grpc.transport import GrpcServer, ServerOptions
     from dynamo_grpc.v1 import kv_transfer_pb2_grpc
     from dynamo_grpc.worker.kv_transfer import KvGeometry, KvTransferServicer
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     nblocks = -(-max(sizes) // BLOCK)
-
-    class _Geometry:
-        num_hidden_layers, num_key_value_heads, head_dim = LAYERS, KV_HEADS, HEAD_DIM
-
-    cache = KvCache(_Geometry(), nblocks, BLOCK, dtype)  # type: ignore[arg-type]
+    engine, cache = lease_only_engine(nblocks, args.dtype)
     for t in (*cache.k, *cache.v):
         t.normal_()
-
-    core = EngineCore(CoreConfig(BLOCK, nblocks, 1 << 30, 2, kv_lease_seconds=3600.0), LeaseOnlyExecutor(cache))
+    core = engine.core
     blocks = core.kv.pool.allocate(nblocks)
     handles: dict[str, list[str]] = {}
     for size in sizes:
@@ -118,7 +130,6 @@ def _serve_kv(args: argparse.Namespace) -> int:
     threading.Thread(target=socket_server, daemon=True).start()
 
     async def serve() -> None:
-        engine = CoreEngine(core, threaded=True)
         geometry = KvGeometry(args.dtype, LAYERS, BLOCK, KV_HEADS, HEAD_DIM, moves_bytes=True)
         server = GrpcServer(ServerOptions(host="127.0.0.1", port=0))
         server.add(
@@ -136,21 +147,27 @@ def _serve_kv(args: argparse.Namespace) -> int:
 
 
 async def _pull_once(
-    address: str, handle_id: str, tokens: int, dtype: str, per: int = 0, path: str = "grpc"
+    engine: Any, address: str, handle_id: str, tokens: int, dtype: str, per: int = 0, path: str = "grpc"
 ) -> tuple[int, float]:
+    """One pull into blocks reserved in ``engine`` (freed again after: the next pull reuses them)."""
     from dynamo_grpc.transport import ChannelOptions, open_channel
     from dynamo_grpc.v1 import kv_transfer_pb2
-    from dynamo_grpc.worker.kv_transfer import KvGeometry, pull
+    from dynamo_grpc.worker.kv_transfer import KvGeometry, ReservedBlocks, pull
 
     geometry = KvGeometry(dtype, LAYERS, BLOCK, KV_HEADS, HEAD_DIM)
+    res = engine.reserve_kv([3] * tokens)
+    assert res is not None and res.first_block == 0
     ch = open_channel(address, ChannelOptions())
     try:
         handle = kv_transfer_pb2.KvHandle(handle_id=handle_id, address=address, num_tokens=tokens)
         await ch.channel_ready()  # a decode worker keeps one channel per prefill peer (kv_transfer.Channels)
         t0 = time.perf_counter()
-        res = await pull(ch, handle, 0, geometry, timeout=600, blocks_per_chunk=per, path=path)
-        return res.bytes, time.perf_counter() - t0
+        got = await pull(
+            ch, handle, 0, geometry, ReservedBlocks(engine, res), timeout=600, blocks_per_chunk=per, path=path
+        )
+        return got.bytes, time.perf_counter() - t0
     finally:
+        engine.cancel_reservation(res)
         await ch.close(None)
 
 
@@ -173,10 +190,8 @@ def _socket_once(port: int, nbytes: int, alloc_in_timer: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0, pool_mb: int = 1024) -> dict[str, Any]:
-    from dynamo_grpc.worker import kv_socket
-
-    kv_socket.RECEIVE_POOL.cap_bytes = pool_mb << 20  # this process is the decode worker: its --kv-recv-pool-mb
+def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0) -> dict[str, Any]:
+    engine, _ = lease_only_engine(-(-max(sizes) // BLOCK) + 1, dtype)  # this process is the decode worker
     cmd = [sys.executable, "-m", "dynamo_grpc.bench.disagg", "--serve-kv", "--sizes", ",".join(map(str, sizes))]
     cmd += ["--rounds", str(rounds), "--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -190,11 +205,11 @@ def run_transfer(sizes: list[int], rounds: int, dtype: str, per: int = 0, pool_m
         for r in range(rounds):
             for size in sizes:
                 ids = info["handles"][str(size)]
-                nbytes, secs = asyncio.run(_pull_once(info["grpc"], ids[2 * r], size, dtype, per, "grpc"))
+                nbytes, secs = asyncio.run(_pull_once(engine, info["grpc"], ids[2 * r], size, dtype, per, "grpc"))
                 row = rows[str(size)]
                 row["grpc_s"].append(secs)
                 row["bytes"].append(nbytes)
-                nb2, secs2 = asyncio.run(_pull_once(info["grpc"], ids[2 * r + 1], size, dtype, per, "socket"))
+                nb2, secs2 = asyncio.run(_pull_once(engine, info["grpc"], ids[2 * r + 1], size, dtype, per, "socket"))
                 assert nb2 == nbytes, (nb2, nbytes)
                 row["pull_socket_s"].append(secs2)
                 row["socket_s"].append(_socket_once(info["socket"], nbytes))
@@ -399,12 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short", type=int, default=48, help="interference: short requests")
     p.add_argument("--long", type=int, default=8, help="interference: long prompts")
     p.add_argument("--blocks-per-chunk", type=int, default=0, help="transfer: blocks per Pull message (0: server's)")
-    p.add_argument(
-        "--recv-pool-mb",
-        type=int,
-        default=1024,
-        help="transfer: the pulling side's receive buffer pool (the worker's --kv-recv-pool-mb; 0: none)",
-    )
     p.add_argument("--torch-rounds", type=int, default=None, help="torch: rounds (default: --rounds)")
     p.add_argument("--torch-decodes", type=int, default=4, help="torch: decodes running while long prompts arrive")
     p.add_argument("--torch-decode-tokens", type=int, default=64, help="torch: output tokens of each decode")
@@ -423,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "transfer"):
         print("transfer: KvTransfer.Pull vs a raw loopback socket", flush=True)
         sizes = [int(s) for s in args.sizes.split(",")]
-        result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk, args.recv_pool_mb)
-        result["recv_pool_mb"] = args.recv_pool_mb
+        result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk)
+        result["transfer_into"] = "blocks reserved in the decoder's paged cache (no receive buffer)"
         result["blocks_per_chunk"] = args.blocks_per_chunk or "server default (8 MiB)"
         result["transfer_dtype"] = args.dtype
     if args.only in (None, "interference"):

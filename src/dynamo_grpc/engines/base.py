@@ -10,9 +10,13 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dynamo_grpc import errors
 from dynamo_grpc.events.kv import KvEventSink, KvStored, LoadMetrics
+
+if TYPE_CHECKING:
+    from dynamo_grpc.engines.core.kv_manager import KvReservation
 
 # Engines raise the one error model's classes (errors.py imports grpc lazily, so engines stay grpc-free).
 #: anything an engine reports about a request
@@ -117,16 +121,17 @@ _OPTION_NAMES = ("logprobs", "bad_words", "allowed_token_ids", "logit_bias")
 
 @dataclass
 class KvImport:
-    """KV blocks of the prompt computed elsewhere (a prefill worker), to install instead of recomputing.
+    """KV blocks of the prompt computed elsewhere (a prefill worker), installed instead of recomputed.
 
-    ``chunks`` are (first block index, number of blocks, raw bytes) in the layout of
-    ``KvTransferService.Pull`` (empty bytes on engines that move none, e.g. the mocker); they cover the
-    prompt's blocks from ``start_block`` to the last (maybe partial) one.
+    The bytes are already in the cache: the transfer wrote them into ``reservation``'s blocks (the
+    blocks the request owns once the scheduler takes it; :meth:`KvManager.reserve`). They cover the
+    prompt's blocks from ``start_block`` to the last (maybe partial) one; the blocks before it were
+    cached here.
     """
 
     start_block: int
     num_tokens: int
-    chunks: list[tuple[int, int, bytes]] = field(default_factory=list)
+    reservation: KvReservation | None = None
 
 
 @dataclass

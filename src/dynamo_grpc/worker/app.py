@@ -38,7 +38,6 @@ from dynamo_grpc.transport import GrpcServer, ServerOptions, TlsConfig
 from dynamo_grpc.transport.addresses import METRICS_META, advertise_host, with_host
 from dynamo_grpc.transport.http import metrics_app, serve_app
 from dynamo_grpc.v1 import events_pb2_grpc, kv_transfer_pb2_grpc, worker_pb2_grpc
-from dynamo_grpc.worker import kv_socket
 from dynamo_grpc.worker.drain import DrainGate
 from dynamo_grpc.worker.kv_transfer import KvTransferServicer, geometry_for
 from dynamo_grpc.worker.metrics import WorkerMetrics
@@ -83,7 +82,6 @@ class WorkerSettings:
     role: str = "both"  # prefill | decode | both (Consul tag role=<role>)
     kv_transfer_gbps: float = 0.0  # mocker: modelled KV transfer speed, GB/s (0: instant)
     kv_transfer_path: str = "socket"  # KV bytes over a one-shot data socket (socket) or the Pull stream (grpc)
-    kv_recv_pool_mb: int = 1024  # decode side: receive buffers kept between pulls (kv_socket.ReceivePool)
 
 
 class WorkerApp:
@@ -107,9 +105,6 @@ class WorkerApp:
             geometry=geometry_for(engine, self.card),
             kv_transfer_path=settings.kv_transfer_path,
         )
-        if settings.kv_recv_pool_mb < 0:
-            raise ValueError(f"--kv-recv-pool-mb must be >= 0, got {settings.kv_recv_pool_mb}")
-        kv_socket.RECEIVE_POOL.cap_bytes = settings.kv_recv_pool_mb << 20
         if settings.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {settings.role!r}")
         self._lease_task: asyncio.Task[None] | None = None

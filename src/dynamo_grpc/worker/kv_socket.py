@@ -9,8 +9,10 @@ Server side (:class:`DataListener`): listens on an ephemeral port of the gRPC li
 until one connection presents the token (others are closed), then the caller writes chunks. Client side
 (:func:`receive`): connects, sends the token, reads chunks until it has the blocks it expects. Blocking
 sockets run in threads. No copy on either side beyond the kernel's: the server gathers the cache's own
-memory into each write (:func:`send_views`), the client receives (``recv_into``) into a resident buffer kept from the
-previous pull (:class:`ReceivePool`), since a fresh one costs as much in page faults as the transfer.
+memory into each write (:func:`send_views`), the client receives (``recv_into``) straight into the
+decoder's cache, into the blocks reserved for the pull (a :class:`BlockSink`'s views): no buffer outside
+the cache holds KV bytes, whatever the prompt's length, and the blocks are resident already (a fresh
+receive buffer costs as much in page faults as the transfer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol
 
 from dynamo_grpc.transport.tls import TlsConfig
 
@@ -93,9 +95,7 @@ class DataListener:
         _tcp(conn)
         return conn
 
-    async def accept(
-        self, timeout: float, then: Callable[[socket.socket], None] | None = None
-    ) -> socket.socket | None:
+    async def accept(self, timeout: float, then: Callable[[socket.socket], None] | None = None) -> socket.socket | None:
         """The authenticated connection, or None when none came within ``timeout`` seconds.
 
         ``then``: run on the connection in the handshake's thread, which then closes it (one thread hop
@@ -164,76 +164,42 @@ def _sendmsg_all(conn: socket.socket, bufs: list[memoryview]) -> None:
             pending[0] = pending[0][sent:]
 
 
-class ReceivePool:
-    """Receive buffers kept from one pull for the next, up to ``cap_bytes`` in all (0: keep none).
+class BlockSink(Protocol):
+    """Where pulled blocks land: writable views of the receiving cache's own memory."""
 
-    Why: a fresh buffer for a 16k-token pull is ~377 MB of new pages, and faulting them in costs as much
-    as moving the bytes (``dynamo-grpc bench disagg``: the raw socket with its buffer allocated inside
-    the timer is 2-3x slower). A kept buffer is already resident. A buffer is free again once no view of
-    it lives (the pull's chunks and the tensors the engine read them through): a ``bytearray`` refuses to
-    resize while any view exists, which is the test. Pulls larger than what is left of the cap get a
-    buffer of their own that goes when its views go, so memory stays bounded by the cap plus the pulls
-    in flight.
+    def views(self, index: int, n: int) -> list[memoryview]:
+        """Views of the handle's blocks ``index .. index + n`` in the wire layout (their lengths add up
+        to the chunk's bytes)."""
+        ...
+
+
+def chunk_error(index: int, n: int, length: int, expect_index: int, end: int, block_nbytes: int) -> str | None:
+    """Why a chunk header cannot be written where the pull expects the next blocks, or None.
+
+    Checked before any of its bytes land: chunks come in order, inside the pulled range, and carry
+    exactly ``n`` blocks of this cache's size (none on engines that move no bytes).
     """
-
-    def __init__(self, cap_bytes: int = 0) -> None:
-        self.cap_bytes = cap_bytes
-        self._bufs: list[bytearray] = []
-        self._lock = threading.Lock()
-        #: pulls served from a kept buffer / given a new one
-        self.reused = 0
-        self.allocated = 0
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(len(b) for b in self._bufs)
-
-    def take(self, nbytes: int) -> memoryview:
-        """A writable view of ``nbytes`` (thread-safe: pulls run in threads)."""
-        if nbytes <= 0:
-            return memoryview(bytearray(0))
-        with self._lock:
-            fits = [b for b in self._bufs if len(b) >= nbytes and _unviewed(b)]
-            if fits:
-                self.reused += 1
-                return memoryview(min(fits, key=len))[:nbytes]
-            self.allocated += 1
-            buf = bytearray(nbytes)
-            if self.cap_bytes > 0:
-                idle = [b for b in self._bufs if _unviewed(b)]
-                # make room: drop idle kept buffers (smallest first) until this one fits under the cap
-                for old in sorted(idle, key=len):
-                    if self.held_bytes + nbytes <= self.cap_bytes:
-                        break
-                    self._bufs.remove(old)
-                if self.held_bytes + nbytes <= self.cap_bytes:
-                    self._bufs.append(buf)
-            return memoryview(buf)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._bufs.clear()
+    if index != expect_index or n <= 0 or index + n > end:
+        return f"blocks {index}..{index + n} where {expect_index}..{end} were expected next"
+    if length != n * block_nbytes:
+        return f"{length} bytes for {n} blocks of {block_nbytes}"
+    return None
 
 
-def _unviewed(buf: bytearray) -> bool:
-    """Whether no view of ``buf`` exists: resizing a viewed bytearray raises BufferError (O(1) probe:
-    dropping the last byte keeps the allocation, and putting it back fits in it)."""
-    try:
-        last = buf[-1]
-        del buf[-1:]
-    except BufferError:
-        return False
-    buf.append(last)
-    return True
-
-
-#: the process's pool (a decode worker sets the cap from --kv-recv-pool-mb)
-RECEIVE_POOL = ReceivePool()
+def write_views(views: list[memoryview], data: bytes) -> None:
+    """Copy one chunk's bytes (a gRPC message) into the views, in order."""
+    pos = 0
+    src = memoryview(data)
+    for v in views:
+        v[:] = src[pos : pos + len(v)]
+        pos += len(v)
+    if pos != len(src):
+        raise ValueError(f"{len(src)} bytes for views of {pos}")
 
 
 @dataclass
 class Received:
-    chunks: list[tuple[int, int, bytes]]
+    blocks: int
     nbytes: int
     #: whether any byte arrived (a failure before the first one can fall back to the gRPC stream)
     started: bool
@@ -251,59 +217,89 @@ def _recv_into(conn: socket.socket, view: memoryview) -> None:
 
 def _recv_exact(conn: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = conn.recv_into(view[got:], min(RECV_BYTES, n - got))
-        if not k:
-            raise ConnectionError(f"data socket closed after {got} of {n} bytes")
-        got += k
+    _recv_into(conn, memoryview(buf))
     return buf
+
+
+class Receiver:
+    """The decode side of one data-socket pull: :meth:`run` (in a thread) reads chunks into a sink;
+    :meth:`abort` (any thread) stops it, so a cancelled pull's thread stops writing before its blocks
+    are freed."""
+
+    def __init__(self, host: str, port: int, token: bytes, tls: TlsConfig | None, timeout: float = IO_TIMEOUT_S):
+        self.host = host.strip("[]")
+        self.port = port
+        self.token = token
+        self.tls = tls
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # a blocked recv returns at once
+                except OSError:
+                    pass
+
+    def run(self, first: int, blocks: int, sink: BlockSink, block_nbytes: int) -> Received:
+        """Connect, authenticate and write the handle's blocks ``first .. first + blocks`` into ``sink``.
+
+        ``block_nbytes``: one block's bytes (0 on engines that move none: only headers arrive).
+        Raises OSError (ConnectionError, ssl.SSLError, TimeoutError); ``started`` on the exception's
+        ``received`` attribute says whether any chunk had arrived.
+        """
+        out = Received(0, 0, False)
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=min(self.timeout, 10.0))
+            with self._lock:
+                self._sock = raw
+                if self._aborted:
+                    raw.close()
+                    raise ConnectionAbortedError("pull cancelled")
+            conn: socket.socket = raw
+            if self.tls is not None:
+                ctx = self.tls.ssl_context_client()
+                conn = ctx.wrap_socket(raw, server_hostname=self.tls.server_name or self.host)
+                with self._lock:
+                    self._sock = conn  # the TLS socket took over the descriptor
+                    if self._aborted:
+                        conn.close()
+                        raise ConnectionAbortedError("pull cancelled")
+            with conn:
+                _tcp(conn, self.timeout)
+                conn.sendall(self.token)
+                end = first + blocks
+                while out.blocks < blocks:
+                    index, n, nbytes, length = HEADER.unpack(_recv_exact(conn, HEADER.size))
+                    out.started = True
+                    why = chunk_error(index, n, length, first + out.blocks, end, block_nbytes)
+                    if why is not None:
+                        raise ConnectionError(f"bad KV chunk on the data socket: {why}")
+                    if length:
+                        for view in sink.views(index, n):  # straight into the cache's blocks
+                            _recv_into(conn, view)
+                    out.nbytes += nbytes
+                    out.blocks += n
+        except OSError as e:
+            e.received = out  # type: ignore[attr-defined]
+            raise
+        return out
 
 
 def receive(
     host: str,
     port: int,
     token: bytes,
+    first: int,
     blocks: int,
+    sink: BlockSink,
+    block_nbytes: int,
     tls: TlsConfig | None,
     timeout: float = IO_TIMEOUT_S,
-    expect_bytes: int = 0,
 ) -> Received:
-    """Connect, authenticate and read chunks until ``blocks`` blocks arrived (blocking: run in a thread).
-
-    ``expect_bytes``: the pull's size when known; the chunks are then slices of one buffer.
-
-    Raises OSError (ConnectionError, ssl.SSLError, TimeoutError); ``started`` on the exception's
-    ``received`` attribute says whether any chunk had arrived.
-    """
-    out = Received([], 0, False)
-    try:
-        raw = socket.create_connection((host.strip("[]"), port), timeout=min(timeout, 10.0))
-        conn: socket.socket = raw
-        if tls is not None:
-            conn = tls.ssl_context_client().wrap_socket(raw, server_hostname=tls.server_name or host.strip("[]"))
-        with conn:
-            _tcp(conn, timeout)
-            conn.sendall(token)
-            whole = RECEIVE_POOL.take(expect_bytes)  # one buffer for the pull; chunks are slices of it
-            pos = got = 0
-            while got < blocks:
-                head = _recv_exact(conn, HEADER.size)
-                out.started = True
-                index, n, nbytes, length = HEADER.unpack(head)
-                # no bytes() copy: the engine reads chunks through the buffer protocol only
-                if pos + length <= len(whole):
-                    view = whole[pos : pos + length]
-                    _recv_into(conn, view)
-                    pos += length
-                    data = cast(bytes, view)
-                else:
-                    data = cast(bytes, _recv_exact(conn, length)) if length else b""
-                out.chunks.append((index, n, data))
-                out.nbytes += nbytes
-                got += n
-    except OSError as e:
-        e.received = out  # type: ignore[attr-defined]
-        raise
-    return out
+    """One pull's blocks into ``sink`` (blocking: run in a thread; see :class:`Receiver`)."""
+    return Receiver(host, port, token, tls, timeout).run(first, blocks, sink, block_nbytes)

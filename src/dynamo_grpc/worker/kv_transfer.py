@@ -10,10 +10,12 @@ a gather write). Engines that hold no
 tensors (the mocker) send empty chunks that take the time the model card's KV size and
 ``--kv-transfer-gbps`` imply. ``Release`` frees a lease early and is idempotent.
 
-Client side (``pull``): checks the handle's layout against the decoder's own, then collects the chunks
-into a :class:`~dynamo_grpc.engines.base.KvImport` for the engine. Over the data socket the chunks are
-slices of one receive buffer from ``kv_socket.RECEIVE_POOL`` (kept between pulls, ``--kv-recv-pool-mb``),
-which the torch cache reads in place.
+Client side (``pull``): checks the handle's layout against the decoder's own before any byte lands,
+then writes each chunk as it arrives into the blocks the decoder reserved for the pull
+(:class:`ReservedBlocks`, over ``CoreEngine.reserve_kv``): over the data socket ``recv_into`` the
+cache's own memory, over gRPC one message copied into the blocks. Nothing outside the cache holds more
+than one chunk (the socket path: none at all), whatever the prompt's length. On failure or
+cancellation the caller cancels the reservation: its blocks go back unregistered.
 
 Byte path (``--kv-transfer-path``, default socket): the decoder asks for a data socket; the server's
 first response names a one-shot port and token (kv_socket.py) and the chunks go over that socket, TLS
@@ -24,6 +26,7 @@ like the gRPC listener. When the decoder cannot connect, the server streams the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -33,8 +36,8 @@ from dataclasses import dataclass
 import grpc
 
 from dynamo_grpc import errors
-from dynamo_grpc.engines.base import KvImport
 from dynamo_grpc.engines.core.driver import CoreEngine
+from dynamo_grpc.engines.core.kv_manager import KvReservation
 from dynamo_grpc.models.card import ModelCard
 from dynamo_grpc.observability import spans
 from dynamo_grpc.transport import ChannelOptions, open_channel
@@ -236,8 +239,21 @@ class Channels:
 
 
 @dataclass
+class ReservedBlocks:
+    """A pull's sink: the handle's block ``i`` is the reservation's block ``i`` (the blocks before
+    ``first_block`` are the decoder's cached prefix and are never written)."""
+
+    engine: CoreEngine
+    reservation: KvReservation
+
+    def views(self, index: int, n: int) -> list[memoryview]:
+        blocks = self.reservation.blocks[index : index + n]
+        return self.engine.import_views([b.block_id for b in blocks])
+
+
+@dataclass
 class PullResult:
-    kv: KvImport
+    blocks: int
     bytes: int
     seconds: float
 
@@ -247,11 +263,13 @@ async def pull(
     handle: kv_transfer_pb2.KvHandle,
     first_block: int,
     geometry: KvGeometry,
+    sink: kv_socket.BlockSink,
     timeout: float | None = None,
     blocks_per_chunk: int = 0,
     path: str = "socket",
 ) -> PullResult:
-    """Pull a handle's blocks from ``first_block`` on into a KvImport (errors.py classes on failure).
+    """Pull a handle's blocks from ``first_block`` on into ``sink``, chunk by chunk (errors.py classes
+    on failure; what was written by then is the caller's to discard).
 
     ``path="socket"`` asks for the data socket (TLS from the process default, like the channel); when
     connecting fails before any byte arrived the server's gRPC fallback stream is read instead.
@@ -261,10 +279,11 @@ async def pull(
         if why is not None:
             raise errors.FailedPrecondition(f"KV layout of handle {handle.handle_id!r} does not fit: {why}")
     stub = kv_transfer_pb2_grpc.KvTransferServiceStub(channel)
-    kv = KvImport(first_block, handle.num_tokens)
     t0 = time.perf_counter()
     nbytes = 0
-    expected = -(-handle.num_tokens // geometry.block_size) - first_block
+    end = -(-handle.num_tokens // geometry.block_size)
+    block_nbytes = geometry.block_nbytes if geometry.moves_bytes else 0
+    at = first_block  # the next block expected
     req = kv_transfer_pb2.PullRequest(
         handle=handle, first_block=first_block, blocks_per_chunk=blocks_per_chunk, data_socket=path == "socket"
     )
@@ -275,40 +294,54 @@ async def pull(
             if why is not None:
                 raise errors.FailedPrecondition(f"KV chunk from {handle.address} does not fit: {why}")
             if chunk.HasField("data_socket"):
-                size = expected * geometry.block_nbytes if geometry.moves_bytes else 0
-                over = await _receive(handle.address, chunk.data_socket, expected, timeout, size)
+                over = await _receive(handle.address, chunk.data_socket, at, end - at, sink, block_nbytes, timeout)
                 if over is not None:
-                    kv.chunks.extend(over.chunks)
+                    at += over.blocks
                     nbytes += over.nbytes
                 continue
-            kv.chunks.append((chunk.block_index, chunk.num_blocks, chunk.data))
+            why = kv_socket.chunk_error(chunk.block_index, chunk.num_blocks, len(chunk.data), at, end, block_nbytes)
+            if why is not None:
+                raise errors.FailedPrecondition(f"KV chunk from {handle.address} does not fit: {why}")
+            if chunk.data:
+                kv_socket.write_views(sink.views(chunk.block_index, chunk.num_blocks), chunk.data)
+            at += chunk.num_blocks
             nbytes += chunk.nbytes
     except grpc.aio.AioRpcError as e:
         raise errors.from_grpc(e, f"KV pull from {handle.address}") from None
     finally:
         call.cancel()
-    got = sum(n for _, n, _ in kv.chunks)
-    if got != expected:
-        raise errors.Unavailable(f"KV pull from {handle.address} ended after {got} of {expected} blocks")
-    return PullResult(kv, nbytes, time.perf_counter() - t0)
+    if at != end:
+        got, want = at - first_block, end - first_block
+        raise errors.Unavailable(f"KV pull from {handle.address} ended after {got} of {want} blocks")
+    return PullResult(end - first_block, nbytes, time.perf_counter() - t0)
 
 
 async def _receive(
-    address: str, offer: kv_transfer_pb2.DataSocket, blocks: int, timeout: float | None, expect_bytes: int
+    address: str,
+    offer: kv_transfer_pb2.DataSocket,
+    first: int,
+    blocks: int,
+    sink: kv_socket.BlockSink,
+    block_nbytes: int,
+    timeout: float | None,
 ) -> kv_socket.Received | None:
-    """The chunks over the offered data socket; None when it could not be reached (the server falls back)."""
+    """The blocks over the offered data socket; None when it could not be reached (the server falls back).
+
+    Cancelled, it stops the receiving thread and waits for it, so no byte is written after it returns.
+    """
     host = address.rsplit(":", 1)[0]
+    rx = kv_socket.Receiver(host, offer.port, offer.token, default_tls(), timeout or kv_socket.IO_TIMEOUT_S)
+    fut = asyncio.get_running_loop().run_in_executor(None, rx.run, first, blocks, sink, block_nbytes)
     try:
-        return await asyncio.to_thread(
-            kv_socket.receive,
-            host,
-            offer.port,
-            offer.token,
-            blocks,
-            default_tls(),
-            timeout or kv_socket.IO_TIMEOUT_S,
-            expect_bytes,
-        )
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        rx.abort()
+        while not fut.done():  # even if cancelled again: the thread must stop writing first
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: an aborted receive's OSError is expected
+        raise
     except OSError as e:
         got: kv_socket.Received | None = getattr(e, "received", None)
         if got is not None and got.started:

@@ -109,13 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="how KV bytes move between prefill and decode workers: socket = a one-shot TCP connection beside "
         "the Pull stream (TLS like gRPC; falls back to the stream when it cannot connect), grpc = the stream",
     )
-    p.add_argument(
-        "--kv-recv-pool-mb",
-        type=int,
-        default=1024,
-        help="decode side: MiB of KV receive buffers kept from one pull for the next, so a pull lands in "
-        "resident memory instead of faulting in fresh pages (0: a new buffer per pull)",
-    )
     p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
@@ -215,7 +208,6 @@ async def serve(args: argparse.Namespace) -> int:
         role=args.role,
         kv_transfer_gbps=args.kv_transfer_gbps,
         kv_transfer_path=args.kv_transfer_path,
-        kv_recv_pool_mb=args.kv_recv_pool_mb,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
@@ -246,8 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kv-lease-seconds must be positive")
     if args.kv_transfer_gbps < 0:
         parser.error("--kv-transfer-gbps must be >= 0")
-    if args.kv_recv_pool_mb < 0:
-        parser.error("--kv-recv-pool-mb must be >= 0")
     if args.kv_transfer_gbps and args.engine != "mocker":
         parser.error(f"--kv-transfer-gbps models the transfer on the mocker; the {args.engine} engine moves real bytes")
     for name in ("drain_grace", "ttl", "speedup_ratio"):

@@ -22,8 +22,9 @@ from typing import NoReturn
 import grpc
 
 from dynamo_grpc import errors
-from dynamo_grpc.engines.base import Engine, EngineOutput, EngineRequest
+from dynamo_grpc.engines.base import Engine, EngineOutput, EngineRequest, KvImport
 from dynamo_grpc.engines.core.driver import CoreEngine
+from dynamo_grpc.engines.core.kv_manager import KvReservation
 from dynamo_grpc.logs import request_id_var
 from dynamo_grpc.models.card import ModelCard, sha256_hex
 from dynamo_grpc.observability import spans
@@ -233,34 +234,55 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         req = await self._build(request, context)
-        if request.HasField("kv_handle"):
-            await self._continue_prefill(request, req, context)
-        attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
-        with spans.span("decode", request_id=req.request_id, **attrs) as sp:
-            # closed here, not by the garbage collector: when the client stops reading (it has the finish), the
-            # stream's cleanup (gate, gauges, the span's output_tokens/finish_reason) runs before the span ends
-            async with contextlib.aclosing(self._stream(req, context, sp)) as stream:
-                async for resp in stream:
-                    yield resp
+        try:
+            if request.HasField("kv_handle"):
+                await self._continue_prefill(request, req, context)
+            attrs = {"model": self.ctx.model, "prompt_tokens": len(req.token_ids)}
+            with spans.span("decode", request_id=req.request_id, **attrs) as sp:
+                # closed here, not by the garbage collector: when the client stops reading (it has the finish), the
+                # stream's cleanup (gate, gauges, the span's output_tokens/finish_reason) runs before the span ends
+                async with contextlib.aclosing(self._stream(req, context, sp)) as stream:
+                    async for resp in stream:
+                        yield resp
+        finally:
+            imp = req.kv_import
+            if imp is not None and imp.reservation is not None and isinstance(self.ctx.engine, CoreEngine):
+                # a no-op once the request took the blocks; else (refused, overloaded, cancelled before the
+                # engine saw it) the pulled blocks go back unregistered
+                self.ctx.engine.cancel_reservation(imp.reservation)
+
+    async def _reserve(self, req: EngineRequest, deadline: float) -> KvReservation | None:
+        """The blocks the pulled KV goes into, waiting for free blocks up to ``deadline`` (monotonic)."""
+        engine = self.ctx.engine
+        assert isinstance(engine, CoreEngine)
+        delay = 0.002
+        while (res := engine.reserve_kv(req.token_ids, req.lora)) is None:
+            if time.monotonic() + delay > deadline:
+                return None
+            await asyncio.sleep(delay)  # blocks free as running requests finish
+            delay = min(2 * delay, 0.05)
+        return res
 
     async def _continue_prefill(
         self, request: worker_pb2.DecodeRequest, req: EngineRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        """Pull the blocks of ``kv_handle`` this cache lacks; on any pull failure prefill locally instead.
+        """Reserve the blocks the handle's KV needs, pull what this cache lacks straight into them; on any
+        failure free them and prefill locally instead.
 
         Either way the request continues after the prefill's first token, so the client sees the same
         tokens; only the time to the second token differs.
         """
         ctx = self.ctx
         handle = request.kv_handle
-        if ctx.geometry is None or not isinstance(ctx.engine, CoreEngine):
+        engine = ctx.engine
+        if ctx.geometry is None or not isinstance(engine, CoreEngine):
             await self._refuse(
                 context,
                 errors.Unimplemented(
                     f"worker {ctx.instance_id} cannot pull KV over KvTransfer; send Decode without kv_handle"
                 ),
             )
-        want = block_hash_list(req.token_ids, ctx.engine.block_size, req.lora)
+        want = block_hash_list(req.token_ids, engine.block_size, req.lora)
         if handle.num_tokens != len(req.token_ids) or list(handle.block_hashes) != want:
             await self._refuse(
                 context,
@@ -270,30 +292,54 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
                 ),
             )
         req.prefilled = [request.first_token]
-        first_block = ctx.engine.prefix_blocks(req.token_ids, req.lora)
+        try:
+            res = await self._reserve(req, _reserve_deadline(handle, context.time_remaining()))
+        except errors.DynamoError as e:
+            await self._refuse(context, e)
+        if res is None:
+            self._pull_failed(req, handle, "no free KV blocks before the lease expires")
+            await kv_transfer.release(ctx.kv_channels.get(handle.address), handle)
+            return
+        req.kv_import = KvImport(res.first_block, len(req.token_ids), res)  # the Decode's finally frees it
         with spans.span(
-            "kv_transfer", request_id=req.request_id, source=handle.instance_id, first_block=first_block
+            "kv_transfer", request_id=req.request_id, source=handle.instance_id, first_block=res.first_block
         ) as sp:
             try:
-                res = await kv_transfer.pull(
+                pulled = await kv_transfer.pull(
                     ctx.kv_channels.get(handle.address),
                     handle,
-                    first_block,
+                    res.first_block,
                     ctx.geometry,
+                    kv_transfer.ReservedBlocks(engine, res),
                     context.time_remaining(),
                     path=ctx.kv_transfer_path,
                 )
             except errors.DynamoError as e:
-                ctx.pull_fallbacks += 1
-                ctx.metrics.kv_pull_fallbacks.labels(ctx.model).inc()
-                log.warning("request %s: KV pull failed (%s); prefilling locally", req.request_id, e.message)
+                engine.cancel_reservation(res)  # half-written: back to the free pool, never registered
+                req.kv_import = None
+                self._pull_failed(req, handle, e.message)
                 spans.set_attributes(sp, fallback=e.name)
                 await kv_transfer.release(ctx.kv_channels.get(handle.address), handle)
                 return
-            spans.set_attributes(sp, bytes=res.bytes, seconds=res.seconds)
-        ctx.metrics.kv_pulled_bytes.labels(ctx.model).inc(res.bytes)
-        ctx.metrics.kv_pull_seconds.labels(ctx.model).observe(res.seconds)
-        req.kv_import = res.kv
+            spans.set_attributes(sp, bytes=pulled.bytes, seconds=pulled.seconds)
+        ctx.metrics.kv_pulled_bytes.labels(ctx.model).inc(pulled.bytes)
+        ctx.metrics.kv_pull_seconds.labels(ctx.model).observe(pulled.seconds)
+
+    def _pull_failed(self, req: EngineRequest, handle: kv_transfer_pb2.KvHandle, why: str) -> None:
+        ctx = self.ctx
+        ctx.pull_fallbacks += 1
+        ctx.metrics.kv_pull_fallbacks.labels(ctx.model).inc()
+        log.warning("request %s: KV pull from %s failed (%s); prefilling locally", req.request_id, handle.address, why)
+
+
+def _reserve_deadline(handle: kv_transfer_pb2.KvHandle, time_remaining: float | None) -> float:
+    """How long a decoder may wait for free blocks: until the lease expires (less a margin for the pull
+    itself) or the call's deadline, whichever comes first."""
+    now = time.monotonic()
+    deadline = now + (time_remaining if time_remaining is not None else 30.0)
+    if handle.lease_expiry_unix_ms:
+        deadline = min(deadline, now + handle.lease_expiry_unix_ms / 1e3 - time.time() - 1.0)
+    return deadline
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer, _Requests):

@@ -1,4 +1,5 @@
-"""Disaggregation inside the engine core: a prefill leases its blocks, a second core installs them and continues.
+"""Disaggregation inside the engine core: a prefill leases its blocks, a second core reserves blocks,
+receives the bytes straight into them and continues.
 
 Both executors run the same checks: the mocker moves no bytes (its chunks are empty), the torch runner
 moves the real K/V tensors of a tiny random Llama, so its continuation is token-identical to
@@ -13,6 +14,7 @@ from dynamo_grpc import errors
 from dynamo_grpc.engines.base import EngineOutput, EngineRequest, KvImport, SamplingParams
 from dynamo_grpc.engines.core import EngineCore
 from dynamo_grpc.engines.core.block_pool import BlockPool
+from dynamo_grpc.engines.core.kv_manager import KvReservation
 from dynamo_grpc.engines.core.leases import LeaseTable
 from dynamo_grpc.events.kv import KvStored
 from dynamo_grpc.worker import kv_socket
@@ -42,77 +44,129 @@ def _export(core: EngineCore, block_ids: list[int]) -> bytes:
     return export(block_ids) if export is not None else b""
 
 
+def _write(core: EngineCore, res: KvReservation, data: bytes) -> None:
+    """What a pull does on the decode side: the bytes go into the reservation's blocks, through the
+    cache's own writable views (the torch cache; the mocker holds no bytes)."""
+    views = getattr(core.executor, "import_views", None)
+    if views is not None:
+        kv_socket.write_views(views(res.fill_block_ids), data)
+
+
 def _prompt(n: int, base: int = 3) -> list[int]:
     return [2 + (base + 7 * k) % 90 for k in range(n)]
 
 
 def _handoff(
-    prefill: EngineCore,
-    decode: EngineCore,
-    prompt: list[int],
-    sp: SamplingParams,
-    first_block: int = 0,
-    pooled: bool = False,
-) -> tuple[list[int], list[object]]:
-    """Prefill on one core, pull its lease's blocks from ``first_block``, continue on the other.
-
-    ``pooled``: the bytes arrive as the data socket hands them over, a writable view of a kept receive
-    buffer, which the torch cache reads in place instead of copying."""
+    prefill: EngineCore, decode: EngineCore, prompt: list[int], sp: SamplingParams
+) -> tuple[list[int], list[object], KvReservation]:
+    """Prefill on one core; the other reserves blocks, receives the lease's blocks it lacks into them, continues."""
     first_sp = SamplingParams(**{**sp.__dict__, "max_tokens": 1})
     first, out, _ = _run(prefill, EngineRequest("p", prompt, first_sp, hold_kv=True))
     assert out.lease is not None and out.lease.num_tokens == len(prompt)
+    res = decode.reserve_import(prompt, None)
+    assert res is not None
     lease = prefill.leases.begin_pull(out.lease.lease_id)
-    ids = lease.block_ids[first_block:]
-    data = _export(prefill, ids)
-    if pooled:
-        view = kv_socket.ReceivePool(1 << 20).take(len(data))
-        view[:] = data
-        data = view  # type: ignore[assignment]
-    imp = KvImport(first_block, len(prompt), [(first_block, len(ids), data)])
+    _write(decode, res, _export(prefill, lease.block_ids[res.first_block :]))
     prefill.leases.end_pull(out.lease.lease_id)
     assert prefill.kv.pool.num_active == 0  # pulled: the prefill side's blocks are back
+    assert not decode.kv.take_events()  # nothing announced before the request runs
+    imp = KvImport(res.first_block, len(prompt), res)
     rest, _, events = _run(decode, EngineRequest("d", prompt, sp, prefilled=first, kv_import=imp))
-    return first + rest, events
+    return first + rest, events, res
 
 
 @pytest.mark.parametrize(
-    ("n", "seeded", "pooled"),
-    [(10, False, False), (12, False, False), (17, False, False), (10, True, False), (12, True, False)]
-    + [(17, True, False), (17, False, True), (10, True, True)],  # partial last block, exact blocks, several + partial
+    ("n", "seeded"),
+    [(10, False), (12, False), (17, False), (10, True), (12, True), (17, True)],  # partial, exact, several + partial
 )
-def test_a_handoff_gives_the_aggregated_tokens(make_core: MakeCore, n: int, seeded: bool, pooled: bool) -> None:
+def test_a_handoff_gives_the_aggregated_tokens(make_core: MakeCore, n: int, seeded: bool) -> None:
     sp = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8 if seeded else 0.0, seed=11 if seeded else None)
     prompt = _prompt(n)
     agg, _, _ = _run(make_core(), EngineRequest("a", prompt, sp))
     decode = make_core()
-    disagg, events = _handoff(make_core(), decode, prompt, sp, pooled=pooled)
+    disagg, events, res = _handoff(make_core(), decode, prompt, sp)
     assert disagg == agg
+    assert res.first_block == 0 and len(res.blocks) == -(-n // 4)  # the partial last block was reserved too
     # the decoder announced the pulled blocks and holds them: a follow-up sharing the prefix is a local hit
     stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
     assert len(stored) >= n // 4
     _, follow, _ = _run(decode, EngineRequest("f", [*prompt, 5, 6, 7], SamplingParams(max_tokens=1)))
     assert follow.cached_tokens >= (n // 4) * 4
-    assert decode.kv.pool.num_active == 0
+    assert decode.kv.pool.num_active == 0 and not decode.kv.reservations
 
 
-@pytest.mark.parametrize("first_block", [2, 0])  # 0: it pulled blocks it turned out to hold; they are skipped
-def test_the_decoder_pulls_only_what_it_lacks(make_core: MakeCore, first_block: int) -> None:
+def test_the_decoder_reserves_and_pulls_only_what_it_lacks(make_core: MakeCore) -> None:
     sp = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
     prompt = _prompt(14)
     agg, _, _ = _run(make_core(), EngineRequest("a", prompt, sp))
     decode = make_core()
     _run(decode, EngineRequest("warm", prompt[:9], SamplingParams(max_tokens=1)))  # caches blocks 0 and 1
-    disagg, _ = _handoff(make_core(), decode, prompt, sp, first_block=first_block)
+    disagg, _, res = _handoff(make_core(), decode, prompt, sp)
+    assert res.first_block == 2 and len(res.fill_block_ids) == 2
     assert disagg == agg
 
 
-def test_an_import_whose_prefix_was_evicted_is_recomputed(make_core: MakeCore) -> None:
-    """The decoder said it held block 0 but lost it before admission: it prefills locally, same tokens."""
+def test_a_reservation_pins_its_prefix_and_takes_its_blocks_from_the_free_pool(make_core: MakeCore) -> None:
+    """While a pull runs, nothing else can evict the cached prefix it continues or use its blocks."""
+    core = make_core(num_blocks=6)
+    prompt = _prompt(9)
+    _run(core, EngineRequest("warm", prompt[:8], SamplingParams(max_tokens=1)))  # blocks 0-1 cached, free
+    res = core.reserve_import(prompt, None)
+    assert res is not None and res.first_block == 2 and len(res.blocks) == 3
+    assert core.kv.pool.num_active == 3 and core.kv.num_reserved_blocks == 3
+    assert core.reserve_import(_prompt(16, base=9), None) is None  # 4 blocks wanted, 3 free: nothing taken
+    assert core.kv.pool.num_active == 3
+    # a request that fills the other 3 blocks evicts nothing the reservation holds
+    _run(core, EngineRequest("other", _prompt(11, base=5), SamplingParams(max_tokens=1)))
+    head = res.blocks[0]
+    assert head.block_hash is not None and core.kv.pool.lookup(head.block_hash) is head  # still cached
+    assert core.kv.cancel(res) and not core.kv.cancel(res)  # idempotent
+    assert core.kv.pool.num_active == 0
+
+
+def test_a_cancelled_reservation_frees_its_blocks_and_registers_nothing(make_core: MakeCore) -> None:
+    """A pull cut midway: the reserved blocks hold half-written KV; cancelling frees them unannounced,
+    and a request that still carries the cancelled reservation prefills locally (same tokens)."""
     sp = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     prompt = _prompt(11)
     agg, _, _ = _run(make_core(), EngineRequest("a", prompt, sp))
-    disagg, _ = _handoff(make_core(), make_core(), prompt, sp, first_block=1)
-    assert disagg == agg
+    prefill, decode = make_core(), make_core()
+    first_sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    first, out, _ = _run(prefill, EngineRequest("p", prompt, first_sp, hold_kv=True))
+    assert out.lease is not None
+    res = decode.reserve_import(prompt, None)
+    assert res is not None
+    lease = prefill.leases.begin_pull(out.lease.lease_id)
+    half = _export(prefill, lease.block_ids[:1])
+    views = getattr(decode.executor, "import_views", None)
+    if views is not None:
+        kv_socket.write_views(views(res.fill_block_ids[:1]), half)  # one block of three arrived
+    prefill.leases.end_pull(out.lease.lease_id)
+    cached = decode.kv.pool.num_cached
+    assert decode.kv.cancel(res)
+    assert decode.kv.pool.num_active == 0 and decode.kv.pool.num_cached == cached == 0
+    assert not [e for e in decode.kv.take_events() if isinstance(e, KvStored)]
+    imp = KvImport(res.first_block, len(prompt), res)
+    rest, _, _ = _run(decode, EngineRequest("d", prompt, sp, prefilled=first, kv_import=imp))
+    assert first + rest == agg  # recomputed, not read from the half-written blocks
+
+
+def test_an_aborted_request_frees_the_blocks_it_claimed(make_core: MakeCore) -> None:
+    core = make_core(num_blocks=8, budget=4)
+    running = core.make_request(EngineRequest("r", _prompt(20, base=2), SamplingParams(max_tokens=50)))
+    core.add(running)
+    core.step()  # takes the step budget: the import waits in the queue
+    res = core.reserve_import(_prompt(9), None)
+    assert res is not None
+    req = core.make_request(
+        EngineRequest("d", _prompt(9), SamplingParams(max_tokens=3), prefilled=[4], kv_import=KvImport(0, 9, res))
+    )
+    core.add(req)
+    assert not core.kv.reservations and len(req.blocks) == 3  # claimed: the request owns them now
+    assert not core.kv.cancel(res)  # a late cancel (the servicer's finally) changes nothing
+    assert core.abort(req.request_id)
+    assert core.abort(running.request_id)
+    assert core.kv.pool.num_active == 0
 
 
 def test_a_cancelled_prefill_leaves_no_lease(make_core: MakeCore) -> None:

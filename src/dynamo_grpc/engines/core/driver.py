@@ -24,6 +24,7 @@ from dynamo_grpc.events.kv import KvEvent, KvEventSink, KvStored, LoadMetrics
 from dynamo_grpc.kvbm.stats import kvbm_stats
 
 from .engine_core import EngineCore, StepResult
+from .kv_manager import KvReservation
 from .leases import Lease
 from .request import Request
 
@@ -238,9 +239,29 @@ class CoreEngine(Engine):
                 "refused": st.refused,
             }
 
-    def prefix_blocks(self, token_ids: list[int], lora: str | None = None) -> int:
+    # ------------------------------------------------------------------ pulled KV (the decode side)
+
+    def reserve_kv(self, token_ids: list[int], lora: str | None = None) -> KvReservation | None:
+        """Reserve the blocks a pulled prompt's KV goes into (EngineCore.reserve_import); the caller
+        hands the reservation to its request (``KvImport.reservation``) or cancels it."""
         with self._state:
-            return self.core.prefix_blocks(token_ids, lora)
+            res = self.core.reserve_import(token_ids, lora)
+            self._emit(self.core.kv.take_events())  # cached blocks it evicted (KvRemoved), now, not next step
+            return res
+
+    def cancel_reservation(self, res: KvReservation) -> bool:
+        """Free a reservation no request claimed (idempotent: False once claimed or cancelled)."""
+        with self._state:
+            done = self.core.kv.cancel(res)
+        if done:
+            self._blocks_freed()
+        return done
+
+    def import_views(self, block_ids: list[int]) -> list[memoryview]:
+        """Writable views of reserved blocks in the wire layout (a transfer writes into them); empty
+        for executors that hold no bytes (the mocker)."""
+        views = getattr(self.core.executor, "import_views", None)
+        return views(block_ids) if views is not None else []
 
     def export_blocks(self, block_ids: list[int]) -> bytes:
         """Raw KV bytes of pinned blocks (executors that hold no tensors return b"")."""

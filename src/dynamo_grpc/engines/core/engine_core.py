@@ -30,7 +30,7 @@ from dynamo_grpc.kvbm.config import KvbmConfig
 from dynamo_grpc.kvbm.manager import TierManager
 
 from .executor import Executor
-from .kv_manager import KvManager
+from .kv_manager import KvManager, KvReservation
 from .leases import Lease, LeaseTable
 from .output import SchedulerOutput
 from .request import Request
@@ -273,10 +273,15 @@ class EngineCore:
     def cached_blocks(self) -> list[KvStored]:
         return self.kv.dump()
 
-    def prefix_blocks(self, token_ids: list[int], lora: str | None) -> int:
-        """Leading full blocks of a prompt this cache holds now (a decoder pulls only the rest)."""
-        if not self.kv.enable_prefix_caching:
-            return 0
+    def reserve_import(self, token_ids: list[int], lora: str | None) -> KvReservation | None:
+        """Blocks for a prompt whose KV a transfer will write: its cached prefix (pinned) and fresh
+        blocks for the rest (see KvManager.reserve); None while the free blocks cannot cover them.
+
+        Raises PromptTooLong for a prompt that can never fit, so a caller does not wait for it.
+        """
+        cfg = self.config
+        check_prompt_fits(len(token_ids), cfg.context_length, cfg.num_blocks, cfg.block_size)
         probe = Request("probe", list(token_ids), lora=lora)
-        probe.update_block_hashes(self.config.block_size)
-        return len(self.kv.pool.longest_prefix(probe.block_hashes))
+        probe.update_block_hashes(cfg.block_size)
+        reserve = self.scheduler.watermark_blocks if self.scheduler.running else 0
+        return self.kv.reserve(probe.block_hashes, len(token_ids), reserve)

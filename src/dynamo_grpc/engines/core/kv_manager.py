@@ -3,9 +3,19 @@
 The block table lives on the request (``Request.blocks``); the pool (``block_pool.py``) owns the
 blocks, the free queue and the prefix-cache map, and records the KV events. Allocation never
 half-succeeds: it returns False and changes nothing when the free queue cannot cover it.
+
+A decode worker that pulls a prompt's KV from a prefill worker first *reserves* the blocks the request
+will own (:meth:`KvManager.reserve`: the cached prefix, pinned, and fresh blocks for the rest); the
+transfer writes straight into them, and the request *claims* them when it enters the scheduler. A
+reservation that is cancelled (a failed or cut pull) frees its blocks unregistered: nothing
+half-written ever reaches the prefix cache.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from dynamo_grpc.events.kv import KvEvent, KvStored
 from dynamo_grpc.kvbm.manager import TierManager
@@ -13,6 +23,23 @@ from dynamo_grpc.kvbm.tier import BlockMeta
 
 from .block_pool import BlockPool, KvBlock
 from .request import Request
+
+
+@dataclass(eq=False)
+class KvReservation:
+    """Blocks held for a prompt whose KV arrives from elsewhere, before its request is scheduled."""
+
+    reservation_id: int
+    #: the request's whole block table: ``first_block`` cached prefix blocks, then the blocks to fill
+    blocks: list[KvBlock]
+    first_block: int
+    #: prompt tokens the blocks cover (the last block may be partial)
+    num_tokens: int
+
+    @property
+    def fill_block_ids(self) -> list[int]:
+        """The blocks the transfer writes, in the handle's order from ``first_block``."""
+        return [b.block_id for b in self.blocks[self.first_block :]]
 
 
 class KvManager:
@@ -36,6 +63,9 @@ class KvManager:
         #: prompt tokens looked up / found in the prefix cache (hit rate = hit / queried)
         self.queried_tokens = 0
         self.hit_tokens = 0
+        #: reservations not yet claimed by a request nor cancelled
+        self.reservations: dict[int, KvReservation] = {}
+        self._reservation_ids = itertools.count()
 
     @property
     def num_blocks(self) -> int:
@@ -163,6 +193,37 @@ class KvManager:
         req.num_sent_blocks = 0
         if blocks:
             self.pool.free(reversed(blocks))
+
+    # ------------------------------------------------------------------ reservations (pulled KV)
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return sum(len(r.blocks) for r in self.reservations.values())
+
+    def reserve(self, block_hashes: Sequence[int], num_tokens: int, reserve: int = 0) -> KvReservation | None:
+        """Pin the cached prefix of ``block_hashes`` and allocate blocks for the rest of ``num_tokens``;
+        None (nothing changed) when that would leave fewer than ``reserve`` blocks free."""
+        prefix = self.pool.longest_prefix(block_hashes) if self.enable_prefix_caching else []
+        need = max(self.blocks_for(num_tokens) - len(prefix), 0)
+        reclaim = sum(1 for b in prefix if b.ref_cnt == 0)
+        if need + reclaim + reserve > self.pool.num_free:
+            return None
+        self.pool.touch(prefix)
+        blocks = prefix + self.pool.allocate(need)
+        res = KvReservation(next(self._reservation_ids), blocks, len(prefix), num_tokens)
+        self.reservations[res.reservation_id] = res
+        return res
+
+    def claim(self, res: KvReservation) -> KvReservation | None:
+        """Hand a reservation's blocks to its request (None: it was cancelled meanwhile)."""
+        return self.reservations.pop(res.reservation_id, None)
+
+    def cancel(self, res: KvReservation) -> bool:
+        """Free an unclaimed reservation's blocks, unregistered (idempotent; False once claimed or cancelled)."""
+        if self.reservations.pop(res.reservation_id, None) is None:
+            return False
+        self.pool.free(reversed(res.blocks))
+        return True
 
     def take_events(self) -> list[KvEvent]:
         events = self.pool.take_events()

@@ -27,20 +27,6 @@ class NewRequest:
 
 
 @dataclass(slots=True)
-class KvImportPlan:
-    """Write pulled KV bytes into blocks before this step's forward pass.
-
-    ``chunks`` are (block index in the handle, blocks, bytes); the request's ``block_ids`` receive the
-    handle's blocks from index ``first_block`` on (the blocks before it the decoder already held).
-    """
-
-    request_id: str
-    block_ids: list[int]
-    first_block: int
-    chunks: list[tuple[int, int, bytes]]
-
-
-@dataclass(slots=True)
 class ScheduledChunk:
     """One request's work in a step: feed ``token_ids`` at positions ``start..``; maybe sample."""
 
@@ -75,8 +61,6 @@ class SchedulerOutput:
     finished_ids: list[str] = field(default_factory=list)
     #: requests preempted while scheduling this step (their blocks are gone; they recompute later)
     preempted_ids: list[str] = field(default_factory=list)
-    #: pulled KV to install before the forward pass (disaggregated decode)
-    kv_imports: list[KvImportPlan] = field(default_factory=list)
     num_prefill_tokens: int = 0
     num_decodes: int = 0
     #: fraction of KV blocks in use once this step's blocks are allocated

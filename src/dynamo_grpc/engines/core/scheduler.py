@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .kv_manager import KvManager
-from .output import ExecutorOutput, KvImportPlan, NewRequest, ScheduledChunk, SchedulerOutput
+from .output import ExecutorOutput, NewRequest, ScheduledChunk, SchedulerOutput
 from .request import Request, Status
 
 
@@ -46,7 +46,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        self._watermark_blocks = int(config.watermark * kv.num_blocks)
+        self.watermark_blocks = int(config.watermark * kv.num_blocks)
         self._forget: list[str] = []
         #: finished ``hold_kv`` requests whose blocks the engine core turns into leases (not freed here)
         self.held: list[Request] = []
@@ -57,6 +57,16 @@ class Scheduler:
         if req.request_id in self.requests:  # internal ids are unique; this is a bug in the caller
             raise RuntimeError(f"internal request id {req.request_id!r} reused")
         req.status = Status.WAITING
+        imp = req.kv_import
+        if imp is not None and imp.reservation is not None:
+            # the pulled KV is in reserved blocks: the request owns them from now on (an abort frees them)
+            res = self.kv.claim(imp.reservation)
+            if res is None:
+                req.kv_import = None  # cancelled before it got here: prefill locally
+            else:
+                req.blocks = list(res.blocks)
+                req.num_registered = res.first_block
+                req.num_computed_tokens = res.num_tokens
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -103,32 +113,25 @@ class Scheduler:
         if not out.preempted_ids:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                prefix = kv.find_prefix(req)
-                hit = len(prefix) * kv.block_size
                 imp = req.kv_import
-                if imp is not None and not (len(prefix) >= imp.start_block and hit < imp.num_tokens):
-                    req.kv_import = imp = None  # the prefix it continues was evicted meanwhile: recompute
-                if imp is not None:
-                    req.lower_hits = []  # the pulled KV covers what the lower tiers hold
+                reserve = self.watermark_blocks if self.running else 0
+                if imp is not None and imp.reservation is not None:
+                    # its KV was pulled into blocks it holds: only the tokens after it are fed
+                    done, hit = imp.num_tokens, imp.reservation.first_block * kv.block_size
+                    n = min(req.num_tokens - done, budget)
+                    if not kv.can_allocate(req, n, [], reserve=reserve):
+                        break
+                    kv.allocate(req, n)
+                    req.kv_import = None
                 else:
+                    req.kv_import = None  # KV to import comes with its blocks; without them it is recomputed
+                    prefix = kv.find_prefix(req)
                     hit = kv.prefix_tokens(req, prefix)  # the device prefix and the blocks below it (kvbm)
-                # with pulled KV, blocks for every token are allocated but only the tokens after it are fed
-                done = imp.num_tokens if imp is not None else hit
-                n = min(req.num_tokens - done, budget)
-                reserve = self._watermark_blocks if self.running else 0
-                if not kv.can_allocate(req, n + done - hit, prefix, reserve=reserve):
-                    break
-                if imp is not None:
-                    kv.allocate(req, n + done - hit, prefix)
-                else:
+                    n = min(req.num_tokens - hit, budget)
+                    if not kv.can_allocate(req, n, prefix, reserve=reserve):
+                        break
                     done = hit = kv.admit(req, n, prefix)  # less than planned if a lower-tier block was unreadable
                 self.waiting.popleft()
-                if imp is not None:
-                    table = req.blocks[len(prefix) : kv.blocks_for(imp.num_tokens)]
-                    out.kv_imports.append(
-                        KvImportPlan(req.request_id, [b.block_id for b in table], len(prefix), imp.chunks)
-                    )
-                    req.kv_import = None
                 req.num_computed_tokens = done
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = min(hit, req.num_prompt_tokens)

@@ -79,27 +79,11 @@ class KvCache:
         """
         return b"".join(self.export_views(block_ids))
 
-    def import_blocks(self, block_ids: list[int], data: bytes, skip: int = 0, total: int | None = None) -> None:
-        """Write blocks exported by :meth:`export_blocks` into ``block_ids``.
-
-        ``data`` holds ``total`` blocks (default: ``len(block_ids)``); blocks ``skip ..`` of it are written.
-        """
-        n = len(block_ids)
-        if not n:
-            return
-        total = n if total is None else total
-        layers, _, bs, heads, dim = self.block_shape
-        if len(data) != total * self.block_nbytes:
-            raise ValueError(f"KV chunk of {total} blocks has {len(data)} bytes, expected {total * self.block_nbytes}")
-        # a writable buffer (the data socket's receive buffer) is read in place; bytes (a gRPC message) are
-        # copied once, as torch.frombuffer wants writable memory
-        buf = data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
-        t = torch.frombuffer(buf, dtype=torch.uint8).view(self.k[0].dtype)
-        t = t.view(layers, 2, total, bs, heads, dim)[:, :, skip : skip + n].reshape(layers, 2, n * bs, heads, dim)
-        slots = self._slots(block_ids)
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k.index_copy_(0, slots, t[i, 0])
-            v.index_copy_(0, slots, t[i, 1])
+    def import_views(self, block_ids: list[int]) -> list[memoryview]:
+        """Writable views of blocks in :meth:`export_blocks`'s layout: a transfer receives into them
+        (``recv_into``), so pulled KV lands in the cache with no buffer in between. The blocks must be
+        held by nobody else (a reservation): the engine neither reads nor writes them meanwhile."""
+        return self.export_views(block_ids)
 
 
 def _runs(block_ids: list[int]) -> list[tuple[int, int]]:

@@ -186,20 +186,11 @@ class ModelRunner:
     def export_views(self, block_ids: list[int]) -> list[memoryview]:
         return self.kv.export_views(block_ids)
 
-    def import_kv(self, plan: SchedulerOutput) -> None:
-        """Install pulled KV bytes into the blocks the scheduler allocated for them."""
-        for imp in plan.kv_imports:
-            for first, n, data in imp.chunks:
-                lo = max(first, imp.first_block)
-                hi = min(first + n, imp.first_block + len(imp.block_ids))
-                if lo < hi:
-                    ids = imp.block_ids[lo - imp.first_block : hi - imp.first_block]
-                    self.kv.import_blocks(ids, data, skip=lo - first, total=n)
+    def import_views(self, block_ids: list[int]) -> list[memoryview]:
+        return self.kv.import_views(block_ids)
 
     def execute(self, plan: SchedulerOutput) -> ExecutorOutput:
         self.prepare(plan)
-        if plan.kv_imports:
-            self.import_kv(plan)
         sampling, logits = self.forward(plan)
         if not sampling:
             return ExecutorOutput()
