@@ -222,6 +222,8 @@ def test_mocker_disaggregated_serving_and_faults() -> None:
         assert metric(dec, "dynamo_worker_kv_pull_fallbacks_total") == 1
         assert metric(pf, "dynamo_worker_kv_leases") == 0
         wait_for(lambda: metric(metrics(roles["prefill"][METRICS_META]), "dynamo_worker_kv_active_blocks") == 0)
+        # the blocks it had reserved for the failed pull went back with the request's own
+        wait_for(lambda: metric(metrics(roles["decode"][METRICS_META]), "dynamo_worker_kv_active_blocks") == 0)
 
         kill_prefill_and_compare(mesh, reqs, texts)
         dec = metrics(roles["decode"][METRICS_META])
