@@ -422,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--torch-timeout", type=float, default=600.0, help="torch: client-side deadline of each request, seconds"
     )
+    p.add_argument(
+        "--torch-log-dir", type=Path, default=None, help="torch: keep the meshes' process logs here (default: dropped)"
+    )
     p.add_argument("--only", choices=["transfer", "interference", "torch"], default=None)
     p.add_argument("--serve-kv", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -460,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             long_tokens=args.torch_long_tokens,
             timeout_s=args.torch_timeout,
             on_round=save_round,
+            log_dir=args.torch_log_dir,
         )
         result["torch"]["wall_s"] = round(time.time() - t1, 1)
     result["wall_s"] = round(time.time() - t0, 1)

@@ -112,9 +112,11 @@ def run_torch_interference(
     gap_s: float = 4.0,
     timeout_s: float = 600.0,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The runs, medians and the agg/disagg ITL p99 ratio; ``on_round`` gets the summary so far after
-    each round (the caller saves it: a run cut short keeps its finished rounds)."""
+    each round (the caller saves it: a run cut short keeps its finished rounds). ``log_dir`` keeps the
+    meshes' process logs (``<dir>/agg``, ``<dir>/disagg``) after the run; by default they go with it."""
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
     trace = torch_trace(n_decodes, decode_prompt, decode_tokens, n_long, long_tokens, gap_s)
@@ -124,7 +126,8 @@ def run_torch_interference(
     common = dict(workers=2, engine="torch", worker_args=worker_args, ready_timeout_s=900.0)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in LAYOUTS}
     pinned: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as d, ExitStack() as stack:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        d = log_dir or Path(tmp)
         meshes: dict[str, Any] = {}
         for layout in LAYOUTS:
             roles = ["prefill", "decode"] if layout == "disagg" else []

@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 #: target bytes per Pull message (measured in `dynamo-grpc bench disagg`: several MiB keeps the stream
 #: near the socket bound; one message per block per layer does not)
 CHUNK_BYTES = 8 << 20
+#: the same over the data socket: no message is built (the bytes go from the prefill cache's memory into
+#: the decoder's cache, no buffer between), so larger chunks cost no memory and mean larger, fewer
+#: recv_into calls per layer (~1.5x faster than 8 MiB chunks in a loopback micro-benchmark)
+SOCKET_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
                     context, errors.InvalidArgument(f"first_block {first} is past the lease's {total} blocks")
                 )
             per = request.blocks_per_chunk or max(1, CHUNK_BYTES // max(g.block_nbytes, 1))
+            per_socket = request.blocks_per_chunk or max(1, SOCKET_CHUNK_BYTES // max(g.block_nbytes, 1))
             ids = list(lease.block_ids)
             with spans.span("kv_transfer.send", request_id=lease_id, blocks=total - first) as sp:
                 if request.data_socket and self.path == "socket" and first < total:
@@ -200,7 +205,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServiceServicer):
                         yield kv_transfer_pb2.PullResponse(
                             block_index=first, layout=g.layout(total - first), data_socket=offer
                         )
-                        sent = await self._over_socket(listener, ids, first, per, context)
+                        sent = await self._over_socket(listener, ids, first, per_socket, context)
                     finally:
                         listener.close()
                     spans.set_attributes(sp, path="socket" if sent else "grpc-fallback")

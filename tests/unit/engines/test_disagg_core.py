@@ -86,7 +86,8 @@ def test_a_handoff_gives_the_aggregated_tokens(make_core: MakeCore, n: int, seed
     decode = make_core()
     disagg, events, res = _handoff(make_core(), decode, prompt, sp)
     assert disagg == agg
-    assert res.first_block == 0 and len(res.blocks) == -(-n // 4)  # the partial last block was reserved too
+    assert res.first_block == 0 and len(res.fill_block_ids) == -(-n // 4)  # the partial last block too
+    assert len(res.blocks) == -(-(n + 1) // 4)  # and the first generated token's slot
     # the decoder announced the pulled blocks and holds them: a follow-up sharing the prefix is a local hit
     stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
     assert len(stored) >= n // 4
@@ -244,3 +245,51 @@ def test_a_lease_past_its_expiry_is_refused_even_before_the_sweep() -> None:
     with pytest.raises(errors.NotFound, match="expired"):
         t.begin_pull("E")
     assert pool.num_active == 0
+
+
+def test_a_request_waits_while_a_pull_holds_the_blocks_it_needs(make_core: MakeCore) -> None:
+    """Nothing runs and the head does not fit only because a pull in flight holds blocks: it waits (it is not
+    refused as a prompt that can never fit), and runs once the reservation is gone."""
+    core = make_core(num_blocks=6)
+    res = core.reserve_import(_prompt(15), None)  # 4 of 6 blocks
+    assert res is not None
+    r = core.make_request(EngineRequest("w", _prompt(12, base=8), SamplingParams(max_tokens=2, ignore_eos=True)))
+    core.add(r)
+    step = core.step()
+    assert not step.failures and not step.ran and r.request_id in core.scheduler.requests
+    assert core.kv.cancel(res)
+    tokens, _, _ = _run_added(core, r.request_id)
+    assert len(tokens) == 2
+
+
+def test_a_pulled_request_goes_ahead_of_requests_still_waiting_for_blocks(make_core: MakeCore) -> None:
+    """It holds every block it needs: behind a head that waits for blocks it would hold them hostage."""
+    core = make_core(num_blocks=8)
+    big = core.make_request(EngineRequest("big", _prompt(30, base=4), SamplingParams(max_tokens=1)))
+    res = core.reserve_import(_prompt(9), None)  # 3 blocks: 5 left, the 30-token prompt needs 8
+    assert res is not None
+    core.add(big)
+    assert not core.step().ran
+    pulled = core.make_request(
+        EngineRequest(
+            "d", _prompt(9), SamplingParams(max_tokens=3, ignore_eos=True), prefilled=[4], kv_import=KvImport(0, 9, res)
+        )
+    )
+    core.add(pulled)
+    assert [q.request_id for q in core.scheduler.waiting] == [pulled.request_id, big.request_id]
+    tokens, _, _ = _run_added(core, pulled.request_id)
+    assert len(tokens) == 2  # after the prefilled one: it ran, freed its blocks, and the big one ran after it
+    assert core.kv.pool.num_active == 0 and not core.scheduler.requests
+
+
+def _run_added(core: EngineCore, rid: str) -> tuple[list[int], EngineOutput | None, list[object]]:
+    tokens: list[int] = []
+    last: EngineOutput | None = None
+    while core.has_work():
+        res = core.step()
+        assert not res.failures, res.failures
+        for i, out in res.outputs:
+            if i == rid:
+                tokens.extend(out.token_ids)
+                last = out
+    return tokens, last, []

@@ -371,6 +371,12 @@ class CoreEngine(Engine):
                 items = self._items(res)
                 if items:
                     self._deliver_threadsafe(items)
+                if not res.ran:
+                    # nothing fits (blocks held by leases, pulls in flight, or requests that cannot advance):
+                    # wait for a change instead of spinning; blocks coming back notify (_blocks_freed)
+                    with self._cv:
+                        if not (self._inbox or self._aborts or self._stopping):
+                            self._cv.wait(0.05)
         except BaseException as e:  # pragma: no cover - a bug in the loop must not hang clients
             log.exception("engine loop crashed")
             with self._cv:

@@ -187,8 +187,10 @@ class EngineCore:
             res.events = self.kv.take_events()
             return res
         if not plan:
-            if not sched.running and sched.waiting and not plan.preempted_ids:
-                # nothing runs and the head cannot be admitted into an empty cache: it never will be
+            held = bool(self.kv.reservations) or self.leases.num_active > 0
+            if not sched.running and sched.waiting and not plan.preempted_ids and not held:
+                # nothing runs and the head cannot be admitted into an empty cache: it never will be (blocks
+                # held by a pull in flight or a lease come back: then it waits)
                 head = sched.waiting[0]
                 sched.abort(head.request_id, "error")
                 res.failures.append((head.request_id, PromptTooLong("the request cannot fit the KV cache")))

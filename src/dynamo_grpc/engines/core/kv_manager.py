@@ -30,16 +30,19 @@ class KvReservation:
     """Blocks held for a prompt whose KV arrives from elsewhere, before its request is scheduled."""
 
     reservation_id: int
-    #: the request's whole block table: ``first_block`` cached prefix blocks, then the blocks to fill
+    #: the request's block table: ``first_block`` cached prefix blocks, the blocks to fill up to
+    #: ``end_block`` (the prompt's last, maybe partial), and one more when the first generated token
+    #: starts a block (so the request needs no other block to be admitted)
     blocks: list[KvBlock]
     first_block: int
-    #: prompt tokens the blocks cover (the last block may be partial)
+    end_block: int
+    #: prompt tokens the transferred blocks cover
     num_tokens: int
 
     @property
     def fill_block_ids(self) -> list[int]:
         """The blocks the transfer writes, in the handle's order from ``first_block``."""
-        return [b.block_id for b in self.blocks[self.first_block :]]
+        return [b.block_id for b in self.blocks[self.first_block : self.end_block]]
 
 
 class KvManager:
@@ -201,16 +204,17 @@ class KvManager:
         return sum(len(r.blocks) for r in self.reservations.values())
 
     def reserve(self, block_hashes: Sequence[int], num_tokens: int, reserve: int = 0) -> KvReservation | None:
-        """Pin the cached prefix of ``block_hashes`` and allocate blocks for the rest of ``num_tokens``;
-        None (nothing changed) when that would leave fewer than ``reserve`` blocks free."""
+        """Pin the cached prefix of ``block_hashes`` and allocate blocks for the rest of ``num_tokens`` and
+        the first generated token; None (nothing changed) when that would leave fewer than ``reserve``
+        blocks free."""
         prefix = self.pool.longest_prefix(block_hashes) if self.enable_prefix_caching else []
-        need = max(self.blocks_for(num_tokens) - len(prefix), 0)
+        need = max(self.blocks_for(num_tokens + 1) - len(prefix), 0)
         reclaim = sum(1 for b in prefix if b.ref_cnt == 0)
         if need + reclaim + reserve > self.pool.num_free:
             return None
         self.pool.touch(prefix)
         blocks = prefix + self.pool.allocate(need)
-        res = KvReservation(next(self._reservation_ids), blocks, len(prefix), num_tokens)
+        res = KvReservation(next(self._reservation_ids), blocks, len(prefix), self.blocks_for(num_tokens), num_tokens)
         self.reservations[res.reservation_id] = res
         return res
 

@@ -67,6 +67,14 @@ class Scheduler:
                 req.blocks = list(res.blocks)
                 req.num_registered = res.first_block
                 req.num_computed_tokens = res.num_tokens
+                # ready to run and holding every block it needs: ahead of requests that still need blocks
+                # (behind them it could hold blocks the head waits for, with nothing running to free any)
+                self.requests[req.request_id] = req
+                i = 0
+                while i < len(self.waiting) and self.waiting[i].kv_import is not None and self.waiting[i].blocks:
+                    i += 1
+                self.waiting.insert(i, req)
+                return
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
