@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in args.sizes.split(",")]
         result["transfer"] = run_transfer(sizes, args.rounds, args.dtype, args.blocks_per_chunk)
         result["transfer_into"] = "blocks reserved in the decoder's paged cache (no receive buffer)"
-        result["blocks_per_chunk"] = args.blocks_per_chunk or "server default (8 MiB)"
+        result["blocks_per_chunk"] = args.blocks_per_chunk or "server default (8 MiB gRPC, 64 MiB data socket)"
         result["transfer_dtype"] = args.dtype
     if args.only in (None, "interference"):
         print("interference: 2 aggregated vs 1 prefill + 1 decode (mocker)", flush=True)
