@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dynamo_grpc.discovery.worker_roles import roles_for
 from dynamo_grpc.queueing import QueueFull, WaitQueue
 from dynamo_grpc.router.active import ActiveSequences
@@ -69,6 +71,15 @@ class RouteInput:
     dry_run: bool = False
     #: aggregated | prefill | decode: only workers whose role serves the phase are candidates
     phase: str = "aggregated"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What the cache-aware router queue knows of a waiting request: its prompt's block hashes and the
+    instances it may not use (its ``exclude`` plus the workers whose role does not serve its phase)."""
+
+    hashes: list[int]
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass
@@ -136,7 +147,15 @@ class Router:
         )
         #: requests waiting for a worker under its busy threshold (None: no queue, AllBusy is raised)
         self.queue: WaitQueue[RouteResult] | None = (
-            WaitQueue(config.queue_size, config.queue_policy, busy=AllBusy) if config.queue_size > 0 else None
+            WaitQueue(
+                config.queue_size,
+                config.queue_policy,
+                busy=AllBusy,
+                choose=self._choose_waiting if config.queue_policy == "cache-aware" else None,
+                age_cap_s=config.queue_age_cap_s,
+            )
+            if config.queue_size > 0
+            else None
         )
         self.block_size = config.block_size
         self.active = ActiveSequences(config.block_size or 1, config.active_ttl_s)
@@ -391,13 +410,16 @@ class Router:
         if self.queue is None or inp.dry_run:
             return self.route(inp)
         cost = 0.0
+        info: Waiting | None = None
         if self.queue.policy == "wspt" and self.ready:
             hashes = self.hashes_for(inp)
             found = self._selector_overlaps(hashes)
             cost = float(len(hashes) - max(found.values(), default=0))
+        elif self.queue.policy == "cache-aware" and self.ready and (inp.block_hashes or self.block_size):
+            info = Waiting(self.hashes_for(inp), tuple(inp.exclude) + tuple(self._other_roles(inp.phase)))
         try:
             return await self.queue.admit(
-                lambda: self.route(inp), cost, release=lambda _res: self._release(inp.request_id)
+                lambda: self.route(inp), cost, release=lambda _res: self._release(inp.request_id), info=info
             )
         except QueueFull as exc:
             raise AllBusy(str(exc)) from None
@@ -413,6 +435,49 @@ class Router:
 
     def _release(self, request_id: str) -> None:
         self.free(request_id)
+
+    def _free_ranks(self) -> np.ndarray | None:
+        """Rank slots under the busy threshold (and the queue threshold) now; None when every one is busy."""
+        t = self._table()
+        cfg = self.config
+        free = np.ones(t.n, dtype=np.bool_)
+        if cfg.busy_threshold < 1.0:
+            free &= ~(t.estimated_usage() > cfg.busy_threshold)
+        if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
+            free &= t.prefill <= cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
+        return free if free.any() else None
+
+    def _choose_waiting(self, waiting: Sequence[object]) -> int | None:
+        """The cache-aware router queue's pick (``waiting`` oldest first): the request with the most KV cached
+        (weighted by tier, predicted prefixes included) on a rank that has room now; the oldest on a tie
+        (so with nothing cached anywhere this is fcfs). None when no waiting request has a rank with room.
+
+        The age cap is the queue's (queueing.WaitQueue): past it the oldest goes first whatever this says.
+        """
+        t = self._table()
+        if not t.n:
+            return 0 if waiting else None  # the attempt fails it clearly (NoWorkers)
+        free = self._free_ranks()
+        if free is None:
+            return None
+        best_i, best = None, -1.0
+        for i, w in enumerate(waiting):
+            if not isinstance(w, Waiting):  # queued before the router knew its block size: no overlap known
+                if best < 0:
+                    best_i, best = i, 0.0
+                continue
+            ok = free & t.allowed(w.exclude) if w.exclude else free
+            if not ok.any():
+                continue  # every rank it may use is busy: it waits, the others may go
+            score = 0.0
+            if best < len(w.hashes):  # else it cannot beat the best so far
+                for key, depth in self._selector_overlaps(w.hashes).items():
+                    slot = t.slot_of.get(key)  # type: ignore[call-overload]
+                    if slot is not None and ok[slot] and depth > score:
+                        score = float(depth)
+            if score > best:
+                best_i, best = i, float(score)
+        return best_i
 
     def _wake(self) -> None:
         """Load dropped or workers changed: place what waits in the router queue."""
