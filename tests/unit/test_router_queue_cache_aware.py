@@ -108,9 +108,9 @@ async def test_the_freed_worker_takes_the_request_whose_prefix_it_holds(policy: 
 async def test_past_the_age_cap_the_oldest_goes_first_whatever_is_cached() -> None:
     clock = Clock()
     r = _router("cache-aware", clock)
-    assert r.config.queue_age_cap_s == 5.0
+    assert r.config.queue_age_cap_s == 30.0
     tasks = await _enqueue(r, _three())
-    clock.now += 5.0  # every one of them has waited the cap
+    clock.now += 30.0  # every one of them has waited the cap
     r.prefill_done("x0")
     await _settle()
     placed = {rid: t.result() for rid, t in tasks.items() if t.done()}
@@ -201,3 +201,37 @@ def test_flags_and_their_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DYN_ROUTER_QUEUE_AGE_CAP_SECS", "7")
     cfg = _args()
     assert (cfg.queue_policy, cfg.queue_age_cap_s) == ("cache-aware", 7.0)
+
+
+@pytest.mark.parametrize("policy", ["cache-aware", "fcfs"])
+async def test_a_rank_takes_the_next_request_when_it_can_start_it(policy: str) -> None:
+    """LoadMetrics cannot show a request still waiting in the engine (it holds no blocks yet). The cache-aware
+    queue gives a rank under the busy threshold one request, then waits for its next report, and holds the
+    rest while the engine says requests are waiting; fcfs puts every waiter on the first rank to dip under."""
+    r = Router(RouterConfig(block_size=BS, seed=1, queue_policy=policy, predicted_ttl_s=0))
+    r.set_workers([WorkerInfo(f"w{i}", f"127.0.0.1:{9000 + i}", block_size=BS, kv_blocks=100) for i in range(2)])
+    r.ready = True
+    for w in ("w0", "w1"):
+        r.set_load((w, 0), 97, 100)  # both over the default 0.95
+    reqs = [RouteInput(rid, block_hashes=[salt * 1000 + i for i in range(30)]) for salt, rid in enumerate("abc", 1)]
+    tasks = await _enqueue(r, reqs)
+
+    def placed() -> list[str]:
+        return sorted(rid for rid, t in tasks.items() if t.done())
+
+    r.set_load(("w0", 0), 50, 100)  # w0 finished something
+    await _settle()
+    if policy == "fcfs":
+        assert placed() == ["a", "b", "c"]  # the stale report let all three onto w0
+        assert all(t.result().instance_id == "w0" for t in tasks.values())
+        return
+    assert placed() == ["a"]
+    r.set_load(("w0", 0), 50, 100, waiting=1)  # a is still waiting in w0's engine: no room yet
+    await _settle()
+    assert placed() == ["a"]
+    r.set_load(("w0", 0), 80, 100, waiting=0, running=1)  # a started: w0 can take the next
+    await _settle()
+    assert placed() == ["a", "b"]
+    r.set_load(("w1", 0), 50, 100)
+    assert (await asyncio.wait_for(tasks["c"], 1.0)).instance_id == "w1"
+    assert tasks["a"].result().instance_id == tasks["b"].result().instance_id == "w0"

@@ -42,7 +42,7 @@ class RouterConfig:
     queue_policy: str = "fcfs"
     #: cache-aware: a request that has waited this long in the router queue goes first, whatever is cached
     #: where (the bound on how long better-cached requests may overtake it); 0 = no cap
-    queue_age_cap_s: float = 5.0
+    queue_age_cap_s: float = 30.0
     #: kv mode: seconds a routed prompt counts as cached on its worker before that worker's KV events
     #: confirm it (predicted prefixes: a burst sharing a new prefix stays together); 0 disables it
     predicted_ttl_s: float = 5.0

@@ -166,6 +166,9 @@ class Router:
         self.kv_usage: dict[RankKey, float] = {}
         #: (instance_id, dp_rank) -> waiting + running requests, from LoadMetrics (the tie-break)
         self.reported: dict[RankKey, int] = {}
+        #: cache-aware queue: ranks with requests waiting in their engine, or placed on since their last
+        #: LoadMetrics (see _busy_usage)
+        self._no_room: set[RankKey] = set()
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
         self._selector = self._make_selector()
@@ -268,6 +271,7 @@ class Router:
             self.active.remove_worker(key)
             self.kv_usage.pop(key, None)
             self.reported.pop(key, None)
+            self._no_room.discard(key)
             if self.predicted is not None:
                 self.predicted.remove_worker(key)
 
@@ -334,7 +338,7 @@ class Router:
         hashes = self.hashes_for(inp)
         cfg = self.config
         if cfg.busy_threshold < 1.0:
-            ok = busy_filter(ok, t.estimated_usage(), cfg.busy_threshold)
+            ok = busy_filter(ok, self._busy_usage(t), cfg.busy_threshold)
         if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
             limit = cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
             ok = prefill_busy_filter(ok, t.prefill, limit)
@@ -384,6 +388,8 @@ class Router:
         if not inp.dry_run:
             prompt_tokens = len(inp.token_ids) or prompt_blocks * (self.block_size or 1)
             self.active.add(inp.request_id, key, new_prefill, decode_new, prompt_tokens, self.router_id, choice.overlap)
+            if self.config.queue_policy == "cache-aware" and key in self.kv_usage:
+                self._no_room.add(key)  # until its next LoadMetrics says what it has room for
             if self.approx is not None:
                 self.approx.record(key, hashes)
             if self.predicted is not None:
@@ -436,13 +442,33 @@ class Router:
     def _release(self, request_id: str) -> None:
         self.free(request_id)
 
+    def _busy_usage(self, t: RankTable) -> np.ndarray:
+        """KV usage per rank as the busy threshold sees it (the threshold on).
+
+        With the cache-aware queue a rank also counts as full (usage +inf) while its engine reports requests
+        waiting, and from a placement until its next LoadMetrics: a request still waiting in the engine
+        holds no KV blocks, so its usage cannot show it, and without this one wake-up would place every
+        waiting request on the first rank to dip under the threshold (what fcfs does), whatever its cache
+        holds. So the router queue, where the cache-aware choice is made, is where requests wait, and a rank
+        takes the next one when it can start it. Ranks that never reported are never busy.
+        """
+        usage = t.estimated_usage()
+        if self.config.queue_policy != "cache-aware" or not self._no_room:
+            return usage
+        usage = usage.copy()
+        for key in self._no_room:
+            slot = t.slot_of.get(key)
+            if slot is not None:
+                usage[slot] = np.inf
+        return usage
+
     def _free_ranks(self) -> np.ndarray | None:
         """Rank slots under the busy threshold (and the queue threshold) now; None when every one is busy."""
         t = self._table()
         cfg = self.config
         free = np.ones(t.n, dtype=np.bool_)
         if cfg.busy_threshold < 1.0:
-            free &= ~(t.estimated_usage() > cfg.busy_threshold)
+            free &= ~(self._busy_usage(t) > cfg.busy_threshold)
         if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
             free &= t.prefill <= cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
         return free if free.any() else None
@@ -545,6 +571,10 @@ class Router:
         """A worker's LoadMetrics: KV usage (the busy threshold) and waiting + running (the tie-break)."""
         if key[0] in self.workers and total_blocks > 0:
             self.kv_usage[key] = active_blocks / total_blocks
+            if waiting > 0 and self.config.queue_policy == "cache-aware":
+                self._no_room.add(key)
+            else:
+                self._no_room.discard(key)
             self.reported[key] = waiting + running
             if self._rank_table is not None:
                 self._rank_table.set_usage(key, active_blocks / total_blocks)
