@@ -77,3 +77,19 @@ def test_g2_recovers_prefix_hits_and_its_bound_is_no_worse(tmp_path: Path) -> No
     assert g2["hit_rate"]["total"] > g1["hit_rate"]["total"]
     assert bound["hit_rate"]["total"] >= g2["hit_rate"]["total"]
     assert bound["ttft_s"]["p50"] <= g2["ttft_s"]["p50"] <= g1["ttft_s"]["p50"]
+
+
+def test_the_routed_virtual_clock_serves_every_request_and_repeats_exactly(tmp_path: Path) -> None:
+    """N cores behind the real router on one clock: every request gets its first token, G2 adds host hits,
+    and the answer does not depend on the machine (two runs agree to the last digit)."""
+    from dynamo_grpc.bench.kvbm_sim import simulate_routed
+
+    trace = conversations(n_conv=8, turns=4, first_blocks=2, add_blocks=2, rate=4.0, seed=3)
+    ws = unique_engine_blocks(trace)
+    sizes = {"g1_blocks": -(-ws // 4 // 2), "g2_blocks": -(-ws // 2), "g3_blocks": ws}
+    flags = {"prefill_load_scale": 2.0, "queue_policy": "cache-aware"}
+    g1 = simulate_routed(trace, "g1", sizes, tmp_path, 2, flags)
+    g2 = simulate_routed(trace, "g1+g2", sizes, tmp_path, 2, flags)
+    assert g1["requests"] == g2["requests"] == len(trace.requests)
+    assert g1["hit_rate"]["host"] == 0.0 and g2["hit_rate"]["host"] > 0.0
+    assert simulate_routed(trace, "g1+g2", sizes, tmp_path, 2, flags) == g2

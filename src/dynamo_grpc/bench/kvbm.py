@@ -259,6 +259,40 @@ def simulate_core(
     }
 
 
+def router_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`router_args` as RouterConfig fields (the routed virtual-clock part builds its router from them)."""
+    out: dict[str, Any] = {
+        "prefill_load_scale": 2.0,
+        "busy_threshold": args.router_busy_threshold,
+        "queue_policy": args.router_queue_policy,
+    }
+    if args.router_queue_policy == "cache-aware":
+        out["queue_age_cap_s"] = args.router_queue_age_cap_secs
+    return out
+
+
+def routed_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The whole trace over ``--workers`` cores behind the real router, virtual clock (bench/kvbm_sim.py):
+    the mesh's routing without its CPU contention. Round k uses the trace with seed k (round 1 = the mesh's)."""
+    from dynamo_grpc.bench.kvbm_sim import simulate_routed
+
+    runs = []
+    for rnd in range(args.rounds):
+        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=rnd + 1, think_s=args.think_s)
+        ws = unique_engine_blocks(trace)
+        sizes = {
+            "g1_blocks": -(-ws // 4 // args.workers),
+            "g2_blocks": -(-(ws - ws // 4) * 5 // 4 // args.workers),
+            "g3_blocks": -(-ws // args.workers) * 2,
+        }
+        for name in CONFIGS:
+            r = simulate_routed(trace, name, sizes, work, args.workers, router_flags(args))
+            r["round"] = rnd + 1
+            runs.append(r)
+            print(f"   routed {name} round {rnd + 1}: TTFT p50 {r['ttft_s']['p50']:.3f} s", file=sys.stderr)
+    return {"router_flags": router_flags(args), "runs": runs, "summary": _summary(runs)}
+
+
 # ---------------------------------------------------------------- torch
 
 
@@ -381,6 +415,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
     p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
     p.add_argument("--skip-mesh", action="store_true", help="skip the mocker mesh (keep the virtual-clock core part)")
+    p.add_argument(
+        "--skip-routed", action="store_true", help="skip the routed virtual-clock part (N cores behind the router)"
+    )
     p.add_argument("--torch-prefix", type=int, default=2048, help="prompt tokens of the torch part")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=default_results_dir() / "kvbm.json")
@@ -475,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
         )
+        if "routed_virtual_clock" in kept:
+            report["routed_virtual_clock"] = kept["routed_virtual_clock"]
+        elif not args.skip_routed:
+            report["routed_virtual_clock"] = routed_part(args, work)
         write_json(args.json, report)
         mesh_rounds = [] if args.skip_mesh else [args.only_round - 1] if args.only_round else range(args.rounds)
         for rnd in mesh_rounds:
@@ -517,6 +558,8 @@ def _plot(report: dict[str, Any], png: Path) -> None:
     ttft_panels: list[tuple[str, dict[str, Any], str]] = []
     if report.get("mocker", {}).get("summary"):
         ttft_panels.append(("mocker mesh (trace s)", report["mocker"]["summary"], "TTFT (trace s)"))
+    if "routed_virtual_clock" in report:
+        ttft_panels.append(("cores + router, virtual clock (s)", report["routed_virtual_clock"]["summary"], "TTFT (s)"))
     if "core_virtual_clock" in report:
         ttft_panels.append(("one core, virtual clock (s)", report["core_virtual_clock"]["summary"], "TTFT (s)"))
     n = len(ttft_panels) + (1 if ttft_panels else 0) + ("torch" in report)
@@ -537,7 +580,7 @@ def _plot(report: dict[str, Any], png: Path) -> None:
         ax.legend()
         i += 1
     if ttft_panels:
-        title, s, _ = ttft_panels[0]
+        title, s, _ = ttft_panels[0]  # the mesh's when there is one
         ax = axes[i]
         bottom = [0.0] * len(CONFIGS)
         for tier in ("device", "host", "disk"):
