@@ -235,3 +235,21 @@ async def test_a_rank_takes_the_next_request_when_it_can_start_it(policy: str) -
     r.set_load(("w1", 0), 50, 100)
     assert (await asyncio.wait_for(tasks["c"], 1.0)).instance_id == "w1"
     assert tasks["a"].result().instance_id == tasks["b"].result().instance_id == "w0"
+
+
+async def test_a_rank_whose_load_reports_stop_is_not_full_forever() -> None:
+    """Marked full after a placement, a rank whose next LoadMetrics never comes takes work again after
+    NO_ROOM_TTL_S (a lost report must not strand the queue)."""
+    from dynamo_grpc.router import router as router_mod
+
+    now = [1000.0]
+    r = Router(RouterConfig(block_size=BS, seed=1, queue_policy="cache-aware", predicted_ttl_s=0))
+    r.clock = lambda: now[0]
+    r.set_workers([WorkerInfo("w0", "127.0.0.1:9000", block_size=BS, kv_blocks=100)])
+    r.ready = True
+    r.set_load(("w0", 0), 10, 100)
+    assert r.route(RouteInput("a", block_hashes=[1, 2])).instance_id == "w0"
+    tasks = await _enqueue(r, [RouteInput("b", block_hashes=[3, 4])])  # w0 is full until it reports
+    now[0] += router_mod.NO_ROOM_TTL_S + 0.1
+    r.housekeeping()  # the periodic sweep wakes the queue
+    assert (await asyncio.wait_for(tasks["b"], 1.0)).instance_id == "w0"

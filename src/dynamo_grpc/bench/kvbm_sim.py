@@ -65,8 +65,9 @@ async def _run(
     bs = cores[0].config.block_size
     clock = [0.0]
     router = Router(RouterConfig(block_size=bs, seed=1, predicted_ttl_s=0, **router_flags))
+    router.clock = lambda: clock[0]
     if router.queue is not None:
-        router.queue.clock = lambda: clock[0]
+        router.queue.clock = router.clock
     ids = [f"w{i}" for i in range(workers)]
     router.set_workers([WorkerInfo(w, f"sim:{w}", block_size=bs, kv_blocks=sizes["g1_blocks"]) for w in ids])
     router.ready = True

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 decision_log = logging.getLogger("dynamo_grpc.router.decisions")
 
 RankKey = tuple[str, int]  # (instance_id, dp_rank)
+#: cache-aware queue: how long a rank stays full after a placement or a report of waiting requests, at most
+#: (its next LoadMetrics normally clears it within 100 ms)
+NO_ROOM_TTL_S = 1.0
 
 __all__ = ["AllBusy", "NoWorkers", "NotReady", "RouteInput", "RouteResult", "Router", "WorkerInfo"]
 
@@ -167,8 +170,10 @@ class Router:
         #: (instance_id, dp_rank) -> waiting + running requests, from LoadMetrics (the tie-break)
         self.reported: dict[RankKey, int] = {}
         #: cache-aware queue: ranks with requests waiting in their engine, or placed on since their last
-        #: LoadMetrics (see _busy_usage)
-        self._no_room: set[RankKey] = set()
+        #: LoadMetrics (see _busy_usage), and since when
+        self._no_room: dict[RankKey, float] = {}
+        #: the clock of those marks (a simulation sets its own)
+        self.clock: Callable[[], float] = time.monotonic
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
         self._selector = self._make_selector()
@@ -271,7 +276,7 @@ class Router:
             self.active.remove_worker(key)
             self.kv_usage.pop(key, None)
             self.reported.pop(key, None)
-            self._no_room.discard(key)
+            self._no_room.pop(key, None)
             if self.predicted is not None:
                 self.predicted.remove_worker(key)
 
@@ -389,7 +394,7 @@ class Router:
             prompt_tokens = len(inp.token_ids) or prompt_blocks * (self.block_size or 1)
             self.active.add(inp.request_id, key, new_prefill, decode_new, prompt_tokens, self.router_id, choice.overlap)
             if self.config.queue_policy == "cache-aware" and key in self.kv_usage:
-                self._no_room.add(key)  # until its next LoadMetrics says what it has room for
+                self._no_room[key] = self.clock()  # until its next LoadMetrics says what it has room for
             if self.approx is not None:
                 self.approx.record(key, hashes)
             if self.predicted is not None:
@@ -450,13 +455,19 @@ class Router:
         holds no KV blocks, so its usage cannot show it, and without this one wake-up would place every
         waiting request on the first rank to dip under the threshold (what fcfs does), whatever its cache
         holds. So the router queue, where the cache-aware choice is made, is where requests wait, and a rank
-        takes the next one when it can start it. Ranks that never reported are never busy.
+        takes the next one when it can start it. Ranks that never reported are never busy, and a mark older
+        than NO_ROOM_TTL_S (workers report at least every 100 ms) is dropped, so lost reports never strand
+        the queue.
         """
         usage = t.estimated_usage()
         if self.config.queue_policy != "cache-aware" or not self._no_room:
             return usage
         usage = usage.copy()
-        for key in self._no_room:
+        stale = self.clock() - NO_ROOM_TTL_S
+        for key, since in list(self._no_room.items()):
+            if since < stale:
+                del self._no_room[key]
+                continue
             slot = t.slot_of.get(key)
             if slot is not None:
                 usage[slot] = np.inf
@@ -572,9 +583,9 @@ class Router:
         if key[0] in self.workers and total_blocks > 0:
             self.kv_usage[key] = active_blocks / total_blocks
             if waiting > 0 and self.config.queue_policy == "cache-aware":
-                self._no_room.add(key)
+                self._no_room[key] = self.clock()
             else:
-                self._no_room.discard(key)
+                self._no_room.pop(key, None)
             self.reported[key] = waiting + running
             if self._rank_table is not None:
                 self._rank_table.set_usage(key, active_blocks / total_blocks)
