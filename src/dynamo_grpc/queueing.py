@@ -10,6 +10,12 @@ something was freed.
 Ordering: ``fcfs`` (arrival) or ``wspt`` (weighted shortest processing time with unit weights: the
 smallest ``cost`` first, arrival breaking ties). Under ``wspt`` a large request can wait behind a steady
 stream of small ones; the bound on the queue and the caller's deadline limit how long.
+
+``cache-aware``: on a poke the owner's ``choose`` callback sees the ``info`` of the oldest ``lookahead``
+waiters (in arrival order) and names the one to place now (for the router: the one with the most KV cached
+on a worker that has room), or None when nothing can be placed. Unfairness is bounded by ``age_cap_s``:
+once the oldest waiter has waited that long it goes first, ahead of any better-cached one, exactly as
+under ``fcfs``; and a waiter beyond the lookahead window is never chosen ahead of the window.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-POLICIES = ("fcfs", "wspt")
+POLICIES = ("fcfs", "wspt", "cache-aware")
+
+#: cache-aware: given the waiters' ``info`` (oldest first), the index of the one to place now, or None
+Chooser = Callable[[Sequence[object]], "int | None"]
 
 
 class QueueFull(Exception):
@@ -35,6 +45,10 @@ class _Entry(Generic[T]):
     key: tuple[float, int]
     attempt: Callable[[], T] = field(compare=False)
     future: asyncio.Future[T] = field(compare=False)
+    #: what the cache-aware chooser looks at (the router: the prompt's block hashes)
+    info: object = field(default=None, compare=False)
+    #: when it started waiting (the age cap)
+    since: float = field(default=0.0, compare=False)
 
 
 class WaitQueue(Generic[T]):
@@ -43,14 +57,32 @@ class WaitQueue(Generic[T]):
     A caller that goes away (cancelled, deadline) leaves the queue at once; its slot is freed.
     """
 
-    def __init__(self, capacity: int, policy: str = "fcfs", busy: type[Exception] = Exception) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        policy: str = "fcfs",
+        busy: type[Exception] = Exception,
+        choose: Chooser | None = None,
+        age_cap_s: float = 0.0,
+        lookahead: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if policy == "cache-aware" and choose is None:
+            raise ValueError("the cache-aware policy needs a choose callback")
+        if age_cap_s < 0 or lookahead < 1:
+            raise ValueError(f"age_cap_s must be >= 0 and lookahead >= 1, got {age_cap_s}, {lookahead}")
         self.capacity = capacity
         self.policy = policy
         self.busy = busy
+        self.choose = choose
+        #: cache-aware: a waiter this old goes first whatever is cached (0: no cap)
+        self.age_cap_s = age_cap_s
+        self.lookahead = lookahead
+        self.clock = clock
         self._heap: list[_Entry[T]] = []
         self._seq = itertools.count()
         self._poking = False
@@ -58,6 +90,9 @@ class WaitQueue(Generic[T]):
         self.enqueued = 0
         self.refused = 0
         self.dispatched = 0
+        #: cache-aware: placements that went ahead of an older waiter, and those the age cap forced
+        self.overtaken = 0
+        self.aged = 0
 
     def has_waiters(self) -> bool:
         """Cheap check for the owner's hot path (may count a just-cancelled entry until the next poke)."""
@@ -66,11 +101,18 @@ class WaitQueue(Generic[T]):
     def __len__(self) -> int:
         return sum(1 for e in self._heap if not e.future.done())
 
-    async def admit(self, attempt: Callable[[], T], cost: float = 0.0, release: Callable[[T], None] | None = None) -> T:
+    async def admit(
+        self,
+        attempt: Callable[[], T],
+        cost: float = 0.0,
+        release: Callable[[T], None] | None = None,
+        info: object = None,
+    ) -> T:
         """``attempt()`` now if nobody is waiting, else (or if it raises ``busy``) wait for a :meth:`poke`.
 
         Raises QueueFull when the queue is at capacity (a capacity of 0 means no waiting: ``busy`` propagates).
         ``release`` undoes a result the caller can no longer take (it was cancelled as it was placed).
+        ``info`` is what the cache-aware chooser sees of this waiter.
         """
         if not len(self):
             try:
@@ -88,7 +130,7 @@ class WaitQueue(Generic[T]):
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         n = next(self._seq)
         key = (float(cost), n) if self.policy == "wspt" else (0.0, n)
-        heapq.heappush(self._heap, _Entry(key, attempt, fut))
+        heapq.heappush(self._heap, _Entry(key, attempt, fut, info, self.clock()))
         self.enqueued += 1
         self.poke()  # something may have been freed between the attempt and now
         try:
@@ -111,25 +153,56 @@ class WaitQueue(Generic[T]):
         try:
             self._drop_done()
             while self._heap:
-                head = self._heap[0]
+                how = "head"
+                if self.policy == "cache-aware":
+                    head, how = self._chosen()
+                    if head is None:
+                        break
+                else:
+                    head = self._heap[0]
                 if head.future.done():
-                    heapq.heappop(self._heap)
+                    self._remove(head)
                     continue
                 try:
                     result = head.attempt()
                 except self.busy:
                     break
                 except Exception as exc:  # this request's own failure (no worker, bad input): it alone fails
-                    heapq.heappop(self._heap)
+                    self._remove(head)
                     head.future.set_exception(exc)
                     continue
-                heapq.heappop(self._heap)
+                self._remove(head)
                 head.future.set_result(result)
                 self.dispatched += 1
+                self.aged += how == "aged"
+                self.overtaken += how == "overtook"
                 placed += 1
         finally:
             self._poking = False
         return placed
+
+    def _chosen(self) -> tuple[_Entry[T] | None, str]:
+        """cache-aware: the oldest waiter once it is past the age cap ("aged"), else the chooser's pick of
+        the window ("head" when that is the oldest, "overtook" when not), or None: nothing to place now."""
+        assert self.choose is not None
+        self._drop_done()
+        if not self._heap:
+            return None, ""
+        oldest = self._heap[0]  # keys are (0, arrival): the heap's head is the oldest
+        if self.age_cap_s > 0 and self.clock() - oldest.since >= self.age_cap_s:
+            return oldest, "aged"
+        window = [e for e in heapq.nsmallest(self.lookahead, self._heap) if not e.future.done()]
+        i = self.choose([e.info for e in window])
+        if i is None:
+            return None, ""
+        return window[i], ("overtook" if i > 0 else "head")
+
+    def _remove(self, entry: _Entry[T]) -> None:
+        if self._heap and self._heap[0] is entry:
+            heapq.heappop(self._heap)
+        else:
+            self._heap.remove(entry)
+            heapq.heapify(self._heap)
 
     def _drop_done(self) -> None:
         while self._heap and self._heap[0].future.done():

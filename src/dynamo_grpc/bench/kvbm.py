@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import sys
@@ -37,6 +38,7 @@ from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.bench.replay import ReplayConfig, _drive
 from dynamo_grpc.bench.replay_metrics import summarize
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest
+from dynamo_grpc.router.config import QUEUE_POLICIES, RouterConfig
 
 HASH_BLOCK = 512
 ENGINE_BLOCK = 64
@@ -102,8 +104,13 @@ def _scrape_tiers(consul: str) -> dict[str, float]:
 
 
 def router_args(args: argparse.Namespace) -> list[str]:
-    """The router's flags in the mesh runs (every config alike): the load's prefill scale, and the busy threshold."""
-    return ["--router-prefill-load-scale", "2", "--router-busy-threshold", str(args.router_busy_threshold)]
+    """The router's flags in the mesh runs (every config alike): the load's prefill scale, the busy threshold
+    and the router queue's order."""
+    out = ["--router-prefill-load-scale", "2", "--router-busy-threshold", str(args.router_busy_threshold)]
+    out += ["--router-queue-policy", args.router_queue_policy]
+    if args.router_queue_policy == "cache-aware":
+        out += ["--router-queue-age-cap-secs", str(args.router_queue_age_cap_secs)]
+    return out
 
 
 def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[str, int], work: Path) -> dict[str, Any]:
@@ -119,10 +126,10 @@ def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[st
     cfg = ReplayConfig(trace.path, ["kv"], workers=args.workers, speedup=args.speedup, rate_scale=1.0)
     mc = MeshConfig(
         workers=args.workers,
-        router_mode="kv-service",
+        router_mode="kv",  # the frontend's embedded router (the default deployment; no Route RPC timeout)
         speedup_ratio=args.speedup,
         worker_args=wargs,
-        router_args=router_args(args),
+        frontend_args=router_args(args),
         acl=False,
     )
     t0 = time.monotonic()
@@ -252,6 +259,40 @@ def simulate_core(
     }
 
 
+def router_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`router_args` as RouterConfig fields (the routed virtual-clock part builds its router from them)."""
+    out: dict[str, Any] = {
+        "prefill_load_scale": 2.0,
+        "busy_threshold": args.router_busy_threshold,
+        "queue_policy": args.router_queue_policy,
+    }
+    if args.router_queue_policy == "cache-aware":
+        out["queue_age_cap_s"] = args.router_queue_age_cap_secs
+    return out
+
+
+def routed_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The whole trace over ``--workers`` cores behind the real router, virtual clock (bench/kvbm_sim.py):
+    the mesh's routing without its CPU contention. Round k uses the trace with seed k (round 1 = the mesh's)."""
+    from dynamo_grpc.bench.kvbm_sim import simulate_routed
+
+    runs = []
+    for rnd in range(args.rounds):
+        trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=rnd + 1, think_s=args.think_s)
+        ws = unique_engine_blocks(trace)
+        sizes = {
+            "g1_blocks": -(-ws // 4 // args.workers),
+            "g2_blocks": -(-(ws - ws // 4) * 5 // 4 // args.workers),
+            "g3_blocks": -(-ws // args.workers) * 2,
+        }
+        for name in CONFIGS:
+            r = simulate_routed(trace, name, sizes, work, args.workers, router_flags(args))
+            r["round"] = rnd + 1
+            runs.append(r)
+            print(f"   routed {name} round {rnd + 1}: TTFT p50 {r['ttft_s']['p50']:.3f} s", file=sys.stderr)
+    return {"router_flags": router_flags(args), "runs": runs, "summary": _summary(runs)}
+
+
 # ---------------------------------------------------------------- torch
 
 
@@ -347,10 +388,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--router-busy-threshold",
         type=float,
-        default=1.0,
-        help="the router's KV busy threshold (default 1 = off, Dynamo's default; the router's own default 0.95 "
-        "keeps every worker of this small device cache 'busy' under load, and the router queue then places each "
-        "request on whichever worker dips under it first, whatever its cache holds: docs/kvbm.md)",
+        default=RouterConfig.busy_threshold,
+        help="the router's KV busy threshold (default: the router's, 0.95). With this small device cache every "
+        "worker is over it under load, so requests wait in the router queue: see --router-queue-policy",
+    )
+    p.add_argument(
+        "--router-queue-policy",
+        choices=QUEUE_POLICIES,
+        default="cache-aware",
+        help="the router queue's order (default cache-aware: a worker with room takes the waiting request with "
+        "the most KV cached there; fcfs places each on whichever worker dips under the threshold first, "
+        "whatever its cache holds: docs/kvbm.md)",
+    )
+    p.add_argument(
+        "--router-queue-age-cap-secs",
+        type=float,
+        default=RouterConfig.queue_age_cap_s,
+        help="cache-aware: the router queue's age cap (default: the router's)",
     )
     p.add_argument("--conversations", type=int, default=96)
     p.add_argument("--turns", type=int, default=7)
@@ -361,16 +415,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mocker", action="store_true", help="only the torch part")
     p.add_argument("--skip-torch", action="store_true", help="only the mocker part")
     p.add_argument("--skip-mesh", action="store_true", help="skip the mocker mesh (keep the virtual-clock core part)")
+    p.add_argument(
+        "--skip-routed", action="store_true", help="skip the routed virtual-clock part (N cores behind the router)"
+    )
     p.add_argument("--torch-prefix", type=int, default=2048, help="prompt tokens of the torch part")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=default_results_dir() / "kvbm.json")
+    p.add_argument(
+        "--only-round",
+        type=int,
+        default=0,
+        help="run only this mesh round (1..--rounds) and merge it into --json, keeping that file's other rounds, "
+        "its core part and its torch part (so a long run can be split into short ones; 0 = the whole run)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not 0 <= args.only_round <= args.rounds:
+        raise SystemExit(f"--only-round must be in 0..{args.rounds} (--rounds), got {args.only_round}")
     t_start = time.monotonic()
     report: dict[str, Any] = {"benchmark": "kvbm"}
+    kept: dict[str, Any] = {}
+    if args.only_round and args.json.exists():
+        kept = json.loads(args.json.read_text())
+        if kept.get("benchmark") != "kvbm":
+            raise SystemExit(f"{args.json} is not a bench kvbm result: refusing to merge into it")
     work = Path(tempfile.mkdtemp(prefix="dynamo-kvbm-"))
     if not args.skip_mocker:
         trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=1, think_s=args.think_s)
@@ -397,10 +468,19 @@ def main(argv: list[str] | None = None) -> int:
             "router_args": router_args(args),
             "runs": [],
         }
+        if (
+            kept.get("mocker", {}).get("router_args", report["mocker"]["router_args"])
+            != report["mocker"]["router_args"]
+        ):
+            raise SystemExit(f"{args.json} was run with other router flags: refusing to merge rounds into it")
+        if kept:
+            report["mocker"]["runs"] = [
+                r for r in kept.get("mocker", {}).get("runs", []) if r["round"] != args.only_round
+            ]
         # one worker's share (conversations / workers at rate / workers) through one core, virtual clock
         core_runs = []
         bound_runs: list[dict[str, Any]] = []
-        for rnd in range(args.rounds):
+        for rnd in range(0 if "core_virtual_clock" in kept else args.rounds):
             share = conversations(
                 max(args.conversations // args.workers, 1), args.turns, 2, 2, args.rate / args.workers,
                 seed=100 + rnd, think_s=args.think_s,
@@ -417,19 +497,28 @@ def main(argv: list[str] | None = None) -> int:
             b = simulate_core(share, "g1+g2", dict(one, g2_blocks=ws1 * 4), work, host_gbps=1e9)
             bound_runs.append({"round": rnd + 1, "ttft_s": b["ttft_s"], "hit_rate": b["hit_rate"]})
         g1_p50 = [r["ttft_s"]["p50"] for r in core_runs if r["config"] == "g1"]
-        report["core_virtual_clock"] = {
-            "runs": core_runs,
-            "summary": _summary(core_runs),
-            "g2_bound": {
-                "what": "g1+g2 with G2 holding 4x the working set and free transfers: the most any G2 can give",
-                "runs": bound_runs,
-                "ttft_p50_g1_over_this": _spread(
-                    [a / r["ttft_s"]["p50"] for a, r in zip(g1_p50, bound_runs, strict=True)]
-                ),
-            },
-        }
+        report["core_virtual_clock"] = (
+            kept["core_virtual_clock"]
+            if "core_virtual_clock" in kept
+            else {
+                "runs": core_runs,
+                "summary": _summary(core_runs),
+                "g2_bound": {
+                    "what": "g1+g2 with G2 holding 4x the working set and free transfers: the most any G2 can give",
+                    "runs": bound_runs,
+                    "ttft_p50_g1_over_this": _spread(
+                        [a / r["ttft_s"]["p50"] for a, r in zip(g1_p50, bound_runs, strict=True)]
+                    ),
+                },
+            }
+        )
+        if "routed_virtual_clock" in kept:
+            report["routed_virtual_clock"] = kept["routed_virtual_clock"]
+        elif not args.skip_routed:
+            report["routed_virtual_clock"] = routed_part(args, work)
         write_json(args.json, report)
-        for rnd in range(0 if args.skip_mesh else args.rounds):
+        mesh_rounds = [] if args.skip_mesh else [args.only_round - 1] if args.only_round else range(args.rounds)
+        for rnd in mesh_rounds:
             for name in CONFIGS:
                 print(f"== round {rnd + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 r = run_config(name, trace, args, sizes, work)
@@ -443,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 write_json(args.json, report)
         if report["mocker"]["runs"]:
+            report["mocker"]["runs"].sort(key=lambda r: (r["round"], CONFIGS.index(r["config"])))
             report["mocker"]["summary"] = _summary(report["mocker"]["runs"])
 
+    if args.skip_torch and "torch" in kept:
+        report["torch"] = kept["torch"]  # not re-run: the earlier run's numbers stay, with their note
     if not args.skip_torch:
         print("== torch: 2k-token prefix from G1 / G2 / G3 / recompute", file=sys.stderr, flush=True)
         report["torch"] = torch_onboard(args.rounds, args.torch_prefix, args.torch_threads, work)
@@ -466,6 +558,8 @@ def _plot(report: dict[str, Any], png: Path) -> None:
     ttft_panels: list[tuple[str, dict[str, Any], str]] = []
     if report.get("mocker", {}).get("summary"):
         ttft_panels.append(("mocker mesh (trace s)", report["mocker"]["summary"], "TTFT (trace s)"))
+    if "routed_virtual_clock" in report:
+        ttft_panels.append(("cores + router, virtual clock (s)", report["routed_virtual_clock"]["summary"], "TTFT (s)"))
     if "core_virtual_clock" in report:
         ttft_panels.append(("one core, virtual clock (s)", report["core_virtual_clock"]["summary"], "TTFT (s)"))
     n = len(ttft_panels) + (1 if ttft_panels else 0) + ("torch" in report)
@@ -486,7 +580,7 @@ def _plot(report: dict[str, Any], png: Path) -> None:
         ax.legend()
         i += 1
     if ttft_panels:
-        title, s, _ = ttft_panels[0]
+        title, s, _ = ttft_panels[0]  # the mesh's when there is one
         ax = axes[i]
         bottom = [0.0] * len(CONFIGS)
         for tier in ("device", "host", "disk"):

@@ -155,10 +155,16 @@ class KvRouterClient:
     mode = "kv-service"  # for the frontend.request span
 
     def __init__(
-        self, address_fn: Callable[[str], str | None], timeout_s: float = 5.0, skipped: Callable[[], set[str]] = set
+        self,
+        address_fn: Callable[[str], str | None],
+        timeout_s: float | None = None,
+        skipped: Callable[[], set[str]] = set,
     ) -> None:
         """``skipped``: workers this process will not use (its WorkerView), excluded on every Route so the
-        router service skips them too."""
+        router service skips them too. ``timeout_s``: a bound on each Route call; none by default, because the
+        router may hold a request in its queue while every worker is busy (a fixed 5 s failed every request
+        that waited longer with DEADLINE_EXCEEDED); the call ends when the request does (a client that goes
+        away or whose deadline passes cancels it, and the router drops it from its queue)."""
         self._skipped = skipped
         self._address_fn = address_fn
         self._timeout = timeout_s

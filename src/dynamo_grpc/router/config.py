@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("kv", "round-robin", "random", "approx")
-QUEUE_POLICIES = ("fcfs", "wspt")
+QUEUE_POLICIES = ("fcfs", "wspt", "cache-aware")
 
 
 @dataclass
@@ -37,8 +37,12 @@ class RouterConfig:
     max_num_batched_tokens: int = 8192
     #: requests that may wait in the router while every rank is busy; past it RESOURCE_EXHAUSTED; 0 = no queue
     queue_size: int = 1024
-    #: order of the router queue: fcfs (arrival) or wspt (fewest uncached prompt tokens first)
+    #: order of the router queue: fcfs (arrival), wspt (fewest uncached prompt tokens first) or cache-aware
+    #: (when a worker has room, the waiting request with the most KV cached there, credited by tier; kv/approx)
     queue_policy: str = "fcfs"
+    #: cache-aware: a request that has waited this long in the router queue goes first, whatever is cached
+    #: where (the bound on how long better-cached requests may overtake it); 0 = no cap
+    queue_age_cap_s: float = 30.0
     #: kv mode: seconds a routed prompt counts as cached on its worker before that worker's KV events
     #: confirm it (predicted prefixes: a burst sharing a new prefix stays together); 0 disables it
     predicted_ttl_s: float = 5.0
@@ -71,6 +75,17 @@ class RouterConfig:
             ("max_num_batched_tokens", self.max_num_batched_tokens > 0, "> 0"),
             ("queue_size", self.queue_size >= 0, ">= 0"),
             ("queue_policy", self.queue_policy in QUEUE_POLICIES, f"one of {', '.join(QUEUE_POLICIES)}"),
+            (
+                "queue_policy",
+                self.queue_policy != "cache-aware" or self.mode in ("kv", "approx"),
+                "fcfs or wspt with --router-mode " + self.mode + " (cache-aware needs a KV index: kv or approx)",
+            ),
+            ("queue_age_cap_s", self.queue_age_cap_s >= 0, ">= 0"),
+            (
+                "queue_age_cap_s",
+                self.queue_policy == "cache-aware" or self.queue_age_cap_s == RouterConfig.queue_age_cap_s,
+                f"left at its default ({RouterConfig.queue_age_cap_s:g}) unless the queue policy is cache-aware",
+            ),
             ("predicted_ttl_s", self.predicted_ttl_s >= 0, ">= 0"),
             ("approx_ttl_s", self.approx_ttl_s > 0, "> 0"),
             ("resync_interval_s", self.resync_interval_s >= 0, ">= 0"),

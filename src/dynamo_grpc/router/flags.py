@@ -31,6 +31,7 @@ FLAG_OF = {
     "max_num_batched_tokens": "--router-max-num-batched-tokens",
     "queue_size": "--router-queue-size",
     "queue_policy": "--router-queue-policy",
+    "queue_age_cap_s": "--router-queue-age-cap-secs",
     "predicted_ttl_s": "--router-predicted-ttl-secs",
 }
 
@@ -163,8 +164,18 @@ def add_router_flags(parser: argparse.ArgumentParser, extra_modes: Sequence[str]
         "--router-queue-policy",
         None,
         d.queue_policy,
-        choices=["fcfs", "wspt"],
-        help="order of the router queue: fcfs (arrival) or wspt (fewest uncached prompt tokens first)",
+        choices=["fcfs", "wspt", "cache-aware"],
+        help="order of the router queue: fcfs (arrival), wspt (fewest uncached prompt tokens first) or "
+        "cache-aware (kv: when a worker has room, the waiting request with the most KV cached there, host and "
+        "disk hits credited by their tier weights; see --router-queue-age-cap-secs)",
+    )
+    add(
+        "--router-queue-age-cap-secs",
+        None,
+        d.queue_age_cap_s,
+        type=float,
+        help="cache-aware queue: a request that has waited this long goes first, whatever is cached where "
+        "(bounds the unfairness); 0 = no cap",
     )
     add(
         "--router-predicted-ttl-secs",
@@ -232,6 +243,7 @@ USED_IN: dict[str, set[str]] = {
     "router_max_num_batched_tokens": {"kv", "approx"},
     "router_queue_size": _ANY,
     "router_queue_policy": _ANY,
+    "router_queue_age_cap_secs": {"kv", "approx"},
     "router_predicted_ttl_secs": {"kv"},
     "router_block_size": _ANY,
     "router_seed": _ANY,
@@ -285,6 +297,7 @@ def router_config_from_args(args: argparse.Namespace, namespace: str = "dynamo",
         max_num_batched_tokens=args.router_max_num_batched_tokens,
         queue_size=args.router_queue_size,
         queue_policy=args.router_queue_policy,
+        queue_age_cap_s=args.router_queue_age_cap_secs,
         predicted_ttl_s=args.router_predicted_ttl_secs,
         approx_ttl_s=args.router_ttl_secs,
         namespace=namespace,

@@ -90,6 +90,12 @@ class RouterMetrics:
         queued = gauge("queue_depth", "Requests waiting in the router queue for a worker under its busy threshold")
         queue_refused = counter("queue_refused", "Requests refused because the router queue was full")
         queue_dispatched = counter("queue_dispatched", "Requests placed after waiting in the router queue")
+        queue_overtaken = counter(
+            "queue_overtaken", "cache-aware queue: placements that went ahead of an older waiter (more KV cached)"
+        )
+        queue_aged = counter(
+            "queue_aged", "cache-aware queue: placements the age cap forced ahead of better-cached ones"
+        )
         for node in sorted(self._nodes.values(), key=lambda n: n.config.model):
             r, m = node.router, [node.config.model]
             for mode, n in sorted(r.counters.decisions.items()):
@@ -104,6 +110,8 @@ class RouterMetrics:
                 queued.add_metric(m, len(r.queue))
                 queue_refused.add_metric(m, r.queue.refused)
                 queue_dispatched.add_metric(m, r.queue.dispatched)
+                queue_overtaken.add_metric(m, r.queue.overtaken)
+                queue_aged.add_metric(m, r.queue.aged)
             if node.sub is not None:
                 events.add_metric(m, node.sub.stats.events_applied)
                 gaps.add_metric(m, node.sub.stats.gaps)
@@ -116,7 +124,7 @@ class RouterMetrics:
                 expired.add_metric(m, sync.expired_sequences)
         yield from (decisions, ready, indexed, workers, refused, active, pruned, events, gaps, replays, full_dumps)
         yield from (remote, replicas, expired)
-        yield from (queued, queue_refused, queue_dispatched)
+        yield from (queued, queue_refused, queue_dispatched, queue_overtaken, queue_aged)
         yield from self.overlap.collect()
         yield from self.lag.collect()
 

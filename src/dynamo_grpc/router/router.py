@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dynamo_grpc.discovery.worker_roles import roles_for
 from dynamo_grpc.queueing import QueueFull, WaitQueue
 from dynamo_grpc.router.active import ActiveSequences
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 decision_log = logging.getLogger("dynamo_grpc.router.decisions")
 
 RankKey = tuple[str, int]  # (instance_id, dp_rank)
+#: cache-aware queue: how long a rank stays full after a placement or a report of waiting requests, at most
+#: (its next LoadMetrics normally clears it within 100 ms)
+NO_ROOM_TTL_S = 1.0
 
 __all__ = ["AllBusy", "NoWorkers", "NotReady", "RouteInput", "RouteResult", "Router", "WorkerInfo"]
 
@@ -69,6 +74,15 @@ class RouteInput:
     dry_run: bool = False
     #: aggregated | prefill | decode: only workers whose role serves the phase are candidates
     phase: str = "aggregated"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What the cache-aware router queue knows of a waiting request: its prompt's block hashes and the
+    instances it may not use (its ``exclude`` plus the workers whose role does not serve its phase)."""
+
+    hashes: list[int]
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass
@@ -136,7 +150,15 @@ class Router:
         )
         #: requests waiting for a worker under its busy threshold (None: no queue, AllBusy is raised)
         self.queue: WaitQueue[RouteResult] | None = (
-            WaitQueue(config.queue_size, config.queue_policy, busy=AllBusy) if config.queue_size > 0 else None
+            WaitQueue(
+                config.queue_size,
+                config.queue_policy,
+                busy=AllBusy,
+                choose=self._choose_waiting if config.queue_policy == "cache-aware" else None,
+                age_cap_s=config.queue_age_cap_s,
+            )
+            if config.queue_size > 0
+            else None
         )
         self.block_size = config.block_size
         self.active = ActiveSequences(config.block_size or 1, config.active_ttl_s)
@@ -147,6 +169,11 @@ class Router:
         self.kv_usage: dict[RankKey, float] = {}
         #: (instance_id, dp_rank) -> waiting + running requests, from LoadMetrics (the tie-break)
         self.reported: dict[RankKey, int] = {}
+        #: cache-aware queue: ranks with requests waiting in their engine, or placed on since their last
+        #: LoadMetrics (see _busy_usage), and since when
+        self._no_room: dict[RankKey, float] = {}
+        #: the clock of those marks (a simulation sets its own)
+        self.clock: Callable[[], float] = time.monotonic
         self.ready = config.mode != "kv"
         self.counters = RouterCounters()
         self._selector = self._make_selector()
@@ -249,6 +276,7 @@ class Router:
             self.active.remove_worker(key)
             self.kv_usage.pop(key, None)
             self.reported.pop(key, None)
+            self._no_room.pop(key, None)
             if self.predicted is not None:
                 self.predicted.remove_worker(key)
 
@@ -315,7 +343,7 @@ class Router:
         hashes = self.hashes_for(inp)
         cfg = self.config
         if cfg.busy_threshold < 1.0:
-            ok = busy_filter(ok, t.estimated_usage(), cfg.busy_threshold)
+            ok = busy_filter(ok, self._busy_usage(t), cfg.busy_threshold)
         if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
             limit = cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
             ok = prefill_busy_filter(ok, t.prefill, limit)
@@ -365,6 +393,8 @@ class Router:
         if not inp.dry_run:
             prompt_tokens = len(inp.token_ids) or prompt_blocks * (self.block_size or 1)
             self.active.add(inp.request_id, key, new_prefill, decode_new, prompt_tokens, self.router_id, choice.overlap)
+            if self.config.queue_policy == "cache-aware" and key in self.kv_usage:
+                self._no_room[key] = self.clock()  # until its next LoadMetrics says what it has room for
             if self.approx is not None:
                 self.approx.record(key, hashes)
             if self.predicted is not None:
@@ -391,13 +421,16 @@ class Router:
         if self.queue is None or inp.dry_run:
             return self.route(inp)
         cost = 0.0
+        info: Waiting | None = None
         if self.queue.policy == "wspt" and self.ready:
             hashes = self.hashes_for(inp)
             found = self._selector_overlaps(hashes)
             cost = float(len(hashes) - max(found.values(), default=0))
+        elif self.queue.policy == "cache-aware" and self.ready and (inp.block_hashes or self.block_size):
+            info = Waiting(self.hashes_for(inp), tuple(inp.exclude) + tuple(self._other_roles(inp.phase)))
         try:
             return await self.queue.admit(
-                lambda: self.route(inp), cost, release=lambda _res: self._release(inp.request_id)
+                lambda: self.route(inp), cost, release=lambda _res: self._release(inp.request_id), info=info
             )
         except QueueFull as exc:
             raise AllBusy(str(exc)) from None
@@ -413,6 +446,75 @@ class Router:
 
     def _release(self, request_id: str) -> None:
         self.free(request_id)
+
+    def _busy_usage(self, t: RankTable) -> np.ndarray:
+        """KV usage per rank as the busy threshold sees it (the threshold on).
+
+        With the cache-aware queue a rank also counts as full (usage +inf) while its engine reports requests
+        waiting, and from a placement until its next LoadMetrics: a request still waiting in the engine
+        holds no KV blocks, so its usage cannot show it, and without this one wake-up would place every
+        waiting request on the first rank to dip under the threshold (what fcfs does), whatever its cache
+        holds. So the router queue, where the cache-aware choice is made, is where requests wait, and a rank
+        takes the next one when it can start it. Ranks that never reported are never busy, and a mark older
+        than NO_ROOM_TTL_S (workers report at least every 100 ms) is dropped, so lost reports never strand
+        the queue.
+        """
+        usage = t.estimated_usage()
+        if self.config.queue_policy != "cache-aware" or not self._no_room:
+            return usage
+        usage = usage.copy()
+        stale = self.clock() - NO_ROOM_TTL_S
+        for key, since in list(self._no_room.items()):
+            if since < stale:
+                del self._no_room[key]
+                continue
+            slot = t.slot_of.get(key)
+            if slot is not None:
+                usage[slot] = np.inf
+        return usage
+
+    def _free_ranks(self) -> np.ndarray | None:
+        """Rank slots under the busy threshold (and the queue threshold) now; None when every one is busy."""
+        t = self._table()
+        cfg = self.config
+        free = np.ones(t.n, dtype=np.bool_)
+        if cfg.busy_threshold < 1.0:
+            free &= ~(self._busy_usage(t) > cfg.busy_threshold)
+        if cfg.queue_threshold > 0 and cfg.mode in ("kv", "approx") and self.block_size:
+            free &= t.prefill <= cfg.queue_threshold * cfg.max_num_batched_tokens / self.block_size
+        return free if free.any() else None
+
+    def _choose_waiting(self, waiting: Sequence[object]) -> int | None:
+        """The cache-aware router queue's pick (``waiting`` oldest first): the request with the most KV cached
+        (weighted by tier, predicted prefixes included) on a rank that has room now; the oldest on a tie
+        (so with nothing cached anywhere this is fcfs). None when no waiting request has a rank with room.
+
+        The age cap is the queue's (queueing.WaitQueue): past it the oldest goes first whatever this says.
+        """
+        t = self._table()
+        if not t.n:
+            return 0 if waiting else None  # the attempt fails it clearly (NoWorkers)
+        free = self._free_ranks()
+        if free is None:
+            return None
+        best_i, best = None, -1.0
+        for i, w in enumerate(waiting):
+            if not isinstance(w, Waiting):  # queued before the router knew its block size: no overlap known
+                if best < 0:
+                    best_i, best = i, 0.0
+                continue
+            ok = free & t.allowed(w.exclude) if w.exclude else free
+            if not ok.any():
+                continue  # every rank it may use is busy: it waits, the others may go
+            score = 0.0
+            if best < len(w.hashes):  # else it cannot beat the best so far
+                for key, depth in self._selector_overlaps(w.hashes).items():
+                    slot = t.slot_of.get(key)  # type: ignore[call-overload]
+                    if slot is not None and ok[slot] and depth > score:
+                        score = float(depth)
+            if score > best:
+                best_i, best = i, float(score)
+        return best_i
 
     def _wake(self) -> None:
         """Load dropped or workers changed: place what waits in the router queue."""
@@ -480,6 +582,10 @@ class Router:
         """A worker's LoadMetrics: KV usage (the busy threshold) and waiting + running (the tie-break)."""
         if key[0] in self.workers and total_blocks > 0:
             self.kv_usage[key] = active_blocks / total_blocks
+            if waiting > 0 and self.config.queue_policy == "cache-aware":
+                self._no_room[key] = self.clock()
+            else:
+                self._no_room.pop(key, None)
             self.reported[key] = waiting + running
             if self._rank_table is not None:
                 self._rank_table.set_usage(key, active_blocks / total_blocks)
