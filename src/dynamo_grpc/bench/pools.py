@@ -40,6 +40,8 @@ SPEC_KEYS = {
     "spill": "long pool busy_prefill_tokens (long prompts spill to the short pool when the long one is backed up)",
     "accept": "short pool accept_spill_prefill_tokens (it takes spill-over only onto workers this idle)",
     "busy": "busy_prefill_tokens of both pools (spill-over both ways)",
+    "hold": "long pool hold_spill_s (seconds: a long prompt the long pool is too backed up for waits in the global "
+    "router for the first worker that frees instead of queueing at once; needs spill)",
 }
 
 
@@ -51,17 +53,19 @@ class SplitSpec:
     spill: int | None = None
     accept: int | None = None
     busy: int | None = None
+    #: seconds (long pool hold_spill_s)
+    hold: float | None = None
     #: the split came from ``auto`` (half the trace's prefill work each side)
     auto: bool = False
 
     @property
     def name(self) -> str:
-        opts = "".join(f",{k}={getattr(self, k)}" for k in SPEC_KEYS if getattr(self, k) is not None)
+        opts = "".join(f",{k}={getattr(self, k):g}" for k in SPEC_KEYS if getattr(self, k) is not None)
         return f"split@{self.split}{'(auto)' if self.auto else ''}{opts}"
 
 
 def parse_split(text: str, trace: Trace | None = None) -> SplitSpec:
-    """``N|auto[:SHARE][,spill=N][,accept=N][,busy=N]``; ValueError naming the bad part."""
+    """``N|auto[:SHARE][,spill=N][,accept=N][,busy=N][,hold=S]``; ValueError naming the bad part."""
     head, *opts = [p.strip() for p in text.split(",")]
     if head == "auto" or head.startswith("auto:"):
         if trace is None:
@@ -75,14 +79,24 @@ def parse_split(text: str, trace: Trace | None = None) -> SplitSpec:
         split, auto = int(head), False
     else:
         raise ValueError(f"--split {text!r}: expected a positive token count or 'auto' first, got {head!r}")
-    vals: dict[str, int] = {}
+    vals: dict[str, Any] = {}
     for opt in opts:
         key, _, val = opt.partition("=")
         if key not in SPEC_KEYS:
             raise ValueError(f"--split {text!r}: unknown option {key!r} (expected {', '.join(SPEC_KEYS)})")
+        if key == "hold":
+            try:
+                vals[key] = float(val)
+            except ValueError:
+                vals[key] = -1.0
+            if not 0 < vals[key] <= 3600:
+                raise ValueError(f"--split {text!r}: hold must be seconds in (0, 3600], got {val!r}")
+            continue
         if not val.isdigit() or int(val) <= 0:
             raise ValueError(f"--split {text!r}: {key} must be a positive token count, got {val!r}")
         vals[key] = int(val)
+    if "hold" in vals and "spill" not in vals and "busy" not in vals:
+        raise ValueError(f"--split {text!r}: hold needs spill (or busy): the long pool's backlog that makes it hold")
     return SplitSpec(split, auto=auto, **vals)
 
 
@@ -103,10 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SPEC",
         help="a split layout (repeat for several, all in the same rounds): N|auto[:SHARE][,spill=N][,accept=N]"
-        "[,busy=N] — prompts below N input tokens go to the short pool ('auto': the length that gives the short "
-        "pool SHARE, default 0.5, of the trace's prefill work); spill=N: the long pool spills to the short one "
-        "when every long worker has over N pending prefill tokens; accept=N: the short pool takes spill-over "
-        f"only while at most N are pending on it; busy=N: both pools spill at N (default: {' '.join(DEFAULT_SPLITS)})",
+        "[,busy=N][,hold=S] — prompts below N input tokens go to the short pool ('auto': the length that gives "
+        "the short pool SHARE, default 0.5, of the trace's prefill work); spill=N: the long pool spills to the "
+        "short one when every long worker has over N pending prefill tokens; accept=N: the short pool takes spill-over "
+        "only while at most N are pending on it; busy=N: both pools spill at N; hold=S: a long prompt that can "
+        "neither go to a long worker nor spill waits up to S seconds in the global router "
+        f"(default: {' '.join(DEFAULT_SPLITS)})",
     )
     p.add_argument("--limit", type=int, default=400, help="replay the first N requests (default 400)")
     p.add_argument(
@@ -139,6 +155,8 @@ def pools_yaml(spec: SplitSpec | None) -> str:
     short_busy = f"    busy_prefill_tokens: {spec.busy}\n" if spec.busy else ""
     long_cap = spec.spill or spec.busy
     long_busy = f"    busy_prefill_tokens: {long_cap}\n" if long_cap else ""
+    if spec.hold is not None:
+        long_busy += f"    hold_spill_s: {spec.hold:g}\n"
     accept = f"    accept_spill_prefill_tokens: {spec.accept}\n" if spec.accept else ""
     return (
         "default_pool: short\npools:\n"
