@@ -136,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-tokens", type=int, default=64, help="cap each request's output (default 64)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every layout (default 3)")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="add --rounds rounds to the report at --json (same layouts and settings) instead of starting anew: "
+        "a long bench runs as several short commands, the layout order still alternating round by round",
+    )
+    p.add_argument(
         "--worker-arg",
         action="append",
         default=["--num-gpu-blocks=65536"],
@@ -206,14 +212,21 @@ def run_layout(
     t0 = time.monotonic()
     with Mesh(mc) as mesh:
         _, records = asyncio.run(_drive(mesh.frontend_grpc, None, trace, cfg))
-        spills = spill_counts(mesh)
+        spills, held = spill_counts(mesh), spill_counts(mesh, "held")
     cuts = splits if spec is None else [spec.split]
     by_split = {str(c): ttft_by_class(records, c, cfg.speedup) for c in sorted(set(cuts))}
-    return {"layout": name, "wall_s": round(time.monotonic() - t0, 1), "by_split": by_split, "spilled_in": spills}
+    return {
+        "layout": name,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "by_split": by_split,
+        "spilled_in": spills,
+        "held": held,
+    }
 
 
-def spill_counts(mesh: Any) -> dict[str, int]:
-    """Requests each pool took from another (the global router's dynamo_global_router_spill_overs_in_total)."""
+def spill_counts(mesh: Any, counter: str = "spill_overs_in") -> dict[str, int]:
+    """Requests each pool took from another (the global router's dynamo_global_router_spill_overs_in_total),
+    or another of its per-pool counters (``held``: requests held for hold_spill_s)."""
     import urllib.request
 
     from dynamo_grpc.launch.consul_http import passing_instances
@@ -224,7 +237,7 @@ def spill_counts(mesh: Any) -> dict[str, int]:
         text = r.read().decode()
     out: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith("dynamo_global_router_spill_overs_in_total{"):
+        if line.startswith(f"dynamo_global_router_{counter}_total{{"):
             pool = line.split('pool="', 1)[1].split('"', 1)[0]
             out[pool] = int(float(line.split()[-1]))
     return out
@@ -296,6 +309,24 @@ def _plot(summary: dict[str, Any], png: Path, title: str) -> None:
     plt.close(fig)
 
 
+#: settings a resumed report must share with the command that adds rounds to it
+RESUME_SAME = ("trace", "workers", "limit", "speedup", "rate_scale", "max_output_tokens", "worker_arg")
+
+
+def resumed_rounds(args: argparse.Namespace, names: list[str]) -> tuple[list[dict[str, dict[str, Any]]], float]:
+    """The rounds and wall time of the report at ``args.json``; ValueError when it ran other layouts or settings."""
+    try:
+        old = json.loads(Path(args.json).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read the report {args.json}: {e}") from None
+    if list(old.get("layouts", {})) != names:
+        raise ValueError(f"--resume: {args.json} ran layouts {list(old.get('layouts', {}))}, not {names}")
+    for key in RESUME_SAME:
+        if old["config"].get(key) != getattr(args, key):
+            raise ValueError(f"--resume: {args.json} ran --{key.replace('_', '-')} {old['config'].get(key)!r}")
+    return list(old["rounds"]), float(old.get("wall_total_s", 0.0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -341,10 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dynamo-bench-pools-"))
     rounds: list[dict[str, dict[str, Any]]] = []
     report: dict[str, Any] = {}
+    wall0 = 0.0
+    if args.resume:
+        try:
+            rounds, wall0 = resumed_rounds(args, [s.name for s in specs])
+        except ValueError as e:
+            parser.error(str(e))
     t0 = time.monotonic()
     try:
         mpath = model_dir(replace(cfg), trace, work)
-        for i in range(args.rounds):
+        for i in range(len(rounds), len(rounds) + args.rounds):
             order = layouts if i % 2 == 0 else list(reversed(layouts))
             rnd: dict[str, dict[str, Any]] = {}
             for spec in order:
@@ -355,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"  round {i + 1} {res['layout']} (cut {cut}): short TTFT p99 {s['p99']}, long TTFT p50 "
                         f"{lg['p50']} trace-s (failed {s['failed']}+{lg['failed']}, spilled in {res['spilled_in']}, "
+                        f"held {res['held']}, "
                         f"{res['wall_s']} s)",
                         file=sys.stderr,
                         flush=True,
@@ -362,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(rnd)
             report = {
                 "benchmark": "pools",
-                "config": {**vars(args), "json": str(args.json), "plot": str(args.plot) if args.plot else None},
+                "config": {
+                    **vars(args),
+                    "rounds": len(rounds),
+                    "json": str(args.json),
+                    "plot": str(args.plot) if args.plot else None,
+                },
                 "layouts": {s.name: {"split": s.split, "auto": s.auto, "pools_yaml": pools_yaml(s)} for s in specs},
                 "trace": {
                     "requests": len(trace.requests),
@@ -375,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "rounds": rounds,
                 "summary": summarize_rounds(rounds, specs),
-                "wall_total_s": round(time.monotonic() - t0, 1),
+                "wall_total_s": round(wall0 + time.monotonic() - t0, 1),
             }
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(compact_json(report))
@@ -385,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.json}", file=sys.stderr)
     title = (
         f"{Path(trace.path).name}: {len(trace.requests)} requests, {args.workers} mocker workers,\none pool vs "
-        f"split layouts, {args.rounds} rounds (median, min-max), speedup {args.speedup:g}, rate x{args.rate_scale:g}"
+        f"split layouts, {len(rounds)} rounds (median, min-max), speedup {args.speedup:g}, rate x{args.rate_scale:g}"
     )
     if report:
         png = save_plot(lambda p: _plot(report["summary"], p, title), args.plot or args.json.with_suffix(".png"))
