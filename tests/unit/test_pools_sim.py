@@ -64,5 +64,6 @@ def test_main_writes_the_ratios_per_window(tmp_path: Path) -> None:
         == 0
     )
     rep = json.loads(out.read_text())
-    s = rep["summary"]["split@8192,spill=8192,hold=2"]
+    s = rep["summary"]["8192,spill=8192,hold=2"]
+    assert rep["windows"][1]["layouts"]["8192,spill=8192,hold=2"]["layout"] == "split@8192,spill=8192,hold=2"
     assert len(s["short_p99_one_over_split"]["windows"]) == 2 and s["long_p50_split_over_one"]["median"] > 0

@@ -32,9 +32,14 @@ from dynamo_grpc.bench.replay_metrics import RequestRecord
 from dynamo_grpc.bench.replay_trace import Trace, load_trace
 
 ONE_POOL = "one-pool"
-#: the layouts of bench/results/pools.json: the old 8,192 cut, half the work each side, and a cut at 30 % of the
-#: work with one-directional spill-over (long -> short only while the short pool is nearly idle)
-DEFAULT_SPLITS = ("8192", "auto", "auto:0.3,spill=8192,accept=8192")
+#: the layouts of bench/results/pools_hold.json: the previous best (a cut at 30 % of the work with one-directional
+#: spill-over: long -> short only while the short pool is nearly idle), the 8,192 cut with that spill-over, and the
+#: same holding a long prompt the long pool is too backed up for up to 4 s for the first worker that frees
+DEFAULT_SPLITS = (
+    "auto:0.3,spill=8192,accept=8192",
+    "8192,spill=8192,accept=4096",
+    "8192,spill=8192,accept=4096,hold=4",
+)
 #: --split spec keys -> what they set in the split layout's pools.yaml
 SPEC_KEYS = {
     "spill": "long pool busy_prefill_tokens (long prompts spill to the short pool when the long one is backed up)",

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from dynamo_grpc.bench.output import default_results_dir
-from dynamo_grpc.bench.pools import ONE_POOL, SplitSpec, parse_split, pools_yaml
+from dynamo_grpc.bench.output import default_results_dir, save_plot
+from dynamo_grpc.bench.pools import DEFAULT_SPLITS, ONE_POOL, SplitSpec, _plot, parse_split, pools_yaml
 from dynamo_grpc.bench.replay import capped, compact_json
 from dynamo_grpc.bench.replay_sim import SimRequest, _pct, run_engines, sim_requests, window
 from dynamo_grpc.bench.replay_trace import Trace, load_trace
@@ -127,7 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trace", default=str(trace) if trace else None, help="trace file (default: ../shared/traces)")
     p.add_argument("--workers", type=int, default=4, help="simulated workers (split: half per pool; default 4)")
-    p.add_argument("--split", action="append", required=True, metavar="SPEC", help="a layout, as in bench pools")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help=f"a layout, as in bench pools; hold=S is in trace seconds here (default: {' '.join(DEFAULT_SPLITS)})",
+    )
     p.add_argument("--limit", type=int, default=400, help="requests per window (default 400, as bench pools)")
     p.add_argument("--windows", type=int, default=1, help="consecutive windows of --limit requests (default 1)")
     p.add_argument("--rate-scale", type=float, default=0.5, help="multiply the request rate (default 0.5)")
@@ -154,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     for w in range(args.windows):
         trace = capped(window(full, w * args.limit, args.limit), None, args.max_output_tokens)
         try:
-            specs = [parse_split(t, trace) for t in args.split]
+            # keyed by the spec as given: an auto cut is the window's own
+            specs = {t: parse_split(t, trace) for t in (args.split or DEFAULT_SPLITS)}
         except ValueError as e:
             parser.error(str(e))
         one, _ = simulate_layout(trace, None, args.workers, args.num_gpu_blocks, args.rate_scale)
         res: dict[str, Any] = {}
-        for spec in specs:
+        for text, spec in specs.items():
             reqs, counts = simulate_layout(trace, spec, args.workers, args.num_gpu_blocks, args.rate_scale)
             o, s = by_class(one, spec.split), by_class(reqs, spec.split)
-            res[spec.name] = {
+            res[text] = {
+                "layout": spec.name,
                 ONE_POOL: o,
                 "split": s,
                 **counts,
@@ -170,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                 "long_p50_split_over_one": s["long"]["p50"] / o["long"]["p50"],
             }
             print(
-                f"[window {w}] {spec.name}: short p99 gain {res[spec.name]['short_p99_one_over_split']:.2f}x "
+                f"[window {w}] {spec.name}: short p99 gain {res[text]['short_p99_one_over_split']:.2f}x "
                 f"({o['short']['p99']:.2f} -> {s['short']['p99']:.2f} s), long p50 cost "
-                f"{res[spec.name]['long_p50_split_over_one']:.2f}x ({o['long']['p50']:.2f} -> {s['long']['p50']:.2f} s)"
+                f"{res[text]['long_p50_split_over_one']:.2f}x ({o['long']['p50']:.2f} -> {s['long']['p50']:.2f} s)"
                 f" {counts}",
                 file=sys.stderr,
                 flush=True,
@@ -193,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(compact_json(report))
     print(f"wrote {args.json}", file=sys.stderr)
+    title = (
+        f"simulated time: {Path(args.trace).name}, {args.windows} windows of {args.limit} requests, {args.workers} "
+        f"workers,\none pool vs split layouts (median, min-max over the windows), rate x{args.rate_scale:g}"
+    )
+    png = save_plot(lambda p: _plot(summary, p, title), args.json.with_suffix(".png"))
+    if png is not None:
+        print(f"wrote {png}", file=sys.stderr)
     return 0
 
 
