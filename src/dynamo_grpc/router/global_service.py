@@ -10,7 +10,9 @@ FREE; a client that cancels while it waits is dropped from the hold at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -20,6 +22,8 @@ from dynamo_grpc.router.global_router import GlobalRouter, Held, PoolDecision, U
 from dynamo_grpc.router.router import AllBusy, NotReady, NoWorkers, RouteInput
 from dynamo_grpc.router.service import apply_updates, route_input, route_response
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger("dynamo_grpc.global_router")
 
 
 class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -31,12 +35,14 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
         #: set (and replaced) on every change that may let a held request go
         self._changed = asyncio.Event()
         router.on_change = self._wake
+        #: held requests whose hold was logged (once each)
+        self._told: set[str] = set()
 
     def _wake(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
 
-    async def decide(self, inp: RouteInput, pool: str) -> PoolDecision:
+    async def decide(self, inp: RouteInput, pool: str, sp: Any = None) -> PoolDecision:
         """Route, waiting while the GlobalRouter holds the request; a cancelled wait frees the hold."""
         try:
             while True:
@@ -44,11 +50,16 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
                 try:
                     return self.router.route(inp, inp.phase, pool, hold=True)
                 except Held as h:
+                    if inp.request_id not in self._told:
+                        self._told.add(inp.request_id)
+                        log.debug("request %s: %s", inp.request_id, h)
+                        spans.event(sp, "held", reason=str(h))
                     try:
                         await asyncio.wait_for(changed.wait(), h.wait_s)
                     except TimeoutError:
                         pass  # the next route() sees hold_spill_s ran out and queues the request
         finally:
+            self._told.discard(inp.request_id)
             if self.router.unhold(inp.request_id):  # cancelled (or failed) while held
                 self._wake()
 
@@ -58,7 +69,7 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
         inp = await route_input(request, context, self.model())
         try:
             with spans.span("global_router.decide", request_id=request.request_id, model=request.model) as sp:
-                d = await self.decide(inp, request.pool)
+                d = await self.decide(inp, request.pool, sp)
                 spans.set_attributes(sp, pool=d.pool, worker=d.result.instance_id, reason=d.reason)
         except (UnknownPool, ValueError) as exc:
             await errors.abort(context, errors.InvalidArgument(str(exc)))
