@@ -25,6 +25,10 @@ from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("dynamo_grpc.global_router")
 
+#: a hold ends this long before the caller's deadline, leaving time to route and answer (the frontend's Route
+#: deadline is 5 s): a held request is never failed by its own wait
+DEADLINE_MARGIN_S = 0.5
+
 
 class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
     """Thin adapter: decode, call the GlobalRouter, encode. ``model()`` is the model served ("" = any)."""
@@ -42,20 +46,25 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
 
-    async def decide(self, inp: RouteInput, pool: str, sp: Any = None) -> PoolDecision:
-        """Route, waiting while the GlobalRouter holds the request; a cancelled wait frees the hold."""
+    async def decide(
+        self, inp: RouteInput, pool: str, sp: Any = None, time_left: Callable[[], float | None] = lambda: None
+    ) -> PoolDecision:
+        """Route, waiting while the GlobalRouter holds the request (never past ``time_left()`` minus
+        DEADLINE_MARGIN_S: then it routes as without hold); a cancelled wait frees the hold."""
         try:
             while True:
                 changed = self._changed
+                left = time_left()
+                budget = None if left is None else left - DEADLINE_MARGIN_S
                 try:
-                    return self.router.route(inp, inp.phase, pool, hold=True)
+                    return self.router.route(inp, inp.phase, pool, hold=budget is None or budget > 0)
                 except Held as h:
                     if inp.request_id not in self._told:
                         self._told.add(inp.request_id)
                         log.debug("request %s: %s", inp.request_id, h)
                         spans.event(sp, "held", reason=str(h))
                     try:
-                        await asyncio.wait_for(changed.wait(), h.wait_s)
+                        await asyncio.wait_for(changed.wait(), h.wait_s if budget is None else min(h.wait_s, budget))
                     except TimeoutError:
                         pass  # the next route() sees hold_spill_s ran out and queues the request
         finally:
@@ -69,7 +78,7 @@ class GlobalRouterServicer(router_pb2_grpc.RouterServiceServicer):
         inp = await route_input(request, context, self.model())
         try:
             with spans.span("global_router.decide", request_id=request.request_id, model=request.model) as sp:
-                d = await self.decide(inp, request.pool, sp)
+                d = await self.decide(inp, request.pool, sp, context.time_remaining)
                 spans.set_attributes(sp, pool=d.pool, worker=d.result.instance_id, reason=d.reason)
         except (UnknownPool, ValueError) as exc:
             await errors.abort(context, errors.InvalidArgument(str(exc)))
