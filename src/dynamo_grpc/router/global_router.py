@@ -11,8 +11,8 @@ A pool with ``hold_spill_s`` does not commit a request it is too backed up to ta
 accepts it: the request waits in the global router (bounded by ``max_held``) until a worker of its pool
 drops below the backlog or another pool accepts the spill, whichever comes first, and is queued in its pool
 after ``hold_spill_s`` (late binding: a long prompt takes the first worker that frees, never a short worker
-that a short request is about to need). :class:`Held` tells the caller to wait; ``global_service.py`` waits
-on :meth:`GlobalRouter.changed` (every PREFILL_DONE / FREE) and frees the hold when the client cancels.
+that a short request is about to need). :class:`Held` tells the caller to wait; ``global_service.py`` retries
+on every ``on_change`` (PREFILL_DONE, FREE, a reload) and frees the hold when the client cancels.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class SpillRefused(PrefillBusy):
 
 
 class Held(Exception):
-    """Route again when the pools change (:meth:`GlobalRouter.changed`) or after ``wait_s`` at the latest."""
+    """Route again when the pools change (``GlobalRouter.on_change``) or after ``wait_s`` at the latest."""
 
     def __init__(self, reason: str, wait_s: float) -> None:
         super().__init__(reason)
@@ -237,9 +237,9 @@ class GlobalRouter:
         held = self.held.get(rid)
         waited = self.clock() - held.since if held is not None else 0.0
         hold = hold and not inp.dry_run and hold_s is not None
-        if hold and held is None and self._holding(sel.pool):
+        if hold and held is None and hold_s is not None and self._holding(sel.pool):
             # FIFO: a new request does not overtake the ones already waiting for the same pool
-            self._hold(rid, sel, hold_s, "requests held before it")  # type: ignore[arg-type]
+            self._hold(rid, sel, hold_s, "requests held before it")
         if inp.phase != phase:
             inp = replace(inp, phase=phase)
         refusals: list[tuple[str, Exception]] = []
@@ -338,10 +338,6 @@ class GlobalRouter:
     def unhold(self, request_id: str) -> bool:
         """Forget a held request (its client gave up, or it failed); True if it was held."""
         return self.held.pop(request_id, None) is not None
-
-    def changed(self) -> None:
-        """Something that may let a held request go happened (the service wakes its waiters)."""
-        self._changed()
 
     def _changed(self) -> None:
         if self.on_change is not None:
