@@ -116,7 +116,8 @@ class SimRouting(Protocol):
         """Held requests that go now, and where (called after every event)."""
 
 
-#: how long after holding a request run_engines wakes the routing side even when nothing else happens
+#: held requests are offered again after every event (each engine step ends one); this extra wake, this long
+#: after a hold, covers a hold made while no engine has a step in flight
 HOLD_WAKE_S = 0.05
 
 
