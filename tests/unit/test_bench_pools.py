@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dynamo_grpc.bench.pools import parse_split, pools_yaml, summarize_rounds
@@ -85,3 +87,37 @@ def test_a_conversation_that_crosses_the_split_recomputes_its_history() -> None:
     t = trace([(1024, (1, 2)), (1536, (1, 2, 3)), (600, (9, 10))])
     assert cross_pool_prefix_tokens(t, 1500) == 1024
     assert cross_pool_prefix_tokens(t, 2000) == 0
+
+
+def test_a_hold_spec_sets_the_long_pools_hold_and_needs_its_backlog() -> None:
+    import yaml
+
+    spec = parse_split("8192,spill=8192,accept=4096,hold=4")
+    assert spec.hold == 4.0 and spec.name == "split@8192,spill=8192,accept=4096,hold=4"
+    grid = parse_pool_config(yaml.safe_load(pools_yaml(spec)))
+    assert grid.pools["long"].hold_spill_s == 4.0 and grid.pools["long"].busy_prefill_tokens == 8192
+    assert grid.pools["short"].hold_spill_s is None
+    for bad, msg in [("8192,hold=4", "hold needs spill"), ("8192,spill=1,hold=0", "hold must be seconds")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_split(bad)
+
+
+def test_resume_adds_rounds_only_to_a_report_of_the_same_layouts_and_settings(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from dynamo_grpc.bench.pools import RESUME_SAME, resumed_rounds
+
+    settings = {k: 1 for k in RESUME_SAME}
+    report = tmp_path / "pools.json"
+    report.write_text(
+        json.dumps({"layouts": {"split@100": {}}, "config": settings, "rounds": [{"r": 1}], "wall_total_s": 7.5})
+    )
+    args = argparse.Namespace(json=report, **settings)
+    assert resumed_rounds(args, ["split@100"]) == ([{"r": 1}], 7.5)
+    with pytest.raises(ValueError, match="ran layouts"):
+        resumed_rounds(args, ["split@200"])
+    with pytest.raises(ValueError, match="ran --speedup 1"):
+        resumed_rounds(argparse.Namespace(json=report, **{**settings, "speedup": 5}), ["split@100"])
+    with pytest.raises(ValueError, match="cannot read the report"):
+        resumed_rounds(argparse.Namespace(json=tmp_path / "none.json", **settings), ["split@100"])

@@ -38,6 +38,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "dynamo_grpc.bench.replay_sim",
         "trace replay in simulated time: the real router over mocker-timed engines (no box noise)",
     ),
+    "pools-sim": (
+        "dynamo_grpc.bench.pools_sim",
+        "bench pools' layouts in simulated time through the real global router (no box noise)",
+    ),
     "replay-replicas": (
         "dynamo_grpc.bench.replay_replicas",
         "trace replay through 1 frontend vs 2 replicas with and without router replica sync",

@@ -32,14 +32,21 @@ from dynamo_grpc.bench.replay_metrics import RequestRecord
 from dynamo_grpc.bench.replay_trace import Trace, load_trace
 
 ONE_POOL = "one-pool"
-#: the layouts of bench/results/pools.json: the old 8,192 cut, half the work each side, and a cut at 30 % of the
-#: work with one-directional spill-over (long -> short only while the short pool is nearly idle)
-DEFAULT_SPLITS = ("8192", "auto", "auto:0.3,spill=8192,accept=8192")
+#: the layouts of bench/results/pools_hold.json: the previous best (a cut at 30 % of the work with one-directional
+#: spill-over: long -> short only while the short pool is nearly idle), the 8,192 cut with that spill-over, and the
+#: same holding a long prompt the long pool is too backed up for up to 4 s for the first worker that frees
+DEFAULT_SPLITS = (
+    "auto:0.3,spill=8192,accept=8192",
+    "8192,spill=8192,accept=4096",
+    "8192,spill=8192,accept=4096,hold=4",
+)
 #: --split spec keys -> what they set in the split layout's pools.yaml
 SPEC_KEYS = {
     "spill": "long pool busy_prefill_tokens (long prompts spill to the short pool when the long one is backed up)",
     "accept": "short pool accept_spill_prefill_tokens (it takes spill-over only onto workers this idle)",
     "busy": "busy_prefill_tokens of both pools (spill-over both ways)",
+    "hold": "long pool hold_spill_s (seconds: a long prompt the long pool is too backed up for waits in the global "
+    "router for the first worker that frees instead of queueing at once; needs spill)",
 }
 
 
@@ -51,17 +58,19 @@ class SplitSpec:
     spill: int | None = None
     accept: int | None = None
     busy: int | None = None
+    #: seconds (long pool hold_spill_s)
+    hold: float | None = None
     #: the split came from ``auto`` (half the trace's prefill work each side)
     auto: bool = False
 
     @property
     def name(self) -> str:
-        opts = "".join(f",{k}={getattr(self, k)}" for k in SPEC_KEYS if getattr(self, k) is not None)
+        opts = "".join(f",{k}={getattr(self, k):g}" for k in SPEC_KEYS if getattr(self, k) is not None)
         return f"split@{self.split}{'(auto)' if self.auto else ''}{opts}"
 
 
 def parse_split(text: str, trace: Trace | None = None) -> SplitSpec:
-    """``N|auto[:SHARE][,spill=N][,accept=N][,busy=N]``; ValueError naming the bad part."""
+    """``N|auto[:SHARE][,spill=N][,accept=N][,busy=N][,hold=S]``; ValueError naming the bad part."""
     head, *opts = [p.strip() for p in text.split(",")]
     if head == "auto" or head.startswith("auto:"):
         if trace is None:
@@ -75,14 +84,24 @@ def parse_split(text: str, trace: Trace | None = None) -> SplitSpec:
         split, auto = int(head), False
     else:
         raise ValueError(f"--split {text!r}: expected a positive token count or 'auto' first, got {head!r}")
-    vals: dict[str, int] = {}
+    vals: dict[str, Any] = {}
     for opt in opts:
         key, _, val = opt.partition("=")
         if key not in SPEC_KEYS:
             raise ValueError(f"--split {text!r}: unknown option {key!r} (expected {', '.join(SPEC_KEYS)})")
+        if key == "hold":
+            try:
+                vals[key] = float(val)
+            except ValueError:
+                vals[key] = -1.0
+            if not 0 < vals[key] <= 3600:
+                raise ValueError(f"--split {text!r}: hold must be seconds in (0, 3600], got {val!r}")
+            continue
         if not val.isdigit() or int(val) <= 0:
             raise ValueError(f"--split {text!r}: {key} must be a positive token count, got {val!r}")
         vals[key] = int(val)
+    if "hold" in vals and "spill" not in vals and "busy" not in vals:
+        raise ValueError(f"--split {text!r}: hold needs spill (or busy): the long pool's backlog that makes it hold")
     return SplitSpec(split, auto=auto, **vals)
 
 
@@ -103,10 +122,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SPEC",
         help="a split layout (repeat for several, all in the same rounds): N|auto[:SHARE][,spill=N][,accept=N]"
-        "[,busy=N] — prompts below N input tokens go to the short pool ('auto': the length that gives the short "
-        "pool SHARE, default 0.5, of the trace's prefill work); spill=N: the long pool spills to the short one "
-        "when every long worker has over N pending prefill tokens; accept=N: the short pool takes spill-over "
-        f"only while at most N are pending on it; busy=N: both pools spill at N (default: {' '.join(DEFAULT_SPLITS)})",
+        "[,busy=N][,hold=S] — prompts below N input tokens go to the short pool ('auto': the length that gives "
+        "the short pool SHARE, default 0.5, of the trace's prefill work); spill=N: the long pool spills to the "
+        "short one when every long worker has over N pending prefill tokens; accept=N: the short pool takes spill-over "
+        "only while at most N are pending on it; busy=N: both pools spill at N; hold=S: a long prompt that can "
+        "neither go to a long worker nor spill waits up to S seconds in the global router "
+        f"(default: {' '.join(DEFAULT_SPLITS)})",
     )
     p.add_argument("--limit", type=int, default=400, help="replay the first N requests (default 400)")
     p.add_argument(
@@ -119,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-scale", type=float, default=0.5, help="multiply the request rate (default 0.5)")
     p.add_argument("--max-output-tokens", type=int, default=64, help="cap each request's output (default 64)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every layout (default 3)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="add --rounds rounds to the report at --json (same layouts and settings) instead of starting anew: "
+        "a long bench runs as several short commands, the layout order still alternating round by round",
+    )
     p.add_argument(
         "--worker-arg",
         action="append",
@@ -139,6 +166,8 @@ def pools_yaml(spec: SplitSpec | None) -> str:
     short_busy = f"    busy_prefill_tokens: {spec.busy}\n" if spec.busy else ""
     long_cap = spec.spill or spec.busy
     long_busy = f"    busy_prefill_tokens: {long_cap}\n" if long_cap else ""
+    if spec.hold is not None:
+        long_busy += f"    hold_spill_s: {spec.hold:g}\n"
     accept = f"    accept_spill_prefill_tokens: {spec.accept}\n" if spec.accept else ""
     return (
         "default_pool: short\npools:\n"
@@ -188,14 +217,21 @@ def run_layout(
     t0 = time.monotonic()
     with Mesh(mc) as mesh:
         _, records = asyncio.run(_drive(mesh.frontend_grpc, None, trace, cfg))
-        spills = spill_counts(mesh)
+        spills, held = spill_counts(mesh), spill_counts(mesh, "held")
     cuts = splits if spec is None else [spec.split]
     by_split = {str(c): ttft_by_class(records, c, cfg.speedup) for c in sorted(set(cuts))}
-    return {"layout": name, "wall_s": round(time.monotonic() - t0, 1), "by_split": by_split, "spilled_in": spills}
+    return {
+        "layout": name,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "by_split": by_split,
+        "spilled_in": spills,
+        "held": held,
+    }
 
 
-def spill_counts(mesh: Any) -> dict[str, int]:
-    """Requests each pool took from another (the global router's dynamo_global_router_spill_overs_in_total)."""
+def spill_counts(mesh: Any, counter: str = "spill_overs_in") -> dict[str, int]:
+    """Requests each pool took from another (the global router's dynamo_global_router_spill_overs_in_total),
+    or another of its per-pool counters (``held``: requests held for hold_spill_s)."""
     import urllib.request
 
     from dynamo_grpc.launch.consul_http import passing_instances
@@ -206,7 +242,7 @@ def spill_counts(mesh: Any) -> dict[str, int]:
         text = r.read().decode()
     out: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith("dynamo_global_router_spill_overs_in_total{"):
+        if line.startswith(f"dynamo_global_router_{counter}_total{{"):
             pool = line.split('pool="', 1)[1].split('"', 1)[0]
             out[pool] = int(float(line.split()[-1]))
     return out
@@ -278,6 +314,24 @@ def _plot(summary: dict[str, Any], png: Path, title: str) -> None:
     plt.close(fig)
 
 
+#: settings a resumed report must share with the command that adds rounds to it
+RESUME_SAME = ("trace", "workers", "limit", "speedup", "rate_scale", "max_output_tokens", "worker_arg")
+
+
+def resumed_rounds(args: argparse.Namespace, names: list[str]) -> tuple[list[dict[str, dict[str, Any]]], float]:
+    """The rounds and wall time of the report at ``args.json``; ValueError when it ran other layouts or settings."""
+    try:
+        old = json.loads(Path(args.json).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read the report {args.json}: {e}") from None
+    if list(old.get("layouts", {})) != names:
+        raise ValueError(f"--resume: {args.json} ran layouts {list(old.get('layouts', {}))}, not {names}")
+    for key in RESUME_SAME:
+        if old["config"].get(key) != getattr(args, key):
+            raise ValueError(f"--resume: {args.json} ran --{key.replace('_', '-')} {old['config'].get(key)!r}")
+    return list(old["rounds"]), float(old.get("wall_total_s", 0.0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -323,10 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dynamo-bench-pools-"))
     rounds: list[dict[str, dict[str, Any]]] = []
     report: dict[str, Any] = {}
+    wall0 = 0.0
+    if args.resume:
+        try:
+            rounds, wall0 = resumed_rounds(args, [s.name for s in specs])
+        except ValueError as e:
+            parser.error(str(e))
     t0 = time.monotonic()
     try:
         mpath = model_dir(replace(cfg), trace, work)
-        for i in range(args.rounds):
+        for i in range(len(rounds), len(rounds) + args.rounds):
             order = layouts if i % 2 == 0 else list(reversed(layouts))
             rnd: dict[str, dict[str, Any]] = {}
             for spec in order:
@@ -337,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"  round {i + 1} {res['layout']} (cut {cut}): short TTFT p99 {s['p99']}, long TTFT p50 "
                         f"{lg['p50']} trace-s (failed {s['failed']}+{lg['failed']}, spilled in {res['spilled_in']}, "
+                        f"held {res['held']}, "
                         f"{res['wall_s']} s)",
                         file=sys.stderr,
                         flush=True,
@@ -344,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(rnd)
             report = {
                 "benchmark": "pools",
-                "config": {**vars(args), "json": str(args.json), "plot": str(args.plot) if args.plot else None},
+                "config": {
+                    **vars(args),
+                    "rounds": len(rounds),
+                    "json": str(args.json),
+                    "plot": str(args.plot) if args.plot else None,
+                },
                 "layouts": {s.name: {"split": s.split, "auto": s.auto, "pools_yaml": pools_yaml(s)} for s in specs},
                 "trace": {
                     "requests": len(trace.requests),
@@ -357,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "rounds": rounds,
                 "summary": summarize_rounds(rounds, specs),
-                "wall_total_s": round(time.monotonic() - t0, 1),
+                "wall_total_s": round(wall0 + time.monotonic() - t0, 1),
             }
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(compact_json(report))
@@ -367,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.json}", file=sys.stderr)
     title = (
         f"{Path(trace.path).name}: {len(trace.requests)} requests, {args.workers} mocker workers,\none pool vs "
-        f"split layouts, {args.rounds} rounds (median, min-max), speedup {args.speedup:g}, rate x{args.rate_scale:g}"
+        f"split layouts, {len(rounds)} rounds (median, min-max), speedup {args.speedup:g}, rate x{args.rate_scale:g}"
     )
     if report:
         png = save_plot(lambda p: _plot(report["summary"], p, title), args.plot or args.json.with_suffix(".png"))

@@ -23,7 +23,7 @@ import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dynamo_grpc.bench.output import default_results_dir, save_plot
 from dynamo_grpc.bench.replay import capped, compact_json
@@ -99,6 +99,28 @@ def _blocks(tokens: int, bs: int) -> int:
     return -(-tokens // bs)
 
 
+class SimRouting(Protocol):
+    """Where :func:`run_engines` sends a request and what it tells the routing side as engines progress."""
+
+    def route(self, req: SimRequest, now: float) -> int | None:
+        """The worker to queue ``req`` on, or None to hold it (:meth:`release` hands it out later)."""
+
+    def stored(self, worker: int, hashes: list[int], evicted: list[int]) -> None:
+        """A worker cached ``hashes`` (at its first token) and evicted ``evicted``: the KV events."""
+
+    def prefill_done(self, req: SimRequest) -> None: ...
+
+    def free(self, req: SimRequest) -> None: ...
+
+    def release(self, now: float) -> list[tuple[SimRequest, int]]:
+        """Held requests that go now, and where (called after every event)."""
+
+
+#: held requests are offered again after every event (each engine step ends one); this extra wake, this long
+#: after a hold, covers a hold made while no engine has a step in flight
+HOLD_WAKE_S = 0.05
+
+
 def simulate(
     trace: Trace,
     config: RouterConfig,
@@ -116,14 +138,63 @@ def simulate(
     for part in (router.predicted, router.approx, router.active):
         if part is not None:
             part.clock = lambda: clock[0]
-    timing = TimingModel(1.0)
-    engines = [SimEngine(i, num_gpu_blocks) for i in range(workers)]
+    return run_engines(
+        sim_requests(trace, block_size, rate_scale, salt),
+        _OneRouter(router),
+        workers,
+        block_size,
+        num_gpu_blocks,
+        clock,
+    )
+
+
+class _OneRouter:
+    """SimRouting over one KV Router of every worker."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def route(self, req: SimRequest, now: float) -> int | None:
+        inp = RouteInput(req.rid, token_ids=[], block_hashes=req.hashes, expected_output_tokens=req.output)
+        return int(self.router.route(inp).instance_id[1:])
+
+    def stored(self, worker: int, hashes: list[int], evicted: list[int]) -> None:
+        self.router.indexer.store((f"w{worker}", 0), hashes)
+        if evicted:
+            self.router.indexer.remove((f"w{worker}", 0), evicted)
+
+    def prefill_done(self, req: SimRequest) -> None:
+        self.router.prefill_done(req.rid, output_tokens=1)
+
+    def free(self, req: SimRequest) -> None:
+        self.router.free(req.rid)
+
+    def release(self, now: float) -> list[tuple[SimRequest, int]]:
+        return []
+
+
+def sim_requests(trace: Trace, block_size: int = 64, rate_scale: float = 1.0, salt: int = 0) -> list[SimRequest]:
+    """The trace's requests with the replay's own prompt tokens (so hashes and lengths match `bench replay`)."""
     reqs = []
     for t in trace.requests:
         toks = prompt_tokens(t, trace.hash_block_size, DEFAULT_VOCAB_SIZE, DEFAULT_LOW_ID, salt)
         hashes = block_hash_list(toks, block_size)
         reqs.append(SimRequest(t.index, t.arrival_s / rate_scale, hashes, int(toks.size), max(t.output_length, 1), ""))
-    events: list[tuple[float, int, int, int]] = []  # (time, kind 0=step end 1=arrival, seq, id)
+    return reqs
+
+
+def run_engines(
+    reqs: list[SimRequest],
+    routing: SimRouting,
+    workers: int,
+    block_size: int,
+    num_gpu_blocks: int,
+    clock: list[float],
+) -> list[SimRequest]:
+    """Step ``workers`` engines through ``reqs`` in simulated time; ``clock[0]`` follows it."""
+    timing = TimingModel(1.0)
+    engines = [SimEngine(i, num_gpu_blocks) for i in range(workers)]
+    events: list[tuple[float, int, int, int]] = []  # (time, kind 0=step end 1=arrival 2=wake, seq, id)
     seq = 0
     for q in reqs:
         heapq.heappush(events, (q.arrival, 1, seq, q.index))
@@ -172,19 +243,23 @@ def simulate(
                     continue
                 r.first_token, r.generated = now, 1
                 full = r.hashes[: r.prompt // block_size]
-                evicted = e.store(full)
-                router.indexer.store((f"w{e.index}", 0), full)
-                if evicted:
-                    router.indexer.remove((f"w{e.index}", 0), evicted)
-                router.prefill_done(r.rid, output_tokens=1)
+                routing.stored(e.index, full, e.store(full))
+                routing.prefill_done(r)
             else:
                 r.generated += 1
             if r.generated >= r.output:
                 r.end = now
                 e.running.remove(r)
                 e.held_blocks -= _blocks(r.prompt + r.output, block_size)
-                router.free(r.rid)
+                routing.free(r)
         e.plan = []
+
+    def enqueue(a: SimRequest, w: int, now: float) -> None:
+        a.worker = w
+        pending = [x.pending_prefill() for x in engines]
+        a.avoidable = pending[w] > 0 and min(pending) == 0
+        engines[w].waiting.append(a)
+        start_step(engines[w], now)
 
     while events:
         now, kind, _, ident = heapq.heappop(events)
@@ -192,17 +267,18 @@ def simulate(
         if kind == 1:
             a = by_index[ident]
             a.rid = f"sim-{a.index}"
-            res = router.route(RouteInput(a.rid, token_ids=[], block_hashes=a.hashes, expected_output_tokens=a.output))
-            a.worker = int(res.instance_id[1:])
-            e = engines[a.worker]
-            pending = [x.pending_prefill() for x in engines]
-            a.avoidable = pending[a.worker] > 0 and min(pending) == 0
-            e.waiting.append(a)
-            start_step(e, now)
-        else:
+            w = routing.route(a, now)
+            if w is None:
+                heapq.heappush(events, (now + HOLD_WAKE_S, 2, seq, a.index))
+                seq += 1
+            else:
+                enqueue(a, w, now)
+        elif kind == 0:
             e = engines[ident]
             end_step(e, now)
             start_step(e, now)
+        for a, w in routing.release(now):
+            enqueue(a, w, now)
     return reqs
 
 

@@ -6,12 +6,21 @@ never attracts a request to pool B. A request picks its pool by the grid (or pin
 picks the worker. When the preferred pool cannot take it (every worker above the pool's busy threshold,
 no live worker, index not rebuilt) the request spills over to the nearest range that can, and the
 decision's reason says so. Update events go to the pool that routed the request.
+
+A pool with ``hold_spill_s`` does not commit a request it is too backed up to take when no other pool
+accepts it: the request waits in the global router (bounded by ``max_held``) until a worker of its pool
+drops below the backlog or another pool accepts the spill, whichever comes first, and is queued in its pool
+after ``hold_spill_s`` (late binding: a long prompt takes the first worker that frees, never a short worker
+that a short request is about to need). :class:`Held` tells the caller to wait; ``global_service.py`` retries
+on every ``on_change`` (PREFILL_DONE, FREE, a reload) and frees the hold when the client cancels.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -45,6 +54,10 @@ class PoolCounters:
     spilled_in: int = 0
     #: requests this pool could not take (busy, empty, not ready) when it was tried
     refusals: int = 0
+    #: requests that preferred this pool and were held in the global router (hold_spill_s)
+    held: int = 0
+    #: held requests queued in this pool when hold_spill_s ran out
+    hold_timeouts: int = 0
 
 
 @dataclass
@@ -100,6 +113,20 @@ class SpillRefused(PrefillBusy):
     """A pool takes spilled requests only while its pending prefill tokens are at most accept_spill_prefill_tokens."""
 
 
+class Held(Exception):
+    """Route again when the pools change (``GlobalRouter.on_change``) or after ``wait_s`` at the latest."""
+
+    def __init__(self, reason: str, wait_s: float) -> None:
+        super().__init__(reason)
+        self.wait_s = wait_s
+
+
+@dataclass
+class HeldRequest:
+    pool: str
+    since: float
+
+
 def _why(name: str, spec: PoolSpec, exc: Exception, phase: str = "aggregated") -> str:
     if isinstance(exc, SpillRefused):
         return f"pool {name} takes no spill-over ({exc})"
@@ -115,12 +142,22 @@ def _why(name: str, spec: PoolSpec, exc: Exception, phase: str = "aggregated") -
 class GlobalRouter:
     """Routes among pools; ``make_router(spec)`` builds the KV Router of a new pool."""
 
-    def __init__(self, grid: PoolGrid, make_router: Callable[[PoolSpec], Router]) -> None:
+    def __init__(
+        self,
+        grid: PoolGrid,
+        make_router: Callable[[PoolSpec], Router],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.grid = grid
         self.make_router = make_router
+        self.clock = clock
         self.pools: dict[str, PoolState] = {}
         #: request id -> the pool that routed it (its Updates go there)
         self.owner: dict[str, str] = {}
+        #: requests waiting in the global router, oldest first (hold_spill_s)
+        self.held: OrderedDict[str, HeldRequest] = OrderedDict()
+        #: called after every event that may let a held request go (PREFILL_DONE, FREE, a reload)
+        self.on_change: Callable[[], None] | None = None
         self.apply(grid)
 
     # ---- configuration -------------------------------------------------------------------------
@@ -142,6 +179,7 @@ class GlobalRouter:
                 ps.draining = True
                 draining.append(name)
         self.grid = grid
+        self._changed()
         return added, draining
 
     def drained(self) -> list[str]:
@@ -173,13 +211,35 @@ class GlobalRouter:
         n_in, n_ctx = self.lengths(inp)
         return self.grid.select(phase, n_in, n_ctx)
 
-    def route(self, inp: RouteInput, phase: str = "aggregated", pool: str = "") -> PoolDecision:
+    def route(self, inp: RouteInput, phase: str = "aggregated", pool: str = "", hold: bool = False) -> PoolDecision:
         """Pick a pool, then a worker in it whose role serves ``phase`` (a prefill prefers the pool's
         ``role=prefill`` workers, as in ``dynamo-grpc router``). Raises UnknownPool / ValueError (bad input), else
-        the last pool's AllBusy (any pool tried was busy), NotReady or NoWorkers, naming every pool tried."""
+        the last pool's AllBusy (any pool tried was busy), NotReady or NoWorkers, naming every pool tried.
+
+        ``hold``: the caller can wait; raise :class:`Held` instead of queueing the request in a backed-up pool
+        whose ``hold_spill_s`` has not run out for it (call again with the same request id; :meth:`unhold`
+        when giving up). Without it a request held before is queued as usual and its hold ends."""
         if not inp.request_id:
             raise ValueError("request_id is required")
+        try:
+            return self._route(inp, phase, pool, hold)
+        except Held:
+            raise
+        except Exception:
+            self.unhold(inp.request_id)
+            raise
+
+    def _route(self, inp: RouteInput, phase: str, pool: str, hold: bool) -> PoolDecision:
         sel = self.select(inp, phase, pool)
+        rid = inp.request_id
+        home = self.pools.get(sel.pool)
+        hold_s = home.spec.hold_spill_s if home is not None and not pool else None
+        held = self.held.get(rid)
+        waited = self.clock() - held.since if held is not None else 0.0
+        hold = hold and not inp.dry_run and hold_s is not None
+        if hold and held is None and hold_s is not None and self._holding(sel.pool):
+            # FIFO: a new request does not overtake the ones already waiting for the same pool
+            self._hold(rid, sel, hold_s, "requests held before it")
         if inp.phase != phase:
             inp = replace(inp, phase=phase)
         refusals: list[tuple[str, Exception]] = []
@@ -196,7 +256,18 @@ class GlobalRouter:
                 ps.counters.refusals += 1
                 refusals.append((name, exc))
                 continue
-            return self._decided(inp, sel, name, res, refusals)
+            return self._ended_hold(self._decided(inp, sel, name, res, refusals), rid)
+        if (
+            hold
+            and hold_s is not None
+            and waited < hold_s
+            and refusals
+            and isinstance(refusals[0][1], PrefillBusy)
+            and refusals[0][0] == sel.pool
+        ):
+            whys = "; ".join(_why(n, self.pools[n].spec, e, inp.phase) for n, e in refusals)
+            self._hold(rid, sel, hold_s - waited, whys)
+        timed_out = held is not None
         # a prefill backlog is a TTFT preference, not a capacity limit: when no pool has headroom the request
         # queues in the first pool that was only backed up (the preferred one when it was)
         backlogged = next((n for n, e in refusals if isinstance(e, PrefillBusy)), None)
@@ -208,7 +279,9 @@ class GlobalRouter:
             else:
                 d = self._decided(inp, sel, backlogged, res, refusals, queued=True)
                 d.reason += f"; no pool has headroom: queued in pool {backlogged}"
-                return d
+                if timed_out and home is not None:
+                    home.counters.hold_timeouts += 1
+                return self._ended_hold(d, rid)
         whys = "; ".join(_why(n, self.pools[n].spec, e, inp.phase) for n, e in refusals)
         kinds = [type(e) for _, e in refusals]
         err: type[Exception] = AllBusy if AllBusy in kinds else NotReady if NotReady in kinds else NoWorkers
@@ -242,14 +315,48 @@ class GlobalRouter:
             self.owner[inp.request_id] = name
         return PoolDecision(res, name, reason, spilled_from)
 
+    # ---- holding --------------------------------------------------------------------------------
+    def _holding(self, pool: str) -> bool:
+        return any(h.pool == pool for h in self.held.values())
+
+    def _hold(self, rid: str, sel: Selection, wait_s: float, why: str) -> None:
+        """Register (or keep) ``rid`` as held and raise Held; past max_held the request is not held."""
+        if rid not in self.held:
+            if len(self.held) >= self.grid.max_held:
+                return
+            self.held[rid] = HeldRequest(sel.pool, self.clock())
+            self.pools[sel.pool].counters.held += 1
+        raise Held(f"{sel.reason}; {why}; held in the global router (at most {wait_s:.3g} s more)", wait_s)
+
+    def _ended_hold(self, d: PoolDecision, rid: str) -> PoolDecision:
+        """A held request was routed: its hold ends and the reason says how long it waited."""
+        h = self.held.pop(rid, None)
+        if h is not None:
+            d.reason += f"; held {self.clock() - h.since:.3g} s in the global router"
+        return d
+
+    def unhold(self, request_id: str) -> bool:
+        """Forget a held request (its client gave up, or it failed); True if it was held."""
+        return self.held.pop(request_id, None) is not None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     # ---- progress -------------------------------------------------------------------------------
     def prefill_done(self, request_id: str, output_tokens: int = 0) -> bool:
         ps = self.pools.get(self.owner.get(request_id, ""))
-        return ps is not None and ps.router.prefill_done(request_id, output_tokens)
+        ok = ps is not None and ps.router.prefill_done(request_id, output_tokens)
+        if ok:
+            self._changed()
+        return ok
 
     def free(self, request_id: str) -> bool:
         ps = self.pools.get(self.owner.pop(request_id, ""))
-        return ps is not None and ps.router.free(request_id)
+        ok = ps is not None and ps.router.free(request_id)
+        if ok:
+            self._changed()
+        return ok
 
     def housekeeping(self) -> None:
         """Forget owners of requests their pool has expired (a FREE that never came)."""

@@ -13,6 +13,8 @@ estimated KV use above which a worker is busy; a pool whose every worker is busy
 nearest range with headroom (``spill_over: false`` turns that off); ``busy_prefill_tokens`` also calls a pool
 busy on its prefill backlog, and ``accept_spill_prefill_tokens`` makes a pool take spilled requests only while
 it is nearly idle (one-directional spill: long prompts borrow an idle short pool, never queue in it).
+``hold_spill_s`` makes a backed-up pool's requests wait in the global router (at most ``max_held`` of them
+in all) for the first worker that frees, in the pool or one that accepts the spill, instead of queueing at once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ DEFAULT_BUSY_THRESHOLD = 0.9
 INPUT = "input"
 DECODE = "decode"
 AXIS_FIELD = {INPUT: "input_tokens", DECODE: "context_tokens"}
-_TOP_KEYS = {"pools", "default_pool", "busy_threshold", "spill_over"}
+_TOP_KEYS = {"pools", "default_pool", "busy_threshold", "spill_over", "max_held"}
+#: at most this many requests wait in the global router at once (hold_spill_s); past it a request queues at once
+DEFAULT_MAX_HELD = 64
 _POOL_KEYS = {
     "name",
     "input_tokens",
@@ -42,6 +46,7 @@ _POOL_KEYS = {
     "busy_threshold",
     "busy_prefill_tokens",
     "accept_spill_prefill_tokens",
+    "hold_spill_s",
 }
 
 
@@ -83,6 +88,10 @@ class PoolSpec:
     #: prompt tokens routed and not yet prefilled (None: whenever it is not busy); low on a short pool, long
     #: prompts spill into it only while it idles
     accept_spill_prefill_tokens: int | None = None
+    #: when every worker is above busy_prefill_tokens and no pool accepts the spill, hold the request in the
+    #: global router up to this many seconds for the first worker that frees (here, or a pool that then accepts
+    #: it) before queueing it here (None: queue at once); needs busy_prefill_tokens
+    hold_spill_s: float | None = None
 
     def range_on(self, axis: str) -> TokenRange | None:
         return self.input_tokens if axis == INPUT else self.context_tokens
@@ -103,6 +112,8 @@ class PoolGrid:
     pools: dict[str, PoolSpec]
     default_pool: str = DEFAULT_POOL
     spill_over: bool = True
+    #: the most requests held at once over all pools (hold_spill_s)
+    max_held: int = DEFAULT_MAX_HELD
     #: axis -> pool names sorted by range start
     grids: dict[str, list[str]] = field(default_factory=dict)
 
@@ -154,6 +165,8 @@ class PoolGrid:
                 busy += f" or {p.busy_prefill_tokens} pending prefill tokens"
             if p.accept_spill_prefill_tokens is not None:
                 busy += f"; takes spill-over while at most {p.accept_spill_prefill_tokens} prefill tokens are pending"
+            if p.hold_spill_s is not None:
+                busy += f"; holds a request it is too busy for up to {p.hold_spill_s:g} s (max_held {self.max_held})"
             out.append(f"pool {p.name}{dflt}: {where}; {busy}")
         return out
 
@@ -267,7 +280,14 @@ def parse_pool_config(data: object, source: str = "pools config") -> PoolGrid:
         threshold = busy if busy is not None else busy_all if busy_all is not None else DEFAULT_BUSY_THRESHOLD
         prefill_cap = _tokens(raw, "busy_prefill_tokens", where, problems)
         accept_cap = _tokens(raw, "accept_spill_prefill_tokens", where, problems)
-        specs.append(PoolSpec(name, inp, ctx, ttft, itl, threshold, prefill_cap, accept_cap))
+        hold_s = _number(raw.get("hold_spill_s"), f"{where}: hold_spill_s", problems, 0.0, 3600.0)
+        if hold_s is not None and prefill_cap is None:
+            problems.append(f"{where}: hold_spill_s needs busy_prefill_tokens (the backlog that makes it hold)")
+        specs.append(PoolSpec(name, inp, ctx, ttft, itl, threshold, prefill_cap, accept_cap, hold_s))
+    max_held = data.get("max_held", DEFAULT_MAX_HELD)
+    if isinstance(max_held, bool) or not isinstance(max_held, int) or max_held < 0:
+        problems.append(f"max_held: expected an integer >= 0, got {max_held!r}")
+        max_held = DEFAULT_MAX_HELD
     default = data.get("default_pool", DEFAULT_POOL)
     if specs and default not in seen:
         problems.append(f"default_pool: {default!r} is not one of the pools ({', '.join(p.name for p in specs)})")
@@ -275,7 +295,7 @@ def parse_pool_config(data: object, source: str = "pools config") -> PoolGrid:
         _coverage(axis, specs, problems)
     if problems:
         raise PoolConfigError(f"{source}: " + "; ".join(problems))
-    return PoolGrid({p.name: p for p in specs}, str(default), bool(spill))
+    return PoolGrid({p.name: p for p in specs}, str(default), bool(spill), max_held)
 
 
 def load_pool_config(path: str | Path) -> PoolGrid:
