@@ -84,6 +84,7 @@ class WorkerSettings:
     kv_transfer_gbps: float = 0.0  # mocker: modelled KV transfer speed, GB/s (0: instant)
     kv_transfer_path: str = "socket"  # KV bytes over a one-shot data socket (socket) or the Pull stream (grpc)
     kv_recv_pool_mb: int = 1024  # decode side: receive buffers kept between pulls (kv_socket.ReceivePool)
+    stream_interval: int = 1  # tokens per Decode message (worker/stream_interval.py)
 
 
 class WorkerApp:
@@ -106,6 +107,7 @@ class WorkerApp:
             role=settings.role,
             geometry=geometry_for(engine, self.card),
             kv_transfer_path=settings.kv_transfer_path,
+            stream_interval=settings.stream_interval,
         )
         if settings.kv_recv_pool_mb < 0:
             raise ValueError(f"--kv-recv-pool-mb must be >= 0, got {settings.kv_recv_pool_mb}")

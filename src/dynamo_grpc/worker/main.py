@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode side: MiB of KV receive buffers kept from one pull for the next, so a pull lands in "
         "resident memory instead of faulting in fresh pages (0: a new buffer per pull)",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per Decode message: 1 sends what is ready (no token waits); N > 1 holds a request's "
+        "tokens until N are ready or it finishes (fewer messages, less CPU per request in every hop, tokens "
+        "in bursts); the first token is always sent alone at once",
+    )
     p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
@@ -216,6 +224,7 @@ async def serve(args: argparse.Namespace) -> int:
         kv_transfer_gbps=args.kv_transfer_gbps,
         kv_transfer_path=args.kv_transfer_path,
         kv_recv_pool_mb=args.kv_recv_pool_mb,
+        stream_interval=args.stream_interval,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.max_waiting_requests < 1:
         build_parser().error("--max-waiting-requests must be >= 1")
+    if args.stream_interval < 1:
+        parser.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.kv_lease_seconds <= 0:
         parser.error("--kv-lease-seconds must be positive")
     if args.kv_transfer_gbps < 0:
