@@ -171,6 +171,7 @@ async def measure(call: Call, requests: int, concurrency: int, pids: dict[str, i
         "p99_ms": q[98] * 1e3,
         "mean_ms": statistics.fmean(lat) * 1e3,
         "messages_per_request": round(messages / max(1, len(lat)), 2),
+        "tokens_per_message": round(OUT_TOKENS * len(lat) / max(1, messages), 2),
         "cpu_ms_per_request": {k: round((cpu1[k] - cpu0[k]) / len(lat) * 1e3, 3) for k in cpu0},
     }
 
@@ -313,7 +314,8 @@ async def run(
         cpu_rounds = [r["cpu_ms_per_request"] for r in runs]
         runs.sort(key=lambda r: r["p50_ms"])
         out["latency"][name] = {**runs[len(runs) // 2], "rounds_p50_ms": [r["p50_ms"] for r in runs],
-                                "rounds_cpu_ms_per_request": cpu_rounds}
+                                "rounds_cpu_ms_per_request": cpu_rounds,
+                                "rounds_messages_per_request": [r["messages_per_request"] for r in runs]}
     lanes = {name: [LaneStream(pool[k % len(pool)]) for k in range(args.concurrency)]
              for name, pool in fe.items() if wanted(f"{name}_lanes")}
     for name, streams in lanes.items():
@@ -333,7 +335,8 @@ async def run(
         cpu_rounds = [r["cpu_ms_per_request"] for r in runs]
         runs.sort(key=lambda r: r["requests_per_s"])
         out["throughput"][name] = {**runs[len(runs) // 2], "rounds_requests_per_s": [r["requests_per_s"] for r in runs],
-                                   "rounds_cpu_ms_per_request": cpu_rounds}
+                                   "rounds_cpu_ms_per_request": cpu_rounds,
+                                   "rounds_messages_per_request": [r["messages_per_request"] for r in runs]}
     for streams in lanes.values():
         for lane in streams:
             await lane.close()
@@ -387,13 +390,22 @@ def floor_ratios(out: dict[str, Any]) -> dict[str, Any]:
         if "passthrough" not in rows:
             continue
         floors = [c["passthrough"] for c in rows["passthrough"]["rounds_cpu_ms_per_request"]]
-        phase_res: dict[str, Any] = {"passthrough_cpu_ms_rounds": floors}
+        # what each side moved: the forwarder forwards every worker message; the frontend sends one response per
+        # worker message that adds text (so both move the workers' messages, whatever --stream-interval is)
+        phase_res: dict[str, Any] = {
+            "passthrough_cpu_ms_rounds": floors,
+            "passthrough_messages_per_request": statistics.median(
+                rows["passthrough"].get("rounds_messages_per_request") or [rows["passthrough"]["messages_per_request"]]
+            ),
+        }
         for n, r in rows.items():
             if not n.startswith("frontend") or n.endswith("_lanes") or n == "frontend_kv_service":
                 continue
             cpus = [frontend_cpu({"cpu_ms_per_request": c}, n) for c in r["rounds_cpu_ms_per_request"]]
             ratios = sorted(round(c / f, 2) for c, f in zip(cpus, floors, strict=True) if f)
+            msgs = r.get("rounds_messages_per_request") or [r["messages_per_request"]]
             phase_res[n] = {"cpu_ms_rounds": cpus, "cpu_ms_median": statistics.median(cpus),
+                            "messages_per_request": statistics.median(msgs),
                             "ratio_median": statistics.median(ratios) if ratios else None, "ratio_rounds": ratios}
         res[phase] = phase_res
     return res
@@ -454,13 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
     p.add_argument("--replica-rows", type=int, default=0, metavar="N",
                    help="also measure a `frontend --replicas N` (CPU summed over its replicas)")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="the workers' --stream-interval (tokens per Decode message; 1: what is ready)")
     p.add_argument("--serve-passthrough", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_passthrough:
         serve_passthrough(args.serve_passthrough.split(","))
         return 0
     cfg = MeshConfig(
-        workers=2, speedup_ratio=args.speedup_ratio, router_mode="kv", start_router=True, acl=False
+        workers=2, speedup_ratio=args.speedup_ratio, router_mode="kv", start_router=True, acl=False,
+        worker_args=["--stream-interval", str(args.stream_interval)],
     )  # acl off: the bench starts a second frontend and reads Consul with no role token
     load_before = os.getloadavg()
     with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
@@ -506,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     result["floor_ratio"] = floor_ratios(result)
     result["settings"] = {"requests": args.requests, "rounds": args.rounds, "latency_requests": args.latency_requests,
                           "latency_rounds": args.latency_rounds, "baseline_src": args.baseline_src,
-                          "replica_rows": args.replica_rows, "only": args.only}
+                          "replica_rows": args.replica_rows, "only": args.only,
+                          "stream_interval": args.stream_interval}
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))
     print(json.dumps(result, indent=2))

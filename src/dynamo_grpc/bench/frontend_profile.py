@@ -204,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-out", type=Path, default=None, help="also keep the raw cProfile stats here")
     p.add_argument("--frontend-src", default=None, metavar="DIR",
                    help="profile the frontend of another source tree (its src/), e.g. before a change")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="the workers' --stream-interval (tokens per Decode message; 1: what is ready)")
     args = p.parse_args(argv)
     card, _ = load_model_source(default_model_path())
-    cfg = MeshConfig(workers=2, speedup_ratio=1e6, router_mode="kv", start_router=False, acl=False)
+    cfg = MeshConfig(workers=2, speedup_ratio=1e6, router_mode="kv", start_router=False, acl=False,
+                     worker_args=["--stream-interval", str(args.stream_interval)])
     with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "fe.json"
         prof = args.profile_out or Path(tmp) / "fe.prof"
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             # the warm-up and start-up are in the profile too: spread over the measured requests (20 of 3,000)
             "split_ms_per_request_profiled": split(prof, args.requests, cpu_ms),
             "frontend_src": args.frontend_src or "this checkout",
+            "stream_interval": args.stream_interval,
             "sync_path_ms_per_request": sync_path(args.frontend_src),
             "loadavg_1m": os.getloadavg()[0],
             "cpu_count": os.cpu_count(),

@@ -25,6 +25,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "dynamo_grpc.bench.frontend_profile",
         "frontend CPU per streamed request split by stage (parse, route, detok, write...) under cProfile",
     ),
+    "frontend-stream-interval": (
+        "dynamo_grpc.bench.frontend_stream_interval",
+        "frontend vs do-nothing forwarder CPU per request at worker --stream-interval 1/4/16 (messages per request)",
+    ),
     "engine": ("dynamo_grpc.bench.engine", "torch engine vs transformers generate (extras: torch, bench)"),
     "discovery": ("dynamo_grpc.bench.discovery", "consul-dev + discovery: 1,000 instances, 50 watchers"),
     "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),

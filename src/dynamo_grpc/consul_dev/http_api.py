@@ -27,6 +27,7 @@ from dynamo_grpc.consul_dev.durations import (
     parse_duration_field,
     parse_go_duration,
 )
+from dynamo_grpc.consul_dev.query_watch import QueryWatches
 from dynamo_grpc.consul_dev.state import (
     CRITICAL,
     DEREGISTER_MIN,
@@ -178,6 +179,7 @@ SERVICE_ENTRIES_KEY: web.AppKey[dict[str, tuple[int, list[tuple[Service, list[Ch
 HEALTH_CACHE_KEY: web.AppKey[dict[tuple[Any, ...], _Encoded]] = web.AppKey(
     "health_cache", dict
 )
+QUERY_WATCHES_KEY: web.AppKey[QueryWatches] = web.AppKey("query_watches", QueryWatches)
 
 
 def _json(data: Any, index: int | None = None, status: int = 200) -> web.Response:
@@ -525,8 +527,10 @@ async def health_service(request: web.Request) -> web.Response:
         return _health_answer(request, store, authz, name, passing, tags, tag_filter).changed
 
     # A blocking query returns when *its* answer changes, not when any instance of the service does:
-    # a watcher of one tag (one shard, one model) sleeps through changes to the others.
-    await store.block(current, index, wait)
+    # a watcher of one tag (one shard, one model) sleeps through changes to the others; and the readers
+    # of one query share one re-check per write (query_watch.py), so a write wakes only those with news.
+    key = (name, passing, tags, tag_filter, authz.identity)
+    await request.app[QUERY_WATCHES_KEY].block(key, current, index, wait)
     return _health_answer(request, store, authz, name, passing, tags, tag_filter).response(request)
 
 
@@ -840,6 +844,12 @@ def build_app(store: Store, acl: ACL | None = None) -> web.Application:
     app[HEALTH_CACHE_KEY] = {}
     app[ENTRY_CACHE_KEY] = {}
     app[SERVICE_ENTRIES_KEY] = {}
+    app[QUERY_WATCHES_KEY] = watches = QueryWatches(store)
+
+    async def close_watches(_: web.Application) -> None:
+        await watches.close()
+
+    app.on_cleanup.append(close_watches)
     r = app.router
     r.add_put("/v1/agent/service/register", service_register)
     r.add_put("/v1/agent/service/deregister/{service_id}", service_deregister)

@@ -249,6 +249,10 @@ class Store:
             except TimeoutError:
                 return
 
+    async def next_commit(self) -> None:
+        """Return after the next write (any resource): what a per-query watch re-checks on (query_watch.py)."""
+        await self._changed.wait()
+
     def service_index(self, name: str) -> int:
         return max(1, self.svc_index.get(name, self.catalog_index))
 

@@ -82,6 +82,7 @@ class WorkerSettings:
     role: str = "both"  # prefill | decode | both (Consul tag role=<role>)
     kv_transfer_gbps: float = 0.0  # mocker: modelled KV transfer speed, GB/s (0: instant)
     kv_transfer_path: str = "socket"  # KV bytes over a one-shot data socket (socket) or the Pull stream (grpc)
+    stream_interval: int = 1  # tokens per Decode message (worker/stream_interval.py)
 
 
 class WorkerApp:
@@ -104,6 +105,7 @@ class WorkerApp:
             role=settings.role,
             geometry=geometry_for(engine, self.card),
             kv_transfer_path=settings.kv_transfer_path,
+            stream_interval=settings.stream_interval,
         )
         if settings.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {settings.role!r}")

@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how KV bytes move between prefill and decode workers: socket = a one-shot TCP connection beside "
         "the Pull stream (TLS like gRPC; falls back to the stream when it cannot connect), grpc = the stream",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per Decode message: 1 sends what is ready (no token waits); N > 1 holds a request's "
+        "tokens until N are ready or it finishes (fewer messages, less CPU per request in every hop, tokens "
+        "in bursts); the first token is always sent alone at once",
+    )
     p.add_argument("--ttl", type=float, default=10.0, help="Consul TTL check, seconds")
     p.add_argument("--drain-grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write {grpc_address, instance_id, zmq_endpoint}")
@@ -208,6 +216,7 @@ async def serve(args: argparse.Namespace) -> int:
         role=args.role,
         kv_transfer_gbps=args.kv_transfer_gbps,
         kv_transfer_path=args.kv_transfer_path,
+        stream_interval=args.stream_interval,
     )
     app = WorkerApp(engine, card, tokenizer_json, settings)
     try:
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.max_waiting_requests < 1:
         build_parser().error("--max-waiting-requests must be >= 1")
+    if args.stream_interval < 1:
+        parser.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.kv_lease_seconds <= 0:
         parser.error("--kv-lease-seconds must be positive")
     if args.kv_transfer_gbps < 0:

@@ -40,6 +40,7 @@ from dynamo_grpc.worker.convert import (
 from dynamo_grpc.worker.drain import DrainGate
 from dynamo_grpc.worker.kv_transfer import KvGeometry
 from dynamo_grpc.worker.metrics import WorkerMetrics
+from dynamo_grpc.worker.stream_interval import StreamInterval
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class WorkerContext:
     kv_channels: kv_transfer.Channels = dataclasses.field(default_factory=kv_transfer.Channels)
     #: KV pulls that failed, so the decoder prefilled locally instead
     pull_fallbacks: int = 0
+    #: --stream-interval: tokens per Decode message (1: send what is ready; worker/stream_interval.py)
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         self.file_sha256 = {name: sha256_hex(data) for name, data in self.files.items()}
@@ -79,6 +82,15 @@ class WorkerContext:
 
 async def _abort(context: grpc.aio.ServicerContext, err: errors.DynamoError) -> NoReturn:
     await errors.abort(context, err)
+
+
+def _response(out: EngineOutput, completion: int) -> worker_pb2.DecodeResponse:
+    return worker_pb2.DecodeResponse(
+        token_ids=out.token_ids,
+        finish_reason=FINISH_REASONS.get(out.finish_reason, FINISH_REASONS["error"]),
+        usage=usage_pb(out, completion),
+        logprobs=logprobs_pb(out),
+    )
 
 
 class _Requests:
@@ -163,6 +175,7 @@ class _Requests:
         outcome = "error"
         failure: errors.DynamoError | None = None
         agen: AsyncIterator[EngineOutput] | None = None
+        batch = StreamInterval(ctx.stream_interval)
         try:
             agen = ctx.engine.generate(req)
             async for out in agen:
@@ -183,6 +196,9 @@ class _Requests:
                 elif out.finish_reason is not None:
                     first_out = False
                 if out.finish_reason == "cancelled":
+                    held = batch.flush()  # what the client has not seen yet: a migration then resends less
+                    if held is not None:
+                        yield _response(held, completion - len(out.token_ids))
                     if ctx.gate.handing_back:
                         outcome = "handed_back"
                         failure = errors.Draining(
@@ -194,12 +210,9 @@ class _Requests:
                     break
                 if out.finish_reason is not None:  # before the yield: a client that has the finish may close here
                     outcome = out.finish_reason
-                yield worker_pb2.DecodeResponse(
-                    token_ids=out.token_ids,
-                    finish_reason=FINISH_REASONS.get(out.finish_reason, FINISH_REASONS["error"]),
-                    usage=usage_pb(out, completion),
-                    logprobs=logprobs_pb(out),
-                )
+                send = batch.add(out)
+                if send is not None:
+                    yield _response(send, completion)
         except errors.DynamoError as e:
             failure = e
             outcome = e.name
