@@ -24,6 +24,7 @@ from dynamo_grpc.planner.scaling import (
     prefill_need,
     prefill_utilisation_limit,
     replicas_for,
+    replicas_with_slack,
 )
 
 
@@ -182,3 +183,18 @@ def test_profile_keeps_its_kv_cache_and_older_profiles_load_without_one(tmp_path
     assert Profile.load(p.save(tmp_path / "old.json")).kv_tokens is None
     with pytest.raises(ProfileError, match="kv_tokens"):
         Profile(p.engine, p.prefill, p.decode, kv_tokens=0)
+
+
+def test_scale_up_slack_absorbs_the_last_fraction_of_a_replica() -> None:
+    b = Bounds(1, 8)
+    # 4 workers, need 4.18: within 0.2 of what serves -> stay at 4; need 4.21 -> ceil -> 5
+    assert replicas_with_slack(4.18, 4, b, 0.2) == 4
+    assert replicas_with_slack(4.21, 4, b, 0.2) == 5
+    # more than a replica short: ceil as ever (3 -> 5), not have + 1
+    assert replicas_with_slack(4.1, 3, b, 0.2) == 5
+    # going down is untouched (the hysteresis streak does that), and slack 0 is a plain ceil
+    assert replicas_with_slack(2.1, 4, b, 0.2) == 3
+    assert replicas_with_slack(4.05, 4, b, 0.0) == 5
+    # an empty pool still gets its first worker, and the bounds still hold
+    assert replicas_with_slack(0.1, 0, Bounds(0, 8), 0.2) == 1
+    assert replicas_with_slack(9.5, 8, b, 0.2) == 8

@@ -14,7 +14,18 @@ from dynamo_grpc.planner.connectors.virtual import VirtualConnector
 from dynamo_grpc.planner.loop import Planner, PlannerConfig
 from dynamo_grpc.planner.main import build_parser, config_from_args
 from dynamo_grpc.planner.observe import Observation
-from dynamo_grpc.planner.scaling import AGG, DECODE, PREFILL, SURGE_MIN_REQUESTS, Bounds, Load, Targets, surge_targets
+from dynamo_grpc.planner.scaling import (
+    AGG,
+    DECODE,
+    PREFILL,
+    RISE_HEADROOM,
+    SURGE_MIN_REQUESTS,
+    Bounds,
+    Load,
+    Targets,
+    rising,
+    surge_targets,
+)
 from tests.unit.test_planner_scaling import profile
 
 T = Targets()
@@ -106,7 +117,9 @@ def test_a_surge_ends_the_streak_of_low_asks() -> None:
     # one low ask holds.
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=2, correction=False)
     conn = VirtualConnector(cfg.pools, 3)
-    planner = Planner(cfg, profile(), Windows([(60, 60), (60, 60)]), conn, surge_source=Windows([(2.5, 8), (2.5, 22)]))
+    # (each interval decision also reads the surge reader: the first and the last window below are theirs)
+    surge = Windows([(2.5, 2), (2.5, 8), (2.5, 22), (2.5, 5)])
+    planner = Planner(cfg, profile(), Windows([(60, 60), (60, 60)]), conn, surge_source=surge)
 
     async def go() -> None:
         await planner.step()
@@ -127,7 +140,7 @@ def test_an_interval_scale_up_quiets_the_next_two_surge_checks() -> None:
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
     conn = VirtualConnector(cfg.pools, 2)
     windows = Windows([])
-    windows.obs = [Observation(2.5, 10, None, 0.08, 950, 100) for _ in range(3)]
+    windows.obs = [Observation(2.5, 10, None, 0.08, 950, 100) for _ in range(4)]  # the first: the decision's read
     planner = Planner(cfg, profile(), Windows([(60, 240)]), conn, surge_source=windows)
 
     async def go() -> list[object]:
@@ -138,3 +151,23 @@ def test_an_interval_scale_up_quiets_the_next_two_surge_checks() -> None:
     first, second, third = asyncio.run(go())
     assert first is None and second is None
     assert third is not None and conn.counts == {AGG: 4}
+
+
+def test_rising_needs_enough_arrivals_and_a_rate_above_the_intervals() -> None:
+    assert rising(5.0, 12, 4.0)  # 5.0 >= 1.1 * 4.0
+    assert not rising(4.3, 12, 4.0)  # within 10 %: a level, not a climb
+    assert not rising(5.0, SURGE_MIN_REQUESTS - 1, 4.0)  # too few arrivals to say
+    assert not rising(1.0, 12, 0.0)
+
+
+@pytest.mark.parametrize(("arrivals", "want", "climbing"), [(13, 4, True), (11, 3, False)])
+def test_an_interval_decision_on_a_rising_load_sizes_with_headroom(arrivals: int, want: int, climbing: bool) -> None:
+    # 4.5 req/s over the interval (isl 950, osl 100) needs 2.7 replicas on the test profile -> 3. The decision reads
+    # the surge reader: 13 arrivals in the last 2.5 s (5.2 req/s >= 1.1 x 4.5) say the load is still climbing,
+    # so it sizes for 2.7 + RISE_HEADROOM = 3.2 -> 4; 11 (4.4 req/s) is a level -> 3.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    conn = VirtualConnector(cfg.pools, 3)
+    planner = Planner(cfg, profile(), Windows([(60, 270)]), conn, surge_source=Windows([(2.5, arrivals)]))
+    d = asyncio.run(planner.step())
+    assert d.needs[AGG] == pytest.approx(2.7) and RISE_HEADROOM == 0.5
+    assert d.rising is climbing and conn.counts == {AGG: want}

@@ -142,6 +142,17 @@ def replicas_for(need: float, bounds: Bounds) -> int:
     return max(bounds.min, min(bounds.max, math.ceil(need - _EPS)))
 
 
+def replicas_with_slack(need: float, have: int, bounds: Bounds, slack: float) -> int:
+    """``replicas_for(need)``, except that a need at most ``slack`` replicas above the ``have`` already serving
+    keeps ``have`` (fractional-need hysteresis, docs/planner.md): the last fraction of a replica is absorbed by the
+    workers there (at ``slack = 0.2`` on 4 workers, 5 % over their rating) instead of buying a whole worker for
+    the intervals its scale-down streak then takes. A pool with no worker still gets one."""
+    want = replicas_for(need, bounds)
+    if have >= max(1, bounds.min) and want > have and need <= have + slack:
+        return have
+    return want
+
+
 def fit_budget(replicas: dict[str, int], bounds: dict[str, Bounds], budget: int | None) -> dict[str, int]:
     """Take replicas away, one at a time from the pool furthest above its minimum, until the total fits."""
     out = dict(replicas)
@@ -211,6 +222,18 @@ class Hysteresis:
 SURGE_MIN_REQUESTS = 10
 #: the window's rate must overload a pool by this many replicas' worth before it grows on the rate alone
 SURGE_MARGIN = 0.5
+
+
+#: a fresh short window whose rate is at least this many times the interval's mean says the load is still rising
+RISE_FACTOR = 1.1
+#: on a rising load an interval decision sizes for this many replicas more than the forecast needs
+RISE_HEADROOM = 0.5
+
+
+def rising(window_rate: float, window_arrivals: float, interval_rate: float) -> bool:
+    """The load is still climbing at the decision: the last short window (``SURGE_MIN_REQUESTS`` arrivals at
+    least: fewer is Poisson noise) ran ``RISE_FACTOR`` above the interval's mean rate."""
+    return window_arrivals >= SURGE_MIN_REQUESTS and window_rate >= RISE_FACTOR * interval_rate > 0
 
 
 def surge_targets(
