@@ -198,3 +198,14 @@ def test_scale_up_slack_absorbs_the_last_fraction_of_a_replica() -> None:
     # an empty pool still gets its first worker, and the bounds still hold
     assert replicas_with_slack(0.1, 0, Bounds(0, 8), 0.2) == 1
     assert replicas_with_slack(9.5, 8, b, 0.2) == 8
+
+
+def test_the_prefill_correction_does_not_stretch_an_aggregated_workers_streams() -> None:
+    # 8 req/s (isl 950, osl 100): 4.8 replicas, decode-bound. c_prefill = 1.5 raises the prefill need (S 0.1 -> 0.15 s:
+    # rho_max 0.824, 5216 tokens/s a replica, 7600 / 5216 = 1.457 instead of 0.9), still below,
+    # but not the ITL stretch: that uses the profiled prefill time, so the need is unchanged
+    t = Targets(0.5, 0.05)
+    assert prefill_need(profile(), Load(8.0, 950, 100), t, 1.5) == pytest.approx(7600 / (0.7 / 0.85 * 950 / 0.15))
+    assert aggregated_need(profile(), Load(8.0, 950, 100), t, c_prefill=1.5) == pytest.approx(4.8)
+    # and it still floors the need where prefill binds (a TTFT target only just above one prompt's time)
+    assert aggregated_need(profile(), Load(8.0, 950, 100), Targets(0.15, 0.05), c_prefill=1.5) == math.inf

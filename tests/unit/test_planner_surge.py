@@ -171,3 +171,24 @@ def test_an_interval_decision_on_a_rising_load_sizes_with_headroom(arrivals: int
     d = asyncio.run(planner.step())
     assert d.needs[AGG] == pytest.approx(2.7) and RISE_HEADROOM == 0.5
     assert d.rising is climbing and conn.counts == {AGG: want}
+
+
+@pytest.mark.parametrize(("last_window", "forecast", "climbing"), [(12, 4.0, False), (28, 5.0, True)])
+def test_the_trend_is_followed_only_while_the_latest_window_confirms_the_rise(
+    last_window: int, forecast: float, climbing: bool
+) -> None:
+    # intervals at 2 then 4 req/s: the damped trend says 4 + 0.5 * 2 = 5. The decision's fresh window (with the
+    # previous decision's read: 2 + 12 arrivals over 5 s = 2.8 req/s) says the rise stopped: the forecast stays at
+    # the last interval's 4; 2 + 28 over 5 s = 6 req/s (>= 1.1 x 4) confirms it: 5, and the rising headroom.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, predictor="trend")
+    conn = VirtualConnector(cfg.pools, 1)
+    surge = Windows([(2.5, 2), (2.5, last_window)])
+    planner = Planner(cfg, profile(), Windows([(60, 120), (60, 240)]), conn, surge_source=surge)
+
+    async def go() -> None:
+        await planner.step()
+        await planner.step()
+
+    asyncio.run(go())
+    d = planner.decisions[-1]
+    assert d.predicted["rate"] == pytest.approx(forecast) and d.rising is climbing

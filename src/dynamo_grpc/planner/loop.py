@@ -171,10 +171,14 @@ class Planner:
         if obs is not None and obs.duration_s > 0:
             self._learn(obs, current)
         climbing = False
+        pred = Load(*(self.predictors[q].predict() for q in ("rate", "isl", "osl")))
         window = await self._fresh_window()
         if window is not None and obs is not None and obs.duration_s > 0:
             climbing = rising(window[0], window[1], obs.rate)
-        pred = Load(*(self.predictors[q].predict() for q in ("rate", "isl", "osl")))
+            if not climbing and pred.rate > obs.rate:
+                # a rise the latest window does not confirm: the ramp has levelled off (or it was one burst), and
+                # extrapolating it buys a worker for the whole scale-down streak
+                pred = Load(obs.rate, pred.isl, pred.osl)
         need = needs(self.profile, pred, self.config.targets, self.corrections, self.config.pools)
         lead = RISE_HEADROOM if climbing else 0.0
         raw = {
@@ -344,7 +348,7 @@ class Planner:
             concurrency = obs.rate * (ttft + obs.osl * obs.itl_s) / n_decode
             expected_itl = self.profile.itl_s(obs.isl + obs.osl / 2.0, max(1.0, concurrency))
             if AGG in pools:  # its own prefill steps stretch an aggregated worker's ITL (scaling.aggregated_need)
-                rho = prefill_busy(self.profile, Load(obs.rate, obs.isl, obs.osl), self.learnt[PREFILL].value)
+                rho = prefill_busy(self.profile, Load(obs.rate, obs.isl, obs.osl))
                 expected_itl /= max(0.1, 1.0 - rho / n_decode)
             self.learnt[DECODE].learn(obs.itl_s / expected_itl, obs.requests)
 

@@ -101,13 +101,18 @@ def aggregated_need(
     throughput. So the decode runs at the profile's best point within ``T_itl * (1 - rho) / c_decode`` and ``n``
     must satisfy ``rate * osl / n <= (1 - rho) * tokens_per_s``; found by bisection (the left side falls and the
     right side grows with ``n``). Summing the two phases' needs, the first rule, missed the stretched ITL: the
-    profile rated a worker of the bench at 1.6 req/s of decode where it carries about 1.2 with its prefills."""
+    profile rated a worker of the bench at 1.6 req/s of decode where it carries about 1.2 with its prefills.
+
+    ``rho`` uses the profiled prefill time, not times ``c_prefill``: that correction is learnt from TTFT, which on
+    an aggregated worker also holds the wait for the decode step in flight and the frontend's own time; neither
+    occupies the worker, so neither stretches its streams (the bench learnt ``c_prefill`` 1.3-1.5 at the base rate,
+    and the stretch it added sized the peak for a fifth worker where four meet it)."""
     if load.rate <= 0:
         return 0.0
     p = prefill_need(profile, load, targets, c_prefill)
     if math.isinf(p) or load.osl <= 0:
         return p
-    busy = prefill_busy(profile, load, c_prefill)
+    busy = prefill_busy(profile, load)
     ctx = load.isl + load.osl / 2.0
     demand = load.rate * load.osl
 
