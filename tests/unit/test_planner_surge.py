@@ -164,8 +164,9 @@ def test_rising_needs_enough_arrivals_and_a_rate_above_the_intervals() -> None:
 def test_an_interval_decision_on_a_rising_load_sizes_with_headroom(arrivals: int, want: int, climbing: bool) -> None:
     # 4.5 req/s over the interval (isl 950, osl 100) needs 2.7 replicas on the test profile -> 3. The decision reads
     # the surge reader: 13 arrivals in the last 2.5 s (5.2 req/s >= 1.1 x 4.5) say the load is still climbing,
-    # so it sizes for 2.7 + RISE_HEADROOM = 3.2 -> 4; 11 (4.4 req/s) is a level -> 3.
-    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    # so it sizes for 2.7 + RISE_HEADROOM = 3.2 -> 4; 11 (4.4 req/s) is a level -> 3. (No scale-up slack here: with
+    # the default 0.2, 3.2 is within 3 + 0.2 and keeps 3.)
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, up_slack=0.0)
     conn = VirtualConnector(cfg.pools, 3)
     planner = Planner(cfg, profile(), Windows([(60, 270)]), conn, surge_source=Windows([(2.5, arrivals)]))
     d = asyncio.run(planner.step())
@@ -192,3 +193,30 @@ def test_the_trend_is_followed_only_while_the_latest_window_confirms_the_rise(
     asyncio.run(go())
     d = planner.decisions[-1]
     assert d.predicted["rate"] == pytest.approx(forecast) and d.rising is climbing
+
+
+def test_a_surge_on_a_falling_load_adds_no_headroom() -> None:
+    # intervals at 4 then 3 req/s on 3 workers (falling; they ask for 3 and 2, no change); then a 5 s window at
+    # 8 req/s (need 4.8 -> 5): grown to 5, not 5 + 1. The same window after a rise (2 then 3 req/s) grows to 6.
+    for rates, want in (((4, 3), 5), ((2, 3), 6)):
+        cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, down_after=5)
+        conn = VirtualConnector(cfg.pools, 3)
+        intervals = Windows([(60, 60 * r) for r in rates])
+        windows = Windows([(2.5, 1), (2.5, 1), (2.5, 20), (2.5, 20)])
+        planner = Planner(cfg, profile(), intervals, conn, surge_source=windows)
+
+        async def go(planner: Planner) -> None:
+            await planner.step()
+            await planner.step()
+            await planner.surge_check()
+            await planner.surge_check()
+
+        asyncio.run(go(planner))
+        assert planner.decisions[-1].kind == "surge" and conn.counts == {AGG: want}
+
+
+def test_surge_headroom_zero_still_grows_a_pool_over_its_latency_target() -> None:
+    b = {AGG: Bounds(1, 10)}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, b, None, headroom=0) == {AGG: 5}
+    got = surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 2}, b, None, itl_s=0.06, headroom=0)
+    assert got == {AGG: 3}

@@ -72,7 +72,7 @@ class PlannerConfig:
     surge_check_s: float | None = None
     #: an interval decision adds replicas only for a need more than this above the current count
     #: (scaling.replicas_with_slack); 0: plain ceil
-    up_slack: float = 0.0
+    up_slack: float = 0.2
 
     @property
     def surge_every_s(self) -> float:
@@ -148,6 +148,8 @@ class Planner:
         #: a second reader of the same metrics (its own baseline), for the surge checks; None: no surge checks
         self.surge_source = surge_source if config.surge_every_s > 0 else None
         self._surge_window: list[Observation] = []
+        #: the last two intervals' observed rates (a surge on a falling load adds no headroom)
+        self._rates: list[float] = []
         self._surge_quiet = 0
         #: decisions still to learn nothing: a pool was scaled, and the interval it happened in and the next one
         #: have workers starting or draining, and the queue built while the pool was short
@@ -272,6 +274,7 @@ class Planner:
             self.config.budget,
             obs.ttft_s,
             obs.itl_s,
+            headroom=0 if self._falling() else 1,
         )
         if not grow:
             return None
@@ -311,8 +314,13 @@ class Planner:
             self.on_decision(decision)
         return decision
 
+    def _falling(self) -> bool:
+        """The last interval's rate was below the one before it (the load is on its way down)."""
+        return len(self._rates) == 2 and self._rates[1] < self._rates[0]
+
     def _learn(self, obs: Observation, current: dict[str, int]) -> None:
         """Feed the predictors, and update the corrections from what latency the profile expected."""
+        self._rates = [*self._rates[-1:], obs.rate]
         self.predictors["rate"].add(obs.rate)
         if obs.isl is not None:
             self.predictors["isl"].add(obs.isl)

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale-up-slack",
         type=float,
-        default=0.0,
+        default=0.2,
         metavar="R",
         help="an interval decision adds workers only when the need exceeds the current count by more than R "
         "replicas (fractional-need hysteresis; 0: round every fraction up)",

@@ -252,6 +252,7 @@ def surge_targets(
     budget: int | None,
     ttft_s: float | None = None,
     itl_s: float | None = None,
+    headroom: int = 1,
 ) -> dict[str, int]:
     """Emergency scale-up between intervals (docs/planner.md "Surges"): the pools a short window of traffic already
     overloads, with the count each should grow to.
@@ -261,7 +262,9 @@ def surge_targets(
     ``max(ceil(need), current) + 1``: the load is rising (it outran the interval's forecast), so by the time a new
     worker is up it needs more than the window shows. (Growing to exactly the window's need was measured: the
     fleet stayed a worker short through the ramp, queues built on the busy workers, and attainment fell to 49-67 %
-    in the bench; docs/benchmarks.md "Planner".) Never shrinks a pool; the interval decision does that."""
+    in the bench; docs/benchmarks.md "Planner".) The loop passes ``headroom=0`` while the intervals' rate is
+    falling: a burst on the way down is no ramp (with the +1 one such burst took the bench's fleet from 4 to 6
+    workers). Never shrinks a pool; the interval decision does that."""
     if arrivals < SURGE_MIN_REQUESTS:
         return {}
     need = needs(profile, window, targets, corrections, list(current))
@@ -272,6 +275,6 @@ def surge_targets(
     for pool, n in need.items():
         have = current[pool]
         if slow.get(pool, False) or n >= have + SURGE_MARGIN:
-            grown[pool] = min(bounds[pool].max, max(replicas_for(n, bounds[pool]), have) + 1)
+            grown[pool] = min(bounds[pool].max, max(replicas_for(n, bounds[pool]) + headroom, have + 1))
     grown = fit_budget(grown, bounds, budget)
     return {p: n for p, n in grown.items() if n > current[p]}
