@@ -6,6 +6,7 @@ observations, the replicas go to the virtual connector (the dry-run connector of
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from prometheus_client import generate_latest
@@ -195,28 +196,40 @@ def test_the_trend_is_followed_only_while_the_latest_window_confirms_the_rise(
     assert d.predicted["rate"] == pytest.approx(forecast) and d.rising is climbing
 
 
-def test_a_surge_on_a_falling_load_adds_no_headroom() -> None:
-    # intervals at 4 then 3 req/s on 3 workers (falling; they ask for 3 and 2, no change); then a 5 s window at
-    # 8 req/s (need 4.8 -> 5): grown to 5, not 5 + 1. The same window after a rise (2 then 3 req/s) grows to 6.
-    for rates, want in (((4, 3), 5), ((2, 3), 6)):
-        cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, down_after=5)
-        conn = VirtualConnector(cfg.pools, 3)
-        intervals = Windows([(60, 60 * r) for r in rates])
-        windows = Windows([(2.5, 1), (2.5, 1), (2.5, 20), (2.5, 20)])
-        planner = Planner(cfg, profile(), intervals, conn, surge_source=windows)
+@pytest.mark.parametrize(
+    ("rates", "itl_s", "want"),
+    [
+        ((2, 3), None, 6),  # rising: 8 req/s needs 4.8 -> 5, + 1 of headroom
+        ((4, 3), None, 3),  # falling: the rate alone is a burst on the way down, no surge
+        ((4, 3), 0.08, 5),  # falling with the ITL over target: to the need (5), no headroom
+    ],
+)
+def test_a_surge_on_a_falling_load_needs_latency_and_adds_no_headroom(
+    rates: tuple[int, int], itl_s: float | None, want: int
+) -> None:
+    # intervals at `rates` req/s on 3 workers (they ask for 3 and 2 or 2 and 2, no change: down_after 5); then two
+    # 2.5 s windows of 20 arrivals: 8 req/s
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, down_after=5)
+    conn = VirtualConnector(cfg.pools, 3)
+    intervals = Windows([(60, 60 * r) for r in rates])
+    windows = Windows([(2.5, 1), (2.5, 1), (2.5, 20), (2.5, 20)])
+    windows.obs[-1] = Observation(2.5, 20, None, itl_s, 950, 100)
+    planner = Planner(cfg, profile(), intervals, conn, surge_source=windows)
 
-        async def go(planner: Planner) -> None:
-            await planner.step()
-            await planner.step()
-            await planner.surge_check()
-            await planner.surge_check()
+    async def go() -> None:
+        await planner.step()
+        await planner.step()
+        await planner.surge_check()
+        await planner.surge_check()
 
-        asyncio.run(go(planner))
-        assert planner.decisions[-1].kind == "surge" and conn.counts == {AGG: want}
+    asyncio.run(go())
+    assert conn.counts == {AGG: want}
+    assert (planner.decisions[-1].kind == "surge") is (want > 3)
 
 
 def test_surge_headroom_zero_still_grows_a_pool_over_its_latency_target() -> None:
     b = {AGG: Bounds(1, 10)}
     assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, b, None, headroom=0) == {AGG: 5}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, b, None, margin=math.inf) == {}
     got = surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 2}, b, None, itl_s=0.06, headroom=0)
     assert got == {AGG: 3}

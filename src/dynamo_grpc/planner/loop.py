@@ -26,6 +26,7 @@ from dynamo_grpc.planner.scaling import (
     DECODE,
     PREFILL,
     RISE_HEADROOM,
+    SURGE_MARGIN,
     Bounds,
     Hysteresis,
     Load,
@@ -263,6 +264,7 @@ class Planner:
             lengths = obs.load(lengths)
         window = Load(arrivals / duration, lengths.isl, lengths.osl)
         current = await self.connector.replicas()
+        falling = self._falling()  # a burst on the way down: only a latency over target grows a pool, by one
         grow = surge_targets(
             self.profile,
             window,
@@ -274,7 +276,8 @@ class Planner:
             self.config.budget,
             obs.ttft_s,
             obs.itl_s,
-            headroom=0 if self._falling() else 1,
+            headroom=0 if falling else 1,
+            margin=math.inf if falling else SURGE_MARGIN,
         )
         if not grow:
             return None

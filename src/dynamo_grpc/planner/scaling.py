@@ -253,6 +253,7 @@ def surge_targets(
     ttft_s: float | None = None,
     itl_s: float | None = None,
     headroom: int = 1,
+    margin: float = SURGE_MARGIN,
 ) -> dict[str, int]:
     """Emergency scale-up between intervals (docs/planner.md "Surges"): the pools a short window of traffic already
     overloads, with the count each should grow to.
@@ -262,9 +263,11 @@ def surge_targets(
     ``max(ceil(need), current) + 1``: the load is rising (it outran the interval's forecast), so by the time a new
     worker is up it needs more than the window shows. (Growing to exactly the window's need was measured: the
     fleet stayed a worker short through the ramp, queues built on the busy workers, and attainment fell to 49-67 %
-    in the bench; docs/benchmarks.md "Planner".) The loop passes ``headroom=0`` while the intervals' rate is
-    falling: a burst on the way down is no ramp (with the +1 one such burst took the bench's fleet from 4 to 6
-    workers). Never shrinks a pool; the interval decision does that."""
+    in the bench; docs/benchmarks.md "Planner".) While the intervals' rate is falling the loop passes
+    ``headroom=0`` and ``margin=inf``: a burst on the way down is no ramp, and only a latency over target (the
+    pool visibly short) grows it, to ``max(ceil(need), current + 1)``. (A rate-only surge on one 5 s burst at the
+    start of the bench's ramp down, latencies within target, took its fleet from 4 to 6 workers for 20 s with the
+    +1, to 5 without.) Never shrinks a pool; the interval decision does that."""
     if arrivals < SURGE_MIN_REQUESTS:
         return {}
     need = needs(profile, window, targets, corrections, list(current))
@@ -274,7 +277,7 @@ def surge_targets(
     grown = dict(current)
     for pool, n in need.items():
         have = current[pool]
-        if slow.get(pool, False) or n >= have + SURGE_MARGIN:
+        if slow.get(pool, False) or n >= have + margin:
             grown[pool] = min(bounds[pool].max, max(replicas_for(n, bounds[pool]) + headroom, have + 1))
     grown = fit_budget(grown, bounds, budget)
     return {p: n for p, n in grown.items() if n > current[p]}
