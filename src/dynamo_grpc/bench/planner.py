@@ -434,14 +434,24 @@ def _plot(report: dict[str, Any], env: Envelope, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rnd = report["rounds"][-1]
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
     xs = np.linspace(0, env.duration_s, 200)
     axes[0].plot(xs, [env.rate(x) for x in xs], label="envelope (req/s)")
     sent = [p[0] for p in rnd["planner"]["per_request"]]
     hist, edges = np.histogram(sent, bins=np.arange(0, env.duration_s + 5, 5))
     axes[0].step(edges[:-1], hist / 5.0, where="post", label="sent (req/s, 5 s bins)")
-    axes[0].set(ylabel="load (req/s)", title="bench planner: load, replicas, p99 TTFT")
+    axes[0].set(ylabel="load (req/s)", title="bench planner: load, replicas, p99 TTFT and ITL")
     axes[0].legend()
+    bins = np.arange(0, env.duration_s + 10, 10)
+
+    def p99(pts: list[tuple[float, float]]) -> list[float]:
+        return [
+            float(np.percentile([v for s, v in pts if lo <= s < lo + 10], 99))
+            if any(lo <= s < lo + 10 for s, _ in pts)
+            else float("nan")
+            for lo in bins
+        ]
+
     for name, style in (("average", ":"), ("peak", "--"), ("planner", "-")):
         run = rnd[name]
         t = [p[0] for p in run["timeline"]]
@@ -452,20 +462,20 @@ def _plot(report: dict[str, Any], env: Envelope, png: Path) -> None:
             where="post",
             label=f"{name}: {run['worker_seconds']:.0f} worker-s, {run['sla_attainment']:.1%} in SLA",
         )
-        pts = sorted((p[0], p[1]) for p in run["per_request"] if p[1] is not None)
-        bins = np.arange(0, env.duration_s + 10, 10)
-        p99 = [
-            np.percentile([v for s, v in pts if lo <= s < lo + 10], 99)
-            if any(lo <= s < lo + 10 for s, _ in pts)
-            else np.nan
-            for lo in bins
-        ]
-        axes[2].step(bins, p99, style, where="post", label=name)
+        axes[2].step(
+            bins, p99([(p[0], p[1]) for p in run["per_request"] if p[1] is not None]), style, where="post", label=name
+        )
+        axes[3].step(
+            bins, p99([(p[0], p[2]) for p in run["per_request"] if p[2] is not None]), style, where="post", label=name
+        )
     axes[1].set(ylabel="workers alive")
     axes[1].legend(fontsize=8)
     axes[2].axhline(report["targets"]["ttft_s"], color="grey", lw=0.8, label="TTFT target")
-    axes[2].set(ylabel="p99 TTFT (s, 10 s bins)", xlabel="seconds", yscale="log")
+    axes[2].set(ylabel="p99 TTFT (s, 10 s bins)", yscale="log")
     axes[2].legend(fontsize=8)
+    axes[3].axhline(report["targets"]["itl_s"], color="grey", lw=0.8, label="ITL target")
+    axes[3].set(ylabel="p99 of requests' mean ITL (s)", xlabel="seconds (by send time)", yscale="log")
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
