@@ -185,19 +185,22 @@ def test_profile_keeps_its_kv_cache_and_older_profiles_load_without_one(tmp_path
         Profile(p.engine, p.prefill, p.decode, kv_tokens=0)
 
 
-def test_scale_up_slack_absorbs_the_last_fraction_of_a_replica() -> None:
+def test_scale_up_slack_absorbs_a_need_within_a_fraction_of_the_count_serving() -> None:
     b = Bounds(1, 8)
-    # 4 workers, need 4.18: within 0.2 of what serves -> stay at 4; need 4.21 -> ceil -> 5
-    assert replicas_with_slack(4.18, 4, b, 0.2) == 4
-    assert replicas_with_slack(4.21, 4, b, 0.2) == 5
-    # more than a replica short: ceil as ever (3 -> 5), not have + 1
-    assert replicas_with_slack(4.1, 3, b, 0.2) == 5
+    # 4 workers at slack 0.05 absorb a need up to 4.2: 4.18 stays at 4, 4.21 buys the fifth
+    assert replicas_with_slack(4.18, 4, b, 0.05) == 4
+    assert replicas_with_slack(4.21, 4, b, 0.05) == 5
+    # one worker absorbs only up to 1.05: 1.04 stays, 1.14 buys the second (a fixed 0.2 of a replica would not)
+    assert replicas_with_slack(1.04, 1, b, 0.05) == 1
+    assert replicas_with_slack(1.14, 1, b, 0.05) == 2
+    # more than the slack short: ceil as ever (3 -> 5), not have + 1
+    assert replicas_with_slack(4.1, 3, b, 0.05) == 5
     # going down is untouched (the hysteresis streak does that), and slack 0 is a plain ceil
-    assert replicas_with_slack(2.1, 4, b, 0.2) == 3
+    assert replicas_with_slack(2.1, 4, b, 0.05) == 3
     assert replicas_with_slack(4.05, 4, b, 0.0) == 5
     # an empty pool still gets its first worker, and the bounds still hold
-    assert replicas_with_slack(0.1, 0, Bounds(0, 8), 0.2) == 1
-    assert replicas_with_slack(9.5, 8, b, 0.2) == 8
+    assert replicas_with_slack(0.1, 0, Bounds(0, 8), 0.05) == 1
+    assert replicas_with_slack(9.5, 8, b, 0.05) == 8
 
 
 def test_the_prefill_correction_does_not_stretch_an_aggregated_workers_streams() -> None:

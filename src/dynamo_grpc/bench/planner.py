@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--surge-check", type=float, default=None, help="planner emergency-check period (default interval/4; 0: off)"
     )
-    p.add_argument("--scale-up-slack", type=float, default=0.2, help="the planner's --scale-up-slack")
+    p.add_argument("--scale-up-slack", type=float, default=0.05, help="the planner's --scale-up-slack")
     p.add_argument("--peak-fleet", type=int, default=None, help="skip the probes: the peak fleet a previous run found")
 
     p.add_argument("--ttft-target", type=float, default=0.5)

@@ -71,9 +71,9 @@ class PlannerConfig:
     #: seconds between emergency checks of the short-window load (docs/planner.md "Surges"); None: a quarter of
     #: the interval; 0: off
     surge_check_s: float | None = None
-    #: an interval decision adds replicas only for a need more than this above the current count
+    #: an interval decision adds replicas only for a need more than this fraction above the current count
     #: (scaling.replicas_with_slack); 0: plain ceil
-    up_slack: float = 0.2
+    up_slack: float = 0.05
 
     @property
     def surge_every_s(self) -> float:
@@ -93,8 +93,8 @@ class PlannerConfig:
             raise ValueError("the adjustment interval must be positive")
         if self.targets.ttft_s <= 0 or self.targets.itl_s <= 0:
             raise ValueError("TTFT and ITL targets must be positive")
-        if not 0.0 <= self.up_slack < 1.0:
-            raise ValueError("the scale-up slack must be in [0, 1) replicas")
+        if not 0.0 <= self.up_slack < 0.5:
+            raise ValueError("the scale-up slack must be a fraction in [0, 0.5)")
         if self.surge_check_s is not None and not 0 <= self.surge_check_s < self.interval_s:
             raise ValueError("the surge check period must be >= 0 (0: off) and shorter than the interval")
 

@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale-up-slack",
         type=float,
-        default=0.2,
-        metavar="R",
-        help="an interval decision adds workers only when the need exceeds the current count by more than R "
-        "replicas (fractional-need hysteresis; 0: round every fraction up)",
+        default=0.05,
+        metavar="F",
+        help="an interval decision adds workers only when the need exceeds the current count by more than this "
+        "fraction of it (fractional-need hysteresis; 0: round every fraction up)",
     )
     p.add_argument(
         "--correction",
