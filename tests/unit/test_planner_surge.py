@@ -24,6 +24,7 @@ from dynamo_grpc.planner.scaling import (
     Bounds,
     Load,
     Targets,
+    rate_now,
     rising,
     surge_targets,
 )
@@ -171,17 +172,20 @@ def test_an_interval_decision_on_a_rising_load_sizes_with_headroom(arrivals: int
     conn = VirtualConnector(cfg.pools, 3)
     planner = Planner(cfg, profile(), Windows([(60, 270)]), conn, surge_source=Windows([(2.5, arrivals)]))
     d = asyncio.run(planner.step())
-    assert d.needs[AGG] == pytest.approx(2.7) and RISE_HEADROOM == 0.5
+    # (rising, the forecast is also raised to the rate reached: test_a_rising_decision_forecasts_at_least_...)
+    assert d.needs[AGG] == pytest.approx(0.6 * (5.2 + 0.7 * 2.5 / 57.5) if climbing else 2.7)
+    assert RISE_HEADROOM == 0.5
     assert d.rising is climbing and conn.counts == {AGG: want}
 
 
-@pytest.mark.parametrize(("last_window", "forecast", "climbing"), [(12, 4.0, False), (28, 5.0, True)])
+@pytest.mark.parametrize(("last_window", "forecast", "climbing"), [(12, 4.0, False), (28, 6 + 2 * 5 / 55, True)])
 def test_the_trend_is_followed_only_while_the_latest_window_confirms_the_rise(
     last_window: int, forecast: float, climbing: bool
 ) -> None:
     # intervals at 2 then 4 req/s: the damped trend says 4 + 0.5 * 2 = 5. The decision's fresh window (with the
     # previous decision's read: 2 + 12 arrivals over 5 s = 2.8 req/s) says the rise stopped: the forecast stays at
-    # the last interval's 4; 2 + 28 over 5 s = 6 req/s (>= 1.1 x 4) confirms it: 5, and the rising headroom.
+    # the last interval's 4; 2 + 28 over 5 s = 6 req/s (>= 1.1 x 4) confirms it, and the rate reached at the
+    # decision, 6 + 2 * 5 / 55 (rate_now), is above the trend's 5: that is the forecast, with the rising headroom.
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, predictor="trend")
     conn = VirtualConnector(cfg.pools, 1)
     surge = Windows([(2.5, 2), (2.5, last_window)])
@@ -233,3 +237,25 @@ def test_surge_headroom_zero_still_grows_a_pool_over_its_latency_target() -> Non
     assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, b, None, margin=math.inf) == {}
     got = surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 2}, b, None, itl_s=0.06, headroom=0)
     assert got == {AGG: 3}
+
+
+def test_rate_now_extends_the_line_from_the_intervals_mean_through_the_window() -> None:
+    # interval mean 1.7 req/s (centred 5 s before a 10 s interval's end), last 5 s at 2.6 (centred 2.5 s before):
+    # 0.9 req/s per 2.5 s -> 3.5 at the decision
+    assert rate_now(1.7, 10.0, 2.6, 5.0) == pytest.approx(3.5)
+    # a 180 s interval with the default checks (two 45 s windows): the same 2w - m
+    assert rate_now(2.0, 180.0, 3.0, 90.0) == pytest.approx(4.0)
+    # a window as long as the interval says nothing more than itself
+    assert rate_now(2.0, 10.0, 3.0, 10.0) == 3.0
+
+
+def test_a_rising_decision_forecasts_at_least_the_rate_reached() -> None:
+    # interval at 4.5 req/s (constant forecast 4.5); the decision's window: 13 arrivals in 2.5 s = 5.2 req/s, rising.
+    # The rate now: 5.2 + 0.7 * 2.5 / 57.5 = 5.2304 req/s -> need 0.6 * 5.2304 = 3.138 (+0.5 headroom) -> 4
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, up_slack=0.0)
+    planner = Planner(
+        cfg, profile(), Windows([(60, 270)]), VirtualConnector(cfg.pools, 3), surge_source=Windows([(2.5, 13)])
+    )
+    d = asyncio.run(planner.step())
+    assert d.rising and d.predicted["rate"] == pytest.approx(5.2 + 0.7 * 2.5 / 57.5)
+    assert d.needs[AGG] == pytest.approx(0.6 * d.predicted["rate"]) and d.target == {AGG: 4}

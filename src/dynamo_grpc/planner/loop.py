@@ -35,6 +35,7 @@ from dynamo_grpc.planner.scaling import (
     fit_budget,
     needs,
     prefill_busy,
+    rate_now,
     replicas_with_slack,
     rising,
     surge_targets,
@@ -178,7 +179,11 @@ class Planner:
         window = await self._fresh_window()
         if window is not None and obs is not None and obs.duration_s > 0:
             climbing = rising(window[0], window[1], obs.rate)
-            if not climbing and pred.rate > obs.rate:
+            if climbing:  # forecast at least the rate the load has already reached at the decision
+                now = rate_now(obs.rate, obs.duration_s, window[0], window[2])
+                if now > pred.rate:
+                    pred = Load(now, pred.isl, pred.osl)
+            elif pred.rate > obs.rate:
                 # a rise the latest window does not confirm: the ramp has levelled off (or it was one burst), and
                 # extrapolating it buys a worker for the whole scale-down streak
                 pred = Load(obs.rate, pred.isl, pred.osl)
@@ -223,9 +228,9 @@ class Planner:
             self.on_decision(decision)
         return decision
 
-    async def _fresh_window(self) -> tuple[float, float] | None:
-        """Read the surge reader now (its window then ends at the decision) and return the rate and arrivals of
-        its last two windows; None without surge checks or when the read fails."""
+    async def _fresh_window(self) -> tuple[float, float, float] | None:
+        """Read the surge reader now (its window then ends at the decision) and return the rate, arrivals and
+        duration of its last two windows; None without surge checks or when the read fails."""
         if self.surge_source is None:
             return None
         try:
@@ -238,7 +243,7 @@ class Planner:
         self._surge_window = [*self._surge_window[-1:], obs]
         duration = sum(o.duration_s for o in self._surge_window)
         arrivals = sum(o.requests for o in self._surge_window)
-        return arrivals / duration, arrivals
+        return arrivals / duration, arrivals, duration
 
     async def surge_check(self) -> Decision | None:
         """Between intervals: grow the pools the last two short windows already overload (their rate, or the
