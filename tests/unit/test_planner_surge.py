@@ -24,6 +24,7 @@ from dynamo_grpc.planner.scaling import (
     Bounds,
     Load,
     Targets,
+    extrapolate,
     rate_now,
     rising,
     surge_targets,
@@ -203,7 +204,9 @@ def test_the_trend_is_followed_only_while_the_latest_window_confirms_the_rise(
 @pytest.mark.parametrize(
     ("rates", "itl_s", "want"),
     [
-        ((2, 3), None, 6),  # rising: 8 req/s needs 4.8 -> 5, + 1 of headroom
+        # rising: the rate reached now, on the line from the interval's 3 req/s (centred 30 s back) through the
+        # windows' 8 (centred 2.5 s back): 8 + 5 * 2.5 / 27.5 = 8.4545 -> need 5.07 -> 6, + 1 of headroom
+        ((2, 3), None, 7),
         ((4, 3), None, 3),  # falling: the rate alone is a burst on the way down, no surge
         ((4, 3), 0.08, 5),  # falling with the ITL over target: to the need (5), no headroom
     ],
@@ -219,6 +222,7 @@ def test_a_surge_on_a_falling_load_needs_latency_and_adds_no_headroom(
     windows = Windows([(2.5, 1), (2.5, 1), (2.5, 20), (2.5, 20)])
     windows.obs[-1] = Observation(2.5, 20, None, itl_s, 950, 100)
     planner = Planner(cfg, profile(), intervals, conn, surge_source=windows)
+    planner._clock = lambda: 100.0  # the surge checks run right after the decision (no time for the rise to go on)
 
     async def go() -> None:
         await planner.step()
@@ -259,3 +263,34 @@ def test_a_rising_decision_forecasts_at_least_the_rate_reached() -> None:
     d = asyncio.run(planner.step())
     assert d.rising and d.predicted["rate"] == pytest.approx(5.2 + 0.7 * 2.5 / 57.5)
     assert d.needs[AGG] == pytest.approx(0.6 * d.predicted["rate"]) and d.target == {AGG: 4}
+
+
+def test_extrapolate_reads_the_line_through_two_windows_now() -> None:
+    # 1.2 req/s centred 12.5 s ago, 2.19 centred 2.5 s ago: +0.099 req/s per s -> 2.19 + 0.2475 = 2.4375 now
+    assert extrapolate(1.2, 12.5, 2.19, 2.5) == pytest.approx(2.4375)
+    assert extrapolate(3.0, 10.0, 1.0, 2.5) == pytest.approx(1.0 - 2.0 * 2.5 / 7.5)  # a fall is read the same way
+    assert extrapolate(3.0, 10.0, 0.1, 2.5) == 0.0  # never negative
+    assert extrapolate(1.0, 2.0, 2.0, 2.0) == 2.0  # no span between them: the newer one
+
+
+def test_a_surge_check_on_a_rise_sizes_for_the_rate_reached_now() -> None:
+    # interval 1.2 req/s (60 s) on 1 worker at t = 0; at t = 20 two 2.5 s windows hold 15 arrivals (3 req/s,
+    # centred 2.5 s back; the interval's mean is centred 20 + 30 = 50 s back): 3 + 1.8 * 2.5 / 47.5 = 3.0947 req/s
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    conn = VirtualConnector(cfg.pools, 1)
+    windows = Windows([(2.5, 1), (2.5, 7), (2.5, 8)])
+    planner = Planner(cfg, profile(), Windows([(60, 72)]), conn, surge_source=windows)
+    now = [0.0]
+    planner._clock = lambda: now[0]
+
+    async def go() -> None:
+        await planner.step()
+        now[0] = 20.0
+        await planner.surge_check()
+        await planner.surge_check()
+
+    asyncio.run(go())
+    d = planner.decisions[-1]
+    assert d.kind == "surge" and d.predicted["rate"] == pytest.approx(3 + 1.8 * 2.5 / 47.5)
+    # need 0.6 * 3.0947 = 1.857 -> 2, + 1
+    assert d.needs[AGG] == pytest.approx(0.6 * d.predicted["rate"]) and conn.counts == {AGG: 3}

@@ -32,6 +32,7 @@ from dynamo_grpc.planner.scaling import (
     Load,
     Targets,
     expected_ttft_s,
+    extrapolate,
     fit_budget,
     needs,
     prefill_busy,
@@ -156,6 +157,9 @@ class Planner:
         #: decisions still to learn nothing: a pool was scaled, and the interval it happened in and the next one
         #: have workers starting or draining, and the queue built while the pool was short
         self._unsteady = 0
+        #: when the last interval decision ran (its observation's mean is centred half an interval before it)
+        self._last_step_at: float | None = None
+        self._clock: Callable[[], float] = time.monotonic
 
     @property
     def corrections(self) -> dict[str, float]:
@@ -174,6 +178,7 @@ class Planner:
         current = await self.connector.replicas()
         if obs is not None and obs.duration_s > 0:
             self._learn(obs, current)
+        self._last_step_at = self._clock()
         climbing = False
         pred = Load(*(self.predictors[q].predict() for q in ("rate", "isl", "osl")))
         window = await self._fresh_window()
@@ -267,9 +272,15 @@ class Planner:
         lengths = Load(0.0, self.predictors["isl"].predict(), self.predictors["osl"].predict())
         if lengths.isl <= 0:  # no interval finished yet: the window's own lengths
             lengths = obs.load(lengths)
-        window = Load(arrivals / duration, lengths.isl, lengths.osl)
+        rate = arrivals / duration
+        falling = self._falling()
+        if not falling and self._rates and self._last_step_at is not None and rate > self._rates[-1]:
+            # a rise since the last interval: size for the rate it has reached now, not the window's mean
+            since = self._clock() - self._last_step_at
+            rate = extrapolate(self._rates[-1], since + self.config.interval_s / 2.0, rate, duration / 2.0)
+        window = Load(rate, lengths.isl, lengths.osl)
         current = await self.connector.replicas()
-        falling = self._falling()  # a burst on the way down: only a latency over target grows a pool, by one
+        # falling: a burst on the way down, only a latency over target grows a pool
         grow = surge_targets(
             self.profile,
             window,

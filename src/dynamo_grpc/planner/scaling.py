@@ -243,15 +243,21 @@ def rising(window_rate: float, window_arrivals: float, interval_rate: float) -> 
     return window_arrivals >= SURGE_MIN_REQUESTS and window_rate >= RISE_FACTOR * interval_rate > 0
 
 
+def extrapolate(old_rate: float, old_age_s: float, new_rate: float, new_age_s: float) -> float:
+    """The rate now on the line through two windows' mean rates, each placed at its centre (``*_age_s`` seconds
+    ago, the old one further back): ``new + (new - old) * new_age / (old_age - new_age)``, never negative."""
+    if old_age_s <= new_age_s:
+        return new_rate
+    return max(0.0, new_rate + (new_rate - old_rate) * new_age_s / (old_age_s - new_age_s))
+
+
 def rate_now(interval_rate: float, interval_s: float, window_rate: float, window_s: float) -> float:
-    """The rate at the decision on a rising load: the line through the interval's mean (centred ``interval_s / 2``
-    before the decision) and the last window's (centred ``window_s / 2`` before), read at the decision:
-    ``w + (w - m) * window_s / (interval_s - window_s)``; with the default checks (two windows = half an interval)
-    ``2w - m``. The interval's forecast trails a ramp: at the start of the bench's, the interval said 1.7 req/s,
-    the last 5 s 2.6, and the load at the decision was ~3.5."""
-    if interval_s <= window_s:
-        return window_rate
-    return max(0.0, window_rate + (window_rate - interval_rate) * window_s / (interval_s - window_s))
+    """The rate at an interval decision on a rising load: the line through the interval's mean (centred
+    ``interval_s / 2`` before the decision) and the last window's (centred ``window_s / 2`` before), read at the
+    decision; with the default checks (two windows = half an interval) ``2w - m``. The interval's forecast trails a
+    ramp: at the start of the bench's, the interval said 1.7 req/s, the last 5 s 2.6, and the load at the decision
+    was ~3.5."""
+    return extrapolate(interval_rate, interval_s / 2.0, window_rate, window_s / 2.0)
 
 
 def surge_targets(
