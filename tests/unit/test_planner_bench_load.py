@@ -41,3 +41,24 @@ def test_a_quiet_trace_start_does_not_thin_the_envelope() -> None:
     env = Envelope(base_rate=2.0, peak_factor=1.0, low_s=20, ramp_s=0, hold_s=0, tail_s=0)
     times = arrivals(env, gaps)
     assert sum(1 for t in times if t < 10) == pytest.approx(20, abs=3)
+
+
+def test_misses_are_counted_by_the_phase_a_request_was_sent_in() -> None:
+    from dynamo_grpc.bench.planner import misses_by_phase
+    from dynamo_grpc.planner.scaling import Targets
+
+    env = Envelope(base_rate=1.0, peak_factor=4.0, low_s=10, ramp_s=10, hold_s=10, tail_s=10)
+    rows = [
+        [5.0, 0.1, 0.01],  # low, in SLA
+        [12.0, 0.9, 0.01],  # ramp-up, TTFT miss
+        [25.0, 0.9, 0.09],  # peak, both
+        [29.9, 0.1, None],  # peak, one token: no ITL, in SLA
+        [35.0, None, None],  # ramp-down, failed
+        [45.0, 0.2, 0.06],  # tail, ITL miss
+    ]
+    got = misses_by_phase(rows, env, Targets(0.5, 0.05))
+    assert got["low"] == {"requests": 1, "ttft_miss": 0, "itl_miss": 0, "failed": 0}
+    assert got["ramp-up"] == {"requests": 1, "ttft_miss": 1, "itl_miss": 0, "failed": 0}
+    assert got["peak"] == {"requests": 2, "ttft_miss": 1, "itl_miss": 1, "failed": 0}
+    assert got["ramp-down"] == {"requests": 1, "ttft_miss": 0, "itl_miss": 0, "failed": 1}
+    assert got["tail"] == {"requests": 1, "ttft_miss": 0, "itl_miss": 1, "failed": 0}

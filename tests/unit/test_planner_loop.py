@@ -130,3 +130,15 @@ def test_nothing_is_learnt_from_an_interval_in_which_the_pool_was_scaled() -> No
     assert seen[2] == seen[1]  # the interval with the new workers starting: nothing learnt
     assert seen[3] == seen[2]  # nor the next one
     assert seen[4] != seen[3]  # a steady interval again: learnt
+
+
+def test_an_interval_decision_absorbs_a_need_within_the_slack() -> None:
+    # 8 req/s (isl 950, osl 100) needs 4.8 aggregated replicas on the test profile: on 4 workers
+    # with slack 0.25 the need is within 4 * 1.25 = 5 -> hold 4; with slack 0.15 (4.6) -> 5
+    for slack, want in ((0.25, 4), (0.15, 5)):
+        cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, up_slack=slack)
+        planner, conn = run(cfg, [8], initial=4)
+        assert planner.decisions[0].needs[AGG] == pytest.approx(4.8, abs=0.05)
+        assert conn.counts == {AGG: want}
+    with pytest.raises(ValueError, match="slack"):
+        PlannerConfig([AGG], up_slack=0.5)

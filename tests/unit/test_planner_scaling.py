@@ -24,6 +24,7 @@ from dynamo_grpc.planner.scaling import (
     prefill_need,
     prefill_utilisation_limit,
     replicas_for,
+    replicas_with_slack,
 )
 
 
@@ -182,3 +183,32 @@ def test_profile_keeps_its_kv_cache_and_older_profiles_load_without_one(tmp_path
     assert Profile.load(p.save(tmp_path / "old.json")).kv_tokens is None
     with pytest.raises(ProfileError, match="kv_tokens"):
         Profile(p.engine, p.prefill, p.decode, kv_tokens=0)
+
+
+def test_scale_up_slack_absorbs_a_need_within_a_fraction_of_the_count_serving() -> None:
+    b = Bounds(1, 8)
+    # 4 workers at slack 0.05 absorb a need up to 4.2: 4.18 stays at 4, 4.21 buys the fifth
+    assert replicas_with_slack(4.18, 4, b, 0.05) == 4
+    assert replicas_with_slack(4.21, 4, b, 0.05) == 5
+    # one worker absorbs only up to 1.05: 1.04 stays, 1.14 buys the second (a fixed 0.2 of a replica would not)
+    assert replicas_with_slack(1.04, 1, b, 0.05) == 1
+    assert replicas_with_slack(1.14, 1, b, 0.05) == 2
+    # more than the slack short: ceil as ever (3 -> 5), not have + 1
+    assert replicas_with_slack(4.1, 3, b, 0.05) == 5
+    # going down is untouched (the hysteresis streak does that), and slack 0 is a plain ceil
+    assert replicas_with_slack(2.1, 4, b, 0.05) == 3
+    assert replicas_with_slack(4.05, 4, b, 0.0) == 5
+    # an empty pool still gets its first worker, and the bounds still hold
+    assert replicas_with_slack(0.1, 0, Bounds(0, 8), 0.05) == 1
+    assert replicas_with_slack(9.5, 8, b, 0.05) == 8
+
+
+def test_the_prefill_correction_does_not_stretch_an_aggregated_workers_streams() -> None:
+    # 8 req/s (isl 950, osl 100): 4.8 replicas, decode-bound. c_prefill = 1.5 raises the prefill need (S 0.1 -> 0.15 s:
+    # rho_max 0.824, 5216 tokens/s a replica, 7600 / 5216 = 1.457 instead of 0.9), still below,
+    # but not the ITL stretch: that uses the profiled prefill time, so the need is unchanged
+    t = Targets(0.5, 0.05)
+    assert prefill_need(profile(), Load(8.0, 950, 100), t, 1.5) == pytest.approx(7600 / (0.7 / 0.85 * 950 / 0.15))
+    assert aggregated_need(profile(), Load(8.0, 950, 100), t, c_prefill=1.5) == pytest.approx(4.8)
+    # and it still floors the need where prefill binds (a TTFT target only just above one prompt's time)
+    assert aggregated_need(profile(), Load(8.0, 950, 100), Targets(0.15, 0.05), c_prefill=1.5) == math.inf

@@ -6,6 +6,7 @@ observations, the replicas go to the virtual connector (the dry-run connector of
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,7 +15,20 @@ from dynamo_grpc.planner.connectors.virtual import VirtualConnector
 from dynamo_grpc.planner.loop import Planner, PlannerConfig
 from dynamo_grpc.planner.main import build_parser, config_from_args
 from dynamo_grpc.planner.observe import Observation
-from dynamo_grpc.planner.scaling import AGG, DECODE, PREFILL, SURGE_MIN_REQUESTS, Bounds, Load, Targets, surge_targets
+from dynamo_grpc.planner.scaling import (
+    AGG,
+    DECODE,
+    PREFILL,
+    RISE_HEADROOM,
+    SURGE_MIN_REQUESTS,
+    Bounds,
+    Load,
+    Targets,
+    extrapolate,
+    rate_now,
+    rising,
+    surge_targets,
+)
 from tests.unit.test_planner_scaling import profile
 
 T = Targets()
@@ -106,7 +120,9 @@ def test_a_surge_ends_the_streak_of_low_asks() -> None:
     # one low ask holds.
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, down_after=2, correction=False)
     conn = VirtualConnector(cfg.pools, 3)
-    planner = Planner(cfg, profile(), Windows([(60, 60), (60, 60)]), conn, surge_source=Windows([(2.5, 8), (2.5, 22)]))
+    # (each interval decision also reads the surge reader: the first and the last window below are theirs)
+    surge = Windows([(2.5, 2), (2.5, 8), (2.5, 22), (2.5, 5)])
+    planner = Planner(cfg, profile(), Windows([(60, 60), (60, 60)]), conn, surge_source=surge)
 
     async def go() -> None:
         await planner.step()
@@ -127,7 +143,7 @@ def test_an_interval_scale_up_quiets_the_next_two_surge_checks() -> None:
     cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
     conn = VirtualConnector(cfg.pools, 2)
     windows = Windows([])
-    windows.obs = [Observation(2.5, 10, None, 0.08, 950, 100) for _ in range(3)]
+    windows.obs = [Observation(2.5, 10, None, 0.08, 950, 100) for _ in range(4)]  # the first: the decision's read
     planner = Planner(cfg, profile(), Windows([(60, 240)]), conn, surge_source=windows)
 
     async def go() -> list[object]:
@@ -138,3 +154,143 @@ def test_an_interval_scale_up_quiets_the_next_two_surge_checks() -> None:
     first, second, third = asyncio.run(go())
     assert first is None and second is None
     assert third is not None and conn.counts == {AGG: 4}
+
+
+def test_rising_needs_enough_arrivals_and_a_rate_above_the_intervals() -> None:
+    assert rising(5.0, 12, 4.0)  # 5.0 >= 1.1 * 4.0
+    assert not rising(4.3, 12, 4.0)  # within 10 %: a level, not a climb
+    assert not rising(5.0, SURGE_MIN_REQUESTS - 1, 4.0)  # too few arrivals to say
+    assert not rising(1.0, 12, 0.0)
+
+
+@pytest.mark.parametrize(("arrivals", "want", "climbing"), [(13, 4, True), (11, 3, False)])
+def test_an_interval_decision_on_a_rising_load_sizes_with_headroom(arrivals: int, want: int, climbing: bool) -> None:
+    # 4.5 req/s over the interval (isl 950, osl 100) needs 2.7 replicas on the test profile -> 3. The decision reads
+    # the surge reader: 13 arrivals in the last 2.5 s (5.2 req/s >= 1.1 x 4.5) say the load is still climbing,
+    # so it sizes for 2.7 + RISE_HEADROOM = 3.2 -> 4; 11 (4.4 req/s) is a level -> 3. (No scale-up slack here: with
+    # the default 0.05, 3 workers absorb up to 3.15, so 3.2 buys the fourth all the same.)
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, up_slack=0.0)
+    conn = VirtualConnector(cfg.pools, 3)
+    planner = Planner(cfg, profile(), Windows([(60, 270)]), conn, surge_source=Windows([(2.5, arrivals)]))
+    d = asyncio.run(planner.step())
+    # (rising, the forecast is also raised to the rate reached: test_a_rising_decision_forecasts_at_least_...)
+    assert d.needs[AGG] == pytest.approx(0.6 * (5.2 + 0.7 * 2.5 / 57.5) if climbing else 2.7)
+    assert RISE_HEADROOM == 0.5
+    assert d.rising is climbing and conn.counts == {AGG: want}
+
+
+@pytest.mark.parametrize(("last_window", "forecast", "climbing"), [(12, 4.0, False), (28, 6 + 2 * 5 / 55, True)])
+def test_the_trend_is_followed_only_while_the_latest_window_confirms_the_rise(
+    last_window: int, forecast: float, climbing: bool
+) -> None:
+    # intervals at 2 then 4 req/s: the damped trend says 4 + 0.5 * 2 = 5. The decision's fresh window (with the
+    # previous decision's read: 2 + 12 arrivals over 5 s = 2.8 req/s) says the rise stopped: the forecast stays at
+    # the last interval's 4; 2 + 28 over 5 s = 6 req/s (>= 1.1 x 4) confirms it, and the rate reached at the
+    # decision, 6 + 2 * 5 / 55 (rate_now), is above the trend's 5: that is the forecast, with the rising headroom.
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, predictor="trend")
+    conn = VirtualConnector(cfg.pools, 1)
+    surge = Windows([(2.5, 2), (2.5, last_window)])
+    planner = Planner(cfg, profile(), Windows([(60, 120), (60, 240)]), conn, surge_source=surge)
+
+    async def go() -> None:
+        await planner.step()
+        await planner.step()
+
+    asyncio.run(go())
+    d = planner.decisions[-1]
+    assert d.predicted["rate"] == pytest.approx(forecast) and d.rising is climbing
+
+
+@pytest.mark.parametrize(
+    ("rates", "itl_s", "want"),
+    [
+        # rising: the rate reached now, on the line from the interval's 3 req/s (centred 30 s back) through the
+        # windows' 8 (centred 2.5 s back): 8 + 5 * 2.5 / 27.5 = 8.4545 -> need 5.07 -> 6, + 1 of headroom
+        ((2, 3), None, 7),
+        ((4, 3), None, 3),  # falling: the rate alone is a burst on the way down, no surge
+        ((4, 3), 0.08, 5),  # falling with the ITL over target: to the need (5), no headroom
+    ],
+)
+def test_a_surge_on_a_falling_load_needs_latency_and_adds_no_headroom(
+    rates: tuple[int, int], itl_s: float | None, want: int
+) -> None:
+    # intervals at `rates` req/s on 3 workers (they ask for 3 and 2 or 2 and 2, no change: down_after 5); then two
+    # 2.5 s windows of 20 arrivals: 8 req/s
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, down_after=5)
+    conn = VirtualConnector(cfg.pools, 3)
+    intervals = Windows([(60, 60 * r) for r in rates])
+    windows = Windows([(2.5, 1), (2.5, 1), (2.5, 20), (2.5, 20)])
+    windows.obs[-1] = Observation(2.5, 20, None, itl_s, 950, 100)
+    planner = Planner(cfg, profile(), intervals, conn, surge_source=windows)
+    planner._clock = lambda: 100.0  # the surge checks run right after the decision (no time for the rise to go on)
+
+    async def go() -> None:
+        await planner.step()
+        await planner.step()
+        await planner.surge_check()
+        await planner.surge_check()
+
+    asyncio.run(go())
+    assert conn.counts == {AGG: want}
+    assert (planner.decisions[-1].kind == "surge") is (want > 3)
+
+
+def test_surge_headroom_zero_still_grows_a_pool_over_its_latency_target() -> None:
+    b = {AGG: Bounds(1, 10)}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, b, None, headroom=0) == {AGG: 5}
+    assert surge_targets(profile(), Load(8, 950, 100), 40, T, {}, {AGG: 2}, b, None, margin=math.inf) == {}
+    got = surge_targets(profile(), Load(2, 950, 100), 10, T, {}, {AGG: 2}, b, None, itl_s=0.06, headroom=0)
+    assert got == {AGG: 3}
+
+
+def test_rate_now_extends_the_line_from_the_intervals_mean_through_the_window() -> None:
+    # interval mean 1.7 req/s (centred 5 s before a 10 s interval's end), last 5 s at 2.6 (centred 2.5 s before):
+    # 0.9 req/s per 2.5 s -> 3.5 at the decision
+    assert rate_now(1.7, 10.0, 2.6, 5.0) == pytest.approx(3.5)
+    # a 180 s interval with the default checks (two 45 s windows): the same 2w - m
+    assert rate_now(2.0, 180.0, 3.0, 90.0) == pytest.approx(4.0)
+    # a window as long as the interval says nothing more than itself
+    assert rate_now(2.0, 10.0, 3.0, 10.0) == 3.0
+
+
+def test_a_rising_decision_forecasts_at_least_the_rate_reached() -> None:
+    # interval at 4.5 req/s (constant forecast 4.5); the decision's window: 13 arrivals in 2.5 s = 5.2 req/s, rising.
+    # The rate now: 5.2 + 0.7 * 2.5 / 57.5 = 5.2304 req/s -> need 0.6 * 5.2304 = 3.138 (+0.5 headroom) -> 4
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False, up_slack=0.0)
+    planner = Planner(
+        cfg, profile(), Windows([(60, 270)]), VirtualConnector(cfg.pools, 3), surge_source=Windows([(2.5, 13)])
+    )
+    d = asyncio.run(planner.step())
+    assert d.rising and d.predicted["rate"] == pytest.approx(5.2 + 0.7 * 2.5 / 57.5)
+    assert d.needs[AGG] == pytest.approx(0.6 * d.predicted["rate"]) and d.target == {AGG: 4}
+
+
+def test_extrapolate_reads_the_line_through_two_windows_now() -> None:
+    # 1.2 req/s centred 12.5 s ago, 2.19 centred 2.5 s ago: +0.099 req/s per s -> 2.19 + 0.2475 = 2.4375 now
+    assert extrapolate(1.2, 12.5, 2.19, 2.5) == pytest.approx(2.4375)
+    assert extrapolate(3.0, 10.0, 1.0, 2.5) == pytest.approx(1.0 - 2.0 * 2.5 / 7.5)  # a fall is read the same way
+    assert extrapolate(3.0, 10.0, 0.1, 2.5) == 0.0  # never negative
+    assert extrapolate(1.0, 2.0, 2.0, 2.0) == 2.0  # no span between them: the newer one
+
+
+def test_a_surge_check_on_a_rise_sizes_for_the_rate_reached_now() -> None:
+    # interval 1.2 req/s (60 s) on 1 worker at t = 0; at t = 20 two 2.5 s windows hold 15 arrivals (3 req/s,
+    # centred 2.5 s back; the interval's mean is centred 20 + 30 = 50 s back): 3 + 1.8 * 2.5 / 47.5 = 3.0947 req/s
+    cfg = PlannerConfig([AGG], bounds={AGG: Bounds(1, 10)}, interval_s=60, correction=False)
+    conn = VirtualConnector(cfg.pools, 1)
+    windows = Windows([(2.5, 1), (2.5, 7), (2.5, 8)])
+    planner = Planner(cfg, profile(), Windows([(60, 72)]), conn, surge_source=windows)
+    now = [0.0]
+    planner._clock = lambda: now[0]
+
+    async def go() -> None:
+        await planner.step()
+        now[0] = 20.0
+        await planner.surge_check()
+        await planner.surge_check()
+
+    asyncio.run(go())
+    d = planner.decisions[-1]
+    assert d.kind == "surge" and d.predicted["rate"] == pytest.approx(3 + 1.8 * 2.5 / 47.5)
+    # need 0.6 * 3.0947 = 1.857 -> 2, + 1
+    assert d.needs[AGG] == pytest.approx(0.6 * d.predicted["rate"]) and conn.counts == {AGG: 3}

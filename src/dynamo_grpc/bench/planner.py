@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--surge-check", type=float, default=None, help="planner emergency-check period (default interval/4; 0: off)"
     )
+    p.add_argument("--scale-up-slack", type=float, default=0.05, help="the planner's --scale-up-slack")
     p.add_argument("--peak-fleet", type=int, default=None, help="skip the probes: the peak fleet a previous run found")
 
     p.add_argument("--ttft-target", type=float, default=0.5)
@@ -100,6 +101,25 @@ def summarize(records: list[RequestRecord], targets: Targets) -> dict[str, Any]:
         "ttft_s": percentiles(r.ttft for r in records if r.ok),
         "itl_s": percentiles(r.itl for r in records if r.ok),
     }
+
+
+PHASES = ("low", "ramp-up", "peak", "ramp-down", "tail")
+
+
+def misses_by_phase(per_request: list[list[Any]], env: Envelope, targets: Targets) -> dict[str, dict[str, int]]:
+    """Which requests missed the SLA, by the envelope phase they were sent in: TTFT misses, ITL misses (a request
+    can miss both) and failures, so a planner change can aim at the phase that loses attainment."""
+    edges = env.knots()[0][1:5]
+    out = {p: {"requests": 0, "ttft_miss": 0, "itl_miss": 0, "failed": 0} for p in PHASES}
+    for sent, ttft, itl in per_request:
+        row = out[PHASES[sum(sent >= e for e in edges)]]
+        row["requests"] += 1
+        if ttft is None:
+            row["failed"] += 1
+            continue
+        row["ttft_miss"] += ttft > targets.ttft_s
+        row["itl_miss"] += itl is not None and itl > targets.itl_s
+    return out
 
 
 def _frontend_metrics(consul: str) -> list[str]:
@@ -170,6 +190,7 @@ async def run_once(
                 predictor=args.predictor,
                 down_after=args.scale_down_after,
                 surge_check_s=args.surge_check,
+                up_slack=args.scale_up_slack,
             )
             planner = Planner(cfg, profile, ScrapeSource(lambda: fe), conn, surge_source=ScrapeSource(lambda: fe))
             tasks.append(asyncio.create_task(planner.run(stop)))
@@ -190,6 +211,8 @@ async def run_once(
                 {
                     "t": round(d.at - wall0, 1),
                     "kind": d.kind,
+                    "rising": d.rising,
+                    "predicted_isl": round(d.predicted["isl"], 1),
                     "observed_rate": d.observed.get("rate"),
                     "predicted_rate": round(d.predicted["rate"], 3),
                     "need": round(d.needs[AGG], 2),
@@ -320,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     res = asyncio.run(bench())
     rounds = res["rounds"]
+    targets = Targets(args.ttft_target, args.itl_target)
+    for rnd in rounds:
+        for run in rnd.values():
+            run["misses_by_phase"] = misses_by_phase(run["per_request"], env, targets)
 
     def spread(run: str, key: str) -> dict[str, float]:
         vals = [float(r[run][key]) for r in rounds]
@@ -366,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             "max": args.max_replicas,
             "scale_down_after": args.scale_down_after,
             "surge_check_s": args.interval / 4.0 if args.surge_check is None else args.surge_check,
+            "scale_up_slack": args.scale_up_slack,
         },
         "worker_args": args.worker_args,
         "profile": str(profile_path),
@@ -389,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
             f"failed {s['failed']['mean']:.0f}"
         )
     print(f"  verdict: {verdict}")
+    for i, rnd in enumerate(rounds):
+        cells = ", ".join(
+            f"{p} {m['ttft_miss']}/{m['itl_miss']}/{m['failed']} of {m['requests']}"
+            for p, m in rnd["planner"]["misses_by_phase"].items()
+        )
+        print(f"  planner misses, round {i + 1} (TTFT/ITL/failed): {cells}")
     save_plot(lambda png: _plot(report, env, png), out_json.with_suffix(".png"))
     return 0
 
@@ -400,14 +434,24 @@ def _plot(report: dict[str, Any], env: Envelope, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rnd = report["rounds"][-1]
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
     xs = np.linspace(0, env.duration_s, 200)
     axes[0].plot(xs, [env.rate(x) for x in xs], label="envelope (req/s)")
     sent = [p[0] for p in rnd["planner"]["per_request"]]
     hist, edges = np.histogram(sent, bins=np.arange(0, env.duration_s + 5, 5))
     axes[0].step(edges[:-1], hist / 5.0, where="post", label="sent (req/s, 5 s bins)")
-    axes[0].set(ylabel="load (req/s)", title="bench planner: load, replicas, p99 TTFT")
+    axes[0].set(ylabel="load (req/s)", title="bench planner: load, replicas, p99 TTFT and ITL")
     axes[0].legend()
+    bins = np.arange(0, env.duration_s + 10, 10)
+
+    def p99(pts: list[tuple[float, float]]) -> list[float]:
+        return [
+            float(np.percentile([v for s, v in pts if lo <= s < lo + 10], 99))
+            if any(lo <= s < lo + 10 for s, _ in pts)
+            else float("nan")
+            for lo in bins
+        ]
+
     for name, style in (("average", ":"), ("peak", "--"), ("planner", "-")):
         run = rnd[name]
         t = [p[0] for p in run["timeline"]]
@@ -418,20 +462,20 @@ def _plot(report: dict[str, Any], env: Envelope, png: Path) -> None:
             where="post",
             label=f"{name}: {run['worker_seconds']:.0f} worker-s, {run['sla_attainment']:.1%} in SLA",
         )
-        pts = sorted((p[0], p[1]) for p in run["per_request"] if p[1] is not None)
-        bins = np.arange(0, env.duration_s + 10, 10)
-        p99 = [
-            np.percentile([v for s, v in pts if lo <= s < lo + 10], 99)
-            if any(lo <= s < lo + 10 for s, _ in pts)
-            else np.nan
-            for lo in bins
-        ]
-        axes[2].step(bins, p99, style, where="post", label=name)
+        axes[2].step(
+            bins, p99([(p[0], p[1]) for p in run["per_request"] if p[1] is not None]), style, where="post", label=name
+        )
+        axes[3].step(
+            bins, p99([(p[0], p[2]) for p in run["per_request"] if p[2] is not None]), style, where="post", label=name
+        )
     axes[1].set(ylabel="workers alive")
     axes[1].legend(fontsize=8)
     axes[2].axhline(report["targets"]["ttft_s"], color="grey", lw=0.8, label="TTFT target")
-    axes[2].set(ylabel="p99 TTFT (s, 10 s bins)", xlabel="seconds", yscale="log")
+    axes[2].set(ylabel="p99 TTFT (s, 10 s bins)", yscale="log")
     axes[2].legend(fontsize=8)
+    axes[3].axhline(report["targets"]["itl_s"], color="grey", lw=0.8, label="ITL target")
+    axes[3].set(ylabel="p99 of requests' mean ITL (s)", xlabel="seconds (by send time)", yscale="log")
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from dynamo_grpc.planner.connectors.base import Connector, ConnectorError
+from dynamo_grpc.planner.corrections import Correction
 from dynamo_grpc.planner.metrics import PlannerMetrics
 from dynamo_grpc.planner.observe import Observation, ObserveError
 from dynamo_grpc.planner.predictors import Predictor, make_predictor
@@ -24,15 +25,20 @@ from dynamo_grpc.planner.scaling import (
     AGG,
     DECODE,
     PREFILL,
+    RISE_HEADROOM,
+    SURGE_MARGIN,
     Bounds,
     Hysteresis,
     Load,
     Targets,
     expected_ttft_s,
+    extrapolate,
     fit_budget,
     needs,
     prefill_busy,
-    replicas_for,
+    rate_now,
+    replicas_with_slack,
+    rising,
     surge_targets,
 )
 
@@ -40,7 +46,6 @@ log = logging.getLogger("dynamo_grpc.planner")
 
 #: a correction is learnt only from intervals with at least this many finished requests
 MIN_REQUESTS_FOR_CORRECTION = 5
-CORRECTION_RANGE = (0.5, 2.0)
 #: decisions after a scaling action that learn no correction (the interval of the action and the next one: new
 #: workers take seconds to start, and the queue built while the pool was short drains over the next interval)
 UNSTEADY_INTERVALS = 2
@@ -68,6 +73,9 @@ class PlannerConfig:
     #: seconds between emergency checks of the short-window load (docs/planner.md "Surges"); None: a quarter of
     #: the interval; 0: off
     surge_check_s: float | None = None
+    #: an interval decision adds replicas only for a need more than this fraction above the current count
+    #: (scaling.replicas_with_slack); 0: plain ceil
+    up_slack: float = 0.05
 
     @property
     def surge_every_s(self) -> float:
@@ -87,6 +95,8 @@ class PlannerConfig:
             raise ValueError("the adjustment interval must be positive")
         if self.targets.ttft_s <= 0 or self.targets.itl_s <= 0:
             raise ValueError("TTFT and ITL targets must be positive")
+        if not 0.0 <= self.up_slack < 0.5:
+            raise ValueError("the scale-up slack must be a fraction in [0, 0.5)")
         if self.surge_check_s is not None and not 0 <= self.surge_check_s < self.interval_s:
             raise ValueError("the surge check period must be >= 0 (0: off) and shorter than the interval")
 
@@ -103,16 +113,13 @@ class Decision:
     errors: list[str] = field(default_factory=list)
     #: "interval" (the regular decision) or "surge" (an emergency scale-up between intervals)
     kind: str = "interval"
+    #: the last short window still climbed above the interval's mean: sized with RISE_HEADROOM (scaling.rising)
+    rising: bool = False
 
     def to_json(self) -> str:
         d = asdict(self)
         d["needs"] = {k: (None if math.isinf(v) else round(v, 3)) for k, v in self.needs.items()}
         return json.dumps(d, sort_keys=True)
-
-
-def _clamp(x: float) -> float:
-    lo, hi = CORRECTION_RANGE
-    return max(lo, min(hi, x))
 
 
 class Planner:
@@ -137,16 +144,26 @@ class Planner:
             "isl": make_predictor(config.length_predictor, config.window),
             "osl": make_predictor(config.length_predictor, config.window),
         }
-        self.corrections = {PREFILL: 1.0, DECODE: 1.0}
+        #: learnt observed/expected ratios, request-weighted and shrunk toward the profile (planner/corrections.py)
+        self.learnt = {PREFILL: Correction(), DECODE: Correction()}
         self.hysteresis = Hysteresis(config.down_after)
         self.decisions: list[Decision] = []
         #: a second reader of the same metrics (its own baseline), for the surge checks; None: no surge checks
         self.surge_source = surge_source if config.surge_every_s > 0 else None
         self._surge_window: list[Observation] = []
+        #: the last two intervals' observed rates (a surge on a falling load adds no headroom)
+        self._rates: list[float] = []
         self._surge_quiet = 0
         #: decisions still to learn nothing: a pool was scaled, and the interval it happened in and the next one
         #: have workers starting or draining, and the queue built while the pool was short
         self._unsteady = 0
+        #: when the last interval decision ran (its observation's mean is centred half an interval before it)
+        self._last_step_at: float | None = None
+        self._clock: Callable[[], float] = time.monotonic
+
+    @property
+    def corrections(self) -> dict[str, float]:
+        return {phase: c.value for phase, c in self.learnt.items()}
 
     # -- one decision --------------------------------------------------------------------------
     async def step(self) -> Decision:
@@ -161,9 +178,26 @@ class Planner:
         current = await self.connector.replicas()
         if obs is not None and obs.duration_s > 0:
             self._learn(obs, current)
+        self._last_step_at = self._clock()
+        climbing = False
         pred = Load(*(self.predictors[q].predict() for q in ("rate", "isl", "osl")))
+        window = await self._fresh_window()
+        if window is not None and obs is not None and obs.duration_s > 0:
+            climbing = rising(window[0], window[1], obs.rate)
+            if climbing:  # forecast at least the rate the load has already reached at the decision
+                now = rate_now(obs.rate, obs.duration_s, window[0], window[2])
+                if now > pred.rate:
+                    pred = Load(now, pred.isl, pred.osl)
+            elif pred.rate > obs.rate:
+                # a rise the latest window does not confirm: the ramp has levelled off (or it was one burst), and
+                # extrapolating it buys a worker for the whole scale-down streak
+                pred = Load(obs.rate, pred.isl, pred.osl)
         need = needs(self.profile, pred, self.config.targets, self.corrections, self.config.pools)
-        raw = {p: replicas_for(need[p], self.config.bounds[p]) for p in self.config.pools}
+        lead = RISE_HEADROOM if climbing else 0.0
+        raw = {
+            p: replicas_with_slack(need[p] + lead, current.get(p, 0), self.config.bounds[p], self.config.up_slack)
+            for p in self.config.pools
+        }
         raw = fit_budget(raw, self.config.bounds, self.config.budget)
         target = self.hysteresis.apply(current, raw)
         for pool, n in target.items():
@@ -190,6 +224,7 @@ class Planner:
             current=current,
             target=target,
             errors=errors,
+            rising=climbing,
         )
         self._export(decision, obs, pred)
         log.info("planner decision %s", decision.to_json())
@@ -197,6 +232,23 @@ class Planner:
         if self.on_decision is not None:
             self.on_decision(decision)
         return decision
+
+    async def _fresh_window(self) -> tuple[float, float, float] | None:
+        """Read the surge reader now (its window then ends at the decision) and return the rate, arrivals and
+        duration of its last two windows; None without surge checks or when the read fails."""
+        if self.surge_source is None:
+            return None
+        try:
+            obs = await asyncio.to_thread(self.surge_source.observe)
+        except ObserveError as e:
+            log.warning("planner: %s", e)
+            return None
+        if obs.duration_s <= 0:
+            return None
+        self._surge_window = [*self._surge_window[-1:], obs]
+        duration = sum(o.duration_s for o in self._surge_window)
+        arrivals = sum(o.requests for o in self._surge_window)
+        return arrivals / duration, arrivals, duration
 
     async def surge_check(self) -> Decision | None:
         """Between intervals: grow the pools the last two short windows already overload (their rate, or the
@@ -220,8 +272,15 @@ class Planner:
         lengths = Load(0.0, self.predictors["isl"].predict(), self.predictors["osl"].predict())
         if lengths.isl <= 0:  # no interval finished yet: the window's own lengths
             lengths = obs.load(lengths)
-        window = Load(arrivals / duration, lengths.isl, lengths.osl)
+        rate = arrivals / duration
+        falling = self._falling()
+        if not falling and self._rates and self._last_step_at is not None and rate > self._rates[-1]:
+            # a rise since the last interval: size for the rate it has reached now, not the window's mean
+            since = self._clock() - self._last_step_at
+            rate = extrapolate(self._rates[-1], since + self.config.interval_s / 2.0, rate, duration / 2.0)
+        window = Load(rate, lengths.isl, lengths.osl)
         current = await self.connector.replicas()
+        # falling: a burst on the way down, only a latency over target grows a pool
         grow = surge_targets(
             self.profile,
             window,
@@ -233,6 +292,8 @@ class Planner:
             self.config.budget,
             obs.ttft_s,
             obs.itl_s,
+            headroom=0 if falling else 1,
+            margin=math.inf if falling else SURGE_MARGIN,
         )
         if not grow:
             return None
@@ -272,8 +333,13 @@ class Planner:
             self.on_decision(decision)
         return decision
 
+    def _falling(self) -> bool:
+        """The last interval's rate was below the one before it (the load is on its way down)."""
+        return len(self._rates) == 2 and self._rates[1] < self._rates[0]
+
     def _learn(self, obs: Observation, current: dict[str, int]) -> None:
         """Feed the predictors, and update the corrections from what latency the profile expected."""
+        self._rates = [*self._rates[-1:], obs.rate]
         self.predictors["rate"].add(obs.rate)
         if obs.isl is not None:
             self.predictors["isl"].add(obs.isl)
@@ -303,17 +369,15 @@ class Planner:
             rho = obs.rate * obs.isl / (n_prefill * self.profile.prefill_tokens_per_s(obs.isl))
             expected = expected_ttft_s(service, rho)
             if rho < 0.9 and math.isfinite(expected):
-                c = _clamp(obs.ttft_s / expected)
-                self.corrections[PREFILL] = 0.5 * self.corrections[PREFILL] + 0.5 * c
+                self.learnt[PREFILL].learn(obs.ttft_s / expected, obs.requests)
         if obs.itl_s is not None and obs.osl and n_decode > 0:
             ttft = obs.ttft_s or 0.0
             concurrency = obs.rate * (ttft + obs.osl * obs.itl_s) / n_decode
             expected_itl = self.profile.itl_s(obs.isl + obs.osl / 2.0, max(1.0, concurrency))
             if AGG in pools:  # its own prefill steps stretch an aggregated worker's ITL (scaling.aggregated_need)
-                rho = prefill_busy(self.profile, Load(obs.rate, obs.isl, obs.osl), self.corrections[PREFILL])
+                rho = prefill_busy(self.profile, Load(obs.rate, obs.isl, obs.osl))
                 expected_itl /= max(0.1, 1.0 - rho / n_decode)
-            c = _clamp(obs.itl_s / expected_itl)
-            self.corrections[DECODE] = 0.5 * self.corrections[DECODE] + 0.5 * c
+            self.learnt[DECODE].learn(obs.itl_s / expected_itl, obs.requests)
 
     def _export(self, d: Decision, obs: Observation | None, pred: Load) -> None:
         m = self.metrics

@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decisions in a row that must ask for fewer replicas before a pool shrinks",
     )
     p.add_argument(
+        "--scale-up-slack",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="an interval decision adds workers only when the need exceeds the current count by more than this "
+        "fraction of it (fractional-need hysteresis; 0: round every fraction up)",
+    )
+    p.add_argument(
         "--correction",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -156,6 +164,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             down_after=args.scale_down_after,
             correction=args.correction,
             surge_check_s=args.surge_check,
+            up_slack=args.scale_up_slack,
         )
     except ValueError as e:
         parser.error(str(e))

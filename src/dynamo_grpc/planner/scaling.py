@@ -101,13 +101,18 @@ def aggregated_need(
     throughput. So the decode runs at the profile's best point within ``T_itl * (1 - rho) / c_decode`` and ``n``
     must satisfy ``rate * osl / n <= (1 - rho) * tokens_per_s``; found by bisection (the left side falls and the
     right side grows with ``n``). Summing the two phases' needs, the first rule, missed the stretched ITL: the
-    profile rated a worker of the bench at 1.6 req/s of decode where it carries about 1.2 with its prefills."""
+    profile rated a worker of the bench at 1.6 req/s of decode where it carries about 1.2 with its prefills.
+
+    ``rho`` uses the profiled prefill time, not times ``c_prefill``: that correction is learnt from TTFT, which on
+    an aggregated worker also holds the wait for the decode step in flight and the frontend's own time; neither
+    occupies the worker, so neither stretches its streams (the bench learnt ``c_prefill`` 1.3-1.5 at the base rate,
+    and the stretch it added sized the peak for a fifth worker where four meet it)."""
     if load.rate <= 0:
         return 0.0
     p = prefill_need(profile, load, targets, c_prefill)
     if math.isinf(p) or load.osl <= 0:
         return p
-    busy = prefill_busy(profile, load, c_prefill)
+    busy = prefill_busy(profile, load)
     ctx = load.isl + load.osl / 2.0
     demand = load.rate * load.osl
 
@@ -140,6 +145,19 @@ def replicas_for(need: float, bounds: Bounds) -> int:
     if math.isinf(need):
         return bounds.max
     return max(bounds.min, min(bounds.max, math.ceil(need - _EPS)))
+
+
+def replicas_with_slack(need: float, have: int, bounds: Bounds, slack: float) -> int:
+    """``replicas_for(need)``, except that a need within ``have * (1 + slack)`` keeps the ``have`` already serving
+    (fractional-need hysteresis, docs/planner.md): the workers there absorb being up to ``slack`` over their rating
+    (at 0.05: a need of 4.2 on 4 workers, 1.05 on one) instead of buying a whole worker for the intervals its
+    scale-down streak then takes. Relative, not a fixed fraction of a replica: 0.2 of a replica is 5 % on four
+    workers but 20 % on one (measured: a lone worker kept at a need of 1.14 missed 3 of the bench's tail requests).
+    A pool with no worker still gets one."""
+    want = replicas_for(need, bounds)
+    if have >= max(1, bounds.min) and want > have and need <= have * (1.0 + slack):
+        return have
+    return want
 
 
 def fit_budget(replicas: dict[str, int], bounds: dict[str, Bounds], budget: int | None) -> dict[str, int]:
@@ -213,6 +231,35 @@ SURGE_MIN_REQUESTS = 10
 SURGE_MARGIN = 0.5
 
 
+#: a fresh short window whose rate is at least this many times the interval's mean says the load is still rising
+RISE_FACTOR = 1.1
+#: on a rising load an interval decision sizes for this many replicas more than the forecast needs
+RISE_HEADROOM = 0.5
+
+
+def rising(window_rate: float, window_arrivals: float, interval_rate: float) -> bool:
+    """The load is still climbing at the decision: the last short window (``SURGE_MIN_REQUESTS`` arrivals at
+    least: fewer is Poisson noise) ran ``RISE_FACTOR`` above the interval's mean rate."""
+    return window_arrivals >= SURGE_MIN_REQUESTS and window_rate >= RISE_FACTOR * interval_rate > 0
+
+
+def extrapolate(old_rate: float, old_age_s: float, new_rate: float, new_age_s: float) -> float:
+    """The rate now on the line through two windows' mean rates, each placed at its centre (``*_age_s`` seconds
+    ago, the old one further back): ``new + (new - old) * new_age / (old_age - new_age)``, never negative."""
+    if old_age_s <= new_age_s:
+        return new_rate
+    return max(0.0, new_rate + (new_rate - old_rate) * new_age_s / (old_age_s - new_age_s))
+
+
+def rate_now(interval_rate: float, interval_s: float, window_rate: float, window_s: float) -> float:
+    """The rate at an interval decision on a rising load: the line through the interval's mean (centred
+    ``interval_s / 2`` before the decision) and the last window's (centred ``window_s / 2`` before), read at the
+    decision; with the default checks (two windows = half an interval) ``2w - m``. The interval's forecast trails a
+    ramp: at the start of the bench's, the interval said 1.7 req/s, the last 5 s 2.6, and the load at the decision
+    was ~3.5."""
+    return extrapolate(interval_rate, interval_s / 2.0, window_rate, window_s / 2.0)
+
+
 def surge_targets(
     profile: Profile,
     window: Load,
@@ -224,6 +271,8 @@ def surge_targets(
     budget: int | None,
     ttft_s: float | None = None,
     itl_s: float | None = None,
+    headroom: int = 1,
+    margin: float = SURGE_MARGIN,
 ) -> dict[str, int]:
     """Emergency scale-up between intervals (docs/planner.md "Surges"): the pools a short window of traffic already
     overloads, with the count each should grow to.
@@ -233,7 +282,11 @@ def surge_targets(
     ``max(ceil(need), current) + 1``: the load is rising (it outran the interval's forecast), so by the time a new
     worker is up it needs more than the window shows. (Growing to exactly the window's need was measured: the
     fleet stayed a worker short through the ramp, queues built on the busy workers, and attainment fell to 49-67 %
-    in the bench; docs/benchmarks.md "Planner".) Never shrinks a pool; the interval decision does that."""
+    in the bench; docs/benchmarks.md "Planner".) While the intervals' rate is falling the loop passes
+    ``headroom=0`` and ``margin=inf``: a burst on the way down is no ramp, and only a latency over target (the
+    pool visibly short) grows it, to ``max(ceil(need), current + 1)``. (A rate-only surge on one 5 s burst at the
+    start of the bench's ramp down, latencies within target, took its fleet from 4 to 6 workers for 20 s with the
+    +1, to 5 without.) Never shrinks a pool; the interval decision does that."""
     if arrivals < SURGE_MIN_REQUESTS:
         return {}
     need = needs(profile, window, targets, corrections, list(current))
@@ -243,7 +296,7 @@ def surge_targets(
     grown = dict(current)
     for pool, n in need.items():
         have = current[pool]
-        if slow.get(pool, False) or n >= have + SURGE_MARGIN:
-            grown[pool] = min(bounds[pool].max, max(replicas_for(n, bounds[pool]), have) + 1)
+        if slow.get(pool, False) or n >= have + margin:
+            grown[pool] = min(bounds[pool].max, max(replicas_for(n, bounds[pool]) + headroom, have + 1))
     grown = fit_budget(grown, bounds, budget)
     return {p: n for p, n in grown.items() if n > current[p]}
