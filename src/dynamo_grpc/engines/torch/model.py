@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from .exact_gemv import ExactBlocks, kernels
 from .kv_cache import KvCache
 from .linear import Dense, Linear, Q4Blocks, Quantised, make_linear
+from .paged_attention import decode_attention
+from .paged_attention import supported as attention_supported
 from .weights import Checkpoint, UnsupportedModel, rope_inv_freq
 
 
@@ -39,6 +41,8 @@ class DecodeGroup:
     n: int
     tables: torch.Tensor  # [n, max_blocks] block ids (padding: block 0, masked)
     mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where attended
+    #: [n] tokens each row attends to (its position + 1): the C kernel reads only those (paged_attention.py)
+    lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -126,6 +130,13 @@ class LlamaModel:
             for k in list(ckpt.q4):
                 if k.startswith(p):
                     del ckpt.q4[k]
+        # decode attention reads the paged cache in place where the kernels are built (fp32 only)
+        self.attn_lib = (
+            lib
+            if lib is not None
+            and attention_supported(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, dtype)
+            else None
+        )
         self.inv_freq = rope_inv_freq(cfg, ckpt.rope_freqs)
         self.scale = cfg.head_dim**-0.5
         self._cos: torch.Tensor | None = None
@@ -187,6 +198,11 @@ class LlamaModel:
         cos = self._cos[batch.positions].unsqueeze(1)
         sin = self._sin[batch.positions].unsqueeze(1)
         x = self.embed_rows(input_ids)
+        attn_lib = self.attn_lib
+        if attn_lib is not None:
+            for dg in batch.decodes:  # the kernel trusts the tables: check them once per step, not per layer
+                if dg.lens is None or not bool((dg.lens <= dg.tables.shape[1] * kv.block_size).all()):
+                    attn_lib = None
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["in_norm"])
             qkv = w["qkv"](h)
@@ -198,12 +214,18 @@ class LlamaModel:
             kc.index_copy_(0, batch.slot_mapping, k)
             vc.index_copy_(0, batch.slot_mapping, v)
             # a decode-only step with one group (a single stream, most steps): attention writes the output itself
-            only = len(batch.decodes) == 1 and not batch.prefills
+            only = len(batch.decodes) == 1 and not batch.prefills and attn_lib is None
             out = torch.empty(0) if only else torch.empty(T, nh, hd, dtype=x.dtype)
             # block-granular views: gathering whole blocks is a few memcpys, not one per token
             kb, vb = kc.view(kv.num_blocks, -1), vc.view(kv.num_blocks, -1)
             for dg in batch.decodes:
                 rows = slice(dg.q_start, dg.q_start + dg.n)
+                if attn_lib is not None:
+                    assert dg.lens is not None
+                    decode_attention(
+                        attn_lib, q[rows], kc, vc, dg.tables, dg.lens, out[rows], kv.block_size, self.scale
+                    )
+                    continue
                 # grouped-query trick: the g query heads sharing a KV head attend as one [g, L] block
                 qd = q[rows].view(dg.n, nkv, g, hd)
                 idx = dg.tables.view(-1)
