@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import paged_attention
+from . import paged_attention, w4a8
 from .linear import GROUP, Linear, Q4Blocks
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,8 @@ void q8_0_gemv(const int8_t *qs, const float *d, const float *x, float *y, int64
     }
 }
 """
-_SOURCE += paged_attention.SOURCE  # decode attention over the paged cache: one library, one build
+# decode attention over the paged cache and the w4a8 matmuls: one library, one build
+_SOURCE += paged_attention.SOURCE + w4a8.SOURCE
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 
 
@@ -249,6 +250,7 @@ def kernels() -> ctypes.CDLL | None:
     lib.q4_1_gemv_f16.argtypes = [p, p, p, p, p, i, i, i]
     lib.q4_1_gemv_f16.restype = None
     paged_attention.declare(lib)
+    w4a8.declare(lib)
     _lib = lib
     _status = "block kernels"
     return lib

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .exact_gemv import ExactBlocks, kernels
+from .exact_gemv import ExactBlocks, kernels, status
 from .kv_cache import KvCache
 from .linear import Dense, Linear, Q4Blocks, Quantised, make_linear
 from .paged_attention import decode_attention
 from .paged_attention import supported as attention_supported
+from .w4a8 import W4A8
 from .weights import Checkpoint, UnsupportedModel, rope_inv_freq
 
 
@@ -81,10 +82,20 @@ class LlamaModel:
 
         # fp32 from a GGUF's blocks: few-row matmuls read the blocks, same weights (exact_gemv.py)
         lib = kernels() if weights == "dense" and dtype == torch.float32 and (ckpt.q4 or ckpt.q8) else None
+        if weights == "w4a8":  # llama.cpp's arithmetic on the same blocks (w4a8.py): the kernels or nothing
+            lib = kernels()
+            if lib is None or dtype != torch.float32:
+                raise UnsupportedModel(f"weights=w4a8 needs the C kernels and float32 ({status()}, {dtype})")
 
         def fused(*names: str) -> Linear:
             """One matmul for several projections (q|k|v, gate|up): rows concatenated, blocks too."""
             parts = [raw(n) for n in names]
+            if weights == "w4a8":  # the file's Q4_1 blocks, or min/max groups of 32 from other weights
+                q4 = [x if isinstance(x, Q4Blocks) else Q4Blocks.quantize(x.float()) for x in parts]
+                assert lib is not None
+                return W4A8(
+                    ExactBlocks(lib, Q4Blocks(*(torch.cat([getattr(b, f) for b in q4]) for f in ("q", "scale", "low"))))
+                )
             if all(isinstance(x, Q4Blocks) for x in parts) and (weights == "int4" or lib is not None):
                 qs = [x for x in parts if isinstance(x, Q4Blocks)]
                 cat = Q4Blocks(*(torch.cat([getattr(b, f) for b in qs]) for f in ("q", "scale", "low")))
@@ -92,14 +103,17 @@ class LlamaModel:
             dense = [x.dequantize() if isinstance(x, Q4Blocks) else x.float() for x in parts]
             return make_linear(weights, torch.cat(dense), None, dtype)
 
-        embed = get("model.embed_tokens.weight") if weights == "dense" else t["model.embed_tokens.weight"]
+        fp32_embed = weights in ("dense", "w4a8")
+        embed = get("model.embed_tokens.weight") if fp32_embed else t["model.embed_tokens.weight"]
         tied = cfg.tie_word_embeddings or "lm_head.weight" not in t
         # the vocabulary matmul (a fifth of the fp32 bytes; Q8_0 in the default file, as llama.cpp keeps it):
         # int8 in both quantised modes; at 4 bits it cost int4 perplexity 13.41 -> 14.13 (fp32: 13.44)
-        head = "dense" if weights == "dense" else "int8"
+        head = "dense" if fp32_embed else "int8"
         head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         if lib is not None and head_name in ckpt.q8:
             self.lm_head: Linear = ExactBlocks(lib, ckpt.q8.pop(head_name), embed if tied else t[head_name])
+            if weights == "w4a8":
+                self.lm_head = W4A8(self.lm_head)
         else:
             self.lm_head = make_linear(head, embed if tied else t["lm_head.weight"], None, dtype)
         if tied and isinstance(self.lm_head, Quantised):
@@ -150,7 +164,7 @@ class LlamaModel:
         for layer in self.layers:
             for v in layer.values():
                 n += v.nbytes if isinstance(v, Linear) else v.numel() * v.element_size()
-        shared = isinstance(self.lm_head, Dense | ExactBlocks) and self.lm_head.w is self.embed
+        shared = isinstance(self.lm_head, Dense | ExactBlocks | W4A8) and self.lm_head.w is self.embed
         if self._embed_rows is None and not shared:
             n += self.embed.numel() * self.embed.element_size()
         return n
