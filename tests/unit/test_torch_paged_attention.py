@@ -97,3 +97,54 @@ def test_model_decodes_with_the_kernel_like_with_sdpa(lib) -> None:  # type: ign
         results.append((toks, torch.stack(logits)))
     assert results[0][0] == results[1][0]
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["dense", "w4a8"])
+def test_whole_decode_step_in_c_matches_the_layer_by_layer_path(lib, weights: str) -> None:  # type: ignore[no-untyped-def]
+    """decode_step.py runs every layer in one C call; the torch path (stack off) is the reference."""
+    from tests.unit.test_torch_exact_gemv import _tiny_checkpoint
+
+    model = LlamaModel(_tiny_checkpoint(), weights=weights)
+    assert model.stack is not None and model.stack.mode == (2 if weights == "w4a8" else 0)
+    stack = model.stack
+    bs = 16
+    prompts = [[3, 17, 99, 42, 5], list(range(20, 40)), [9]]
+    tables = [[0, 1], [2, 3], [4, 5]]
+    runs = []
+    for use_stack in (True, False):
+        model.stack = stack if use_stack else None
+        kv = KvCache(model.cfg, 6, bs, torch.float32)
+        for p, t in zip(prompts, tables, strict=True):
+            seg = PrefillSegment(0, len(p), 0, None)
+            model.forward(
+                torch.tensor(p),
+                AttnBatch(torch.arange(len(p)), torch.arange(len(p)) + t[0] * bs, [], [seg]),
+                kv,
+                torch.tensor([0]),
+            )
+        toks = [[7], [8], [9]]
+        logits = []
+        for step in range(8):
+            pos = [len(p) + step for p in prompts]
+            lens = torch.tensor(pos) + 1
+            # two groups, as the runner splits decodes by length: the stack joins their tables
+            groups = [
+                DecodeGroup(0, 2, torch.tensor(tables[:2]), torch.ones(2, 1, 1, 2 * bs, dtype=torch.bool), lens[:2]),
+                DecodeGroup(2, 1, torch.tensor([tables[2][:1]]), torch.ones(1, 1, 1, bs, dtype=torch.bool), lens[2:]),
+            ]
+            slots = [t[q // bs] * bs + q % bs for t, q in zip(tables, pos, strict=True)]
+            batch = AttnBatch(torch.tensor(pos), torch.tensor(slots), groups, [])
+            lg = model.forward(torch.tensor([t[-1] for t in toks]), batch, kv, torch.arange(3))
+            logits.append(lg)
+            for i in range(3):
+                toks[i].append(int(lg[i].argmax()))
+        runs.append((toks, torch.stack(logits), [k.clone() for k in kv.k]))
+    assert runs[0][0] == runs[1][0]
+    a, b = runs[0][1], runs[1][1]
+    if weights == "dense":
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    else:  # int8 activations: a last-bit difference can move one value to the next quantisation step
+        assert (a - b).norm() / b.norm() < 1e-2
+    # the stack wrote the same keys into the same slots
+    for ka, kb in zip(runs[0][2], runs[1][2], strict=True):
+        assert (ka - kb).norm() <= 1e-2 * kb.norm() and torch.equal(ka == 0, kb == 0)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import paged_attention, w4a8
+from . import decode_step, paged_attention, w4a8
 from .linear import GROUP, Linear, Q4Blocks
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,8 @@ void q8_0_gemv(const int8_t *qs, const float *d, const float *x, float *y, int64
     }
 }
 """
-# decode attention over the paged cache and the w4a8 matmuls: one library, one build
-_SOURCE += paged_attention.SOURCE + w4a8.SOURCE
+# decode attention over the paged cache, the w4a8 matmuls and whole decode steps: one library, one build
+_SOURCE += paged_attention.SOURCE + w4a8.SOURCE + decode_step.SOURCE
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 
 
@@ -251,6 +251,7 @@ def kernels() -> ctypes.CDLL | None:
     lib.q4_1_gemv_f16.restype = None
     paged_attention.declare(lib)
     w4a8.declare(lib)
+    decode_step.declare(lib)
     _lib = lib
     _status = "block kernels"
     return lib

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .decode_step import MAX_ROWS as STACK_ROWS
+from .decode_step import DecodeStack
 from .exact_gemv import ExactBlocks, kernels, status
 from .kv_cache import KvCache
 from .linear import Dense, Linear, Q4Blocks, Quantised, make_linear
@@ -151,6 +153,8 @@ class LlamaModel:
             and attention_supported(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, dtype)
             else None
         )
+        # decode-only steps of few rows: every layer in one C call (decode_step.py) when all are Q4_1 blocks
+        self.stack = DecodeStack.build(self.attn_lib, self.layers, cfg)
         self.inv_freq = rope_inv_freq(cfg, ckpt.rope_freqs)
         self.scale = cfg.head_dim**-0.5
         self._cos: torch.Tensor | None = None
@@ -217,6 +221,14 @@ class LlamaModel:
             for dg in batch.decodes:  # the kernel trusts the tables: check them once per step, not per layer
                 if dg.lens is None or not bool((dg.lens <= dg.tables.shape[1] * kv.block_size).all()):
                     attn_lib = None
+        if self.stack is not None and attn_lib is not None and not batch.prefills and T <= STACK_ROWS:
+            tables, lens = _row_tables(batch.decodes, T)
+            self.stack.run(
+                x, cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch.slot_mapping, tables, lens,
+                kv.k, kv.v, kv.block_size, self.scale,
+            )  # fmt: skip
+            last = self._rms(x[logits_rows], self.norm)
+            return self.lm_head(last).float()
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["in_norm"])
             qkv = w["qkv"](h)
@@ -275,3 +287,18 @@ class LlamaModel:
             x = x + w["down"](F.silu(gu[:, :inter]) * gu[:, inter:])
         last = self._rms(x[logits_rows], self.norm)
         return self.lm_head(last).float()
+
+
+def _row_tables(groups: list[DecodeGroup], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block table and length per decode row, across groups (padded to the widest)."""
+    if len(groups) == 1:
+        assert groups[0].lens is not None
+        return groups[0].tables, groups[0].lens
+    width = max(dg.tables.shape[1] for dg in groups)
+    tables = torch.zeros(rows, width, dtype=torch.long)
+    lens = torch.empty(rows, dtype=torch.long)
+    for dg in groups:
+        assert dg.lens is not None
+        tables[dg.q_start : dg.q_start + dg.n, : dg.tables.shape[1]] = dg.tables
+        lens[dg.q_start : dg.q_start + dg.n] = dg.lens
+    return tables, lens
