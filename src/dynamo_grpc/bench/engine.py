@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, hf_perplexity, perplexity
+from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, decode_perplexity, hf_perplexity, perplexity
 from dynamo_grpc.bench.engine_limits import measure
 from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
@@ -280,7 +280,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
-    p.add_argument("--modes", default="fp32,int4", help="our weight modes to run (fp32,bf16,int8,int4); fp32 first")
+    p.add_argument("--modes", default="fp32,int4", help="our weight modes (fp32,bf16,int8,int4,w4a8); fp32 first")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the spread is reported)")
     p.add_argument("--requests-per-client", type=int, default=2)
@@ -420,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_out = [o for c in levels for o in runs["ours-fp32"][c][0]["outputs"]]
     for m in modes:
         mine = [o for c in levels for o in runs[f"ours-{m}"][c][0]["outputs"]]
-        accuracy[m] = agreement(ref_out, mine) | {"perplexity": perplexity(engines[m], text_ids)}
+        accuracy[m] = agreement(ref_out, mine) | {
+            "perplexity": perplexity(engines[m], text_ids),
+            "decode_perplexity": decode_perplexity(engines[m], text_ids),
+        }
     if hf is not None:
         accuracy["transformers"] = {"perplexity": hf_perplexity(hf, text_ids)}
     accuracy["text_tokens"] = len(text_ids)
