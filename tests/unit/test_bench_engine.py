@@ -72,3 +72,15 @@ def test_matmul_limits_cover_every_format() -> None:
         (f, m) for f in ("fp32", "bf16", "int8", "int4") for m in (1, 16)
     }
     assert all(r["gflop_s"] > 0 and r["weight_gb_s"] > 0 for r in rows)
+
+
+def test_decode_perplexity_feeds_the_text_through_the_decode_path(tmp_path: Path) -> None:
+    """Same model, same text: one prefill and token-by-token decodes give the same perplexity (fp32)."""
+    from dynamo_grpc.bench.engine_accuracy import decode_perplexity, perplexity
+    from dynamo_grpc.engines.torch import TorchEngine
+    from tests.helpers.tiny_llama import make_tiny_model
+
+    eng = TorchEngine(make_tiny_model(tmp_path), block_size=4, num_blocks=16, num_threads=1)
+    ids = [2 + (7 * k) % 90 for k in range(30)]  # across several blocks
+    a, b = perplexity(eng, ids), decode_perplexity(eng, ids)
+    assert a > 1 and abs(a - b) < 1e-4 * a

@@ -216,3 +216,11 @@ async def test_many_concurrent_requests_at_high_speedup_all_finish(engine: Mocke
     assert all(len(t) == 50 and last.finish_reason == "length" for t, last in results)
     m = engine.load_metrics()
     assert (m.active_blocks, m.running, m.waiting) == (0, 0, 0)
+
+
+async def test_reset_prefix_cache_makes_the_next_identical_prompt_cold(engine: MockerEngine) -> None:
+    prompt = list(range(2000, 2050))
+    await _collect(engine, "a", prompt, max_tokens=4)
+    assert engine.reset_prefix_cache()
+    _, again = await _collect(engine, "b", prompt, max_tokens=4)
+    assert again.cached_tokens == 0

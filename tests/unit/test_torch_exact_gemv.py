@@ -136,3 +136,16 @@ def test_model_with_block_kernels_decodes_like_dense(lib, monkeypatch: pytest.Mo
         outs.append((toks, torch.stack(logits)))
     assert outs[0][0] == outs[1][0]
     assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_q4_1_with_fp32_scales_keeps_two_roundings(lib) -> None:  # type: ignore[no-untyped-def]
+    """One fma rebuilds a weight exactly only for fp16 scales (a GGUF's); other scales keep gguf's two roundings."""
+    blocks = _q4(64, 96, 3)
+    assert ExactBlocks(lib, blocks).f16
+    blocks.scale = blocks.scale * (1 + 2**-20)  # no longer fp16 values: d * q is rounded
+    lin = ExactBlocks(lib, blocks)
+    assert not lin.f16
+    dense = blocks.dequantize()
+    for rows in (1, 5, EXACT_ROWS):
+        cols = torch.randint(0, 96, (rows,))
+        assert torch.equal(lin(F.one_hot(cols, 96).float()), dense[:, cols].t()), rows

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, hf_perplexity, perplexity
+from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, decode_perplexity, hf_perplexity, perplexity
 from dynamo_grpc.bench.engine_limits import measure
 from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
@@ -106,6 +106,7 @@ async def run_ours(eng: TorchEngine, work: list[tuple[list[int], int]], concurre
     results: dict[int, list[int]] = {}
     ttfts: list[float] = []
     rates: list[float] = []
+    cached: list[int] = []  # prompt tokens served from the prefix cache, per request
 
     async def client() -> None:
         while queue:
@@ -119,6 +120,7 @@ async def run_ours(eng: TorchEngine, work: list[tuple[list[int], int]], concurre
                 if not toks:
                     first = last
                     ttfts.append(first - t0)
+                    cached.append(o.cached_tokens)
                 toks += o.token_ids
             r = _decode_rate(len(toks), first, last)
             if r is not None:
@@ -131,6 +133,8 @@ async def run_ours(eng: TorchEngine, work: list[tuple[list[int], int]], concurre
     n_tok = sum(len(v) for v in results.values())
     return {
         "seconds": dt,
+        "cached_prompt_tokens": sum(cached),
+        "prompt_tokens": sum(len(ids) for ids, _ in work),
         "output_tokens": n_tok,
         "tokens_per_s": n_tok / dt,
         "decode_tokens_per_s": _median(rates) * concurrency,
@@ -280,7 +284,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
-    p.add_argument("--modes", default="fp32,int4", help="our weight modes to run (fp32,bf16,int8,int4); fp32 first")
+    p.add_argument("--modes", default="fp32,int4", help="our weight modes (fp32,bf16,int8,int4,w4a8); fp32 first")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the spread is reported)")
     p.add_argument("--requests-per-client", type=int, default=2)
@@ -301,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         "--llama-cpp", default=None, help="llama-batched-bench binary or its folder (else $DYN_LLAMA_CPP, PATH)"
     )
     p.add_argument("--no-limits", action="store_true", help="skip the bandwidth and matmul measurements")
+    p.add_argument(
+        "--keep-prefix-cache",
+        action="store_true",
+        help="keep our prefix cache between rounds (later rounds then hit the earlier rounds' prompts; "
+        "default: cleared before each of our runs, so every round is cold like the baselines)",
+    )
     p.add_argument("--json", type=Path, default=default_results_dir() / "engine.json")
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else default_model_path()
@@ -370,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                     w = works[c]
                     for name in order:
                         if name.startswith("ours-"):
+                            if not args.keep_prefix_cache:  # every round cold, as transformers and llama.cpp are
+                                engines[name[5:]].reset_prefix_cache()
                             r = await run_ours(engines[name[5:]], w, c, f"{name}-r{rnd}")
                         elif name == "transformers":
                             r = run_hf(hf, w, c, eos, pad)
@@ -420,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_out = [o for c in levels for o in runs["ours-fp32"][c][0]["outputs"]]
     for m in modes:
         mine = [o for c in levels for o in runs[f"ours-{m}"][c][0]["outputs"]]
-        accuracy[m] = agreement(ref_out, mine) | {"perplexity": perplexity(engines[m], text_ids)}
+        accuracy[m] = agreement(ref_out, mine) | {
+            "perplexity": perplexity(engines[m], text_ids),
+            "decode_perplexity": decode_perplexity(engines[m], text_ids),
+        }
     if hf is not None:
         accuracy["transformers"] = {"perplexity": hf_perplexity(hf, text_ids)}
     accuracy["text_tokens"] = len(text_ids)
@@ -462,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_client": args.requests_per_client,
             "greedy": True,
             "stops_at_eos": True,
+            "prefix_cache_kept_between_rounds": args.keep_prefix_cache,
             "llama_cpp": "llama-batched-bench: concurrency sequences of the level's mean prompt and output length",
         },
         "throughput": throughput,

@@ -2,7 +2,9 @@
 
 Agreement: over the benchmark's prompts, the share of requests whose greedy output equals fp32's, and
 the share of fp32's tokens reproduced before the first divergence. Perplexity: one prefill of
-``TEXT`` (a fixed English passage), teacher-forced, through the engine's own model.
+``TEXT`` (a fixed English passage), teacher-forced, through the engine's own model; decode perplexity:
+the same text fed one token per step as decodes, since some modes (w4a8) change only the few-row
+decode matmuls and prefill runs the fp32 GEMM.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from dynamo_grpc.engines.torch import TorchEngine
-from dynamo_grpc.engines.torch.model import AttnBatch, PrefillSegment
+from dynamo_grpc.engines.torch.model import AttnBatch, DecodeGroup, PrefillSegment
 
 TEXT = (
     "The water cycle describes how water moves between the oceans, the air and the land. Heat from the sun "
@@ -62,3 +64,20 @@ def perplexity(eng: TorchEngine, ids: list[int]) -> float:
 def hf_perplexity(hf: Any, ids: list[int]) -> float:
     out = hf(torch.tensor([ids]), labels=torch.tensor([ids]))
     return math.exp(float(out.loss))
+
+
+@torch.inference_mode()
+def decode_perplexity(eng: TorchEngine, ids: list[int]) -> float:
+    """Like :func:`perplexity`, one token per forward pass through the decode path (slots 0..)."""
+    bs = eng.kv.block_size
+    n = min(len(ids), eng.kv.num_blocks * bs)
+    table = torch.arange(-(-n // bs)).unsqueeze(0)
+    nll = 0.0
+    for pos in range(n - 1):
+        width = pos // bs + 1
+        mask = (torch.arange(width * bs) <= pos).view(1, 1, 1, -1)
+        group = DecodeGroup(0, 1, table[:, :width].contiguous(), mask, torch.tensor([pos + 1]))
+        batch = AttnBatch(torch.tensor([pos]), torch.tensor([pos]), [group], [])
+        logits = eng.model.forward(torch.tensor([ids[pos]]), batch, eng.kv, torch.tensor([0]))
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor([ids[pos + 1]])))
+    return math.exp(nll / (n - 1))

@@ -30,6 +30,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "frontend vs do-nothing forwarder CPU per request at worker --stream-interval 1/4/16 (messages per request)",
     ),
     "engine": ("dynamo_grpc.bench.engine", "torch engine vs transformers generate (extras: torch, bench)"),
+    "engine-step": (
+        "dynamo_grpc.bench.engine_step",
+        "one torch decode step with the C paths (paged attention, whole-stack call) switched on one by one",
+    ),
     "discovery": ("dynamo_grpc.bench.discovery", "consul-dev + discovery: 1,000 instances, 50 watchers"),
     "replay": ("dynamo_grpc.bench.replay", "trace replay: KV routing vs round-robin vs random (mocker mesh)"),
     "pools": ("dynamo_grpc.bench.pools", "global router: one pool of 4 vs 2+2 split by input length (trace replay)"),

@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument(
         "--torch-weights",
-        choices=["fp32", "bf16", "int8", "int4"],
+        choices=["fp32", "bf16", "int8", "int4", "w4a8"],
         default=None,
-        help="torch workers' weight format (fp32: exact, the default; int4: fastest on CPU; docs/torch-engine.md)",
+        help="torch workers' weight format (fp32: exact, the default; int4/w4a8: fastest on CPU; docs/torch-engine.md)",
     )
     p.add_argument(
         "--router-mode",

@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--torch-weights",
-        choices=["fp32", "bf16", "int8", "int4"],
+        choices=["fp32", "bf16", "int8", "int4", "w4a8"],
         default=None,
-        help="torch: weight format; fp32 is exact (default), bf16/int8/int4 are faster and change numerics "
-        "(int8/int4 compute in bfloat16; int4 keeps a GGUF's Q4_1 blocks as they are); see docs/torch-engine.md",
+        help="torch: weight format; fp32 is exact (default), bf16/int8/int4/w4a8 are faster and change numerics "
+        "(int8/int4 compute in bfloat16; int4 keeps a GGUF's Q4_1 blocks as they are; w4a8 multiplies those blocks "
+        "by int8-quantised activations as llama.cpp does, fp32 elsewhere, and needs a C compiler); "
+        "see docs/torch-engine.md",
     )
     p.add_argument(
         "--torch-kernels",

@@ -194,6 +194,12 @@ class CoreEngine(Engine):
     def hit_rate(self) -> float:
         return self.core.kv.hit_rate
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``, KvCleared at the next step); False while
+        requests hold blocks. Benchmarks use it so that repeated rounds start cold."""
+        with self._state:
+            return self.core.kv.pool.clear()
+
     def kvbm_stats(self) -> dict[str, Any]:
         """The KV tiers' counters and gauges (empty without tiers), for metrics and benchmarks."""
         with self._state:

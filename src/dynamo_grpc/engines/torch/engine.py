@@ -34,6 +34,7 @@ WEIGHT_MODES = {
     "bf16": ("bfloat16", "dense"),
     "int8": ("bfloat16", "int8"),
     "int4": ("bfloat16", "int4"),
+    "w4a8": ("float32", "w4a8"),
 }
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 
@@ -90,7 +91,10 @@ class TorchEngine(CoreEngine):
         # fp32 keeps a GGUF's blocks too when the block kernels are built (exact_gemv.py: same weights, fewer bytes)
         blocks = block_kernels and fmt == "dense" and self.dtype == torch.float32 and kernels() is not None
         ckpt = load_checkpoint(
-            path, self.dtype if fmt == "dense" else torch.float32, keep_q4=fmt == "int4" or blocks, keep_q8=blocks
+            path,
+            self.dtype if fmt == "dense" else torch.float32,
+            keep_q4=fmt in ("int4", "w4a8") or blocks,
+            keep_q8=blocks or fmt == "w4a8",
         )
         self.config = ckpt.config
         self.model = LlamaModel(ckpt, self.dtype, fmt)

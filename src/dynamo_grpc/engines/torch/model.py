@@ -16,9 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .exact_gemv import ExactBlocks, kernels
+from .decode_step import MAX_ROWS as STACK_ROWS
+from .decode_step import DecodeStack
+from .exact_gemv import ExactBlocks, kernels, status
 from .kv_cache import KvCache
 from .linear import Dense, Linear, Q4Blocks, Quantised, make_linear
+from .paged_attention import decode_attention
+from .paged_attention import supported as attention_supported
+from .w4a8 import W4A8
 from .weights import Checkpoint, UnsupportedModel, rope_inv_freq
 
 
@@ -39,6 +44,8 @@ class DecodeGroup:
     n: int
     tables: torch.Tensor  # [n, max_blocks] block ids (padding: block 0, masked)
     mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where attended
+    #: [n] tokens each row attends to (its position + 1): the C kernel reads only those (paged_attention.py)
+    lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,10 +84,20 @@ class LlamaModel:
 
         # fp32 from a GGUF's blocks: few-row matmuls read the blocks, same weights (exact_gemv.py)
         lib = kernels() if weights == "dense" and dtype == torch.float32 and (ckpt.q4 or ckpt.q8) else None
+        if weights == "w4a8":  # llama.cpp's arithmetic on the same blocks (w4a8.py): the kernels or nothing
+            lib = kernels()
+            if lib is None or dtype != torch.float32:
+                raise UnsupportedModel(f"weights=w4a8 needs the C kernels and float32 ({status()}, {dtype})")
 
         def fused(*names: str) -> Linear:
             """One matmul for several projections (q|k|v, gate|up): rows concatenated, blocks too."""
             parts = [raw(n) for n in names]
+            if weights == "w4a8":  # the file's Q4_1 blocks, or min/max groups of 32 from other weights
+                q4 = [x if isinstance(x, Q4Blocks) else Q4Blocks.quantize(x.float()) for x in parts]
+                assert lib is not None
+                return W4A8(
+                    ExactBlocks(lib, Q4Blocks(*(torch.cat([getattr(b, f) for b in q4]) for f in ("q", "scale", "low"))))
+                )
             if all(isinstance(x, Q4Blocks) for x in parts) and (weights == "int4" or lib is not None):
                 qs = [x for x in parts if isinstance(x, Q4Blocks)]
                 cat = Q4Blocks(*(torch.cat([getattr(b, f) for b in qs]) for f in ("q", "scale", "low")))
@@ -88,14 +105,17 @@ class LlamaModel:
             dense = [x.dequantize() if isinstance(x, Q4Blocks) else x.float() for x in parts]
             return make_linear(weights, torch.cat(dense), None, dtype)
 
-        embed = get("model.embed_tokens.weight") if weights == "dense" else t["model.embed_tokens.weight"]
+        fp32_embed = weights in ("dense", "w4a8")
+        embed = get("model.embed_tokens.weight") if fp32_embed else t["model.embed_tokens.weight"]
         tied = cfg.tie_word_embeddings or "lm_head.weight" not in t
         # the vocabulary matmul (a fifth of the fp32 bytes; Q8_0 in the default file, as llama.cpp keeps it):
         # int8 in both quantised modes; at 4 bits it cost int4 perplexity 13.41 -> 14.13 (fp32: 13.44)
-        head = "dense" if weights == "dense" else "int8"
+        head = "dense" if fp32_embed else "int8"
         head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         if lib is not None and head_name in ckpt.q8:
             self.lm_head: Linear = ExactBlocks(lib, ckpt.q8.pop(head_name), embed if tied else t[head_name])
+            if weights == "w4a8":
+                self.lm_head = W4A8(self.lm_head)
         else:
             self.lm_head = make_linear(head, embed if tied else t["lm_head.weight"], None, dtype)
         if tied and isinstance(self.lm_head, Quantised):
@@ -126,6 +146,15 @@ class LlamaModel:
             for k in list(ckpt.q4):
                 if k.startswith(p):
                     del ckpt.q4[k]
+        # decode attention reads the paged cache in place where the kernels are built (fp32 only)
+        self.attn_lib = (
+            lib
+            if lib is not None
+            and attention_supported(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, dtype)
+            else None
+        )
+        # decode-only steps of few rows: every layer in one C call (decode_step.py) when all are Q4_1 blocks
+        self.stack = DecodeStack.build(self.attn_lib, self.layers, cfg)
         self.inv_freq = rope_inv_freq(cfg, ckpt.rope_freqs)
         self.scale = cfg.head_dim**-0.5
         self._cos: torch.Tensor | None = None
@@ -139,7 +168,7 @@ class LlamaModel:
         for layer in self.layers:
             for v in layer.values():
                 n += v.nbytes if isinstance(v, Linear) else v.numel() * v.element_size()
-        shared = isinstance(self.lm_head, Dense | ExactBlocks) and self.lm_head.w is self.embed
+        shared = isinstance(self.lm_head, Dense | ExactBlocks | W4A8) and self.lm_head.w is self.embed
         if self._embed_rows is None and not shared:
             n += self.embed.numel() * self.embed.element_size()
         return n
@@ -187,6 +216,19 @@ class LlamaModel:
         cos = self._cos[batch.positions].unsqueeze(1)
         sin = self._sin[batch.positions].unsqueeze(1)
         x = self.embed_rows(input_ids)
+        attn_lib = self.attn_lib
+        if attn_lib is not None:
+            for dg in batch.decodes:  # the kernel trusts the tables: check them once per step, not per layer
+                if dg.lens is None or not bool((dg.lens <= dg.tables.shape[1] * kv.block_size).all()):
+                    attn_lib = None
+        if self.stack is not None and attn_lib is not None and not batch.prefills and T <= STACK_ROWS:
+            tables, lens = _row_tables(batch.decodes, T)
+            self.stack.run(
+                x, cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch.slot_mapping, tables, lens,
+                kv.k, kv.v, kv.block_size, self.scale,
+            )  # fmt: skip
+            last = self._rms(x[logits_rows], self.norm)
+            return self.lm_head(last).float()
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["in_norm"])
             qkv = w["qkv"](h)
@@ -198,12 +240,18 @@ class LlamaModel:
             kc.index_copy_(0, batch.slot_mapping, k)
             vc.index_copy_(0, batch.slot_mapping, v)
             # a decode-only step with one group (a single stream, most steps): attention writes the output itself
-            only = len(batch.decodes) == 1 and not batch.prefills
+            only = len(batch.decodes) == 1 and not batch.prefills and attn_lib is None
             out = torch.empty(0) if only else torch.empty(T, nh, hd, dtype=x.dtype)
             # block-granular views: gathering whole blocks is a few memcpys, not one per token
             kb, vb = kc.view(kv.num_blocks, -1), vc.view(kv.num_blocks, -1)
             for dg in batch.decodes:
                 rows = slice(dg.q_start, dg.q_start + dg.n)
+                if attn_lib is not None:
+                    assert dg.lens is not None
+                    decode_attention(
+                        attn_lib, q[rows], kc, vc, dg.tables, dg.lens, out[rows], kv.block_size, self.scale
+                    )
+                    continue
                 # grouped-query trick: the g query heads sharing a KV head attend as one [g, L] block
                 qd = q[rows].view(dg.n, nkv, g, hd)
                 idx = dg.tables.view(-1)
@@ -239,3 +287,18 @@ class LlamaModel:
             x = x + w["down"](F.silu(gu[:, :inter]) * gu[:, inter:])
         last = self._rms(x[logits_rows], self.norm)
         return self.lm_head(last).float()
+
+
+def _row_tables(groups: list[DecodeGroup], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block table and length per decode row, across groups (padded to the widest)."""
+    if len(groups) == 1:
+        assert groups[0].lens is not None
+        return groups[0].tables, groups[0].lens
+    width = max(dg.tables.shape[1] for dg in groups)
+    tables = torch.zeros(rows, width, dtype=torch.long)
+    lens = torch.empty(rows, dtype=torch.long)
+    for dg in groups:
+        assert dg.lens is not None
+        tables[dg.q_start : dg.q_start + dg.n, : dg.tables.shape[1]] = dg.tables
+        lens[dg.q_start : dg.q_start + dg.n] = dg.lens
+    return tables, lens

@@ -147,7 +147,7 @@ class ModelRunner:
                 t[i, : len(table)] = torch.tensor(table, dtype=torch.long)
                 lens[i] = c.start + 1
             mask = torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)
-            groups.append(DecodeGroup(lo, hi - lo, t, mask.view(hi - lo, 1, 1, width * bs)))
+            groups.append(DecodeGroup(lo, hi - lo, t, mask.view(hi - lo, 1, 1, width * bs), lens))
             lo = hi
 
         segs: list[PrefillSegment] = []
