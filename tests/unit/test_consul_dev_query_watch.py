@@ -82,3 +82,18 @@ async def test_a_reader_that_leaves_is_forgotten_and_the_others_still_wake() -> 
     await asyncio.sleep(0)
     assert len(watches) == 0
     await watches.close()
+
+
+async def test_a_write_before_the_watch_task_first_runs_still_wakes_the_reader() -> None:
+    """The reader blocks, and the service changes before the watch's task has run once: the reader must wake
+    (it once slept until its wait ran out, and a frontend missed a worker that had just registered)."""
+    st = Store()
+    _register(st, "a1", "a")
+    watches = QueryWatches(st)
+    idx = st.service_index("a")
+    reader = asyncio.create_task(watches.block("q", lambda: st.service_index("a"), idx, 30.0))
+    await asyncio.sleep(0)  # the reader is blocked; the watch task is created but has not run yet
+    _register(st, "a2", "a")
+    await asyncio.wait_for(reader, 5)
+    assert st.service_index("a") > idx
+    await watches.close()

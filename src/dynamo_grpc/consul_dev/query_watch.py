@@ -22,10 +22,13 @@ from dynamo_grpc.consul_dev.state import Store
 class _Watch:
     """One query's readers: the index they wait on changing, and the task that re-checks it per write."""
 
-    __slots__ = ("current", "event", "readers", "task")
+    __slots__ = ("current", "event", "last", "readers", "task")
 
-    def __init__(self, current: Callable[[], int]) -> None:
+    def __init__(self, current: Callable[[], int], last: int) -> None:
         self.current = current
+        #: the index the readers were told about: set when the watch is made, not when its task first runs,
+        #: so a write between a reader blocking and the task starting still wakes it
+        self.last = last
         self.event = asyncio.Event()
         self.readers = 0
         self.task: asyncio.Task[None] | None = None
@@ -50,7 +53,7 @@ class QueryWatches:
             return
         w = self._watches.get(key)
         if w is None:
-            w = self._watches[key] = _Watch(current)
+            w = self._watches[key] = _Watch(current, min_index)
             w.task = asyncio.get_running_loop().create_task(self._follow(w))
         w.readers += 1
         try:
@@ -68,15 +71,14 @@ class QueryWatches:
 
     async def _follow(self, w: _Watch) -> None:
         """Re-check the query once per write; wake its readers when its index moved."""
-        last = w.current()
         while True:
-            await self.store.next_commit()
-            self.rechecks += 1
-            now = w.current()
-            if now != last:
-                last = now
+            now = w.current()  # first at start: writes may have landed since the watch was made
+            if now != w.last:
+                w.last = now
                 event, w.event = w.event, asyncio.Event()
                 event.set()
+            await self.store.next_commit()
+            self.rechecks += 1
 
     async def close(self) -> None:
         tasks = [w.task for w in self._watches.values() if w.task is not None]
