@@ -12,7 +12,6 @@ part: the real SmolLM2-135M) proves the real KV bytes continue greedy and seeded
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import struct
@@ -28,22 +27,9 @@ from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 from dynamo_grpc.transport.addresses import METRICS_META
+from tests.helpers.token_requests import prompt, token_request
 
 pytestmark = pytest.mark.slow
-
-
-def request(model: str, ids: list[int], max_tokens: int = 6, **sp: Any) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input_ids", datatype="INT32", shape=[len(ids)])
-    req.raw_input_contents.append(struct.pack(f"<{len(ids)}i", *ids))
-    body = json.dumps({"max_tokens": max_tokens, "ignore_eos": True, **sp}).encode()
-    req.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-    req.raw_input_contents.append(struct.pack("<I", len(body)) + body)
-    return req
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 7919 + i * 31) % 40_000 + 100 for i in range(n)]
 
 
 def text_of(resp: pb.ModelInferResponse) -> str:
@@ -135,7 +121,7 @@ def test_mocker_disaggregated_serving_and_faults() -> None:
         assert set(roles) == {"prefill", "decode"}
         prefill_id = roles["prefill"]["instance_id"] if "instance_id" in roles["prefill"] else None
         prompts = [prompt(s, n) for s, n in [(1, 40), (2, 130), (3, 300), (4, 700), (5, 64)]]
-        reqs = [request(model, p) for p in prompts]
+        reqs = [token_request(model, p, max_tokens=6) for p in prompts]
         out = asyncio.run(infer_all(mesh, reqs))
         assert [r.parameters["disaggregated"].bool_param for r in out] == [True] * 5
         pf_ids = {r.parameters["prefill_worker_id"].string_param for r in out}
@@ -145,7 +131,7 @@ def test_mocker_disaggregated_serving_and_faults() -> None:
         assert all(texts)
 
         # the decoder holds the pulled blocks: a follow-up sharing the 700-token prompt pulls only the tail
-        (follow,) = asyncio.run(infer_all(mesh, [request(model, [*prompts[3], 9, 8, 7])]))
+        (follow,) = asyncio.run(infer_all(mesh, [token_request(model, [*prompts[3], 9, 8, 7], max_tokens=6)]))
         assert follow.parameters["disaggregated"].bool_param
         assert follow.parameters["cached_tokens"].int64_param >= 640
 
@@ -237,8 +223,8 @@ def test_torch_greedy_and_seeded_tokens_survive_the_handoff() -> None:
         wait_both_pools(mesh)
         model = mesh.models[0]
         prompts = [prompt(s, n) for s, n in [(1, 20), (2, 64), (3, 150), (4, 1000), (5, 90)]]
-        reqs = [request(model, p, max_tokens=8, temperature=0.0) for p in prompts]
-        reqs += [request(model, prompts[2], max_tokens=8, temperature=0.9, seed=42)]
+        reqs = [token_request(model, p, max_tokens=8, temperature=0.0) for p in prompts]
+        reqs += [token_request(model, prompts[2], max_tokens=8, temperature=0.9, seed=42)]
         out = asyncio.run(infer_all(mesh, reqs))
         assert [r.parameters["disaggregated"].bool_param for r in out] == [True] * len(reqs)
         kill_prefill_and_compare(mesh, reqs, [text_of(r) for r in out])
@@ -268,7 +254,7 @@ def test_kv_transfer_runs_over_mtls(tmp_path: Path) -> None:
                 stub = pb_grpc.GRPCInferenceServiceStub(ch)
                 deadline = time.monotonic() + 30
                 while True:  # until the frontend knows the prefill pool
-                    resp = await stub.ModelInfer(request(model, prompt(1, 300)), timeout=30)
+                    resp = await stub.ModelInfer(token_request(model, prompt(1, 300), max_tokens=6), timeout=30)
                     if resp.parameters["disaggregated"].bool_param or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.2)

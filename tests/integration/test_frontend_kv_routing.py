@@ -9,8 +9,6 @@ while unrelated long prompts are spread by load. Both `--router-mode kv` (in-pro
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 import time
 import urllib.request
 from collections import Counter
@@ -18,30 +16,16 @@ from collections import Counter
 import grpc
 import pytest
 
-from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
+from tests.helpers.token_requests import prompt, token_request
 
 pytestmark = pytest.mark.slow
 
 
-def request(model: str, ids: list[int], max_tokens: int = 4) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input_ids", datatype="INT32", shape=[len(ids)])
-    req.raw_input_contents.append(struct.pack(f"<{len(ids)}i", *ids))
-    sp = json.dumps({"max_tokens": max_tokens, "ignore_eos": True}).encode()
-    req.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-    req.raw_input_contents.append(struct.pack("<I", len(sp)) + sp)
-    return req
-
-
 async def worker_of(stub: pb_grpc.GRPCInferenceServiceStub, model: str, ids: list[int]) -> str:
-    resp = await stub.ModelInfer(request(model, ids), timeout=30)
+    resp = await stub.ModelInfer(token_request(model, ids), timeout=30)
     return resp.parameters["worker_id"].string_param
-
-
-def prompt(seed: int, n: int = 640) -> list[int]:
-    return [(seed * 7919 + i * 31) % 40_000 + 100 for i in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["kv", "kv-service"])
@@ -54,7 +38,7 @@ def test_shared_prefix_follows_its_worker(mode: str) -> None:
         async def go() -> None:
             async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
                 stub = pb_grpc.GRPCInferenceServiceStub(ch)
-                base = prompt(1)
+                base = prompt(1, 640)
                 home = await worker_of(stub, model, base)
                 assert home
                 await asyncio.sleep(1.0)  # the worker's store events reach the index
@@ -62,7 +46,7 @@ def test_shared_prefix_follows_its_worker(mode: str) -> None:
                     follower = await worker_of(stub, model, [*base, 5, 6, 7 + k])
                     assert follower == home, f"request {k} sharing 10 cached blocks went to {follower}, not {home}"
                 # unrelated prompts at once: the load term spreads them
-                spread = await asyncio.gather(*(worker_of(stub, model, prompt(100 + s)) for s in range(9)))
+                spread = await asyncio.gather(*(worker_of(stub, model, prompt(100 + s, 640)) for s in range(9)))
                 assert len(Counter(spread)) >= 2, spread
 
         asyncio.run(go())
@@ -91,7 +75,7 @@ def test_embedded_router_honours_the_router_flags(mode: str, flags: list[str]) -
         async def go() -> list[str]:
             async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
                 stub = pb_grpc.GRPCInferenceServiceStub(ch)
-                base = prompt(3)
+                base = prompt(3, 640)
                 return [await worker_of(stub, model, [*base, 9, k]) for k in range(6)]
 
         got = asyncio.run(go())

@@ -24,7 +24,7 @@ from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 from dynamo_grpc.transport.addresses import METRICS_META
-from tests.integration.test_frontend_kv_routing import prompt, request
+from tests.helpers.token_requests import prompt, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ async def _flood(address: str, model: str, n: int, seed: int) -> list[asyncio.Ta
     async def one(i: int) -> object:
         async with grpc.aio.insecure_channel(address) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            return await stub.ModelInfer(request(model, prompt(seed + i, 128), max_tokens=2000), timeout=120)
+            return await stub.ModelInfer(token_request(model, prompt(seed + i, 128), max_tokens=2000), timeout=120)
 
     return [asyncio.create_task(one(i)) for i in range(n)]
 
@@ -142,7 +142,7 @@ def test_replicas_share_one_port_and_refuse_strangers(mesh: Mesh, tmp_path: obje
             for i in range(6):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                     resp = await pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
-                        request(mesh.models[0], prompt(500 + i, 64), max_tokens=2), timeout=60
+                        token_request(mesh.models[0], prompt(500 + i, 64), max_tokens=2), timeout=60
                     )
                     assert resp.parameters["worker_id"].string_param
 

@@ -8,8 +8,6 @@ no pool uses until a reload adds it. One mesh for the module; the tests run in f
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from dynamo_grpc.launch.consul_http import passing_instances
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 from dynamo_grpc.transport.addresses import METRICS_META
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
+from tests.helpers.token_requests import prompt, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +45,6 @@ pools:
   - name: xl
     input_tokens: [128, null]
 """
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 7919 + i * 31) % 40_000 + 100 for i in range(n)]
-
-
-def infer_request(model: str, ids: list[int], max_tokens: int = 4) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input_ids", datatype="INT32", shape=[len(ids)])
-    req.raw_input_contents.append(struct.pack(f"<{len(ids)}i", *ids))
-    sp = json.dumps({"max_tokens": max_tokens, "ignore_eos": True}).encode()
-    req.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-    req.raw_input_contents.append(struct.pack("<I", len(sp)) + sp)
-    return req
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +104,7 @@ def test_prompts_land_only_in_their_pool_and_the_cache_stays_in_it(mesh: Mesh) -
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
 
             async def worker(ids: list[int]) -> str:
-                resp = await stub.ModelInfer(infer_request(model, ids), timeout=60)
+                resp = await stub.ModelInfer(token_request(model, ids), timeout=60)
                 pool = "short" if len(ids) < 128 else "long"
                 # the decision travels to the client in the final response's parameters
                 reason = resp.parameters["route_reason"].string_param
@@ -167,14 +152,14 @@ def test_busy_short_pool_spills_over_to_long(mesh: Mesh) -> None:
         async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             # 100 prompt tokens + 520 generated: past 320 tokens the short worker holds > 50 % of its 40 blocks
-            hog = asyncio.create_task(infer(stub, infer_request(model, prompt(3, 100), 520)))
+            hog = asyncio.create_task(infer(stub, token_request(model, prompt(3, 100), 520)))
             try:
                 deadline = time.monotonic() + 60
                 while not _above(metrics(mesh), "short", 0.5):
                     assert time.monotonic() < deadline, "the short worker never got busy"
                     assert not hog.done(), "the long request ended before the short pool got busy"
                     await asyncio.sleep(0.05)
-                resp = await stub.ModelInfer(infer_request(model, prompt(4, 30)), timeout=60)
+                resp = await stub.ModelInfer(token_request(model, prompt(4, 30)), timeout=60)
                 assert resp.parameters["route_pool"].string_param == "long"
                 assert "spilled over to pool long" in resp.parameters["route_reason"].string_param
                 return str(resp.parameters["worker_id"].string_param)
@@ -210,7 +195,7 @@ def test_reload_adds_a_pool_and_drains_the_removed_one_without_a_failed_request(
         async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             # in flight on the long pool while it is removed: it must finish
-            in_flight = asyncio.create_task(infer(stub, infer_request(model, prompt(5, 200), 200)))
+            in_flight = asyncio.create_task(infer(stub, token_request(model, prompt(5, 200), 200)))
             await asyncio.sleep(0.3)
             config_path(mesh).write_text(RELOADED)
             deadline = time.monotonic() + 30
@@ -222,7 +207,7 @@ def test_reload_adds_a_pool_and_drains_the_removed_one_without_a_failed_request(
                 assert time.monotonic() < deadline, f"the added pool never took a request: {d.reason}"
                 await asyncio.sleep(0.1)
             assert d.reason == "input 300 tokens in [128,∞) -> pool xl"
-            after = await stub.ModelInfer(infer_request(model, prompt(6, 300)), timeout=60)
+            after = await stub.ModelInfer(token_request(model, prompt(6, 300)), timeout=60)
             first = await in_flight
             return str(first.parameters["worker_id"].string_param), str(after.parameters["worker_id"].string_param)
 

@@ -10,8 +10,6 @@ aggregated, so the frontend's prefill went to the decode worker).
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 from collections.abc import Iterator
 
 import grpc
@@ -22,6 +20,7 @@ from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.consul_http import passing_instances
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 from dynamo_grpc.v1 import router_pb2, router_pb2_grpc
+from tests.helpers.token_requests import prompt, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +31,6 @@ pools:
     input_tokens: [0, null]
     context_tokens: [0, null]
 """
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 7919 + i * 31) % 40_000 + 100 for i in range(n)]
-
-
-def infer_request(model: str, ids: list[int]) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input_ids", datatype="INT32", shape=[len(ids)])
-    req.raw_input_contents.append(struct.pack(f"<{len(ids)}i", *ids))
-    sp = json.dumps({"max_tokens": 4, "ignore_eos": True}).encode()
-    req.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-    req.raw_input_contents.append(struct.pack("<I", len(sp)) + sp)
-    return req
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +93,7 @@ def test_a_disaggregated_frontend_prefills_on_the_pools_prefill_worker(mesh: Mes
     async def go() -> list[pb.ModelInferResponse]:
         async with grpc.aio.insecure_channel(mesh.frontend_grpc) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            return [await stub.ModelInfer(infer_request(model, prompt(s, 100 + 40 * s)), timeout=60) for s in range(4)]
+            return [await stub.ModelInfer(token_request(model, prompt(s, 100 + 40 * s)), timeout=60) for s in range(4)]
 
     for resp in asyncio.run(go()):
         assert resp.parameters["disaggregated"].bool_param

@@ -34,7 +34,7 @@ from dynamo_grpc.launch.consul_http import passing_instances, service_meta
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 from dynamo_grpc.launch.security import MeshSecurity, local_security
 from dynamo_grpc.transport.certs import CertPaths, Issued, issue, write_local_certs
-from tests.integration.test_frontend_kv_routing import prompt, request
+from tests.helpers.token_requests import prompt, token_request
 
 pytestmark = pytest.mark.slow
 
@@ -183,13 +183,13 @@ def test_unauthorised_subscriber_gets_no_events_while_the_router_routes_by_kv(
         channel_creds = creds(security.tls, client_cert=False)
         async with grpc.aio.secure_channel(mesh.frontend_grpc, channel_creds) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            base = prompt(3)
-            first = await stub.ModelInfer(request(model, base), timeout=30)
+            base = prompt(3, 640)
+            first = await stub.ModelInfer(token_request(model, base), timeout=30)
             home = first.parameters["worker_id"].string_param
             assert home
             await asyncio.sleep(1.0)  # the worker's stored-blocks events reach the embedded router
             for k in range(4):
-                resp = await stub.ModelInfer(request(model, [*base, 5, 6, 7 + k]), timeout=30)
+                resp = await stub.ModelInfer(token_request(model, [*base, 5, 6, 7 + k]), timeout=30)
                 assert resp.parameters["worker_id"].string_param == home, k
 
     try:
@@ -232,7 +232,7 @@ def test_sighup_swaps_the_certificate_while_a_stream_keeps_running(mesh: Mesh, s
     async def go() -> tuple[int, int, int]:
         async with grpc.aio.secure_channel(mesh.frontend_grpc, creds(tls, client_cert=False)) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            call = stub.ModelStreamInfer(iter([request(model, prompt(9, 64), max_tokens)]), timeout=120)
+            call = stub.ModelStreamInfer(iter([token_request(model, prompt(9, 64), max_tokens)]), timeout=120)
             got = 0
             at_swap = -1
             async for msg in call:
