@@ -8,19 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_grpc.engines.torch import exact_gemv
-from dynamo_grpc.engines.torch.exact_gemv import EXACT_ROWS, ExactBlocks, Q8Blocks, kernels
+from dynamo_grpc.engines.torch.exact_gemv import EXACT_ROWS, ExactBlocks, Q8Blocks
 from dynamo_grpc.engines.torch.kv_cache import KvCache
 from dynamo_grpc.engines.torch.linear import Dense, Q4Blocks
 from dynamo_grpc.engines.torch.model import AttnBatch, LlamaModel, PrefillSegment
 from dynamo_grpc.engines.torch.weights import Checkpoint, LlamaConfig, q8_0_blocks
-
-
-@pytest.fixture(scope="module")
-def lib():  # type: ignore[no-untyped-def]
-    lib = kernels()
-    if lib is None:
-        pytest.skip(f"block kernels unavailable: {exact_gemv.status()}")
-    return lib
 
 
 def _q4(n: int, k: int, seed: int) -> Q4Blocks:

@@ -6,19 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynamo_grpc.engines.torch import exact_gemv
-from dynamo_grpc.engines.torch.exact_gemv import kernels
 from dynamo_grpc.engines.torch.kv_cache import KvCache
 from dynamo_grpc.engines.torch.model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
 from dynamo_grpc.engines.torch.paged_attention import decode_attention, supported
-
-
-@pytest.fixture(scope="module")
-def lib():  # type: ignore[no-untyped-def]
-    lib = kernels()
-    if lib is None:
-        pytest.skip(f"kernels unavailable: {exact_gemv.status()}")
-    return lib
 
 
 def _sdpa(q, kc, vc, tables, lens, bs):  # type: ignore[no-untyped-def]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamo_grpc.engines.torch import exact_gemv
-from dynamo_grpc.engines.torch.exact_gemv import ExactBlocks, Q8Blocks, kernels
+from dynamo_grpc.engines.torch.exact_gemv import ExactBlocks, Q8Blocks
 from dynamo_grpc.engines.torch.kv_cache import KvCache
 from dynamo_grpc.engines.torch.linear import Q4Blocks
 from dynamo_grpc.engines.torch.model import AttnBatch, LlamaModel, PrefillSegment
@@ -14,14 +13,6 @@ from dynamo_grpc.engines.torch.w4a8 import MAX_ROWS, W4A8
 from dynamo_grpc.engines.torch.weights import UnsupportedModel
 from tests.unit.test_torch_exact_gemv import _q4, _q8, _tiny_checkpoint
 from tests.unit.test_torch_weights import _logits
-
-
-@pytest.fixture(scope="module")
-def lib():  # type: ignore[no-untyped-def]
-    lib = kernels()
-    if lib is None:
-        pytest.skip(f"kernels unavailable: {exact_gemv.status()}")
-    return lib
 
 
 def _reference(blocks: Q4Blocks | Q8Blocks, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,18 @@
+"""Fixtures shared by unit-test modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def lib() -> Any:
+    """The torch engine's C kernels (built with the system compiler on first use); the test skips without them."""
+    from dynamo_grpc.engines.torch import exact_gemv
+
+    built = exact_gemv.kernels()
+    if built is None:
+        pytest.skip(f"block kernels unavailable: {exact_gemv.status()}")
+    return built
