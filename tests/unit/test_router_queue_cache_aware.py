@@ -1,7 +1,7 @@
 """The cache-aware router queue: when a worker gets room, it takes the waiting request whose prefix it holds
-(a host-tier copy credited by its weight), not the oldest; the age cap hands the oldest its turn back; a
-request whose allowed workers are all busy does not hold up the others. Against fcfs on the same queue,
-so the difference a user sees (cached tokens) is what is asserted.
+on the device, not the oldest (a host-tier copy does not reorder the queue: it is not lost by waiting); the
+age cap hands the oldest its turn back; a request whose allowed workers are all busy does not hold up the
+others. Against fcfs on the same queue, so the difference a user sees (cached tokens) is what is asserted.
 
 The index is fed through the real event codec (events.proto -> the router's sink), as a worker would."""
 
@@ -20,7 +20,7 @@ from dynamo_grpc.router.router import RouteInput, Router, RouteResult, WorkerInf
 from dynamo_grpc.router.sync import IndexSink
 
 BS = 4
-P0 = [1001, 1002, 1003, 1004]  # cached on w0, in host memory (G2)
+P0 = [1001, 1002, 1003, 1004]  # cached on w0 (on the device; in host memory (G2) where a test says so)
 P1 = [2001, 2002, 2003, 2004]  # cached on w1, on the device
 
 
@@ -36,9 +36,9 @@ def _feed(sink: IndexSink, worker: str, events: list[KvEvent]) -> None:
     sink.apply_batch(make_batch(worker, 0, 1, 7, BS, events, 0.0))
 
 
-def _router(policy: str, clock: Clock | None = None) -> Router:
+def _router(policy: str, clock: Clock | None = None, p0_medium: str = "device") -> Router:
     """Two workers, each busy with a 5-block prefill (a rank with more than 4 blocks of prefill pending is
-    busy: --router-queue-threshold 1 at 16 tokens per step); w0 holds P0 in host memory, w1 holds P1."""
+    busy: --router-queue-threshold 1 at 16 tokens per step); w0 holds P0 (in ``p0_medium``), w1 holds P1."""
     cfg = RouterConfig(
         block_size=BS,
         seed=1,
@@ -54,7 +54,7 @@ def _router(policy: str, clock: Clock | None = None) -> Router:
     r.set_workers([WorkerInfo(f"w{i}", f"127.0.0.1:{9000 + i}", block_size=BS) for i in range(2)])
     r.ready = True
     sink = IndexSink(r)
-    _feed(sink, "w0", [KvStored(None, [StoredBlock(h, h) for h in P0], "host")])
+    _feed(sink, "w0", [KvStored(None, [StoredBlock(h, h) for h in P0], p0_medium)])
     _feed(sink, "w1", [KvStored(None, [StoredBlock(h, h) for h in P1])])
     assert r.route(RouteInput("x0", block_hashes=[4001, 4002, 4003, 4004, 4005], exclude=["w1"])).instance_id == "w0"
     assert r.route(RouteInput("x1", block_hashes=[5001, 5002, 5003, 5004, 5005], exclude=["w0"])).instance_id == "w1"
@@ -80,7 +80,7 @@ def _three() -> list[RouteInput]:
     return [
         RouteInput("a", block_hashes=[3001, 3002, 3003, 3004]),  # oldest, cached nowhere
         RouteInput("b", block_hashes=[*P1, 2005]),  # its prefix is on w1
-        RouteInput("c", block_hashes=[*P0, 1005]),  # its prefix is on w0 (host tier)
+        RouteInput("c", block_hashes=[*P0, 1005]),  # its prefix is on w0
     ]
 
 
@@ -94,15 +94,39 @@ async def test_the_freed_worker_takes_the_request_whose_prefix_it_holds(policy: 
     r.prefill_done("x1")  # now w1
     got = {rid: await asyncio.wait_for(t, 1.0) for rid, t in tasks.items()}
     if policy == "cache-aware":
-        # w0 took c (3 blocks' credit in host memory) and then the oldest, a; b waited for w1, which holds P1
+        # w0 took c (its 4 blocks on w0's device) and then the oldest, a; b waited for w1, which holds P1
         assert set(placed) == {"c", "a"} and placed["c"].instance_id == "w0"
         assert got["b"].instance_id == "w1" and got["b"].overlap_blocks == 4
-        assert got["c"].overlap_blocks == 3  # 4 host blocks at the default weight 0.75
+        assert got["c"].overlap_blocks == 4
         assert r.queue is not None and r.queue.overtaken == 1 and r.queue.aged == 0  # c went ahead of a and b
     else:
         # fcfs: w0 took a and then b, whose prefix is on w1; c went to w1 last: no request found its cache
         assert set(placed) == {"a", "b"} and placed["b"].instance_id == "w0"
         assert got["b"].overlap_blocks == 0 and got["c"].instance_id == "w1" and got["c"].overlap_blocks == 0
+
+
+async def test_a_device_prefix_goes_ahead_of_a_longer_host_copy() -> None:
+    """w0 holds P0 in host memory (4 blocks, credit 3 at the default weight 0.75) and P2 on the device (2
+    blocks). The queue places d (P2) first: its device blocks would be reused if it waited, while c's host
+    copy stays. Before, c's larger weighted credit went first; with G2 on, that order cost device hits and
+    made TTFT worse than with no G2 (docs/kvbm.md, "Why G2 lost to G1")."""
+    r = _router("cache-aware", p0_medium="host")
+    p2 = [7001, 7002]
+    _feed(IndexSink(r), "w0", [KvStored(None, [StoredBlock(h, h) for h in p2])])
+    tasks = await _enqueue(
+        r,
+        [
+            RouteInput("c", block_hashes=[*P0, 1005]),  # older: 3 blocks' credit in w0's host memory
+            RouteInput("d", block_hashes=[*p2, 7003, 7004, 7005, 7006, 7007]),  # 2 blocks on w0's device
+        ],
+    )
+    r.prefill_done("x0")  # w0 has room for one of them: d's 5 new blocks fill it again
+    await _settle()
+    assert [rid for rid, t in tasks.items() if t.done()] == ["d"]
+    assert tasks["d"].result().instance_id == "w0" and tasks["d"].result().overlap_blocks == 2
+    r.prefill_done("x1")
+    c = await asyncio.wait_for(tasks["c"], 1.0)
+    assert c.instance_id == "w1" and c.overlap_blocks == 0  # placed where there was room: host copies wait
 
 
 async def test_past_the_age_cap_the_oldest_goes_first_whatever_is_cached() -> None:

@@ -23,6 +23,10 @@ from dynamo_grpc.bench.replay_trace import Trace
 __all__ = ["simulate_routed"]
 
 
+def _p50(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
 def simulate_routed(
     trace: Trace,
     name: str,
@@ -135,8 +139,22 @@ async def _run(
             core.add(req)
             start(int(res.instance_id[1:]))
 
+    placed_at: dict[str, float] = {}
+    later: set[str] = set()  # requests that are not their conversation's first turn
+    conv_of = {f"r{r.index}": (r.hash_ids or (r.index,))[0] for r in trace.requests}
+    last_worker: dict[int, str] = {}  # conversation (its first hash) -> the worker its last turn went to
+    moved = [0, 0]  # later turns placed away from their previous turn's worker, later turns
+
     def on_placed(rid: str, task: asyncio.Task[RouteResult]) -> None:
-        placed.append((rid, task.result()))
+        placed_at[rid] = clock[0]
+        res = task.result()
+        prev = last_worker.get(conv_of[rid])
+        if prev is not None:
+            later.add(rid)
+            moved[0] += prev != res.instance_id
+            moved[1] += 1
+        last_worker[conv_of[rid]] = res.instance_id
+        placed.append((rid, res))
 
     out_len = {f"r{r.index}": r.output_length for r in trace.requests}
     while events:
@@ -164,7 +182,28 @@ async def _run(
     prompt = sum(p for _, p in cached.values())
     hit = sum(c for c, _ in cached.values())
     q = router.queue
+    router_wait = sorted(placed_at[r] - arrival[r] for r in first)
+    engine_wait = sorted(first[r] - (placed_at[r] - arrival[r]) for r in first)
+    diag = {
+        # where TTFT goes: waiting in the router queue, then in the engine (admission + prefill)
+        "router_wait_p50_s": router_wait[len(router_wait) // 2],
+        "engine_ttft_p50_s": engine_wait[len(engine_wait) // 2],
+        "prefill_tokens": sum(c.stats.prefill_tokens for c in cores),
+        "busy_s": sum(c.stats.simulated_s for c in cores),
+        "steps": sum(c.stats.steps for c in cores),
+        "decode_tokens": sum(c.stats.decode_tokens for c in cores),
+        "end_s": clock[0],
+        "moved_turns": moved[0] / max(moved[1], 1),
+        # TTFT p50 of first turns (nothing cached anywhere) and of later ones: who waits for whom
+        "ttft_p50_first_turns_s": _p50([first[r] for r in first if r not in later]),
+        "ttft_p50_later_turns_s": _p50([first[r] for r in first if r in later]),
+        "preemptions": sum(c.scheduler.num_preemptions for c in cores),
+        "onboards": sum(
+            c.kv.tiers.stats.host.onboards + c.kv.tiers.stats.disk.onboards for c in cores if c.kv.tiers is not None
+        ),
+    }
     return {
+        "diag": diag,
         "config": name,
         "requests": len(ttft),
         "ttft_s": {"p50": ttft[len(ttft) // 2], "p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]},

@@ -486,8 +486,16 @@ class Router:
 
     def _choose_waiting(self, waiting: Sequence[object]) -> int | None:
         """The cache-aware router queue's pick (``waiting`` oldest first): the request with the most KV cached
-        (weighted by tier, predicted prefixes included) on a rank that has room now; the oldest on a tie
-        (so with nothing cached anywhere this is fcfs). None when no waiting request has a rank with room.
+        *on the device* (predicted prefixes included) of a rank that has room now; the oldest on a tie (so
+        with nothing on any device this is fcfs). None when no waiting request has a rank with room.
+
+        Device blocks only, because they are what waiting loses: a free device block is reused by the next
+        allocation, while a host or disk copy stays until its much larger tier fills, so ranking by it saves
+        no work, only reorders. Ranking host copies at their routing weight (0.75 a block) let long
+        conversations with old host copies (the longest prompts, which hold the most device blocks while
+        they decode) jump the queue, while requests whose prefix sat on the device waited and lost it: with
+        G2 on, device hits fell 60 -> 52 %, batches shrank, and TTFT p50 was worse than with no G2 at all
+        (docs/kvbm.md). Which rank a placed request goes to still counts every tier (the selector's cost).
 
         The age cap is the queue's (queueing.WaitQueue): past it the oldest goes first whatever this says.
         """
@@ -508,13 +516,33 @@ class Router:
                 continue  # every rank it may use is busy: it waits, the others may go
             score = 0.0
             if best < len(w.hashes):  # else it cannot beat the best so far
-                for key, depth in self._selector_overlaps(w.hashes).items():
-                    slot = t.slot_of.get(key)  # type: ignore[call-overload]
-                    if slot is not None and ok[slot] and depth > score:
-                        score = float(depth)
+                score = self._best_depth(self._device_overlaps(w.hashes), t, ok)
             if score > best:
-                best_i, best = i, float(score)
+                best_i, best = i, score
         return best_i
+
+    @staticmethod
+    def _best_depth(found: dict[Hashable, float], t: RankTable, ok: np.ndarray) -> float:
+        """The deepest overlap among the ranks where ``ok``."""
+        best = 0.0
+        for key, depth in found.items():
+            slot = t.slot_of.get(key)  # type: ignore[call-overload]
+            if slot is not None and ok[slot] and depth > best:
+                best = float(depth)
+        return best
+
+    def _device_overlaps(self, hashes: Sequence[int]) -> dict[Hashable, float]:
+        """Per rank, the prefix depth held on the device (or predicted to be: routed within the TTL)."""
+        if self.config.mode not in ("kv", "approx"):
+            return {}
+        if self.approx is not None:
+            return dict(self.approx.overlaps(hashes))
+        found: dict[Hashable, float] = dict(self.indexer.overlaps(hashes))
+        if self.predicted is not None:
+            for k, depth in self.predicted.overlaps(hashes).items():
+                if depth > found.get(k, 0):
+                    found[k] = depth
+        return found
 
     def _wake(self) -> None:
         """Load dropped or workers changed: place what waits in the router queue."""
