@@ -188,14 +188,20 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def simulate_core(
-    trace: Trace, name: str, sizes: dict[str, int], work: Path, host_gbps: float | None = None
+    trace: Trace,
+    name: str,
+    sizes: dict[str, int],
+    work: Path,
+    host_gbps: float | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One worker's share of the trace through one mocker engine core, on a virtual clock.
 
     No processes and no wall time: requests join at their arrival times, each step advances the clock
     by the mocker's modelled step time (onboarding included), and TTFT is first token minus arrival.
     So the result is the timing model's answer, free of this machine's CPU contention.
-    ``host_gbps`` overrides the modelled G2 bandwidth (the bound: a G2 that never misses and costs nothing).
+    ``host_gbps`` overrides the modelled G2 bandwidth (the bound: a G2 that never misses and costs nothing);
+    ``engine``: MockerConfig fields (the schedule policy).
     """
     from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
     from dynamo_grpc.engines.base import EngineRequest, SamplingParams
@@ -213,12 +219,15 @@ def simulate_core(
     if name == "g1+g2+g3":
         kv.disk_dir = tempfile.mkdtemp(prefix="g3-core-", dir=work)
         kv.disk_bytes = sizes["g3_blocks"] * MOCKER_BLOCK_MIB << 20
-    mc = MockerConfig(num_gpu_blocks=sizes["g1_blocks"], vocab_size=DEFAULT_VOCAB_SIZE, kvbm=kv, watermark=0.0)
+    mc = MockerConfig(
+        num_gpu_blocks=sizes["g1_blocks"], vocab_size=DEFAULT_VOCAB_SIZE, kvbm=kv, watermark=0.0, **(engine or {})
+    )
     core = EngineCore(mc.core_config(), MockerRunner(mc))
     arrivals = {}
     first: dict[str, float] = {}
     pending = list(trace.requests)
     clock = 0.0
+    core.scheduler.clock = lambda: clock  # the lpm age cap on the virtual clock
     i = 0
     cached = prompt = 0
     while i < len(pending) or core.has_work():

@@ -34,14 +34,22 @@ def simulate_routed(
     work: Path,
     workers: int,
     router_flags: dict[str, Any],
+    engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """TTFT and hits of ``trace`` over ``workers`` cores of config ``name`` (bench.kvbm.CONFIGS) behind a
-    router built with ``router_flags`` (RouterConfig fields)."""
-    return asyncio.run(_run(trace, name, sizes, work, workers, router_flags))
+    router built with ``router_flags`` (RouterConfig fields); ``engine``: MockerConfig fields for every core
+    (the schedule policy)."""
+    return asyncio.run(_run(trace, name, sizes, work, workers, router_flags, engine or {}))
 
 
 async def _run(
-    trace: Trace, name: str, sizes: dict[str, int], work: Path, workers: int, router_flags: dict[str, Any]
+    trace: Trace,
+    name: str,
+    sizes: dict[str, int],
+    work: Path,
+    workers: int,
+    router_flags: dict[str, Any],
+    engine: dict[str, Any],
 ) -> dict[str, Any]:
     from dynamo_grpc.bench.kvbm import HASH_BLOCK, MOCKER_BLOCK_MIB
     from dynamo_grpc.bench.replay_tokens import DEFAULT_LOW_ID, DEFAULT_VOCAB_SIZE, prompt_tokens
@@ -64,10 +72,14 @@ async def _run(
         if name == "g1+g2+g3":
             kv.disk_dir = tempfile.mkdtemp(prefix=f"g3-sim{i}-", dir=work)
             kv.disk_bytes = sizes["g3_blocks"] * MOCKER_BLOCK_MIB << 20
-        mc = MockerConfig(num_gpu_blocks=sizes["g1_blocks"], vocab_size=DEFAULT_VOCAB_SIZE, kvbm=kv, watermark=0.0)
+        mc = MockerConfig(
+            num_gpu_blocks=sizes["g1_blocks"], vocab_size=DEFAULT_VOCAB_SIZE, kvbm=kv, watermark=0.0, **engine
+        )
         cores.append(EngineCore(mc.core_config(), MockerRunner(mc)))
     bs = cores[0].config.block_size
     clock = [0.0]
+    for c in cores:
+        c.scheduler.clock = lambda: clock[0]  # the lpm age cap on the virtual clock
     router = Router(RouterConfig(block_size=bs, seed=1, predicted_ttl_s=0, **router_flags))
     router.clock = lambda: clock[0]
     if router.queue is not None:
@@ -198,6 +210,8 @@ async def _run(
         "ttft_p50_first_turns_s": _p50([first[r] for r in first if r not in later]),
         "ttft_p50_later_turns_s": _p50([first[r] for r in first if r in later]),
         "preemptions": sum(c.scheduler.num_preemptions for c in cores),
+        "engine_overtaken": sum(c.scheduler.num_overtaken for c in cores),
+        "engine_aged": sum(c.scheduler.num_aged for c in cores),
         "onboards": sum(
             c.kv.tiers.stats.host.onboards + c.kv.tiers.stats.disk.onboards for c in cores if c.kv.tiers is not None
         ),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dynamo_grpc.discovery.pools import add_pool_flag
 from dynamo_grpc.engines.base import Engine
+from dynamo_grpc.engines.core.flags import add_schedule_flags, schedule_policy_from_args
 from dynamo_grpc.engines.trtllm.worker import add_trtllm_flags, build_trtllm
 from dynamo_grpc.engines.trtllm.worker import check_flags as check_trtllm_flags
 from dynamo_grpc.envflags import env_defaults
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_curve_flags(p)
     add_trtllm_flags(p)
     add_kvbm_flags(p)
+    add_schedule_flags(p)
     add_tls_flags(p, public=False)
     add_address_flags(p, zmq=True)
     add_pool_flag(p)
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
     kvbm = kvbm_config_from_args(args)  # refuses tier flags the chosen engine cannot honour
+    schedule = schedule_policy_from_args(args)  # refuses lpm where the engine schedules itself (trtllm)
     if args.engine == "trtllm":
         return build_trtllm(args)  # imports tensorrt_llm: only for this engine
     check_trtllm_flags(args)
@@ -158,6 +161,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
             max_waiting=args.max_waiting_requests,
             kvbm=kvbm,
             kv_lease_seconds=args.kv_lease_seconds,
+            schedule_policy=schedule.policy,
+            schedule_age_cap_s=schedule.age_cap_s,
         )
         return torch_engine, torch_engine.card, torch_engine.tokenizer_json
 
@@ -185,6 +190,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ModelCard, bytes]:
         max_waiting=args.max_waiting_requests,
         kvbm=kvbm,
         kv_lease_seconds=args.kv_lease_seconds,
+        schedule_policy=schedule.policy,
+        schedule_age_cap_s=schedule.age_cap_s,
     )
     if args.num_gpu_blocks is not None:
         cfg.num_gpu_blocks = args.num_gpu_blocks

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from dynamo_grpc.events.kv import KvEvent, KvStored
 from dynamo_grpc.kvbm.manager import TierManager
-from dynamo_grpc.kvbm.tier import BlockMeta
+from dynamo_grpc.kvbm.tier import BlockMeta, Medium
 
 from .block_pool import BlockPool, KvBlock
 from .request import Request
@@ -104,6 +104,25 @@ class KvManager:
         else:
             req.lower_hits = []
         return prefix
+
+    def prefix_credit(self, req: Request, host_weight: float, disk_weight: float) -> float:
+        """Blocks of ``req``'s prompt cached now, each at its tier's weight (device 1.0); changes nothing
+        (the lpm admission order ranks the waiting queue by it)."""
+        if not self.enable_prefix_caching:
+            return 0.0
+        req.update_block_hashes(self.block_size)
+        limit = (req.num_tokens - 1) // self.block_size
+        hashes = req.block_hashes[:limit]
+        g1 = len(self.pool.longest_prefix(hashes))
+        if self.tiers is None or g1 >= limit:
+            return float(g1)
+        credit = float(g1)
+        lookup = self.pool.lookup
+        for h, medium in zip(hashes[g1:], self.tiers.lookup(hashes[g1:]), strict=False):
+            if lookup(h) is not None:
+                break  # as find_prefix: back on the device under another parent ends the run
+            credit += host_weight if medium is Medium.HOST else disk_weight
+        return credit
 
     def prefix_tokens(self, req: Request, prefix: list[KvBlock]) -> int:
         """Tokens a fresh request would not compute: the device prefix and the blocks below it."""

@@ -104,6 +104,8 @@ class Request:
     prefilled: list[int] = field(default_factory=list)
     #: the prompt's KV pulled from a prefill worker; consumed at admission (dropped if it cannot be used)
     kv_import: KvImport | None = None
+    #: when the scheduler first queued it (its clock; the lpm policy's age cap); -1 until then
+    arrival_s: float = -1.0
 
     def __post_init__(self) -> None:
         self.all_token_ids = [*self.prompt_token_ids, *self.prefilled]

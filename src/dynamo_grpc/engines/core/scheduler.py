@@ -8,13 +8,19 @@ chunks. When a running request needs a block and none is free, the most recently
 request is preempted (even one already scheduled this step: its tokens go back to the budget): its
 blocks are freed (they stay in the prefix cache) and it goes back to the front of the queue to be
 recomputed. The output is a plain :class:`~.output.SchedulerOutput`; the scheduler never runs a model.
+
+Which waiting request goes first is ``policy`` (``--schedule-policy``): ``fcfs`` (arrival, vLLM's) or
+``lpm`` (longest cached prefix first, SGLang's, with an age cap; ``admission.py``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from .admission import DEFAULT_MAX_SORTED, POLICIES, lpm_order
 from .kv_manager import KvManager
 from .output import ExecutorOutput, NewRequest, ScheduledChunk, SchedulerOutput
 from .request import Request, Status
@@ -28,13 +34,30 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     #: fraction of blocks kept free when admitting new requests while others run (vLLM's watermark)
     watermark: float = 0.01
+    #: admission order of the waiting queue: fcfs | lpm (--schedule-policy; admission.py)
+    policy: str = "fcfs"
+    #: lpm: a request waiting this long goes first, oldest first (--schedule-age-cap-secs; 0: no cap)
+    age_cap_s: float = 10.0
+    #: lpm: above this many waiting requests, arrival order (SGLang's 128)
+    max_sorted: int = DEFAULT_MAX_SORTED
+    #: lpm: what a prefix block in host memory / on disk counts for against one on the device (1.0);
+    #: the router's defaults (--router-host-overlap-weight / --router-disk-overlap-weight), Dynamo's
+    host_weight: float = 0.75
+    disk_weight: float = 0.25
 
     def validate(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_sorted"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.age_cap_s < 0:
+            raise ValueError(f"age_cap_s must be >= 0, got {self.age_cap_s}")
+        for name in ("host_weight", "disk_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 class Scheduler:
@@ -50,6 +73,11 @@ class Scheduler:
         self._forget: list[str] = []
         #: finished ``hold_kv`` requests whose blocks the engine core turns into leases (not freed here)
         self.held: list[Request] = []
+        #: the age cap's clock (a virtual one in the benchmarks' simulations)
+        self.clock: Callable[[], float] = time.monotonic
+        #: lpm: admissions ahead of an older waiting request, and admissions the age cap forced
+        self.num_overtaken = 0
+        self.num_aged = 0
 
     # ------------------------------------------------------------------ queue
 
@@ -57,6 +85,8 @@ class Scheduler:
         if req.request_id in self.requests:  # internal ids are unique; this is a bug in the caller
             raise RuntimeError(f"internal request id {req.request_id!r} reused")
         req.status = Status.WAITING
+        if req.arrival_s < 0:
+            req.arrival_s = self.clock()
         imp = req.kv_import
         if imp is not None and imp.reservation is not None:
             # the pulled KV is in reserved blocks: the request owns them from now on (an abort frees them)
@@ -119,6 +149,10 @@ class Scheduler:
             i += 1
 
         if not out.preempted_ids:
+            aged: set[str] | None = None  # lpm ordered the queue this step: the ids the age cap put first
+            if self.config.policy == "lpm" and len(self.waiting) > 1 and budget > 0:
+                if len(self.running) < self.config.max_num_seqs:
+                    aged = self._lpm_order()
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 imp = req.kv_import
@@ -140,6 +174,8 @@ class Scheduler:
                         break
                     done = hit = kv.admit(req, n, prefix)  # less than planned if a lower-tier block was unreadable
                 self.waiting.popleft()
+                if aged is not None:
+                    self._count_admission(req, aged)
                 req.num_computed_tokens = done
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = min(hit, req.num_prompt_tokens)
@@ -153,6 +189,26 @@ class Scheduler:
         out.finished_ids, self._forget = self._forget, []
         out.kv_usage = kv.pool.num_active / kv.num_blocks
         return out
+
+    def _lpm_order(self) -> set[str]:
+        """Sort the waiting queue for admission (lpm); returns the ids the age cap put first."""
+        cfg = self.config
+        kv = self.kv
+        hw, dw = cfg.host_weight, cfg.disk_weight
+        order = lpm_order(
+            self.waiting, lambda r: kv.prefix_credit(r, hw, dw), self.clock(), cfg.age_cap_s, cfg.max_sorted
+        )
+        self.waiting = order.queue
+        return order.aged
+
+    def _count_admission(self, req: Request, aged: set[str]) -> None:
+        """lpm's counters: forced by the age cap, or ahead of an older request still waiting."""
+        if req.request_id in aged:
+            self.num_aged += 1
+        elif req.status is Status.WAITING and any(
+            r.arrival_s < req.arrival_s for r in self.waiting if r.status is Status.WAITING
+        ):
+            self.num_overtaken += 1
 
     def _plan(self, planned: dict[Request, int], out: SchedulerOutput) -> None:
         """The plan's chunks: only what the executor does not know yet (hot loop: one pass, few lookups)."""

@@ -39,6 +39,10 @@ class MockerConfig:
     kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
     #: seconds a finished prefill's blocks stay pinned for a decode worker's pull (--kv-lease-seconds)
     kv_lease_seconds: float = 30.0
+    #: admission order of the engine's waiting queue, fcfs | lpm, and lpm's age cap (--schedule-policy,
+    #: --schedule-age-cap-secs; engines/core/admission.py)
+    schedule_policy: str = "fcfs"
+    schedule_age_cap_s: float = SchedulerConfig.age_cap_s
 
     def validate(self) -> None:
         def positive(name: str) -> None:
@@ -71,6 +75,12 @@ class MockerConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             max_waiting=self.max_waiting,
             kv_lease_seconds=self.kv_lease_seconds,
-            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.watermark),
+            scheduler=SchedulerConfig(
+                self.max_num_seqs,
+                self.max_num_batched_tokens,
+                self.watermark,
+                policy=self.schedule_policy,
+                age_cap_s=self.schedule_age_cap_s,
+            ),
             kvbm=self.kvbm,
         )

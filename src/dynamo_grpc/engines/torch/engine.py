@@ -61,6 +61,8 @@ class TorchEngine(CoreEngine):
         kvbm: KvbmConfig | None = None,
         kv_lease_seconds: float = 30.0,
         block_kernels: bool = True,
+        schedule_policy: str = "fcfs",
+        schedule_age_cap_s: float = SchedulerConfig.age_cap_s,
     ) -> None:
         if weights is not None:
             if weights not in WEIGHT_MODES:
@@ -131,7 +133,13 @@ class TorchEngine(CoreEngine):
                 eos_token_ids=self.eos_token_ids,
                 enable_prefix_caching=enable_prefix_caching,
                 max_waiting=max_waiting,
-                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, watermark),
+                scheduler=SchedulerConfig(
+                    max_num_seqs,
+                    max_num_batched_tokens,
+                    watermark,
+                    policy=schedule_policy,
+                    age_cap_s=schedule_age_cap_s,
+                ),
                 kvbm=kvbm or KvbmConfig(),
                 kv_lease_seconds=kv_lease_seconds,
             ),
