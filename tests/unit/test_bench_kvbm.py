@@ -56,7 +56,7 @@ def test_a_round_merged_into_a_run_of_other_router_flags_is_refused(tmp_path: Pa
 
     path = tmp_path / "kvbm.json"
     path.write_text(json.dumps({"benchmark": "kvbm", "mocker": {"router_args": ["--router-busy-threshold", "1.0"]}}))
-    with pytest.raises(SystemExit, match="other router flags"):
+    with pytest.raises(SystemExit, match="other router_args"):
         main(["--only-round", "2", "--json", str(path), "--skip-torch", "--conversations", "4", "--turns", "2"])
     with pytest.raises(SystemExit, match=r"--only-round must be in 0\.\.3"):
         main(["--only-round", "4", "--json", str(path)])
@@ -93,3 +93,12 @@ def test_the_routed_virtual_clock_serves_every_request_and_repeats_exactly(tmp_p
     assert g1["requests"] == g2["requests"] == len(trace.requests)
     assert g1["hit_rate"]["host"] == 0.0 and g2["hit_rate"]["host"] > 0.0
     assert simulate_routed(trace, "g1+g2", sizes, tmp_path, 2, flags) == g2
+
+
+def test_the_mesh_workers_and_the_simulated_cores_get_the_same_schedule_policy() -> None:
+    from dynamo_grpc.bench.kvbm import _parser, engine_args, engine_fields
+
+    assert engine_args(_parser().parse_args([])) == ["--schedule-policy", "fcfs"]
+    args = _parser().parse_args(["--schedule-policy", "lpm", "--schedule-age-cap-secs", "12"])
+    assert engine_args(args) == ["--schedule-policy", "lpm", "--schedule-age-cap-secs", "12.0"]
+    assert engine_fields(args) == {"schedule_policy": "lpm", "schedule_age_cap_s": 12.0}

@@ -113,10 +113,23 @@ def router_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def engine_args(args: argparse.Namespace) -> list[str]:
+    """The workers' scheduling flags in the mesh runs (every config alike)."""
+    out = ["--schedule-policy", args.schedule_policy]
+    if args.schedule_policy == "lpm":
+        out += ["--schedule-age-cap-secs", str(args.schedule_age_cap_secs)]
+    return out
+
+
+def engine_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`engine_args` as MockerConfig fields (the virtual-clock parts build their cores from them)."""
+    return {"schedule_policy": args.schedule_policy, "schedule_age_cap_s": args.schedule_age_cap_secs}
+
+
 def run_config(name: str, trace: Trace, args: argparse.Namespace, sizes: dict[str, int], work: Path) -> dict[str, Any]:
     from dynamo_grpc.launch.mesh import Mesh, MeshConfig
 
-    wargs = ["--num-gpu-blocks", str(sizes["g1_blocks"]), "--metrics-port", "0"]
+    wargs = ["--num-gpu-blocks", str(sizes["g1_blocks"]), "--metrics-port", "0", *engine_args(args)]
     if name != "g1":
         host = sizes["g2_blocks"] if name == "g1+g2" else sizes["g2_blocks"] // 2
         wargs += ["--kv-host-mib", str(host * MOCKER_BLOCK_MIB)]
@@ -166,10 +179,10 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(runs: list[dict[str, Any]], configs: tuple[str, ...] = CONFIGS) -> dict[str, Any]:
     """Per config: TTFT p50/p99 median and spread over rounds, hit rates, and the ratio to G1 only."""
     summary: dict[str, Any] = {}
-    for name in CONFIGS:
+    for name in configs:
         mine = [r for r in runs if r["config"] == name]
         summary[name] = {
             "ttft_p50_s": _spread([r["ttft_s"]["p50"] for r in mine]),
@@ -177,7 +190,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "hit_rate": {t: statistics.median(r["hit_rate"][t] for r in mine) for t in mine[0]["hit_rate"]},
         }
     g1 = [r for r in runs if r["config"] == "g1"]
-    for name in CONFIGS[1:]:
+    for name in configs[1:]:
         mine = [r for r in runs if r["config"] == name]
         per_round = [a["ttft_s"]["p50"] / b["ttft_s"]["p50"] for a, b in zip(g1, mine, strict=True)]
         summary[name]["ttft_p50_g1_over_this"] = _spread(per_round)
@@ -286,6 +299,7 @@ def routed_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from dynamo_grpc.bench.kvbm_sim import simulate_routed
 
     runs = []
+    variants: dict[str, list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
         trace = conversations(args.conversations, args.turns, 2, 2, args.rate, seed=rnd + 1, think_s=args.think_s)
         ws = unique_engine_blocks(trace)
@@ -295,11 +309,47 @@ def routed_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "g3_blocks": -(-ws // args.workers) * 2,
         }
         for name in CONFIGS:
-            r = simulate_routed(trace, name, sizes, work, args.workers, router_flags(args))
+            r = simulate_routed(trace, name, sizes, work, args.workers, router_flags(args), engine_fields(args))
             r["round"] = rnd + 1
             runs.append(r)
             print(f"   routed {name} round {rnd + 1}: TTFT p50 {r['ttft_s']['p50']:.3f} s", file=sys.stderr)
-    return {"router_flags": router_flags(args), "runs": runs, "summary": _summary(runs)}
+        for label, rflags, eng in VARIANTS:
+            for name in ("g1", "g1+g2"):
+                r = simulate_routed(trace, name, sizes, work, args.workers, rflags, eng)
+                variants.setdefault(label, []).append({"round": rnd + 1, **r})
+    return {
+        "router_flags": router_flags(args),
+        "engine": engine_fields(args),
+        "runs": runs,
+        "summary": _summary(runs),
+        "variants": {
+            label: {
+                "router_flags": rflags,
+                "engine": eng,
+                "runs": variants[label],
+                "summary": _summary(variants[label], ("g1", "g1+g2")),
+            }
+            for label, rflags, eng in VARIANTS
+        },
+    }
+
+
+_CACHE_AWARE = {
+    "prefill_load_scale": 2.0,
+    "busy_threshold": 0.95,
+    "queue_policy": "cache-aware",
+    "queue_age_cap_s": 30.0,
+}
+_ROUTER_FCFS = {"prefill_load_scale": 2.0, "busy_threshold": 1.0, "queue_policy": "fcfs"}
+_LPM = {"schedule_policy": "lpm", "schedule_age_cap_s": 30.0}
+#: the routed clock's side table (g1 vs g1+g2, every round): which router queue and engine admission order
+#: let G2 gain most, like for like (docs/kvbm.md)
+VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
+    ("router cache-aware, engine fcfs", _CACHE_AWARE, {}),
+    ("router cache-aware, engine lpm", _CACHE_AWARE, _LPM),
+    ("router fcfs (threshold off), engine fcfs", _ROUTER_FCFS, {}),
+    ("router fcfs (threshold off), engine lpm", _ROUTER_FCFS, _LPM),
+)
 
 
 # ---------------------------------------------------------------- torch
@@ -415,6 +465,15 @@ def _parser() -> argparse.ArgumentParser:
         default=RouterConfig.queue_age_cap_s,
         help="cache-aware: the router queue's age cap (default: the router's)",
     )
+    p.add_argument(
+        "--schedule-policy",
+        choices=("fcfs", "lpm"),
+        default="fcfs",
+        help="the workers' engine admission order, every config alike (default fcfs, the engine's; docs/kvbm.md)",
+    )
+    p.add_argument(
+        "--schedule-age-cap-secs", type=float, default=30.0, help="lpm: the engine's age cap (default 30, the engine's)"
+    )
     p.add_argument("--conversations", type=int, default=96)
     p.add_argument("--turns", type=int, default=7)
     p.add_argument(
@@ -475,13 +534,12 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "speedup": args.speedup,
             "router_args": router_args(args),
+            "engine_args": engine_args(args),
             "runs": [],
         }
-        if (
-            kept.get("mocker", {}).get("router_args", report["mocker"]["router_args"])
-            != report["mocker"]["router_args"]
-        ):
-            raise SystemExit(f"{args.json} was run with other router flags: refusing to merge rounds into it")
+        for key in ("router_args", "engine_args"):
+            if kept.get("mocker", {}).get(key, report["mocker"][key]) != report["mocker"][key]:
+                raise SystemExit(f"{args.json} was run with other {key}: refusing to merge rounds into it")
         if kept:
             report["mocker"]["runs"] = [
                 r for r in kept.get("mocker", {}).get("runs", []) if r["round"] != args.only_round
@@ -497,13 +555,15 @@ def main(argv: list[str] | None = None) -> int:
             ws1 = unique_engine_blocks(share)
             one = {"g1_blocks": -(-ws1 // 4), "g2_blocks": -(-(ws1 - ws1 // 4) * 5 // 4), "g3_blocks": ws1 * 2}
             for name in CONFIGS:
-                r = simulate_core(share, name, one, work)
+                r = simulate_core(share, name, one, work, engine=engine_fields(args))
                 r["round"] = rnd + 1
                 r["sizes"] = one
                 core_runs.append(r)
                 print(f"   core {name} round {rnd + 1}: TTFT p50 {r['ttft_s']['p50']:.3f} s", file=sys.stderr)
             # the bound of any G2 here: the whole working set in host memory, transfers free
-            b = simulate_core(share, "g1+g2", dict(one, g2_blocks=ws1 * 4), work, host_gbps=1e9)
+            b = simulate_core(
+                share, "g1+g2", dict(one, g2_blocks=ws1 * 4), work, host_gbps=1e9, engine=engine_fields(args)
+            )
             bound_runs.append({"round": rnd + 1, "ttft_s": b["ttft_s"], "hit_rate": b["hit_rate"]})
         g1_p50 = [r["ttft_s"]["p50"] for r in core_runs if r["config"] == "g1"]
         report["core_virtual_clock"] = (

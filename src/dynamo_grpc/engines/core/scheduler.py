@@ -37,7 +37,7 @@ class SchedulerConfig:
     #: admission order of the waiting queue: fcfs | lpm (--schedule-policy; admission.py)
     policy: str = "fcfs"
     #: lpm: a request waiting this long goes first, oldest first (--schedule-age-cap-secs; 0: no cap)
-    age_cap_s: float = 10.0
+    age_cap_s: float = 30.0
     #: lpm: above this many waiting requests, arrival order (SGLang's 128)
     max_sorted: int = DEFAULT_MAX_SORTED
     #: lpm: what a prefix block in host memory / on disk counts for against one on the device (1.0);
