@@ -1,6 +1,7 @@
 """The cache-aware router queue: when a worker gets room, it takes the waiting request whose prefix it holds
-on the device, not the oldest (a host-tier copy does not reorder the queue: it is not lost by waiting); the
-age cap hands the oldest its turn back; a request whose allowed workers are all busy does not hold up the
+on the device, not the oldest (a host-tier copy does not reorder the queue: it is not lost by waiting), and
+leaves a request whose prefix waits on a busy worker (any tier) to that worker; the age cap hands the oldest
+its turn back; a request whose allowed workers are all busy does not hold up the
 others. Against fcfs on the same queue, so the difference a user sees (cached tokens) is what is asserted.
 
 The index is fed through the real event codec (events.proto -> the router's sink), as a worker would."""
@@ -127,6 +128,28 @@ async def test_a_device_prefix_goes_ahead_of_a_longer_host_copy() -> None:
     r.prefill_done("x1")
     c = await asyncio.wait_for(tasks["c"], 1.0)
     assert c.instance_id == "w1" and c.overlap_blocks == 0  # placed where there was room: host copies wait
+
+
+async def test_a_request_whose_prefix_waits_on_a_busy_worker_lets_a_cold_one_go_first() -> None:
+    """w1 (busy) holds P3 in host memory. When w0 gets room for one request, it takes the cold b rather than
+    the older a, which would be recomputed there; a waits for w1 and finds 3 blocks' credit there (4 host
+    blocks at 0.75). Before, a went to w0 (the oldest) with nothing cached."""
+    r = _router("cache-aware")
+    p3 = [8001, 8002, 8003, 8004]
+    _feed(IndexSink(r), "w1", [KvStored(None, [StoredBlock(h, h) for h in p3], "host")])
+    tasks = await _enqueue(
+        r,
+        [
+            RouteInput("a", block_hashes=[*p3, 8005]),  # older; its prefix is in w1's host memory
+            RouteInput("b", block_hashes=[9001, 9002, 9003, 9004, 9005]),  # cold: cached nowhere
+        ],
+    )
+    r.prefill_done("x0")  # w0 has room for one of them: 5 new blocks fill it again
+    await _settle()
+    assert [rid for rid, t in tasks.items() if t.done()] == ["b"] and tasks["b"].result().instance_id == "w0"
+    r.prefill_done("x1")
+    a = await asyncio.wait_for(tasks["a"], 1.0)
+    assert a.instance_id == "w1" and a.overlap_blocks == 3
 
 
 async def test_past_the_age_cap_the_oldest_goes_first_whatever_is_cached() -> None:

@@ -485,17 +485,19 @@ class Router:
         return free if free.any() else None
 
     def _choose_waiting(self, waiting: Sequence[object]) -> int | None:
-        """The cache-aware router queue's pick (``waiting`` oldest first): the request with the most KV cached
-        *on the device* (predicted prefixes included) of a rank that has room now; the oldest on a tie (so
-        with nothing on any device this is fcfs). None when no waiting request has a rank with room.
+        """The cache-aware router queue's pick (``waiting`` oldest first), for the ranks that have room now:
 
-        Device blocks only, because they are what waiting loses: a free device block is reused by the next
-        allocation, while a host or disk copy stays until its much larger tier fills, so ranking by it saves
-        no work, only reorders. Ranking host copies at their routing weight (0.75 a block) let long
-        conversations with old host copies (the longest prompts, which hold the most device blocks while
-        they decode) jump the queue, while requests whose prefix sat on the device waited and lost it: with
-        G2 on, device hits fell 60 -> 52 %, batches shrank, and TTFT p50 was worse than with no G2 at all
-        (docs/kvbm.md). Which rank a placed request goes to still counts every tier (the selector's cost).
+        1. the request with the most KV cached *on the device* of such a rank (predicted prefixes included);
+        2. among equals, one whose prompt is cached on no busy rank it may use, in any tier: it loses nothing
+           by going here, while a request whose prefix waits on a busy rank (on its device, or in its host
+           memory or disk) would be recomputed here;
+        3. then the oldest (so with nothing cached anywhere this is fcfs).
+
+        None when no waiting request has a rank with room. Host and disk copies do not *rank* waiters by
+        their weight: they are not lost by waiting (a device prefix is reused by the next allocation), and
+        ranking them (0.75 a block) let long conversations jump the queue while device prefixes were evicted;
+        with G2 on, that made TTFT p50 worse than with no G2 (docs/kvbm.md, "Why G2 lost to G1"). Which rank
+        a placed request goes to still credits every tier (the selector's cost).
 
         The age cap is the queue's (queueing.WaitQueue): past it the oldest goes first whatever this says.
         """
@@ -505,18 +507,22 @@ class Router:
         free = self._free_ranks()
         if free is None:
             return None
-        best_i, best = None, -1.0
+        best_i, best = None, (-1.0, 0)
         for i, w in enumerate(waiting):
             if not isinstance(w, Waiting):  # queued before the router knew its block size: no overlap known
-                if best < 0:
-                    best_i, best = i, 0.0
+                if best[0] < 0:
+                    best_i, best = i, (0.0, 0)
                 continue
-            ok = free & t.allowed(w.exclude) if w.exclude else free
+            allowed = t.allowed(w.exclude) if w.exclude else np.ones(t.n, dtype=np.bool_)
+            ok = free & allowed
             if not ok.any():
                 continue  # every rank it may use is busy: it waits, the others may go
-            score = 0.0
-            if best < len(w.hashes):  # else it cannot beat the best so far
-                score = self._best_depth(self._device_overlaps(w.hashes), t, ok)
+            if best[0] > len(w.hashes):
+                continue  # its device prefix cannot beat the best so far
+            dev = self._best_depth(self._device_overlaps(w.hashes), t, ok)
+            busy = allowed & ~free
+            elsewhere = busy.any() and self._best_depth(self._selector_overlaps(w.hashes), t, busy) > 0
+            score = (dev, 0 if elsewhere else 1)
             if score > best:
                 best_i, best = i, score
         return best_i
