@@ -4,6 +4,8 @@
 - ``block_pool.py``: the KV blocks, free queue (LRU), prefix-cache map and KV events;
 - ``kv_manager.py``: what blocks a request holds (prefix lookup, allocate, register, free);
 - ``scheduler.py``: admission, chunked prefill, preemption, the watermark; emits a plain plan;
+- ``admission.py``: the waiting queue's order (fcfs, or lpm: longest cached prefix first, age-capped);
+- ``flags.py``: ``--schedule-policy`` / ``--schedule-age-cap-secs``, defined once for every engine;
 - ``output.py``: the plan (``SchedulerOutput``) and the executor's answer (``ExecutorOutput``);
 - ``executor.py``: the interface the mocker's simulator and the torch model runner implement;
 - ``engine_core.py``: one step = schedule → execute → update, events taken once, request checks;
