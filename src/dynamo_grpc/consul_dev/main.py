@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA")
+    p.add_argument(
+        "--trace-file",
+        default=None,
+        help="DEBUG: append one JSON line per answered blocking health query (write, wake-up and answer "
+        "times on the monotonic clock, tags, bytes) to this file; `bench discovery --trace` reads it",
+    )
     add_log_flag(p)
     # its own family (CONSUL_DEV_TIME_SCALE, ...): consul-dev keeps its TLS apart from the mesh's DYN_TLS_*
     return env_defaults(p, prefix="CONSUL_DEV_")
@@ -69,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     acl = acl_from_args(args)
-    server = ConsulDevServer(args.host, args.port, acl=acl, time_scale=args.time_scale, ssl_context=tls)
+    server = ConsulDevServer(
+        args.host, args.port, acl=acl, time_scale=args.time_scale, ssl_context=tls, trace_file=args.trace_file
+    )
     address = await server.start()
     print(f"consul-dev listening on {address}", flush=True)
     acl_mode = "off" if acl is None else "allow" if acl.default_allow else "deny"
