@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,11 @@ def _consul_body(entries: list[dict[str, Any]]) -> bytes:
     return json.dumps(entries, separators=(",", ":")).encode()
 
 
+def _pretty_body(entries: list[dict[str, Any]]) -> bytes:
+    """`consul agent -dev` and ``?pretty``: Go's json.MarshalIndent(obj, "", "    ") and a newline."""
+    return json.dumps(entries, indent=4).encode() + b"\n"
+
+
 def _dev_body(entries: list[dict[str, Any]]) -> bytes:
     """consul-dev's: json.dumps defaults, entries joined with ', '."""
     return b"[" + b", ".join(json.dumps(e).encode() for e in entries) + b"]"
@@ -37,31 +43,32 @@ def _dev_body(entries: list[dict[str, Any]]) -> bytes:
 
 def test_entries_split_at_entry_boundaries_only_in_both_layouts() -> None:
     entries = [_entry(f"w{i}") for i in range(3)]
-    for body in (_consul_body(entries), _dev_body(entries)):
+    for body in (_consul_body(entries), _pretty_body(entries), _dev_body(entries)):
         pieces = split_entries(body)
-        assert pieces is not None
+        assert pieces is not None and len(pieces) == 3
         assert [json.loads(p) for p in pieces] == entries  # the checks' "Node" strings are not boundaries
     assert split_entries(b"[]") == [] and split_entries(b" [ ] ") == []
     assert split_entries(b'{"not": "a list"}') is None
 
 
-def test_a_change_decodes_only_the_new_entry_and_gives_the_same_view() -> None:
+@pytest.mark.parametrize("encode", [_consul_body, _pretty_body, _dev_body])
+def test_a_change_decodes_only_the_new_entry_and_gives_the_same_view(encode: Any) -> None:
     dec = EntryDecoder(_instance_from_entry)
     entries = [_entry(f"w{i:02d}") for i in range(60)]
-    first = dec.decode(_consul_body(entries))
+    first = dec.decode(encode(entries))
     assert dec.decoded == 60
     joined = [*entries[:30], _entry("new"), *entries[30:]]
-    second = dec.decode(_consul_body(joined))
+    second = dec.decode(encode(joined))
     assert dec.decoded == 61  # one entry decoded; 60 reused
     assert second == [_instance_from_entry(e) for e in joined]
     assert second[0] is first[0]  # reused as is
     # An instance whose Meta changed is a different entry: decoded again, the new Meta is seen.
     changed = [*joined[:5], _entry("w05", meta={"grpc": "10.0.0.9:1"}), *joined[6:]]
-    third = dec.decode(_consul_body(changed))
+    third = dec.decode(encode(changed))
     assert dec.decoded == 62
     assert third[5].meta == {"grpc": "10.0.0.9:1"}
     # A leave decodes nothing.
-    dec.decode(_consul_body(changed[1:]))
+    dec.decode(encode(changed[1:]))
     assert dec.decoded == 62
 
 
@@ -84,13 +91,13 @@ _tricky = st.lists(st.sampled_from(_PARTS), max_size=12).map("".join)
 @given(
     metas=st.lists(st.dictionaries(_tricky, _tricky, max_size=3), min_size=1, max_size=6),
     tags=st.lists(_tricky, max_size=3),
-    compact=st.booleans(),
+    layout=st.sampled_from([_consul_body, _pretty_body, _dev_body]),
     drop=st.integers(min_value=0, max_value=5),
 )
 def test_any_strings_give_the_view_a_full_decode_gives(
-    metas: list[dict[str, str]], tags: list[str], compact: bool, drop: int
+    metas: list[dict[str, str]], tags: list[str], layout: Any, drop: int
 ) -> None:
-    encode = _consul_body if compact else _dev_body
+    encode = layout
     entries = [_entry(f"w{i}", meta=m or None, tags=tags or None) for i, m in enumerate(metas)]
     dec = EntryDecoder(_instance_from_entry)
     assert dec.decode(encode(entries)) == [_instance_from_entry(e) for e in entries]

@@ -21,8 +21,9 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-#: what separates two entries, as Consul's Go encoder writes it and as consul-dev does (json.dumps)
-_SEPARATORS = (b'},{"Node":{', b'}, {"Node": {')
+#: what separates two entries: Consul's answer (Go's json.Marshal), `consul agent -dev`'s (it indents
+#: every answer, as ``?pretty`` does: json.MarshalIndent with 4 spaces) and consul-dev's (json.dumps)
+_SEPARATORS = (b'},{"Node":{', b'},\n    {\n        "Node": {', b'}, {"Node": {')
 
 
 def split_entries(body: bytes) -> list[bytes] | None:
