@@ -34,9 +34,12 @@ async def test_trace_file_records_each_blocking_answer_of_a_change(tmp_path: Pat
             answers = await asyncio.wait_for(asyncio.gather(*readers), 10)
     new_index = {int(h["X-Consul-Index"]) for _, h, _ in answers}
     assert len(new_index) == 1 and new_index.pop() > int(idx)
-    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    records = [json.loads(x) for x in trace.read_text().splitlines()]
+    lines = [x for x in records if "commit" in x]
     # one line per reader that blocked and was answered; the non-blocking read above left none
     assert len(lines) == 3
+    for pause in (x for x in records if "commit" not in x):  # the collector's pauses of >= 1 ms, if any
+        assert set(pause) == {"gc", "start", "end", "collected"} and pause["end"] - pause["start"] >= 0.001
     for line in lines:
         assert line["service"] == name and line["tags"] == ["s=a"]
         assert line["index"] == int(answers[0][1]["X-Consul-Index"])

@@ -233,7 +233,10 @@ def stage_breakdown(per_change: list[tuple[float, list[dict[str, float] | None]]
                     agent_lines: list[dict[str, Any]]) -> dict[str, Any]:
     """Where the time of a change goes: each stage's time after the change was sent (ms; p50/p99/max over
     the answers the agent built and the watchers' reports), the watcher's own steps, and per change the
-    first and last arrival of each stage (how much is serialised behind other watchers)."""
+    first and last arrival of each stage (how much is serialised behind other watchers) and the agent's
+    garbage-collector pauses while it was in flight."""
+    pauses = [x for x in agent_lines if "gc" in x]
+    agent_lines = [x for x in agent_lines if "commit" in x]
     offsets: dict[str, list[float]] = {st: [] for st in STAGES}
     steps: dict[str, list[float]] = {"parse": [], "merge": [], "report": [], "agent_build": []}
     nbytes: list[float] = []
@@ -255,7 +258,13 @@ def stage_breakdown(per_change: list[tuple[float, list[dict[str, float] | None]]
             steps["merge"].append(1e3 * (r["yielded"] - r["parsed"]))
             steps["report"].append(1e3 * (r["reported"] - r["yielded"]))
             nbytes.append(r["bytes"])
-        spans.append({st: [round(min(v), 1), round(max(v), 1)] for st, v in mine.items() if v})
+        span: dict[str, Any] = {st: [round(min(v), 1), round(max(v), 1)] for st, v in mine.items() if v}
+        last = max(mine["reported"], default=0.0) / 1e3
+        gcs = [[round(1e3 * (g["start"] - t0), 1), round(1e3 * (g["end"] - g["start"]), 1), g["gc"]]
+               for g in pauses if t0 <= g["end"] and g["start"] <= t0 + last]
+        if gcs:
+            span["agent_gc"] = gcs  # [ms after the change, pause ms, generation] while the change was in flight
+        spans.append(span)
         for st, v in mine.items():
             offsets[st].extend(v)
 
