@@ -57,6 +57,7 @@ def test_interleaved_rounds_flip_the_order_and_summarize_medians(tmp_path: Path)
     b.write_text(json.dumps(doc))
     merged = cmp.merge([a, b], lambda p: json.loads(p.read_text()))
     assert merged["summary"]["rounds"] == 6
+    assert [r["run"] for r in merged["rounds"]] == [0, 0, 0, 1, 1, 1] and len(merged["runs"]) == 2
     b.write_text(json.dumps({**doc, "instances": 10}))
     with pytest.raises(ValueError, match="instances"):
         cmp.merge([a, b], lambda p: json.loads(p.read_text()))

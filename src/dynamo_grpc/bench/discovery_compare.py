@@ -77,8 +77,9 @@ def merge(paths: list[Path], load: Callable[[Path], dict[str, Any]]) -> dict[str
             if d.get(k) != docs[0].get(k):
                 raise ValueError(f"cannot merge runs with different {k}: {docs[0].get(k)!r} vs {d.get(k)!r}")
     doc = {k: docs[0].get(k) for k in (*keys, "baseline_src")}
-    doc["rounds"] = [r for d in docs for r in d["rounds"]]
-    doc["merged_from"] = [str(p) for p in paths]
+    doc["runs"] = [{"file": p.name, **{k: d.get(k) for k in ("after_commit", "wall_s", "trace_after", "changes")},
+                    "rounds": len(d["rounds"])} for p, d in zip(paths, docs, strict=True)]
+    doc["rounds"] = [{**r, "run": i} for i, d in enumerate(docs) for r in d["rounds"]]
     doc["summary"] = summarize(doc)
     return doc
 
