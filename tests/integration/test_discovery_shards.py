@@ -1,5 +1,6 @@
 """Sharded watches (discovery/shards.py): a change costs each watcher one shard's answer, not the whole
-service's, and the shard tag never leaks into what callers see."""
+service's, and decoding only the entry that changed (discovery/entries.py); the shard tag never leaks
+into what callers see."""
 
 # ruff: noqa: F811  (pytest fixtures imported from tests.helpers.consul_dev)
 
@@ -48,16 +49,20 @@ async def test_sharded_watch_sees_everything_and_parses_one_shard_per_change(con
         for e in body:
             assert f"{SHARD_TAG}{shard_of(e['Service']['ID'])}" in e["Service"]["Tags"]
 
+        got_a, got_b = sharded.answer_entries, whole.answer_entries
         before_a, before_b = sharded.parsed_entries, whole.parsed_entries
         new = Instance(svc, f"{svc}-new", "127.0.0.1", 7999, ["m=x"])
         await fleet.register(new, ttl=30)
         assert new.instance_id in {i.instance_id for i in await _until(a, n + 1)}
         await _until(b, n + 1)
-        # The whole-service watcher parses every entry again; the sharded one only the new one's shard.
-        assert whole.parsed_entries - before_b == n + 1
+        # The whole-service watcher receives every entry again; the sharded one only the new one's shard.
+        assert whole.answer_entries - got_b == n + 1
         shard_size = sum(1 for i in snap_a if shard_of(i.instance_id) == shard_of(new.instance_id)) + 1
-        assert sharded.parsed_entries - before_a == shard_size
+        assert sharded.answer_entries - got_a == shard_size
         assert shard_size < (n + 1) / 4
+        # Both decode only the entry that changed (discovery/entries.py); the rest keep their Instance.
+        assert whole.parsed_entries - before_b == 1
+        assert sharded.parsed_entries - before_a == 1
 
         await fleet.deregister(new.instance_id)
         assert new.instance_id not in {i.instance_id for i in await _until(a, n)}

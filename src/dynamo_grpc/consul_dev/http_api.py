@@ -12,6 +12,7 @@ import gzip
 import json
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from dynamo_grpc.consul_dev.durations import (
     parse_go_duration,
 )
 from dynamo_grpc.consul_dev.query_watch import QueryWatches
+from dynamo_grpc.consul_dev.service_rows import ServiceRows
 from dynamo_grpc.consul_dev.state import (
     CRITICAL,
     DEREGISTER_MIN,
@@ -47,6 +49,7 @@ from dynamo_grpc.consul_dev.state import (
     Store,
     validate_meta,
 )
+from dynamo_grpc.consul_dev.trace import AnswerTrace
 
 DEFAULT_WAIT, MAX_WAIT = 300.0, 600.0
 STORE_KEY: web.AppKey[Store] = web.AppKey("store", Store)
@@ -173,13 +176,12 @@ class _Encoded:
 ENTRY_CACHE_KEY: web.AppKey[dict[str, tuple[tuple[int, tuple[tuple[str, int], ...]], bytes]]] = web.AppKey(
     "entry_cache", dict
 )
-SERVICE_ENTRIES_KEY: web.AppKey[dict[str, tuple[int, list[tuple[Service, list[Check], frozenset[str]]]]]] = (
-    web.AppKey("service_entries", dict)
-)
+SERVICE_ENTRIES_KEY: web.AppKey[dict[str, ServiceRows]] = web.AppKey("service_entries", dict)
 HEALTH_CACHE_KEY: web.AppKey[dict[tuple[Any, ...], _Encoded]] = web.AppKey(
     "health_cache", dict
 )
 QUERY_WATCHES_KEY: web.AppKey[QueryWatches] = web.AppKey("query_watches", QueryWatches)
+TRACE_KEY: web.AppKey[AnswerTrace | None] = web.AppKey("answer_trace")
 
 
 def _json(data: Any, index: int | None = None, status: int = 200) -> web.Response:
@@ -531,7 +533,15 @@ async def health_service(request: web.Request) -> web.Response:
     # of one query share one re-check per write (query_watch.py), so a write wakes only those with news.
     key = (name, passing, tags, tag_filter, authz.identity)
     await request.app[QUERY_WATCHES_KEY].block(key, current, index, wait)
-    return _health_answer(request, store, authz, name, passing, tags, tag_filter).response(request)
+    woke = time.monotonic()
+    encoded = _health_answer(request, store, authz, name, passing, tags, tag_filter)
+    response = encoded.response(request)
+    trace = request.app[TRACE_KEY]
+    if trace is not None and index and encoded.changed != index:
+        body = response.body
+        trace.record(service=name, tags=list(tags), index=encoded.changed, commit=store.committed_at,
+                     woke=woke, ready=time.monotonic(), bytes=len(body) if isinstance(body, bytes) else 0)
+    return response
 
 
 _TAG_FILTER = re.compile(
@@ -557,19 +567,16 @@ def _tag_filter(expr: str) -> tuple[str, bool] | None:
     return m.group("t2").lower(), m.group("neg2") is None
 
 
-def _service_entries(
-    request: web.Request, store: Store, name: str, idx: int
-) -> list[tuple[Service, list[Check], frozenset[str]]]:
-    """``store.service_entries`` with lower-cased tags, once per service index for every query of the
-    service (a sharded watch asks 16 differently filtered questions per change)."""
+def _service_entries(request: web.Request, store: Store, name: str, idx: int) -> ServiceRows:
+    """``store.service_entries`` with lower-cased tags and a tag index (service_rows.py), once per service
+    index for every query of the service (a sharded watch asks 17 differently filtered questions per change)."""
     cache = request.app[SERVICE_ENTRIES_KEY]
     hit = cache.get(name)
-    if hit is None or hit[0] != idx:
+    if hit is None or hit.index != idx:
         if len(cache) > 1024:
             cache.clear()
-        rows = [(svc, checks, frozenset(t.lower() for t in svc.tags)) for svc, checks in store.service_entries(name)]
-        cache[name] = hit = (idx, rows)
-    return hit[1]
+        cache[name] = hit = ServiceRows.build(store, name, idx)
+    return hit
 
 
 def _health_answer(
@@ -593,7 +600,7 @@ def _health_answer(
     # Consul filters what the token may not read: the service (service:read) on a node (node:read).
     if authz.allows("service", Access.READ, name) and authz.allows("node", Access.READ, store.node):
         fragments = request.app[ENTRY_CACHE_KEY]
-        for svc, checks, svc_tags in _service_entries(request, store, name, idx):
+        for svc, checks, svc_tags in _service_entries(request, store, name, idx).candidates(tags, tag_filter):
             if tags and not all(t in svc_tags for t in tags):
                 continue
             if tag_filter is not None and (tag_filter[0] in svc_tags) != tag_filter[1]:
@@ -835,9 +842,10 @@ async def status_peers(request: web.Request) -> web.Response:
     return _json([f"{request.app[STORE_KEY].address}:8300"])
 
 
-def build_app(store: Store, acl: ACL | None = None) -> web.Application:
+def build_app(store: Store, acl: ACL | None = None, trace: AnswerTrace | None = None) -> web.Application:
     """The aiohttp application; the caller owns the store's lifecycle (``start``/``close``). ``acl``
-    None: ACLs off (every request may do anything, as with Consul's ``acl.enabled = false``)."""
+    None: ACLs off (every request may do anything, as with Consul's ``acl.enabled = false``); ``trace``:
+    where to record the timing of answered blocking health queries (trace.py), None: nowhere."""
     app = web.Application(middlewares=[_errors, _acl], client_max_size=KV_MAX_VALUE_SIZE + 64 * 1024)
     app[STORE_KEY] = store
     app[ACL_KEY] = acl
@@ -845,6 +853,7 @@ def build_app(store: Store, acl: ACL | None = None) -> web.Application:
     app[ENTRY_CACHE_KEY] = {}
     app[SERVICE_ENTRIES_KEY] = {}
     app[QUERY_WATCHES_KEY] = watches = QueryWatches(store)
+    app[TRACE_KEY] = trace
 
     async def close_watches(_: web.Application) -> None:
         await watches.close()

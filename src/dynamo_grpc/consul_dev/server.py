@@ -11,6 +11,7 @@ from aiohttp import web
 from dynamo_grpc.consul_dev.acl import ACL
 from dynamo_grpc.consul_dev.http_api import build_app
 from dynamo_grpc.consul_dev.state import Store
+from dynamo_grpc.consul_dev.trace import AnswerTrace
 
 
 class ConsulDevServer:
@@ -29,6 +30,7 @@ class ConsulDevServer:
         time_scale: float = 1.0,
         node: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        trace_file: str | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
@@ -41,6 +43,8 @@ class ConsulDevServer:
         self.store: Store | None = None
         self._runner: web.AppRunner | None = None
         self.ssl_context = ssl_context
+        self.trace_file = trace_file  # see trace.py
+        self._trace: AnswerTrace | None = None
 
     @property
     def address(self) -> str:
@@ -51,7 +55,9 @@ class ConsulDevServer:
     async def start(self) -> str:
         self.store = Store(node=self.node, address="127.0.0.1", time_scale=self.time_scale)
         self.store.start()
-        app = build_app(self.store, self.acl)
+        if self.trace_file:
+            self._trace = AnswerTrace(self.trace_file)
+        app = build_app(self.store, self.acl, self._trace)
         # handler_cancellation: a watcher that hangs up must not leave its blocking query parked here.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -71,6 +77,9 @@ class ConsulDevServer:
             self._runner = None
         if self.store is not None:
             await self.store.close()
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
 
 def server_tls(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:

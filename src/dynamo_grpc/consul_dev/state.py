@@ -179,6 +179,8 @@ class Store:
     lock_delays: dict[str, float] = field(default_factory=dict)
     writes: int = 0
     ttl_updates: int = 0
+    #: time.monotonic() of the last write, for the agent's answer trace (trace.py)
+    committed_at: float = 0.0
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
@@ -221,6 +223,7 @@ class Store:
         """Take the next index and wake every blocked reader so it can re-check its own index."""
         self.index += 1
         self.writes += 1
+        self.committed_at = time.monotonic()
         self._changed.set()
         self._changed = asyncio.Event()
         return self.index

@@ -14,7 +14,9 @@ import hashlib
 import itertools
 import json
 import logging
+import operator
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ from consul.callback import CB
 
 from dynamo_grpc.discovery.acl import ConsulPermissionDenied, explain
 from dynamo_grpc.discovery.config import ConsulSettings
+from dynamo_grpc.discovery.entries import EntryDecoder
 from dynamo_grpc.discovery.shards import UNSHARDED_FILTER, shard_tags, with_shard_tag, without_shard_tags
 from dynamo_grpc.discovery.validate import CARD_SESSION_META, CHECKSUM_KEY, SESSION_KEY, card_problem, seal_card
 
@@ -64,6 +67,20 @@ class _Registration:
     cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     session_id: str | None = None
     task: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True)
+class WatchAnswer:
+    """One answer a watch received, for ``Discovery(answer_trace=...)`` (the discovery bench's stage
+    breakdown): the query's tags, the index, its size, and when (``time.monotonic()``) it was read off the
+    connection and parsed (``parsed`` None: same bytes as the query's previous answer, not parsed)."""
+
+    service: str
+    tags: tuple[str, ...]
+    index: int
+    nbytes: int
+    received: float
+    parsed: float | None
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -121,8 +138,7 @@ def _instance_from_entry(entry: dict[str, Any]) -> Instance:
     )
 
 
-def _instances(body: bytes) -> list[Instance]:
-    return sorted((_instance_from_entry(e) for e in json.loads(body) or []), key=lambda i: i.instance_id)
+_BY_ID = operator.attrgetter("instance_id")
 
 
 class Discovery:
@@ -137,8 +153,10 @@ class Discovery:
         backoff: tuple[float, float] = (0.05, 5.0),
         sharded_watch: bool = True,
         control_connections: int = CONTROL_CONNECTIONS,
+        answer_trace: Callable[[WatchAnswer], None] | None = None,
     ) -> None:
         self.settings = settings or ConsulSettings()
+        self.answer_trace = answer_trace  # called for every answer a watch receives (benches)
         self.watch_wait = watch_wait
         self.backoff = backoff
         self.sharded_watch = sharded_watch  # see shards.py
@@ -153,7 +171,10 @@ class Discovery:
         # Blocking queries hang for up to wait + wait/16 (Consul's jitter); give them room beyond that.
         # A sharded watch holds one connection per shard: lift aiohttp's default cap of 100.
         self._watch = self._client(watch_wait * 17 / 16 + request_timeout, limit=4096)
-        self.parsed_entries = 0  # health entries parsed by watches (unchanged answers are skipped), for benches
+        # for tests and benches: health entries in the changed answers watches received, and of those the
+        # ones decoded (unchanged answers are skipped whole, unchanged entries reuse their Instance)
+        self.answer_entries = 0
+        self.parsed_entries = 0
         self._regs: dict[str, _Registration] = {}
         self.heartbeats = 0  # TTL passes sent, for metrics and benches
 
@@ -408,14 +429,21 @@ class Discovery:
     def _watch_query(self, service: str, tags: list[str], filter_expr: str = "") -> AsyncIterator[list[Instance]]:
         digest: bytes | None = None
         view: list[Instance] = []
+        decoder = EntryDecoder(_instance_from_entry)  # decodes only the entries that changed (entries.py)
 
         async def fetch(index: int, wait: str) -> tuple[int, list[Instance]]:
             nonlocal digest, view
             idx, body = await self._health_raw(service, tags, index, wait, filter_expr)
+            received, parsed = time.monotonic(), None
             new = hashlib.blake2b(body, digest_size=16).digest()
             if new != digest:  # a real agent wakes every query of the service; most answers are unchanged
-                view, digest = _instances(body), new
-                self.parsed_entries += len(view)
+                before = decoder.decoded
+                view, digest = sorted(decoder.decode(body), key=_BY_ID), new
+                self.parsed_entries += decoder.decoded - before
+                self.answer_entries += len(view)
+                parsed = time.monotonic()
+            if self.answer_trace is not None:
+                self.answer_trace(WatchAnswer(service, tuple(tags), idx, len(body), received, parsed))
             return idx, view
 
         return self._blocking_loop(fetch, f"{service}{tags or ''}")
@@ -446,7 +474,7 @@ class Discovery:
                     raise failure[0]
                 if len(views) < len(parts):
                     continue
-                merged = sorted(itertools.chain.from_iterable(views.values()), key=lambda i: i.instance_id)
+                merged = sorted(itertools.chain.from_iterable(views.values()), key=_BY_ID)
                 if merged != last:
                     last = merged
                     yield merged
