@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, decode_perplexity, hf_perplexity, perplexity
-from dynamo_grpc.bench.engine_limits import measure
+from dynamo_grpc.bench.engine_limits import measure, model_shapes
 from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
+from dynamo_grpc.bench.engine_step import model_panels
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
@@ -281,6 +282,19 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k not in ("outputs", "raw")}
 
 
+def _matmul_weights(cfg: Any) -> int:
+    """Weights one decode row multiplies: every layer's projections and the vocabulary table."""
+    per_layer = sum(n * k for name, (n, k) in _shapes(cfg).items() if name != "lm_head")
+    return per_layer * cfg.num_hidden_layers + cfg.vocab_size * cfg.hidden_size
+
+
+def _shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+    return model_shapes(
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim, cfg.vocab_size,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
@@ -302,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run fp32 without the block kernels (ours-fp32-dense: the dense path, for before/after)",
     )
     p.add_argument(
+        "--fp32-no-gemm",
+        action="store_true",
+        help="also run fp32 with matmuls of more than 8 rows on the dense fp32 copy instead of the block GEMM "
+        "(ours-fp32-nogemm: the default before block_gemm.py, for before/after)",
+    )
+    p.add_argument(
         "--llama-cpp", default=None, help="llama-batched-bench binary or its folder (else $DYN_LLAMA_CPP, PATH)"
     )
     p.add_argument("--no-limits", action="store_true", help="skip the bandwidth and matmul measurements")
@@ -320,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--modes must start with fp32 (the reference) and name modes of {sorted(WEIGHT_MODES)}")
     if args.fp32_dense:
         modes.insert(1, "fp32-dense")
+    if args.fp32_no_gemm:
+        modes.insert(1, "fp32-nogemm")
     torch.set_num_threads(args.num_threads)
     llama_bin, llama_skip = (None, "") if model.suffix != ".gguf" else find_binary(args.llama_cpp)
     if model.suffix != ".gguf":
@@ -333,10 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         before = _rss_mb()
         engines[m] = TorchEngine(
-            model, weights=m.removesuffix("-dense"), kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
+            model, weights=m.split("-")[0], kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
             max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
             block_kernels=not m.endswith("-dense"),
         )  # fmt: skip
+        if m.endswith("-nogemm"):
+            for blocks, _ in model_panels(engines[m].model):
+                blocks.panel = None  # more than 8 rows: the dense copy's GEMM, as before the block GEMM
         rss_loaded[m] = _rss_mb() - before
     card, tok_json = load_model_source(model)
     tok = Tokenizer.from_card(card, tok_json)
@@ -454,6 +479,17 @@ def main(argv: list[str] | None = None) -> int:
                 "weights_read_gb_s": wb * single / 1e9,
                 "share_of_read_bandwidth": wb * single / 1e9 / read,
                 "bandwidth_floor_tok_s": read * 1e9 / wb,
+            }
+            # the largest level: matmul arithmetic of one decode step of that many rows, and what was achieved
+            top = levels[-1]
+            many = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][top]])
+            gflop = 2 * _matmul_weights(engines[m].config) * top / 1e9
+            limits["modes"][m]["at_top_concurrency"] = {
+                "concurrency": top,
+                "matmul_gflop_per_step": gflop,
+                "decode_step_s": top / many if many else None,
+                "achieved_gflop_s": gflop * many / top,
+                "weights_read_gb_s": wb * many / top / 1e9,
             }
 
     ttft = phase["ttft"]

@@ -1,0 +1,169 @@
+"""The many-row block GEMM (``block_gemm.py``): the dense path's fp32 weights, read from the file's blocks.
+
+Unit tests hold the kernel to torch's matmul on the dequantised weights (one-hot rows read single weights
+back bit for bit; random rows agree to fp32 summation noise); the slow test drives 32 concurrent requests
+of the default model through it and compares their greedy tokens with the dense path's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynamo_grpc.engines.base import EngineRequest, SamplingParams
+from dynamo_grpc.engines.torch import TorchEngine, block_gemm
+from dynamo_grpc.engines.torch.exact_gemv import EXACT_ROWS, ExactBlocks, Q8Blocks
+from dynamo_grpc.engines.torch.linear import Q4Blocks
+from dynamo_grpc.models import ModelSourceError, default_model_path, load_model_source
+from dynamo_grpc.tokens.chat_template import render_chat
+from dynamo_grpc.tokens.tokenizer import Tokenizer
+
+ROWS = (EXACT_ROWS + 1, 12, 13, 32, 64, 300)
+
+
+def _q4(n: int, k: int, seed: int) -> Q4Blocks:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    d = (torch.rand(n, k // 32, generator=g) * 0.02).half().float()  # a GGUF's fp16 scales, widened
+    m = (torch.randn(n, k // 32, generator=g) * 0.1).half().float()
+    return Q4Blocks(q, d, m)
+
+
+def _q4_fp32_scales(n: int, k: int, seed: int) -> Q4Blocks:
+    """Scales that are not fp16 values: the weights need gguf's two roundings, not one fma."""
+    b = _q4(n, k, seed)
+    b.scale = b.scale * (1 + 2**-20)
+    return b
+
+
+def _q8(n: int, k: int, seed: int) -> Q8Blocks:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    return Q8Blocks(q, (torch.rand(n, k // 32, generator=g) * 0.01).half().float())
+
+
+MAKERS = pytest.mark.parametrize("make", [_q4, _q4_fp32_scales, _q8], ids=["q4_1", "q4_1-fp32-scales", "q8_0"])
+
+
+@MAKERS
+def test_many_rows_compute_with_exactly_the_dense_weights(lib, make) -> None:  # type: ignore[no-untyped-def]
+    """One-hot rows read single weights back: each equals gguf's fp32 dequantisation, bit for bit."""
+    cols = int(lib.block_gemm_cols())
+    blocks = make(3 * cols, 160, 0)
+    lin = ExactBlocks(lib, blocks)
+    assert lin.panel is not None
+    assert lin.f16 == (make is _q4)
+    dense = blocks.dequantize()
+    for rows in ROWS:
+        pick = torch.randint(0, 160, (rows,))
+        assert torch.equal(lin(F.one_hot(pick, 160).float()), dense[:, pick].t()), rows
+
+
+@MAKERS
+def test_many_rows_match_torch_matmul_on_the_dequantised_weights(lib, make) -> None:  # type: ignore[no-untyped-def]
+    cols = int(lib.block_gemm_cols())
+    blocks = make(7 * cols, 576, 1)
+    lin = ExactBlocks(lib, blocks)
+    w = blocks.dequantize()
+    calls = []
+    panel = lin.panel
+    assert panel is not None
+    lin.panel = lambda x: calls.append(x.shape[0]) or panel(x)  # type: ignore[assignment,func-returns-value]
+    for rows in ROWS:
+        x = torch.randn(rows, 576)
+        got = lin(x)
+        # only the summation order differs from BLAS (a sequential fma chain over k here): within the
+        # rounding bound of an fp32 dot product of length K, |err| <= K * 2^-24 * sum |w x|, of the exact sum
+        exact = x.double() @ w.double().t()
+        bound = 576 * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
+        assert bool(((got.double() - exact).abs() <= bound).all()), rows
+        assert torch.allclose(got, x @ w.t(), rtol=1e-4, atol=1e-4), rows
+    assert calls == list(ROWS)  # every one of them ran the block GEMM, not the dense copy
+    x = torch.randn(EXACT_ROWS, 576)
+    assert torch.allclose(lin(x), x @ w.t(), rtol=1e-4, atol=1e-4) and len(calls) == len(ROWS)
+
+
+def test_a_row_gets_the_same_bits_whatever_shares_its_call(lib) -> None:  # type: ignore[no-untyped-def]
+    """Batch composition does not change a row's result (its sum over k is the same chain at any row count)."""
+    lin = ExactBlocks(lib, _q4(2 * int(lib.block_gemm_cols()), 576, 2))
+    x = torch.randn(64, 576)
+    full = lin(x)
+    for rows in (9, 20, 33):
+        assert torch.equal(lin(x[:rows]), full[:rows]), rows
+        assert torch.equal(lin(x[64 - rows :]), full[64 - rows :]), rows
+
+
+def test_columns_that_do_not_fill_a_panel_run_dense(lib) -> None:  # type: ignore[no-untyped-def]
+    cols = int(lib.block_gemm_cols())
+    blocks = _q4(cols + 8, 96, 3)
+    lin = ExactBlocks(lib, blocks)
+    assert lin.panel is None
+    x = torch.randn(20, 96)
+    assert torch.equal(lin(x), F.linear(x, blocks.dequantize()))
+    with pytest.raises(ValueError, match="panel width"):
+        block_gemm.PanelBlocks(lib, lin.qs, lin.scale, lin.low, lin.f16)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    try:
+        return default_model_path()
+    except ModelSourceError as e:
+        pytest.skip(str(e))
+
+
+async def _greedy(eng: TorchEngine, prompts: list[list[int]]) -> list[list[int]]:
+    async def one(i: int, ids: list[int]) -> list[int]:
+        toks: list[int] = []
+        async for o in eng.generate(EngineRequest(f"r{i}", ids, SamplingParams(max_tokens=12, temperature=0.0))):
+            toks += o.token_ids
+        return toks
+
+    await eng.start()
+    try:
+        return list(await asyncio.gather(*[one(i, ids) for i, ids in enumerate(prompts)]))
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.slow
+async def test_32_concurrent_requests_decode_like_the_dense_path(lib, model_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The default model, 32 greedy requests at once: decode steps of 32 rows (and the prefill chunks) run
+    the block GEMM, and every request's tokens equal those of the dense fp32 path (``block_kernels=False``)."""
+    card, tok_json = load_model_source(model_path)
+    tok = Tokenizer.from_card(card, tok_json)
+    assert card.chat_template
+    topics = ["rivers", "bread", "chess", "volcanoes", "owls", "glass", "tides", "maps"]
+    prompts = [
+        tok.encode(
+            render_chat(
+                card.chat_template,
+                [{"role": "user", "content": f"Tell me {i % 4 + 1} facts about {topics[i % 8]}."}],
+                special_tokens=card.special_tokens_map(),
+            )
+        )
+        for i in range(32)
+    ]
+    seen: list[int] = []
+    real = block_gemm.PanelBlocks.__call__
+
+    def spy(self: block_gemm.PanelBlocks, x: torch.Tensor) -> Any:
+        seen.append(x.shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(block_gemm.PanelBlocks, "__call__", spy)
+    fast = TorchEngine(model_path, num_blocks=48, max_num_seqs=32, num_threads=1)
+    assert fast.stats()["fp32_kernels"] == "block kernels"
+    got = await _greedy(fast, prompts)
+    assert 32 in seen  # decode steps of all 32 rows went through the block GEMM
+    dense = TorchEngine(model_path, num_blocks=48, max_num_seqs=32, num_threads=1, block_kernels=False)
+    seen.clear()
+    want = await _greedy(dense, prompts)
+    assert not seen
+    assert all(len(t) > 0 for t in want)
+    assert got == want
