@@ -17,8 +17,11 @@ import torch.nn.functional as F
 
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine, block_gemm
+from dynamo_grpc.engines.torch.decode_step import DecodeStack
 from dynamo_grpc.engines.torch.exact_gemv import EXACT_ROWS, ExactBlocks, Q8Blocks
+from dynamo_grpc.engines.torch.kv_cache import KvCache
 from dynamo_grpc.engines.torch.linear import Q4Blocks
+from dynamo_grpc.engines.torch.model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
 from dynamo_grpc.models import ModelSourceError, default_model_path, load_model_source
 from dynamo_grpc.tokens.chat_template import render_chat
 from dynamo_grpc.tokens.tokenizer import Tokenizer
@@ -109,6 +112,42 @@ def test_columns_that_do_not_fill_a_panel_run_dense(lib) -> None:  # type: ignor
         block_gemm.PanelBlocks(lib, lin.qs, lin.scale, lin.low, lin.f16)
 
 
+@pytest.mark.parametrize("weights", ["dense", "w4a8"])
+def test_decode_step_of_many_rows_in_one_c_call_matches_the_layer_by_layer_path(lib, weights: str) -> None:  # type: ignore[no-untyped-def]
+    """12 decode rows: the one-call stack (decode_step.py) with the block GEMM against torch's layer-by-layer path
+    (which runs the same block GEMM per matmul); w4a8 too, whose rows above 8 are fp32 on the same weights."""
+    from tests.unit.test_torch_exact_gemv import _tiny_checkpoint
+
+    model = LlamaModel(_tiny_checkpoint(), weights=weights)
+    stack = model.stack
+    assert stack is not None and stack.panels is not None and stack.max_rows > 12
+    bs, n = 16, 12
+    prompts = [[3 + i, 17, 99 - i, 42][: 1 + i % 4] + list(range(20, 20 + i)) for i in range(n)]
+    runs = []
+    for use_stack in (True, False):
+        model.stack = stack if use_stack else None
+        kv = KvCache(model.cfg, 2 * n, bs, torch.float32)
+        for i, p in enumerate(prompts):
+            seg = PrefillSegment(0, len(p), 0, None)
+            batch = AttnBatch(torch.arange(len(p)), torch.arange(len(p)) + 2 * i * bs, [], [seg])
+            model.forward(torch.tensor(p), batch, kv, torch.tensor([0]))
+        tables = torch.tensor([[2 * i, 2 * i + 1] for i in range(n)])
+        toks = [[7 + i] for i in range(n)]
+        logits = []
+        for step in range(6):
+            pos = torch.tensor([len(p) + step for p in prompts])
+            mask = torch.ones(n, 1, 1, 2 * bs, dtype=torch.bool)
+            slots = tables[torch.arange(n), pos // bs] * bs + pos % bs
+            batch = AttnBatch(pos, slots, [DecodeGroup(0, n, tables, mask, pos + 1)], [])
+            lg = model.forward(torch.tensor([t[-1] for t in toks]), batch, kv, torch.arange(n))
+            logits.append(lg)
+            for i in range(n):
+                toks[i].append(int(lg[i].argmax()))
+        runs.append((toks, torch.stack(logits)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def model_path() -> Path:
     try:
@@ -149,21 +188,29 @@ async def test_32_concurrent_requests_decode_like_the_dense_path(lib, model_path
         )
         for i in range(32)
     ]
-    seen: list[int] = []
-    real = block_gemm.PanelBlocks.__call__
+    seen: list[int] = []  # rows of the block GEMM called from torch (prefill chunks)
+    stacked: list[int] = []  # rows of decode steps run as one C call (its matmuls: the block GEMM above 8 rows)
+    real, real_run = block_gemm.PanelBlocks.__call__, DecodeStack.run
 
     def spy(self: block_gemm.PanelBlocks, x: torch.Tensor) -> Any:
         seen.append(x.shape[0])
         return real(self, x)
 
+    def spy_run(self: DecodeStack, x: torch.Tensor, *args: Any) -> None:
+        stacked.append(x.shape[0])
+        real_run(self, x, *args)
+
     monkeypatch.setattr(block_gemm.PanelBlocks, "__call__", spy)
+    monkeypatch.setattr(DecodeStack, "run", spy_run)
     fast = TorchEngine(model_path, num_blocks=48, max_num_seqs=32, num_threads=1)
     assert fast.stats()["fp32_kernels"] == "block kernels"
     got = await _greedy(fast, prompts)
-    assert 32 in seen  # decode steps of all 32 rows went through the block GEMM
+    assert max(seen) > 32  # the prompts' prefill chunk
+    assert 32 in stacked  # decode steps of all 32 rows, their matmuls in the block GEMM
     dense = TorchEngine(model_path, num_blocks=48, max_num_seqs=32, num_threads=1, block_kernels=False)
     seen.clear()
+    stacked.clear()
     want = await _greedy(dense, prompts)
-    assert not seen
+    assert not seen and not stacked
     assert all(len(t) > 0 for t in want)
     assert got == want

@@ -33,7 +33,7 @@ import torch
 from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, decode_perplexity, hf_perplexity, perplexity
 from dynamo_grpc.bench.engine_limits import measure, model_shapes
 from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
-from dynamo_grpc.bench.engine_step import model_panels
+from dynamo_grpc.bench.engine_step import without_block_gemm
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
@@ -360,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             block_kernels=not m.endswith("-dense"),
         )  # fmt: skip
         if m.endswith("-nogemm"):
-            for blocks, _ in model_panels(engines[m].model):
-                blocks.panel = None  # more than 8 rows: the dense copy's GEMM, as before the block GEMM
+            without_block_gemm(engines[m].model)  # more than 8 rows: the dense copy's GEMM, as before
         rss_loaded[m] = _rss_mb() - before
     card, tok_json = load_model_source(model)
     tok = Tokenizer.from_card(card, tok_json)
@@ -470,15 +469,16 @@ def main(argv: list[str] | None = None) -> int:
         read = limits["bandwidth"]["read_gb_s"]
         limits["modes"] = {}
         for m in modes:
-            single = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][levels[0]]])
+            low = levels[0]
+            steps = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][low]]) / low  # decode steps/s
             wb = stats[m]["weight_bytes"]
             limits["modes"][m] = {
-                "concurrency": levels[0],
+                "concurrency": low,
                 "weight_bytes_per_step": wb,
-                "decode_step_s": 1 / single if single else None,
-                "weights_read_gb_s": wb * single / 1e9,
-                "share_of_read_bandwidth": wb * single / 1e9 / read,
-                "bandwidth_floor_tok_s": read * 1e9 / wb,
+                "decode_step_s": 1 / steps if steps else None,
+                "weights_read_gb_s": wb * steps / 1e9,
+                "share_of_read_bandwidth": wb * steps / 1e9 / read,
+                "bandwidth_floor_tok_s": read * 1e9 / wb * low,
             }
             # the largest level: matmul arithmetic of one decode step of that many rows, and what was achieved
             top = levels[-1]

@@ -58,6 +58,14 @@ def model_panels(m: LlamaModel) -> list[tuple[ExactBlocks, PanelBlocks | None]]:
     return out
 
 
+def without_block_gemm(m: LlamaModel) -> None:
+    """The fp32 path as it was before ``block_gemm.py``: more than 8 rows on the dense copy, layer by layer."""
+    for blocks, _ in model_panels(m):
+        blocks.panel = None
+    if m.stack is not None:
+        m.stack.panels, m.stack.max_rows = None, STACK_ROWS
+
+
 def _variants(models: dict[str, LlamaModel]) -> dict[str, tuple[LlamaModel, Any, Any, bool]]:
     """name -> (model, attention lib, stack, block GEMM on) to set before stepping."""
     out: dict[str, tuple[LlamaModel, Any, Any, bool]] = {}
@@ -119,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 last = torch.arange(rows)
             for name in order:
                 m, lib, stack, gemm = variants[name]
-                if stack is not None and (isinstance(rows, str) or rows > STACK_ROWS):
-                    continue  # the one-call stack takes decode steps of up to 8 rows only
+                if stack is not None and (isinstance(rows, str) or rows > stack.max_rows):
+                    continue  # the one-call stack takes decode steps only (of up to 8 rows without the block GEMM)
                 if isinstance(rows, str) and lib is None:
                     continue  # prefill: attention is SDPA in every variant; only the GEMM differs
                 m.attn_lib, m.stack = lib, stack

@@ -30,30 +30,34 @@ SOURCE = r"""
 #define BG_RB 12
 typedef float bg_vf __attribute__((vector_size(64)));
 typedef int32_t bg_vi __attribute__((vector_size(64)));
-typedef uint8_t bg_vu8 __attribute__((vector_size(16)));
-typedef int8_t bg_vs8 __attribute__((vector_size(16)));
 INLINE bg_vf bg_fma(bg_vf a, bg_vf b, bg_vf c) { return (bg_vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+/* 16 bytes -> 16 int32 (gcc's generic vector conversion goes through scalar registers) */
+INLINE bg_vi bg_u8(const uint8_t *p) { return (bg_vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+INLINE bg_vi bg_s8(const int8_t *p) { return (bg_vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+INLINE bg_vf bg_bcast(const float *p) { return (bg_vf)_mm512_set1_ps(*p); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define BG_VW 8
 #define BG_RB 6
 typedef float bg_vf __attribute__((vector_size(32)));
 typedef int32_t bg_vi __attribute__((vector_size(32)));
-typedef uint8_t bg_vu8 __attribute__((vector_size(8)));
-typedef int8_t bg_vs8 __attribute__((vector_size(8)));
 INLINE bg_vf bg_fma(bg_vf a, bg_vf b, bg_vf c) { return (bg_vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+INLINE bg_vi bg_u8(const uint8_t *p) { return (bg_vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+INLINE bg_vi bg_s8(const int8_t *p) { return (bg_vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+INLINE bg_vf bg_bcast(const float *p) { return (bg_vf)_mm256_broadcast_ss(p); }
 #else
 #define BG_VW 4
 #define BG_RB 6
 typedef float bg_vf __attribute__((vector_size(16)));
 typedef int32_t bg_vi __attribute__((vector_size(16)));
-typedef uint8_t bg_vu8 __attribute__((vector_size(4)));
-typedef int8_t bg_vs8 __attribute__((vector_size(4)));
 INLINE bg_vf bg_fma(bg_vf a, bg_vf b, bg_vf c) {
     bg_vf r;
     for (int i = 0; i < BG_VW; i++) r[i] = fmaf(a[i], b[i], c[i]);
     return r;
 }
+INLINE bg_vi bg_u8(const uint8_t *p) { bg_vi r; for (int i = 0; i < BG_VW; i++) r[i] = p[i]; return r; }
+INLINE bg_vi bg_s8(const int8_t *p) { bg_vi r; for (int i = 0; i < BG_VW; i++) r[i] = p[i]; return r; }
+INLINE bg_vf bg_bcast(const float *p) { return (bg_vf){0} + *p; }
 #endif
 #define BG_NC (2 * BG_VW)
 #include <string.h>
@@ -65,17 +69,22 @@ static void bg_panel_q4(const uint8_t *qp, const float *d, const float *m, int64
     for (int64_t b = 0; b < nb; b++)
         for (int v = 0; v < 2; v++) {
             bg_vf dd = bg_load(d + b * BG_NC + v * BG_VW), mm = bg_load(m + b * BG_NC + v * BG_VW);
-            for (int j = 0; j < 16; j++) {
-                bg_vu8 raw;
-                memcpy(&raw, qp + (b * 16 + j) * BG_NC + v * BG_VW, sizeof raw);
-                bg_vi q = __builtin_convertvector(raw, bg_vi);
-                bg_vf lo = __builtin_convertvector(q & 15, bg_vf), hi = __builtin_convertvector(q >> 4, bg_vf);
-                /* f16 scales: d * q is exact, so one fma rounds as (d * q) + m does; else two roundings
-                   (the library is built with -ffp-contract=off, so the multiply-add is not fused) */
-                bg_vf wlo = f16 ? bg_fma(lo, dd, mm) : lo * dd + mm, whi = f16 ? bg_fma(hi, dd, mm) : hi * dd + mm;
-                bg_store(wt + (b * 32 + j) * BG_NC + v * BG_VW, wlo);
-                bg_store(wt + (b * 32 + 16 + j) * BG_NC + v * BG_VW, whi);
-            }
+            float *lo = wt + b * 32 * BG_NC + v * BG_VW, *hi = lo + 16 * BG_NC;
+            const uint8_t *src = qp + b * 16 * BG_NC + v * BG_VW;
+            /* f16 scales: d * q is exact, so one fma rounds as (d * q) + m does; else two roundings
+               (the library is built with -ffp-contract=off, so the multiply-add is not fused) */
+            if (f16)
+                for (int j = 0; j < 16; j++) {
+                    bg_vi q = bg_u8(src + j * BG_NC);
+                    bg_store(lo + j * BG_NC, bg_fma(__builtin_convertvector(q & 15, bg_vf), dd, mm));
+                    bg_store(hi + j * BG_NC, bg_fma(__builtin_convertvector(q >> 4, bg_vf), dd, mm));
+                }
+            else
+                for (int j = 0; j < 16; j++) {
+                    bg_vi q = bg_u8(src + j * BG_NC);
+                    bg_store(lo + j * BG_NC, __builtin_convertvector(q & 15, bg_vf) * dd + mm);
+                    bg_store(hi + j * BG_NC, __builtin_convertvector(q >> 4, bg_vf) * dd + mm);
+                }
         }
 }
 /* one panel of Q8_0: qp [nb][32][NC] int8, d [nb][NC] -> wt [K][NC], w = q * d (one rounding, as gguf) */
@@ -84,9 +93,7 @@ static void bg_panel_q8(const int8_t *qp, const float *d, int64_t nb, float *wt)
         for (int v = 0; v < 2; v++) {
             bg_vf dd = bg_load(d + b * BG_NC + v * BG_VW);
             for (int j = 0; j < 32; j++) {
-                bg_vs8 raw;
-                memcpy(&raw, qp + (b * 32 + j) * BG_NC + v * BG_VW, sizeof raw);
-                bg_vf q = __builtin_convertvector(__builtin_convertvector(raw, bg_vi), bg_vf);
+                bg_vf q = __builtin_convertvector(bg_s8(qp + (b * 32 + j) * BG_NC + v * BG_VW), bg_vf);
                 bg_store(wt + (b * 32 + j) * BG_NC + v * BG_VW, q * dd);
             }
         }
@@ -98,7 +105,7 @@ INLINE void bg_tile(const float *wt, const float *x, float *y, int64_t N, int64_
     for (int64_t k = 0; k < K; k++) {
         bg_vf w0 = bg_load(wt + k * BG_NC), w1 = bg_load(wt + k * BG_NC + BG_VW);
         for (int r = 0; r < R; r++) {
-            bg_vf xb = (bg_vf){0} + x[r * K + k];
+            bg_vf xb = bg_bcast(x + r * K + k);
             a0[r] = bg_fma(w0, xb, a0[r]);
             a1[r] = bg_fma(w1, xb, a1[r]);
         }
