@@ -112,6 +112,34 @@ def test_columns_that_do_not_fill_a_panel_run_dense(lib) -> None:  # type: ignor
         block_gemm.PanelBlocks(lib, lin.qs, lin.scale, lin.low, lin.f16)
 
 
+@MAKERS
+def test_the_dense_copy_is_built_only_when_needed_and_is_gguf_s(lib, make) -> None:  # type: ignore[no-untyped-def]
+    """With the block GEMM nothing needs the dense fp32 expansion (~400 MiB for the default model) until a
+    caller asks for it; then it is exactly ``dequantize()``'s values."""
+    blocks = make(2 * int(lib.block_gemm_cols()), 96, 4)
+    lin = ExactBlocks(lib, blocks)
+    for rows in (1, EXACT_ROWS, 40):
+        lin(torch.randn(rows, 96))
+    assert lin._w is None
+    assert torch.equal(lin.w, blocks.dequantize())
+
+
+def test_a_model_prefilling_and_decoding_keeps_no_dense_layer_weights(lib) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.test_torch_exact_gemv import _tiny_checkpoint
+
+    model = LlamaModel(_tiny_checkpoint())
+    kv = KvCache(model.cfg, 4, 16, torch.float32)
+    ids = list(range(3, 40))
+    model.forward(
+        torch.tensor(ids),
+        AttnBatch(torch.arange(37), torch.arange(37), [], [PrefillSegment(0, 37, 0, None)]),
+        kv,
+        torch.tensor([36]),
+    )
+    layers = [v for layer in model.layers for v in layer.values() if isinstance(v, ExactBlocks)]
+    assert len(layers) == 4 * model.cfg.num_hidden_layers and all(b._w is None for b in layers)
+
+
 @pytest.mark.parametrize("weights", ["dense", "w4a8"])
 def test_decode_step_of_many_rows_in_one_c_call_matches_the_layer_by_layer_path(lib, weights: str) -> None:  # type: ignore[no-untyped-def]
     """12 decode rows: the one-call stack (decode_step.py) with the block GEMM against torch's layer-by-layer path

@@ -267,15 +267,15 @@ def status() -> str:
 class ExactBlocks(Linear):
     """An fp32 weight as the file's blocks: row-major for few rows, panel-major for more (``block_gemm``).
 
-    The dense fp32 copy serves what the kernels do not take (other dtypes, columns not filling panels).
+    The dense fp32 expansion (``w``) is built only when something the kernels do not take needs it (other
+    dtypes, columns that fill no panel), or shared when given (a tied embedding table).
     """
 
     def __init__(self, lib: ctypes.CDLL, blocks: Q4Blocks | Q8Blocks, dense: torch.Tensor | None = None) -> None:
         """``dense``: the same weight in fp32 when already loaded (a tied embedding table), shared."""
         self.lib = lib
-        # exactly gguf's fp32 values (tested); the loaded copy is shared rather than rebuilt
-        self.w = (dense if dense is not None else blocks.dequantize()).contiguous()
-        self.n, self.k = self.w.shape
+        self._w = dense.contiguous() if dense is not None else None
+        self.n, self.k = blocks.q.shape
         if self.k % GROUP:
             raise ValueError(f"block weights need an input dimension divisible by {GROUP}, got {self.k}")
         if isinstance(blocks, Q4Blocks):
@@ -293,6 +293,19 @@ class ExactBlocks(Linear):
         self.panel: block_gemm.PanelBlocks | None = None
         if self.n % int(lib.block_gemm_cols()) == 0:
             self.panel = block_gemm.PanelBlocks(lib, self.qs, self.scale, self.low, self.f16)
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The dense fp32 weight: exactly ``blocks.dequantize()`` (same operations, tested), built on first use."""
+        if self._w is None:
+            nb = self.k // GROUP
+            if self.low is not None:  # Q4_1: low nibbles are elements 0..15 of a block, high nibbles 16..31
+                q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1).view(self.n, nb, GROUP)
+                w = q.float() * self.scale.unsqueeze(-1) + self.low.unsqueeze(-1)
+            else:
+                w = self.qs.view(self.n, nb, GROUP).float() * self.scale.unsqueeze(-1)
+            self._w = w.view(self.n, self.k)
+        return self._w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]

@@ -186,9 +186,13 @@ class W4A8(Linear):
 
     def __init__(self, blocks: ExactBlocks) -> None:
         self.blocks = blocks
-        self.w = blocks.w  # the dense fp32 copy, for many rows (prefill)
         self.n, self.k = blocks.n, blocks.k
         self.nbytes = blocks.nbytes
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The dense fp32 weight (built on first use, see ``ExactBlocks.w``)."""
+        return self.blocks.w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
