@@ -10,11 +10,13 @@
   mean prompt and output lengths. ``--rounds`` interleaved rounds (systems in rotating order).
 * Accuracy per mode: greedy agreement with fp32 over the same prompts, perplexity of a fixed passage.
 * Limits: memory bandwidth and matmul GFLOP/s on the model's shapes (``engine_limits.py``), and where
-  each mode's single-stream decode sits against them (weight bytes per step ÷ step time).
+  each mode's decode sits against them at the lowest level (weight bytes per step ÷ step time) and at the
+  highest (matmul GFLOP per step and the GFLOP/s achieved over the whole step).
 * TTFT of a 1,500-token prompt cold versus with a 1,400-token prefix already cached (prefix hit).
 * Memory: RSS before/after loading the fp32 engine, against weights + KV cache.
 
-    dynamo-grpc bench engine [--modes fp32,int4] [--fp32-dense] [--llama-cpp PATH] [--rounds 3] [--json FILE]
+    dynamo-grpc bench engine [--modes fp32,int4] [--fp32-dense] [--fp32-no-gemm] [--llama-cpp PATH] [--rounds 3]
+        [--json FILE]
 """
 
 from __future__ import annotations
