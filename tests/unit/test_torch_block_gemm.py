@@ -140,15 +140,22 @@ def test_a_model_prefilling_and_decoding_keeps_no_dense_layer_weights(lib) -> No
     assert len(layers) == 4 * model.cfg.num_hidden_layers and all(b._w is None for b in layers)
 
 
+@pytest.mark.parametrize("scales", ["fp16", "fp32"])
 @pytest.mark.parametrize("weights", ["dense", "w4a8"])
-def test_decode_step_of_many_rows_in_one_c_call_matches_the_layer_by_layer_path(lib, weights: str) -> None:  # type: ignore[no-untyped-def]
+def test_decode_step_of_many_rows_in_one_c_call_matches_the_layer_by_layer_path(lib, weights: str, scales: str) -> None:  # type: ignore[no-untyped-def]
     """12 decode rows: the one-call stack (decode_step.py) with the block GEMM against torch's layer-by-layer path
-    (which runs the same block GEMM per matmul); w4a8 too, whose rows above 8 are fp32 on the same weights."""
+    (which runs the same block GEMM per matmul); w4a8 too, whose rows above 8 are fp32 on the same weights.
+    Scales that are not fp16 values keep gguf's two roundings in the stack too (each weight's own rule)."""
     from tests.unit.test_torch_exact_gemv import _tiny_checkpoint
 
-    model = LlamaModel(_tiny_checkpoint(), weights=weights)
+    ckpt = _tiny_checkpoint()
+    if scales == "fp32":
+        for b in ckpt.q4.values():
+            b.scale = b.scale * (1 + 2**-20)
+    model = LlamaModel(ckpt, weights=weights)
     stack = model.stack
     assert stack is not None and stack.panels is not None and stack.max_rows > 12
+    assert stack.panels[:, 3::4].eq(int(scales == "fp16")).all()  # the rebuild rule the C side applies per weight
     bs, n = 16, 12
     prompts = [[3 + i, 17, 99 - i, 42][: 1 + i % 4] + list(range(20, 20 + i)) for i in range(n)]
     runs = []

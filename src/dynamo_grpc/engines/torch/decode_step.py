@@ -32,15 +32,16 @@ SOURCE = r"""
 /* ---- all decoder layers for R <= 8 decode rows (decode_step.py) ---- */
 int block_gemm(int kind, const void *qp, const float *d, const float *m, int f16, const float *x, float *y,
                int64_t N, int64_t K, int64_t R);
-/* pp: the same weight's block-GEMM panels (qp, dp, mp), or NULL; more than 8 rows need them (fp32 in every mode,
-   as the layer-by-layer path computes them) */
+/* pp: the same weight's block-GEMM panels (qp, dp, mp, f16), or NULL; more than 8 rows need them (fp32 in every
+   mode, as the layer-by-layer path computes them; f16: the weight's own rebuild rule, see block_gemm.py) */
 static int mm_q4(int mode, const int64_t *p, const int64_t *pp, const float *x, float *y, int64_t N, int64_t K,
                  int64_t R) {
     const uint8_t *qs = (const uint8_t *)p[0];
     const float *d = (const float *)p[1], *m = (const float *)p[2];
     if (R > 8) {
         if (pp == NULL) return -2;
-        return block_gemm(0, (const void *)pp[0], (const float *)pp[1], (const float *)pp[2], mode != 1, x, y, N, K, R);
+        return block_gemm(0, (const void *)pp[0], (const float *)pp[1], (const float *)pp[2], (int)pp[3], x, y, N, K,
+                          R);
     }
     if (mode == 2) return q4_1_w4a8(qs, d, m, x, y, N, K, R);
     if (mode == 0) q4_1_gemv_f16(qs, d, m, x, y, N, K, R);
@@ -61,7 +62,7 @@ static void rms_rows(const float *x, const float *w, float *h, int64_t R, int64_
     }
 }
 /* x [R, H] in place. lp: per layer in_norm, post_norm, then (qs, d, m) of qkv, o, gate_up, down; pp: NULL or per
-   layer the block-GEMM panels (qp, dp, mp) of qkv, o, gate_up, down (needed above 8 rows).
+   layer the block-GEMM panels (qp, dp, mp, f16) of qkv, o, gate_up, down (needed above 8 rows).
    kv: per layer k cache, v cache. cs/sn: [R, hd] cos and signed-sin rows of each row's position.
    mode: 0 fp32 blocks (one fma per weight), 1 fp32 blocks (two roundings), 2 w4a8. -1: out of memory. */
 int decode_layers(int64_t nl, const int64_t *lp, const int64_t *pp, const int64_t *kvp, int mode, float *x, int64_t R,
@@ -76,7 +77,7 @@ int decode_layers(int64_t nl, const int64_t *lp, const int64_t *pp, const int64_
     int rc = (h && qkv && att && t && gu && act && tmp) ? 0 : -1;
     if (R > 8 && pp == NULL) rc = -2; /* the few-row kernels' limit */
     for (int64_t l = 0; l < nl && rc == 0; l++) {
-        const int64_t *p = lp + l * 14, *q = pp ? pp + l * 12 : NULL;
+        const int64_t *p = lp + l * 14, *q = pp ? pp + l * 16 : NULL;
         float *kc = (float *)kvp[2 * l], *vc = (float *)kvp[2 * l + 1];
         rms_rows(x, (const float *)p[0], h, R, H, eps);
         if ((rc = mm_q4(mode, p + 2, q ? q : NULL, h, qkv, nq, H, R))) break;
@@ -92,16 +93,16 @@ int decode_layers(int64_t nl, const int64_t *lp, const int64_t *pp, const int64_
             for (int64_t i = 0; i < slot_w; i++) { kd[i] = row[nh * hd + i]; vd[i] = row[(nh + nkv) * hd + i]; }
         }
         if ((rc = attn_decode(qkv, nq, kc, vc, tables, t_stride, lens, att, nh * hd, R, nh, nkv, hd, bs, scale))) break;
-        if ((rc = mm_q4(mode, p + 5, q ? q + 3 : NULL, att, t, H, nh * hd, R))) break;
+        if ((rc = mm_q4(mode, p + 5, q ? q + 4 : NULL, att, t, H, nh * hd, R))) break;
         for (int64_t i = 0; i < R * H; i++) x[i] = x[i] + t[i];
         rms_rows(x, (const float *)p[1], h, R, H, eps);
-        if ((rc = mm_q4(mode, p + 8, q ? q + 6 : NULL, h, gu, 2 * I, H, R))) break;
+        if ((rc = mm_q4(mode, p + 8, q ? q + 8 : NULL, h, gu, 2 * I, H, R))) break;
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < I; i++) {
                 float g = gu[r * 2 * I + i];
                 act[r * I + i] = (g / (1.0f + expf(-g))) * gu[r * 2 * I + I + i];
             }
-        if ((rc = mm_q4(mode, p + 11, q ? q + 9 : NULL, act, t, H, I, R))) break;
+        if ((rc = mm_q4(mode, p + 11, q ? q + 12 : NULL, act, t, H, I, R))) break;
         for (int64_t i = 0; i < R * H; i++) x[i] = x[i] + t[i];
     }
     free(h); free(qkv); free(att); free(t); free(gu); free(act); free(tmp);
@@ -138,10 +139,10 @@ class DecodeStack:
                 ptrs += [b.qs.data_ptr(), b.scale.data_ptr(), low.data_ptr()]
                 modes.add(2 if isinstance(lin, W4A8) else 0 if b.f16 else 1)
                 if b.panel is not None:
-                    pan += [b.panel.qp.data_ptr(), b.panel.dp.data_ptr(), b.panel.mp.data_ptr()]
+                    pan += [b.panel.qp.data_ptr(), b.panel.dp.data_ptr(), b.panel.mp.data_ptr(), b.panel.f16]
                     self._keep.append(b.panel)
             rows.append(ptrs)
-            if panels is not None and len(pan) == 12:
+            if panels is not None and len(pan) == 16:
                 panels.append(pan)
             else:
                 panels = None
