@@ -194,7 +194,7 @@ def model_path() -> Path:
 async def _greedy(eng: TorchEngine, prompts: list[list[int]]) -> list[list[int]]:
     async def one(i: int, ids: list[int]) -> list[int]:
         toks: list[int] = []
-        async for o in eng.generate(EngineRequest(f"r{i}", ids, SamplingParams(max_tokens=12, temperature=0.0))):
+        async for o in eng.generate(EngineRequest(f"r{i}", ids, SamplingParams(max_tokens=8, temperature=0.0))):
             toks += o.token_ids
         return toks
 
