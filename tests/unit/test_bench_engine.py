@@ -67,10 +67,12 @@ def test_agreement_counts_tokens_up_to_the_first_divergence() -> None:
 
 
 def test_matmul_limits_cover_every_format() -> None:
+    from dynamo_grpc.engines.torch.exact_gemv import kernels
+
     rows = matmuls({"tiny": (64, 64)}, rows=(1, 16), reps=1)
-    assert {(r["format"], r["rows"]) for r in rows} == {
-        (f, m) for f in ("fp32", "bf16", "int8", "int4") for m in (1, 16)
-    }
+    # fp32-blocks: the default fp32 path's block kernels (few-row kernel at 1 row, block GEMM at 16)
+    formats = ("fp32", "bf16", "int8", "int4") + (("fp32-blocks",) if kernels() is not None else ())
+    assert {(r["format"], r["rows"]) for r in rows} == {(f, m) for f in formats for m in (1, 16)}
     assert all(r["gflop_s"] > 0 and r["weight_gb_s"] > 0 for r in rows)
 
 

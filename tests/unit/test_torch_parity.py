@@ -134,7 +134,7 @@ async def test_greedy_matches_transformers_batched_prefix_hit_and_preempted(
     assert sum(len(x) for x in hf_greedy) > 3 * MAX_NEW  # mostly long answers, not early EOS
 
     eng = TorchEngine(model_path, num_blocks=64, max_num_batched_tokens=256, num_threads=2)
-    if kernels() is not None:  # decodes (1..5 rows) read the file's blocks; prefill chunks run dense
+    if kernels() is not None:  # decodes (1..5 rows) and prefill chunks (block_gemm.py) read the blocks
         assert eng.stats()["fp32_kernels"] == "block kernels"
     await eng.start()
     try:

@@ -10,11 +10,13 @@
   mean prompt and output lengths. ``--rounds`` interleaved rounds (systems in rotating order).
 * Accuracy per mode: greedy agreement with fp32 over the same prompts, perplexity of a fixed passage.
 * Limits: memory bandwidth and matmul GFLOP/s on the model's shapes (``engine_limits.py``), and where
-  each mode's single-stream decode sits against them (weight bytes per step ÷ step time).
+  each mode's decode sits against them at the lowest level (weight bytes per step ÷ step time) and at the
+  highest (matmul GFLOP per step and the GFLOP/s achieved over the whole step).
 * TTFT of a 1,500-token prompt cold versus with a 1,400-token prefix already cached (prefix hit).
 * Memory: RSS before/after loading the fp32 engine, against weights + KV cache.
 
-    dynamo-grpc bench engine [--modes fp32,int4] [--fp32-dense] [--llama-cpp PATH] [--rounds 3] [--json FILE]
+    dynamo-grpc bench engine [--modes fp32,int4] [--fp32-dense] [--fp32-no-gemm] [--llama-cpp PATH] [--rounds 3]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from typing import Any
 import torch
 
 from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, decode_perplexity, hf_perplexity, perplexity
-from dynamo_grpc.bench.engine_limits import measure
+from dynamo_grpc.bench.engine_limits import measure, model_shapes
 from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
+from dynamo_grpc.bench.engine_step import without_block_gemm
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
 from dynamo_grpc.engines.torch import TorchEngine
@@ -281,6 +284,19 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k not in ("outputs", "raw")}
 
 
+def _matmul_weights(cfg: Any) -> int:
+    """Weights one decode row multiplies: every layer's projections and the vocabulary table."""
+    per_layer = sum(n * k for name, (n, k) in _shapes(cfg).items() if name != "lm_head")
+    return per_layer * cfg.num_hidden_layers + cfg.vocab_size * cfg.hidden_size
+
+
+def _shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+    return model_shapes(
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim, cfg.vocab_size,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
@@ -302,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run fp32 without the block kernels (ours-fp32-dense: the dense path, for before/after)",
     )
     p.add_argument(
+        "--fp32-no-gemm",
+        action="store_true",
+        help="also run fp32 with matmuls of more than 8 rows on the dense fp32 copy instead of the block GEMM "
+        "(ours-fp32-nogemm: the default before block_gemm.py, for before/after)",
+    )
+    p.add_argument(
         "--llama-cpp", default=None, help="llama-batched-bench binary or its folder (else $DYN_LLAMA_CPP, PATH)"
     )
     p.add_argument("--no-limits", action="store_true", help="skip the bandwidth and matmul measurements")
@@ -320,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--modes must start with fp32 (the reference) and name modes of {sorted(WEIGHT_MODES)}")
     if args.fp32_dense:
         modes.insert(1, "fp32-dense")
+    if args.fp32_no_gemm:
+        modes.insert(1, "fp32-nogemm")
     torch.set_num_threads(args.num_threads)
     llama_bin, llama_skip = (None, "") if model.suffix != ".gguf" else find_binary(args.llama_cpp)
     if model.suffix != ".gguf":
@@ -333,10 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         before = _rss_mb()
         engines[m] = TorchEngine(
-            model, weights=m.removesuffix("-dense"), kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
+            model, weights=m.split("-")[0], kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=max(levels),
             max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
             block_kernels=not m.endswith("-dense"),
         )  # fmt: skip
+        if m.endswith("-nogemm"):
+            without_block_gemm(engines[m].model)  # more than 8 rows: the dense copy's GEMM, as before
         rss_loaded[m] = _rss_mb() - before
     card, tok_json = load_model_source(model)
     tok = Tokenizer.from_card(card, tok_json)
@@ -445,15 +471,27 @@ def main(argv: list[str] | None = None) -> int:
         read = limits["bandwidth"]["read_gb_s"]
         limits["modes"] = {}
         for m in modes:
-            single = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][levels[0]]])
+            low = levels[0]
+            steps = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][low]]) / low  # decode steps/s
             wb = stats[m]["weight_bytes"]
             limits["modes"][m] = {
-                "concurrency": levels[0],
+                "concurrency": low,
                 "weight_bytes_per_step": wb,
-                "decode_step_s": 1 / single if single else None,
-                "weights_read_gb_s": wb * single / 1e9,
-                "share_of_read_bandwidth": wb * single / 1e9 / read,
-                "bandwidth_floor_tok_s": read * 1e9 / wb,
+                "decode_step_s": 1 / steps if steps else None,
+                "weights_read_gb_s": wb * steps / 1e9,
+                "share_of_read_bandwidth": wb * steps / 1e9 / read,
+                "bandwidth_floor_tok_s": read * 1e9 / wb * low,
+            }
+            # the largest level: matmul arithmetic of one decode step of that many rows, and what was achieved
+            top = levels[-1]
+            many = _median([r["decode_tokens_per_s"] for r in runs[f"ours-{m}"][top]])
+            gflop = 2 * _matmul_weights(engines[m].config) * top / 1e9
+            limits["modes"][m]["at_top_concurrency"] = {
+                "concurrency": top,
+                "matmul_gflop_per_step": gflop,
+                "decode_step_s": top / many if many else None,
+                "achieved_gflop_s": gflop * many / top,
+                "weights_read_gb_s": wb * many / top / 1e9,
             }
 
     ttft = phase["ttft"]

@@ -1,8 +1,10 @@
 """This machine's limits for the torch engine: memory bandwidth, and matmul speed on the model's shapes.
 
 A decode step reads every weight once for a few rows, so its floor is weight bytes ÷ read bandwidth;
-prefill is matmul-bound, so its ceiling is the GEMM GFLOP/s at the model's shapes. Each format of
-``engines/torch/linear.py`` is timed on the same shapes, with the current thread setting.
+prefill (and a decode step of many rows) is matmul-bound, so its ceiling is the GEMM GFLOP/s at the model's
+shapes. Each format of ``engines/torch/linear.py`` is timed on the same shapes, with the current thread
+setting, and so is ``fp32-blocks``: the default fp32 path's block kernels (``exact_gemv.py``, ``block_gemm.py``)
+on Q4_1 blocks of the same shape, where the C kernels can be built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dynamo_grpc.engines.torch.exact_gemv import ExactBlocks, kernels
 from dynamo_grpc.engines.torch.linear import Dense, Int4, Int8, Linear, Q4Blocks
 
 
@@ -39,7 +42,7 @@ def bandwidth(mib: int = 256, reps: int = 5) -> dict[str, float]:
 
 
 def matmuls(
-    shapes: dict[str, tuple[int, int]], rows: tuple[int, ...] = (1, 256), reps: int = 3
+    shapes: dict[str, tuple[int, int]], rows: tuple[int, ...] = (1, 32, 256), reps: int = 3
 ) -> list[dict[str, Any]]:
     """GFLOP/s (and weight GB/s) of ``x[M,K] @ w[N,K].T`` per format, shape and row count."""
     g = torch.Generator().manual_seed(0)
@@ -52,6 +55,9 @@ def matmuls(
             "int8": (Int8(w), torch.bfloat16),
             "int4": (Int4(Q4Blocks.quantize(w)), torch.bfloat16),
         }
+        lib = kernels()
+        if lib is not None:  # the fp32 default: Q4_1 blocks, weights rebuilt in fp32 (any rows)
+            formats["fp32-blocks"] = (ExactBlocks(lib, Q4Blocks.quantize(w)), torch.float32)
         for fmt, (lin, dt) in formats.items():
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(dt)

@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-kernels",
         choices=["auto", "off"],
         default=None,
-        help="torch fp32: decode matmuls read the GGUF's Q4_1/Q8_0 blocks through a C kernel built on first use "
-        "(auto, the default: same weights, fewer bytes per step; dense fallback without a C compiler) or off "
-        "(dense fp32 matmuls); see docs/torch-engine.md",
+        help="torch fp32: matmuls (decode and prefill) read the GGUF's Q4_1/Q8_0 blocks through C kernels built on "
+        "first use (auto, the default: same weights, fewer bytes per step; dense fallback without a C compiler) or "
+        "off (dense fp32 matmuls); see docs/torch-engine.md",
     )
     p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated step times by this")
     p.add_argument("--seed", type=int, default=0, help="mocker: seed of the generated tokens")

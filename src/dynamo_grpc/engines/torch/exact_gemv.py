@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import decode_step, paged_attention, w4a8
+from . import block_gemm, decode_step, paged_attention, w4a8
 from .linear import GROUP, Linear, Q4Blocks
 
 log = logging.getLogger(__name__)
 
-#: rows up to which the block kernel runs (it reads the weights once for all rows); above, dense GEMM
+#: rows up to which the few-row kernel runs; above, the block GEMM (``block_gemm.py``)
 EXACT_ROWS = 8
 
 _SOURCE = r"""
@@ -169,8 +169,9 @@ void q8_0_gemv(const int8_t *qs, const float *d, const float *x, float *y, int64
     }
 }
 """
-# decode attention over the paged cache, the w4a8 matmuls and whole decode steps: one library, one build
-_SOURCE += paged_attention.SOURCE + w4a8.SOURCE + decode_step.SOURCE
+# decode attention over the paged cache, the w4a8 matmuls, whole decode steps and many-row block matmuls:
+# one library, one build
+_SOURCE += paged_attention.SOURCE + w4a8.SOURCE + decode_step.SOURCE + block_gemm.SOURCE
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 
 
@@ -252,6 +253,7 @@ def kernels() -> ctypes.CDLL | None:
     paged_attention.declare(lib)
     w4a8.declare(lib)
     decode_step.declare(lib)
+    block_gemm.declare(lib)
     _lib = lib
     _status = "block kernels"
     return lib
@@ -263,14 +265,17 @@ def status() -> str:
 
 
 class ExactBlocks(Linear):
-    """An fp32 weight kept twice: as the file's blocks (few rows) and dense (many rows, oneDNN/MKL GEMM)."""
+    """An fp32 weight as the file's blocks: row-major for few rows, panel-major for more (``block_gemm``).
+
+    The dense fp32 expansion (``w``) is built only when something the kernels do not take needs it (other
+    dtypes, columns that fill no panel), or shared when given (a tied embedding table).
+    """
 
     def __init__(self, lib: ctypes.CDLL, blocks: Q4Blocks | Q8Blocks, dense: torch.Tensor | None = None) -> None:
         """``dense``: the same weight in fp32 when already loaded (a tied embedding table), shared."""
         self.lib = lib
-        # exactly gguf's fp32 values (tested); the loaded copy is shared rather than rebuilt
-        self.w = (dense if dense is not None else blocks.dequantize()).contiguous()
-        self.n, self.k = self.w.shape
+        self._w = dense.contiguous() if dense is not None else None
+        self.n, self.k = blocks.q.shape
         if self.k % GROUP:
             raise ValueError(f"block weights need an input dimension divisible by {GROUP}, got {self.k}")
         if isinstance(blocks, Q4Blocks):
@@ -284,11 +289,30 @@ class ExactBlocks(Linear):
         # fp16 scales and mins (a GGUF's) make d * q exact, so one fma rebuilds the weight (see the C source)
         self.f16 = self.low is not None and all(bool((t.half().float() == t).all()) for t in (self.scale, self.low))
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.qs, self.scale, self.low) if t is not None)
+        # many rows: the same blocks panel-major (one k's columns adjacent), when the columns fill whole panels
+        self.panel: block_gemm.PanelBlocks | None = None
+        if self.n % int(lib.block_gemm_cols()) == 0:
+            self.panel = block_gemm.PanelBlocks(lib, self.qs, self.scale, self.low, self.f16)
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The dense fp32 weight: exactly ``blocks.dequantize()`` (same operations, tested), built on first use."""
+        if self._w is None:
+            nb = self.k // GROUP
+            if self.low is not None:  # Q4_1: low nibbles are elements 0..15 of a block, high nibbles 16..31
+                q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1).view(self.n, nb, GROUP)
+                w = q.float() * self.scale.unsqueeze(-1) + self.low.unsqueeze(-1)
+            else:
+                w = self.qs.view(self.n, nb, GROUP).float() * self.scale.unsqueeze(-1)
+            self._w = w.view(self.n, self.k)
+        return self._w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if rows > EXACT_ROWS or x.dtype != torch.float32:
+        if x.dtype != torch.float32:
             return F.linear(x, self.w)
+        if rows > EXACT_ROWS:
+            return self.panel(x) if self.panel is not None else F.linear(x, self.w)
         x = x.contiguous()
         y = torch.empty(rows, self.n, dtype=torch.float32)
         if self.low is not None:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .decode_step import MAX_ROWS as STACK_ROWS
 from .decode_step import DecodeStack
 from .exact_gemv import ExactBlocks, kernels, status
 from .kv_cache import KvCache
@@ -153,7 +152,8 @@ class LlamaModel:
             and attention_supported(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, dtype)
             else None
         )
-        # decode-only steps of few rows: every layer in one C call (decode_step.py) when all are Q4_1 blocks
+        # decode-only steps: every layer in one C call (decode_step.py) when all are Q4_1 blocks (few rows, or
+        # any number when each has block-GEMM panels)
         self.stack = DecodeStack.build(self.attn_lib, self.layers, cfg)
         self.inv_freq = rope_inv_freq(cfg, ckpt.rope_freqs)
         self.scale = cfg.head_dim**-0.5
@@ -221,7 +221,7 @@ class LlamaModel:
             for dg in batch.decodes:  # the kernel trusts the tables: check them once per step, not per layer
                 if dg.lens is None or not bool((dg.lens <= dg.tables.shape[1] * kv.block_size).all()):
                     attn_lib = None
-        if self.stack is not None and attn_lib is not None and not batch.prefills and T <= STACK_ROWS:
+        if self.stack is not None and attn_lib is not None and not batch.prefills and T <= self.stack.max_rows:
             tables, lens = _row_tables(batch.decodes, T)
             self.stack.run(
                 x, cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch.slot_mapping, tables, lens,

@@ -6,7 +6,7 @@ quantises each activation row to int8 in groups of 32 (its Q8_1: ``dx = max|x| /
 ``qx = round(x / dx)``, ``sx = dx · Σ qx``) and takes integer dot products with the file's blocks:
 ``Σ w·x = d·dx·Σ q·qx + m·sx`` for Q4_1 (``w = d·q + m``), ``d·dx·Σ q·qx`` for Q8_0 — 32 products per
 two AVX2 instructions. This mode does the same for up to ``EXACT_ROWS`` rows (decodes), on the
-same blocks; prefill chunks and large batches run the fp32 dense GEMM on the same weights, and
+same blocks; prefill chunks and large batches run fp32 on the same weights (``block_gemm.py``), and
 everything else (norms, RoPE, attention, the KV cache) stays fp32. The activation rounding changes
 numerics (as in llama.cpp): the benchmark reports its agreement with fp32 and its perplexity.
 Needs the C kernels (a compiler); without them the mode is refused rather than silently dense.
@@ -18,7 +18,6 @@ import ctypes
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from .linear import Linear
 
@@ -170,7 +169,7 @@ int q8_0_w8a8(const int8_t *qs, const float *d, const float *x, float *y, int64_
 }
 """
 
-#: most rows per call (the kernel's per-row accumulators); above, the dense fp32 GEMM
+#: most rows per call (the kernel's per-row accumulators); above, fp32 on the same weights (block GEMM)
 MAX_ROWS = 8
 
 
@@ -187,14 +186,18 @@ class W4A8(Linear):
 
     def __init__(self, blocks: ExactBlocks) -> None:
         self.blocks = blocks
-        self.w = blocks.w  # the dense fp32 copy, for many rows (prefill)
         self.n, self.k = blocks.n, blocks.k
         self.nbytes = blocks.nbytes
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The dense fp32 weight (built on first use, see ``ExactBlocks.w``)."""
+        return self.blocks.w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if rows > MAX_ROWS or x.dtype != torch.float32:
-            return F.linear(x, self.w)
+            return self.blocks(x)  # fp32 on the same weights: the block GEMM, or dense
         b = self.blocks
         x = x.contiguous()
         y = torch.empty(rows, self.n, dtype=torch.float32)
