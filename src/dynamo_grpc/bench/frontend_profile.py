@@ -170,7 +170,15 @@ for k in (1, 2, 4):
             if j + k >= 16:
                 r.finish_reason = common_pb2.FINISH_REASON_LENGTH
             c = stream.add(r, "worker-1", True)
-            out = responder.chunk(c) if c is not None else None
+            if c is None:
+                continue
+            frame = getattr(responder, "stream_frame", None)  # a tree that writes raw responses as bytes
+            if frame is not None:
+                msg = frame(c)
+                if msg is not None and not isinstance(msg, bytes):
+                    msg.SerializeToString()
+                continue
+            out = responder.chunk(c)
             if out is not None:
                 wrapped = getattr(responder, "wrapped", None)  # a tree before it wrapped by copying
                 msg = wrapped(out) if wrapped else pb.ModelStreamInferResponse(infer_response=out)
