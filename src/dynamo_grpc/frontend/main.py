@@ -43,6 +43,7 @@ from dynamo_grpc.frontend.replicas import (
 )
 from dynamo_grpc.frontend.routing import KvRouterClient, Router
 from dynamo_grpc.frontend.stats import StatsBook
+from dynamo_grpc.gc_tuning import tune_for_serving
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
@@ -257,6 +258,7 @@ async def serve(args: argparse.Namespace) -> int:
         await discovery.register(inst, ttl=10.0)
     except Exception as e:  # serving without registration is still useful (and Consul may come back)
         log.warning("could not register in Consul at %s: %s", settings.address, e)
+    tune_for_serving()  # started: the start-up heap leaves the collector's view (gc_tuning.py)
     if args.ready_file:
         _write_ready(
             args.ready_file,
