@@ -41,7 +41,11 @@ def _chunks() -> list[Chunk]:
 
 
 @pytest.mark.parametrize("echo", [False, True])
-@pytest.mark.parametrize("outputs", [None, ["text_output", "num_output_tokens", "logprobs", "cumulative_logprob"]])
+@pytest.mark.parametrize("outputs", [
+    None,  # the default outputs: the cached-bytes-around-the-text path
+    ["num_output_tokens", "text_output", "cached_tokens"],  # text in the middle: the order must hold
+    ["text_output", "num_output_tokens", "logprobs", "cumulative_logprob"],  # per-field path
+])
 def test_stream_bytes_decode_to_the_message_path(source, echo: bool, outputs: list[str] | None) -> None:  # noqa: F811
     _, tok = source
     req = LlmRequest(prompt="Hi", messages=None, stream=True, sampling=SamplingParams(),

@@ -23,6 +23,8 @@ from dynamo_grpc.v1 import common_pb2
 FINAL = "triton_final_response"
 #: outputs whose value differs in (nearly) every response: packed each time, never kept
 _PACKED_EACH_TIME = frozenset({"text_output", "logprobs", "cumulative_logprob"})
+#: outputs whose non-final value is the text or a token count (cached in `Responder.stream_frame`)
+_SCALAR_OUTPUTS = frozenset({"text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cached_tokens"})
 
 
 def used_raw(request: pb.ModelInferRequest) -> bool:
@@ -61,6 +63,11 @@ class Responder:
         self._template_bytes = b""
         # `stream_frame`: the encoded raw_output_contents fields of repeating values
         self._fields: dict[tuple[str, object], bytes] = {}
+        # the usual outputs (text and token counts, text requested once): `stream_frame` caches the bytes
+        # around the text per (worker, counts)
+        names = [n for n, _ in self._types]
+        self._scalars_only = names.count("text_output") == 1 and set(names) <= _SCALAR_OUTPUTS
+        self._around: dict[tuple[str, int, int, int], tuple[bytes, bytes]] = {}
 
     def _new(self) -> pb.ModelInferResponse:
         if not self.stream_rpc:
@@ -117,6 +124,12 @@ class Responder:
             return None
         text, new_tokens, lps = taken
         self._template_for(c.worker_id)
+        if self._scalars_only:  # text and counts: what surrounds the text is cached per (worker, counts)
+            key = (c.worker_id, c.prompt_tokens, new_tokens, c.cached_tokens)
+            around = self._around.get(key)
+            if around is None:
+                around = self._around[key] = self._around_text(c, new_tokens)
+            return wire.stream_response(around[0], [wire.raw_text_field(text), around[1]])
         fields: list[bytes] = []
         for name, datatype in self._types:
             if name == "text_output":
@@ -133,6 +146,18 @@ class Responder:
                         self._fields[key] = f
                 fields.append(f)
         return wire.stream_response(self._template_bytes, fields)
+
+    def _around_text(self, c: Chunk, new_tokens: int) -> tuple[bytes, bytes]:
+        """The bytes before the text output's field (the template and the outputs listed before it) and after."""
+        head, tail = [self._template_bytes], []
+        part = head
+        for name, datatype in self._types:
+            if name == "text_output":
+                part = tail
+                continue
+            value = "" if name == "finish_reason" else self._value(name, c, new_tokens)
+            part.append(wire.raw_output_field(self._raw(name, datatype, value)))
+        return b"".join(head), b"".join(tail)
 
     @staticmethod
     def _value(name: str, c: Chunk, new_tokens: int) -> int | float:
