@@ -417,7 +417,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    floor = result.get("floor_ratio", {})
+    fig, axes = plt.subplots(1, 3 if floor else 2, figsize=(19 if floor else 13, 4.5))
+    a, b = axes[0], axes[1]
     tp = result["throughput"]
     names = list(tp)
     colors = ["#888" if n == "direct" else "#c84" if n == "passthrough" else "#2a7" for n in names]
@@ -440,6 +442,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=7,
     )
     b.legend()
+    if floor:  # frontend CPU per request over the forwarder's, per interleaved round (median bar, rounds as dots)
+        c = axes[2]
+        labels: list[str] = []
+        for phase, offset, color in (("throughput", -0.2, "#2a7"), ("latency", 0.2, "#58c")):
+            rows = {n: r for n, r in floor.get(phase, {}).items() if isinstance(r, dict) and r.get("ratio_rounds")}
+            labels = labels or list(rows)
+            for i, n in enumerate(labels):
+                r = rows.get(n)
+                if r is None:
+                    continue
+                c.bar(i + offset, r["ratio_median"], 0.4, color=color,
+                      label=f"concurrency {result['concurrency'] if phase == 'throughput' else 1}" if i == 0 else None)
+                c.plot([i + offset] * len(r["ratio_rounds"]), r["ratio_rounds"], "k.", ms=4)
+        c.axhline(1.5, color="r", ls="--", label="target (conc. 64)")
+        c.set_xticks(range(len(labels)), [n.replace("_", "\n", 1) for n in labels], fontsize=7)
+        c.set_ylabel("frontend CPU per request / forwarder's (same round)")
+        c.set_title("floor ratio: median, dots = rounds", fontsize=9)
+        c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
