@@ -125,10 +125,10 @@ class Responder:
         text, new_tokens, lps = taken
         self._template_for(c.worker_id)
         if self._scalars_only:  # text and counts: what surrounds the text is cached per (worker, counts)
-            key = (c.worker_id, c.prompt_tokens, new_tokens, c.cached_tokens)
-            around = self._around.get(key)
+            counts = (c.worker_id, c.prompt_tokens, new_tokens, c.cached_tokens)
+            around = self._around.get(counts)
             if around is None:
-                around = self._around[key] = self._around_text(c, new_tokens)
+                around = self._around[counts] = self._around_text(c, new_tokens)
             return wire.stream_response(around[0], [wire.raw_text_field(text), around[1]])
         fields: list[bytes] = []
         for name, datatype in self._types:
@@ -149,7 +149,8 @@ class Responder:
 
     def _around_text(self, c: Chunk, new_tokens: int) -> tuple[bytes, bytes]:
         """The bytes before the text output's field (the template and the outputs listed before it) and after."""
-        head, tail = [self._template_bytes], []
+        head: list[bytes] = [self._template_bytes]
+        tail: list[bytes] = []
         part = head
         for name, datatype in self._types:
             if name == "text_output":
