@@ -66,10 +66,12 @@ STAGES: dict[str, list[tuple[str, str, str]]] = {
     ],
     "detokenise": [("frontend/token_stream.py", "add", "cum"), ("frontend/token_stream.py", "out_of_tokens", "cum")],
     "response_build": [
+        ("kserve/responses.py", "stream_frame", "cum"),  # the bytes path (it calls chunk/wrapped for the last)
         ("kserve/responses.py", "chunk", "cum"),
         ("kserve/responses.py", "wrapped", "cum"),
         ("kserve/responses.py", "__init__", "cum"),
     ],
+    # (a tree that writes from `_answer` directly has its client writes in request_plumbing's `_answer`)
     "client_write": [("kserve/service.py", "write", "tot")],
     "request_plumbing": [
         ("kserve/service.py", "ModelStreamInfer", "tot"),
@@ -91,11 +93,17 @@ def split(prof: Path, requests: int, cpu_ms_per_request: float) -> dict[str, Any
     stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
     out: dict[str, float] = {}
     for stage, fns in STAGES.items():
+        kinds = {
+            key: next(k for suffix, fn, k in fns if key[2] == fn and key[0].endswith(suffix))
+            for key in stats
+            if any(key[2] == fn and key[0].endswith(suffix) for suffix, fn, _ in fns)
+        }
         total = 0.0
-        for (path, _line, name), (_cc, _nc, tt, ct, _callers) in stats.items():
-            for suffix, fn, kind in fns:
-                if name == fn and path.endswith(suffix):
-                    total += ct if kind == "cum" else tt
+        for key, kind in kinds.items():
+            _cc, _nc, tt, ct, callers = stats[key]
+            if kind == "cum":  # less what another cumulative entry of this stage called it for (counted there)
+                ct -= sum(edge[3] for caller, edge in callers.items() if kinds.get(caller) == "cum")
+            total += ct if kind == "cum" else tt
         out[stage] = round(total / requests * 1e3, 3)
     # the process's own CPU under the profiler, idle waits excluded (epoll's time is mostly sleeping)
     listed = sum(out.values())
