@@ -499,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure a frontend run from this source tree (e.g. a checkout without tracing: its src/)",
     )
     p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
+    p.add_argument("--round-robin-row", action="store_true",
+                   help="also measure a frontend with --router-mode round-robin (what in-process KV routing costs)")
     p.add_argument("--replica-rows", type=int, default=0, metavar="N",
                    help="also measure a `frontend --replicas N` (CPU summed over its replicas)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
@@ -546,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = tracing_frontends(Path(tmp), args.baseline_src)
             if args.no_tracing_rows:
                 rows = {k: v for k, v in rows.items() if not k.startswith("frontend_trace")}
+            if args.round_robin_row:  # tracing off as the frontend_trace_off row, only the router mode differs
+                off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+                rows["frontend_round_robin"] = (["--router-mode", "round-robin"], off)
             if args.replica_rows > 1:
                 rows[f"frontend_replicas{args.replica_rows}"] = (["--replicas", str(args.replica_rows)], {})
             for name, (fe_args, env) in rows.items():
@@ -572,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] = {"requests": args.requests, "rounds": args.rounds, "latency_requests": args.latency_requests,
                           "latency_rounds": args.latency_rounds, "baseline_src": args.baseline_src,
                           "replica_rows": args.replica_rows, "only": args.only,
+                          "round_robin_row": args.round_robin_row,
                           "stream_interval": args.stream_interval}
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))
