@@ -266,3 +266,12 @@ def test_gguf_tokenizer_errors(extra: dict[str, object], match: str) -> None:
 
     with pytest.raises(GgufError, match=match):
         tokenizer_json_from_gguf(_tiny_meta("gpt2", **extra))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80) | st.sampled_from(AGREED + ["<|im_start|>user\nhi<|im_end|>", "日本語 ok ✓ 123"]))
+def test_encode_ids_are_the_full_encoding_ids(tok: Tokenizer, text: str) -> None:
+    """`encode` takes the batch entry point without offsets (cheaper); its ids are `encode`'s, with and
+    without the post-processor."""
+    for special in (False, True):
+        assert tok.encode(text, add_special_tokens=special) == tok._tok.encode(text, add_special_tokens=special).ids

@@ -6,6 +6,8 @@ of 16 output tokens, side by side on the same workers:
 - `direct`: the worker's Decode, one call per request (the baseline);
 - `passthrough`: the cheapest possible Python gRPC hop, a grpc.aio process that forwards Decode untouched
   (the floor any Python frontend pays for one hop);
+- `passthrough_kserve`: a do-nothing KServe forwarder (`bench/kserve_forwarder.py`: bidi ModelStreamInfer, a
+  task per request, a fixed Decode request, a fixed response per worker message): what the protocol costs;
 - `frontend_kv`: KServe ModelStreamInfer → frontend (tokenise, in-process KV routing, detokenise) → worker;
 - `frontend_kv_service`: the same through a frontend that asks the `dynamo-router` (Route + Update hop);
 and reports added latency (p50/p99 at concurrency 1, minus `direct`), requests/s at `--concurrency`, and
@@ -35,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from dynamo_grpc.bench import kserve_forwarder
 from dynamo_grpc.bench.cpu import process_cpu_seconds
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.bench.tracing_off import off_path_cost
@@ -261,6 +264,7 @@ async def run(
     mesh: Mesh,
     passthrough: str,
     fe_service: str,
+    kserve_forwarder: str,
     pids: dict[str, int],
     extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -300,7 +304,9 @@ async def run(
     def wanted(name: str) -> bool:
         return only is None or name in only
 
-    paths: dict[str, Call] = {"direct": decode_via(wk), "passthrough": decode_via(px)}
+    kx = stubs(kserve_forwarder, pb_grpc.GRPCInferenceServiceStub)
+    paths: dict[str, Call] = {"direct": decode_via(wk), "passthrough": decode_via(px),
+                              "passthrough_kserve": stream_per_request(kx)}
     paths.update({name: stream_per_request(pool) for name, pool in fe.items()})
     paths = {n: c for n, c in paths.items() if wanted(n)}
     out: dict[str, Any] = {"workers": len(workers), "prompt_tokens": len(ids), "output_tokens": OUT_TOKENS}
@@ -390,6 +396,8 @@ def floor_ratios(out: dict[str, Any]) -> dict[str, Any]:
         if "passthrough" not in rows:
             continue
         floors = [c["passthrough"] for c in rows["passthrough"]["rounds_cpu_ms_per_request"]]
+        kserve = rows.get("passthrough_kserve")  # the protocol's own cost: the frontend's Python is above it
+        kfloors = [c["passthrough-kserve"] for c in kserve["rounds_cpu_ms_per_request"]] if kserve else []
         # what each side moved: the forwarder forwards every worker message; the frontend sends one response per
         # worker message that adds text (so both move the workers' messages, whatever --stream-interval is)
         phase_res: dict[str, Any] = {
@@ -398,6 +406,10 @@ def floor_ratios(out: dict[str, Any]) -> dict[str, Any]:
                 rows["passthrough"].get("rounds_messages_per_request") or [rows["passthrough"]["messages_per_request"]]
             ),
         }
+        if kfloors:
+            kratios = sorted(round(k / f, 2) for k, f in zip(kfloors, floors, strict=True) if f)
+            phase_res["passthrough_kserve"] = {"cpu_ms_rounds": kfloors, "cpu_ms_median": statistics.median(kfloors),
+                                               "ratio_median": statistics.median(kratios), "ratio_rounds": kratios}
         for n, r in rows.items():
             if not n.startswith("frontend") or n.endswith("_lanes") or n == "frontend_kv_service":
                 continue
@@ -407,6 +419,9 @@ def floor_ratios(out: dict[str, Any]) -> dict[str, Any]:
             phase_res[n] = {"cpu_ms_rounds": cpus, "cpu_ms_median": statistics.median(cpus),
                             "messages_per_request": statistics.median(msgs),
                             "ratio_median": statistics.median(ratios) if ratios else None, "ratio_rounds": ratios}
+            if kfloors:  # the same rounds over the KServe forwarder's CPU
+                kr = sorted(round(c / f, 2) for c, f in zip(cpus, kfloors, strict=True) if f)
+                phase_res[n].update(ratio_to_kserve_median=statistics.median(kr), ratio_to_kserve_rounds=kr)
         res[phase] = phase_res
     return res
 
@@ -417,10 +432,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    floor = result.get("floor_ratio", {})
+    fig, axes = plt.subplots(1, 3 if floor else 2, figsize=(19 if floor else 13, 4.5))
+    a, b = axes[0], axes[1]
     tp = result["throughput"]
     names = list(tp)
-    colors = ["#888" if n == "direct" else "#c84" if n == "passthrough" else "#2a7" for n in names]
+    colors = ["#888" if n == "direct" else "#c84" if n.startswith("passthrough") else "#2a7" for n in names]
     a.bar(range(len(names)), [tp[n]["requests_per_s"] for n in names], color=colors)
     a.axhline(result["targets"]["requests_per_s"], color="r", ls="--", label="target")
     a.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
@@ -440,6 +457,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=7,
     )
     b.legend()
+    if floor:  # frontend CPU per request over the forwarder's, per interleaved round (median bar, rounds as dots)
+        c = axes[2]
+        labels: list[str] = []
+        for phase, offset, color in (("throughput", -0.2, "#2a7"), ("latency", 0.2, "#58c")):
+            rows = {n: r for n, r in floor.get(phase, {}).items() if isinstance(r, dict) and r.get("ratio_rounds")}
+            labels = labels or list(rows)
+            for i, n in enumerate(labels):
+                r = rows.get(n)
+                if r is None:
+                    continue
+                c.bar(i + offset, r["ratio_median"], 0.4, color=color,
+                      label=f"concurrency {result['concurrency'] if phase == 'throughput' else 1}" if i == 0 else None)
+                c.plot([i + offset] * len(r["ratio_rounds"]), r["ratio_rounds"], "k.", ms=4)
+        c.axhline(1.5, color="r", ls="--", label="target (conc. 64)")
+        c.set_xticks(range(len(labels)), [n.replace("_", "\n", 1) for n in labels], fontsize=7)
+        c.set_ylabel("frontend CPU per request / forwarder's (same round)")
+        c.set_title("floor ratio: median, dots = rounds", fontsize=9)
+        c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -464,14 +499,22 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure a frontend run from this source tree (e.g. a checkout without tracing: its src/)",
     )
     p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
+    p.add_argument("--round-robin-row", action="store_true",
+                   help="also measure a frontend with --router-mode round-robin (what in-process KV routing costs)")
     p.add_argument("--replica-rows", type=int, default=0, metavar="N",
                    help="also measure a `frontend --replicas N` (CPU summed over its replicas)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="the workers' --stream-interval (tokens per Decode message; 1: what is ready)")
     p.add_argument("--serve-passthrough", default="", help=argparse.SUPPRESS)
+    p.add_argument("--serve-kserve-forwarder", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_passthrough:
         serve_passthrough(args.serve_passthrough.split(","))
+        return 0
+    if args.serve_kserve_forwarder:
+        card, tok_json = load_model_source(default_model_path())
+        ids = Tokenizer.from_card(card, tok_json).encode(PROMPT, add_special_tokens=True)
+        kserve_forwarder.serve(args.serve_kserve_forwarder.split(","), card.name, ids, OUT_TOKENS)
         return 0
     cfg = MeshConfig(
         workers=2, speedup_ratio=args.speedup_ratio, router_mode="kv", start_router=True, acl=False,
@@ -487,16 +530,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         assert forwarder.stdout is not None
         passthrough = forwarder.stdout.readline().decode().strip()
+        kforwarder = subprocess.Popen(
+            [sys.executable, "-m", "dynamo_grpc.bench.frontend", "--serve-kserve-forwarder", ",".join(workers)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert kforwarder.stdout is not None
+        kserve_address = kforwarder.stdout.readline().decode().strip()
         fe_proc, fe_service = start_service_frontend(mesh, Path(tmp))
         started = [fe_proc]
         try:
             pids = {p.name: p.popen.pid for p in mesh.procs}
             pids["frontend-kv-service"] = fe_proc.pid
             pids["passthrough"] = forwarder.pid
+            pids["passthrough-kserve"] = kforwarder.pid
             extra: dict[str, str] = {}
             rows = tracing_frontends(Path(tmp), args.baseline_src)
             if args.no_tracing_rows:
                 rows = {k: v for k, v in rows.items() if not k.startswith("frontend_trace")}
+            if args.round_robin_row:  # tracing off as the frontend_trace_off row, only the router mode differs
+                off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+                rows["frontend_round_robin"] = (["--router-mode", "round-robin"], off)
             if args.replica_rows > 1:
                 rows[f"frontend_replicas{args.replica_rows}"] = (["--replicas", str(args.replica_rows)], {})
             for name, (fe_args, env) in rows.items():
@@ -507,13 +561,14 @@ def main(argv: list[str] | None = None) -> int:
                     pids[f"{name.replace('_', '-')}#{k}"] = pid
                 if not kids:
                     pids[name.replace("_", "-")] = proc.pid
-            result = asyncio.run(run(args, mesh, passthrough, fe_service, pids, extra))
+            result = asyncio.run(run(args, mesh, passthrough, fe_service, kserve_address, pids, extra))
         finally:
             for proc in started:
                 proc.terminate()
                 proc.wait(10)
-            forwarder.kill()
-            forwarder.wait()
+            for fwd in (forwarder, kforwarder):
+                fwd.kill()
+                fwd.wait()
     # The machine is shared: record how busy it was, since every number here depends on it.
     result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     result["cpu_count"] = os.cpu_count()
@@ -522,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] = {"requests": args.requests, "rounds": args.rounds, "latency_requests": args.latency_requests,
                           "latency_rounds": args.latency_rounds, "baseline_src": args.baseline_src,
                           "replica_rows": args.replica_rows, "only": args.only,
+                          "round_robin_row": args.round_robin_row,
                           "stream_interval": args.stream_interval}
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))

@@ -25,6 +25,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "dynamo_grpc.bench.frontend_profile",
         "frontend CPU per streamed request split by stage (parse, route, detok, write...) under cProfile",
     ),
+    "frontend-items": (
+        "dynamo_grpc.bench.frontend_items",
+        "the in-process KServe request path with each item (tokenise, parse, detok...) stubbed: its cost in the path",
+    ),
     "frontend-stream-interval": (
         "dynamo_grpc.bench.frontend_stream_interval",
         "frontend vs do-nothing forwarder CPU per request at worker --stream-interval 1/4/16 (messages per request)",

@@ -28,6 +28,7 @@ from dynamo_grpc.frontend.auth import ApiKeyInterceptor
 from dynamo_grpc.frontend.disagg import DisaggConfig, DisaggPlanner, add_disagg_flags
 from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.frontend.kserve.service import InferenceServicer
+from dynamo_grpc.frontend.kserve.wire import add_inference_service
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
 from dynamo_grpc.frontend.limits import Limits, add_limit_flags
 from dynamo_grpc.frontend.models import ModelRegistry
@@ -42,7 +43,7 @@ from dynamo_grpc.frontend.replicas import (
 )
 from dynamo_grpc.frontend.routing import KvRouterClient, Router
 from dynamo_grpc.frontend.stats import StatsBook
-from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc
+from dynamo_grpc.gc_tuning import tune_for_serving
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
@@ -207,9 +208,7 @@ async def serve(args: argparse.Namespace) -> int:
             reuse_port=reuse,
         )
     )
-    server.add(
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, "inference.GRPCInferenceService"
-    )
+    server.add(add_inference_service, servicer, "inference.GRPCInferenceService")
     tasks = [asyncio.create_task(registry.watch(discovery), name="watch-workers")]
     if args.replica_group:  # the kernel hands a listening replica connections at once: know the models first
         await wait_for_models(registry, REPLICA_WARMUP_S)
@@ -259,6 +258,7 @@ async def serve(args: argparse.Namespace) -> int:
         await discovery.register(inst, ttl=10.0)
     except Exception as e:  # serving without registration is still useful (and Consul may come back)
         log.warning("could not register in Consul at %s: %s", settings.address, e)
+    tune_for_serving()  # started: the start-up heap leaves the collector's view (gc_tuning.py)
     if args.ready_file:
         _write_ready(
             args.ready_file,

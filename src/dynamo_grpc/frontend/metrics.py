@@ -9,6 +9,7 @@ time to the request's first placement on a worker (preprocess + routing), E2E to
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -99,38 +100,38 @@ class FrontendMetrics:
             counter = self._requests[key] = self.requests.labels(*key)
         counter.inc()
         nv = self.triton
-        nv.inc("nv_inference_request_duration_us", model, total_ns / 1e3)
+        duration = ("nv_inference_request_duration_us", total_ns / 1e3)
         if status != "success":
-            nv.inc("nv_inference_request_failure", model)
+            nv.add(model, (duration, ("nv_inference_request_failure", 1.0)))
             return
-        for name in ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count"):
-            nv.inc(name, model)
-        m.e2e.observe(total_ns / 1e9)
-        if timings is None:
-            return
+        # one lock for the Triton counters, one bucket lookup per histogram (bisect, not a scan): this runs
+        # once per request on the event loop
         t = timings
-        if t.routed_at_ns:
-            queue_ns = t.routed_at_ns - t.arrival_ns
-            m.queue.observe(queue_ns / 1e9)
-            nv.inc("nv_inference_queue_duration_us", model, queue_ns / 1e3)
+        queue_ns = t.routed_at_ns - t.arrival_ns if t is not None and t.routed_at_ns else None
+        queued = () if queue_ns is None else (("nv_inference_queue_duration_us", queue_ns / 1e3),)
+        nv.add(model, (duration, *_SUCCESS, *queued))
+        observe_n(m.e2e, total_ns / 1e9, 1)
+        if t is None:
+            return
+        if queue_ns is not None:
+            observe_n(m.queue, queue_ns / 1e9, 1)
         if t.first_token_at_ns:
-            m.ttft.observe((t.first_token_at_ns - t.arrival_ns) / 1e9)
-        for gap_s, n in t.token_gaps:
-            observe_n(m.itl, gap_s, n)
-        m.isl.observe(t.prompt_tokens)
-        m.osl.observe(t.output_tokens)
+            observe_n(m.ttft, (t.first_token_at_ns - t.arrival_ns) / 1e9, 1)
+        observe_pairs(m.itl, t.token_gaps)
+        observe_n(m.isl, t.prompt_tokens, 1)
+        observe_n(m.osl, t.output_tokens, 1)
         m.input_tokens.inc(t.prompt_tokens)
         m.output_tokens.inc(t.output_tokens)
         if t.migrations:
             m.migrations.inc(t.migrations)
 
 
+_SUCCESS = (("nv_inference_request_success", 1.0), ("nv_inference_count", 1.0), ("nv_inference_exec_count", 1.0))
+
+
 def observe_n(hist: Any, amount: float, n: int) -> None:
     """Record ``n`` observations of ``amount`` in a histogram series: what ``n`` ``observe`` calls record
     (the count, the bucket, the sum), in one pass; per-token ITL arrives as (gap, tokens) pairs."""
-    if n == 1:
-        hist.observe(amount)
-        return
     try:
         bounds, buckets, total = hist._upper_bounds, hist._buckets, hist._sum  # prometheus_client's own series
     except AttributeError:  # another implementation: one call per observation
@@ -138,10 +139,30 @@ def observe_n(hist: Any, amount: float, n: int) -> None:
             hist.observe(amount)
         return
     total.inc(amount * n)
-    for i, bound in enumerate(bounds):
-        if amount <= bound:
-            buckets[i].inc(n)
-            break
+    buckets[bisect_left(bounds, amount)].inc(n)  # the first bound >= amount (prometheus_client's rule; +Inf last)
+
+
+def observe_pairs(hist: Any, pairs: list[tuple[float, int]]) -> None:
+    """`observe_n` for each (amount, n) pair, with one update per bucket touched and one of the sum."""
+    if len(pairs) < 2:
+        for amount, n in pairs:
+            observe_n(hist, amount, n)
+        return
+    try:
+        bounds, buckets, total = hist._upper_bounds, hist._buckets, hist._sum
+    except AttributeError:
+        for amount, n in pairs:
+            observe_n(hist, amount, n)
+        return
+    counts: dict[int, int] = {}
+    s = 0.0
+    for amount, n in pairs:
+        s += amount * n
+        i = bisect_left(bounds, amount)
+        counts[i] = counts.get(i, 0) + n
+    total.inc(s)
+    for i, n in counts.items():
+        buckets[i].inc(n)
 
 
 @dataclass(frozen=True)
@@ -179,6 +200,14 @@ class TritonCounters:
     def inc(self, name: str, model: str, amount: float = 1.0) -> None:
         with self._lock:
             self._values[(name, model)] = self._values.get((name, model), 0.0) + amount
+
+    def add(self, model: str, amounts: tuple[tuple[str, float], ...]) -> None:
+        """Several counters of one model under one lock (a request's end adds to four or five)."""
+        values = self._values
+        with self._lock:
+            for name, amount in amounts:
+                key = (name, model)
+                values[key] = values.get(key, 0.0) + amount
 
     def exposition(self) -> bytes:
         """The counters in the Prometheus text format (one HELP/TYPE per family, as Triton writes them)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -67,8 +67,9 @@ class Prepared:
 
 
 def new_request_id() -> str:
-    """Unguessable and unique: a client cannot predict (or collide with) another request's worker-side key."""
-    return uuid.uuid4().hex
+    """Unguessable and unique: a client cannot predict (or collide with) another request's worker-side key.
+    (128 random bits as 32 hex digits, as uuid4().hex without building a UUID: a fifth of its cost.)"""
+    return secrets.token_hex(16)
 
 
 #: what one chat turn adds to a prompt besides its content (role and template markup), for the byte limit

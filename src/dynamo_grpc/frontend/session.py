@@ -165,19 +165,22 @@ class RouteSession:
                     async for resp in stream:
                         pulled = True
                         now = time.perf_counter_ns()
-                        self._count_tokens(now, len(resp.token_ids))
+                        n = len(resp.token_ids)
+                        self._count_tokens(now, n)
                         if first:
                             first = False
                             if not p.timings.first_token_ns:
                                 p.timings.first_token_ns = now - t_start
-                            self.router.prefill_done(route_id, len(resp.token_ids))
-                        if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                            raise errors.Internal(f"worker {pick.instance_id} failed the request")
-                        if resp.finish_reason == common_pb2.FINISH_REASON_CANCELLED:
-                            raise errors.WorkerLost(f"worker {pick.instance_id} cancelled the request")
-                        yield resp
-                        if resp.finish_reason:
+                            self.router.prefill_done(route_id, n)
+                        finish = resp.finish_reason
+                        if finish:
+                            if finish == common_pb2.FINISH_REASON_ERROR:
+                                raise errors.Internal(f"worker {pick.instance_id} failed the request")
+                            if finish == common_pb2.FINISH_REASON_CANCELLED:
+                                raise errors.WorkerLost(f"worker {pick.instance_id} cancelled the request")
+                            yield resp
                             return
+                        yield resp
                 raise errors.WorkerLost(f"worker {pick.instance_id} ended the stream without a finish")
             except errors.DynamoError as e:
                 exclude.add(pick.instance_id)

@@ -63,24 +63,28 @@ class TokenStream:
     def add(self, resp: worker_pb2.DecodeResponse, worker_id: str, first_placement: bool) -> Chunk | None:
         """The chunk for one worker response (None when it adds no text and does not finish)."""
         new = list(resp.token_ids)
-        overshoot = len(self.generated) + len(new) - self.max_tokens
+        generated = self.generated
+        overshoot = len(generated) + len(new) - self.max_tokens
         if overshoot > 0:  # a worker that ignores max_tokens is cut here
             new = new[: len(new) - overshoot]
-        self.generated.extend(new)
-        lps = list(resp.logprobs[: len(new)]) if resp.logprobs else []
+        generated.extend(new)
+        logprobs = resp.logprobs
+        lps = list(logprobs[: len(new)]) if logprobs else []
         for lp in lps:
             self.cumulative += lp.logprob
         if first_placement and resp.HasField("usage"):
             self.cached = max(self.cached, resp.usage.cached_tokens)
-        text = self.detok.add(new)
-        if self.detok.stopped:
+        detok = self.detok
+        text = detok.add(new)
+        finish_reason = resp.finish_reason
+        if detok.stopped:
             self.finish = "stop"
-        elif resp.finish_reason:
-            self.finish = _FINISH.get(resp.finish_reason, "stop")
-            text += self.detok.flush()
+        elif finish_reason:
+            self.finish = _FINISH.get(finish_reason, "stop")
+            text += detok.flush()
         elif overshoot > 0:
             self.finish = "length"
-            text += self.detok.flush()
+            text += detok.flush()
         if self.finish is None and not text and not new:
             return None
         if self.finish is not None:

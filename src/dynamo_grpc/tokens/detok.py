@@ -103,10 +103,11 @@ class IncrementalDetokenizer:
         """End of stream: release everything held back, including an unfinished character as U+FFFD."""
         if self.stopped:
             return ""
-        prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], self._skip)
-        full = self._tok.decode(self._ids[self._prefix_offset :], self._skip)
-        if len(full) > len(prefix):
-            self._pending += full[len(prefix) :]
+        if self._read_offset < len(self._ids):  # ids not yet released (else both decodes below are equal)
+            prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], self._skip)
+            full = self._tok.decode(self._ids[self._prefix_offset :], self._skip)
+            if len(full) > len(prefix):
+                self._pending += full[len(prefix) :]
         self._prefix_offset = self._read_offset = len(self._ids)
         return self._release(final=True)
 

@@ -151,7 +151,10 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch_fast: the same ids without the offsets `encode` computes and nobody here reads (~20 %
+        # less CPU for a bench prompt, 12.4 vs 15.5 us; docs/scale-out.md "Fifth pass"); one text: no thread pool
+        ids: list[int] = self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+        return ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

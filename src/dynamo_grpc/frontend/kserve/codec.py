@@ -132,6 +132,8 @@ def parameter_value(p: pb.InferParameter) -> bool | int | float | str:
 
 
 def parameters_dict(params: Any) -> dict[str, bool | int | float | str]:
+    if not len(params):  # the usual case; a map's items() view costs more than the test
+        return {}
     return {k: parameter_value(v) for k, v in params.items()}
 
 
@@ -153,6 +155,9 @@ def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) ->
     if datatype == "BYTES":
         elements = deserialize_bytes(name, raw, count)  # bounded by len(raw); checks the count
         arr = np.empty(count, dtype=object)
+        if count == 1:  # a scalar (prompt, JSON parameters): no sequence assignment
+            arr[0] = elements[0]
+            return arr if len(shape) == 1 else arr.reshape(shape)
         arr[:] = elements
         return arr.reshape(shape)
     dt = FIXED_DTYPES[datatype]
@@ -209,17 +214,19 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
             raise TensorError(name, "input appears twice")
         if t.datatype not in DATATYPES:
             raise TensorError(name, f"unknown datatype {t.datatype!r}")
-        shape = tuple(int(d) for d in t.shape)
+        shape = tuple(t.shape)  # int64 on the wire: already Python ints
         if raw:
             if t.HasField("contents") and t.contents.ByteSize():
                 raise TensorError(name, "has both contents and raw_input_contents")
-            size = t.parameters.get("binary_data_size")
+            params = parameters_dict(t.parameters)
+            size = t.parameters.get("binary_data_size") if params else None
             if size is not None and size.WhichOneof("parameter_choice") and parameter_value(size) != len(raw[i]):
                 raise TensorError(name, f"binary_data_size is {parameter_value(size)}, raw data is {len(raw[i])} bytes")
             data = _decode_raw(name, t.datatype, shape, raw[i])
         else:
+            params = parameters_dict(t.parameters)
             data = _decode_contents(name, t.datatype, shape, t.contents)
-        out[name] = Tensor(name, t.datatype, shape, data, parameters_dict(t.parameters))
+        out[name] = Tensor(name, t.datatype, shape, data, params)
     return out
 
 

@@ -26,12 +26,13 @@ from dynamo_grpc.frontend.request import (
 
 
 def _one(t: Tensor) -> Any:
-    if t.size != 1:
+    data = t.data
+    if data.size != 1:
         raise InvalidArgument(f"tensor '{t.name}': expected exactly one element, shape is {list(t.shape)}")
-    v = t.data.reshape(-1)[0]
+    v = data.item(0)  # a Python scalar (the element itself for BYTES)
     if t.datatype == "BF16":
         return float(np.array([int(v) << 16], dtype=np.uint32).view(np.float32)[0])
-    return v.item() if isinstance(v, np.generic) else v
+    return v
 
 
 def _utf8(t: Tensor, v: Any) -> str:

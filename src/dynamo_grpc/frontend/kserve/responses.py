@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from dynamo_grpc.frontend import logprobs
 from dynamo_grpc.frontend.collect import Collected
-from dynamo_grpc.frontend.kserve import schema
+from dynamo_grpc.frontend.kserve import schema, wire
 from dynamo_grpc.frontend.kserve.codec import encode_scalars, output_skeleton, raw_scalars
 from dynamo_grpc.frontend.request import LlmRequest
 from dynamo_grpc.frontend.token_stream import Chunk
@@ -23,6 +23,8 @@ from dynamo_grpc.v1 import common_pb2
 FINAL = "triton_final_response"
 #: outputs whose value differs in (nearly) every response: packed each time, never kept
 _PACKED_EACH_TIME = frozenset({"text_output", "logprobs", "cumulative_logprob"})
+#: outputs whose non-final value is the text or a token count (cached in `Responder.stream_frame`)
+_SCALAR_OUTPUTS = frozenset({"text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "cached_tokens"})
 
 
 def used_raw(request: pb.ModelInferRequest) -> bool:
@@ -58,6 +60,14 @@ class Responder:
         # raw contents of the outputs that repeat from response to response (token counts, an empty
         # finish_reason), packed once per value; text and logprobs are packed each time
         self._packed: dict[tuple[str, object], bytes] = {}
+        self._template_bytes = b""
+        # `stream_frame`: the encoded raw_output_contents fields of repeating values
+        self._fields: dict[tuple[str, object], bytes] = {}
+        # the usual outputs (text and token counts, text requested once): `stream_frame` caches the bytes
+        # around the text per (worker, counts)
+        names = [n for n, _ in self._types]
+        self._scalars_only = names.count("text_output") == 1 and set(names) <= _SCALAR_OUTPUTS
+        self._around: dict[tuple[str, int, int, int], tuple[bytes, bytes]] = {}
 
     def _new(self) -> pb.ModelInferResponse:
         if not self.stream_rpc:
@@ -77,21 +87,88 @@ class Responder:
             return holder
         return pb.ModelStreamInferResponse(infer_response=resp)
 
-    def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
-        """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
-        final = c.finish_reason is not None
+    def _take(self, c: Chunk) -> tuple[str, int, list[common_pb2.TokenLogprob]] | None:
+        """This chunk's text (after any prompt echo), and the tokens and logprobs it carries, counting those
+        of earlier chunks that made no text; None while there is no text yet (they ride on the next)."""
         self.pending_tokens += c.num_new_tokens
-        self.pending_lps.extend(c.logprobs)
-        text = self.prefix + c.text
-        if not text and not final:
+        if c.logprobs:
+            self.pending_lps.extend(c.logprobs)
+        text = self.prefix + c.text if self.prefix else c.text
+        if not text and c.finish_reason is None:
             return None
         self.prefix = ""
-        resp = self._response(text, c.finish_reason or "", c, self.pending_tokens, self.pending_lps)
+        taken = (text, self.pending_tokens, self.pending_lps)
         self.pending_tokens = 0
         self.pending_lps = []
+        return taken
+
+    def chunk(self, c: Chunk) -> pb.ModelInferResponse | None:
+        """The response for one streamed chunk: None while its tokens made no text yet (they ride on the next)."""
+        taken = self._take(c)
+        if taken is None:
+            return None
+        final = c.finish_reason is not None
+        resp = self._response(taken[0], c.finish_reason or "", c, taken[1], taken[2])
         if final or not self.raw:  # a raw response's template already says false
             resp.parameters[FINAL].bool_param = final and not self.req.empty_final_response
         return resp
+
+    def stream_frame(self, c: Chunk) -> bytes | pb.ModelStreamInferResponse | None:
+        """ModelStreamInfer's message for one chunk (None: no text yet). A raw response that is not the last is
+        built as bytes (`wire.py`: the template's bytes plus this response's outputs); others as messages."""
+        if not self.raw or c.finish_reason is not None:
+            resp = self.chunk(c)
+            return None if resp is None else self.wrapped(resp)
+        taken = self._take(c)
+        if taken is None:
+            return None
+        text, new_tokens, lps = taken
+        self._template_for(c.worker_id)
+        if self._scalars_only:  # text and counts: what surrounds the text is cached per (worker, counts)
+            counts = (c.worker_id, c.prompt_tokens, new_tokens, c.cached_tokens)
+            around = self._around.get(counts)
+            if around is None:
+                around = self._around[counts] = self._around_text(c, new_tokens)
+            return wire.stream_response(around[0], [wire.raw_text_field(text), around[1]])
+        fields: list[bytes] = []
+        for name, datatype in self._types:
+            if name == "text_output":
+                fields.append(wire.raw_text_field(text))
+            elif name == "logprobs":
+                fields.append(wire.raw_text_field(logprobs.triton_json(lps, self.tokenizer)))
+            else:
+                value = "" if name == "finish_reason" else self._value(name, c, new_tokens)
+                key = (name, value)
+                f = self._fields.get(key)
+                if f is None:
+                    f = wire.raw_output_field(self._raw(name, datatype, value))
+                    if name != "cumulative_logprob":  # a new value in (nearly) every response: not kept
+                        self._fields[key] = f
+                fields.append(f)
+        return wire.stream_response(self._template_bytes, fields)
+
+    def _around_text(self, c: Chunk, new_tokens: int) -> tuple[bytes, bytes]:
+        """The bytes before the text output's field (the template and the outputs listed before it) and after."""
+        head: list[bytes] = [self._template_bytes]
+        tail: list[bytes] = []
+        part = head
+        for name, datatype in self._types:
+            if name == "text_output":
+                part = tail
+                continue
+            value = "" if name == "finish_reason" else self._value(name, c, new_tokens)
+            part.append(wire.raw_output_field(self._raw(name, datatype, value)))
+        return b"".join(head), b"".join(tail)
+
+    @staticmethod
+    def _value(name: str, c: Chunk, new_tokens: int) -> int | float:
+        if name == "num_output_tokens":
+            return new_tokens
+        if name == "num_input_tokens":
+            return c.prompt_tokens
+        if name == "cached_tokens":
+            return c.cached_tokens
+        return c.cumulative_logprob
 
     def unary(self, r: Collected) -> pb.ModelInferResponse:
         """The one response of ModelInfer (or of stream=false on ModelStreamInfer)."""
@@ -107,6 +184,18 @@ class Responder:
         empty = self._base()
         empty.parameters[FINAL].bool_param = True
         return empty
+
+    def _template_for(self, worker_id: str) -> pb.ModelInferResponse:
+        """The raw responses' shared part for this worker (rebuilt after a migration), and its bytes."""
+        if self._template is None or self._template_worker != worker_id:
+            t = base(self.request)
+            t.MergeFrom(output_skeleton(self._types))
+            t.parameters["worker_id"].string_param = worker_id
+            if self.stream_rpc:  # false on every response but the last (set there)
+                t.parameters[FINAL].bool_param = False
+            self._template, self._template_worker = t, worker_id
+            self._template_bytes = t.SerializeToString()
+        return self._template
 
     def _raw(self, name: str, datatype: str, value: bytes | str | int | float) -> bytes:
         if name in _PACKED_EACH_TIME:
@@ -133,15 +222,8 @@ class Responder:
         if "cumulative_logprob" in outs:
             values["cumulative_logprob"] = c.cumulative_logprob
         if self.raw:
-            if self._template is None or self._template_worker != c.worker_id:  # a migration changes it
-                t = base(self.request)
-                t.MergeFrom(output_skeleton(self._types))
-                t.parameters["worker_id"].string_param = c.worker_id
-                if self.stream_rpc:  # false on every response but the last (set below)
-                    t.parameters[FINAL].bool_param = False
-                self._template, self._template_worker = t, c.worker_id
             resp = self._new()
-            resp.CopyFrom(self._template)
+            resp.CopyFrom(self._template_for(c.worker_id))
             resp.raw_output_contents.extend([self._raw(n, dt, values[n]) for n, dt in self._types])
         else:
             resp = self._base()

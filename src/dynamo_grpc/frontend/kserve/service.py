@@ -161,9 +161,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------------------
     async def _infer(
         self, request: pb.ModelInferRequest, timeout: float | None, stream_rpc: bool
-    ) -> AsyncGenerator[pb.ModelInferResponse | pb.ModelStreamInferResponse, None]:
+    ) -> AsyncGenerator[pb.ModelInferResponse | pb.ModelStreamInferResponse | bytes, None]:
         """Responses for one request: one (ModelInfer or stream=false) or one per chunk (decoupled); for
-        ModelStreamInfer (``stream_rpc``) each already inside its ModelStreamInferResponse.
+        ModelStreamInfer (``stream_rpc``) each already inside its ModelStreamInferResponse, or that message's
+        bytes (`wire.py`; ModelStreamInfer's serializer passes them through).
 
         Statistics are recorded here, once per request, for a model this frontend knows.
         """
@@ -202,12 +203,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 chunks = self.pipeline.generate(p, req, request.id or None, timeout)
                 if req.stream:
                     async with contextlib.aclosing(chunks):  # a client that goes away frees the route at once
-                        async for chunk in chunks:
+                        async for chunk in chunks:  # (a stream needs ModelStreamInfer: stream_rpc is true)
                             t1 = time.perf_counter_ns()
-                            out = responder.chunk(chunk)
+                            frame = responder.stream_frame(chunk)
                             out_ns += time.perf_counter_ns() - t1
-                            if out is not None:
-                                yield responder.wrapped(out) if stream_rpc else out
+                            if frame is not None:
+                                yield frame
                                 responses += 1
                 else:
                     result = await collect(chunks)
@@ -266,7 +267,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # then holds the client), so one unread stream cannot pile up unbounded requests
         in_flight = asyncio.Semaphore(self.pipeline.limits.max_stream_requests)
 
-        async def write(msg: pb.ModelStreamInferResponse) -> None:
+        async def write(msg: pb.ModelStreamInferResponse | bytes) -> None:
             async with write_lock:
                 await context.write(msg)
 
@@ -280,9 +281,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 gen = self._infer(request, timeout, stream_rpc=True)
                 async with contextlib.aclosing(gen):
-                    async for resp in gen:
-                        assert isinstance(resp, pb.ModelStreamInferResponse)
-                        await write(resp)
+                    async for resp in gen:  # (the write inline: one coroutine less per response)
+                        async with write_lock:
+                            await context.write(resp)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
