@@ -118,6 +118,7 @@ def test_cli_merges_files_and_refuses_run_flags(tmp_path: Path, capsys: pytest.C
         "| fp32 at 32 concurrent vs transformers | >= 4x | 6.00x (5.70-6.30), met | 2.53x (2.41-2.66), NOT met |"
         in printed
     )
+    assert "| best mode single stream vs llama.cpp: ours-w4a8 (best) | >= 0.7x |" in printed
     with pytest.raises(SystemExit) as e:
         main(["--merge", str(a), str(b), "--rounds", "5"])
     assert e.value.code == 2 and "drop --rounds" in capsys.readouterr().err

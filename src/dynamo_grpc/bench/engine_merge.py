@@ -184,7 +184,8 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         checks = t.get("each_mode", [t])
         for ch in checks:
-            label = f"{t['target']}: {ch['system']}" if len(checks) > 1 else t["target"]
+            best = " (best)" if len(checks) > 1 and ch["system"] == t["system"] else ""
+            label = f"{t['target']}: {ch['system']}{best}" if len(checks) > 1 else t["target"]
             lines.append(f"| {label} | >= {t['goal']:g}x | {_cell(ch['end_to_end'])} | {_cell(ch['decode'])} |")
     lines += ["", "| system | identical requests | perplexity | decode perplexity |", "|---|---|---|---|"]
     for mode, acc in result["accuracy"].items():
