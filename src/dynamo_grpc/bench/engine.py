@@ -17,6 +17,7 @@
 
     dynamo-grpc bench engine [--modes fp32,int4] [--fp32-dense] [--fp32-no-gemm] [--llama-cpp PATH] [--rounds 3]
         [--json FILE]
+    dynamo-grpc bench engine --merge engine_c32.json engine_c1_c8.json [--json FILE]   # runs split by level
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from dynamo_grpc.bench.engine_accuracy import TEXT, agreement, decode_perplexity, hf_perplexity, perplexity
 from dynamo_grpc.bench.engine_limits import measure, model_shapes
 from dynamo_grpc.bench.engine_llamacpp import find_binary, run_batched, version
+from dynamo_grpc.bench.engine_merge import markdown, merge
 from dynamo_grpc.bench.engine_step import without_block_gemm
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.engines.base import EngineRequest, SamplingParams
@@ -297,6 +299,25 @@ def _shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     )  # fmt: skip
 
 
+def _merge_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    defaults = vars(p.parse_args([]))
+    extra = [k for k, v in vars(args).items() if k not in ("merge", "json") and v != defaults[k]]
+    if extra:
+        p.error(
+            "--merge runs nothing, so it takes only --json; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in extra)
+        )
+    try:
+        runs = [(path.name, json.loads(path.read_text())) for path in args.merge]
+        result = merge(runs)
+    except (OSError, ValueError) as e:  # MergeError is a ValueError, as is bad JSON
+        p.error(f"--merge: {e}")
+    write_json(args.json, result)
+    save_plot(lambda png: plot(result, png), args.json.with_suffix(".png"))
+    print(markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
@@ -334,7 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         "default: cleared before each of our runs, so every round is cold like the baselines)",
     )
     p.add_argument("--json", type=Path, default=default_results_dir() / "engine.json")
+    p.add_argument(
+        "--merge", type=Path, nargs="+", metavar="RESULT",
+        help="run nothing: merge result files measured at different --concurrency into --json (+ its PNG) and "
+        "print the tables and issue 22's targets",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.merge:
+        return _merge_main(p, args)
     model = Path(args.model) if args.model else default_model_path()
     levels = [int(x) for x in args.concurrency.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
