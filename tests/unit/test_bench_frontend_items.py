@@ -4,8 +4,12 @@ responses a request gets (else the 'cost' would include responses not built)."""
 from __future__ import annotations
 
 import importlib
+import os
+import statistics
 
-from dynamo_grpc.bench.frontend_items import STAND_INS, TARGETS, measure
+import pytest
+
+from dynamo_grpc.bench.frontend_items import STAND_INS, TARGETS, main, measure
 
 
 def test_every_stand_in_applies_and_keeps_the_responses() -> None:
@@ -29,3 +33,18 @@ def test_every_stand_in_replaces_something_that_exists() -> None:
                 obj = getattr(obj, part)  # AttributeError: the stand-in would replace nothing
             assert callable(obj), (item, attr)
             assert attr.rsplit(".", 1)[-1] in STAND_INS[item], (item, attr)
+
+
+def test_against_another_tree_in_the_same_rounds() -> None:
+    """--against: another tree's whole path per round (here this tree again: it saves ~nothing against itself)."""
+    res = measure(rounds=2, src=None, quick=True, against={"same": os.environ.get("PYTHONPATH", "")}, path_only=True)
+    assert set(res["items"]) == {"none"}
+    same = res["against"]["same"]
+    assert len(same["ms_per_request_rounds"]) == 2 and all(v > 0 for v in same["ms_per_request_rounds"])
+    assert len(same["ratio_this_to_it_rounds"]) == 2
+    assert same["this_saves_us_median"] == statistics.median(same["this_saves_us_rounds"])
+
+
+def test_against_needs_name_and_tree() -> None:
+    with pytest.raises(SystemExit):
+        main(["--against", "nosrc", "--path-only", "--rounds", "1"])

@@ -9,6 +9,10 @@ each keeps the number of responses a request gets (the JSON records it, and the 
 
     dynamo-grpc bench frontend-items [--rounds N] [--frontend-src DIR] [--json FILE]
                                                      (bench/results/frontend-items.json)
+
+`--against NAME=SRC` (repeatable) also runs the whole path of another source tree (e.g. the commit before a cut)
+in the same rounds, and `--path-only` skips the stand-ins: a before/after of cuts too small for `bench frontend`
+to resolve end to end, with the spread of interleaved rounds.
 """
 
 from __future__ import annotations
@@ -119,12 +123,19 @@ def run_item(item: str, src: str | None, quick: bool = False) -> dict[str, float
     return res
 
 
-def measure(rounds: int, src: str | None, quick: bool = False) -> dict[str, Any]:
-    """Interleaved rounds (every item once per round); per item its ms per request and its cost (µs)."""
-    runs: dict[str, list[dict[str, float]]] = {item: [] for item in STAND_INS}
+def measure(
+    rounds: int, src: str | None, quick: bool = False, against: dict[str, str] | None = None, path_only: bool = False
+) -> dict[str, Any]:
+    """Interleaved rounds (every item, then every `against` tree, once per round); per item its ms per request and
+    its cost (µs); per other tree its ms per request and what this tree saves against it (µs, same round)."""
+    items_run = ["none"] if path_only else list(STAND_INS)
+    runs: dict[str, list[dict[str, float]]] = {item: [] for item in items_run}
+    other: dict[str, list[float]] = {name: [] for name in against or {}}
     for _ in range(rounds):
-        for item in STAND_INS:
+        for item in items_run:
             runs[item].append(run_item(item, src, quick))
+        for name, tree in (against or {}).items():
+            other[name].append(run_item("none", tree, quick)["ms_per_request"])
     ms = {item: [r["ms_per_request"] for r in rs] for item, rs in runs.items()}
     base = ms["none"]
     items: dict[str, Any] = {}
@@ -136,7 +147,19 @@ def measure(rounds: int, src: str | None, quick: bool = False) -> dict[str, Any]
             "cost_us_median": statistics.median(saved),
             "cost_us_rounds": sorted(saved),
         }
-    return {"path_ms_per_request_median": statistics.median(base), "items": items}
+    trees: dict[str, Any] = {}
+    for name, vals in other.items():
+        saved = [round((v - b) * 1e3, 1) for b, v in zip(base, vals, strict=True)]
+        trees[name] = {
+            "src": (against or {})[name],
+            "ms_per_request_rounds": vals,
+            "ms_per_request_median": statistics.median(vals),
+            "this_saves_us_median": statistics.median(saved),
+            "this_saves_us_rounds": sorted(saved),
+            "ratio_this_to_it_rounds": sorted(round(b / v, 3) for b, v in zip(base, vals, strict=True)),
+        }
+    return {"path_ms_per_request_median": statistics.median(base), "path_ms_per_request_rounds": base,
+            "items": items, "against": trees}  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -146,6 +169,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     items = {k: v for k, v in result["items"].items() if k != "none"}
+    if not items:  # --path-only: the whole path per tree
+        trees = {"this tree": result["path_ms_per_request_rounds"]}
+        trees.update({n: t["ms_per_request_rounds"] for n, t in result.get("against", {}).items()})
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, vals in enumerate(trees.values()):
+            ax.bar(i, statistics.median(vals) * 1e3, color="#2a7" if i == 0 else "#888")
+            ax.plot([i] * len(vals), [v * 1e3 for v in vals], "k.", ms=4)
+        ax.set_xticks(range(len(trees)), list(trees), fontsize=8)
+        ax.set_ylabel("µs of CPU per request (in-process KServe path)")
+        ax.set_title("KServe request path per source tree (median, dots = interleaved rounds)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(items)
     ax.bar(range(len(names)), [items[n]["cost_us_median"] for n in names], color="#2a7")
@@ -165,9 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=default_results_dir() / "frontend-items.json")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--frontend-src", default=None, metavar="DIR", help="measure another source tree (its src/)")
+    p.add_argument("--against", action="append", default=[], metavar="NAME=SRC",
+                   help="also the whole path of another source tree (PYTHONPATH form), in the same rounds")
+    p.add_argument("--path-only", action="store_true", help="skip the stand-ins: the whole path per tree only")
     args = p.parse_args(argv)
-    result = measure(args.rounds, args.frontend_src)
-    result.update(rounds=args.rounds, frontend_src=args.frontend_src or "this checkout",
+    against: dict[str, str] = {}
+    for spec in args.against:
+        name, sep, tree = spec.partition("=")
+        if not sep or not name or not tree:
+            p.error(f"--against {spec!r}: expected NAME=SRC")
+        against[name] = tree
+    result = measure(args.rounds, args.frontend_src, against=against, path_only=args.path_only)
+    result.update(rounds=args.rounds, frontend_src=args.frontend_src or "this checkout", path_only=args.path_only,
                   loadavg_1m=os.getloadavg()[0], cpu_count=os.cpu_count())  # fmt: skip
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.json.with_suffix(".png"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,17 @@ _CONTENTS_FIELD: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 _LEN = struct.Struct("<I")
+#: `Tensor.one` when the tensor was not decoded to a single Python value
+NO_VALUE: Any = object()
+#: shapes of one element that a raw tensor's fast path decodes without numpy ([1], Triton's batched [1, 1], scalar)
+_ONE_SHAPES = frozenset([(1,), (1, 1), ()])
+#: fixed-width datatype -> its one element's little-endian struct (BF16 stays uint16 bits, as in FIXED_DTYPES)
+_ONE_STRUCT: dict[str, struct.Struct] = {
+    dt: struct.Struct("<" + code)
+    for dt, code in (("BOOL", "?"), ("UINT8", "B"), ("UINT16", "H"), ("UINT32", "I"), ("UINT64", "Q"), ("INT8", "b"),
+                     ("INT16", "h"), ("INT32", "i"), ("INT64", "q"), ("FP16", "e"), ("FP32", "f"), ("FP64", "d"),
+                     ("BF16", "H"))
+}  # fmt: skip
 
 
 class TensorError(InvalidArgument):
@@ -62,19 +72,45 @@ class TensorError(InvalidArgument):
         self.tensor = tensor
 
 
-@dataclass
 class Tensor:
-    """A decoded tensor. BYTES data is a numpy object array of `bytes`; BF16 is uint16 bit patterns."""
+    """A decoded tensor. BYTES data is a numpy object array of `bytes`; BF16 is uint16 bit patterns.
 
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray[Any, Any]
-    parameters: dict[str, bool | int | float | str]
+    A one-element raw tensor (the prompt, the JSON parameters, scalar flags: every common KServe text request)
+    is decoded straight to its Python value, `one`; its numpy `data` is built only if something reads it.
+    """
+
+    __slots__ = ("_data", "datatype", "name", "one", "parameters", "shape")
+
+    def __init__(
+        self,
+        name: str,
+        datatype: str,
+        shape: tuple[int, ...],
+        data: np.ndarray[Any, Any] | None,
+        parameters: dict[str, bool | int | float | str],
+        one: Any = NO_VALUE,
+    ) -> None:
+        self.name, self.datatype, self.shape, self.parameters = name, datatype, shape, parameters
+        self._data = data
+        self.one = one
+
+    @property
+    def data(self) -> np.ndarray[Any, Any]:
+        if self._data is None:  # a one-element tensor decoded without numpy
+            if self.datatype == "BYTES":
+                arr = np.empty(1, dtype=object)
+                arr[0] = self.one
+            else:
+                arr = np.array([self.one], dtype=FIXED_DTYPES[self.datatype])
+            self._data = arr.reshape(self.shape)
+        return self._data
 
     @property
     def size(self) -> int:
-        return int(self.data.size)
+        return 1 if self._data is None else int(self._data.size)
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, {self.datatype!r}, {self.shape!r}, {self.data!r}, {self.parameters!r})"
 
 
 #: largest dimension a request tensor may declare (numpy cannot even shape an empty array past ~2^63 total)
@@ -169,6 +205,19 @@ def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) ->
     return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
 
 
+def _one_raw(datatype: str, raw: bytes) -> Any:
+    """A one-element raw tensor's Python value (what `data.item(0)` gives), or NO_VALUE when the bytes do not fit
+    (then `_decode_raw` decodes it and names what is wrong, so both paths refuse the same inputs alike)."""
+    if datatype == "BYTES":
+        if len(raw) >= 4 and _LEN.unpack_from(raw)[0] == len(raw) - 4:
+            return raw[4:]
+        return NO_VALUE
+    st = _ONE_STRUCT[datatype]
+    if len(raw) != st.size or (datatype == "BOOL" and raw[0] > 1):
+        return NO_VALUE
+    return st.unpack(raw)[0]
+
+
 def _decode_contents(
     name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
 ) -> np.ndarray[Any, Any]:
@@ -222,6 +271,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
             size = t.parameters.get("binary_data_size") if params else None
             if size is not None and size.WhichOneof("parameter_choice") and parameter_value(size) != len(raw[i]):
                 raise TensorError(name, f"binary_data_size is {parameter_value(size)}, raw data is {len(raw[i])} bytes")
+            if shape in _ONE_SHAPES:
+                one = _one_raw(t.datatype, raw[i])
+                if one is not NO_VALUE:
+                    out[name] = Tensor(name, t.datatype, shape, None, params, one)
+                    continue
             data = _decode_raw(name, t.datatype, shape, raw[i])
         else:
             params = parameters_dict(t.parameters)

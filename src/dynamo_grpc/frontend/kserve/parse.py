@@ -13,7 +13,7 @@ import numpy as np
 
 from dynamo_grpc.errors import InvalidArgument, Unimplemented, UnsupportedOption
 from dynamo_grpc.frontend.kserve import schema
-from dynamo_grpc.frontend.kserve.codec import Tensor
+from dynamo_grpc.frontend.kserve.codec import NO_VALUE, Tensor
 from dynamo_grpc.frontend.request import (
     DEFAULT_OUTPUTS,
     UINT32_MAX,
@@ -26,6 +26,11 @@ from dynamo_grpc.frontend.request import (
 
 
 def _one(t: Tensor) -> Any:
+    if t.one is not NO_VALUE:  # decoded without numpy (codec.decode_inputs)
+        v = t.one
+        if t.datatype == "BF16":
+            return float(np.array([v << 16], dtype=np.uint32).view(np.float32)[0])
+        return v
     data = t.data
     if data.size != 1:
         raise InvalidArgument(f"tensor '{t.name}': expected exactly one element, shape is {list(t.shape)}")
