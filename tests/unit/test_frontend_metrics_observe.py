@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -18,19 +20,30 @@ def _series(reg: CollectorRegistry) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("pairs", [[(0.0004, 3)], [(0.001, 1), (0.001, 5)], [(0.02, 7), (3.0, 2), (0.0025, 16)]])
-def test_observe_n_reads_as_one_observation_per_token(pairs: list[tuple[float, int]]) -> None:
+def _two_itl_histograms() -> tuple[CollectorRegistry, CollectorRegistry, Any, Any]:
+    """The same ITL histogram in two registries: one fed in bulk, one observation at a time."""
     bulk, single = CollectorRegistry(), CollectorRegistry()
     hb = Histogram("itl", "itl", ["model"], buckets=ITL_BUCKETS, registry=bulk).labels("m")
     hs = Histogram("itl", "itl", ["model"], buckets=ITL_BUCKETS, registry=single).labels("m")
-    for gap, n in pairs:
-        observe_n(hb, gap, n)
-        for _ in range(n):
-            hs.observe(gap)
+    return bulk, single, hb, hs
+
+
+def _assert_same_series(bulk: CollectorRegistry, single: CollectorRegistry) -> dict[str, float]:
     got, want = _series(bulk), _series(single)
     assert got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(want[k]), k
+    return want
+
+
+@pytest.mark.parametrize("pairs", [[(0.0004, 3)], [(0.001, 1), (0.001, 5)], [(0.02, 7), (3.0, 2), (0.0025, 16)]])
+def test_observe_n_reads_as_one_observation_per_token(pairs: list[tuple[float, int]]) -> None:
+    bulk, single, hb, hs = _two_itl_histograms()
+    for gap, n in pairs:
+        observe_n(hb, gap, n)
+        for _ in range(n):
+            hs.observe(gap)
+    want = _assert_same_series(bulk, single)
     assert want["itl_count[('model', 'm')]"] == sum(n for _, n in pairs)
 
 
@@ -38,17 +51,12 @@ def test_observe_n_reads_as_one_observation_per_token(pairs: list[tuple[float, i
 def test_observe_pairs_reads_as_one_observation_per_token(pairs: list[tuple[float, int]]) -> None:
     """Pairs are grouped by bucket (one update per bucket touched); the series must read as per-token observes,
     a gap equal to a bound included (prometheus_client counts amount <= bound)."""
-    bulk, single = CollectorRegistry(), CollectorRegistry()
-    hb = Histogram("itl", "itl", ["model"], buckets=ITL_BUCKETS, registry=bulk).labels("m")
-    hs = Histogram("itl", "itl", ["model"], buckets=ITL_BUCKETS, registry=single).labels("m")
+    bulk, single, hb, hs = _two_itl_histograms()
     observe_pairs(hb, pairs)
     for gap, n in pairs:
         for _ in range(n):
             hs.observe(gap)
-    got, want = _series(bulk), _series(single)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k] == pytest.approx(want[k]), k
+    _assert_same_series(bulk, single)
 
 
 def test_a_finished_request_feeds_every_series_once() -> None:

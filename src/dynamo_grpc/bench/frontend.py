@@ -223,6 +223,18 @@ def start_frontend(
     return proc, address
 
 
+def start_forwarder(flag: str, workers: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """One of this module's do-nothing forwarders (``--serve-passthrough`` / ``--serve-kserve-forwarder``) in
+    its own process over ``workers``; returns it and the address it prints once serving."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo_grpc.bench.frontend", flag, ",".join(workers)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().decode().strip()
+
+
 def replica_pids(tmp: Path, name: str) -> list[int]:
     """The pids of a `--replicas N` frontend's replicas (from the instance ids in its ready file)."""
     data = json.loads((tmp / f"{name}.json").read_text())
@@ -523,20 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with Mesh(cfg) as mesh, tempfile.TemporaryDirectory() as tmp:
         workers = [service_meta(e)["grpc_address"] for e in passing_instances(mesh.consul, "dynamo-worker")]
-        forwarder = subprocess.Popen(
-            [sys.executable, "-m", "dynamo_grpc.bench.frontend", "--serve-passthrough", ",".join(workers)],
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        assert forwarder.stdout is not None
-        passthrough = forwarder.stdout.readline().decode().strip()
-        kforwarder = subprocess.Popen(
-            [sys.executable, "-m", "dynamo_grpc.bench.frontend", "--serve-kserve-forwarder", ",".join(workers)],
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        assert kforwarder.stdout is not None
-        kserve_address = kforwarder.stdout.readline().decode().strip()
+        forwarder, passthrough = start_forwarder("--serve-passthrough", workers)
+        kforwarder, kserve_address = start_forwarder("--serve-kserve-forwarder", workers)
         fe_proc, fe_service = start_service_frontend(mesh, Path(tmp))
         started = [fe_proc]
         try:
