@@ -88,6 +88,51 @@ INLINE void pv64(const float *p, const float *const *v, int64_t L, float *o, con
     }
     for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, a[i]);
 }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+/* 32 vector registers: up to GQ query heads of one KV head share every key/value load (ng x 8 accumulators);
+   each head's sums run in the same order as dot8x8 / pv64 (same bits, fewer loads) */
+#define GQ 3
+/* s[j * L + i] = q_j . k_i for 8 keys and the ng query heads q_j = q + j * hd */
+INLINE void dotg8x8(const float *q, int ng, const float *const *k, int64_t hd, float *s, int64_t L) {
+    __m256 a[GQ][8];
+    for (int j = 0; j < ng; j++)
+        for (int i = 0; i < 8; i++) a[j][i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+        __m256 qv[GQ];
+        for (int j = 0; j < ng; j++) qv[j] = _mm256_loadu_ps(q + j * hd + d);
+        for (int i = 0; i < 8; i++) {
+            __m256 kv = _mm256_loadu_ps(k[i] + d);
+            for (int j = 0; j < ng; j++) a[j][i] = _mm256_fmadd_ps(qv[j], kv, a[j][i]);
+        }
+    }
+    for (int j = 0; j < ng; j++) {
+        __m256 h01 = _mm256_hadd_ps(a[j][0], a[j][1]), h23 = _mm256_hadd_ps(a[j][2], a[j][3]);
+        __m256 h45 = _mm256_hadd_ps(a[j][4], a[j][5]), h67 = _mm256_hadd_ps(a[j][6], a[j][7]);
+        __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+        __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20), hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+        _mm256_storeu_ps(s + j * L, _mm256_add_ps(lo, hi));
+    }
+}
+/* o_j[0:64] = sum_t p_j[t] * v_t[0:64] for ng heads (p_j = p + j * L, o_j = o + j * hd), each value row loaded once */
+INLINE void pvg64(const float *p, int ng, int64_t L, const float *const *v, float *o, int64_t hd,
+                  const float *const *pf, int64_t sw) {
+    __m256 a[GQ][8];
+    for (int j = 0; j < ng; j++)
+        for (int i = 0; i < 8; i++) a[j][i] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < L; t++) {
+        if (pf && t + PF_AHEAD < L) prefetch_slot(pf[t + PF_AHEAD], sw);
+        __m256 pt[GQ];
+        for (int j = 0; j < ng; j++) pt[j] = _mm256_set1_ps(p[j * L + t]);
+        for (int i = 0; i < 8; i++) {
+            __m256 vv = _mm256_loadu_ps(v[t] + 8 * i);
+            for (int j = 0; j < ng; j++) a[j][i] = _mm256_fmadd_ps(pt[j], vv, a[j][i]);
+        }
+    }
+    for (int j = 0; j < ng; j++)
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + j * hd + 8 * i, a[j][i]);
+}
+#define HAVE_GQ 1
+#endif
 #endif
 /* out[r, h*g + j, :] = softmax_t(scale * q[r, h*g + j] . K[t, h]) V[t, h] over t < lens[r], K/V rows found
    through row r's block table; q rows are q_stride floats apart, out rows o_stride */
@@ -116,7 +161,13 @@ int attn_decode(const float *q, int64_t q_stride, const float *kc, const float *
             for (int64_t h = 0; h < nkv; h++) {
                 const float *k8[8];
                 for (int i = 0; i < 8; i++) k8[i] = krow[t8 + i] + h * hd;
-                for (int64_t j = 0; j < g; j++) dot8x8(q + r * q_stride + (h * g + j) * hd, k8, hd, s + (h * g + j) * L + t8);
+                const float *qh = q + r * q_stride + h * g * hd;
+                float *sh = s + h * g * L + t8;
+#ifdef HAVE_GQ
+                if (g == 3) { dotg8x8(qh, 3, k8, hd, sh, L); continue; }
+                if (g == 2) { dotg8x8(qh, 2, k8, hd, sh, L); continue; }
+#endif
+                for (int64_t j = 0; j < g; j++) dot8x8(qh + j * hd, k8, hd, sh + j * L);
             }
         }
 #endif
@@ -148,7 +199,8 @@ int attn_decode(const float *q, int64_t q_stride, const float *kc, const float *
                 }
                 float lanes[8];
                 _mm256_storeu_ps(lanes, acc);
-                sum[j] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                sum[j] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
 #endif
                 for (; t < L; t++) { float e = expf(sj[t] - mx[j]); sj[t] = e; sum[j] += e; }
             }
@@ -156,10 +208,17 @@ int attn_decode(const float *q, int64_t q_stride, const float *kc, const float *
 #ifdef HAVE_DOT8X8
             if (hd % 64 == 0) {
                 for (int64_t t = 0; t < L; t++) vrow[t] = vbase[t] + h * hd;
+#ifdef HAVE_GQ
+                if (hd == 64 && g <= GQ) {
+                    pvg64(sh, (int)g, L, vrow, o, hd, h == 0 ? vbase : NULL, slot_stride);
+                    goto normalise;
+                }
+#endif
                 for (int64_t j = 0; j < g; j++)
                     for (int64_t d = 0; d < hd; d += 64) {
                         for (int64_t t = 0; t < L; t++) vcol[t] = vrow[t] + d;
-                        pv64(sh + j * L, vcol, L, o + j * hd + d, h == 0 && j == 0 && d == 0 ? vbase : NULL, slot_stride);
+                        pv64(sh + j * L, vcol, L, o + j * hd + d, h == 0 && j == 0 && d == 0 ? vbase : NULL,
+                             slot_stride);
                     }
             } else
 #endif
@@ -173,6 +232,9 @@ int attn_decode(const float *q, int64_t q_stride, const float *kc, const float *
                     }
                 }
             }
+#ifdef HAVE_GQ
+        normalise:
+#endif
             for (int64_t j = 0; j < g; j++)
                 for (int64_t d = 0; d < hd; d++) o[j * hd + d] /= sum[j];
         }
