@@ -7,7 +7,8 @@ to ``EXACT_ROWS`` rows over Q4_1 layers (of any number when every matmul has ``b
 which then do the matmuls above 8 rows) this module runs every layer in C instead, with the same
 arithmetic in the same order as ``model.py``: RMSNorm ``w · (x · (1/sqrt(mean(x²) + eps)))``, RoPE
 ``x·cos + roll(x)·signed_sin`` from the same tables, the block matmuls, attention read in place from
-the paged cache (``paged_attention.py``), ``silu(g) · u`` with ``g / (1 + exp(-g))``, residual adds.
+the paged cache (``paged_attention.py``), ``silu(g) · u`` with ``g / (1 + exp(-g))`` (8 lanes with the
+attention's ``exp8``), residual adds.
 Only summation orders (the mean of squares, the matmuls, attention) and the last bit of ``exp`` can
 differ from torch's; the tests hold it to the torch path's logits and greedy tokens.
 """
