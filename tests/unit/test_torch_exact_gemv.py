@@ -48,7 +48,9 @@ def test_kernel_matches_dense_fp32_matmul_for_any_rows(lib, make) -> None:  # ty
     lin = ExactBlocks(lib, blocks)
     dense = Dense(blocks.dequantize())
     for rows in (1, 3, EXACT_ROWS, EXACT_ROWS + 1, 40):
-        x = torch.randn(rows, 576)
+        # seeded: the global generator's state depends on which tests ran before (a sum of 576 products that
+        # cancels to ~0 can miss atol=1e-5 by summation order alone; seen once in a run of three test files)
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
         ref = dense(x)
         got = lin(x)
         if rows > EXACT_ROWS:  # 200 columns fill no whole panel (block_gemm.py): the dense copy, the same GEMM

@@ -4,10 +4,11 @@ Above ``EXACT_ROWS`` rows the few-row kernels of ``exact_gemv.py`` would rebuild
 chunk of 4 rows, and the dense path streams the fp32 expansion (513 MiB for the default model) through
 torch's BLAS GEMM (MKL: ~75-105 GFLOP/s on one core of this AMD EPYC, whose FMAs give ~2x that).
 Here a panel of ``NC`` output columns (two vector registers wide) is rebuilt from its blocks once
-per call into a small buffer, with the same arithmetic as ``gguf.quants.dequantize`` (Q4_1
-``(d * q) + m`` or, with fp16 scales, one ``fma(q, d, m)``, which rounds identically; Q8_0 ``q * d``),
-then applied to every row in register tiles of ``RB`` rows x ``NC`` columns (``acc += w[k] · x[r, k]``
-with one FMA rounding, k in order). So the weights are bit-identical to the dense path's; only the
+per call, ``BG_SB`` blocks of k at a time into a buffer that stays in L1, with the same arithmetic as
+``gguf.quants.dequantize`` (Q4_1 ``(d * q) + m`` or, with fp16 scales, one ``fma(q, d, m)``, which rounds
+identically; Q8_0 ``q * d``), then applied to every row in register tiles of ``RB`` rows x ``NC`` columns
+(``acc += w[k] · x[r, k]`` with one FMA rounding, k in order; the sums carried in ``y`` between slabs).
+So the weights are bit-identical to the dense path's; only the
 summation order differs (a sequential sum over k per output, the same for a row whatever else is in
 the batch).
 
@@ -60,6 +61,9 @@ INLINE bg_vi bg_s8(const int8_t *p) { bg_vi r; for (int i = 0; i < BG_VW; i++) r
 INLINE bg_vf bg_bcast(const float *p) { return (bg_vf){0} + *p; }
 #endif
 #define BG_NC (2 * BG_VW)
+#ifndef BG_SB
+#define BG_SB 4
+#endif
 #include <string.h>
 int block_gemm_cols(void) { return BG_NC; }
 INLINE bg_vf bg_load(const float *p) { bg_vf v; memcpy(&v, p, sizeof v); return v; }
@@ -98,11 +102,16 @@ static void bg_panel_q8(const int8_t *qp, const float *d, int64_t nb, float *wt)
             }
         }
 }
-/* y[r][n0 .. n0 + NC) for R rows: acc += w[k] * x[r][k], k = 0 .. K-1 in order, one rounding per step */
-INLINE void bg_tile(const float *wt, const float *x, float *y, int64_t N, int64_t K, const int R) {
+/* y[r][n0 .. n0 + NC) for R rows over a k-slab of KS steps: acc += w[k] * x[r][k] in k order, one rounding per
+   step; the sums are carried in y between slabs (first: start from 0), stored and reloaded exactly */
+INLINE void bg_tile_slab(const float *wt, const float *x, float *y, int64_t N, int64_t K, int64_t KS, int first,
+                         const int R) {
     bg_vf a0[BG_RB], a1[BG_RB];
-    for (int r = 0; r < R; r++) { a0[r] = (bg_vf){0}; a1[r] = (bg_vf){0}; }
-    for (int64_t k = 0; k < K; k++) {
+    for (int r = 0; r < R; r++) {
+        a0[r] = first ? (bg_vf){0} : bg_load(y + r * N);
+        a1[r] = first ? (bg_vf){0} : bg_load(y + r * N + BG_VW);
+    }
+    for (int64_t k = 0; k < KS; k++) {
         bg_vf w0 = bg_load(wt + k * BG_NC), w1 = bg_load(wt + k * BG_NC + BG_VW);
         for (int r = 0; r < R; r++) {
             bg_vf xb = bg_bcast(x + r * K + k);
@@ -112,25 +121,26 @@ INLINE void bg_tile(const float *wt, const float *x, float *y, int64_t N, int64_
     }
     for (int r = 0; r < R; r++) { bg_store(y + r * N, a0[r]); bg_store(y + r * N + BG_VW, a1[r]); }
 }
-static void bg_rows(const float *wt, const float *x, float *y, int64_t N, int64_t K, int64_t R) {
+static void bg_rows_slab(const float *wt, const float *x, float *y, int64_t N, int64_t K, int64_t KS, int first,
+                         int64_t R) {
     for (int64_t r0 = 0; r0 < R; r0 += BG_RB) {
         const float *xr = x + r0 * K;
         float *yr = y + r0 * N;
         switch (R - r0 >= BG_RB ? BG_RB : R - r0) {
-        case 1: bg_tile(wt, xr, yr, N, K, 1); break;
-        case 2: bg_tile(wt, xr, yr, N, K, 2); break;
-        case 3: bg_tile(wt, xr, yr, N, K, 3); break;
-        case 4: bg_tile(wt, xr, yr, N, K, 4); break;
-        case 5: bg_tile(wt, xr, yr, N, K, 5); break;
+        case 1: bg_tile_slab(wt, xr, yr, N, K, KS, first, 1); break;
+        case 2: bg_tile_slab(wt, xr, yr, N, K, KS, first, 2); break;
+        case 3: bg_tile_slab(wt, xr, yr, N, K, KS, first, 3); break;
+        case 4: bg_tile_slab(wt, xr, yr, N, K, KS, first, 4); break;
+        case 5: bg_tile_slab(wt, xr, yr, N, K, KS, first, 5); break;
 #if BG_RB > 6
-        case 6: bg_tile(wt, xr, yr, N, K, 6); break;
-        case 7: bg_tile(wt, xr, yr, N, K, 7); break;
-        case 8: bg_tile(wt, xr, yr, N, K, 8); break;
-        case 9: bg_tile(wt, xr, yr, N, K, 9); break;
-        case 10: bg_tile(wt, xr, yr, N, K, 10); break;
-        case 11: bg_tile(wt, xr, yr, N, K, 11); break;
+        case 6: bg_tile_slab(wt, xr, yr, N, K, KS, first, 6); break;
+        case 7: bg_tile_slab(wt, xr, yr, N, K, KS, first, 7); break;
+        case 8: bg_tile_slab(wt, xr, yr, N, K, KS, first, 8); break;
+        case 9: bg_tile_slab(wt, xr, yr, N, K, KS, first, 9); break;
+        case 10: bg_tile_slab(wt, xr, yr, N, K, KS, first, 10); break;
+        case 11: bg_tile_slab(wt, xr, yr, N, K, KS, first, 11); break;
 #endif
-        default: bg_tile(wt, xr, yr, N, K, BG_RB); break;
+        default: bg_tile_slab(wt, xr, yr, N, K, KS, first, BG_RB); break;
         }
     }
 }
@@ -139,15 +149,21 @@ static void bg_rows(const float *wt, const float *x, float *y, int64_t N, int64_
 int block_gemm(int kind, const void *qp, const float *d, const float *m, int f16, const float *x, float *y,
                int64_t N, int64_t K, int64_t R) {
     int64_t nb = K / 32, qb = kind == 0 ? 16 : 32;
-    float *wt = aligned_alloc(64, sizeof(float) * (size_t)(K * BG_NC));
+    /* a panel is rebuilt BG_SB blocks of k at a time into a buffer that stays in L1 (BG_SB * 32 * BG_NC floats,
+       16 KiB with AVX-512), and every row tile runs over that slab before the next is rebuilt */
+    const int64_t sb = BG_SB;
+    float *wt = aligned_alloc(64, sizeof(float) * (size_t)(sb * 32 * BG_NC));
     if (wt == NULL) return -1;
-    for (int64_t p = 0; p < N / BG_NC; p++) {
-        if (kind == 0)
-            bg_panel_q4((const uint8_t *)qp + p * nb * qb * BG_NC, d + p * nb * BG_NC, m + p * nb * BG_NC, nb, f16, wt);
-        else
-            bg_panel_q8((const int8_t *)qp + p * nb * qb * BG_NC, d + p * nb * BG_NC, nb, wt);
-        bg_rows(wt, x, y + p * BG_NC, N, K, R);
-    }
+    for (int64_t p = 0; p < N / BG_NC; p++)
+        for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+            int64_t n = nb - b0 < sb ? nb - b0 : sb;
+            if (kind == 0)
+                bg_panel_q4((const uint8_t *)qp + (p * nb + b0) * qb * BG_NC, d + (p * nb + b0) * BG_NC,
+                            m + (p * nb + b0) * BG_NC, n, f16, wt);
+            else
+                bg_panel_q8((const int8_t *)qp + (p * nb + b0) * qb * BG_NC, d + (p * nb + b0) * BG_NC, n, wt);
+            bg_rows_slab(wt, x + b0 * 32, y + p * BG_NC, N, K, n * 32, b0 == 0, R);
+        }
     free(wt);
     return 0;
 }

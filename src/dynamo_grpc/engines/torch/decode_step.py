@@ -7,7 +7,8 @@ to ``EXACT_ROWS`` rows over Q4_1 layers (of any number when every matmul has ``b
 which then do the matmuls above 8 rows) this module runs every layer in C instead, with the same
 arithmetic in the same order as ``model.py``: RMSNorm ``w · (x · (1/sqrt(mean(x²) + eps)))``, RoPE
 ``x·cos + roll(x)·signed_sin`` from the same tables, the block matmuls, attention read in place from
-the paged cache (``paged_attention.py``), ``silu(g) · u`` with ``g / (1 + exp(-g))``, residual adds.
+the paged cache (``paged_attention.py``), ``silu(g) · u`` with ``g / (1 + exp(-g))`` (8 lanes with the
+attention's ``exp8``), residual adds.
 Only summation orders (the mean of squares, the matmuls, attention) and the last bit of ``exp`` can
 differ from torch's; the tests hold it to the torch path's logits and greedy tokens.
 """
@@ -48,6 +49,19 @@ static int mm_q4(int mode, const int64_t *p, const int64_t *pp, const float *x, 
     else q4_1_gemv(qs, d, m, x, y, N, K, R);
     return 0;
 }
+/* a[i] = silu(g[i]) * u[i] as model.py computes it, g / (1 + exp(-g)) * u (8 lanes with exp8 where built) */
+static void silu_mul(const float *g, const float *u, float *a, int64_t n) {
+    int64_t i = 0;
+#ifdef HAVE_EXP8
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_sub_ps(zero, gv));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) a[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+}
 /* torch's fp32 RMSNorm as model.py writes it: w * (x * rsqrt(mean(x^2) + eps)) */
 static void rms_rows(const float *x, const float *w, float *h, int64_t R, int64_t H, float eps) {
     for (int64_t r = 0; r < R; r++) {
@@ -86,7 +100,8 @@ int decode_layers(int64_t nl, const int64_t *lp, const int64_t *pp, const int64_
             const float *c = cs + r * hd, *s = sn + r * hd;
             for (int64_t head = 0; head < nh + nkv; head++) { /* RoPE on q and k heads */
                 float *v = row + head * hd;
-                for (int64_t i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * s[i];
+                for (int64_t i = 0; i < half; i++) tmp[i] = v[i] * c[i] + v[i + half] * s[i];
+                for (int64_t i = half; i < hd; i++) tmp[i] = v[i] * c[i] + v[i - half] * s[i];
                 for (int64_t i = 0; i < hd; i++) v[i] = tmp[i];
             }
             float *kd = kc + slots[r] * slot_w, *vd = vc + slots[r] * slot_w;
@@ -97,11 +112,7 @@ int decode_layers(int64_t nl, const int64_t *lp, const int64_t *pp, const int64_
         for (int64_t i = 0; i < R * H; i++) x[i] = x[i] + t[i];
         rms_rows(x, (const float *)p[1], h, R, H, eps);
         if ((rc = mm_q4(mode, p + 8, q ? q + 8 : NULL, h, gu, 2 * I, H, R))) break;
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t i = 0; i < I; i++) {
-                float g = gu[r * 2 * I + i];
-                act[r * I + i] = (g / (1.0f + expf(-g))) * gu[r * 2 * I + I + i];
-            }
+        for (int64_t r = 0; r < R; r++) silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
         if ((rc = mm_q4(mode, p + 11, q ? q + 12 : NULL, act, t, H, I, R))) break;
         for (int64_t i = 0; i < R * H; i++) x[i] = x[i] + t[i];
     }

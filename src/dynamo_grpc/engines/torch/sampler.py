@@ -121,8 +121,9 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
         and not _constrained(r.sampling)
     ]
     if simple:
-        idx = torch.tensor(simple, dtype=torch.long)
-        for i, t in zip(simple, logits[idx].argmax(dim=-1).tolist(), strict=True):
+        # every row greedy (the common batch): no gathered copy of the [N, vocab] logits
+        chosen = logits if len(simple) == len(rows) else logits[torch.tensor(simple, dtype=torch.long)]
+        for i, t in zip(simple, chosen.argmax(dim=-1).tolist(), strict=True):
             tokens[i] = int(t)
     simple_set = set(simple)
     for i, r in enumerate(rows):
