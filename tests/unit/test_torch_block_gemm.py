@@ -22,7 +22,7 @@ from dynamo_grpc.engines.torch.exact_gemv import EXACT_ROWS, ExactBlocks, Q8Bloc
 from dynamo_grpc.engines.torch.kv_cache import KvCache
 from dynamo_grpc.engines.torch.linear import Q4Blocks
 from dynamo_grpc.engines.torch.model import AttnBatch, DecodeGroup, LlamaModel, PrefillSegment
-from dynamo_grpc.models import ModelSourceError, default_model_path, load_model_source
+from dynamo_grpc.models import load_model_source
 from dynamo_grpc.tokens.chat_template import render_chat
 from dynamo_grpc.tokens.tokenizer import Tokenizer
 
@@ -181,14 +181,6 @@ def test_decode_step_of_many_rows_in_one_c_call_matches_the_layer_by_layer_path(
         runs.append((toks, torch.stack(logits)))
     assert runs[0][0] == runs[1][0]
     assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    try:
-        return default_model_path()
-    except ModelSourceError as e:
-        pytest.skip(str(e))
 
 
 async def _greedy(eng: TorchEngine, prompts: list[list[int]]) -> list[list[int]]:

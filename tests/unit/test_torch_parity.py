@@ -21,7 +21,7 @@ from dynamo_grpc.engines.torch import TorchEngine
 from dynamo_grpc.engines.torch.exact_gemv import ExactBlocks, kernels
 from dynamo_grpc.engines.torch.model import LlamaModel
 from dynamo_grpc.engines.torch.weights import load_checkpoint
-from dynamo_grpc.models import ModelSourceError, default_model_path, load_model_source
+from dynamo_grpc.models import load_model_source
 from dynamo_grpc.tokens.chat_template import render_chat
 from dynamo_grpc.tokens.tokenizer import Tokenizer
 from tests.helpers.engine_steps import last_logits, torch_core
@@ -48,14 +48,6 @@ CHATS = [
     "Give me a recipe for pancakes with all the steps.",
 ]
 MAX_NEW = 64
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    try:
-        return default_model_path()
-    except ModelSourceError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
