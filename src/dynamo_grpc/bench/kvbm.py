@@ -37,6 +37,7 @@ from typing import Any
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.bench.replay import ReplayConfig, _drive
 from dynamo_grpc.bench.replay_metrics import summarize
+from dynamo_grpc.bench.replay_sim import _pct
 from dynamo_grpc.bench.replay_trace import Trace, TraceRequest
 from dynamo_grpc.router.config import QUEUE_POLICIES, RouterConfig
 
@@ -267,11 +268,11 @@ def simulate_core(
     host_hits = tiers.stats.host.hit_tokens if tiers else 0
     disk_hits = tiers.stats.disk.hit_tokens if tiers else 0
     core.close()
-    ttft = sorted(first.values())
+    ttft = list(first.values())
     return {
         "config": name,
         "requests": len(ttft),
-        "ttft_s": {"p50": ttft[len(ttft) // 2], "p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]},
+        "ttft_s": {"p50": _pct(ttft, 0.5), "p99": _pct(ttft, 0.99)},
         "hit_rate": {
             "total": cached / prompt,
             "device": (cached - host_hits - disk_hits) / prompt,

@@ -18,13 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dynamo_grpc.bench.replay_sim import _pct
 from dynamo_grpc.bench.replay_trace import Trace
 
 __all__ = ["simulate_routed"]
 
 
 def _p50(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2] if values else 0.0
+    return _pct(values, 0.5) if values else 0.0
 
 
 def simulate_routed(
@@ -190,16 +191,16 @@ async def _run(
         c.close()
     if len(first) != len(trace.requests):
         raise RuntimeError(f"{len(trace.requests) - len(first)} requests never got a first token")
-    ttft = sorted(first.values())
+    ttft = list(first.values())
     prompt = sum(p for _, p in cached.values())
     hit = sum(c for c, _ in cached.values())
     q = router.queue
-    router_wait = sorted(placed_at[r] - arrival[r] for r in first)
-    engine_wait = sorted(first[r] - (placed_at[r] - arrival[r]) for r in first)
+    router_wait = [placed_at[r] - arrival[r] for r in first]
+    engine_wait = [first[r] - (placed_at[r] - arrival[r]) for r in first]
     diag = {
         # where TTFT goes: waiting in the router queue, then in the engine (admission + prefill)
-        "router_wait_p50_s": router_wait[len(router_wait) // 2],
-        "engine_ttft_p50_s": engine_wait[len(engine_wait) // 2],
+        "router_wait_p50_s": _pct(router_wait, 0.5),
+        "engine_ttft_p50_s": _pct(engine_wait, 0.5),
         "prefill_tokens": sum(c.stats.prefill_tokens for c in cores),
         "busy_s": sum(c.stats.simulated_s for c in cores),
         "steps": sum(c.stats.steps for c in cores),
@@ -220,7 +221,7 @@ async def _run(
         "diag": diag,
         "config": name,
         "requests": len(ttft),
-        "ttft_s": {"p50": ttft[len(ttft) // 2], "p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]},
+        "ttft_s": {"p50": _pct(ttft, 0.5), "p99": _pct(ttft, 0.99)},
         "hit_rate": {
             "total": hit / prompt,
             "device": (hit - host_hits - disk_hits) / prompt,
