@@ -134,18 +134,11 @@ class FrontendMetrics:
             inflight: dict[str, int] = {}
             requests: dict[tuple[str, ...], int] = {}
             adds: dict[Any, float] = {}  # counter or gauge child -> amount
-            sums: dict[Any, float] = {}  # histogram child -> sum of its new observations
-            buckets: dict[tuple[Any, int], int] = {}  # (histogram child, bucket index) -> new observations
+            observed: dict[Any, list[tuple[float, int]]] = {}  # histogram child -> its new (amount, count) pairs
             nv: dict[str, dict[str, float]] = {}
 
             def observe(hist: Any, amount: float, k: int) -> None:
-                bounds = getattr(hist, "_upper_bounds", None)
-                if bounds is None:  # not prometheus_client's own series: one call per observation
-                    observe_n(hist, amount, k)
-                    return
-                sums[hist] = sums.get(hist, 0.0) + amount * k
-                key = (hist, bisect_left(bounds, amount))  # the first bound >= amount (prometheus_client's rule)
-                buckets[key] = buckets.get(key, 0) + k
+                observed.setdefault(hist, []).append((amount, k))
 
             for _ in range(n):
                 rec = pending.popleft()
@@ -199,10 +192,8 @@ class FrontendMetrics:
                 counter.inc(k)
             for model, amounts in nv.items():
                 self.triton.add(model, tuple(amounts.items()))
-            for hist, total in sums.items():
-                hist._sum.inc(total)
-            for (hist, i), k in buckets.items():
-                hist._buckets[i].inc(k)
+            for hist, pairs in observed.items():
+                observe_pairs(hist, pairs)
             for child, amount in adds.items():
                 child.inc(amount)
 
@@ -278,11 +269,6 @@ class TritonCounters:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, str], float] = {}
         self._before_read = before_read  # FrontendMetrics.fold: queued requests counted before a read
-
-
-    def inc(self, name: str, model: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[(name, model)] = self._values.get((name, model), 0.0) + amount
 
     def add(self, model: str, amounts: tuple[tuple[str, float], ...]) -> None:
         """Several counters of one model under one lock (a request's end adds to four or five)."""
