@@ -130,14 +130,13 @@ class Responder:
             if around is None:
                 around = self._around[counts] = self._around_text(c, new_tokens)
             return wire.stream_response(around[0], [wire.raw_text_field(text), around[1]])
+        values = self._values(text, "", c, new_tokens, lps)
         fields: list[bytes] = []
         for name, datatype in self._types:
-            if name == "text_output":
-                fields.append(wire.raw_text_field(text))
-            elif name == "logprobs":
-                fields.append(wire.raw_text_field(logprobs.triton_json(lps, self.tokenizer)))
+            value = values[name]
+            if name in ("text_output", "logprobs"):
+                fields.append(wire.raw_text_field(str(value)))
             else:
-                value = "" if name == "finish_reason" else self._value(name, c, new_tokens)
                 key = (name, value)
                 f = self._fields.get(key)
                 if f is None:
@@ -149,6 +148,7 @@ class Responder:
 
     def _around_text(self, c: Chunk, new_tokens: int) -> tuple[bytes, bytes]:
         """The bytes before the text output's field (the template and the outputs listed before it) and after."""
+        values = self._values("", "", c, new_tokens, [])
         head: list[bytes] = [self._template_bytes]
         tail: list[bytes] = []
         part = head
@@ -156,19 +156,8 @@ class Responder:
             if name == "text_output":
                 part = tail
                 continue
-            value = "" if name == "finish_reason" else self._value(name, c, new_tokens)
-            part.append(wire.raw_output_field(self._raw(name, datatype, value)))
+            part.append(wire.raw_output_field(self._raw(name, datatype, values[name])))
         return b"".join(head), b"".join(tail)
-
-    @staticmethod
-    def _value(name: str, c: Chunk, new_tokens: int) -> int | float:
-        if name == "num_output_tokens":
-            return new_tokens
-        if name == "num_input_tokens":
-            return c.prompt_tokens
-        if name == "cached_tokens":
-            return c.cached_tokens
-        return c.cumulative_logprob
 
     def unary(self, r: Collected) -> pb.ModelInferResponse:
         """The one response of ModelInfer (or of stream=false on ModelStreamInfer)."""
@@ -206,9 +195,10 @@ class Responder:
             b = self._packed[key] = raw_scalars([(name, datatype, value)])[0]
         return b
 
-    def _response(
+    def _values(
         self, text: str, finish: str, c: Chunk, new_tokens: int, lps: Sequence[common_pb2.TokenLogprob]
-    ) -> pb.ModelInferResponse:
+    ) -> dict[str, bytes | str | int | float]:
+        """Each output's value in one response (logprobs and cumulative_logprob only when requested)."""
         values: dict[str, bytes | str | int | float] = {
             "text_output": text,
             "finish_reason": finish,
@@ -221,6 +211,12 @@ class Responder:
             values["logprobs"] = logprobs.triton_json(lps, self.tokenizer)
         if "cumulative_logprob" in outs:
             values["cumulative_logprob"] = c.cumulative_logprob
+        return values
+
+    def _response(
+        self, text: str, finish: str, c: Chunk, new_tokens: int, lps: Sequence[common_pb2.TokenLogprob]
+    ) -> pb.ModelInferResponse:
+        values = self._values(text, finish, c, new_tokens, lps)
         if self.raw:
             resp = self._new()
             resp.CopyFrom(self._template_for(c.worker_id))
