@@ -191,9 +191,6 @@ def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) ->
     if datatype == "BYTES":
         elements = deserialize_bytes(name, raw, count)  # bounded by len(raw); checks the count
         arr = np.empty(count, dtype=object)
-        if count == 1:  # a scalar (prompt, JSON parameters): no sequence assignment
-            arr[0] = elements[0]
-            return arr if len(shape) == 1 else arr.reshape(shape)
         arr[:] = elements
         return arr.reshape(shape)
     dt = FIXED_DTYPES[datatype]

@@ -28,13 +28,11 @@ from dynamo_grpc.frontend.request import (
 def _one(t: Tensor) -> Any:
     if t.one is not NO_VALUE:  # decoded without numpy (codec.decode_inputs)
         v = t.one
-        if t.datatype == "BF16":
-            return float(np.array([v << 16], dtype=np.uint32).view(np.float32)[0])
-        return v
-    data = t.data
-    if data.size != 1:
-        raise InvalidArgument(f"tensor '{t.name}': expected exactly one element, shape is {list(t.shape)}")
-    v = data.item(0)  # a Python scalar (the element itself for BYTES)
+    else:
+        data = t.data
+        if data.size != 1:
+            raise InvalidArgument(f"tensor '{t.name}': expected exactly one element, shape is {list(t.shape)}")
+        v = data.item(0)  # a Python scalar (the element itself for BYTES)
     if t.datatype == "BF16":
         return float(np.array([int(v) << 16], dtype=np.uint32).view(np.float32)[0])
     return v
