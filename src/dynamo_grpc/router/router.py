@@ -201,7 +201,10 @@ class Router:
     def _overlaps_with_predicted(self, hashes: Sequence[int]) -> dict[Hashable, float]:
         """Per worker, the deeper of what its KV events say (every tier, weighted) and what we routed to it
         within the TTL."""
-        found: dict[Hashable, float] = dict(self.tiers.overlaps(hashes))
+        return self._deepened_by_predicted(dict(self.tiers.overlaps(hashes)), hashes)
+
+    def _deepened_by_predicted(self, found: dict[Hashable, float], hashes: Sequence[int]) -> dict[Hashable, float]:
+        """``found`` (per worker, from its KV events) deepened by what we routed to it within the TTL."""
         assert self.predicted is not None
         pred = self.predicted.overlaps(hashes)
         if not pred:
@@ -544,11 +547,7 @@ class Router:
         if self.approx is not None:
             return dict(self.approx.overlaps(hashes))
         found: dict[Hashable, float] = dict(self.indexer.overlaps(hashes))
-        if self.predicted is not None:
-            for k, depth in self.predicted.overlaps(hashes).items():
-                if depth > found.get(k, 0):
-                    found[k] = depth
-        return found
+        return found if self.predicted is None else self._deepened_by_predicted(found, hashes)
 
     def _wake(self) -> None:
         """Load dropped or workers changed: place what waits in the router queue."""
