@@ -297,14 +297,12 @@ class ExactBlocks(Linear):
     @property
     def w(self) -> torch.Tensor:
         """The dense fp32 weight: exactly ``blocks.dequantize()`` (same operations, tested), built on first use."""
-        if self._w is None:
-            nb = self.k // GROUP
+        if self._w is None:  # the blocks' own dequantize, over the kept (packed) codes
             if self.low is not None:  # Q4_1: low nibbles are elements 0..15 of a block, high nibbles 16..31
-                q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1).view(self.n, nb, GROUP)
-                w = q.float() * self.scale.unsqueeze(-1) + self.low.unsqueeze(-1)
+                q = torch.cat((self.qs & 15, self.qs >> 4), dim=-1).view(self.n, self.k)
+                self._w = Q4Blocks(q, self.scale, self.low).dequantize()
             else:
-                w = self.qs.view(self.n, nb, GROUP).float() * self.scale.unsqueeze(-1)
-            self._w = w.view(self.n, self.k)
+                self._w = Q8Blocks(self.qs, self.scale).dequantize()
         return self._w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
