@@ -318,18 +318,22 @@ async def abort(context: grpc.aio.ServicerContext, err: DynamoError) -> NoReturn
 
 def from_grpc(e: grpc.aio.AioRpcError, hop: str = "") -> DynamoError:
     """A peer's gRPC error as our class; ``hop`` (e.g. "worker 127.0.0.1:5") prefixes the message."""
-    details = e.details() or ""
-    message = f"{hop}: {details}" if hop else details
     name = ""
     for key, value in e.trailing_metadata() or ():
         if key == METADATA_KEY:
             name = value if isinstance(value, str) else value.decode()
+    return from_status(e.code().name, e.details() or "", name, hop)
+
+
+def from_status(code: str, details: str, name: str = "", hop: str = "") -> DynamoError:
+    """A status (code name, details, our error name or "") as our class: `from_grpc`'s rule, also for a status
+    that arrives inside a message (DecodeStream's DecodeStreamEnd)."""
+    message = f"{hop}: {details}" if hop else details
     cls = _BY_NAME.get(name)
-    code = e.code()
-    if cls is None or cls.spec.grpc_code != code.name:
-        cls = _BY_CODE.get(code.name, Internal)
+    if cls is None or cls.spec.grpc_code != code:
+        cls = _BY_CODE.get(code, Internal)
         if cls is WorkerLost:
-            message = f"{hop + ': ' if hop else ''}{code.name}: {details}"
+            message = f"{hop + ': ' if hop else ''}{code}: {details}"
     if cls is UnsupportedOption:
         err: DynamoError = InvalidArgument(message)  # the option's name is in the message
         return err

@@ -26,7 +26,7 @@ from dynamo_grpc.v1 import common_pb2 as dynamo__grpc_dot_v1_dot_common__pb2
 from dynamo_grpc.v1 import kv_transfer_pb2 as dynamo__grpc_dot_v1_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/worker.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\x1a dynamo_grpc/v1/kv_transfer.proto\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12\x0c\n\x04lora\x18\x06 \x01(\t\"\xe3\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12+\n\tkv_handle\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12\x33\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\"\xf6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12+\n\tkv_handle\x18\x06 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x0c\n\x04lora\x18\x07 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x08 \x01(\r\"\xae\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\"B\n\x13GetModelFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"H\n\x14GetModelFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32^\n\x0ePrefillService\x12L\n\x07Prefill\x12\x1e.dynamo_grpc.v1.PrefillRequest\x1a\x1f.dynamo_grpc.v1.PrefillResponse\"\x00\x32\\\n\rDecodeService\x12K\n\x06\x44\x65\x63ode\x12\x1d.dynamo_grpc.v1.DecodeRequest\x1a\x1e.dynamo_grpc.v1.DecodeResponse\"\x00\x30\x01\x32r\n\x11ModelFilesService\x12]\n\x0cGetModelFile\x12#.dynamo_grpc.v1.GetModelFileRequest\x1a$.dynamo_grpc.v1.GetModelFileResponse\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ynamo_grpc/v1/worker.proto\x12\x0e\x64ynamo_grpc.v1\x1a\x1b\x64ynamo_grpc/v1/common.proto\x1a dynamo_grpc/v1/kv_transfer.proto\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12\x0c\n\x04lora\x18\x06 \x01(\t\"\xe3\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12+\n\tkv_handle\x18\x02 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12\x33\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\"\xf6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.dynamo_grpc.v1.SamplingOptions\x12,\n\x04stop\x18\x05 \x01(\x0b\x32\x1e.dynamo_grpc.v1.StopConditions\x12+\n\tkv_handle\x18\x06 \x01(\x0b\x32\x18.dynamo_grpc.v1.KvHandle\x12\x0c\n\x04lora\x18\x07 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x08 \x01(\r\"\xae\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.dynamo_grpc.v1.FinishReason\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.dynamo_grpc.v1.Usage\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.dynamo_grpc.v1.TokenLogprob\"Q\n\x13\x44\x65\x63odeStreamRequest\x12*\n\x05start\x18\x01 \x03(\x0b\x32\x1b.dynamo_grpc.v1.DecodeStart\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"Q\n\x0b\x44\x65\x63odeStart\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.dynamo_grpc.v1.DecodeRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x04\"G\n\x14\x44\x65\x63odeStreamResponse\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .dynamo_grpc.v1.DecodeStreamItem\"\x92\x01\n\x10\x44\x65\x63odeStreamItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.dynamo_grpc.v1.DecodeResponseH\x00\x12.\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1f.dynamo_grpc.v1.DecodeStreamEndH\x00\x42\x06\n\x04item\"?\n\x0f\x44\x65\x63odeStreamEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"B\n\x13GetModelFileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"H\n\x14GetModelFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32^\n\x0ePrefillService\x12L\n\x07Prefill\x12\x1e.dynamo_grpc.v1.PrefillRequest\x1a\x1f.dynamo_grpc.v1.PrefillResponse\"\x00\x32\xbd\x01\n\rDecodeService\x12K\n\x06\x44\x65\x63ode\x12\x1d.dynamo_grpc.v1.DecodeRequest\x1a\x1e.dynamo_grpc.v1.DecodeResponse\"\x00\x30\x01\x12_\n\x0c\x44\x65\x63odeStream\x12#.dynamo_grpc.v1.DecodeStreamRequest\x1a$.dynamo_grpc.v1.DecodeStreamResponse\"\x00(\x01\x30\x01\x32r\n\x11ModelFilesService\x12]\n\x0cGetModelFile\x12#.dynamo_grpc.v1.GetModelFileRequest\x1a$.dynamo_grpc.v1.GetModelFileResponse\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,14 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_end=771
   _globals['_DECODERESPONSE']._serialized_start=774
   _globals['_DECODERESPONSE']._serialized_end=948
-  _globals['_GETMODELFILEREQUEST']._serialized_start=950
-  _globals['_GETMODELFILEREQUEST']._serialized_end=1016
-  _globals['_GETMODELFILERESPONSE']._serialized_start=1018
-  _globals['_GETMODELFILERESPONSE']._serialized_end=1090
-  _globals['_PREFILLSERVICE']._serialized_start=1092
-  _globals['_PREFILLSERVICE']._serialized_end=1186
-  _globals['_DECODESERVICE']._serialized_start=1188
-  _globals['_DECODESERVICE']._serialized_end=1280
-  _globals['_MODELFILESSERVICE']._serialized_start=1282
-  _globals['_MODELFILESSERVICE']._serialized_end=1396
+  _globals['_DECODESTREAMREQUEST']._serialized_start=950
+  _globals['_DECODESTREAMREQUEST']._serialized_end=1031
+  _globals['_DECODESTART']._serialized_start=1033
+  _globals['_DECODESTART']._serialized_end=1114
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=1116
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=1187
+  _globals['_DECODESTREAMITEM']._serialized_start=1190
+  _globals['_DECODESTREAMITEM']._serialized_end=1336
+  _globals['_DECODESTREAMEND']._serialized_start=1338
+  _globals['_DECODESTREAMEND']._serialized_end=1401
+  _globals['_GETMODELFILEREQUEST']._serialized_start=1403
+  _globals['_GETMODELFILEREQUEST']._serialized_end=1469
+  _globals['_GETMODELFILERESPONSE']._serialized_start=1471
+  _globals['_GETMODELFILERESPONSE']._serialized_end=1543
+  _globals['_PREFILLSERVICE']._serialized_start=1545
+  _globals['_PREFILLSERVICE']._serialized_end=1639
+  _globals['_DECODESERVICE']._serialized_start=1642
+  _globals['_DECODESERVICE']._serialized_end=1831
+  _globals['_MODELFILESSERVICE']._serialized_start=1833
+  _globals['_MODELFILESSERVICE']._serialized_end=1947
 # @@protoc_insertion_point(module_scope)

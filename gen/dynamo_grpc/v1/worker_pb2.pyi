@@ -213,6 +213,152 @@ class DecodeResponse(_message.Message):
 Global___DecodeResponse: _TypeAlias = DecodeResponse  # noqa: Y015
 
 @_typing.final
+class DecodeStreamRequest(_message.Message):
+    """What a client sends on DecodeStream: requests to start, requests to stop (either list may be empty)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> _containers.RepeatedCompositeFieldContainer[Global___DecodeStart]:
+        """Requests to start; their request_ids must differ from those still running on the stream."""
+
+    @_builtins.property
+    def cancel(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """request_ids to cancel: the worker stops them and frees their KV; nothing more comes for them."""
+
+    def __init__(
+        self,
+        *,
+        start: _abc.Iterable[Global___DecodeStart] | None = ...,
+        cancel: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeStreamRequest: _TypeAlias = DecodeStreamRequest  # noqa: Y015
+
+@_typing.final
+class DecodeStart(_message.Message):
+    """One request on a DecodeStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    timeout_ms: _builtins.int
+    """Its deadline as time left when sent, in milliseconds (Decode's gRPC deadline); 0: none."""
+    @_builtins.property
+    def request(self) -> Global___DecodeRequest:
+        """The request, as Decode takes it."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___DecodeRequest | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeStart: _TypeAlias = DecodeStart  # noqa: Y015
+
+@_typing.final
+class DecodeStreamResponse(_message.Message):
+    """What the worker sends on DecodeStream: every item ready since its previous message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___DecodeStreamItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___DecodeStreamItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeStreamResponse: _TypeAlias = DecodeStreamResponse  # noqa: Y015
+
+@_typing.final
+class DecodeStreamItem(_message.Message):
+    """One request's response, or the end of a request that stopped without a finish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request it belongs to."""
+    @_builtins.property
+    def response(self) -> Global___DecodeResponse:
+        """A response, as Decode would stream it."""
+
+    @_builtins.property
+    def end(self) -> Global___DecodeStreamEnd:
+        """The request ended without a finish_reason (an error, a drain hand-back, a passed deadline)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        response: Global___DecodeResponse | None = ...,
+        end: Global___DecodeStreamEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "item", b"item", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "item", b"item", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["response", "end"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___DecodeStreamItem: _TypeAlias = DecodeStreamItem  # noqa: Y015
+
+@_typing.final
+class DecodeStreamEnd(_message.Message):
+    """How a request on DecodeStream ended, as Decode's status would have said it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code number (0 OK: the engine stopped the request without a finish)."""
+    message: _builtins.str
+    """The status message."""
+    error: _builtins.str
+    """The error's name (Decode's `dynamo-error` trailing metadata), e.g. "Overloaded"."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeStreamEnd: _TypeAlias = DecodeStreamEnd  # noqa: Y015
+
+@_typing.final
 class GetModelFileRequest(_message.Message):
     """Which file to fetch."""
 

@@ -116,6 +116,11 @@ class DecodeServiceStub:
                 request_serializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.DecodeStream = channel.stream_stream(
+                '/dynamo_grpc.v1.DecodeService/DecodeStream',
+                request_serializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeStreamRequest.SerializeToString,
+                response_deserializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -129,6 +134,17 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeStream(self, request_iterator, context):
+        """Many requests on one long-lived stream (a frontend keeps one per worker). Each message the worker sends
+        carries every response that is ready for any of the stream's requests, as vLLM's engine core sends one
+        output batch per step, so a loaded client reads one message per step instead of one per request and
+        skips a call's set-up per request. A request gets the responses Decode would send; it ends with the one
+        that has a finish_reason, or with a DecodeStreamEnd carrying the status Decode would have ended with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +152,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'DecodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeStream,
+                    request_deserializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeStreamRequest.FromString,
+                    response_serializer=dynamo__grpc_dot_v1_dot_worker__pb2.DecodeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -166,6 +187,33 @@ class DecodeService:
             '/dynamo_grpc.v1.DecodeService/Decode',
             dynamo__grpc_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             dynamo__grpc_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dynamo_grpc.v1.DecodeService/DecodeStream',
+            dynamo__grpc_dot_v1_dot_worker__pb2.DecodeStreamRequest.SerializeToString,
+            dynamo__grpc_dot_v1_dot_worker__pb2.DecodeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,13 @@ class DecodeServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DecodeServiceAsyncStub: ...
     Decode: _grpc.UnaryStreamMultiCallable[_worker_pb2.DecodeRequest, _worker_pb2.DecodeResponse]
     """Stream generated tokens until a stop condition or cancellation."""
+    DecodeStream: _grpc.StreamStreamMultiCallable[_worker_pb2.DecodeStreamRequest, _worker_pb2.DecodeStreamResponse]
+    """Many requests on one long-lived stream (a frontend keeps one per worker). Each message the worker sends
+    carries every response that is ready for any of the stream's requests, as vLLM's engine core sends one
+    output batch per step, so a loaded client reads one message per step instead of one per request and
+    skips a call's set-up per request. A request gets the responses Decode would send; it ends with the one
+    that has a finish_reason, or with a DecodeStreamEnd carrying the status Decode would have ended with.
+    """
 
 @_typing.type_check_only
 class DecodeServiceAsyncStub(DecodeServiceStub):
@@ -74,6 +81,13 @@ class DecodeServiceAsyncStub(DecodeServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Decode: _aio.UnaryStreamMultiCallable[_worker_pb2.DecodeRequest, _worker_pb2.DecodeResponse]  # type: ignore[assignment]
     """Stream generated tokens until a stop condition or cancellation."""
+    DecodeStream: _aio.StreamStreamMultiCallable[_worker_pb2.DecodeStreamRequest, _worker_pb2.DecodeStreamResponse]  # type: ignore[assignment]
+    """Many requests on one long-lived stream (a frontend keeps one per worker). Each message the worker sends
+    carries every response that is ready for any of the stream's requests, as vLLM's engine core sends one
+    output batch per step, so a loaded client reads one message per step instead of one per request and
+    skips a call's set-up per request. A request gets the responses Decode would send; it ends with the one
+    that has a finish_reason, or with a DecodeStreamEnd carrying the status Decode would have ended with.
+    """
 
 class DecodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Generates tokens (aggregated serving: Decode without a handle does the prefill too)."""
@@ -85,6 +99,19 @@ class DecodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.DecodeResponse], _abc.AsyncIterator[_worker_pb2.DecodeResponse]]:
         """Stream generated tokens until a stop condition or cancellation."""
+
+    @_abc_1.abstractmethod
+    def DecodeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_worker_pb2.DecodeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.DecodeStreamResponse], _abc.AsyncIterator[_worker_pb2.DecodeStreamResponse]]:
+        """Many requests on one long-lived stream (a frontend keeps one per worker). Each message the worker sends
+        carries every response that is ready for any of the stream's requests, as vLLM's engine core sends one
+        output batch per step, so a loaded client reads one message per step instead of one per request and
+        skips a call's set-up per request. A request gets the responses Decode would send; it ends with the one
+        that has a finish_reason, or with a DecodeStreamEnd carrying the status Decode would have ended with.
+        """
 
 def add_DecodeServiceServicer_to_server(servicer: DecodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

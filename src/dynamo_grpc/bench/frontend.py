@@ -10,6 +10,8 @@ of 16 output tokens, side by side on the same workers:
   task per request, a fixed Decode request, a fixed response per worker message): what the protocol costs;
 - `frontend_kv`: KServe ModelStreamInfer → frontend (tokenise, in-process KV routing, detokenise) → worker;
 - `frontend_kv_service`: the same through a frontend that asks the `dynamo-router` (Route + Update hop);
+- with `--call-transport-row`, `frontend_decode_calls`: `frontend_kv` with `--decode-transport call` (a Decode
+  call per request instead of each worker's one DecodeStream);
 and reports added latency (p50/p99 at concurrency 1, minus `direct`), requests/s at `--concurrency`, and
 the CPU each process spent per request. Frontend throughput is measured twice: a new decoupled stream per
 request, and one stream per client lane carrying its requests one after another (tritonclient's
@@ -513,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tracing-rows", action="store_true", help="skip the tracing off/on frontends")
     p.add_argument("--round-robin-row", action="store_true",
                    help="also measure a frontend with --router-mode round-robin (what in-process KV routing costs)")
+    p.add_argument("--call-transport-row", action="store_true",
+                   help="also measure a frontend with --decode-transport call (a Decode call per request instead of "
+                        "each worker's one DecodeStream)")
     p.add_argument("--replica-rows", type=int, default=0, metavar="N",
                    help="also measure a `frontend --replicas N` (CPU summed over its replicas)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
@@ -551,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.round_robin_row:  # tracing off as the frontend_trace_off row, only the router mode differs
                 off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
                 rows["frontend_round_robin"] = (["--router-mode", "round-robin"], off)
+            if args.call_transport_row:  # tracing off as frontend_trace_off; a Decode call per request
+                off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+                rows["frontend_decode_calls"] = (["--decode-transport", "call"], off)
             if args.replica_rows > 1:
                 rows[f"frontend_replicas{args.replica_rows}"] = (["--replicas", str(args.replica_rows)], {})
             for name, (fe_args, env) in rows.items():
@@ -577,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] = {"requests": args.requests, "rounds": args.rounds, "latency_requests": args.latency_requests,
                           "latency_rounds": args.latency_rounds, "baseline_src": args.baseline_src,
                           "replica_rows": args.replica_rows, "only": args.only,
-                          "round_robin_row": args.round_robin_row,
+                          "round_robin_row": args.round_robin_row, "call_transport_row": args.call_transport_row,
                           "stream_interval": args.stream_interval}
     write_json(args.json, result)
     save_plot(lambda png: plot(result, png), args.png or args.json.with_suffix(".png"))

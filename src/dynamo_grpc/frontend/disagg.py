@@ -23,7 +23,7 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dynamo_grpc import errors
-from dynamo_grpc.frontend.engine_client import worker_error
+from dynamo_grpc.frontend.decode_stream import worker_error
 from dynamo_grpc.frontend.routing import Pick, Router, WorkerEndpoint
 from dynamo_grpc.observability import spans
 from dynamo_grpc.transport import ChannelOptions, open_channel

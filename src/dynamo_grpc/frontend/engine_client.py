@@ -16,18 +16,11 @@ from dataclasses import dataclass
 import grpc
 
 from dynamo_grpc import errors
+from dynamo_grpc.frontend.decode_stream import StreamUnsupported, WorkerStream, worker_error
 from dynamo_grpc.transport import ChannelOptions, open_channel
 from dynamo_grpc.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def worker_error(e: grpc.aio.AioRpcError, address: str) -> errors.DynamoError:
-    """A worker's failure: INTERNAL/UNKNOWN mean the worker broke (migrate), whatever class it named."""
-    err = errors.from_grpc(e, f"worker {address}")
-    if isinstance(err, errors.Internal):
-        return errors.WorkerLost(err.message)
-    return err
 
 
 @dataclass(eq=False)
@@ -96,16 +89,74 @@ class ChannelPool:
         self._channels.clear()
 
 
+#: how a frontend sends Decode to workers (``--decode-transport``)
+DECODE_TRANSPORTS = ("stream", "call")
+
+
 class WorkerClient:
-    """Calls workers: Decode (streamed tokens) and GetModelFile (tokenizer bytes)."""
+    """Calls workers: Decode (streamed tokens) and GetModelFile (tokenizer bytes).
 
-    def __init__(self, pool: ChannelPool | None = None) -> None:
+    ``transport`` "stream": every request to a worker rides one DecodeStream (frontend/decode_stream.py), with
+    Decode calls for a worker that lacks it; "call": one Decode call per request (each carries its own gRPC
+    metadata, e.g. a trace's context).
+    """
+
+    def __init__(self, pool: ChannelPool | None = None, transport: str = "stream") -> None:
+        if transport not in DECODE_TRANSPORTS:
+            raise ValueError(f"decode transport {transport!r}: one of {', '.join(DECODE_TRANSPORTS)}")
         self.pool = pool or ChannelPool()
+        self.transport = transport
+        self._streams: dict[str, WorkerStream] = {}
+        self._no_stream: set[str] = set()  # workers that answered DecodeStream with UNIMPLEMENTED
 
-    async def decode(
+    async def close(self) -> None:
+        """End the workers' streams (requests still on them fail as on a lost worker), then close the channels."""
+        streams, self._streams = list(self._streams.values()), {}
+        await asyncio.gather(*(ws.close() for ws in streams), return_exceptions=True)
+        await self.pool.close()
+
+    def decode(
         self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None = None
     ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
-        """Stream a worker's Decode responses; closing the iterator cancels the call (the worker frees KV)."""
+        """Stream a worker's Decode responses; closing the iterator cancels the request (the worker frees KV)."""
+        if self.transport == "stream" and address not in self._no_stream:
+            return self._via_stream(address, request, timeout)
+        return self._via_call(address, request, timeout)
+
+    def _stream(self, address: str, channel: grpc.aio.Channel) -> WorkerStream:
+        """The worker's stream on its current channel (a new one once it broke or its channel was replaced)."""
+        ws = self._streams.get(address)
+        if ws is None or ws.broken or ws.channel is not channel:
+            ws = self._streams[address] = WorkerStream(channel, address)
+        return ws
+
+    async def _via_stream(
+        self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
+        with self.pool.lease(address) as channel:
+            ws = self._stream(address, channel)
+            box = ws.open(request, timeout)
+            finished = False
+            try:
+                while True:
+                    resp = await box.take()
+                    finished = bool(resp.finish_reason)
+                    yield resp
+                    if finished:
+                        return
+            except StreamUnsupported:
+                self._no_stream.add(address)  # nothing was sent for this request: a Decode call takes it
+            except errors.DynamoError:
+                finished = box.failure is None  # the worker ended it (a DecodeStreamEnd): nothing to cancel there
+                raise
+            finally:
+                ws.release(box, finished)
+        async for resp in self._via_call(address, request, timeout):
+            yield resp
+
+    async def _via_call(
+        self, address: str, request: worker_pb2.DecodeRequest, timeout: float | None
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         with self.pool.lease(address) as channel:
             call = worker_pb2_grpc.DecodeServiceStub(channel).Decode(request, timeout=timeout, wait_for_ready=False)
             try:

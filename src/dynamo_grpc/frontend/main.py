@@ -26,7 +26,7 @@ from dynamo_grpc.envflags import env_defaults
 from dynamo_grpc.events.curve import CurveConfig, add_curve_flags
 from dynamo_grpc.frontend.auth import ApiKeyInterceptor
 from dynamo_grpc.frontend.disagg import DisaggConfig, DisaggPlanner, add_disagg_flags
-from dynamo_grpc.frontend.engine_client import WorkerClient
+from dynamo_grpc.frontend.engine_client import DECODE_TRANSPORTS, WorkerClient
 from dynamo_grpc.frontend.kserve.service import InferenceServicer
 from dynamo_grpc.frontend.kserve.wire import add_inference_service
 from dynamo_grpc.frontend.kv_router import EmbeddedKvRouter
@@ -47,6 +47,7 @@ from dynamo_grpc.gc_tuning import tune_for_serving
 from dynamo_grpc.launch.children import check_ports
 from dynamo_grpc.logs import add_log_flag, setup_logging
 from dynamo_grpc.observability import add_tracing_flags, setup_tracing, shutdown_tracing
+from dynamo_grpc.observability.tracing import exporters_from_env
 from dynamo_grpc.router.flags import add_router_flags, refuse_unused_flags, router_config_from_args
 from dynamo_grpc.transport import (
     GrpcServer,
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--router", default=None, help="RouterService address for kv-service (implies it); default: one from Consul"
     )
     p.add_argument("--migration-limit", type=int, default=3, help="re-routes after a worker dies mid-request")
+    p.add_argument(
+        "--decode-transport",
+        choices=("auto", *DECODE_TRANSPORTS),
+        default="auto",
+        help="stream: each worker's requests share one DecodeStream, responses batched per message; call: a Decode "
+        "call per request (carries its trace context); auto (default): stream, or call when tracing is on",
+    )
     add_disagg_flags(p)
     p.add_argument("--ready-file", default=None, help="write {grpc_address, http_address} JSON here when serving")
     p.add_argument(
@@ -154,12 +162,13 @@ async def serve(args: argparse.Namespace) -> int:
 
     settings = ConsulSettings.from_env(addr=args.consul or None)
     discovery = Discovery(settings)
-    workers = WorkerClient()
+    workers = WorkerClient(transport=args.decode_transport)
 
     async def load_cards(model: str) -> Any:
         return await discovery.get_model_card_entries(model)  # with sessions, for the registry's check
 
     view = WorkerView()  # one verdict on each worker for the registry and the embedded routers
+
     async def forget_worker(address: str) -> None:  # a draining worker's streams get 30 s to finish
         await workers.pool.drop(address, grace=30.0)
 
@@ -187,9 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
         )
     limits: Limits = getattr(args, "limits", None) or Limits.from_args(args)
     disagg = DisaggPlanner(DisaggConfig.from_args(args), router)
-    pipeline = Pipeline(
-        registry, router, workers, migration_limit=args.migration_limit, limits=limits, disagg=disagg
-    )
+    pipeline = Pipeline(registry, router, workers, migration_limit=args.migration_limit, limits=limits, disagg=disagg)
     stats = StatsBook()
     servicer = InferenceServicer(pipeline, stats, simple=args.with_simple_model)
 
@@ -283,17 +290,35 @@ async def serve(args: argparse.Namespace) -> int:
             await runner.cleanup()
         await router.close()
         await disagg.close()
-        await workers.pool.close()
+        await workers.close()
         await discovery.close()
 
     await run_until_signal(stop)
     return 0
 
 
+def _decode_transport(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """--decode-transport resolved: auto is stream unless tracing is on (a request's trace reaches its worker
+    only through its own Decode call's metadata); stream with tracing on is refused."""
+    try:
+        traced = bool(args.trace_file or exporters_from_env())
+    except ValueError:
+        traced = False  # setup_tracing names the bad variable and exits
+    if args.decode_transport == "auto":
+        return "call" if traced else "stream"
+    if args.decode_transport == "stream" and traced:
+        parser.error(
+            "--decode-transport stream: tracing is on, and a request's trace reaches its worker only on a Decode "
+            "call of its own; use --decode-transport call (or auto)"
+        )
+    return str(args.decode_transport)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    args.decode_transport = _decode_transport(args, parser)  # before tracing starts: a refusal leaves none set up
     setup_tracing("dynamo-frontend", args.trace_file)
     args.tls = use_tls(TlsConfig.from_args(args, parser))  # every listener, and the hops to routers and workers
     if args.tls is not None:

@@ -37,6 +37,7 @@ from dynamo_grpc.worker.convert import (
     sampling_from_pb,
     usage_pb,
 )
+from dynamo_grpc.worker.decode_stream import serve_stream
 from dynamo_grpc.worker.drain import DrainGate
 from dynamo_grpc.worker.kv_transfer import KvGeometry
 from dynamo_grpc.worker.metrics import WorkerMetrics
@@ -245,7 +246,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         req = await self._build(request, context)
         try:
             if request.HasField("kv_handle"):
@@ -263,6 +264,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer, _Requests):
                 # a no-op once the request took the blocks; else (refused, overloaded, cancelled before the
                 # engine saw it) the pulled blocks go back unregistered
                 self.ctx.engine.cancel_reservation(imp.reservation)
+
+    async def DecodeStream(  # type: ignore[override]  # answers with context.write, as a streaming handler may
+        self,
+        request_iterator: AsyncIterator[worker_pb2.DecodeStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Many Decode requests on one stream, responses batched per message (worker/decode_stream.py)."""
+        await serve_stream(self.Decode, request_iterator, context)
 
     async def _reserve(self, req: EngineRequest, deadline: float) -> KvReservation | None:
         """The blocks the pulled KV goes into, waiting for free blocks up to ``deadline`` (monotonic)."""
