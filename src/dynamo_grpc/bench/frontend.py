@@ -194,7 +194,7 @@ def serve_passthrough(workers: list[str]) -> None:
                     yield r
 
         server = grpc.aio.server()
-        worker_pb2_grpc.add_DecodeServiceServicer_to_server(Forward(), server)
+        worker_pb2_grpc.add_DecodeServiceServicer_to_server(Forward(), server)  # type: ignore[abstract]  # Decode only: DecodeStream answers UNIMPLEMENTED
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         print(f"127.0.0.1:{port}", flush=True)
