@@ -8,6 +8,8 @@ calls for a worker that has no DecodeStream.
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -76,6 +78,17 @@ class Stream:
         return items, messages
 
 
+def _outcomes(worker: WorkerProcess) -> dict[str, float]:
+    """The worker's Decode requests by outcome (dynamo_worker_requests_total)."""
+    text = urllib.request.urlopen(f"http://{worker.info['metrics_address']}/metrics", timeout=5).read().decode()
+    found = []
+    for labels, value in re.findall(r"^dynamo_worker_requests_total\{([^}]*)\} (\S+)$", text, re.M):
+        outcome = re.search(r'outcome="([^"]+)"', labels)
+        if 'rpc="decode"' in labels and outcome:
+            found.append((outcome.group(1), value))
+    return {k: float(v) for k, v in found}
+
+
 def _tokens(items: list[worker_pb2.DecodeStreamItem]) -> list[int]:
     return [t for i in items if i.HasField("response") for t in i.response.token_ids]
 
@@ -126,6 +139,7 @@ async def test_a_failed_request_ends_alone_with_its_status_and_the_stream_goes_o
 
 async def test_cancel_and_deadline_stop_requests_and_free_their_kv(worker: WorkerProcess) -> None:
     names = ("dynamo_worker_inflight_requests", "dynamo_worker_kv_active_blocks")
+    before = _outcomes(worker)
     async with grpc.aio.insecure_channel(worker.address) as ch:
         s = Stream(ch)
         s.start(_req("long", list(range(300, 500)), 100_000))
@@ -141,6 +155,10 @@ async def test_cancel_and_deadline_stop_requests_and_free_their_kv(worker: Worke
                 break
             await asyncio.sleep(0.05)
         assert {n: _gauge(worker, n) for n in names} == dict.fromkeys(names, 0.0)
+        after = _outcomes(worker)  # counted as what they were, not as errors
+        for outcome in ("deadline_exceeded", "client_cancelled"):
+            assert after.get(outcome, 0) - before.get(outcome, 0) == 1, (before, after)
+        assert after.get("error", 0) == before.get("error", 0)
         # a client that goes away mid-request: the worker stops and frees it too
         s.start(_req("orphan", list(range(900, 1100)), 100_000))
         await asyncio.wait_for(s.call.read(), 30)

@@ -72,6 +72,7 @@ async def serve_stream(
     """Run every request the client starts until the client closes its side and they are done."""
     outbox: list[worker_pb2.DecodeStreamItem] = []
     ready = asyncio.Event()
+    written = asyncio.Event()  # set once the batch collecting now has been written (a new one per batch)
     tasks: dict[str, asyncio.Task[None]] = {}
     loop = asyncio.get_running_loop()
     closing = False  # the client closed its side and every request is done, or the stream is being torn down
@@ -92,6 +93,9 @@ async def serve_stream(
                     if resp.finish_reason:
                         finished = True
                         break
+                    # one message in flight per request, as on a Decode call: what the engine makes meanwhile
+                    # waits in the request's own mailbox and comes out merged into the next response
+                    await written.wait()
             if not finished:
                 put(_end(rid, grpc.StatusCode.OK, "the engine stopped the request without a finish", ""))
         except StreamAbort as e:
@@ -111,7 +115,7 @@ async def serve_stream(
                 del tasks[rid]
 
     async def write() -> None:
-        nonlocal outbox
+        nonlocal outbox, written
         while True:
             if not outbox:
                 if closing:
@@ -120,7 +124,11 @@ async def serve_stream(
                 await ready.wait()
                 continue
             batch, outbox = outbox, []
-            await context.write(worker_pb2.DecodeStreamResponse(items=batch))
+            done, written = written, asyncio.Event()
+            try:
+                await context.write(worker_pb2.DecodeStreamResponse(items=batch))
+            finally:
+                done.set()
 
     writer = loop.create_task(write())
     try:

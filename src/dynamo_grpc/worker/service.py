@@ -222,6 +222,10 @@ class _Requests:
             if timed_out:
                 log.info("request %s passed its deadline; aborted", req.request_id)
             raise
+        except GeneratorExit:  # closed while it waited at a yield (its reader cancelled, or passed the deadline)
+            if outcome == "error":  # no finish was reached
+                outcome = "deadline_exceeded" if timed_out else "client_cancelled"
+            raise
         except Exception as e:  # a bug in the engine adapter: the client sees INTERNAL, the worker keeps serving
             log.exception("request %s failed", req.request_id)
             failure = errors.from_exception(e)
