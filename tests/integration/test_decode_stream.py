@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import grpc
 import pytest
 
 from dynamo_grpc import errors
+from dynamo_grpc.frontend.decode_stream import IDLE_CLOSE_S
 from dynamo_grpc.frontend.engine_client import WorkerClient
 from dynamo_grpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.helpers.consul_dev import ConsulDevProcess, run_consul_dev
@@ -172,6 +175,7 @@ async def test_cancel_and_deadline_stop_requests_and_free_their_kv(worker: Worke
 
 async def test_frontend_client_over_the_stream_matches_decode_calls(worker: WorkerProcess) -> None:
     streamed, called = WorkerClient(transport="stream"), WorkerClient(transport="call")
+    tasks_before = len(asyncio.all_tasks())
     try:
 
         async def run(client: WorkerClient, rid: str, k: int) -> tuple[list[int], int]:
@@ -206,6 +210,9 @@ async def test_frontend_client_over_the_stream_matches_decode_calls(worker: Work
                 break
             await asyncio.sleep(0.05)
         assert {n: _gauge(worker, n) for n in names} == dict.fromkeys(names, 0.0)
+        # with no request left, the stream closes after IDLE_CLOSE_S: none of its tasks outlive the traffic
+        await asyncio.sleep(IDLE_CLOSE_S + 0.5)
+        assert len(asyncio.all_tasks()) == tasks_before
     finally:
         await streamed.close()
         await called.close()
@@ -256,3 +263,21 @@ async def test_a_worker_without_decode_stream_is_served_by_decode_calls() -> Non
     finally:
         await client.close()
         await server.stop(None)
+
+
+async def test_a_draining_worker_ends_its_idle_streams_and_exits(consul: ConsulDevProcess, tmp_path: Path) -> None:
+    w = start_worker(consul.address, tmp_path, "--speedup-ratio", "20", "--drain-grace", "10")
+    try:
+        async with grpc.aio.insecure_channel(w.address) as ch:
+            s = Stream(ch)
+            s.start(_req("one", [3, 4, 5], 4))
+            items, _ = await s.until_done({"one"})
+            assert len(_tokens(items["one"])) == 4
+            t0 = time.monotonic()
+            w.signal(signal.SIGTERM)  # nothing runs: the drain ends at once, and with it the idle stream
+            code = await asyncio.wait_for(s.call.code(), 10)
+            assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            assert await asyncio.to_thread(w.proc.wait, 10) == 0
+            print(f"drained and exited in {time.monotonic() - t0:.2f} s")
+    finally:
+        w.stop()

@@ -342,7 +342,7 @@ class DecodeStreamEnd(_message.Message):
     message: _builtins.str
     """The status message."""
     error: _builtins.str
-    """The error's name (Decode's `dynamo-error` trailing metadata), e.g. "Overloaded"."""
+    """The error's name (Decode's `dynamo-error` trailing metadata), e.g. "overloaded"."""
     def __init__(
         self,
         *,

@@ -10,7 +10,8 @@ finish and usage), so under load a client gets fewer, larger chunks and the firs
 What a Decode call's status would say arrives as a DecodeStreamEnd; a broken stream fails every request on it
 as the broken call would have (a worker that went away: WorkerLost, so the request migrates); a deadline is
 a timer per request that cancels it on the worker. A worker without DecodeStream (UNIMPLEMENTED) is
-remembered and served by Decode calls instead.
+remembered and served by Decode calls instead. A stream with no request for IDLE_CLOSE_S is closed (the next
+request opens another), so streams and their tasks live only while requests flow.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def _ended(end: worker_pb2.DecodeStreamEnd) -> errors.DynamoError:
     return _lost_if_internal(errors.from_status(code, end.message, end.error))
 
 
+#: an idle stream is closed after this long without requests (the next request opens a new one), so a frontend
+#: holds streams, and a worker stream handlers, only while requests flow
+IDLE_CLOSE_S = 0.25
+
+
 class WorkerStream:
     """One DecodeStream to one worker, shared by every request the frontend sends there."""
 
@@ -96,6 +102,7 @@ class WorkerStream:
         self._next = worker_pb2.DecodeStreamRequest()  # the starts and cancels of the next message
         self._more: asyncio.Future[None] | None = None
         self._closing = False
+        self._idle: asyncio.TimerHandle | None = None
         self._call = worker_pb2_grpc.DecodeServiceStub(channel).DecodeStream(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -141,8 +148,16 @@ class WorkerStream:
         if task is not None and task.cancelling():
             raise asyncio.CancelledError
 
+    @property
+    def usable(self) -> bool:
+        """Takes new requests: not broken, not closing."""
+        return not (self.broken or self._closing)
+
     def open(self, request: worker_pb2.DecodeRequest, timeout: float | None = None) -> _Mailbox:
         """Start a request; its responses come through the mailbox's `take` (`release` it when done)."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         rid = request.request_id
         if rid in self._boxes:
             raise errors.InvalidArgument(f"request {rid!r} is already running on worker {self.address}")
@@ -167,12 +182,23 @@ class WorkerStream:
         if not finished and not self.broken:
             self._next.cancel.append(box.request_id)
             self._send()
+        if not self._boxes and self.usable:
+            self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        """No request for IDLE_CLOSE_S: end our side; the worker ends the stream (OK) and the reader with it."""
+        self._idle = None
+        if not self._boxes and self.usable:
+            self._closing = True
+            self._send()
 
     def active(self) -> int:
         return len(self._boxes)
 
     async def close(self) -> None:
         """End the stream: requests still on it fail as on a lost worker."""
+        if self._idle is not None:
+            self._idle.cancel()
         self._closing = True
         self._send()
         self._call.cancel()

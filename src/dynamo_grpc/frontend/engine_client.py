@@ -124,9 +124,10 @@ class WorkerClient:
         return self._via_call(address, request, timeout)
 
     def _stream(self, address: str, channel: grpc.aio.Channel) -> WorkerStream:
-        """The worker's stream on its current channel (a new one once it broke or its channel was replaced)."""
+        """The worker's stream on its current channel (a new one once it broke, closed while idle, or its channel
+        was replaced)."""
         ws = self._streams.get(address)
-        if ws is None or ws.broken or ws.channel is not channel:
+        if ws is None or not ws.usable or ws.channel is not channel:
             ws = self._streams[address] = WorkerStream(channel, address)
         return ws
 
