@@ -239,27 +239,44 @@ async def test_a_worker_that_dies_fails_its_requests_as_lost(consul: ConsulDevPr
 
 
 class OnlyDecode(worker_pb2_grpc.DecodeServiceServicer):
-    """A worker of an older release: Decode, no DecodeStream."""
+    """A worker of an older release: Decode, no DecodeStream (the generated base answers UNIMPLEMENTED)."""
+
+    def __init__(self) -> None:
+        self.stream_calls = self.decode_calls = 0
+
+    async def DecodeStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        self.stream_calls += 1
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
 
     async def Decode(  # type: ignore[override]
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        self.decode_calls += 1
         for k in range(request.stop.max_tokens):
             last = k == request.stop.max_tokens - 1
             yield worker_pb2.DecodeResponse(token_ids=[k], finish_reason=common_pb2.FINISH_REASON_LENGTH if last else 0)
 
 
 async def test_a_worker_without_decode_stream_is_served_by_decode_calls() -> None:
+    servicer = OnlyDecode()
     server = grpc.aio.server()
-    worker_pb2_grpc.add_DecodeServiceServicer_to_server(OnlyDecode(), server)
+    worker_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     client = WorkerClient(transport="stream")
     try:
         address = f"127.0.0.1:{port}"
+
+        async def tokens(rid: str, n: int) -> list[int]:
+            return [t async for r in client.decode(address, _req(rid, [1], n)) for t in r.token_ids]
+
         for n in (3, 5):  # the first learns the worker has none; the second goes straight to a call
-            toks = [t async for r in client.decode(address, _req(f"o{n}", [1], n)) for t in r.token_ids]
-            assert toks == list(range(n))
+            assert await tokens(f"o{n}", n) == list(range(n))
+        assert (servicer.stream_calls, servicer.decode_calls) == (1, 2)
+        # the worker left discovery: whatever serves here next (maybe a newer release) is asked again
+        await client.forget(address)
+        assert await tokens("o7", 7) == list(range(7))
+        assert (servicer.stream_calls, servicer.decode_calls) == (2, 3)
     finally:
         await client.close()
         await server.stop(None)

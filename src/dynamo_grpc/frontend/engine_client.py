@@ -109,6 +109,13 @@ class WorkerClient:
         self._streams: dict[str, WorkerStream] = {}
         self._no_stream: set[str] = set()  # workers that answered DecodeStream with UNIMPLEMENTED
 
+    async def forget(self, address: str, grace: float | None = None) -> None:
+        """A worker left discovery: its channel closes once its requests end (`ChannelPool.drop`), and whatever
+        next serves at this address is asked for DecodeStream afresh (it may be another release)."""
+        self._no_stream.discard(address)
+        self._streams.pop(address, None)  # requests still on it keep it; new ones open a stream on a new channel
+        await self.pool.drop(address, grace)
+
     async def close(self) -> None:
         """End the workers' streams (requests still on them fail as on a lost worker), then close the channels."""
         streams, self._streams = list(self._streams.values()), {}

@@ -170,7 +170,7 @@ async def serve(args: argparse.Namespace) -> int:
     view = WorkerView()  # one verdict on each worker for the registry and the embedded routers
 
     async def forget_worker(address: str) -> None:  # a draining worker's streams get 30 s to finish
-        await workers.pool.drop(address, grace=30.0)
+        await workers.forget(address, grace=30.0)
 
     registry = ModelRegistry(
         workers.get_file, load_cards, namespace=args.namespace, view=view, forget_address=forget_worker
