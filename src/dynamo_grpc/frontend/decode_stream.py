@@ -1,9 +1,10 @@
 """The frontend's side of DecodeStream: one long-lived stream per worker carries all its requests.
 
-`WorkerStream.decode` gives the same responses and the same errors as a Decode call (`WorkerClient.decode`),
-but the requests share one gRPC stream: starting a request is part of one message (every start and cancel
-waiting while the previous message was being written go out together), and each message the worker sends
-carries every request's ready responses. A reader task hands each response to its request's mailbox; a
+A request on a `WorkerStream` (`open`, then its mailbox's `take` until the finish, then `release`; driven by
+`WorkerClient.decode`) gets the same responses and the same errors as on a Decode call, but the requests share
+one gRPC stream: starting a request is part of one message (every start and cancel waiting while the previous
+message was being written go out together), and each message the worker sends carries every request's ready
+responses. A reader task hands each response to its request's mailbox; a
 request that finds several waiting takes them as one response (tokens and logprobs in order, the last
 finish and usage), so under load a client gets fewer, larger chunks and the first token is never held.
 
@@ -87,7 +88,7 @@ def _ended(end: worker_pb2.DecodeStreamEnd) -> errors.DynamoError:
 
 
 #: an idle stream is closed after this long without requests (the next request opens a new one), so a frontend
-#: holds streams, and a worker stream handlers, only while requests flow
+#: holds streams, and a worker their handlers, only while requests flow
 IDLE_CLOSE_S = 0.25
 
 
@@ -182,7 +183,7 @@ class WorkerStream:
         if not finished and not self.broken:
             self._next.cancel.append(box.request_id)
             self._send()
-        if not self._boxes and self.usable:
+        if not self._boxes and self.usable and self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
@@ -191,9 +192,6 @@ class WorkerStream:
         if not self._boxes and self.usable:
             self._closing = True
             self._send()
-
-    def active(self) -> int:
-        return len(self._boxes)
 
     async def close(self) -> None:
         """End the stream: requests still on it fail as on a lost worker."""
