@@ -67,7 +67,8 @@ class Stream:
         self.out.put_nowait(worker_pb2.DecodeStreamRequest(cancel=rids))
 
     async def until_done(self, rids: set[str]) -> tuple[dict[str, list[worker_pb2.DecodeStreamItem]], int]:
-        """Every item of these requests until each has a finish or an end; and how many messages carried them."""
+        """Every item of these requests until each has a finish or an end, and how many messages were read
+        (items of other requests, e.g. the last ones of a request just cancelled, are passed over)."""
         items: dict[str, list[worker_pb2.DecodeStreamItem]] = {r: [] for r in rids}
         left, messages = set(rids), 0
         while left:
@@ -75,6 +76,8 @@ class Stream:
             assert msg is not grpc.aio.EOF
             messages += 1
             for item in msg.items:
+                if item.request_id not in items:
+                    continue
                 items[item.request_id].append(item)
                 if item.HasField("end") or item.response.finish_reason:
                     left.discard(item.request_id)
