@@ -4,11 +4,12 @@ turns on, what is refused, and what each replica's command line gets from the su
 from __future__ import annotations
 
 import argparse
+import socket
 
 import pytest
 
 from dynamo_grpc.frontend.main import build_parser
-from dynamo_grpc.frontend.replicas import _offset, _strip, check_replica_args
+from dynamo_grpc.frontend.replicas import _offset, _strip, check_replica_args, hold_port
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -39,3 +40,24 @@ def test_replica_command_line_drops_what_the_supervisor_sets() -> None:
     assert _strip(argv) == ["--namespace", "x", "--router-replica-sync"]
     assert [_offset(9100, i) for i in range(3)] == [9100, 9101, 9102]
     assert _offset(0, 2) == 0 and _offset(-1, 2) == -1 and _offset(None, 1) == -1
+
+
+def test_a_held_port_admits_the_replicas_and_refuses_anyone_else() -> None:
+    """The supervisor holds the shared port from the moment it picks it (replicas listen only once they serve a
+    model): a replica's SO_REUSEPORT bind shares it and gets the connections, a plain bind fails."""
+    held = hold_port("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    replica = socket.socket()
+    try:
+        with pytest.raises(OSError), socket.socket() as stranger:
+            stranger.bind(("127.0.0.1", port))
+        replica.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        replica.bind(("127.0.0.1", port))
+        replica.listen()
+        for _ in range(8):  # every connection reaches the listening replica, none the held socket
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                conn, _ = replica.accept()
+                conn.close()
+    finally:
+        replica.close()
+        held.close()

@@ -58,6 +58,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "dynamo_grpc.bench.replay_replicas",
         "trace replay through 1 frontend vs 2 replicas with and without router replica sync",
     ),
+    "replica-herding": (
+        "dynamo_grpc.bench.replica_herding",
+        "a burst sharing a cached prefix through 2 frontend replicas with and without router replica sync",
+    ),
 }
 #: what `all` passes the replay beyond --trace/--json: all three policies on a slice of the trace
 REPLAY_ALL_ARGS = ["--compare", "--limit", "500", "--speedup", "10"]

@@ -121,11 +121,19 @@ def verify_group(host: str, port: int, group: str) -> None:
     raise SystemExit(f"{why}; refusing to share port {port}")
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def hold_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``port`` (0: a free one) with SO_REUSEPORT and never listening: the replicas, which bind
+    with SO_REUSEPORT too, can share the port, while any other process's bind fails, so the port cannot be
+    taken in the seconds before the replicas listen (they wait for a model first). A socket that does not
+    listen gets no connections."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def _strip(argv: list[str]) -> list[str]:
@@ -160,14 +168,17 @@ class Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = False
         self._lock: IO[str] | None = None
+        self._held: list[socket.socket] = []  # the shared ports, held for the group while it lives (hold_port)
         self.run_dir = Path(tempfile.mkdtemp(prefix="dynamo-frontend-replicas-"))
 
     def acquire(self) -> None:
         a = self.args
-        if a.grpc_port == 0:
-            a.grpc_port = _free_port(a.host)
-        if a.http_port == 0:
-            a.http_port = _free_port(a.host)
+        picked = []
+        for flag in ("grpc_port", "http_port"):  # 0: a free port, held from this moment
+            if getattr(a, flag) == 0:
+                self._held.append(hold_port(a.host, 0))
+                setattr(a, flag, self._held[-1].getsockname()[1])
+                picked.append(getattr(a, flag))
         path = lock_path(a.host, a.grpc_port)
         fh = open(path, "a+")  # held open (and locked) for the supervisor's life
         try:
@@ -177,17 +188,22 @@ class Supervisor:
             holder = fh.read().split()
             fh.close()
             pid = holder[1] if len(holder) > 1 else "?"
+            self._release_ports()
             raise SystemExit(
                 f"port {a.grpc_port} is served by another frontend replica group (supervisor pid {pid}, "
                 f"lock {path}); stop it first or change --grpc-port"
             ) from None
-        ports = [(a.grpc_port, "--grpc-port"), (a.http_port, "--http-port")]
+        ports = [(p, f) for p, f in ((a.grpc_port, "--grpc-port"), (a.http_port, "--http-port")) if p not in picked]
         ports += [(_offset(a.metrics_port, i), "--metrics-port") for i in range(a.replicas)]
         ports += [(_offset(a.health_port, i), "--health-port") for i in range(a.replicas)]
         try:
             check_ports(a.host, ports)  # without SO_REUSEPORT: any holder, stale replica or not, fails this
-        except SystemExit:
+            for port in (a.grpc_port, a.http_port):  # checked free: now held for the group (hold_port)
+                if port > 0 and port not in picked:
+                    self._held.append(hold_port(a.host, port))
+        except (SystemExit, OSError):
             fh.close()
+            self._release_ports()
             raise
         fh.seek(0)
         fh.truncate()
@@ -260,7 +276,13 @@ class Supervisor:
         await asyncio.gather(*keepers, ready, return_exceptions=True)
         if self._lock is not None:
             self._lock.close()
+        self._release_ports()
         return 0
+
+    def _release_ports(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
 
 
 def run_replicas(args: argparse.Namespace, argv: list[str]) -> int:
