@@ -76,27 +76,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "medians": medians, "vs_1_frontend_pct": vs_one, "runs": rounds}
 
 
-def plot(result: dict[str, Any], png: Path) -> None:
+#: one panel of `plot_rounds`: its y label, and per series the round's key, a scale and a colour
+Panel = tuple[str, list[tuple[str, float, str]]]
+
+
+def plot_rounds(runs: dict[str, list[dict[str, Any]]], panels: list[Panel], title: str, png: Path,
+                hline: tuple[float, str] | None = None) -> None:  # fmt: skip
+    """Each configuration's rounds as dots, one panel per group of series (``hline``: a reference line on the
+    first panel, with its label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = list(result["runs"])
-    for k, name in enumerate(names):
-        runs = result["runs"][name]
-        a.scatter([k] * len(runs), [r["ttft_p50_s"] for r in runs], color="#48c")
-        a.scatter([k] * len(runs), [r["ttft_p99_s"] for r in runs], color="#c84")
-        b.scatter([k] * len(runs), [100 * r["hit_rate"] for r in runs], color="#2a7")
-    for ax, label in ((a, "TTFT, trace s (blue p50, orange p99)"), (b, "prefix-cache hit rate, %")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    names = list(runs)
+    for ax, (label, series) in zip(axes, panels, strict=True):
+        for k, name in enumerate(names):
+            for key, scale, color in series:
+                ax.scatter([k] * len(runs[name]), [scale * r[key] for r in runs[name]], color=color)
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['limit']} requests x {result['rounds']} interleaved rounds, {result['workers']} workers")
+    if hline is not None:
+        axes[0].axhline(hline[0], color="k", ls=":", label=hline[1])
+        axes[0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    panels: list[Panel] = [
+        ("TTFT, trace s (blue p50, orange p99)", [("ttft_p50_s", 1.0, "#48c"), ("ttft_p99_s", 1.0, "#c84")]),
+        ("prefix-cache hit rate, %", [("hit_rate", 100.0, "#2a7")]),
+    ]
+    title = f"{result['limit']} requests x {result['rounds']} interleaved rounds, {result['workers']} workers"
+    plot_rounds(result["runs"], panels, title, png)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 
 from dynamo_grpc.bench.output import default_results_dir, save_plot, write_json
 from dynamo_grpc.bench.replay_driver import build_request
+from dynamo_grpc.bench.replay_replicas import Panel, plot_rounds
 from dynamo_grpc.kserve.v2 import grpc_service_pb2 as pb
 from dynamo_grpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from dynamo_grpc.launch.mesh import Mesh, MeshConfig
@@ -126,29 +127,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = list(result["runs"])
-    for k, name in enumerate(names):
-        runs = result["runs"][name]
-        a.scatter([k] * len(runs), [100 * r["holder_share"] for r in runs], color="#c84")
-        b.scatter([k] * len(runs), [r["e2e_p50_s"] for r in runs], color="#48c")
-        b.scatter([k] * len(runs), [r["e2e_max_s"] for r in runs], color="#2a7")
-    a.axhline(100 / result["workers"], color="k", ls=":", label="an even share")
-    a.legend(fontsize=8)
-    for ax, label in ((a, "burst on the prefix's worker, %"), (b, "burst latency, s (blue p50, green max)")):
-        ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['requests']} requests sharing a {result['prefix_tokens']}-token prefix, "
-                 f"{result['workers']} workers, {result['rounds']} rounds")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    panels: list[Panel] = [
+        ("burst on the prefix's worker, %", [("holder_share", 100.0, "#c84")]),
+        ("burst latency, s (blue p50, green max)", [("e2e_p50_s", 1.0, "#48c"), ("e2e_max_s", 1.0, "#2a7")]),
+    ]
+    title = (f"{result['requests']} requests sharing a {result['prefix_tokens']}-token prefix, "
+             f"{result['workers']} workers, {result['rounds']} rounds")  # fmt: skip
+    plot_rounds(result["runs"], panels, title, png, hline=(100 / result["workers"], "an even share"))
 
 
 def main(argv: list[str] | None = None) -> int:
